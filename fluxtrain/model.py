@@ -1,0 +1,250 @@
+"""A GPT-style decoder-only transformer, built from a `ModelConfig`, with an optional KV cache for decoding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fluxtrain.errors import FluxtrainError
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+ACTIVATIONS = ("gelu", "relu2", "swiglu")
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_heads: int = 8
+    n_layers: int = 4
+    ff_dim: int = 1024
+    seq_len: int = 64
+    dropout: float = 0.0
+    # Block variants; the defaults are the plain GPT-2 architecture.
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    pos_emb: str = "learned"  # learned | rope
+    activation: str = "gelu"  # gelu | relu2 | swiglu
+    bias: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting when the shape is impossible."""
+        for name in ("d_model", "n_heads", "n_layers", "ff_dim", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise FluxtrainError(f"model.{name}={getattr(self, name)} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise FluxtrainError(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
+        if self.pos_emb == "rope" and (self.d_model // self.n_heads) % 2:
+            raise FluxtrainError(f"model.pos_emb=rope needs an even head size, got {self.d_model // self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FluxtrainError(f"model.dropout={self.dropout} must be in [0, 1)")
+        for name, allowed in (("norm", NORMS), ("pos_emb", POSITIONS), ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise FluxtrainError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, length), preallocated up to `max_len`."""
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch, n_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, hd) after the cached positions and return all keys and values so far."""
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model)
+    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (max_len, head_dim/2) for rotary position embeddings."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); cos, sin: (T, hd/2). Rotates pairs (first half, second half) of each head.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, H, past + T, hd)
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0 or T == 1:
+            # T == 1 attends to every cached position, so it needs no mask.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=past == 0 and T > 1)
+        else:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.activation = cfg.activation
+        n_in = 2 * cfg.ff_dim if cfg.activation == "swiglu" else cfg.ff_dim
+        self.fc = nn.Linear(cfg.d_model, n_in, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, ff_dim) or (B, T, 2 * ff_dim) for swiglu
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), rope, cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Token (+ learned position) embeddings, pre-norm blocks, final norm, head tied to the token embedding."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        cfg.validate()
+        if vocab_size <= 0:
+            raise FluxtrainError(f"vocab_size={vocab_size} must be positive")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = make_norm(cfg)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight
+        if cfg.pos_emb == "rope":
+            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.seq_len)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layers).
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Number of parameters; the tied head is counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        p = self.tok_emb.weight
+        hd = self.cfg.d_model // self.cfg.n_heads
+        return KVCache(
+            self.cfg.n_layers, batch, self.cfg.n_heads, self.cfg.seq_len, hd, device or p.device, dtype or p.dtype
+        )
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the mean cross-entropy."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.seq_len:
+            raise FluxtrainError(f"sequence of {start + T} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            if self.activation_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.head(self.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+
+def param_count_formula(cfg: ModelConfig, vocab_size: int) -> int:
+    """Closed-form parameter count of `GPT(cfg, vocab_size)` for the default (learned, layernorm, gelu, bias) blocks."""
+    d, f = cfg.d_model, cfg.ff_dim
+    embeddings = vocab_size * d + cfg.seq_len * d
+    attention = d * 3 * d + 3 * d + d * d + d
+    mlp = d * f + f + f * d + d
+    norms = 2 * (2 * d)
+    return embeddings + cfg.n_layers * (attention + mlp + norms) + 2 * d
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> int:
+    """Training FLOPs per token: 6N for the weights plus 12 * layers * d_model * seq_len for attention scores."""
+    return 6 * n_params + 12 * cfg.n_layers * cfg.d_model * cfg.seq_len

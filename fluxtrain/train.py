@@ -1,0 +1,272 @@
+"""The training loop: build data, model and optimizer from the config, then train, evaluate, sample and save."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from fluxtrain.checkpoint import save_model_file
+from fluxtrain.data import TokenData, encode_ids, read_text, resolve_text_path
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.generate import generate_ids
+from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.optim import build_optimizer, cosine_progress, lr_at, set_lr
+from fluxtrain.tokenizer import build_tokenizer
+
+log = logging.getLogger("fluxtrain")
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 10000
+    max_time: float | None = None  # seconds; ends the run and lays the LR schedule over the time instead
+    batch_size: int = 32  # per device
+    grad_accum: int = 1
+    log_interval: int = 100
+    eval_interval: int = 500
+    eval_iters: int = 50
+    sample_interval: int = 500
+    sample_len: int = 200
+    ckpt_interval: int = 1000
+    keep_last: int = 3
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
+    compile: bool = False
+
+
+def validate(cfg: TrainConfig) -> None:
+    for name in ("max_iters", "batch_size", "grad_accum", "log_interval", "eval_interval", "eval_iters"):
+        if getattr(cfg, name) <= 0:
+            raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be a positive integer")
+    for name in ("sample_interval", "sample_len", "ckpt_interval", "keep_last"):
+        if getattr(cfg, name) < 0:
+            raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be >= 0 (0 turns it off)")
+    if cfg.max_time is not None and cfg.max_time <= 0:
+        raise FluxtrainError(f"train.max_time={cfg.max_time} must be a positive number of seconds")
+    if cfg.precision not in PRECISIONS:
+        raise FluxtrainError(f"train.precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; a device that is not there is an error naming it."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FluxtrainError(f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FluxtrainError(f"train.device={name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FluxtrainError(f"train.device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise FluxtrainError(f"train.device={name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise FluxtrainError(f"train.device={name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return device
+
+
+def autocast_context(device: torch.device, precision: str):
+    """Autocast for bf16/fp16 on CUDA; elsewhere training stays fp32."""
+    if device.type == "cuda" and precision != "fp32":
+        return torch.autocast("cuda", dtype=PRECISIONS[precision])
+    return contextlib.nullcontext()
+
+
+def load_corpus(cfg: DictConfig):
+    """Read the corpus, build the tokenizer and encode the text once."""
+    path = resolve_text_path(cfg.data)
+    text = read_text(path)
+    tokenizer = build_tokenizer(cfg.tokenizer, text, text[: int(len(text) * (1 - cfg.data.val_fraction))])
+    ids = encode_ids(tokenizer, text)
+    data = TokenData(ids, cfg.data.val_fraction, cfg.model.seq_len, f"data.path={path}", len(text.encode("utf-8")))
+    return data, tokenizer, path
+
+
+@torch.no_grad()
+def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, seed: int) -> dict[str, float]:
+    """Mean loss over `eval_iters` batches of each split; the same batches at every evaluation."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        generator = torch.Generator().manual_seed(seed)
+        losses = torch.zeros(cfg.eval_iters)
+        for i in range(cfg.eval_iters):
+            x, y = data.get_batch(split, cfg.batch_size, generator)
+            with autocast_context(device, cfg.precision):
+                _, loss = model(x.to(device), y.to(device))
+            losses[i] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def sample_text(model: GPT, tokenizer, length: int, device, seed: int) -> str:
+    try:
+        prompt = tokenizer.encode("\n")
+    except ValueError:
+        prompt = [0]
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    ids = generate_ids(model, prompt, length, temperature=1.0, top_k=40, generator=generator)
+    model.train(was_training)
+    return tokenizer.decode(ids)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Train the model described by `cfg`, writing logs, TensorBoard events and model files into `run_dir`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tcfg: TrainConfig = cfg.train
+    validate(tcfg)
+    model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
+    model_cfg.validate()
+    device = resolve_device(tcfg.device)
+    if tcfg.precision != "fp32" and device.type != "cuda":
+        log.warning(f"train.precision={tcfg.precision} needs CUDA; training in fp32 on {device.type}")
+    t_start = time.perf_counter()
+
+    torch.manual_seed(tcfg.seed)
+    data, tokenizer, text_path = load_corpus(cfg)
+    tokenizer.save(run_dir / "tokenizer.json")
+    log.info(
+        f"data: {text_path} | {len(data.train):,} train / {len(data.val):,} val tokens | vocab {tokenizer.vocab_size}"
+    )
+
+    model = GPT(model_cfg, tokenizer.vocab_size).to(device)
+    n_params = model.num_params()
+    log.info(f"model: {n_params:,} parameters ({model_cfg.n_layers} layers, width {model_cfg.d_model})")
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and tcfg.precision == "fp16")
+    train_model = torch.compile(model) if tcfg.compile else model
+
+    tokens_per_iter = tcfg.batch_size * tcfg.grad_accum * model_cfg.seq_len
+    log.info(f"tokens per optimizer step: {tokens_per_iter:,} | device {device}")
+    writer = SummaryWriter(log_dir=str(run_dir))
+    batch_gen = torch.Generator().manual_seed(tcfg.seed)
+
+    best_val = math.inf
+    last_losses: dict[str, float] = {}
+    it = 0
+    warmup_done_at: float | None = None
+    t_loop = time.perf_counter()
+    t_window, tokens_window, losses_window = time.perf_counter(), 0, []
+    tokens_per_sec = 0.0
+    bar = tqdm(total=tcfg.max_iters, disable=not sys.stdout.isatty(), desc="train", leave=False)
+
+    def evaluate_and_save_best(step: int) -> None:
+        nonlocal best_val, last_losses
+        last_losses = estimate_loss(model, data, tcfg, device, tcfg.seed + 1)
+        val_ppl = math.exp(min(last_losses["val"], 50.0))
+        val_bpb = last_losses["val"] / math.log(2) / data.bytes_per_token
+        writer.add_scalar("val/loss", last_losses["val"], step)
+        writer.add_scalar("val/perplexity", val_ppl, step)
+        writer.add_scalar("val/bpb", val_bpb, step)
+        writer.add_scalar("train/eval_loss", last_losses["train"], step)
+        log.info(
+            f"eval {step:>6} | train {last_losses['train']:.4f} | val {last_losses['val']:.4f} "
+            f"| val ppl {val_ppl:.2f} | val bpb {val_bpb:.4f}"
+        )
+        if last_losses["val"] < best_val:
+            best_val = last_losses["val"]
+            save_model_file(run_dir / "best.safetensors", model, tokenizer)
+
+    while True:
+        elapsed = time.perf_counter() - t_loop
+        if it >= tcfg.max_iters or (tcfg.max_time is not None and elapsed >= tcfg.max_time):
+            break
+        # Learning rate: warm-up in iterations, then cosine over the rest of the iteration or time budget.
+        if tcfg.max_time is not None:
+            if warmup_done_at is None and it >= cfg.optim.warmup_iters:
+                warmup_done_at = elapsed
+            start = warmup_done_at or 0.0
+            progress = (elapsed - start) / max(tcfg.max_time - start, 1e-9)
+        else:
+            progress = cosine_progress(it, cfg.optim.warmup_iters, tcfg.max_iters)
+        lr = lr_at(it, progress, cfg.optim)
+        set_lr(optimizer, lr)
+
+        loss_sum = 0.0
+        for _ in range(tcfg.grad_accum):
+            x, y = data.get_batch("train", tcfg.batch_size, batch_gen)
+            with autocast_context(device, tcfg.precision):
+                _, loss = train_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            scaler.scale(loss / tcfg.grad_accum).backward()
+            loss_sum += loss.item()
+        loss_value = loss_sum / tcfg.grad_accum
+        if not math.isfinite(loss_value):
+            raise FluxtrainError(f"loss became {loss_value} at iteration {it + 1}; lower optim.lr (={cfg.optim.lr})")
+        if cfg.optim.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        it += 1
+        bar.update(1)
+        tokens_window += tokens_per_iter
+        losses_window.append(loss_value)
+
+        if it % tcfg.log_interval == 0 or it == tcfg.max_iters:
+            dt = time.perf_counter() - t_window
+            tokens_per_sec = tokens_window / dt
+            train_loss = sum(losses_window) / len(losses_window)
+            log.info(
+                f"iter {it:>6}/{tcfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "
+                f"| {len(losses_window) / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s"
+            )
+            writer.add_scalar("train/loss", train_loss, it)
+            writer.add_scalar("lr", lr, it)
+            writer.add_scalar("throughput/tokens_per_sec", tokens_per_sec, it)
+            t_window, tokens_window, losses_window = time.perf_counter(), 0, []
+        t_side = time.perf_counter()  # time spent outside training steps is left out of the throughput
+        if it % tcfg.eval_interval == 0:
+            evaluate_and_save_best(it)
+        if tcfg.sample_interval and it % tcfg.sample_interval == 0:
+            text = sample_text(model, tokenizer, tcfg.sample_len, device, tcfg.seed + it)
+            log.info(f"sample at iteration {it}:\n{text}")
+            writer.add_text("sample", text, it)
+        if tcfg.ckpt_interval and it % tcfg.ckpt_interval == 0:
+            save_model_file(run_dir / f"model_iter_{it:06d}.safetensors", model, tokenizer)
+        t_window += time.perf_counter() - t_side
+    bar.close()
+
+    if it % tcfg.eval_interval != 0:
+        evaluate_and_save_best(it)
+    save_model_file(run_dir / "model_final.safetensors", model, tokenizer)
+    wall_time = time.perf_counter() - t_start
+    metrics = {
+        "iters": it,
+        "final_train_loss": last_losses["train"],
+        "final_val_loss": last_losses["val"],
+        "best_val_loss": best_val,
+        "val_perplexity": math.exp(min(last_losses["val"], 50.0)),
+        "val_bpb": last_losses["val"] / math.log(2) / data.bytes_per_token,
+        "tokens_per_sec": tokens_per_sec,
+        "wall_time_sec": wall_time,
+        "n_params": n_params,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    writer.close()
+    log.info(f"done: {it} iterations in {wall_time:.1f}s | val loss {metrics['final_val_loss']:.4f} | {run_dir}")
+    return metrics
