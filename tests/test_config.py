@@ -1,0 +1,90 @@
+"""Config composition: presets, defaults, typo and type checks, validation errors and `--cfg job`."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from fluxtrain.model import ModelConfig
+from fluxtrain.train import TrainConfig, validate
+
+from .conftest import REPO_ROOT, compose_config
+
+PRESETS = {"small": (128, 4, 2, 512), "medium": (256, 8, 4, 1024), "large": (512, 16, 6, 2048)}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_composes_with_its_shape(name):
+    cfg = compose_config([f"model={name}"])
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers, cfg.model.ff_dim) == PRESETS[name]
+    assert cfg.model.seq_len == 64
+    assert cfg.model.dropout == 0.0
+    ModelConfig(**cfg.model).validate()
+
+
+def test_defaults():
+    cfg = compose_config()
+    assert cfg.model.d_model == 256  # medium is the default preset
+    assert cfg.optim.name == "adam" and cfg.optim.lr == 3e-4 and cfg.optim.grad_clip == 1.0
+    assert cfg.optim.warmup_iters == 100 and cfg.optim.min_lr == 0.0
+    assert cfg.train.max_iters == 10000 and cfg.train.batch_size == 32
+    assert cfg.train.log_interval == 100 and cfg.train.sample_interval == 500 and cfg.train.ckpt_interval == 1000
+    assert cfg.data.path is None and cfg.data.val_fraction == 0.1
+    assert cfg.train.device == "auto"
+
+
+@pytest.mark.parametrize("override", ["model.d_modl=64", "optim.learning_rate=1e-3", "train.max_iter=5", "nope=1"])
+def test_mistyped_key_fails(override):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_config([override])
+
+
+@pytest.mark.parametrize("override", ["model.d_model=wide", "train.batch_size=1.5", "optim.lr=fast"])
+def test_wrong_type_fails(override):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config([override])
+
+
+def test_unknown_preset_fails():
+    with pytest.raises(ConfigCompositionException, match="huge"):
+        compose_config(["model=huge"])
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"n_heads": 3}, "model.n_heads=3 must divide model.d_model=256"),
+        ({"d_model": 0}, "model.d_model=0"),
+        ({"dropout": 1.5}, "model.dropout=1.5"),
+        ({"norm": "batchnorm"}, "model.norm='batchnorm' is not one of layernorm, rmsnorm"),
+    ],
+)
+def test_impossible_model_shapes_are_named(changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ModelConfig(**changes).validate()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [({"batch_size": 0}, "train.batch_size=0"), ({"precision": "fp8"}, "train.precision='fp8'")],
+)
+def test_bad_train_settings_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        validate(TrainConfig(**changes))
+
+
+def test_cfg_job_prints_composed_config(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", "--cfg", "job", "model=small", "optim.lr=1e-3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "d_model: 128" in out and "lr: 0.001" in out
