@@ -66,7 +66,7 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
                         total=total, initial=offset, unit="B", unit_scale=True, desc=f"downloading {dest.name}"
                     ) as bar,
                 ):
-                    for chunk in r.iter_content(chunk_size=1 << 16):
+                    for chunk in r.iter_content(chunk_size=1 << 13):
                         f.write(chunk)
                         bar.update(len(chunk))
                     f.flush()

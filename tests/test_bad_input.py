@@ -1,0 +1,86 @@
+"""Bad input fails early with one line naming the problem: corpus files, devices, and the command line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.train import resolve_device, train
+
+from .conftest import REPO_ROOT, TINY_OVERRIDES
+
+
+def corpus_error(tiny_cfg, tmp_path, path) -> str:
+    with pytest.raises(FluxtrainError) as e:
+        train(tiny_cfg(f"data.path={path}"), tmp_path / "run")
+    message = str(e.value)
+    assert "\n" not in message
+    assert not (tmp_path / "run" / "model_final.safetensors").exists()
+    return message
+
+
+def test_missing_file(tiny_cfg, tmp_path):
+    path = tmp_path / "nope.txt"
+    assert corpus_error(tiny_cfg, tmp_path, path) == f"data.path: file {path} does not exist"
+
+
+def test_empty_file(tiny_cfg, tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    assert corpus_error(tiny_cfg, tmp_path, path) == f"data.path: file {path} is empty"
+
+
+def test_non_utf8_file(tiny_cfg, tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 ".encode("latin-1") * 100)
+    message = corpus_error(tiny_cfg, tmp_path, path)
+    assert str(path) in message and "not valid UTF-8" in message and "byte offset 3" in message
+
+
+def test_too_short_file(tiny_cfg, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("to be or not to be, " * 3)  # 60 chars: the 10% val split is shorter than seq_len + 1 = 17
+    message = corpus_error(tiny_cfg, tmp_path, path)
+    assert str(path) in message and "too short" in message and "val split has 6 tokens" in message
+
+
+def test_unavailable_device_is_named():
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(FluxtrainError, match="train.device=cuda: CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(FluxtrainError, match="train.device='tpu'"):
+        resolve_device("tpu")
+
+
+def test_cli_prints_one_line_error_without_traceback(tmp_path):
+    missing = tmp_path / "missing.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, f"data.path={missing}", f"hydra.run.dir={tmp_path}/run"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    output = proc.stdout + proc.stderr
+    assert f"error: data.path: file {missing} does not exist" in output
+    assert "Traceback" not in output
+
+
+def test_cli_typo_fails_before_work(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", "model.d_modle=64", f"hydra.run.dir={tmp_path}/run"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "d_modle" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
