@@ -88,3 +88,19 @@ def test_cfg_job_prints_composed_config(tmp_path):
         check=True,
     ).stdout
     assert "d_model: 128" in out and "lr: 0.001" in out
+
+
+def test_user_config_dir_adds_presets(tmp_path):
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "tiny.yaml").write_text("d_model: 48\nn_heads: 3\nn_layers: 1\nff_dim: 96\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", "--config-dir", "my_conf", "model=tiny", "--cfg", "job"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "d_model: 48" in out and "n_heads: 3" in out and "seq_len: 64" in out
