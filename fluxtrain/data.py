@@ -1,145 +1,293 @@
-"""Text in, token batches out: finding or downloading the corpus, encoding it once, and sampling windows."""
+"""Text to token batches: the data config, encoding the corpus once into a memmap cache, the splits and batches.
+
+Finding and reading the files is `fluxtrain.sources`; `load_corpus` is what training calls.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-from dataclasses import dataclass
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import requests
 import torch
-from tqdm import tqdm
 
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.sources import Sources, download, head_text, iter_text, read_corpus, resolve_sources, sha256_file
+from fluxtrain.tokenizer import Tokenizer, TokenizerConfig, UnknownCharactersError, build_tokenizer, load_tokenizer
+
+__all__ = ["DataConfig", "TokenData", "load_corpus", "read_corpus", "resolve_sources", "corpus_sources", "iter_text"]
 
 log = logging.getLogger(__name__)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+ENCODING_ERRORS = ("strict", "replace")
+CACHE_VERSION = 1
+ENCODE_CHUNK = 1 << 18  # characters per encoded piece; a batch of these is encoded in parallel
+ENCODE_BATCH = 8
 
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # null: download Tiny Shakespeare from `url`
+    path: str | None = None  # a file, a folder or a glob ('src/**/*.py'); null: download Tiny Shakespeare from `url`
+    include: list[str] = field(default_factory=list)  # for folders and globs: keep only files matching one of these
+    exclude: list[str] = field(default_factory=list)  # for folders and globs: drop files matching one of these
+    separator: str = "\n"  # put between consecutive files
+    encoding_errors: str = "strict"  # strict: invalid UTF-8 is an error | replace: U+FFFD and a warning
+    val_path: str | None = None  # a separate validation text (file, folder or glob) instead of val_fraction
     url: str = SHAKESPEARE_URL
     sha256: str | None = SHAKESPEARE_SHA256
-    val_fraction: float = 0.1
-    cache_dir: str = "~/.cache/fluxtrain"
+    val_fraction: float = 0.1  # the last fraction of the token stream, when val_path is not set
+    cache_dir: str = "~/.cache/fluxtrain"  # downloads, trained tokenizers and encoded token ids
+    cache: bool = True  # keep the encoded token ids (and trained tokenizer) in cache_dir for the next run
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def validate(cfg: DataConfig) -> None:
+    if cfg.encoding_errors not in ENCODING_ERRORS:
+        raise FluxtrainError(f"data.encoding_errors={cfg.encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
+    if not cfg.val_path and not 0.0 < cfg.val_fraction < 1.0:
+        raise FluxtrainError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1 (or set data.val_path)")
 
 
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
-    """Download `url` to `dest` unless a verified copy is there already.
-
-    Bytes go to `dest.part` first and are renamed into place only once complete and verified, so an interrupted
-    download never leaves a file that looks complete; a later call resumes the partial file with an HTTP Range request.
-    """
-    dest = Path(dest)
-    if dest.is_file() and (sha256 is None or _sha256(dest) == sha256):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
-    try:
-        with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
-            if r.status_code == 416:  # the partial file is already complete
-                pass
-            else:
-                r.raise_for_status()
-                if offset and r.status_code != 206:  # the server ignored the Range header: start over
-                    offset = 0
-                total = int(r.headers.get("Content-Length", 0)) + offset or None
-                with (
-                    open(part, "ab" if offset else "wb") as f,
-                    tqdm(
-                        total=total, initial=offset, unit="B", unit_scale=True, desc=f"downloading {dest.name}"
-                    ) as bar,
-                ):
-                    for chunk in r.iter_content(chunk_size=1 << 13):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-                    f.flush()
-                    os.fsync(f.fileno())
-    except requests.RequestException as e:
-        raise FluxtrainError(
-            f"could not download {url} ({type(e).__name__}); download it by hand to {dest}, or set data.path"
-        ) from None
-    if sha256 is not None:
-        got = _sha256(part)
-        if got != sha256:
-            part.unlink()
-            raise FluxtrainError(
-                f"checksum mismatch for {url}: expected sha256 {sha256}, got {got} (data.sha256); the file was removed"
-            )
-    os.replace(part, dest)
-    return dest
-
-
-def resolve_text_path(cfg: DataConfig) -> Path:
-    """The corpus file: `data.path`, or Tiny Shakespeare downloaded into `data.cache_dir`."""
+def corpus_sources(cfg: DataConfig) -> tuple[Sources, Sources | None]:
+    """Training sources (`data.path`, or Tiny Shakespeare downloaded into `data.cache_dir`) and `data.val_path`'s."""
     if cfg.path:
-        return Path(cfg.path).expanduser()
-    dest = Path(cfg.cache_dir).expanduser() / "tinyshakespeare.txt"
-    return download(cfg.url, dest, cfg.sha256)
+        train = resolve_sources(cfg.path, cfg.include, cfg.exclude, "data.path")
+    else:
+        dest = download(cfg.url, Path(cfg.cache_dir).expanduser() / "tinyshakespeare.txt", cfg.sha256)
+        train = resolve_sources(str(dest), setting="data.url")
+    val = resolve_sources(cfg.val_path, cfg.include, cfg.exclude, "data.val_path") if cfg.val_path else None
+    return train, val
 
 
-def read_text(path: Path, setting: str = "data.path") -> str:
-    """Read a UTF-8 text file, with a one-line error naming the file for every way it can be unusable."""
-    if not path.exists():
-        raise FluxtrainError(f"{setting}: file {path} does not exist")
-    if not path.is_file():
-        raise FluxtrainError(f"{setting}: {path} is not a file")
-    raw = path.read_bytes()
-    if not raw:
-        raise FluxtrainError(f"{setting}: file {path} is empty")
+# Byte-level BPE pre-tokenizes with a regex whose matches never span from a visible ASCII character into the
+# whitespace after it, and whose matches starting at that whitespace do not depend on what came before. Splitting
+# there therefore gives exactly the ids of encoding the whole text.
+_SAFE_SPLIT = re.compile(r"(?<=[!-~])[ \t\r\n]")
+
+
+def safe_chunks(pieces: Iterable[str], target: int = ENCODE_CHUNK) -> Iterator[str]:
+    """Re-cut a stream of text pieces into chunks of about `target` characters (more when the text offers no safe
+    place to cut) whose ids, concatenated, are exactly the ids of the whole text."""
+    buf = ""
+    for piece in pieces:
+        buf += piece
+        start = 0
+        while len(buf) - start >= target:
+            cut = _safe_split(buf, start, start + target)
+            if cut is None:
+                break
+            yield buf[start:cut]
+            start = cut
+        buf = buf[start:]
+    if buf:
+        yield buf
+
+
+def _safe_split(text: str, start: int, target: int) -> int | None:
+    """The last safe split in text[start + 1 : target + 1], else the first after it; None when there is none."""
+    for lo in (max(start + 1, target - 4096), start + 1):
+        last = None
+        for m in _SAFE_SPLIT.finditer(text, lo, target + 1):
+            last = m.start()
+        if last is not None:
+            return last
+    m = _SAFE_SPLIT.search(text, target + 1)
+    return m.start() if m else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoding, with a cache
+
+
+def id_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def encode_stream(pieces: Iterable[str], tokenizer: Tokenizer, setting: str = "data.path") -> Iterator[np.ndarray]:
+    """Token ids of a stream of text, in arrays of a few hundred thousand, with bounded memory."""
+    batch: list[str] = []
+
+    def flush() -> list[np.ndarray]:
+        try:
+            return tokenizer.encode_batch(batch)
+        except UnknownCharactersError as e:
+            raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from tokenizer.path)") from None
+
+    for chunk in safe_chunks(pieces):
+        batch.append(chunk)
+        if len(batch) == ENCODE_BATCH:
+            yield from flush()
+            batch = []
+    if batch:
+        yield from flush()
+
+
+def sources_fingerprint(sources: Sources) -> list[list]:
+    """What identifies the input: each file's path, size and content hash."""
+    return [[str(p.resolve()), size, sha256_file(p)] for p, size in zip(sources.files, sources.sizes, strict=True)]
+
+
+def _key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+
+
+def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fingerprint: list | None = None):
+    """Token ids of `sources`, from the memmap cache when the same files were encoded with the same tokenizer.
+
+    The ids are written to disk as they are encoded (uint16 when the vocabulary fits, else uint32) and read back as
+    a read-only `numpy.memmap`, so memory stays bounded whatever the corpus size.
+    """
+    dtype = id_dtype(tokenizer.vocab_size)
+    setting = sources.setting.split("=", 1)[0]
+    pieces = iter_text(sources, cfg.separator, cfg.encoding_errors)
+    if not cfg.cache:
+        return np.concatenate([a.astype(dtype) for a in encode_stream(pieces, tokenizer, setting)])
+    key = _key(
+        {
+            "version": CACHE_VERSION,
+            "sources": fingerprint or sources_fingerprint(sources),
+            "separator": cfg.separator,
+            "encoding_errors": cfg.encoding_errors,
+            "tokenizer": tokenizer.to_json(),
+        }
+    )
+    folder = Path(cfg.cache_dir).expanduser() / "tokens"
+    ids_path, meta_path = folder / f"{key}.bin", folder / f"{key}.json"
+    if meta_path.is_file() and ids_path.is_file():
+        n_tokens = json.loads(meta_path.read_text())["n_tokens"]
+        if ids_path.stat().st_size == n_tokens * np.dtype(dtype).itemsize:
+            log.info(f"{sources.setting}: {n_tokens:,} token ids from the cache {ids_path}")
+            return np.memmap(ids_path, dtype=dtype, mode="r", shape=(n_tokens,))
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
+    n_tokens = 0
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FluxtrainError(f"{setting}: file {path} is not valid UTF-8 (byte offset {e.start})") from None
+        with os.fdopen(fd, "wb") as f:
+            for ids in encode_stream(pieces, tokenizer, setting):
+                f.write(ids.astype(dtype).tobytes())
+                n_tokens += len(ids)
+        os.replace(tmp, ids_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {"n_tokens": n_tokens, "dtype": np.dtype(dtype).name, "source": sources.setting}
+    _atomic_write_text(meta_path, json.dumps(meta))
+    log.info(f"{sources.setting}: encoded {n_tokens:,} tokens into {ids_path}")
+    if n_tokens == 0:
+        raise FluxtrainError(f"{sources.setting}: the text encodes to no tokens")
+    return np.memmap(ids_path, dtype=dtype, mode="r", shape=(n_tokens,))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def corpus_tokenizer(
+    tok_cfg: TokenizerConfig, cfg: DataConfig, train: Sources, val: Sources | None, fingerprint: dict
+) -> Tokenizer:
+    """`tokenizer.path`'s tokenizer, else one built from the corpus (and kept in the cache for the next run).
+
+    A learned tokenizer sees only the training text: the first `1 - val_fraction` of the bytes, or all of
+    `data.path` when `data.val_path` is set. The char vocabulary covers validation text too.
+    """
+    if tok_cfg.path:
+        return load_tokenizer(tok_cfg.path)
+    cached = None
+    if cfg.cache:
+        parts = {"version": CACHE_VERSION, "kind": tok_cfg.kind, "vocab_size": tok_cfg.vocab_size, **fingerprint}
+        parts.update(separator=cfg.separator, encoding_errors=cfg.encoding_errors, val_fraction=cfg.val_fraction)
+        cached = Path(cfg.cache_dir).expanduser() / "tokenizers" / f"{_key(parts)}.json"
+        if cached.is_file():
+            log.info(f"tokenizer: reusing {cached}")
+            return load_tokenizer(cached, "data.cache_dir")
+
+    def stream(sources: Sources) -> Iterator[str]:
+        return iter_text(sources, cfg.separator, cfg.encoding_errors)
+
+    if val is not None:
+        corpus = (p for s in (train, val) for p in stream(s))
+        train_text = stream(train)
+    else:
+        corpus = stream(train)
+        n_bytes = train.n_bytes + len(cfg.separator.encode("utf-8")) * (len(train.files) - 1)
+        train_text = head_text(stream(train), int(n_bytes * (1 - cfg.val_fraction)))
+    tokenizer = build_tokenizer(tok_cfg, corpus, train_text)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(cached, tokenizer.to_json())
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def count_bytes(ids: np.ndarray, tokenizer: Tokenizer, chunk: int = 1 << 20) -> int:
+    """How many bytes of UTF-8 text the token ids stand for."""
+    table = tokenizer.token_bytes()
+    return int(sum(table[ids[i : i + chunk]].sum() for i in range(0, len(ids), chunk)))
 
 
 class TokenData:
-    """A corpus encoded once into a compact id array, split into train and validation parts."""
+    """Train and validation token ids (numpy arrays, usually memmaps of the cache) and random windows of them."""
 
-    def __init__(self, ids: np.ndarray, val_fraction: float, seq_len: int, source: str, n_bytes: int):
-        if not 0.0 < val_fraction < 1.0:
-            raise FluxtrainError(f"data.val_fraction={val_fraction} must be between 0 and 1")
-        n_val = int(len(ids) * val_fraction)
-        self.train = torch.from_numpy(ids[: len(ids) - n_val].astype(np.int64))
-        self.val = torch.from_numpy(ids[len(ids) - n_val :].astype(np.int64))
-        for name, part in (("train", self.train), ("val", self.val)):
+    def __init__(self, train: np.ndarray, val: np.ndarray, seq_len: int, source: str, val_bytes: int):
+        for name, part in (("train", train), ("val", val)):
             if len(part) < seq_len + 1:
                 raise FluxtrainError(
                     f"{source} is too short: its {name} split has {len(part)} tokens, "
                     f"fewer than model.seq_len + 1 = {seq_len + 1}"
                 )
+        self.train, self.val = train, val
         self.seq_len = seq_len
-        # Bytes per token, to report losses in bits per byte whatever the tokenizer.
-        self.bytes_per_token = n_bytes / len(ids)
+        self.val_bytes = val_bytes
+        # Bytes per token of the validation split, to report the validation loss in bits per byte whatever the
+        # tokenizer: bpb = loss / ln 2 * val tokens / val bytes.
+        self.bytes_per_token = val_bytes / len(val)
+        self._window = np.arange(seq_len + 1)
 
-    def split(self, name: str) -> torch.Tensor:
+    def split(self, name: str) -> np.ndarray:
         return self.train if name == "train" else self.val
 
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows: x (B, T) and the next-token targets y (B, T)."""
+        """Random windows: x (B, T) and the next-token targets y (B, T), int64."""
         data = self.split(split)
         starts = torch.randint(len(data) - self.seq_len, (batch_size,), generator=generator)
-        offsets = starts[:, None] + torch.arange(self.seq_len + 1)  # (B, T + 1)
-        window = data[offsets]
+        offsets = starts.numpy()[:, None] + self._window  # (B, T + 1)
+        window = torch.from_numpy(data[offsets].astype(np.int64))
         return window[:, :-1], window[:, 1:]
 
 
-def encode_ids(tokenizer, text: str) -> np.ndarray:
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    return np.asarray(tokenizer.encode(text), dtype=dtype)
+def load_corpus(cfg: DataConfig, tok_cfg: TokenizerConfig, seq_len: int) -> tuple[TokenData, Tokenizer, str]:
+    """Find and read the corpus, build (or load) the tokenizer, encode once (or reuse the cache) and split.
+
+    Returns the data, the tokenizer and a one-line description of the sources for the log.
+    """
+    validate(cfg)
+    train_src, val_src = corpus_sources(cfg)
+    for sources in (train_src, val_src):
+        if sources is not None:
+            log.info(f"data: {sources.describe()}")
+    fingerprint = {"train": sources_fingerprint(train_src) if cfg.cache else None}
+    fingerprint["val"] = sources_fingerprint(val_src) if cfg.cache and val_src else None
+    tokenizer = corpus_tokenizer(tok_cfg, cfg, train_src, val_src, fingerprint)
+    ids = encode_sources(train_src, tokenizer, cfg, fingerprint["train"])
+    if val_src is not None:
+        train_ids, val_ids = ids, encode_sources(val_src, tokenizer, cfg, fingerprint["val"])
+    else:
+        n_val = int(len(ids) * cfg.val_fraction)
+        train_ids, val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+    source = train_src.setting if val_src is None else f"{train_src.setting} ({val_src.setting})"
+    data = TokenData(np.asarray(train_ids), np.asarray(val_ids), seq_len, source, count_bytes(val_ids, tokenizer))
+    return data, tokenizer, source

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
 from fluxtrain.errors import FluxtrainError
+
+KINDS = ("char", "bpe")
+MIN_BPE_VOCAB = 257  # the 256 byte symbols plus at least one merge
 
 
 @dataclass
@@ -34,9 +42,15 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
+
     def decode(self, ids: list[int]) -> str: ...
 
+    def token_bytes(self) -> np.ndarray: ...
+
     def to_json(self) -> str: ...
+
+    def save(self, path: str | Path) -> None: ...
 
 
 class CharTokenizer:
@@ -49,10 +63,24 @@ class CharTokenizer:
             raise ValueError("a character tokenizer needs at least one character")
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        # Code points in sorted order and the id of each, for encoding whole arrays at once.
+        points = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        self._order = np.argsort(points)
+        self._sorted_points = points[self._order]
 
     @classmethod
-    def train(cls, text: str) -> CharTokenizer:
-        return cls(sorted(set(text)))
+    def train(cls, text: str | Iterable[str]) -> CharTokenizer:
+        chars: set[str] = set()
+        for piece in [text] if isinstance(text, str) else text:
+            chars.update(piece)
+        return cls(sorted(chars))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CharTokenizer:
+        tokenizer = load_tokenizer(path)
+        if not isinstance(tokenizer, cls):
+            raise FluxtrainError(f"{path} holds a {tokenizer.kind} tokenizer, not a char tokenizer")
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -61,20 +89,101 @@ class CharTokenizer:
     def unknown_chars(self, text: str) -> list[str]:
         return sorted(set(text) - self.stoi.keys())
 
+    def encode_array(self, text: str) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        pos = np.searchsorted(self._sorted_points, points).clip(max=len(self.chars) - 1)
+        if not np.array_equal(self._sorted_points[pos], points):
+            raise UnknownCharactersError(self.unknown_chars(text))
+        return self._order[pos]
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode_array(t) for t in texts]
+
     def encode(self, text: str) -> list[int]:
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError:
-            raise UnknownCharactersError(self.unknown_chars(text)) from None
+        return self.encode_array(text).tolist()
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 length in bytes of each token, by id."""
+        return np.array([len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)
 
     def to_json(self) -> str:
         return json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json(), encoding="utf-8")
+
+
+class BPETokenizer:
+    """A Hugging Face `tokenizers` tokenizer; trained here as a byte-level BPE, which round-trips any text."""
+
+    kind = "bpe"
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+
+    @classmethod
+    def train(cls, text: str | Iterable[str], vocab_size: int) -> BPETokenizer:
+        if vocab_size < MIN_BPE_VOCAB:
+            raise FluxtrainError(
+                f"tokenizer.vocab_size={vocab_size} is too small for byte-level BPE (at least {MIN_BPE_VOCAB})"
+            )
+        hf = HFTokenizer(models.BPE())
+        # No prefix space: text is encoded in chunks, and a space added at each chunk start would change the ids.
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
+        hf.train_from_iterator([text] if isinstance(text, str) else text, trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BPETokenizer:
+        tokenizer = load_tokenizer(path)
+        if not isinstance(tokenizer, cls):
+            raise FluxtrainError(f"{path} holds a {tokenizer.kind} tokenizer, not a Hugging Face tokenizer")
+        return tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.array(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode several texts in parallel (Rust threads)."""
+        encodings = self.hf.encode_batch_fast(texts, add_special_tokens=False)
+        return [np.array(e.ids, dtype=np.int64) for e in encodings]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self) -> np.ndarray:
+        """Length in bytes of the text each token stands for, by id."""
+        byte_level = type(self.hf.decoder).__name__ == "ByteLevel"
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            token = self.hf.id_to_token(i) or ""
+            if byte_level and set(token) <= alphabet:
+                out[i] = len(token)  # each symbol of a byte-level token is one byte
+            else:
+                out[i] = len(self.hf.decode([i], skip_special_tokens=False).encode("utf-8"))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "bpe", "tokenizer": self.hf.to_str()}, ensure_ascii=False)
+
+    def save(self, path: str | Path) -> None:
+        """A plain Hugging Face tokenizer.json, loadable by `tokenizers.Tokenizer.from_file`."""
+        self.hf.save(str(path))
 
 
 def tokenizer_from_json(text: str) -> Tokenizer:
@@ -87,27 +196,51 @@ def tokenizer_from_json(text: str) -> Tokenizer:
         if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
             raise ValueError("char tokenizer JSON needs 'chars', a list of single characters")
         return CharTokenizer(chars)
+    if data.get("type") == "bpe":
+        if not isinstance(data.get("tokenizer"), str):
+            raise ValueError("bpe tokenizer JSON needs 'tokenizer', a Hugging Face tokenizer.json string")
+        return BPETokenizer(_hf_from_str(data["tokenizer"]))
+    if "model" in data:  # a plain Hugging Face tokenizer.json
+        return BPETokenizer(_hf_from_str(text))
     raise ValueError(f"unknown tokenizer type {data.get('type')!r}")
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    path = Path(path)
+def _hf_from_str(text: str) -> HFTokenizer:
+    try:
+        return HFTokenizer.from_str(text)
+    except Exception as e:  # the Rust side raises a plain Exception for malformed files
+        raise ValueError(f"not a valid Hugging Face tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def load_tokenizer(path: str | Path, setting: str = "tokenizer.path") -> Tokenizer:
+    """A tokenizer file: fluxtrain's char format or a Hugging Face tokenizer.json."""
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise FluxtrainError(f"tokenizer file {path} does not exist")
+        raise FluxtrainError(f"{setting}: tokenizer file {path} does not exist")
     try:
         return tokenizer_from_json(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise FluxtrainError(f"{path} is not a fluxtrain tokenizer file: {e}") from None
+        raise FluxtrainError(f"{setting}: {path} is not a tokenizer file: {e}") from None
 
 
-def build_tokenizer(cfg: TokenizerConfig, corpus: str, train_text: str) -> Tokenizer:
+def validate(cfg: TokenizerConfig) -> None:
+    if cfg.kind not in KINDS:
+        raise FluxtrainError(f"tokenizer.kind={cfg.kind!r} is not one of {', '.join(KINDS)}")
+    if cfg.kind == "bpe" and not cfg.path and cfg.vocab_size < MIN_BPE_VOCAB:
+        raise FluxtrainError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte-level BPE (at least {MIN_BPE_VOCAB})"
+        )
+
+
+def build_tokenizer(cfg: TokenizerConfig, corpus: str | Iterable[str], train_text: str | Iterable[str]) -> Tokenizer:
     """The tokenizer chosen by `tokenizer.kind`, loaded from `tokenizer.path` or built from the text.
 
     The character vocabulary covers the whole corpus (so validation text always encodes); learned tokenizers
-    see only the training split.
+    see only the training split. Both texts may be iterables of pieces; only the one needed is read.
     """
+    validate(cfg)
     if cfg.path:
         return load_tokenizer(cfg.path)
     if cfg.kind == "char":
         return CharTokenizer.train(corpus)
-    raise FluxtrainError(f"tokenizer.kind={cfg.kind!r} is not one of char")
+    return BPETokenizer.train(train_text, cfg.vocab_size)

@@ -17,12 +17,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from fluxtrain.checkpoint import save_model_file
-from fluxtrain.data import TokenData, encode_ids, read_text, resolve_text_path
+from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.generate import generate_ids
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, cosine_progress, lr_at, set_lr
-from fluxtrain.tokenizer import build_tokenizer
 
 log = logging.getLogger("fluxtrain")
 
@@ -92,16 +91,6 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def load_corpus(cfg: DictConfig):
-    """Read the corpus, build the tokenizer and encode the text once."""
-    path = resolve_text_path(cfg.data)
-    text = read_text(path)
-    tokenizer = build_tokenizer(cfg.tokenizer, text, text[: int(len(text) * (1 - cfg.data.val_fraction))])
-    ids = encode_ids(tokenizer, text)
-    data = TokenData(ids, cfg.data.val_fraction, cfg.model.seq_len, f"data.path={path}", len(text.encode("utf-8")))
-    return data, tokenizer, path
-
-
 @torch.no_grad()
 def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, seed: int) -> dict[str, float]:
     """Mean loss over `eval_iters` batches of each split; the same batches at every evaluation."""
@@ -147,10 +136,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     t_start = time.perf_counter()
 
     torch.manual_seed(tcfg.seed)
-    data, tokenizer, text_path = load_corpus(cfg)
+    data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
     tokenizer.save(run_dir / "tokenizer.json")
     log.info(
-        f"data: {text_path} | {len(data.train):,} train / {len(data.val):,} val tokens | vocab {tokenizer.vocab_size}"
+        f"data: {source} | {len(data.train):,} train / {len(data.val):,} val tokens "
+        f"| {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}"
     )
 
     model = GPT(model_cfg, tokenizer.vocab_size).to(device)

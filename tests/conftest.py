@@ -64,11 +64,12 @@ def tiny_text_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def tiny_cfg(tiny_text_file: Path):
-    """Compose a tiny training config on the generated corpus; extra overrides win."""
+def tiny_cfg(tiny_text_file: Path, tmp_path: Path):
+    """Compose a tiny training config on the generated corpus, caching into tmp_path; extra overrides win."""
 
     def make(*overrides: str) -> DictConfig:
-        return compose_config([*TINY_OVERRIDES, f"data.path={tiny_text_file}", *overrides])
+        cache = f"data.cache_dir={tmp_path / 'cache'}"
+        return compose_config([*TINY_OVERRIDES, f"data.path={tiny_text_file}", cache, *overrides])
 
     return make
 

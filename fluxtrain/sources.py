@@ -1,0 +1,232 @@
+"""Corpus files to text: one file, a folder or a glob, skipping binaries, read as UTF-8 in bounded pieces.
+
+`resolve_sources` picks the files, `iter_text` streams their text and `read_corpus` joins it into one string.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+from fluxtrain.errors import FluxtrainError
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK = 1 << 22  # bytes read from a file at a time
+BINARY_SNIFF = 8000  # a NUL byte in the first this many bytes marks a binary file (as git decides)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
+    """Download `url` to `dest` unless a verified copy is there already.
+
+    Bytes go to `dest.part` first and are renamed into place only once complete and verified, so an interrupted
+    download never leaves a file that looks complete; a later call resumes the partial file with an HTTP Range request.
+    """
+    dest = Path(dest)
+    if dest.is_file() and (sha256 is None or sha256_file(dest) == sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+            if r.status_code == 416:  # the partial file is already complete
+                pass
+            else:
+                r.raise_for_status()
+                if offset and r.status_code != 206:  # the server ignored the Range header: start over
+                    offset = 0
+                total = int(r.headers.get("Content-Length", 0)) + offset or None
+                with (
+                    open(part, "ab" if offset else "wb") as f,
+                    tqdm(
+                        total=total, initial=offset, unit="B", unit_scale=True, desc=f"downloading {dest.name}"
+                    ) as bar,
+                ):
+                    for chunk in r.iter_content(chunk_size=1 << 13):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                    f.flush()
+                    os.fsync(f.fileno())
+    except requests.RequestException as e:
+        raise FluxtrainError(
+            f"could not download {url} ({type(e).__name__}); download it by hand to {dest}, or set data.path"
+        ) from None
+    if sha256 is not None:
+        got = sha256_file(part)
+        if got != sha256:
+            part.unlink()
+            raise FluxtrainError(
+                f"checksum mismatch for {url}: expected sha256 {sha256}, got {got} (data.sha256); the file was removed"
+            )
+    os.replace(part, dest)
+    return dest
+
+
+@dataclass
+class Sources:
+    """The text files of a corpus, in reading order, and what was left out."""
+
+    files: list[Path]
+    setting: str  # where they came from, for messages: "data.path=src/"
+    sizes: list[int] = field(default_factory=list)
+    n_binary: int = 0  # binary files skipped
+    n_empty: int = 0  # empty files skipped
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(self.sizes)
+
+    def describe(self) -> str:
+        skipped = [f"{n} {what}" for n, what in ((self.n_binary, "binary"), (self.n_empty, "empty")) if n]
+        extra = f" ({' and '.join(skipped)} file(s) skipped)" if skipped else ""
+        return f"{self.setting}: {len(self.files)} file(s), {self.n_bytes:,} bytes{extra}"
+
+
+def _matches(rel: str, patterns: Iterable[str]) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch(rel, p) or fnmatch(name, p) for p in patterns)
+
+
+def _is_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(BINARY_SNIFF)
+
+
+def _walk(folder: Path) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of every file under `folder`, skipping hidden files and folders."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith("."):
+                path = Path(root) / name
+                found.append((path.relative_to(folder).as_posix(), path))
+    return found
+
+
+def resolve_sources(
+    path: str, include: Iterable[str] = (), exclude: Iterable[str] = (), setting: str = "data.path"
+) -> Sources:
+    """The files `path` names: one file, every text file under a folder (recursively), or the matches of a glob.
+
+    Files under a folder or glob are kept if they match one of `include` (when given) and none of `exclude`
+    (globs matched against the path relative to the folder and against the file name), then sorted by path;
+    hidden files and folders are skipped, and so are binary files (a NUL byte near the start) and empty files.
+    """
+    include, exclude = list(include), list(exclude)
+    where = f"{setting}={path}"
+    target = Path(path).expanduser()
+    if target.is_file():
+        if target.stat().st_size == 0:
+            raise FluxtrainError(f"{setting}: file {target} is empty")
+        return Sources([target], where, [target.stat().st_size])
+    if target.is_dir():
+        candidates = _walk(target)
+    elif glob.has_magic(path):
+        matches = glob.glob(os.path.expanduser(path), recursive=True)
+        candidates = [(Path(m).as_posix(), Path(m)) for m in matches if Path(m).is_file()]
+    else:
+        raise FluxtrainError(f"{where}: no such file, folder or glob")
+    sources = Sources([], where)
+    for rel, file in sorted(candidates):
+        if (include and not _matches(rel, include)) or _matches(rel, exclude):
+            continue
+        size = file.stat().st_size
+        if size == 0:
+            sources.n_empty += 1
+        elif _is_binary(file):
+            sources.n_binary += 1
+        else:
+            sources.files.append(file)
+            sources.sizes.append(size)
+    if not sources.files:
+        filters = f" with include={include}" if include else ""
+        filters += f" exclude={exclude}" if exclude else ""
+        raise FluxtrainError(f"{where}: no text files found{filters} ({sources.n_binary} binary skipped)")
+    return sources
+
+
+def iter_file_text(path: Path, encoding_errors: str = "strict", setting: str = "data.path") -> Iterator[str]:
+    """The text of a UTF-8 file in pieces of at most a few MiB; invalid bytes are an error naming the byte offset,
+    or with `encoding_errors="replace"` become U+FFFD with a warning."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(READ_BLOCK)
+            final = not block
+            pending = decoder.getstate()[0]  # bytes of a character split across blocks
+            try:
+                text = decoder.decode(block, final=final)
+            except UnicodeDecodeError as e:
+                bad = offset - len(pending) + e.start
+                if encoding_errors != "replace":
+                    raise FluxtrainError(
+                        f"{setting}: {path} is not valid UTF-8 (byte offset {bad}); "
+                        "set data.encoding_errors=replace to read it with replacement characters"
+                    ) from None
+                log.warning(f"{path} is not valid UTF-8 (first bad byte at offset {bad}); read with U+FFFD for them")
+                decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                text = decoder.decode(pending + block, final=final)
+            offset += len(block)
+            if text:
+                yield text
+            if final:
+                return
+
+
+def iter_text(sources: Sources, separator: str = "\n", encoding_errors: str = "strict") -> Iterator[str]:
+    """The corpus as a stream of text pieces: each file in order, with `separator` between files."""
+    setting = sources.setting.split("=", 1)[0]
+    for i, path in enumerate(sources.files):
+        if i and separator:
+            yield separator
+        yield from iter_file_text(path, encoding_errors, setting)
+
+
+def read_corpus(sources: Sources, separator: str = "\n", encoding_errors: str = "strict") -> str:
+    """The whole corpus as one string (for corpora that fit in memory; training streams instead)."""
+    return "".join(iter_text(sources, separator, encoding_errors))
+
+
+def read_text(path: Path, setting: str = "data.path") -> str:
+    """Read one UTF-8 text file, with a one-line error naming the file for every way it can be unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise FluxtrainError(f"{setting}: file {path} does not exist")
+    if not path.is_file():
+        raise FluxtrainError(f"{setting}: {path} is not a file")
+    return read_corpus(resolve_sources(str(path), setting=setting))
+
+
+def head_text(pieces: Iterable[str], n_bytes: int) -> Iterator[str]:
+    """The first `n_bytes` bytes (UTF-8) of a stream of pieces, cut at a character boundary."""
+    for piece in pieces:
+        if n_bytes <= 0:
+            return
+        raw = piece.encode("utf-8")
+        if len(raw) > n_bytes:
+            yield raw[:n_bytes].decode("utf-8", errors="ignore")
+            return
+        n_bytes -= len(raw)
+        yield piece

@@ -1,0 +1,308 @@
+"""Data sources and encoding: file/folder/glob selection, binary and UTF-8 handling, chunked encoding, the memmap
+cache, the validation split and bits per byte."""
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, make_text
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fluxtrain.data as data_mod
+import fluxtrain.sources as sources_mod
+from fluxtrain.data import (
+    DataConfig,
+    count_bytes,
+    id_dtype,
+    iter_text,
+    load_corpus,
+    read_corpus,
+    resolve_sources,
+    safe_chunks,
+)
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.tokenizer import BPETokenizer, CharTokenizer, TokenizerConfig
+from fluxtrain.train import train
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    write(root / "b.py", "B = 2\n")
+    write(root / "a.py", "A = 1\n")
+    write(root / "pkg" / "mod.py", "def f():\n    return 3\n")
+    write(root / "pkg" / "notes.md", "# notes\n")
+    write(root / "pkg" / "tests" / "test_mod.py", "assert True\n")
+    write(root / "logo.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    write(root / "empty.txt", "")
+    write(root / ".git" / "config", "[core]\n")
+    write(root / ".hidden.py", "SECRET = 1\n")
+    return root
+
+
+def rel(sources, root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in sources.files]
+
+
+def test_folder_reads_all_text_files_sorted_skipping_hidden_binary_and_empty(tree):
+    sources = resolve_sources(str(tree))
+    assert rel(sources, tree) == ["a.py", "b.py", "pkg/mod.py", "pkg/notes.md", "pkg/tests/test_mod.py"]
+    assert (sources.n_binary, sources.n_empty) == (1, 1)
+    assert sources.n_bytes == sum(p.stat().st_size for p in sources.files)
+    assert "5 file(s)" in sources.describe() and "1 binary and 1 empty file(s) skipped" in sources.describe()
+
+
+def test_include_and_exclude(tree):
+    assert rel(resolve_sources(str(tree), include=["*.py"]), tree) == [
+        "a.py",
+        "b.py",
+        "pkg/mod.py",
+        "pkg/tests/test_mod.py",
+    ]
+    assert rel(resolve_sources(str(tree), include=["*.py"], exclude=["pkg/tests/*", "b.py"]), tree) == [
+        "a.py",
+        "pkg/mod.py",
+    ]
+    assert rel(resolve_sources(str(tree), include=["pkg/*.md"]), tree) == ["pkg/notes.md"]
+
+
+def test_glob(tree):
+    assert rel(resolve_sources(f"{tree}/**/*.py"), tree) == ["a.py", "b.py", "pkg/mod.py", "pkg/tests/test_mod.py"]
+    assert rel(resolve_sources(f"{tree}/*.py", exclude=["a.py"]), tree) == ["b.py"]
+
+
+def test_selection_errors_name_the_setting(tree):
+    with pytest.raises(FluxtrainError, match=r"data.path=.*nothing: no such file, folder or glob"):
+        resolve_sources(str(tree / "nothing"))
+    with pytest.raises(FluxtrainError, match=r"data.path=.*: no text files found with include=\['\*.rs'\]"):
+        resolve_sources(str(tree), include=["*.rs"])
+    with pytest.raises(FluxtrainError, match="data.path: file .*empty.txt is empty"):
+        resolve_sources(str(tree / "empty.txt"))
+
+
+def test_files_are_joined_in_order_with_the_separator(tree):
+    sources = resolve_sources(str(tree), include=["*.py"], exclude=["pkg/*"])
+    assert read_corpus(sources, separator="\n<|file|>\n") == "A = 1\n\n<|file|>\nB = 2\n"
+
+
+def test_config_accepts_lists_from_the_command_line():
+    cfg = compose_config(["data.path=fluxtrain/", "data.include=[*.py]", "data.exclude=[__init__.py,test_*]"])
+    assert list(cfg.data.include) == ["*.py"] and list(cfg.data.exclude) == ["__init__.py", "test_*"]
+
+
+def test_invalid_utf8_is_an_error_with_file_and_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources_mod, "READ_BLOCK", 5)  # the bad byte lies several blocks in, after a split character
+    bad = write(tmp_path / "bad.txt", "héllo wörld ".encode() + b"\xff tail")
+    with pytest.raises(FluxtrainError, match=r"data.path: .*bad.txt is not valid UTF-8 \(byte offset 14\)"):
+        read_corpus(resolve_sources(str(bad)))
+
+
+def test_replace_mode_reads_with_replacement_characters_and_warns(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sources_mod, "READ_BLOCK", 5)
+    bad = write(tmp_path / "bad.txt", "héllo wörld ".encode() + b"\xff tail")
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        text = read_corpus(resolve_sources(str(bad)), encoding_errors="replace")
+    assert text == "héllo wörld \ufffd tail"
+    assert any("bad.txt is not valid UTF-8 (first bad byte at offset 14)" in r.message for r in caplog.records)
+
+
+def test_encoding_errors_setting_is_checked(tmp_path):
+    cfg = DataConfig(path=str(write(tmp_path / "a.txt", "abc")), encoding_errors="ignore")
+    with pytest.raises(FluxtrainError, match="data.encoding_errors='ignore' is not one of strict, replace"):
+        load_corpus(cfg, TokenizerConfig(), 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Chunked encoding
+
+
+@pytest.fixture(scope="module")
+def bpe() -> BPETokenizer:
+    # Indented source and runs of blank lines teach merges of whitespace runs ("\n    ", "\n\n"), the ids that a
+    # careless cut inside whitespace would change.
+    source = read_corpus(resolve_sources("fluxtrain", include=["*.py"]))
+    text = make_text(20_000) + "\n\n\n" + source + "  x  \t\r\n\r\n  \n\n"
+    return BPETokenizer.train(text, vocab_size=600)
+
+
+def encode_chunked(tokenizer, text: str, target: int, piece: int) -> list[int]:
+    pieces = [text[i : i + piece] for i in range(0, len(text), piece)]
+    chunks = list(safe_chunks(pieces, target))
+    assert "".join(chunks) == text
+    return [i for c in chunks for i in tokenizer.encode(c)]
+
+
+_alphabet = st.sampled_from(
+    list("ab Z9_.:'\"-\n\t\r") + ["    ", "\n    ", "\n\n", "\r\n", "é", "雷", "🌩", "\u00a0", "\u2028", "'s", "'ll"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(_alphabet, max_size=80), target=st.integers(1, 12), piece=st.integers(1, 9))
+def test_chunked_bpe_encoding_equals_whole_text_encoding(bpe, parts, target, piece):
+    text = "".join(parts)
+    assert encode_chunked(bpe, text, target, piece) == bpe.encode(text)
+
+
+def test_chunked_encoding_of_real_text(bpe, shakespeare):
+    text = shakespeare.read_text()[:200_000]
+    whole = bpe.encode(text)
+    assert encode_chunked(bpe, text, 1000, 7777) == whole
+    char = CharTokenizer.train(text)
+    assert encode_chunked(char, text, 1000, 7777) == char.encode(text)
+
+
+def test_chunked_encoding_of_python_source(bpe):
+    text = read_corpus(resolve_sources("fluxtrain", include=["*.py"]))
+    assert encode_chunked(bpe, text, 500, 3000) == bpe.encode(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The memmap cache
+
+
+def corpus_cfg(tmp_path: Path, path: Path, **overrides) -> DataConfig:
+    return DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), **overrides)
+
+
+def count_encodes(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = data_mod.encode_stream
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "encode_stream", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_second_run_reuses_the_cache_and_a_changed_file_invalidates_it(tmp_path, monkeypatch, kind):
+    folder = tmp_path / "corpus"
+    write(folder / "one.txt", make_text(6_000, seed=1))
+    write(folder / "two.txt", make_text(6_000, seed=2))
+    cfg, tok_cfg = corpus_cfg(tmp_path, folder), TokenizerConfig(kind=kind, vocab_size=300)
+    calls = count_encodes(monkeypatch)
+
+    first, tok1, _ = load_corpus(cfg, tok_cfg, 16)
+    assert len(calls) == 1
+    assert isinstance(first.train.base, np.memmap) and first.train.dtype == np.uint16
+    ids = np.concatenate([first.train, first.val])
+    assert tok1.decode(ids.tolist()) == read_corpus(resolve_sources(str(folder)))
+
+    second, tok2, _ = load_corpus(cfg, tok_cfg, 16)
+    assert len(calls) == 1  # nothing re-encoded (and the BPE not retrained: same ids)
+    assert tok2.to_json() == tok1.to_json()
+    assert np.array_equal(np.concatenate([second.train, second.val]), ids)
+
+    write(folder / "two.txt", make_text(6_000, seed=3))  # same size, other content
+    third, _, _ = load_corpus(cfg, tok_cfg, 16)
+    assert len(calls) == 2
+    assert not np.array_equal(np.concatenate([third.train, third.val]), ids)
+
+
+def test_cache_off_encodes_in_memory(tmp_path, monkeypatch):
+    path = write(tmp_path / "a.txt", make_text(3_000))
+    calls = count_encodes(monkeypatch)
+    for _ in range(2):
+        data, _, _ = load_corpus(corpus_cfg(tmp_path, path, cache=False), TokenizerConfig(), 16)
+    assert len(calls) == 2 and not (tmp_path / "cache").exists()
+    assert not isinstance(data.train.base, np.memmap)
+
+
+def test_id_dtype():
+    assert id_dtype(256) == np.uint16 and id_dtype(65536) == np.uint16 and id_dtype(65537) == np.uint32
+
+
+def test_get_batch_windows(tmp_path):
+    path = write(tmp_path / "a.txt", make_text(5_000))
+    data, _, _ = load_corpus(corpus_cfg(tmp_path, path), TokenizerConfig(), 16)
+    x, y = data.get_batch("train", 8, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    # The same windows as gathering from an in-memory tensor with the same generator.
+    tensor = torch.from_numpy(data.train.astype(np.int64))
+    starts = torch.randint(len(tensor) - 16, (8,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, tensor[starts[:, None] + torch.arange(16)])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Splits and bits per byte
+
+
+def test_val_split_is_the_last_fraction_of_the_token_stream(tmp_path):
+    text = make_text(10_000)
+    path = write(tmp_path / "a.txt", text)
+    data, tok, _ = load_corpus(corpus_cfg(tmp_path, path, val_fraction=0.25), TokenizerConfig(), 16)
+    assert len(data.val) == int(len(text) * 0.25)
+    assert tok.decode(data.val.tolist()) == text[len(text) - len(data.val) :]
+
+
+def test_val_path_gives_a_separate_validation_text(tmp_path):
+    train_path = write(tmp_path / "train.txt", make_text(5_000, seed=1))
+    val_text = make_text(2_000, seed=2) + "\nçà"  # characters only the validation text has
+    val_path = write(tmp_path / "val.txt", val_text)
+    data, tok, _ = load_corpus(corpus_cfg(tmp_path, train_path, val_path=str(val_path)), TokenizerConfig(), 16)
+    assert tok.decode(data.train.tolist()) == train_path.read_text()
+    assert tok.decode(data.val.tolist()) == val_text
+    assert data.val_bytes == len(val_text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_bytes_per_token_is_measured_on_the_val_split(tmp_path, kind):
+    # ASCII training text, then a validation tail full of 2- and 3-byte characters: a corpus-wide average
+    # would be wrong for validation.
+    head = make_text(12_000)
+    tail = "\n".join(["ça été là — façon déjà vu € " * 4] * 12)
+    path = write(tmp_path / "a.txt", head + tail)
+    cfg = corpus_cfg(tmp_path, path, val_fraction=0.1)
+    data, tok, _ = load_corpus(cfg, TokenizerConfig(kind=kind, vocab_size=300), 16)
+    val_text = tok.decode(data.val.tolist())
+    assert (head + tail).endswith(val_text) and "€" in val_text
+    assert data.val_bytes == len(val_text.encode("utf-8")) == count_bytes(data.val, tok)
+    assert data.bytes_per_token == pytest.approx(len(val_text.encode("utf-8")) / len(data.val))
+    corpus_average = len((head + tail).encode("utf-8")) / (len(data.train) + len(data.val))
+    assert abs(data.bytes_per_token - corpus_average) > 0.2 * corpus_average  # the average would be off
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_training_reports_val_bpb_from_val_loss(tiny_cfg, tiny_text_file, tmp_path, kind):
+    cfg = tiny_cfg(f"tokenizer.kind={kind}", "tokenizer.vocab_size=300", "train.max_iters=15")
+    metrics = train(cfg, tmp_path / "run")
+    data, tok, _ = load_corpus(cfg.data, cfg.tokenizer, cfg.model.seq_len)
+    val_text = tok.decode(data.val.tolist())
+    assert tiny_text_file.read_text().endswith(val_text)
+    expected = metrics["final_val_loss"] / math.log(2) * len(data.val) / len(val_text.encode("utf-8"))
+    assert metrics["val_bpb"] == pytest.approx(expected, rel=1e-9)
+    if kind == "bpe":  # several bytes per token: bpb is well below loss / ln 2
+        assert metrics["val_bpb"] < 0.6 * metrics["final_val_loss"] / math.log(2)
+
+
+def test_run_log_counts_files_and_bytes(tree, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        load_corpus(corpus_cfg(tmp_path, tree, val_fraction=0.5), TokenizerConfig(), 4)
+    n_bytes = sum(p.stat().st_size for p in resolve_sources(str(tree)).files)
+    assert any(
+        f"5 file(s), {n_bytes:,} bytes (1 binary and 1 empty file(s) skipped)" in r.message for r in caplog.records
+    )
+
+
+def test_iter_text_streams_bounded_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources_mod, "READ_BLOCK", 1000)
+    path = write(tmp_path / "a.txt", make_text(10_000))
+    pieces = list(iter_text(resolve_sources(str(path))))
+    assert len(pieces) == 10 and max(len(p) for p in pieces) <= 1000

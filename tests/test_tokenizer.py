@@ -1,0 +1,132 @@
+"""Tokenizers: char and byte-level BPE behind one interface, their files, and their use in training and model files."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import compose_config, make_text
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer as HFTokenizer
+
+from fluxtrain.checkpoint import load_model
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.tokenizer import (
+    BPETokenizer,
+    CharTokenizer,
+    TokenizerConfig,
+    UnknownCharactersError,
+    build_tokenizer,
+    load_tokenizer,
+    tokenizer_from_json,
+)
+from fluxtrain.train import train
+
+
+@pytest.fixture(scope="module")
+def bpe() -> BPETokenizer:
+    return BPETokenizer.train(make_text(20_000), vocab_size=300)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text())
+def test_bpe_round_trips_any_unicode(bpe, text):
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text
+    # Every id stands for a whole number of bytes, adding up to the UTF-8 size of the text.
+    assert int(bpe.token_bytes()[np.array(ids, dtype=np.int64)].sum()) == len(text.encode("utf-8"))
+
+
+def test_bpe_learns_merges_within_the_vocab_size(bpe):
+    assert 256 < bpe.vocab_size <= 300
+    text = make_text(2_000, seed=1)
+    assert len(bpe.encode(text)) < len(text.encode("utf-8")) / 1.5  # 44 merges already compress this text
+
+
+def test_bpe_encodes_unseen_characters_as_bytes(bpe):
+    text = "Грозный 雷 🌩 naïve"
+    ids = bpe.encode(text)
+    assert len(ids) >= len("Грозный 雷 🌩 naïve".encode()) - 4  # mostly single bytes: none of this was seen
+    assert bpe.decode(ids) == text
+
+
+def test_char_tokenizer_reports_unknown_characters():
+    tok = CharTokenizer.train("hello world")
+    assert tok.decode(tok.encode("low hole")) == "low hole"
+    with pytest.raises(UnknownCharactersError, match=r"2 character\(s\).*'X'.*'é'"):
+        tok.encode("hello X é")
+
+
+def test_char_encode_matches_a_plain_lookup():
+    text = make_text(3_000) + "ünïcødé 🎉"
+    tok = CharTokenizer.train(text)
+    assert tok.encode(text) == [tok.stoi[c] for c in text]
+    assert [a.tolist() for a in tok.encode_batch([text[:10], ""])] == [tok.encode(text[:10]), []]
+
+
+@pytest.mark.parametrize("make", [lambda: CharTokenizer.train("abc\n é"), lambda: BPETokenizer.train("abc " * 50, 260)])
+def test_json_round_trip_as_embedded_in_model_files(make):
+    tok = make()
+    again = tokenizer_from_json(tok.to_json())
+    assert type(again) is type(tok) and again.vocab_size == tok.vocab_size
+    assert again.encode("abc é") == tok.encode("abc é")
+
+
+def test_bpe_saves_a_plain_hugging_face_file(bpe, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    bpe.save(path)
+    assert json.loads(path.read_text())["model"]["type"] == "BPE"
+    hf = HFTokenizer.from_file(str(path))
+    assert hf.encode("ROMEO: good night").ids == bpe.encode("ROMEO: good night")
+    loaded = load_tokenizer(path)
+    assert isinstance(loaded, BPETokenizer) and loaded.encode("sweet") == bpe.encode("sweet")
+    assert BPETokenizer.load(path).vocab_size == bpe.vocab_size
+
+
+def test_bad_tokenizer_files_are_one_line_errors(tmp_path):
+    with pytest.raises(FluxtrainError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": {"type": "nonsense"}}')
+    with pytest.raises(FluxtrainError, match="tokenizer.path: .*bad.json is not a tokenizer file"):
+        load_tokenizer(bad)
+
+
+def test_config_validation():
+    with pytest.raises(FluxtrainError, match="tokenizer.kind='wordpiece' is not one of char, bpe"):
+        build_tokenizer(TokenizerConfig(kind="wordpiece"), "abc", "abc")
+    with pytest.raises(FluxtrainError, match="tokenizer.vocab_size=100 is too small"):
+        build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=100), "abc", "abc")
+
+
+def test_bpe_preset_composes():
+    cfg = compose_config(["tokenizer=bpe"])
+    assert cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size == 1024
+
+
+def test_bpe_training_run_embeds_the_tokenizer(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    metrics = train(tiny_cfg("tokenizer=bpe", "tokenizer.vocab_size=320"), run)
+    assert metrics["iters"] == 30
+    saved = load_tokenizer(run / "tokenizer.json")
+    model, embedded = load_model(run / "model_final.safetensors")
+    assert isinstance(embedded, BPETokenizer) and embedded.vocab_size == saved.vocab_size == 320
+    assert model.vocab_size == 320
+    assert embedded.encode("KING: sweet night") == saved.encode("KING: sweet night")
+
+
+def test_tokenizer_path_is_reused_not_retrained(tiny_cfg, tmp_path, bpe):
+    given_file = tmp_path / "given.json"
+    bpe.save(given_file)
+    run = tmp_path / "run"
+    train(tiny_cfg("tokenizer=bpe", f"tokenizer.path={given_file}", "train.max_iters=2"), run)
+    assert json.loads((run / "tokenizer.json").read_text()) == json.loads(given_file.read_text())
+    _, embedded = load_model(run / "model_final.safetensors")
+    assert embedded.vocab_size == bpe.vocab_size == 300  # a fresh training would have used the preset's 1024
+
+
+def test_char_tokenizer_file_with_missing_characters_is_a_clear_error(tiny_cfg, tmp_path):
+    small = tmp_path / "small.json"
+    CharTokenizer.train("abc").save(small)
+    with pytest.raises(FluxtrainError, match=r"data.path: .*character\(s\) not in the tokenizer's vocabulary"):
+        train(tiny_cfg(f"tokenizer.path={small}"), tmp_path / "run")
