@@ -56,13 +56,19 @@ def validate(cfg: DataConfig) -> None:
         raise FluxtrainError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1 (or set data.val_path)")
 
 
+def resolve_text_path(cfg: DataConfig) -> Path:
+    """`data.path` as given (a file, folder or glob), or Tiny Shakespeare downloaded into `data.cache_dir`."""
+    if cfg.path:
+        return Path(cfg.path).expanduser()
+    return download(cfg.url, Path(cfg.cache_dir).expanduser() / "tinyshakespeare.txt", cfg.sha256)
+
+
 def corpus_sources(cfg: DataConfig) -> tuple[Sources, Sources | None]:
-    """Training sources (`data.path`, or Tiny Shakespeare downloaded into `data.cache_dir`) and `data.val_path`'s."""
+    """The training files (`data.path`, or the downloaded default corpus) and `data.val_path`'s, if set."""
     if cfg.path:
         train = resolve_sources(cfg.path, cfg.include, cfg.exclude, "data.path")
     else:
-        dest = download(cfg.url, Path(cfg.cache_dir).expanduser() / "tinyshakespeare.txt", cfg.sha256)
-        train = resolve_sources(str(dest), setting="data.url")
+        train = resolve_sources(str(resolve_text_path(cfg)), setting="data.url")
     val = resolve_sources(cfg.val_path, cfg.include, cfg.exclude, "data.val_path") if cfg.val_path else None
     return train, val
 

@@ -145,8 +145,12 @@ def resolve_sources(
     elif glob.has_magic(path):
         matches = glob.glob(os.path.expanduser(path), recursive=True)
         candidates = [(Path(m).as_posix(), Path(m)) for m in matches if Path(m).is_file()]
+        if not candidates:
+            raise FluxtrainError(f"{where}: the glob matches no files")
+    elif path.endswith("/"):
+        raise FluxtrainError(f"{setting}: folder {target} does not exist")
     else:
-        raise FluxtrainError(f"{where}: no such file, folder or glob")
+        raise FluxtrainError(f"{setting}: file {target} does not exist")
     sources = Sources([], where)
     for rel, file in sorted(candidates):
         if (include and not _matches(rel, include)) or _matches(rel, exclude):

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, make_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +26,8 @@ from fluxtrain.data import (
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.tokenizer import BPETokenizer, CharTokenizer, TokenizerConfig
 from fluxtrain.train import train
+
+from .conftest import compose_config, make_text
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -85,8 +86,10 @@ def test_glob(tree):
 
 
 def test_selection_errors_name_the_setting(tree):
-    with pytest.raises(FluxtrainError, match=r"data.path=.*nothing: no such file, folder or glob"):
+    with pytest.raises(FluxtrainError, match=r"data.path: file .*nothing does not exist"):
         resolve_sources(str(tree / "nothing"))
+    with pytest.raises(FluxtrainError, match=r"data.path=.*\*.rs: the glob matches no files"):
+        resolve_sources(f"{tree}/**/*.rs")
     with pytest.raises(FluxtrainError, match=r"data.path=.*: no text files found with include=\['\*.rs'\]"):
         resolve_sources(str(tree), include=["*.rs"])
     with pytest.raises(FluxtrainError, match="data.path: file .*empty.txt is empty"):

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import compose_config, make_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
@@ -21,6 +20,8 @@ from fluxtrain.tokenizer import (
     tokenizer_from_json,
 )
 from fluxtrain.train import train
+
+from .conftest import compose_config, make_text
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ def test_cli_run_folder(tmp_path):
 
     corpus.write_text(make_text())
     overrides = [*TINY_OVERRIDES, "train.sample_interval=15", "train.ckpt_interval=15", "train.sample_len=20"]
+    overrides.append(f"data.cache_dir={tmp_path}/cache")
     subprocess.run(
         [sys.executable, "-m", "fluxtrain", *overrides, f"data.path={corpus}", f"hydra.run.dir={run}"],
         cwd=REPO_ROOT,
