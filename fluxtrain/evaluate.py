@@ -1,0 +1,196 @@
+"""Measure a model file on any text: loss, perplexity and bits per byte over full-context windows, with a CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fluxtrain.checkpoint import atomic_write, load_model
+from fluxtrain.data import read_text
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.model import GPT
+from fluxtrain.train import resolve_device
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy, nats per scored token
+    perplexity: float
+    bits_per_byte: float
+    n_tokens: int  # tokens in the text
+    n_scored: int  # tokens predicted (all but the first)
+    n_bytes: int  # UTF-8 bytes of the text
+    seq_len: int
+    stride: int
+
+
+def plan_windows(n_ids: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int]]:
+    """Windows over `n_ids` tokens as (start, n_scored): inputs ids[start : start + seq_len] predict the next ids.
+
+    Only the last `n_scored` predictions of a window count, so every token after the first is scored exactly once.
+    With `stride == seq_len` (the default) the windows do not overlap; a smaller stride slides each window by
+    `stride` tokens, so every scored token after the first window sees at least `seq_len - stride` tokens of context.
+    The last window is moved back to end at the last token, keeping its full context. A text shorter than
+    `seq_len + 1` tokens is one shorter window.
+    """
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise FluxtrainError(f"--stride={stride} must be between 1 and the model's seq_len={seq_len}")
+    if n_ids < 2:
+        raise FluxtrainError(f"the text has {n_ids} token(s); evaluation needs at least 2")
+    n_targets = n_ids - 1
+    if n_targets <= seq_len:
+        return [(0, n_targets)]
+    windows = [(0, seq_len)]
+    scored_end = seq_len  # targets 1..scored_end are scored
+    while scored_end < n_targets:
+        start = min(windows[-1][0] + stride, n_targets - seq_len)
+        windows.append((start, start + seq_len - scored_end))
+        scored_end = start + seq_len
+    return windows
+
+
+@torch.no_grad()
+def window_losses(
+    model: GPT,
+    ids: torch.Tensor,
+    windows: list[tuple[int, int]],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[float, int]:
+    """Summed cross-entropy (nats) of the scored tokens of `windows` over `ids` (1-D), and how many were scored."""
+    if batch_size <= 0:
+        raise FluxtrainError(f"--batch-size={batch_size} must be a positive integer")
+    was_training = model.training
+    model.eval()
+    length = min(model.cfg.seq_len, len(ids) - 1)
+    offsets = torch.arange(length + 1)
+    total, n_scored = 0.0, 0
+    batches = range(0, len(windows), batch_size)
+    for i in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        chunk = windows[i : i + batch_size]
+        starts = torch.tensor([start for start, _ in chunk])
+        window = ids[starts[:, None] + offsets]  # (B, T + 1)
+        x, y = window[:, :-1].to(device), window[:, 1:].to(device)
+        logits, _ = model(x)  # (B, T, vocab)
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape)
+        # Score only the last n_scored positions of each window.
+        n = torch.tensor([k for _, k in chunk], device=device)
+        scored = torch.arange(length, device=device)[None, :] >= (length - n)[:, None]  # (B, T)
+        total += losses[scored].double().sum().item()
+        n_scored += int(scored.sum())
+    model.train(was_training)
+    return total, n_scored
+
+
+def evaluate_text(
+    model: GPT,
+    tokenizer,
+    text: str,
+    stride: int | None = None,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    source: str = "--data",
+) -> EvalResult:
+    """Loss, perplexity and bits per byte of `model` on `text`, encoded with the model's own tokenizer."""
+    try:
+        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    except FluxtrainError as e:
+        raise FluxtrainError(f"{source}: the model's tokenizer cannot encode the text: {e}") from None
+    seq_len = model.cfg.seq_len
+    windows = plan_windows(len(ids), seq_len, stride)
+    total, n_scored = window_losses(model, ids, windows, batch_size, device, progress)
+    loss = total / n_scored
+    n_bytes = len(text.encode("utf-8"))
+    return EvalResult(
+        loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),
+        # As in training: nats/token -> bits/token, divided by the text's mean bytes per token.
+        bits_per_byte=loss / math.log(2) / (n_bytes / len(ids)),
+        n_tokens=len(ids),
+        n_scored=n_scored,
+        n_bytes=n_bytes,
+        seq_len=seq_len,
+        stride=seq_len if stride is None else stride,
+    )
+
+
+def read_eval_text(path: str | Path) -> str:
+    """The text of a file, or of every file under a folder (sorted by path, hidden files skipped) joined together."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return read_text(path, "--data")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
+    if not files:
+        raise FluxtrainError(f"--data: folder {path} holds no files")
+    return "\n".join(read_text(p, "--data") for p in files)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m fluxtrain.evaluate",
+        description="Loss (nats/token), perplexity and bits per byte of a model file on a text file or folder.",
+    )
+    p.add_argument("model", help="a fluxtrain model file (.safetensors)")
+    p.add_argument("--data", required=True, help="a UTF-8 text file, or a folder of them")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default 32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="slide windows by this many tokens (1..seq_len); default seq_len: non-overlapping windows",
+    )
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the figures as JSON to PATH ('-': stdout)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> EvalResult:
+    if args.batch_size <= 0:
+        raise FluxtrainError(f"--batch-size={args.batch_size} must be a positive integer")
+    try:
+        device = resolve_device(args.device)
+    except FluxtrainError as e:
+        raise FluxtrainError(str(e).replace("train.device", "--device")) from None
+    model, tokenizer = load_model(args.model, device)
+    text = read_eval_text(args.data)
+    result = evaluate_text(
+        model, tokenizer, text, args.stride, args.batch_size, device, progress=True, source=f"--data {args.data}"
+    )
+    print(
+        f"{args.model} on {args.data}: {result.n_tokens:,} tokens ({result.n_bytes:,} bytes), "
+        f"seq_len {result.seq_len}, stride {result.stride}"
+    )
+    print(
+        f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} "
+        f"| bits per byte {result.bits_per_byte:.4f}"
+    )
+    if args.json:
+        figures = json.dumps({"model": str(args.model), "data": str(args.data), **asdict(result)}, indent=2) + "\n"
+        if args.json == "-":
+            sys.stdout.write(figures)
+        else:
+            atomic_write(args.json, lambda tmp: tmp.write_text(figures))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except FluxtrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Export a model file to a Hugging Face transformers folder: GPT2LMHeadModel weights and a fast tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fluxtrain.checkpoint import load_model
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.tokenizer import Tokenizer
+
+INSTALL_HINT = "pip install 'fluxtrain[hf]' (or pip install -e \".[hf]\" in a checkout)"
+# GPT-2's MLP takes any activation from transformers' ACT2FN table; these are the exact equivalents of ours.
+HF_ACTIVATIONS = {"gelu": "gelu", "relu2": "relu2"}
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, used by every fluxtrain LayerNorm
+
+
+def require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise FluxtrainError(f"exporting to Hugging Face needs the transformers library: {INSTALL_HINT}") from None
+    return transformers
+
+
+def unsupported_blocks(cfg: ModelConfig) -> list[str]:
+    """The settings of `cfg` that GPT2LMHeadModel cannot express, each with what GPT-2 has instead."""
+    blocks = []
+    if cfg.norm != "layernorm":
+        blocks.append(f"model.norm={cfg.norm} (GPT-2 has LayerNorm)")
+    if cfg.pos_emb != "learned":
+        blocks.append(f"model.pos_emb={cfg.pos_emb} (GPT-2 has learned positions)")
+    if cfg.activation not in HF_ACTIVATIONS:
+        blocks.append(f"model.activation={cfg.activation} (GPT-2's MLP is not gated; {'/'.join(HF_ACTIVATIONS)} work)")
+    return blocks
+
+
+def check_exportable(cfg: ModelConfig, source: str) -> None:
+    blocks = unsupported_blocks(cfg)
+    if blocks:
+        raise FluxtrainError(f"{source}: GPT2LMHeadModel has no equivalent for these blocks: {'; '.join(blocks)}")
+
+
+def gpt2_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None]):
+    """The GPT2Config with the same shape as `cfg`; `special` holds bos/eos/pad token ids (None when absent)."""
+    transformers = require_transformers()
+    return transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=cfg.seq_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.ff_dim,
+        activation_function=HF_ACTIVATIONS[cfg.activation],
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=LAYER_NORM_EPS,
+        tie_word_embeddings=True,
+        bos_token_id=special["bos"],
+        eos_token_id=special["eos"],
+        pad_token_id=special["pad"],
+    )
+
+
+def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """fluxtrain weights under GPT2LMHeadModel's names.
+
+    GPT-2's Conv1D stores weights as (in, out) where nn.Linear has (out, in), so those are transposed. Models
+    trained with `bias=false` get zero biases, which compute the same function.
+    """
+    d = model.cfg.d_model
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def bias(name: str, size: int) -> torch.Tensor:
+        return weights.get(name, torch.zeros(size))
+
+    def conv1d(prefix: str, fluxtrain_name: str, n_out: int) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}.weight": weights[f"{fluxtrain_name}.weight"].t().contiguous(),
+            f"{prefix}.bias": bias(f"{fluxtrain_name}.bias", n_out),
+        }
+
+    def layer_norm(prefix: str, fluxtrain_name: str) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}.weight": weights[f"{fluxtrain_name}.weight"],
+            f"{prefix}.bias": bias(f"{fluxtrain_name}.bias", d),
+        }
+
+    state = {
+        "transformer.wte.weight": weights["tok_emb.weight"],
+        "transformer.wpe.weight": weights["pos_emb.weight"],
+        "lm_head.weight": weights["tok_emb.weight"],  # tied
+        **layer_norm("transformer.ln_f", "ln_f"),
+    }
+    for i in range(model.cfg.n_layers):
+        hf, ours = f"transformer.h.{i}", f"blocks.{i}"
+        state |= layer_norm(f"{hf}.ln_1", f"{ours}.ln1")
+        state |= conv1d(f"{hf}.attn.c_attn", f"{ours}.attn.qkv", 3 * d)  # q, k, v in the same order
+        state |= conv1d(f"{hf}.attn.c_proj", f"{ours}.attn.proj", d)
+        state |= layer_norm(f"{hf}.ln_2", f"{ours}.ln2")
+        state |= conv1d(f"{hf}.mlp.c_fc", f"{ours}.mlp.fc", model.cfg.ff_dim)
+        state |= conv1d(f"{hf}.mlp.c_proj", f"{ours}.mlp.proj", d)
+    return state
+
+
+def char_tokenizers_model(chars: list[str]):
+    """The character tokenizer as a `tokenizers.Tokenizer`: every character is a word of a WordLevel vocabulary."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(chars)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per character
+    tok.decoder = decoders.Fuse()  # join the characters back without separators
+    return tok
+
+
+def tokenizers_model(tokenizer: Tokenizer):
+    """A `tokenizers.Tokenizer` that encodes and decodes exactly like `tokenizer`."""
+    if tokenizer.kind == "char":
+        return char_tokenizers_model(tokenizer.chars)
+    if tokenizer.kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return HFTokenizer.from_str(tokenizer.to_json())  # already a Hugging Face tokenizer.json
+    raise FluxtrainError(f"tokenizer kind {tokenizer.kind!r} cannot be exported (char and bpe can)")
+
+
+def end_of_text(tok) -> str | None:
+    """The end-of-text token, used as GPT-2 does for both bos and eos: `<|endoftext|>` when the vocabulary has it.
+
+    A character vocabulary has none: each of its ids is a real character, so none can be a special token without
+    changing what the model reads (`skip_special_tokens` would drop it). Generation then runs for `max_new_tokens`.
+    """
+    specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    return "<|endoftext|>" if "<|endoftext|>" in specials else None
+
+
+def hf_tokenizer(tokenizer: Tokenizer, seq_len: int):
+    transformers = require_transformers()
+    tok = tokenizers_model(tokenizer)
+    eot = end_of_text(tok)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=eot,
+        eos_token=eot,
+        model_max_length=seq_len,
+        clean_up_tokenization_spaces=False,  # decode must give back the exact text
+    )
+
+
+def to_transformers(model: GPT, tokenizer: Tokenizer, source: str = "model"):
+    """The equivalent (GPT2LMHeadModel, PreTrainedTokenizerFast) pair, in eval mode on the CPU."""
+    transformers = require_transformers()
+    check_exportable(model.cfg, source)
+    hf_tok = hf_tokenizer(tokenizer, model.cfg.seq_len)
+    special = {"bos": hf_tok.bos_token_id, "eos": hf_tok.eos_token_id, "pad": hf_tok.pad_token_id}
+    hf_model = transformers.GPT2LMHeadModel(gpt2_config(model.cfg, model.vocab_size, special))
+    hf_model.load_state_dict(gpt2_state_dict(model), strict=True)
+    return hf_model.eval(), hf_tok
+
+
+@torch.no_grad()
+def check_same_logits(model: GPT, hf_model, source: str, tol: float = 1e-3) -> None:
+    """Guard against a silent mismatch: one forward pass through both models must give the same logits."""
+    x = torch.arange(min(model.cfg.seq_len, 16))[None, :] % model.vocab_size
+    was_training = model.training
+    model.eval()
+    ours = model(x.to(model.tok_emb.weight.device))[0].cpu()
+    model.train(was_training)
+    diff = (ours - hf_model(x).logits).abs().max().item()
+    if diff > tol:
+        raise FluxtrainError(f"{source}: the exported model's logits differ by {diff:.2e}; nothing was written")
+
+
+def write_folder(out_dir: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a new folder beside `out_dir`, then move its files into `out_dir` (created if needed).
+
+    A failure while writing leaves `out_dir` as it was.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            for f in tmp.iterdir():
+                os.replace(f, out_dir / f.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a folder that AutoModelForCausalLM and AutoTokenizer load, from a fluxtrain model file."""
+    require_transformers()
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FluxtrainError(f"OUT_DIR {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FluxtrainError(f"OUT_DIR {out_dir} is not empty; choose a new folder or pass --overwrite")
+    model, tokenizer = load_model(model_path)
+    hf_model, hf_tok = to_transformers(model, tokenizer, str(model_path))
+    check_same_logits(model, hf_model, str(model_path))
+
+    def write(tmp: Path) -> None:
+        hf_model.save_pretrained(tmp)
+        hf_tok.save_pretrained(tmp)
+        # Name the class both transformers 4 and 5 know (5 would write its new name, TokenizersBackend).
+        config_path = tmp / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    write_folder(out_dir, write)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m fluxtrain.export",
+        description="Write a Hugging Face transformers folder (GPT2LMHeadModel + fast tokenizer) from a model file.",
+    )
+    p.add_argument("model", help="a fluxtrain model file (.safetensors)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created; must be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in OUT_DIR")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.model, args.out_dir, args.overwrite)
+    except FluxtrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Evaluation of a model file on text: window planning, sliding windows, agreement with the trainer, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fluxtrain.checkpoint import load_model, save_model_file
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.evaluate import evaluate_text, main, plan_windows
+from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.tokenizer import CharTokenizer
+from fluxtrain.train import estimate_loss, load_corpus, train
+
+from .conftest import REPO_ROOT, make_text
+
+SEQ_LEN = 16
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.train(make_text(5_000))
+    cfg = ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=SEQ_LEN)
+    return GPT(cfg, tokenizer.vocab_size).eval(), tokenizer
+
+
+@pytest.fixture
+def model_file(tmp_path, tiny_model):
+    path = tmp_path / "model.safetensors"
+    save_model_file(path, *tiny_model)
+    return path
+
+
+@pytest.mark.parametrize("n_ids", [2, 10, 16, 17, 18, 33, 100, 257])
+@pytest.mark.parametrize("stride", [1, 3, 8, 16])
+def test_windows_score_every_token_once_with_context_from_the_stride(n_ids, stride):
+    windows = plan_windows(n_ids, SEQ_LEN, stride)
+    scored = []
+    for start, n_scored in windows:
+        length = min(SEQ_LEN, n_ids - 1)
+        assert 0 <= start and start + length <= n_ids - 1  # the window and its targets lie inside the text
+        targets = list(range(start + length - n_scored + 1, start + length + 1))
+        scored += targets
+        if start > 0:  # every window after the first gives each scored token at least seq_len - stride context
+            assert targets[0] - start >= SEQ_LEN - stride
+    assert scored == list(range(1, n_ids))
+
+
+def test_default_windows_do_not_overlap():
+    assert plan_windows(49, SEQ_LEN) == [(0, 16), (16, 16), (32, 16)]
+    # The last window is moved back to keep a full context and scores only the tokens not scored yet.
+    assert plan_windows(53, SEQ_LEN) == [(0, 16), (16, 16), (32, 16), (36, 4)]
+
+
+@pytest.mark.parametrize("stride", [0, SEQ_LEN + 1])
+def test_bad_stride_is_an_error_naming_the_option(stride):
+    with pytest.raises(FluxtrainError, match="--stride"):
+        plan_windows(100, SEQ_LEN, stride)
+
+
+def brute_force_loss(model: GPT, ids: list[int], context: int) -> float:
+    """Mean loss of each token given at most `context` tokens before it, one forward pass per token."""
+    losses = []
+    with torch.no_grad():
+        for t in range(1, len(ids)):
+            x = torch.tensor([ids[max(0, t - context) : t]])
+            logits, _ = model(x)
+            losses.append(F.cross_entropy(logits[0, -1], torch.tensor(ids[t])).item())
+    return sum(losses) / len(losses)
+
+
+def test_stride_one_gives_every_token_its_full_context(tiny_model):
+    model, tokenizer = tiny_model
+    text = make_text(60, seed=3)
+    result = evaluate_text(model, tokenizer, text, stride=1, batch_size=7)
+    assert result.n_scored == len(text) - 1
+    assert result.loss == pytest.approx(brute_force_loss(model, tokenizer.encode(text), SEQ_LEN), abs=1e-5)
+
+
+def test_non_overlapping_windows_match_a_token_by_token_reference(tiny_model):
+    model, tokenizer = tiny_model
+    text = make_text(4 * SEQ_LEN + 1, seed=4)
+    ids = tokenizer.encode(text)
+    result = evaluate_text(model, tokenizer, text, batch_size=3)
+    # Each window starts afresh: the token at offset j of a window sees j tokens of context.
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, SEQ_LEN):
+            for j in range(SEQ_LEN):
+                logits, _ = model(torch.tensor([ids[start : start + j + 1]]))
+                losses.append(F.cross_entropy(logits[0, -1], torch.tensor(ids[start + j + 1])).item())
+    assert result.loss == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(result.loss))
+    assert result.bits_per_byte == pytest.approx(result.loss / math.log(2))  # ASCII: one byte per character
+
+
+def test_batch_size_does_not_change_the_figures(tiny_model):
+    model, tokenizer = tiny_model
+    text = make_text(300, seed=5)
+    a = evaluate_text(model, tokenizer, text, stride=5, batch_size=1)
+    b = evaluate_text(model, tokenizer, text, stride=5, batch_size=64)
+    assert a.n_scored == b.n_scored == len(text) - 1
+    assert a.loss == pytest.approx(b.loss, abs=1e-6)
+
+
+class FixedWindows:
+    """Stands in for TokenData in the trainer's `estimate_loss`: hands out the given windows in order."""
+
+    def __init__(self, ids: torch.Tensor, starts: list[int], seq_len: int):
+        self.ids, self.starts, self.seq_len = ids, starts, seq_len
+        self.next = {"train": 0, "val": 0}
+
+    def get_batch(self, split: str, batch_size: int, generator: torch.Generator):
+        i = self.next[split]
+        starts = torch.tensor(self.starts[i : i + batch_size])
+        assert len(starts) == batch_size, "estimate_loss asked for more windows than planned"
+        self.next[split] += batch_size
+        window = self.ids[starts[:, None] + torch.arange(self.seq_len + 1)]
+        return window[:, :-1], window[:, 1:]
+
+
+def test_agrees_with_the_trainers_val_loss_on_the_same_windows(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    train(cfg, tmp_path / "run")
+    model, tokenizer = load_model(tmp_path / "run" / "model_final.safetensors")
+    data, _, text_path = load_corpus(cfg)
+    # The val split as text, cut to whole windows that fill whole batches of the trainer's batch size.
+    text = text_path.read_text(encoding="utf-8")
+    val_text = text[len(text) - len(data.val) :]
+    assert tokenizer.encode(val_text) == data.val.tolist()
+    batch_size = cfg.train.batch_size
+    n_windows = (len(data.val) - 1) // SEQ_LEN // batch_size * batch_size
+    assert n_windows >= 2 * batch_size
+    val_text = val_text[: n_windows * SEQ_LEN + 1]
+    (tmp_path / "val.txt").write_text(val_text, encoding="utf-8")
+
+    main(
+        [str(tmp_path / "run" / "model_final.safetensors"), "--data", str(tmp_path / "val.txt"), "--device", "cpu"]
+        + ["--batch-size", "5", "--json", str(tmp_path / "eval.json")]
+    )
+    figures = json.loads((tmp_path / "eval.json").read_text())
+
+    starts = [start for start, _ in plan_windows(n_windows * SEQ_LEN + 1, SEQ_LEN)]
+    assert starts == list(range(0, n_windows * SEQ_LEN, SEQ_LEN))
+    windows = FixedWindows(data.val, starts, SEQ_LEN)
+    trainer_cfg = cfg.train.copy()
+    trainer_cfg.eval_iters = n_windows // batch_size
+    trainer_val = estimate_loss(model, windows, trainer_cfg, torch.device("cpu"), seed=0)["val"]
+    assert windows.next["val"] == n_windows
+    assert figures["loss"] == pytest.approx(trainer_val, abs=1e-4)
+    assert figures["n_scored"] == n_windows * SEQ_LEN
+    assert figures["perplexity"] == pytest.approx(math.exp(trainer_val), rel=1e-4)
+    # The run trained: well below a uniform guess over the vocabulary.
+    assert figures["loss"] < math.log(tokenizer.vocab_size) - 0.5
+
+
+def test_cli_prints_figures_and_writes_json(model_file, tmp_path):
+    text_file = tmp_path / "held_out.txt"
+    text_file.write_text(make_text(600, seed=7), encoding="utf-8")
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxtrain.evaluate", str(model_file), "--data", str(text_file)]
+        + ["--device", "cpu", "--stride", "8", "--json", str(out)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(out.read_text())
+    assert figures["stride"] == 8 and figures["n_tokens"] == 600 and figures["n_bytes"] == 600
+    assert f"loss {figures['loss']:.4f} nats/token" in proc.stdout
+    assert f"perplexity {figures['perplexity']:.3f}" in proc.stdout
+    assert f"bits per byte {figures['bits_per_byte']:.4f}" in proc.stdout
+
+
+def test_folder_is_read_as_all_its_files(model_file, tmp_path, capsys):
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(make_text(300, seed=1), encoding="utf-8")
+    (folder / "sub" / "b.txt").write_text(make_text(300, seed=2), encoding="utf-8")
+    main([str(model_file), "--data", str(folder), "--device", "cpu", "--json", "-"])
+    figures = json.loads(capsys.readouterr().out.split("\n", 2)[2])
+    assert figures["n_tokens"] == 601  # both files, joined by a newline
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size=0"),
+        (["--stride", "17"], "--stride=17"),
+        (["--device", "nonsense"], "--device"),
+    ],
+)
+def test_bad_options_are_one_line_errors(model_file, tmp_path, capsys, args, message):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(make_text(200), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_file), "--data", str(text_file), "--device", "cpu", *args])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_unknown_characters_are_a_one_line_error(model_file, tmp_path, capsys):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("the king ~ said Ω\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        main([str(model_file), "--data", str(text_file), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'~'" in err and "'Ω'" in err and str(text_file) in err
+
+
+def test_missing_data_is_a_one_line_error(model_file, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(model_file), "--data", str(tmp_path / "nope.txt"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err

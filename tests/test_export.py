@@ -1,0 +1,233 @@
+"""Export to Hugging Face transformers: same logits, same tokenization, same greedy text, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fluxtrain.checkpoint import save_model_file
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.export import export, main, to_transformers
+from fluxtrain.generate import generate_ids
+from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.tokenizer import CharTokenizer
+
+from .conftest import REPO_ROOT, make_text
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed; pip install -e '.[hf]' to run the export tests"
+)
+
+SEQ_LEN = 16
+TEXT = make_text(3_000) + "Some other marks: ?!;,'-é\t\r"
+
+
+def tiny_model(vocab_size: int, **overrides) -> GPT:
+    """A tiny model whose every weight, bias and norm parameter is random, so a misplaced one changes the logits."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{"d_model": 32, "n_heads": 2, "n_layers": 2, "ff_dim": 64, "seq_len": SEQ_LEN, **overrides})
+    model = GPT(cfg, vocab_size).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer behind fluxtrain's tokenizer interface (kind, encode, decode, to_json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TEXT], trainer)
+
+    class BPE:
+        kind = "bpe"
+        vocab_size = tok.get_vocab_size()
+
+        def encode(self, text: str) -> list[int]:
+            return tok.encode(text).ids
+
+        def decode(self, ids: list[int]) -> str:
+            return tok.decode(ids)
+
+        def to_json(self) -> str:
+            return tok.to_str()
+
+    return BPE()
+
+
+@pytest.fixture(scope="module")
+def char_export(tmp_path_factory):
+    """A tiny char model, its model file, and the loaded export of that file."""
+    tmp = tmp_path_factory.mktemp("char")
+    tokenizer = CharTokenizer.train(TEXT)
+    model = tiny_model(tokenizer.vocab_size, dropout=0.1)
+    save_model_file(tmp / "model.safetensors", model, tokenizer)
+    export(tmp / "model.safetensors", tmp / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp / "hf")
+    return model, tokenizer, hf_model.eval(), hf_tok
+
+
+@pytest.fixture(scope="module")
+def bpe_export():
+    tokenizer = bpe_tokenizer()
+    model = tiny_model(tokenizer.vocab_size)
+    hf_model, hf_tok = to_transformers(model, tokenizer)
+    return model, tokenizer, hf_model, hf_tok
+
+
+def max_logit_difference(model: GPT, hf_model, n_prompts: int = 6) -> float:
+    generator = torch.Generator().manual_seed(1)
+    worst = 0.0
+    with torch.no_grad():
+        for _ in range(n_prompts):
+            length = int(torch.randint(1, SEQ_LEN + 1, (1,), generator=generator))
+            x = torch.randint(0, model.vocab_size, (3, length), generator=generator)
+            worst = max(worst, (model(x)[0] - hf_model(x).logits).abs().max().item())
+    return worst
+
+
+def greedy_texts(model: GPT, tokenizer, hf_model, hf_tok, prompt: str) -> tuple[str, str]:
+    ids = tokenizer.encode(prompt)
+    n_new = SEQ_LEN - len(ids)  # stay within the context length
+    ours = generate_ids(model, ids, n_new, temperature=0)
+    x = torch.tensor([ids])
+    out = hf_model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n_new)
+    theirs = out[0, len(ids) :].tolist()
+    if hf_tok.eos_token_id is not None and hf_tok.eos_token_id in ours:  # transformers stops at the end of text
+        ours = ours[: ours.index(hf_tok.eos_token_id) + 1]
+    assert len(theirs) == len(ours)
+    return tokenizer.decode(ours), hf_tok.decode(theirs)
+
+
+def test_char_export_loads_as_gpt2_and_gives_the_same_logits(char_export):
+    model, _, hf_model, hf_tok = char_export
+    assert type(hf_model).__name__ == "GPT2LMHeadModel"
+    assert isinstance(hf_tok, transformers.PreTrainedTokenizerFast)
+    assert hf_model.config.n_positions == SEQ_LEN and hf_model.config.attn_pdrop == 0.1
+    assert max_logit_difference(model, hf_model) < 1e-4
+
+
+def test_bpe_export_gives_the_same_logits(bpe_export):
+    model, _, hf_model, _ = bpe_export
+    assert max_logit_difference(model, hf_model) < 1e-4
+
+
+@pytest.mark.parametrize("overrides", [{"bias": False}, {"activation": "relu2"}, {"dropout": 0.2, "n_layers": 3}])
+def test_variants_with_a_gpt2_equivalent_give_the_same_logits(overrides):
+    tokenizer = CharTokenizer.train(TEXT)
+    model = tiny_model(tokenizer.vocab_size, **overrides)
+    hf_model, _ = to_transformers(model, tokenizer)
+    assert max_logit_difference(model, hf_model) < 1e-4
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet=sorted(set(TEXT)), max_size=80))
+def test_exported_char_tokenizer_encodes_and_decodes_identically(char_export, text):
+    _, tokenizer, _, hf_tok = char_export
+    ids = tokenizer.encode(text)
+    assert hf_tok(text)["input_ids"] == ids
+    assert hf_tok.decode(ids) == tokenizer.decode(ids) == text
+    assert hf_tok.decode(ids, skip_special_tokens=True) == text
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=80))
+def test_exported_bpe_tokenizer_encodes_and_decodes_identically(bpe_export, text):
+    _, tokenizer, _, hf_tok = bpe_export
+    ids = tokenizer.encode(text)
+    assert hf_tok(text)["input_ids"] == ids
+    assert hf_tok.decode(ids) == tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("prompt", ["\n", "ROMEO:\nthe ", "KING"])
+def test_greedy_generation_gives_the_same_text(char_export, bpe_export, prompt):
+    for exported in (char_export, bpe_export):
+        ours, theirs = greedy_texts(*exported, prompt)
+        assert ours == theirs
+        assert len(ours) > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"norm": "rmsnorm"}, ["model.norm=rmsnorm"]),
+        ({"pos_emb": "rope"}, ["model.pos_emb=rope"]),
+        ({"activation": "swiglu"}, ["model.activation=swiglu"]),
+        (
+            {"norm": "rmsnorm", "pos_emb": "rope", "activation": "swiglu"},
+            ["model.norm=rmsnorm", "model.pos_emb=rope", "model.activation=swiglu"],
+        ),
+    ],
+)
+def test_blocks_without_a_gpt2_equivalent_are_named_and_nothing_is_written(tmp_path, capsys, overrides, named):
+    tokenizer = CharTokenizer.train(TEXT)
+    save_model_file(tmp_path / "model.safetensors", tiny_model(tokenizer.vocab_size, **overrides), tokenizer)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "model.safetensors"), str(tmp_path / "hf")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(name in err for name in named)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_without_transformers_export_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "model.safetensors"), str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install" in err and "[hf]" in err
+
+
+def test_cli_writes_a_folder_and_refuses_to_mix_into_a_non_empty_one(tmp_path, capsys):
+    tokenizer = CharTokenizer.train(TEXT)
+    model_file, out = tmp_path / "model.safetensors", tmp_path / "hf"
+    save_model_file(model_file, tiny_model(tokenizer.vocab_size), tokenizer)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxtrain.export", str(model_file), str(out)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    with pytest.raises(SystemExit):
+        main([str(model_file), str(out)])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not empty" in err and "--overwrite" in err
+    main([str(model_file), str(out), "--overwrite"])
+    assert {p.name for p in out.iterdir()} == names
+    assert not list(tmp_path.glob(".hf.*"))  # no temporary folders left behind
+
+
+def test_export_in_memory_matches_the_file_round_trip(char_export):
+    model, tokenizer, hf_model, _ = char_export
+    in_memory, _ = to_transformers(model, tokenizer)
+    for name, tensor in in_memory.state_dict().items():
+        assert torch.equal(tensor, hf_model.state_dict()[name]), name
+
+
+def test_unknown_tokenizer_kind_is_refused():
+    class Odd:
+        kind = "odd"
+
+    with pytest.raises(FluxtrainError, match="'odd'"):
+        to_transformers(tiny_model(10), Odd())
