@@ -7,16 +7,18 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from fluxtrain.checkpoint import atomic_write, load_model
-from fluxtrain.data import read_text
+from fluxtrain.data import ENCODE_BATCH, count_bytes, id_dtype, safe_chunks
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT
+from fluxtrain.sources import Sources, iter_text, resolve_sources
+from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError
 from fluxtrain.train import resolve_device
 
 
@@ -32,6 +34,14 @@ class EvalResult:
     stride: int
 
 
+def check_stride(stride: int | None, seq_len: int) -> int:
+    """The stride to use: `seq_len` when None; an error naming --stride when it is out of range."""
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise FluxtrainError(f"--stride={stride} must be between 1 and the model's seq_len={seq_len}")
+    return stride
+
+
 def plan_windows(n_ids: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int]]:
     """Windows over `n_ids` tokens as (start, n_scored): inputs ids[start : start + seq_len] predict the next ids.
 
@@ -41,9 +51,7 @@ def plan_windows(n_ids: int, seq_len: int, stride: int | None = None) -> list[tu
     The last window is moved back to end at the last token, keeping its full context. A text shorter than
     `seq_len + 1` tokens is one shorter window.
     """
-    stride = seq_len if stride is None else stride
-    if not 1 <= stride <= seq_len:
-        raise FluxtrainError(f"--stride={stride} must be between 1 and the model's seq_len={seq_len}")
+    stride = check_stride(stride, seq_len)
     if n_ids < 2:
         raise FluxtrainError(f"the text has {n_ids} token(s); evaluation needs at least 2")
     n_targets = n_ids - 1
@@ -92,26 +100,21 @@ def window_losses(
     return total, n_scored
 
 
-def evaluate_text(
+def evaluate_ids(
     model: GPT,
-    tokenizer,
-    text: str,
+    ids: np.ndarray | list[int],
+    n_bytes: int,
     stride: int | None = None,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     progress: bool = False,
-    source: str = "--data",
 ) -> EvalResult:
-    """Loss, perplexity and bits per byte of `model` on `text`, encoded with the model's own tokenizer."""
-    try:
-        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    except FluxtrainError as e:
-        raise FluxtrainError(f"{source}: the model's tokenizer cannot encode the text: {e}") from None
+    """Loss, perplexity and bits per byte of `model` on token ids that stand for `n_bytes` bytes of text."""
+    ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
     seq_len = model.cfg.seq_len
     windows = plan_windows(len(ids), seq_len, stride)
     total, n_scored = window_losses(model, ids, windows, batch_size, device, progress)
     loss = total / n_scored
-    n_bytes = len(text.encode("utf-8"))
     return EvalResult(
         loss=loss,
         perplexity=math.exp(min(loss, 50.0)),
@@ -125,15 +128,22 @@ def evaluate_text(
     )
 
 
-def read_eval_text(path: str | Path) -> str:
-    """The text of a file, or of every file under a folder (sorted by path, hidden files skipped) joined together."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        return read_text(path, "--data")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
-    if not files:
-        raise FluxtrainError(f"--data: folder {path} holds no files")
-    return "\n".join(read_text(p, "--data") for p in files)
+def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, **kwargs) -> EvalResult:
+    """`evaluate_ids` on a string, encoded with the model's tokenizer; keyword arguments go to `evaluate_ids`."""
+    return evaluate_ids(model, tokenizer.encode(text), len(text.encode("utf-8")), **kwargs)
+
+
+def encode_sources(sources: Sources, tokenizer: Tokenizer) -> np.ndarray:
+    """Token ids of the files, encoded in parallel chunks; text the tokenizer cannot encode is a one-line error."""
+    dtype = id_dtype(tokenizer.vocab_size)
+    chunks = list(safe_chunks(iter_text(sources)))
+    arrays = []
+    for i in range(0, len(chunks), ENCODE_BATCH):
+        try:
+            arrays += [a.astype(dtype) for a in tokenizer.encode_batch(chunks[i : i + ENCODE_BATCH])]
+        except UnknownCharactersError as e:
+            raise FluxtrainError(f"{sources.setting}: the model's tokenizer cannot encode the text: {e}") from None
+    return np.concatenate(arrays)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -142,7 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Loss (nats/token), perplexity and bits per byte of a model file on a text file or folder.",
     )
     p.add_argument("model", help="a fluxtrain model file (.safetensors)")
-    p.add_argument("--data", required=True, help="a UTF-8 text file, or a folder of them")
+    p.add_argument("--data", required=True, help="a UTF-8 text file, a folder or a glob (quoted)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument(
@@ -163,13 +173,13 @@ def run(args: argparse.Namespace) -> EvalResult:
     except FluxtrainError as e:
         raise FluxtrainError(str(e).replace("train.device", "--device")) from None
     model, tokenizer = load_model(args.model, device)
-    text = read_eval_text(args.data)
-    result = evaluate_text(
-        model, tokenizer, text, args.stride, args.batch_size, device, progress=True, source=f"--data {args.data}"
-    )
+    check_stride(args.stride, model.cfg.seq_len)
+    sources = resolve_sources(args.data, setting="--data")
+    ids = encode_sources(sources, tokenizer)
+    result = evaluate_ids(model, ids, count_bytes(ids, tokenizer), args.stride, args.batch_size, device, progress=True)
     print(
-        f"{args.model} on {args.data}: {result.n_tokens:,} tokens ({result.n_bytes:,} bytes), "
-        f"seq_len {result.seq_len}, stride {result.stride}"
+        f"{args.model} | {sources.describe()} | {result.n_tokens:,} {tokenizer.kind} tokens "
+        f"| seq_len {result.seq_len}, stride {result.stride}"
     )
     print(
         f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} "

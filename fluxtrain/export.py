@@ -131,7 +131,7 @@ def tokenizers_model(tokenizer: Tokenizer):
     if tokenizer.kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 
-        return HFTokenizer.from_str(tokenizer.to_json())  # already a Hugging Face tokenizer.json
+        return HFTokenizer.from_str(tokenizer.hf.to_str())  # already a `tokenizers.Tokenizer`: a copy of it
     raise FluxtrainError(f"tokenizer kind {tokenizer.kind!r} cannot be exported (char and bpe can)")
 
 

@@ -7,17 +7,20 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fluxtrain.checkpoint import load_model, save_model_file
+from fluxtrain.data import load_corpus
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.evaluate import evaluate_text, main, plan_windows
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.tokenizer import CharTokenizer
-from fluxtrain.train import estimate_loss, load_corpus, train
+from fluxtrain.train import estimate_loss, train
 
 from .conftest import REPO_ROOT, make_text
 
@@ -131,13 +134,14 @@ def test_agrees_with_the_trainers_val_loss_on_the_same_windows(tiny_cfg, tmp_pat
     cfg = tiny_cfg()
     train(cfg, tmp_path / "run")
     model, tokenizer = load_model(tmp_path / "run" / "model_final.safetensors")
-    data, _, text_path = load_corpus(cfg)
+    data, _, _ = load_corpus(cfg.data, cfg.tokenizer, SEQ_LEN)
+    val_ids = torch.from_numpy(data.val.astype(np.int64))
     # The val split as text, cut to whole windows that fill whole batches of the trainer's batch size.
-    text = text_path.read_text(encoding="utf-8")
-    val_text = text[len(text) - len(data.val) :]
-    assert tokenizer.encode(val_text) == data.val.tolist()
+    text = Path(cfg.data.path).read_text(encoding="utf-8")
+    val_text = text[len(text) - len(val_ids) :]
+    assert tokenizer.encode(val_text) == val_ids.tolist()
     batch_size = cfg.train.batch_size
-    n_windows = (len(data.val) - 1) // SEQ_LEN // batch_size * batch_size
+    n_windows = (len(val_ids) - 1) // SEQ_LEN // batch_size * batch_size
     assert n_windows >= 2 * batch_size
     val_text = val_text[: n_windows * SEQ_LEN + 1]
     (tmp_path / "val.txt").write_text(val_text, encoding="utf-8")
@@ -150,7 +154,7 @@ def test_agrees_with_the_trainers_val_loss_on_the_same_windows(tiny_cfg, tmp_pat
 
     starts = [start for start, _ in plan_windows(n_windows * SEQ_LEN + 1, SEQ_LEN)]
     assert starts == list(range(0, n_windows * SEQ_LEN, SEQ_LEN))
-    windows = FixedWindows(data.val, starts, SEQ_LEN)
+    windows = FixedWindows(val_ids, starts, SEQ_LEN)
     trainer_cfg = cfg.train.copy()
     trainer_cfg.eval_iters = n_windows // batch_size
     trainer_val = estimate_loss(model, windows, trainer_cfg, torch.device("cpu"), seed=0)["val"]
@@ -189,8 +193,12 @@ def test_folder_is_read_as_all_its_files(model_file, tmp_path, capsys):
     (folder / "a.txt").write_text(make_text(300, seed=1), encoding="utf-8")
     (folder / "sub" / "b.txt").write_text(make_text(300, seed=2), encoding="utf-8")
     main([str(model_file), "--data", str(folder), "--device", "cpu", "--json", "-"])
-    figures = json.loads(capsys.readouterr().out.split("\n", 2)[2])
+    out = capsys.readouterr().out
+    figures = json.loads(out[out.index("{") :])  # after the two printed lines
     assert figures["n_tokens"] == 601  # both files, joined by a newline
+    main([str(model_file), "--data", str(folder / "**" / "*.txt"), "--device", "cpu", "--json", "-"])
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{") :])["n_tokens"] == 601  # a glob
 
 
 @pytest.mark.parametrize(

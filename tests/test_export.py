@@ -17,7 +17,7 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.export import export, main, to_transformers
 from fluxtrain.generate import generate_ids
 from fluxtrain.model import GPT, ModelConfig
-from fluxtrain.tokenizer import CharTokenizer
+from fluxtrain.tokenizer import BPETokenizer, CharTokenizer
 
 from .conftest import REPO_ROOT, make_text
 
@@ -40,53 +40,24 @@ def tiny_model(vocab_size: int, **overrides) -> GPT:
     return model
 
 
-def bpe_tokenizer():
-    """A byte-level BPE tokenizer behind fluxtrain's tokenizer interface (kind, encode, decode, to_json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([TEXT], trainer)
-
-    class BPE:
-        kind = "bpe"
-        vocab_size = tok.get_vocab_size()
-
-        def encode(self, text: str) -> list[int]:
-            return tok.encode(text).ids
-
-        def decode(self, ids: list[int]) -> str:
-            return tok.decode(ids)
-
-        def to_json(self) -> str:
-            return tok.to_str()
-
-    return BPE()
-
-
-@pytest.fixture(scope="module")
-def char_export(tmp_path_factory):
-    """A tiny char model, its model file, and the loaded export of that file."""
-    tmp = tmp_path_factory.mktemp("char")
-    tokenizer = CharTokenizer.train(TEXT)
-    model = tiny_model(tokenizer.vocab_size, dropout=0.1)
-    save_model_file(tmp / "model.safetensors", model, tokenizer)
-    export(tmp / "model.safetensors", tmp / "hf")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp / "hf")
-    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp / "hf")
+def export_and_load(folder, tokenizer, **overrides):
+    """A tiny model for `tokenizer`, written to a model file, exported, and loaded back with the Auto classes."""
+    model = tiny_model(tokenizer.vocab_size, **overrides)
+    save_model_file(folder / "model.safetensors", model, tokenizer)
+    export(folder / "model.safetensors", folder / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder / "hf")
     return model, tokenizer, hf_model.eval(), hf_tok
 
 
 @pytest.fixture(scope="module")
-def bpe_export():
-    tokenizer = bpe_tokenizer()
-    model = tiny_model(tokenizer.vocab_size)
-    hf_model, hf_tok = to_transformers(model, tokenizer)
-    return model, tokenizer, hf_model, hf_tok
+def char_export(tmp_path_factory):
+    return export_and_load(tmp_path_factory.mktemp("char"), CharTokenizer.train(TEXT), dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def bpe_export(tmp_path_factory):
+    return export_and_load(tmp_path_factory.mktemp("bpe"), BPETokenizer.train(TEXT, vocab_size=300))
 
 
 def max_logit_difference(model: GPT, hf_model, n_prompts: int = 6) -> float:
@@ -122,8 +93,29 @@ def test_char_export_loads_as_gpt2_and_gives_the_same_logits(char_export):
 
 
 def test_bpe_export_gives_the_same_logits(bpe_export):
-    model, _, hf_model, _ = bpe_export
+    model, _, hf_model, hf_tok = bpe_export
+    assert type(hf_model).__name__ == "GPT2LMHeadModel" and hf_model.config.vocab_size == 300
+    assert isinstance(hf_tok, transformers.PreTrainedTokenizerFast)
     assert max_logit_difference(model, hf_model) < 1e-4
+
+
+def test_bpe_end_of_text_token_becomes_bos_and_eos():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+    hf.train_from_iterator([TEXT], trainer)
+    tokenizer = BPETokenizer(hf)
+    hf_model, hf_tok = to_transformers(tiny_model(tokenizer.vocab_size), tokenizer)
+    eot = hf.token_to_id("<|endoftext|>")
+    assert hf_tok.eos_token == hf_tok.bos_token == "<|endoftext|>"
+    assert hf_model.config.eos_token_id == hf_model.config.bos_token_id == eot
+    ids = tokenizer.encode("KING:<|endoftext|>ROMEO:")
+    assert eot in ids and hf_tok("KING:<|endoftext|>ROMEO:")["input_ids"] == ids
+    assert hf_tok.decode(ids) == tokenizer.decode(ids)
 
 
 @pytest.mark.parametrize("overrides", [{"bias": False}, {"activation": "relu2"}, {"dropout": 0.2, "n_layers": 3}])
