@@ -22,7 +22,10 @@ def main(cfg: DictConfig) -> float:
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     except FluxtrainError as e:
         logging.getLogger("fluxtrain").error(f"error: {e}")
-        sys.exit(1)
+        sys.exit(getattr(e, "exit_code", 1))  # 130/143 after a stop on SIGINT/SIGTERM
+    except KeyboardInterrupt:
+        logging.getLogger("fluxtrain").error("interrupted")
+        sys.exit(130)
     return metrics["best_val_loss"]
 
 

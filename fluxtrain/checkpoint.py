@@ -1,24 +1,32 @@
-"""Model files: safetensors weights with the model config and tokenizer in the metadata, written atomically."""
+"""Model files and full training checkpoints: safetensors with JSON metadata, written atomically, read without pickle.
+
+A model file holds the weights, the model config and the tokenizer. A checkpoint (`iter_XXXXXX.ckpt`) holds the same
+plus everything the loop needs to continue exactly: optimizer and grad-scaler state, RNG states, progress and config.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
 
 MODEL_FORMAT = "fluxtrain-model"
+CHECKPOINT_FORMAT = "fluxtrain-checkpoint"
 FORMAT_VERSION = "1"
 TIED_KEYS = ("head.weight",)  # tied to tok_emb.weight, so stored once
 
@@ -30,10 +38,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
+        open(tmp, "xb").close()  # unlike mkstemp, honours the umask, so the file gets the usual permissions
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -65,6 +72,16 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in TIED_KEYS}
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, to tell a damaged file from a good one."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def model_metadata(model: GPT, tokenizer: Tokenizer, extra: dict[str, str] | None = None) -> dict[str, str]:
     meta = {
         "format": MODEL_FORMAT,
@@ -82,7 +99,8 @@ def save_model_file(path: str | Path, model: nn.Module, tokenizer: Tokenizer, ex
     plain = unwrap(model)
     state = model_state(plain)
     meta = model_metadata(plain, tokenizer, extra)
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    meta["tensors_sha256"] = tensors_digest(state)
+    atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(state, metadata=meta)))
 
 
 def model_config_from_json(text: str, source: str) -> ModelConfig:
@@ -94,23 +112,42 @@ def model_config_from_json(text: str, source: str) -> ModelConfig:
     return ModelConfig(**data)
 
 
-def read_model_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a model file, with one-line errors for missing, corrupt or foreign files."""
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a fluxtrain model file or checkpoint, with one-line errors for every bad file."""
     path = Path(path)
     if not path.is_file():
-        raise FluxtrainError(f"model file {path} does not exist")
+        raise FluxtrainError(f"{what} {path} does not exist")
     if path.stat().st_size == 0:
-        raise FluxtrainError(f"model file {path} is empty")
+        raise FluxtrainError(f"{what} {path} is empty")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != MODEL_FORMAT:
-                raise FluxtrainError(f"{path} is not a fluxtrain model file (no '{MODEL_FORMAT}' metadata)")
+            if meta.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
+                raise FluxtrainError(f"{path} is not a fluxtrain {what} (no '{MODEL_FORMAT}' metadata)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         if isinstance(e, FluxtrainError):
             raise
-        raise FluxtrainError(f"{path} is not a readable safetensors model file: {str(e).splitlines()[0]}") from None
+        reason = _first_line(e)
+        raise FluxtrainError(f"{path} is not a readable {what} (truncated or not safetensors): {reason}") from None
+    if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        version = meta["format_version"]
+        raise FluxtrainError(f"{path} has format version {version}; this fluxtrain reads version {FORMAT_VERSION}")
+    digest = meta.get("tensors_sha256")
+    if digest is not None and tensors_digest(tensors) != digest:
+        raise FluxtrainError(f"{path} is corrupt: its tensor data do not match the checksum stored in the file")
+    return meta, tensors
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and weights of a model file or of a checkpoint (whose weights are stored under `model/`)."""
+    meta, tensors = read_safetensors(path, "model file")
+    if meta["format"] == CHECKPOINT_FORMAT:
+        tensors = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
     return meta, tensors
 
 
@@ -143,8 +180,185 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """Rebuild a model and its tokenizer from one model file; the model is in eval mode on `device`."""
+    """Rebuild a model and its tokenizer from a model file or checkpoint; the model is in eval mode on `device`."""
     meta, state = read_model_file(path)
     model, tokenizer = build_from_metadata(meta, str(path))
     load_state_into(model, state, str(path))
     return model.to(device).eval(), tokenizer
+
+
+# Full checkpoints ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where the loop stands, besides model, optimizer and RNGs: enough to continue as if it had never stopped."""
+
+    iteration: int = 0
+    best_val_loss: float = math.inf
+    train_time: float = 0.0  # seconds of the training loop so far: the spent part of train.max_time
+    warmup_done_at: float | None = None  # train_time when the warm-up ended (the time-budget schedule needs it)
+    window_losses: list[float] = field(default_factory=list)  # losses since the last logged iteration
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: plain tensors and dicts, checked, not yet applied to a model."""
+
+    path: Path
+    model_config: ModelConfig
+    vocab_size: int
+    tokenizer_json: str
+    config: dict[str, Any]  # the composed config of the run that wrote it
+    progress: Progress
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # a torch optimizer state_dict
+    scaler: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+
+class NonFiniteWeightsError(FluxtrainError):
+    """The weights hold NaN or infinite values; such a model is never written to a checkpoint."""
+
+
+def rng_state(batch_gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every generator that shapes training: torch CPU (dropout), CUDA if in use, and the batch sampler."""
+    state = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda/{i}"] = s
+    return state
+
+
+def set_rng_state(rng: dict[str, torch.Tensor], batch_gen: torch.Generator) -> None:
+    torch.set_rng_state(rng["torch"])
+    batch_gen.set_state(rng["batches"])
+    cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda/")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+    """Tensors of a torch optimizer state_dict as `optim/<param>/<name>`, everything else as JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, dict[str, Any]] = {}
+    for index, param_state in state["state"].items():
+        rest[str(index)] = {}
+        for name, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{index}/{name}"] = value.detach().cpu().contiguous()
+            else:
+                rest[str(index)][name] = value
+    return tensors, json.dumps({"state": rest, "param_groups": state["param_groups"]})
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], text: str) -> dict[str, Any]:
+    data = json.loads(text)
+    state = {int(index): dict(values) for index, values in data["state"].items()}
+    for key, value in tensors.items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": data["param_groups"]}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    rng: dict[str, torch.Tensor],
+    tokenizer: Tokenizer,
+    config: dict[str, Any],
+    progress: Progress,
+) -> None:
+    """Write a full checkpoint atomically; refuses (NonFiniteWeightsError) when the weights are not finite."""
+    plain = unwrap(model)
+    weights = model_state(plain)
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise NonFiniteWeightsError(f"weight {bad} holds NaN or infinite values; {Path(path).name} was not written")
+    tensors = {f"model/{k}": v for k, v in weights.items()}
+    optim_tensors, optim_json = _split_optimizer_state(optimizer.state_dict())
+    tensors.update(optim_tensors)
+    tensors.update({f"rng/{k}": v.detach().cpu().contiguous() for k, v in rng.items()})
+    meta = model_metadata(
+        plain,
+        tokenizer,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "progress": json.dumps(asdict(progress)),
+            "optimizer": optim_json,
+            "scaler": json.dumps(scaler.state_dict()),
+            "config": json.dumps(config),
+            "tensors_sha256": tensors_digest(tensors),
+        },
+    )
+    atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(tensors, metadata=meta)))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and check a checkpoint file; every problem is a one-line FluxtrainError naming the file."""
+    path = Path(path)
+    meta, tensors = read_safetensors(path, "checkpoint")
+    if meta["format"] != CHECKPOINT_FORMAT:
+        raise FluxtrainError(f"{path} is a model file, not a training checkpoint: it has no optimizer or RNG state")
+    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "rng": {}}
+    for key, value in tensors.items():
+        prefix, _, name = key.partition("/")
+        if prefix not in groups:
+            raise FluxtrainError(f"{path}: unexpected tensor {key!r} in a checkpoint")
+        groups[prefix][name] = value
+    try:
+        model_config = model_config_from_json(meta["model_config"], str(path))
+        vocab_size = int(meta["vocab_size"])
+        tokenizer_from_json(meta["tokenizer"])
+        progress = Progress(**json.loads(meta["progress"]))
+        optimizer = _join_optimizer_state(groups["optim"], meta["optimizer"])
+        scaler = json.loads(meta["scaler"])
+        config = json.loads(meta["config"])
+        missing = {"torch", "batches"} - groups["rng"].keys()
+        if missing:
+            raise KeyError(f"rng/{sorted(missing)[0]}")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        if isinstance(e, FluxtrainError):
+            raise
+        raise FluxtrainError(f"{path}: damaged checkpoint metadata ({type(e).__name__}: {e})") from None
+    return Checkpoint(
+        path=path,
+        model_config=model_config,
+        vocab_size=vocab_size,
+        tokenizer_json=meta["tokenizer"],
+        config=config,
+        progress=progress,
+        model=groups["model"],
+        optimizer=optimizer,
+        scaler=scaler,
+        rng=groups["rng"],
+    )
+
+
+def restore(
+    ckpt: Checkpoint,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch_gen: torch.Generator,
+) -> Progress:
+    """Load weights, optimizer, scaler and RNG states into freshly built objects; returns the saved progress.
+
+    The optimizer's hyperparameters (betas, weight decay...) stay as the current config sets them.
+    """
+    source = str(ckpt.path)
+    load_state_into(unwrap(model), ckpt.model, source)
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(ckpt.optimizer)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise FluxtrainError(f"{source}: optimizer state does not fit this optimizer ({_first_line(e)})") from None
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        group.update(settings)
+    if ckpt.scaler and scaler.is_enabled():
+        scaler.load_state_dict(ckpt.scaler)
+    set_rng_state(ckpt.rng, batch_gen)
+    return ckpt.progress

@@ -16,12 +16,22 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fluxtrain.checkpoint import save_model_file
+from fluxtrain.checkpoint import NonFiniteWeightsError, Progress, restore, rng_state, save_checkpoint, save_model_file
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.generate import generate_ids
+from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, cosine_progress, lr_at, set_lr
+from fluxtrain.resume import (
+    check_tokenizer,
+    checkpoint_path,
+    divergence_error,
+    load_resume,
+    prune,
+    resume_command,
+    set_aside_later,
+)
 
 log = logging.getLogger("fluxtrain")
 
@@ -123,8 +133,15 @@ def sample_text(model: GPT, tokenizer, length: int, device, seed: int) -> str:
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
-    """Train the model described by `cfg`, writing logs, TensorBoard events and model files into `run_dir`."""
-    run_dir = Path(run_dir)
+    """Train the model described by `cfg`, writing logs, TensorBoard events, checkpoints and model files into `run_dir`.
+
+    SIGINT/SIGTERM stop the run after the current iteration with a checkpoint (raising TrainingInterrupted).
+    """
+    with GracefulStop() as stop:
+        return run_training(cfg, Path(run_dir), stop)
+
+
+def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg: TrainConfig = cfg.train
     validate(tcfg)
@@ -135,8 +152,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         log.warning(f"train.precision={tcfg.precision} needs CUDA; training in fp32 on {device.type}")
     t_start = time.perf_counter()
 
+    resume = load_resume(cfg, run_dir)
     torch.manual_seed(tcfg.seed)
     data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
+    if resume:
+        check_tokenizer(resume, tokenizer)
     tokenizer.save(run_dir / "tokenizer.json")
     log.info(
         f"data: {source} | {len(data.train):,} train / {len(data.val):,} val tokens "
@@ -152,17 +172,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
 
     tokens_per_iter = tcfg.batch_size * tcfg.grad_accum * model_cfg.seq_len
     log.info(f"tokens per optimizer step: {tokens_per_iter:,} | device {device}")
-    writer = SummaryWriter(log_dir=str(run_dir))
+    # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=resume.progress.iteration + 1 if resume else None)
     batch_gen = torch.Generator().manual_seed(tcfg.seed)
+    progress = restore(resume, model, optimizer, scaler, batch_gen) if resume else Progress()
+    if resume:
+        set_aside_later(run_dir, progress.iteration)
 
-    best_val = math.inf
+    best_val = progress.best_val_loss
     last_losses: dict[str, float] = {}
-    it = 0
-    warmup_done_at: float | None = None
-    t_loop = time.perf_counter()
-    t_window, tokens_window, losses_window = time.perf_counter(), 0, []
+    it = progress.iteration
+    warmup_done_at: float | None = progress.warmup_done_at
+    t_loop = time.perf_counter() - progress.train_time
+    t_window, tokens_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec = 0.0
-    bar = tqdm(total=tcfg.max_iters, disable=not sys.stdout.isatty(), desc="train", leave=False)
+    last_ckpt = resume.path if resume else None
+    bar = tqdm(total=tcfg.max_iters, initial=it, disable=not sys.stdout.isatty(), desc="train", leave=False)
 
     def evaluate_and_save_best(step: int) -> None:
         nonlocal best_val, last_losses
@@ -181,6 +206,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
             best_val = last_losses["val"]
             save_model_file(run_dir / "best.safetensors", model, tokenizer)
 
+    def write_checkpoint() -> None:
+        nonlocal last_ckpt
+        writer.flush()  # the events up to `it` reach the disk before the checkpoint that resumes after them
+        state = Progress(it, best_val, time.perf_counter() - t_loop, warmup_done_at, list(losses_window))
+        path = checkpoint_path(run_dir, it)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            save_checkpoint(path, model, optimizer, scaler, rng_state(batch_gen), tokenizer, config, state)
+        except NonFiniteWeightsError:
+            raise divergence_error("the weights became NaN or infinite", it, last_ckpt, cfg.optim.lr) from None
+        last_ckpt = path
+        prune(run_dir, tcfg.keep_last)
+
+    stop.install()
     while True:
         elapsed = time.perf_counter() - t_loop
         if it >= tcfg.max_iters or (tcfg.max_time is not None and elapsed >= tcfg.max_time):
@@ -205,7 +244,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
             loss_sum += loss.item()
         loss_value = loss_sum / tcfg.grad_accum
         if not math.isfinite(loss_value):
-            raise FluxtrainError(f"loss became {loss_value} at iteration {it + 1}; lower optim.lr (={cfg.optim.lr})")
+            raise divergence_error(f"loss became {loss_value}", it + 1, last_ckpt, cfg.optim.lr)
         if cfg.optim.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -237,13 +276,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
             log.info(f"sample at iteration {it}:\n{text}")
             writer.add_text("sample", text, it)
         if tcfg.ckpt_interval and it % tcfg.ckpt_interval == 0:
-            save_model_file(run_dir / f"model_iter_{it:06d}.safetensors", model, tokenizer)
+            write_checkpoint()
+        if stop.requested:
+            if last_ckpt != checkpoint_path(run_dir, it):
+                write_checkpoint()
+            log.warning(f"stopped by {stop.signal_name} after iteration {it}; checkpoint: {last_ckpt}")
+            log.warning(f"resume with: {resume_command(run_dir)}")
+            raise TrainingInterrupted(f"stopped by {stop.signal_name}; checkpoint {last_ckpt}", stop.signum)
         t_window += time.perf_counter() - t_side
     bar.close()
 
     if it % tcfg.eval_interval != 0:
         evaluate_and_save_best(it)
     save_model_file(run_dir / "model_final.safetensors", model, tokenizer)
+    write_checkpoint()
     wall_time = time.perf_counter() - t_start
     metrics = {
         "iters": it,

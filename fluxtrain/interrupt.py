@@ -1,0 +1,72 @@
+"""Stopping on SIGINT/SIGTERM: finish the step, write a checkpoint and exit; a second signal exits at once."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from fluxtrain.errors import FluxtrainError
+
+log = logging.getLogger("fluxtrain")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(FluxtrainError):
+    """The run stopped on a signal after writing a checkpoint; the exit status is the shell's 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class GracefulStop:
+    """Signal handlers that only ask the loop to stop; used as a context manager that restores the previous ones.
+
+    `install()` is called just before the loop, so an interrupt during set-up still stops at once. Handlers are
+    installed only from the main thread (Python allows no other).
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:
+            self.restore()
+            log.warning(f"second {signal.Signals(signum).name}: stopping now, without a checkpoint")
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
+        log.warning(
+            f"{self.signal_name} received: finishing this iteration, then writing a checkpoint "
+            f"({again} to stop at once)"
+        )
+
+    def __enter__(self) -> GracefulStop:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

@@ -1,0 +1,162 @@
+"""Checkpoints in a run folder: their names, the newest one, pruning, and what a resumed run may change."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from fluxtrain.checkpoint import Checkpoint, load_checkpoint
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
+
+log = logging.getLogger("fluxtrain")
+
+CHECKPOINT_DIR = "checkpoints"
+SUPERSEDED_DIR = "superseded"
+CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.ckpt")
+STALE_TEMP = ".iter_*.ckpt.*.tmp"  # left behind by a process killed while writing
+MODEL_KEYS_FREE_ON_RESUME = ("dropout",)  # model settings that do not change the weights' meaning
+
+
+def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"iter_{iteration:06d}.ckpt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(iteration, path) of the run folder's checkpoints, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_NAME.fullmatch(p.name))]
+    return sorted(found)
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest iteration in the run folder, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all) and stale temporary files; returns what went.
+
+    Only the process that writes checkpoints may call this: any temporary file present then is a dead write's.
+    """
+    removed = list((Path(run_dir) / CHECKPOINT_DIR).glob(STALE_TEMP))
+    if keep_last > 0:
+        removed += [p for _, p in list_checkpoints(run_dir)[:-keep_last]]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def set_aside_later(run_dir: str | Path, iteration: int) -> list[Path]:
+    """Move checkpoints after `iteration` (a future the resumed run replaces) into checkpoints/superseded/."""
+    later = [p for it, p in list_checkpoints(run_dir) if it > iteration]
+    moved = []
+    for p in later:
+        dest = p.parent / SUPERSEDED_DIR / p.name
+        dest.parent.mkdir(exist_ok=True)
+        p.replace(dest)
+        moved.append(dest)
+    if moved:
+        log.warning(f"resuming at iteration {iteration}: moved {len(moved)} later checkpoint(s) to {moved[0].parent}")
+    return moved
+
+
+def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
+    """The checkpoint that `resume=` names: None (fresh start), `auto` (newest in the run folder, if any) or a path."""
+    if resume is None or resume == "":
+        return None
+    if resume == "auto":
+        latest = find_latest(run_dir)
+        if latest is None:
+            log.info(f"resume=auto: no checkpoint in {Path(run_dir) / CHECKPOINT_DIR}, starting a fresh run")
+        return latest
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise FluxtrainError(f"resume={resume}: no such checkpoint file (give a .ckpt file, or resume=auto)")
+    return path
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str, ignore=()) -> list[str]:
+    keys = sorted((saved.keys() | current.keys()) - set(ignore))
+    missing = "(unset)"
+    return [
+        f"{prefix}.{k}={current.get(k, missing)} (checkpoint: {saved.get(k, missing)})"
+        for k in keys
+        if saved.get(k, missing) != current.get(k, missing)
+    ]
+
+
+def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:
+    """Refuse a resume that changes the model's shape or the tokenizer, naming every differing key."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    diffs = _differences(asdict(ckpt.model_config), current["model"], "model", MODEL_KEYS_FREE_ON_RESUME)
+    diffs += _differences(ckpt.config.get("tokenizer", {}), current["tokenizer"], "tokenizer")
+    if diffs:
+        raise FluxtrainError(
+            f"cannot resume from {ckpt.path}: model shape or tokenizer differ: {'; '.join(diffs)} "
+            "(resume with the run's original settings; only training-length, logging and optimizer settings may change)"
+        )
+    changed = [
+        d
+        for section in ("train", "optim", "data")
+        for d in _differences(ckpt.config.get(section, {}), current.get(section, {}), section)
+    ]
+    if changed:
+        log.info(f"settings changed since the checkpoint: {'; '.join(changed)}")
+
+
+def check_tokenizer(ckpt: Checkpoint, tokenizer: Tokenizer) -> None:
+    """Refuse a resume whose data and tokenizer settings now give another tokenizer than the checkpoint's."""
+    if tokenizer.to_json() != ckpt.tokenizer_json:
+        saved = tokenizer_from_json(ckpt.tokenizer_json)
+        raise FluxtrainError(
+            f"cannot resume from {ckpt.path}: the tokenizer built now ({tokenizer.kind}, vocab {tokenizer.vocab_size}) "
+            f"differs from the checkpoint's ({saved.kind}, vocab {saved.vocab_size}); did data.* change?"
+        )
+
+
+def load_resume(cfg: DictConfig, run_dir: str | Path) -> Checkpoint | None:
+    """The checkpoint to continue from, loaded and checked against `cfg`; None to start fresh."""
+    path = resolve_resume(cfg.get("resume"), run_dir)
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt, cfg)
+    ckpt_run_dir = path.resolve().parent.parent
+    if ckpt_run_dir != Path(run_dir).resolve():
+        log.warning(
+            f"the checkpoint belongs to {ckpt_run_dir}; this run writes into {run_dir} "
+            f"(to continue in the same folder, add hydra.run.dir={ckpt_run_dir})"
+        )
+    log.info(f"resuming from {path} at iteration {ckpt.progress.iteration}")
+    return ckpt
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command line that continues this run in its folder from its newest checkpoint."""
+    overrides = []
+    if HydraConfig.initialized():
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    words = ["python", "-m", "fluxtrain", *overrides, f"hydra.run.dir={Path(run_dir).resolve()}", "resume=auto"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def divergence_error(what: str, iteration: int, last_checkpoint: Path | None, lr: float) -> FluxtrainError:
+    """The error for a NaN/inf loss or weights: where it happened and the last good checkpoint to go back to."""
+    if last_checkpoint is None:
+        where = "no checkpoint was written before it"
+    else:
+        where = f"the last good checkpoint is {last_checkpoint} (continue with resume={last_checkpoint})"
+    return FluxtrainError(
+        f"{what} at iteration {iteration}; stopped without saving: {where}; try lowering optim.lr={lr}"
+    )
