@@ -1,0 +1,225 @@
+"""Resuming runs: bit-exact continuation, TensorBoard steps, refused changes, SIGTERM on a real run, NaN stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_OVERRIDES
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import fluxtrain.train as train_module
+from fluxtrain.checkpoint import load_checkpoint, read_model_file
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.interrupt import TrainingInterrupted
+from fluxtrain.model import GPT
+from fluxtrain.resume import checkpoint_path, find_latest
+from fluxtrain.train import train
+
+N = 10
+# Dropout > 0 so the torch RNG matters; a log interval that does not divide N so the loss window spans the resume.
+RUN = ["model.dropout=0.1", f"train.max_iters={2 * N}", "train.log_interval=3", "train.eval_interval=5"]
+RUN += ["train.eval_iters=2", "train.batch_size=4", "train.keep_last=0"]
+TAGS = ("train/loss", "val/loss", "lr")
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of each tag as TensorBoard shows it: events a resumed run purged are left out."""
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in TAGS}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_model_file(path)[1]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def interrupt_at(monkeypatch, iteration: int, signum: int = signal.SIGTERM) -> None:
+    """Send this process `signum` while it trains iteration `iteration` (counted from 1)."""
+    real_lr_at = train_module.lr_at
+
+    def lr_at(it, progress, cfg):
+        if it == iteration - 1:
+            os.kill(os.getpid(), signum)
+        return real_lr_at(it, progress, cfg)
+
+    monkeypatch.setattr(train_module, "lr_at", lr_at)
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_cfg, tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_cfg(*RUN, f"train.ckpt_interval={N}"), straight)
+
+    interrupt_at(monkeypatch, N)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(tiny_cfg(*RUN, "resume=auto"), resumed)  # nothing to resume yet: a fresh start
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert find_latest(resumed) == checkpoint_path(resumed, N)
+    monkeypatch.undo()
+    metrics = train(tiny_cfg(*RUN, "resume=auto"), resumed)
+
+    assert metrics["iters"] == 2 * N
+    expected = scalars(straight)
+    assert [s for s, _ in expected["train/loss"]] == [3, 6, 9, 12, 15, 18, 20]
+    assert scalars(resumed) == expected  # same steps, none twice, none missing; the same float32 values
+    assert_same_weights(straight / "model_final.safetensors", resumed / "model_final.safetensors")
+    assert_same_weights(straight / "best.safetensors", resumed / "best.safetensors")
+    a, b = load_checkpoint(checkpoint_path(straight, 2 * N)), load_checkpoint(checkpoint_path(resumed, 2 * N))
+    assert a.progress.best_val_loss == b.progress.best_val_loss
+    for k in a.optimizer["state"][0]:
+        assert torch.equal(a.optimizer["state"][0][k], b.optimizer["state"][0][k])
+    assert torch.equal(a.rng["torch"], b.rng["torch"]) and torch.equal(a.rng["batches"], b.rng["batches"])
+
+    # Going back to an older checkpoint in the same folder: later checkpoints are set aside, TensorBoard hides the
+    # events logged after it, and the replayed steps give the same curve again.
+    train(tiny_cfg(*RUN, f"resume={checkpoint_path(straight, N)}"), straight)
+    assert (straight / "checkpoints" / "superseded" / f"iter_{2 * N:06d}.ckpt").is_file()
+    assert scalars(straight) == expected
+    assert len(list(straight.glob("events.out.tfevents.*"))) == 2
+
+
+@pytest.mark.slow
+def test_a_run_extended_with_a_larger_max_iters_matches_a_longer_run(tiny_cfg, tmp_path):
+    # A constant learning rate after warm-up, so the schedule does not depend on train.max_iters.
+    constant = [*RUN, "optim.min_lr=3e-3", "train.log_interval=5"]
+    train(tiny_cfg(*constant), tmp_path / "long")
+    train(tiny_cfg(*constant, f"train.max_iters={N}"), tmp_path / "short")
+    metrics = train(tiny_cfg(*constant, "resume=auto", "train.ckpt_interval=7"), tmp_path / "short")
+    assert metrics["iters"] == 2 * N
+    assert scalars(tmp_path / "short") == scalars(tmp_path / "long")
+    assert_same_weights(tmp_path / "long" / "model_final.safetensors", tmp_path / "short" / "model_final.safetensors")
+    # keep_last=0 keeps every checkpoint: the end of the short run, the interval one and the end of the resumed run.
+    assert sorted(p.name for p in (tmp_path / "short" / "checkpoints").iterdir()) == [
+        "iter_000010.ckpt",
+        "iter_000014.ckpt",
+        "iter_000020.ckpt",
+    ]
+
+
+def test_keep_last_prunes_old_checkpoints_during_a_run(tiny_cfg, tmp_path):
+    train(tiny_cfg("train.max_iters=12", "train.ckpt_interval=2", "train.keep_last=2"), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000010.ckpt", "iter_000012.ckpt"]
+    assert (tmp_path / "best.safetensors").is_file()
+
+
+def test_resume_refuses_a_different_model_shape_or_tokenizer_naming_the_keys(tiny_cfg, tmp_path):
+    train(tiny_cfg("train.max_iters=2"), tmp_path)
+    changed = ["resume=auto", "model.d_model=64", "model.n_layers=3", "train.max_iters=4", "optim.lr=1e-3"]
+    with pytest.raises(FluxtrainError) as info:
+        train(tiny_cfg(*changed), tmp_path)
+    message = str(info.value)
+    assert "model.d_model=64 (checkpoint: 32)" in message and "model.n_layers=3 (checkpoint: 2)" in message
+    assert "max_iters" not in message and "optim.lr" not in message and str(checkpoint_path(tmp_path, 2)) in message
+    with pytest.raises(FluxtrainError, match=r"tokenizer\.vocab_size=99 \(checkpoint: 1024\)"):
+        train(tiny_cfg("resume=auto", "tokenizer.vocab_size=99"), tmp_path)
+    # Length, logging and dropout may change.
+    metrics = train(tiny_cfg("resume=auto", "train.max_iters=4", "train.log_interval=1", "model.dropout=0.1"), tmp_path)
+    assert metrics["iters"] == 4
+
+
+def test_time_budget_carries_over_on_resume(tiny_cfg, tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_cfg("train.max_time=1000"), tmp_path)
+    spent = load_checkpoint(checkpoint_path(tmp_path, 3)).progress.train_time
+    assert spent > 0
+    monkeypatch.undo()
+    # A budget smaller than the time already spent ends the resumed run at once.
+    metrics = train(tiny_cfg(f"train.max_time={spent / 2}", "resume=auto"), tmp_path)
+    assert metrics["iters"] == 3
+
+
+def test_injected_inf_loss_stops_naming_the_iteration_and_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    real_forward = GPT.forward
+    calls = {"train": 0}
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = real_forward(self, idx, targets, cache)
+        if self.training and targets is not None:
+            calls["train"] += 1
+            if calls["train"] == 12:
+                loss = loss * float("inf")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    with pytest.raises(FluxtrainError) as info:
+        train(tiny_cfg("train.ckpt_interval=5", "train.keep_last=0", "train.eval_interval=100"), tmp_path)
+    good = checkpoint_path(tmp_path, 10)
+    assert str(info.value).startswith("loss became inf at iteration 12;")
+    assert f"the last good checkpoint is {good}" in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000005.ckpt", "iter_000010.ckpt"]
+    assert not (tmp_path / "model_final.safetensors").exists()
+    assert load_checkpoint(good).progress.iteration == 10
+
+
+def test_huge_learning_rate_stops_without_saving_non_finite_weights(tiny_cfg, tmp_path):
+    # The warm-up starts at lr 0, so the first checkpoints hold good weights before the run blows up.
+    cfg = tiny_cfg("optim.lr=1e6", "optim.warmup_iters=10", "optim.grad_clip=0", "train.ckpt_interval=1")
+    with pytest.raises(FluxtrainError) as info:
+        train(cfg, tmp_path)
+    message = str(info.value)
+    match = re.match(r"(loss became (nan|inf)|the weights became NaN or infinite) at iteration (\d+);", message)
+    assert match, message
+    last_good = find_latest(tmp_path)
+    assert last_good is not None and f"the last good checkpoint is {last_good}" in message
+    assert int(last_good.stem[5:]) < int(match.group(3))
+    for path in (tmp_path / "checkpoints").iterdir():
+        assert all(torch.isfinite(t).all() for t in load_checkpoint(path).model.values()), path
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_training_process_writes_a_checkpoint_that_resumes(tiny_text_file, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith(("train.max_iters", "train.log_interval"))]
+    overrides += [f"data.path={tiny_text_file}", "train.max_iters=100000", "train.log_interval=5", "model.dropout=0.1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "fluxtrain", *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:
+            lines.append(line)
+            if "iter      5/100000" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    output = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    stopped = re.search(r"stopped by SIGTERM after iteration (\d+); checkpoint: (\S+)", output)
+    assert stopped, output
+    iteration, ckpt = int(stopped.group(1)), Path(stopped.group(2))
+    assert iteration >= 5 and ckpt == checkpoint_path(run_dir, iteration) and "Traceback" not in output
+    assert load_checkpoint(ckpt).progress.iteration == iteration
+
+    # The printed command resumes the run (here with a shorter max_iters, so that it ends soon).
+    resume_cmd = shlex.split(re.search(r"resume with: (.+)", output).group(1))
+    assert resume_cmd[:3] == ["python", "-m", "fluxtrain"] and "resume=auto" in resume_cmd
+    resume_cmd = [sys.executable, *resume_cmd[1:]]
+    resume_cmd = [w if not w.startswith("train.max_iters=") else f"train.max_iters={iteration + 3}" for w in resume_cmd]
+    result = subprocess.run(resume_cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resuming from {ckpt} at iteration {iteration}" in result.stdout + result.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["iters"] == iteration + 3
+    steps = [s for s, _ in scalars(run_dir)["train/loss"]]
+    assert steps == sorted(set(steps)) and steps[-1] == iteration + 3
