@@ -128,8 +128,8 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         if isinstance(e, FluxtrainError):
             raise
-        reason = _first_line(e)
-        raise FluxtrainError(f"{path} is not a readable {what} (truncated or not safetensors): {reason}") from None
+        problem = f"is not a readable safetensors {what} (truncated or other format)"
+        raise FluxtrainError(f"{path} {problem}: {_first_line(e)}") from None
     if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         version = meta["format_version"]
         raise FluxtrainError(f"{path} has format version {version}; this fluxtrain reads version {FORMAT_VERSION}")

@@ -276,7 +276,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             log.info(f"sample at iteration {it}:\n{text}")
             writer.add_text("sample", text, it)
         if tcfg.ckpt_interval and it % tcfg.ckpt_interval == 0:
-            write_checkpoint()
+            write_checkpoint()  # first: it refuses NaN or infinite weights
+            save_model_file(run_dir / f"model_iter_{it:06d}.safetensors", model, tokenizer)
         if stop.requested:
             if last_ckpt != checkpoint_path(run_dir, it):
                 write_checkpoint()

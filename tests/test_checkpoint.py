@@ -144,13 +144,13 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
     files["missing"] = (tmp_path / "missing.ckpt", "does not exist")
     add("empty", b"", "is empty")
-    add("truncated", data[: len(data) // 2], "truncated or not safetensors")
-    add("random", os.urandom(4096), "truncated or not safetensors")
+    add("truncated", data[: len(data) // 2], "is not a readable safetensors checkpoint")
+    add("random", os.urandom(4096), "is not a readable safetensors checkpoint")
     flipped = bytearray(data)
     flipped[-10] ^= 0xFF  # one byte of tensor data
     add("bit_flip", bytes(flipped), "is corrupt")
     torch.save({"model": {"w": torch.zeros(3)}}, tmp_path / "pickled.ckpt")
-    files["pickled"] = (tmp_path / "pickled.ckpt", "truncated or not safetensors")
+    files["pickled"] = (tmp_path / "pickled.ckpt", "is not a readable safetensors checkpoint")
     save_file({"w": torch.zeros(3)}, str(tmp_path / "foreign.ckpt"))
     files["foreign"] = (tmp_path / "foreign.ckpt", "is not a fluxtrain checkpoint")
     save_model_file(tmp_path / "model.ckpt", GPT(TINY, TOKENIZER.vocab_size), TOKENIZER)
@@ -190,9 +190,9 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, tiny_cfg):
     from fluxtrain.train import train
 
     for path in (evil, raw_pickle):
-        with pytest.raises(FluxtrainError, match="not a readable checkpoint"):
+        with pytest.raises(FluxtrainError, match="not a readable safetensors checkpoint"):
             load_checkpoint(path)
-        with pytest.raises(FluxtrainError, match="not a readable model file"):
+        with pytest.raises(FluxtrainError, match="not a readable safetensors model file"):
             load_model(path)
     with pytest.raises(FluxtrainError, match=re.escape(str(evil))):
         train(tiny_cfg("resume=auto"), run_dir)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_OVERRIDES
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fluxtrain.train as train_module
@@ -24,6 +23,8 @@ from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.model import GPT
 from fluxtrain.resume import checkpoint_path, find_latest
 from fluxtrain.train import train
+
+from .conftest import REPO_ROOT, TINY_OVERRIDES
 
 N = 10
 # Dropout > 0 so the torch RNG matters; a log interval that does not divide N so the loss window spans the resume.
