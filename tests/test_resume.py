@@ -189,7 +189,8 @@ def test_huge_learning_rate_stops_without_saving_non_finite_weights(tiny_cfg, tm
 def test_sigterm_to_a_training_process_writes_a_checkpoint_that_resumes(tiny_text_file, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [o for o in TINY_OVERRIDES if not o.startswith(("train.max_iters", "train.log_interval"))]
-    overrides += [f"data.path={tiny_text_file}", "train.max_iters=100000", "train.log_interval=5", "model.dropout=0.1"]
+    overrides += [f"data.path={tiny_text_file}", f"data.cache_dir={tmp_path / 'cache'}", "model.dropout=0.1"]
+    overrides += ["train.max_iters=100000", "train.log_interval=5"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, "-m", "fluxtrain", *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
