@@ -1,42 +1,241 @@
-"""Sampling from a trained model."""
+"""`python -m fluxtrain.generate` (`fluxtrain-generate`): load a model and write text from a prompt or interactively."""
 
 from __future__ import annotations
 
+import argparse
+import random
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TextIO
+
 import torch
 
+from fluxtrain.checkpoint import load_model
+from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT
+from fluxtrain.resume import find_latest
+from fluxtrain.sampling import SamplingConfig, beam_search, sample_stream
+from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, load_tokenizer
+from fluxtrain.train import resolve_device
+
+RUN_MODEL_FILES = ("best.safetensors", "model_final.safetensors")  # in order of preference
 
 
-@torch.no_grad()
-def generate_ids(
+def resolve_model_path(name: str | Path) -> Path:
+    """MODEL on the command line: a model file, a checkpoint, or a run folder (its best model, else its final one,
+    else its newest checkpoint)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        for candidate in RUN_MODEL_FILES:
+            if (path / candidate).is_file():
+                return path / candidate
+        latest = find_latest(path)
+        if latest is not None:
+            return latest
+        raise FluxtrainError(
+            f"run folder {path} holds no model file ({' or '.join(RUN_MODEL_FILES)}) and no checkpoints/iter_*.ckpt"
+        )
+    if not path.exists():
+        raise FluxtrainError(f"MODEL {path} does not exist (give a model file, a checkpoint or a run folder)")
+    return path
+
+
+def load_for_generation(
+    name: str | Path, tokenizer_path: str | Path | None = None, device: str | torch.device = "cpu"
+) -> tuple[GPT, Tokenizer, Path]:
+    """The model and tokenizer named on the command line, and the file they came from."""
+    path = resolve_model_path(name)
+    model, tokenizer = load_model(path, device)
+    if tokenizer_path is not None:
+        tokenizer = load_tokenizer(tokenizer_path)
+        if tokenizer.vocab_size != model.vocab_size:
+            raise FluxtrainError(
+                f"TOKENIZER {tokenizer_path} has {tokenizer.vocab_size} tokens, the model in {path} "
+                f"was trained with {model.vocab_size}"
+            )
+    return model, tokenizer, path
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[str, list[int], list[str]]:
+    """The prompt text as the model sees it, its token ids, and the characters left out of it.
+
+    Characters the tokenizer has no id for are an error naming them, or with `drop_unknown` are left out.
+    """
+    try:
+        return text, tokenizer.encode(text), []
+    except UnknownCharactersError as e:
+        if not drop_unknown:
+            raise FluxtrainError(f"the prompt has {e} (--drop-unknown leaves them out)") from None
+        unknown = set(e.chars)
+        kept = "".join(c for c in text if c not in unknown)
+        return kept, tokenizer.encode(kept), e.chars
+
+
+def start_ids(tokenizer: Tokenizer) -> list[int]:
+    """What an empty prompt starts from: a newline, as the trainer's samples do."""
+    ids = tokenizer.encode("\n")
+    if not ids:
+        raise FluxtrainError("the prompt is empty and the tokenizer cannot encode a newline to start from")
+    return ids
+
+
+class TextStream:
+    """Turns token ids, one at a time, into printable pieces of text.
+
+    It decodes the ids since the last newline together (a token can be part of a character or change how the
+    previous one decodes) and holds back a piece that ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.n_printed = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self.n_printed :]
+        if text.endswith("\n"):
+            self.ids, self.n_printed = [], 0
+        else:
+            self.n_printed = len(text)
+        return piece
+
+    def flush(self) -> str:
+        """What is still held back, at the end of the text."""
+        piece = self.tokenizer.decode(self.ids)[self.n_printed :]
+        self.ids, self.n_printed = [], 0
+        return piece
+
+
+def write_continuation(
     model: GPT,
-    prompt: list[int],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> list[int]:
-    """Continue `prompt` by `max_new_tokens` ids, with a KV cache; the context slides when it is full."""
-    device = model.tok_emb.weight.device
-    seq_len = model.cfg.seq_len
-    ids = list(prompt)
-    cache = None
-    for _ in range(max_new_tokens):
-        if cache is None or cache.length >= seq_len:
-            cache = model.new_cache(1)
-            x = torch.tensor([ids[-seq_len:]], device=device)
-        else:
-            x = torch.tensor([ids[-1:]], device=device)
-        logits, _ = model(x, cache=cache)
-        logits = logits[0, -1].float()
-        if temperature == 0:
-            next_id = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            next_id = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        ids.append(next_id)
-    return ids[len(prompt) :]
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    cfg: SamplingConfig,
+    generator: torch.Generator,
+    out: TextIO,
+    stream: bool,
+) -> None:
+    """Generate after `prompt_ids` and write the new text to `out`: token by token when streaming (not with beams)."""
+    if cfg.beams > 1:
+        out.write(tokenizer.decode(beam_search(model, prompt_ids, cfg)[0]))
+    elif stream:
+        text = TextStream(tokenizer)
+        for token in sample_stream(model, prompt_ids, cfg, generator):
+            out.write(text.push(token))
+            out.flush()
+        out.write(text.flush())
+    else:
+        out.write(tokenizer.decode(list(sample_stream(model, prompt_ids, cfg, generator))))
+    out.flush()
+
+
+def describe(path: Path, model: GPT, device: torch.device, cfg: SamplingConfig, seed: int) -> str:
+    settings = asdict(cfg) | {"context_shift": cfg.shift_for(model.cfg.seq_len)}
+    shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items())
+    return (
+        f"model {path}: {model.num_params():,} parameters, context {model.cfg.seq_len}, vocab {model.vocab_size}"
+        f" | device {device} | {shown} | seed {seed}"
+    )
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = SamplingConfig()
+    p = OneLineErrorParser(
+        prog="fluxtrain-generate",
+        description="Write text with a trained model: once from a prompt, from stdin, or in an interactive session.",
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a model file (.safetensors), a checkpoint (.ckpt), or a run folder (best, else final, else newest .ckpt)",
+    )
+    p.add_argument("tokenizer", metavar="TOKENIZER", nargs="?", help="a tokenizer file (default: the model's own)")
+    p.add_argument("--prompt", help="text to continue; without it: interactive on a terminal, else stdin")
+    p.add_argument("--interactive", action="store_true", help="an interactive session (the default on a terminal)")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, metavar="N")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, metavar="T", help="0-2, 0 = greedy")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, metavar="K", help="0 = off")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, metavar="P", help="nucleus mass, 1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, metavar="R")
+    p.add_argument("--beams", type=int, default=defaults.beams, metavar="B", help="beam search width, 1 = off")
+    p.add_argument("--seed", type=int, metavar="S", help="makes sampling reproducible (default: a random seed)")
+    p.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print tokens as they come")
+    p.add_argument(
+        "--context-shift",
+        type=int,
+        metavar="N",
+        help="tokens dropped at once when the context is full (default: context // 4; 1 = exact sliding window)",
+    )
+    p.add_argument("--drop-unknown", action="store_true", help="leave out prompt characters the tokenizer lacks")
+    return p
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        beams=args.beams,
+        context_shift=args.context_shift,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = sampling_config(args)
+    cfg.validate()  # everything but the context shift, which needs the model, before loading it
+    if args.seed is not None and args.seed < 0:
+        raise FluxtrainError(f"--seed {args.seed} must be >= 0")
+    if args.prompt is not None and args.interactive:
+        raise FluxtrainError("--prompt and --interactive exclude each other")
+    device = resolve_device(args.device, "--device")
+    model, tokenizer, path = load_for_generation(args.model, args.tokenizer, device)
+    cfg.validate(model.cfg.seq_len)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    generator = torch.Generator().manual_seed(seed)
+    if args.prompt is None and (args.interactive or sys.stdin.isatty()):
+        from fluxtrain.interactive import Session
+
+        print(describe(path, model, device, cfg, seed), file=sys.stderr)
+        return Session(model, tokenizer, cfg, seed, args.drop_unknown, args.stream).run()
+
+    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    text, ids, dropped = encode_prompt(tokenizer, text, args.drop_unknown)
+    print(describe(path, model, device, cfg, seed), file=sys.stderr)
+    if dropped:
+        print(f"left out of the prompt: {', '.join(repr(c) for c in dropped)}", file=sys.stderr)
+    if not ids:
+        ids = start_ids(tokenizer)
+    sys.stdout.write(text)
+    try:
+        write_continuation(model, tokenizer, ids, cfg, generator, sys.stdout, args.stream)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 130
+    sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except FluxtrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

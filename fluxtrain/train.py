@@ -19,7 +19,6 @@ from tqdm import tqdm
 from fluxtrain.checkpoint import NonFiniteWeightsError, Progress, restore, rng_state, save_checkpoint, save_model_file
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.generate import generate_ids
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, cosine_progress, lr_at, set_lr
@@ -32,6 +31,7 @@ from fluxtrain.resume import (
     resume_command,
     set_aside_later,
 )
+from fluxtrain.sampling import generate_ids
 
 log = logging.getLogger("fluxtrain")
 
@@ -70,7 +70,7 @@ def validate(cfg: TrainConfig) -> None:
         raise FluxtrainError(f"train.precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; a device that is not there is an error naming it."""
     if name == "auto":
         if torch.cuda.is_available():
@@ -81,16 +81,16 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise FluxtrainError(f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+        raise FluxtrainError(f"{setting}={name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise FluxtrainError(f"train.device={name}: CUDA is not available on this machine")
+            raise FluxtrainError(f"{setting}={name}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise FluxtrainError(f"train.device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise FluxtrainError(f"{setting}={name}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise FluxtrainError(f"train.device={name}: MPS is not available on this machine")
+        raise FluxtrainError(f"{setting}={name}: MPS is not available on this machine")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise FluxtrainError(f"train.device={name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        raise FluxtrainError(f"{setting}={name!r} is not one of auto, cpu, cuda, cuda:N, mps")
     return device
 
 

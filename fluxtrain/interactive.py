@@ -1,0 +1,161 @@
+"""The interactive session of `fluxtrain-generate`: a `> ` prompt with readline editing, history and /commands."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.generate import encode_prompt, start_ids, write_continuation
+from fluxtrain.model import GPT
+from fluxtrain.sampling import SamplingConfig
+from fluxtrain.tokenizer import Tokenizer
+
+HISTORY_FILE = Path("~/.fluxtrain_generate_history")
+HISTORY_LENGTH = 1000
+
+# command: (SamplingConfig field, value type, name shown, what is allowed)
+SETTINGS = {
+    "/temp": ("temperature", float, "temperature", "a temperature from 0 to 2 (0 = greedy)"),
+    "/topk": ("top_k", int, "top-k", "an integer top-k >= 0 (0 = off)"),
+    "/topp": ("top_p", float, "top-p", "a top-p in (0, 1] (1 = off)"),
+    "/rep": ("repetition_penalty", float, "repetition penalty", "a repetition penalty >= 1 (1 = off)"),
+    "/len": ("max_new_tokens", int, "length", "a number of new tokens >= 1"),
+    "/beams": ("beams", int, "beams", "a number of beams >= 1 (1 = sampling, no beam search)"),
+}
+HELP = """commands:
+  /temp V    temperature, 0-2 (0 = greedy)
+  /topk K    keep the K most likely tokens (0 = off)
+  /topp P    keep the most likely tokens up to probability mass P (1 = off)
+  /rep R     repetition penalty, >= 1 (1 = off)
+  /len N     new tokens per prompt
+  /seed S    restart the sampler from seed S (an integer >= 0)
+  /beams B   beam search with B beams (1 = off)
+  /help      this help and the current settings
+  /quit      leave (Ctrl-D does too)
+Anything else is a prompt. Ctrl-C stops a generation and comes back here."""
+
+
+class Session:
+    """Reads prompts and commands until /quit or end of input; each prompt is continued on its own."""
+
+    def __init__(
+        self, model: GPT, tokenizer: Tokenizer, cfg: SamplingConfig, seed: int, drop_unknown: bool, stream: bool
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drop_unknown = drop_unknown
+        self.stream = stream
+
+    def run(self) -> int:
+        history = self._start_readline()
+        self.say("type a prompt, or /help for commands")
+        try:
+            while True:
+                try:
+                    line = input("> ")
+                except EOFError:  # Ctrl-D
+                    print()
+                    return 0
+                except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
+                    print()
+                    continue
+                if line.strip().startswith("/"):
+                    if not self.command(line.strip()):
+                        return 0
+                elif line.strip():
+                    self.generate(line)
+        finally:
+            self._save_history(history)
+
+    def say(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def settings(self) -> str:
+        c = self.cfg
+        return (
+            f"temperature {c.temperature}, top-k {c.top_k}, top-p {c.top_p}, repetition penalty "
+            f"{c.repetition_penalty}, length {c.max_new_tokens}, beams {c.beams}, seed {self.seed}"
+        )
+
+    def command(self, line: str) -> bool:
+        """Apply one /command; False means leave the session."""
+        name, _, value = line.partition(" ")
+        value = value.strip()
+        if name == "/quit":
+            return False
+        if name == "/help":
+            self.say(f"{HELP}\nnow: {self.settings()}")
+        elif name == "/seed":
+            if not value.isdigit():
+                self.say(f"/seed needs an integer >= 0, got {value!r}")
+            else:
+                self.seed = int(value)
+                self.generator.manual_seed(self.seed)
+                self.say(f"seed {self.seed}")
+        elif name in SETTINGS:
+            self.set(name, value)
+        else:
+            self.say(f"unknown command {name}; commands: {', '.join([*SETTINGS, '/seed', '/help', '/quit'])}")
+        return True
+
+    def set(self, name: str, value: str) -> None:
+        field, kind, shown, allowed = SETTINGS[name]
+        try:
+            parsed = kind(value)
+            cfg = replace(self.cfg, **{field: parsed})
+            cfg.validate(self.model.cfg.seq_len)
+        except ValueError as e:  # a bad number, or FluxtrainError from validate
+            reason = str(e) if isinstance(e, FluxtrainError) else f"got {value!r}"
+            self.say(f"{name} needs {allowed}: {reason}")
+            return
+        self.cfg = cfg
+        self.say(f"{shown} {parsed}")
+
+    def generate(self, line: str) -> None:
+        try:
+            text, ids, dropped = encode_prompt(self.tokenizer, line, self.drop_unknown)
+        except FluxtrainError as e:
+            self.say(str(e))
+            return
+        if dropped:
+            self.say(f"left out of the prompt: {', '.join(repr(c) for c in dropped)}")
+        sys.stdout.write(text)
+        try:
+            ids = ids or start_ids(self.tokenizer)
+            write_continuation(self.model, self.tokenizer, ids, self.cfg, self.generator, sys.stdout, self.stream)
+            sys.stdout.write("\n")
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            self.say("[stopped]")
+        sys.stdout.flush()
+
+    def _start_readline(self):
+        """Line editing and a history kept across sessions; None where readline is missing."""
+        try:
+            import readline
+        except ImportError:
+            return None
+        path = HISTORY_FILE.expanduser()
+        try:
+            readline.read_history_file(path)
+        except OSError:
+            pass
+        readline.set_history_length(HISTORY_LENGTH)
+        return readline, path
+
+    @staticmethod
+    def _save_history(history) -> None:
+        if history is None:
+            return
+        readline, path = history
+        try:
+            readline.write_history_file(path)
+        except OSError:
+            pass

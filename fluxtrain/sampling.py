@@ -1,0 +1,283 @@
+"""Decoding: the sliding context window (with or without a KV cache), sampling filters and beam search."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.model import GPT
+
+MAX_TEMPERATURE = 2.0
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token. The defaults are those of the command line."""
+
+    max_new_tokens: int = 500
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 40  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    beams: int = 1  # > 1: beam search (deterministic; temperature, top-k and top-p do not apply)
+    context_shift: int | None = None  # tokens dropped when the window is full; None = seq_len // 4
+
+    def validate(self, seq_len: int | None = None) -> None:
+        """Raise FluxtrainError naming the setting and its allowed values."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise FluxtrainError(f"max new tokens {self.max_new_tokens} must be a positive integer")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise FluxtrainError(f"temperature {self.temperature} must be between 0 and 2 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise FluxtrainError(f"top-k {self.top_k} must be an integer >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise FluxtrainError(f"top-p {self.top_p} must be in (0, 1] (1 = off)")
+        if not self.repetition_penalty >= 1.0:
+            raise FluxtrainError(f"repetition penalty {self.repetition_penalty} must be >= 1 (1 = off)")
+        if not isinstance(self.beams, int) or self.beams < 1:
+            raise FluxtrainError(f"beams {self.beams} must be a positive integer (1 = no beam search)")
+        if self.context_shift is not None:
+            upper = seq_len if seq_len is not None else self.context_shift
+            if not isinstance(self.context_shift, int) or not 1 <= self.context_shift <= upper:
+                limit = f"model.seq_len={seq_len}" if seq_len is not None else "the context length"
+                raise FluxtrainError(f"context shift {self.context_shift} must be between 1 and {limit}")
+
+    def shift_for(self, seq_len: int) -> int:
+        return self.context_shift if self.context_shift is not None else max(1, seq_len // 4)
+
+
+class ContextWindow:
+    """The model's view of a growing batch of token sequences: the most recent tokens that fit in its context.
+
+    With learned absolute positions a cached key cannot move to a new position, so a full window cannot drop just
+    its oldest token. Instead, when a new token does not fit, the oldest `shift` tokens go at once and the rest are
+    fed again from position 0 (a context shift, as llama.cpp does); the next `shift - 1` tokens then cost one
+    position each. `shift=1` is the exact sliding window (every token past the context re-reads it). A prompt
+    longer than the context keeps its last `seq_len` tokens. Without a cache (`use_cache=False`) every step
+    re-reads the same window from scratch, so both paths see exactly the same tokens at the same positions.
+    """
+
+    def __init__(self, model: GPT, batch: int, capacity: int, shift: int, use_cache: bool = True):
+        self.model = model
+        self.seq_len = model.cfg.seq_len
+        if not 1 <= shift <= self.seq_len:
+            raise FluxtrainError(f"context shift {shift} must be between 1 and model.seq_len={self.seq_len}")
+        self.shift = shift
+        device = model.tok_emb.weight.device
+        self.tokens = torch.zeros(batch, capacity, dtype=torch.long, device=device)  # every token so far
+        self.n_tokens = 0
+        self.start = 0  # index in `tokens` of the window's first token (at position 0)
+        self.cache = model.new_cache(batch) if use_cache else None
+        self.n_forward_positions = 0  # positions run through the model, to show what the cache saves
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Feed the prompt (B, T); return the next-token logits (B, vocab)."""
+        T = prompt.size(1)
+        self.tokens[:, :T] = prompt
+        self.n_tokens = T
+        self.start = max(0, T - self.seq_len)
+        return self._read_window()
+
+    def append(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per sequence (B,); return the next-token logits (B, vocab)."""
+        self.tokens[:, self.n_tokens] = next_ids
+        self.n_tokens += 1
+        if self.n_tokens - self.start > self.seq_len:  # the window is full: drop the oldest `shift` tokens
+            self.start = self.n_tokens - (self.seq_len + 1 - self.shift)
+            return self._read_window()
+        if self.cache is None:
+            return self._read_window()
+        return self._forward(self.tokens[:, self.n_tokens - 1 : self.n_tokens])
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the sequences `rows` (B,) in this order (beam search)."""
+        self.tokens = self.tokens.index_select(0, rows)
+        if self.cache is not None:
+            for layer in range(len(self.cache.k)):
+                self.cache.k[layer] = self.cache.k[layer].index_select(0, rows)
+                self.cache.v[layer] = self.cache.v[layer].index_select(0, rows)
+
+    def _read_window(self) -> torch.Tensor:
+        if self.cache is not None:
+            self.cache.length = 0  # the preallocated buffers are refilled from position 0
+        return self._forward(self.tokens[:, self.start : self.n_tokens])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n_forward_positions += x.size(1)
+        logits, _ = self.model(x, cache=self.cache)
+        return logits[:, -1].float()  # (B, vocab)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: for tokens already in the text (`seen`, bool like logits), divide positive logits by
+    `penalty` and multiply negative ones by it."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top `top_k` (0 = all) and outside the nucleus of mass `top_p`.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p`; it always holds the
+    most likely token, so a tiny `top_p` is greedy decoding.
+    """
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+        drop = mass_before >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def next_token_probs(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution (B, vocab) the sampler draws from, for temperature > 0."""
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def pick_next(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None, seen: torch.Tensor | None
+) -> torch.Tensor:
+    """One next token per row (B,): argmax when temperature is 0, else a draw from `next_token_probs`."""
+    if cfg.temperature == 0:
+        if cfg.repetition_penalty != 1.0 and seen is not None:
+            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+        return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, cfg, seen)
+    # Draw on the CPU so that a seed gives the same text on every device.
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+def _seen_mask(prompt: list[int], batch: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
+    seen[:, torch.tensor(prompt, dtype=torch.long, device=device)] = True
+    return seen
+
+
+def _check_prompt(model: GPT, prompt: list[int]) -> None:
+    if not prompt:
+        raise FluxtrainError("the prompt is empty: decoding needs at least one token")
+    bad = [i for i in prompt if not 0 <= i < model.vocab_size]
+    if bad:
+        raise FluxtrainError(f"prompt token id {bad[0]} is outside the model's vocabulary of {model.vocab_size}")
+
+
+@torch.inference_mode()
+def sample_stream(
+    model: GPT,
+    prompt: list[int],
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Yield `cfg.max_new_tokens` new token ids one at a time (temperature, top-k, top-p, repetition penalty)."""
+    cfg.validate(model.cfg.seq_len)
+    _check_prompt(model, prompt)
+    device = model.tok_emb.weight.device
+    shift = cfg.shift_for(model.cfg.seq_len)
+    window = ContextWindow(model, 1, len(prompt) + cfg.max_new_tokens, shift, use_cache)
+    penalize = cfg.repetition_penalty != 1.0
+    seen = _seen_mask(prompt, 1, model.vocab_size, device) if penalize else None
+    logits = window.prefill(torch.tensor([prompt], dtype=torch.long, device=device))
+    for i in range(cfg.max_new_tokens):
+        next_id = pick_next(logits, cfg, generator, seen)  # (1,)
+        yield int(next_id)
+        if penalize:
+            seen[0, next_id] = True
+        if i + 1 < cfg.max_new_tokens:
+            logits = window.append(next_id)
+
+
+@torch.inference_mode()
+def beam_search(
+    model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True, length_alpha: float = 1.0
+) -> tuple[list[int], float]:
+    """The highest-scoring continuation of `cfg.max_new_tokens` tokens among `cfg.beams` beams, and its score.
+
+    Beams are ranked by total log-probability; finished beams by that total divided by
+    (number of new tokens) ** `length_alpha` (length normalisation). Every beam here runs to `max_new_tokens`
+    (there is no end-of-text token), so the normalisation divides all finished beams by the same number.
+    The repetition penalty applies to each beam's own text; temperature, top-k and top-p do not apply.
+    """
+    cfg.validate(model.cfg.seq_len)
+    _check_prompt(model, prompt)
+    device = model.tok_emb.weight.device
+    n_beams, vocab = cfg.beams, model.vocab_size
+    window = ContextWindow(
+        model, n_beams, len(prompt) + cfg.max_new_tokens, cfg.shift_for(model.cfg.seq_len), use_cache
+    )
+    penalize = cfg.repetition_penalty != 1.0
+    seen = _seen_mask(prompt, n_beams, vocab, device) if penalize else None
+    logits = window.prefill(torch.tensor([prompt] * n_beams, dtype=torch.long, device=device))
+    scores = torch.full((n_beams,), float("-inf"), device=device)
+    scores[0] = 0.0  # all beams start as the same prompt: expand only the first
+    new_tokens = torch.zeros(n_beams, 0, dtype=torch.long, device=device)
+    for i in range(cfg.max_new_tokens):
+        if penalize:
+            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+        candidates = scores[:, None] + F.log_softmax(logits, dim=-1)  # (beams, vocab)
+        scores, flat = torch.topk(candidates.view(-1), n_beams)
+        rows, next_ids = flat // vocab, flat % vocab
+        new_tokens = torch.cat([new_tokens[rows], next_ids[:, None]], dim=1)
+        if penalize:
+            seen = seen[rows]
+            seen[torch.arange(n_beams, device=device), next_ids] = True
+        if i + 1 < cfg.max_new_tokens:
+            window.reorder(rows)
+            logits = window.append(next_ids)
+    normalised = scores / (cfg.max_new_tokens**length_alpha)
+    best = int(normalised.argmax())
+    return new_tokens[best].tolist(), float(scores[best])
+
+
+def generate(
+    model: GPT,
+    prompt: list[int],
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> list[int]:
+    """The new token ids: beam search when `cfg.beams > 1`, else sampling (greedy at temperature 0)."""
+    if cfg.beams > 1:
+        return beam_search(model, prompt, cfg, use_cache)[0]
+    return list(sample_stream(model, prompt, cfg, generator, use_cache))
+
+
+@torch.inference_mode()
+def sequence_logprob(model: GPT, prompt: list[int], new_ids: list[int], shift: int) -> float:
+    """Total log-probability of `new_ids` after `prompt`, seen through the same sliding window as decoding."""
+    device = model.tok_emb.weight.device
+    window = ContextWindow(model, 1, len(prompt) + len(new_ids), shift)
+    logits = window.prefill(torch.tensor([prompt], dtype=torch.long, device=device))
+    total = 0.0
+    for i, token in enumerate(new_ids):
+        total += float(F.log_softmax(logits[0], dim=-1)[token])
+        if i + 1 < len(new_ids):
+            logits = window.append(torch.tensor([token], device=device))
+    return total
+
+
+def generate_ids(
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Continue `prompt` by `max_new_tokens` sampled ids (the trainer's periodic samples)."""
+    if max_new_tokens <= 0:
+        return []
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0)
+    return list(sample_stream(model, prompt, cfg, generator))

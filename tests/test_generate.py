@@ -1,0 +1,462 @@
+"""Text generation: sampling options, beam search, the KV cache and sliding window, and the command line."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fluxtrain import GPT, ModelConfig, load_model, save_model_file
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.generate import TextStream, encode_prompt, load_for_generation, main, resolve_model_path
+from fluxtrain.sampling import (
+    ContextWindow,
+    SamplingConfig,
+    apply_repetition_penalty,
+    beam_search,
+    filter_logits,
+    generate,
+    generate_ids,
+    next_token_probs,
+    pick_next,
+    sample_stream,
+    sequence_logprob,
+)
+from fluxtrain.tokenizer import CharTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SEQ_LEN = 16
+TEXT = "ROMEO:\nthe king my lord, good sir; love death night sweet heart.\nJULIET:\nwhy come go speak hear thou art!\n"
+
+
+def tiny_model(seed: int = 0, weight_std: float = 0.3, **overrides) -> GPT:
+    """A random 2-layer model. Weights wider than the training init spread the logits, so that greedy output
+    follows the context instead of repeating one token, and cache or window mistakes change it."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=SEQ_LEN, **overrides)
+    model = GPT(cfg, CharTokenizer.train(TEXT).vocab_size).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, weight_std)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Decoding tiny models is per-op overhead; extra threads only wait on each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return tiny_model()
+
+
+@pytest.fixture
+def model_file(tmp_path: Path, model: GPT) -> Path:
+    path = tmp_path / "run" / "model_final.safetensors"
+    save_model_file(path, model, CharTokenizer.train(TEXT))
+    return path
+
+
+def greedy(n: int, **kw) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=n, temperature=0.0, **kw)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# Sampling options
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(model):
+    expected = generate(model, [1, 2, 3], greedy(40))
+    for seed in range(3):
+        top_k_1 = SamplingConfig(max_new_tokens=40, temperature=1.5, top_k=1)
+        assert generate(model, [1, 2, 3], top_k_1, seeded(seed)) == expected
+        top_p_tiny = SamplingConfig(max_new_tokens=40, temperature=1.5, top_k=0, top_p=1e-6)
+        assert generate(model, [1, 2, 3], top_p_tiny, seeded(seed)) == expected
+
+
+def test_temperature_zero_is_deterministic_and_seed_makes_sampling_reproducible(model):
+    cfg = SamplingConfig(max_new_tokens=40, temperature=0.0)
+    outputs = {tuple(generate(model, [4, 5], cfg, seeded(seed))) for seed in range(5)}
+    assert len(outputs) == 1
+    sampled = SamplingConfig(max_new_tokens=40, temperature=1.0, top_k=0)
+    assert generate(model, [4, 5], sampled, seeded(7)) == generate(model, [4, 5], sampled, seeded(7))
+    assert len({tuple(generate(model, [4, 5], sampled, seeded(seed))) for seed in range(5)}) > 1
+
+
+def test_temperature_scales_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    for t in (0.5, 1.0, 2.0):
+        probs = next_token_probs(logits, SamplingConfig(temperature=t, top_k=0))
+        assert torch.allclose(probs, torch.softmax(logits / t, dim=-1))
+    entropy = [
+        -(p * p.log()).sum().item()
+        for p in (next_token_probs(logits, SamplingConfig(temperature=t, top_k=0)) for t in (0.5, 1.0, 2.0))
+    ]
+    assert entropy[0] < entropy[1] < entropy[2]
+
+
+def test_top_k_keeps_the_k_most_likely_in_proportion():
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0, 1.0]])
+    probs = next_token_probs(logits, SamplingConfig(temperature=1.0, top_k=2))[0]
+    assert (probs > 0).tolist() == [False, True, False, True, False]
+    assert probs[1] / probs[3] == pytest.approx(math.exp(3.0 - 2.0))
+    assert probs.sum().item() == pytest.approx(1.0)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    for top_p, kept in ((0.4, [1]), (0.75, [1, 3]), (0.9, [1, 2, 3]), (1.0, [0, 1, 2, 3])):
+        out = next_token_probs(logits, SamplingConfig(temperature=1.0, top_k=0, top_p=top_p))[0]
+        assert torch.nonzero(out).flatten().tolist() == kept, top_p
+        assert torch.allclose(out[kept], probs[0, kept] / probs[0, kept].sum())
+    assert torch.equal(filter_logits(logits, 0, 1.0), logits)
+
+
+def test_draws_follow_the_filtered_distribution():
+    logits = torch.tensor([1.0, 0.0, 2.0, -1.0, 1.5]).repeat(40_000, 1)
+    cfg = SamplingConfig(temperature=0.8, top_k=3)
+    draws = pick_next(logits, cfg, seeded(0), None)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    expected = next_token_probs(logits[:1], cfg)[0]
+    assert freq[1] == 0 and freq[3] == 0
+    assert torch.allclose(freq, expected, atol=0.01)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = torch.tensor([[2.0, -1.0, 2.0, -1.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False, False]])
+    r = 1.3
+    out = apply_repetition_penalty(logits, seen, r)
+    assert out[0].tolist() == pytest.approx([2.0 / r, -1.0 * r, 2.0, -1.0, 0.5])
+    # The probability of a repeated token against an unseen one with the same logit falls by exp(l/r - l).
+    base = next_token_probs(logits, SamplingConfig(temperature=1.0, top_k=0))[0]
+    penalized = next_token_probs(logits, SamplingConfig(temperature=1.0, top_k=0, repetition_penalty=r), seen)[0]
+    assert base[0] / base[2] == pytest.approx(1.0)
+    assert penalized[0] / penalized[2] == pytest.approx(math.exp(2.0 / r - 2.0))
+    assert penalized[1] / penalized[3] == pytest.approx(math.exp(-1.0 * r + 1.0))
+
+
+def test_repetition_penalty_reduces_repeats_in_generated_text(model):
+    plain = generate(model, [1], greedy(30))
+    penalized = generate(model, [1], greedy(30, repetition_penalty=5.0))
+    assert penalized != plain
+    assert len(set(penalized)) > len(set(plain))
+
+
+def test_sampling_settings_are_validated():
+    for bad in (
+        dict(temperature=2.5),
+        dict(temperature=-0.1),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(repetition_penalty=0.5),
+        dict(beams=0),
+        dict(max_new_tokens=0),
+        dict(context_shift=0),
+    ):
+        with pytest.raises(FluxtrainError):
+            SamplingConfig(**bad).validate(SEQ_LEN)
+    with pytest.raises(FluxtrainError, match="context shift 17"):
+        SamplingConfig(context_shift=SEQ_LEN + 1).validate(SEQ_LEN)
+
+
+# Beam search
+
+
+def test_one_beam_equals_greedy(model):
+    for prompt in ([1], [3, 4, 5], list(range(20))):
+        assert beam_search(model, prompt, SamplingConfig(max_new_tokens=30, beams=1))[0] == generate(
+            model, prompt, greedy(30)
+        )
+
+
+def test_beams_score_at_least_as_well_as_greedy(model):
+    shift = SEQ_LEN // 4
+    for prompt in ([1], [7, 8], [2, 9, 11, 3]):
+        greedy_ids = generate(model, prompt, greedy(24))
+        greedy_score = sequence_logprob(model, prompt, greedy_ids, shift)
+        for beams in (2, 4):
+            ids, score = beam_search(model, prompt, SamplingConfig(max_new_tokens=24, beams=beams))
+            assert len(ids) == 24
+            assert score == pytest.approx(sequence_logprob(model, prompt, ids, shift), abs=1e-3)
+            assert score >= greedy_score - 1e-4, (prompt, beams)
+    # Beam search is deterministic: the generator plays no part.
+    cfg = SamplingConfig(max_new_tokens=24, beams=3)
+    assert generate(model, [1], cfg, seeded(0)) == generate(model, [1], cfg, seeded(1))
+
+
+# KV cache and the sliding window
+
+
+def naive_greedy(model: GPT, prompt: list[int], n: int, shift: int) -> list[int]:
+    """Greedy decoding the plain way: the whole window through the model for every token, with the documented
+    window rule written out (a prompt keeps its last seq_len tokens; a full window drops its oldest `shift`)."""
+    ids = list(prompt)
+    start = max(0, len(ids) - SEQ_LEN)
+    for _ in range(n):
+        if len(ids) - start > SEQ_LEN:
+            start = len(ids) - (SEQ_LEN + 1 - shift)
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids[start:]]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("shift", [1, None, SEQ_LEN])
+@pytest.mark.parametrize("prompt_len", [3, SEQ_LEN, 3 * SEQ_LEN + 5])
+def test_greedy_with_cache_equals_without_past_the_context(model, shift, prompt_len):
+    prompt = [(7 * i + 3) % model.vocab_size for i in range(prompt_len)]
+    cfg = greedy(4 * SEQ_LEN, context_shift=shift)
+    cached = generate(model, prompt, cfg)
+    uncached = generate(model, prompt, cfg, use_cache=False)
+    assert cached == uncached
+    assert cached == naive_greedy(model, prompt, 4 * SEQ_LEN, cfg.shift_for(SEQ_LEN))
+
+
+def test_cached_and_uncached_logits_agree(model):
+    """Not only the argmax: the next-token logits of both paths agree at every step, past several slides."""
+    windows = [ContextWindow(model, 1, 80, shift=5, use_cache=c) for c in (True, False)]
+    logits = [w.prefill(torch.tensor([[1, 2, 3]])) for w in windows]
+    with torch.inference_mode():
+        for step in range(70):
+            assert torch.allclose(logits[0], logits[1], atol=1e-5), step
+            token = logits[0].argmax(dim=-1)
+            logits = [w.append(token) for w in windows]
+
+
+def test_each_cached_token_costs_one_position(model):
+    prompt, n = [1, 2, 3, 4], 10  # fits in the context: no slide
+    capacity = len(prompt) + n
+    cached = ContextWindow(model, 1, capacity, shift=4)
+    uncached = ContextWindow(model, 1, capacity, shift=4, use_cache=False)
+    with torch.inference_mode():
+        for window in (cached, uncached):
+            window.prefill(torch.tensor([prompt]))
+            for token in range(n - 1):
+                window.append(torch.tensor([token]))
+    assert cached.n_forward_positions == len(prompt) + n - 1
+    assert uncached.n_forward_positions == sum(range(len(prompt), len(prompt) + n))
+
+
+def test_rope_model_slides_too():
+    model = tiny_model(pos_emb="rope")
+    cfg = greedy(3 * SEQ_LEN)
+    assert generate(model, [1, 2], cfg) == generate(model, [1, 2], cfg, use_cache=False)
+
+
+def test_generate_ids_for_the_trainer(model):
+    ids = generate_ids(model, [1, 2], 20, temperature=1.0, top_k=40, generator=seeded(0))
+    assert len(ids) == 20 and all(0 <= i < model.vocab_size for i in ids)
+    assert generate_ids(model, [1, 2], 0) == []
+
+
+def test_stream_yields_the_same_tokens_as_generate(model):
+    cfg = SamplingConfig(max_new_tokens=30, temperature=0.9, top_p=0.9, repetition_penalty=1.2)
+    assert list(sample_stream(model, [5], cfg, seeded(3))) == generate(model, [5], cfg, seeded(3))
+
+
+# Prompts and text
+
+
+def test_unknown_characters_are_named_or_dropped():
+    tokenizer = CharTokenizer.train(TEXT)
+    with pytest.raises(FluxtrainError, match=r"'é', 'ü'.*--drop-unknown"):
+        encode_prompt(tokenizer, "ROMEO ü é", drop_unknown=False)
+    text, ids, dropped = encode_prompt(tokenizer, "ROMEO ü é", drop_unknown=True)
+    assert text == "ROMEO  " and tokenizer.decode(ids) == text and dropped == ["é", "ü"]
+
+
+def test_text_stream_holds_back_incomplete_characters():
+    class ByteTokenizer:
+        vocab_size = 256
+
+        def decode(self, ids: list[int]) -> str:
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = TextStream(ByteTokenizer())
+    pieces = [stream.push(b) for b in "aé\nz€".encode()]
+    assert pieces == ["a", "", "é", "\n", "z", "", "", "€"]
+    # A byte that never completes a character is printed (as U+FFFD) at the end, as a single decode would.
+    assert [stream.push(b) for b in b"x\xe2"] == ["x", ""] and stream.flush() == "\ufffd"
+
+
+# MODEL and TOKENIZER on the command line
+
+
+def test_model_resolution(tmp_path, model):
+    tokenizer = CharTokenizer.train(TEXT)
+    run = tmp_path / "run"
+    save_model_file(run / "model_final.safetensors", model, tokenizer)
+    assert resolve_model_path(run) == run / "model_final.safetensors"
+    save_model_file(run / "best.safetensors", tiny_model(seed=1), tokenizer)
+    assert resolve_model_path(run) == run / "best.safetensors"
+    assert resolve_model_path(run / "model_final.safetensors") == run / "model_final.safetensors"
+    # The run folder loads its best model, not the final one.
+    loaded, _, path = load_for_generation(run)
+    assert path == run / "best.safetensors"
+    assert torch.equal(loaded.tok_emb.weight, tiny_model(seed=1).tok_emb.weight)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FluxtrainError, match=r"holds no model file .* and no checkpoints"):
+        resolve_model_path(tmp_path / "empty")
+    with pytest.raises(FluxtrainError, match="does not exist"):
+        resolve_model_path(tmp_path / "missing.safetensors")
+
+
+def test_checkpoints_name_a_model_too(tiny_cfg, tmp_path, capsys):
+    """A full checkpoint is a MODEL; a run folder without model files falls back to its newest checkpoint."""
+    from fluxtrain.train import train
+
+    run = tmp_path / "trained"
+    train(tiny_cfg("train.max_iters=20", "train.ckpt_interval=10", "train.eval_interval=10"), run)
+    newest = run / "checkpoints" / "iter_000020.ckpt"
+    assert newest.is_file() and (run / "checkpoints" / "iter_000010.ckpt").is_file()
+    model, tokenizer, path = load_for_generation(newest)
+    final, _ = load_model(run / "model_final.safetensors")
+    assert path == newest and torch.equal(model.tok_emb.weight, final.tok_emb.weight)
+    (run / "best.safetensors").unlink()
+    (run / "model_final.safetensors").unlink()
+    assert resolve_model_path(run) == newest
+    code, out, err = run_main(capsys, str(run), "--prompt", "KING", "--max-new-tokens", "5")
+    assert code == 0 and out.startswith("KING") and len(out) == len("KING") + 5 + 1 and str(newest) in err
+
+
+def test_tokenizer_argument(tmp_path, model_file):
+    tokenizer = CharTokenizer.train(TEXT)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    _, loaded, _ = load_for_generation(model_file, tmp_path / "tokenizer.json")
+    assert loaded.chars == tokenizer.chars
+    CharTokenizer(list("abc")).save(tmp_path / "small.json")
+    with pytest.raises(FluxtrainError, match="has 3 tokens"):
+        load_for_generation(model_file, tmp_path / "small.json")
+
+
+# The command line (in process, and once as a real process)
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prompt_mode_prints_prompt_and_greedy_continuation(capsys, model, model_file):
+    code, out, err = run_main(
+        capsys, str(model_file), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "40"
+    )
+    assert code == 0
+    tokenizer = CharTokenizer.train(TEXT)
+    expected = tokenizer.decode(generate(model, tokenizer.encode("ROMEO:"), greedy(40)))
+    assert out == "ROMEO:" + expected + "\n"
+    assert "temperature 0.0" in err and "ROMEO" not in err
+    code, out_no_stream, _ = run_main(
+        capsys, str(model_file), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "40", "--no-stream"
+    )
+    assert code == 0 and out_no_stream == out
+
+
+def test_prompt_mode_seed_and_beams(capsys, model_file, model):
+    args = [str(model_file.parent), "--prompt", "the", "--max-new-tokens", "30", "--seed", "5", "--top-p", "0.9"]
+    first, second = run_main(capsys, *args)[1], run_main(capsys, *args)[1]
+    assert first == second
+    assert first != run_main(capsys, *args[:-4], "--seed", "6", "--top-p", "0.9")[1]
+    code, out, _ = run_main(capsys, str(model_file), "--prompt", "the", "--max-new-tokens", "12", "--beams", "3")
+    tokenizer = CharTokenizer.train(TEXT)
+    beam = beam_search(model, tokenizer.encode("the"), SamplingConfig(max_new_tokens=12, beams=3))[0]
+    assert code == 0 and out == "the" + tokenizer.decode(beam) + "\n"
+
+
+def test_stdin_is_the_prompt_when_piped(capsys, monkeypatch, model_file):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("JULIET:\n"))
+    code, out, _ = run_main(capsys, str(model_file), "--max-new-tokens", "10", "--temperature", "0")
+    assert code == 0 and out.startswith("JULIET:\n") and len(out) == len("JULIET:\n") + 10 + 1
+
+
+def test_unknown_characters_on_the_command_line(capsys, model_file):
+    code, out, err = run_main(capsys, str(model_file), "--prompt", "ROMEO é", "--max-new-tokens", "5")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "'é'" in err and "--drop-unknown" in err
+    code, out, err = run_main(capsys, str(model_file), "--prompt", "ROMEO é", "--max-new-tokens", "5", "--drop-unknown")
+    assert code == 0 and out.startswith("ROMEO ") and "'é'" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--temperature", "3"], "temperature 3.0 must be between 0 and 2"),
+        (["--top-k", "-2"], "top-k -2"),
+        (["--top-p", "0"], "top-p 0.0"),
+        (["--repetition-penalty", "0.5"], "repetition penalty 0.5"),
+        (["--beams", "0"], "beams 0"),
+        (["--max-new-tokens", "0"], "max new tokens 0"),
+        (["--seed", "-1"], "--seed -1"),
+        (["--context-shift", "99"], "context shift 99 must be between 1 and model.seq_len=16"),
+        (["--device", "tpu"], "--device='tpu'"),
+        (["--interactive"], "--prompt and --interactive"),
+    ],
+)
+def test_bad_values_are_one_line_errors(capsys, model_file, argv, message):
+    code, out, err = run_main(capsys, str(model_file), "--prompt", "the", *argv)
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_model_files_are_one_line_errors(capsys, tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a model at all")
+    for name, message in (("missing.safetensors", "does not exist"), ("junk.safetensors", "not a readable")):
+        code, out, err = run_main(capsys, str(tmp_path / name), "--prompt", "x")
+        assert code == 1 and out == "" and message in err and err.count("\n") == 1
+
+
+def test_bad_flags_are_one_line_usage_errors(capsys, model_file):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_file), "--temperature", "warm"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--temperature" in err and "'warm'" in err
+
+
+def test_module_runs_as_a_command(tmp_path, model_file):
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fluxtrain.generate", str(model_file.parent)]
+    ok = subprocess.run(
+        [*cmd, "--max-new-tokens", "8"], input="JULIET:", capture_output=True, text=True, env=env, cwd=REPO_ROOT
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("JULIET:") and len(ok.stdout) == len("JULIET:") + 8 + 1
+    bad = subprocess.run([*cmd, "--prompt", "x", "--top-p", "2"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "top-p 2.0" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_bpe_model_streams_the_same_text_as_one_decode(capsys, tmp_path):
+    """Byte-level BPE tokens can end inside a character: the stream holds them back and prints the same text."""
+    from fluxtrain.tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer.train(TEXT + "é€ naïve café — ünïcödé\n" * 3, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=SEQ_LEN), tokenizer.vocab_size)
+    save_model_file(tmp_path / "bpe.safetensors", model, tokenizer)
+    args = [str(tmp_path / "bpe.safetensors"), "--prompt", "café ", "--max-new-tokens", "60", "--seed", "2"]
+    code, streamed, _ = run_main(capsys, *args)
+    assert code == 0
+    code, whole, _ = run_main(capsys, *args, "--no-stream")
+    assert code == 0 and streamed == whole and streamed.startswith("café ")
+    loaded, _ = load_model(tmp_path / "bpe.safetensors")
+    cfg = SamplingConfig(max_new_tokens=60)
+    assert whole == "café " + tokenizer.decode(generate(loaded, tokenizer.encode("café "), cfg, seeded(2))) + "\n"

@@ -1,0 +1,164 @@
+"""The interactive session, driven through a real pseudo-terminal: commands, prompts, Ctrl-C, history and exit."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+
+from fluxtrain import GPT, ModelConfig, load_model, save_model_file
+from fluxtrain.sampling import SamplingConfig, beam_search, generate
+from fluxtrain.tokenizer import CharTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEXT = "ROMEO:\nthe king my lord, good sir; love death night sweet heart.\nJULIET:\nwhy come go speak hear thou art!\n"
+TIMEOUT = 120  # seconds; start-up imports torch, which is slow on a busy machine
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=16), len(set(TEXT)))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)  # spread logits: varied text, so that settings visibly change it
+    path = tmp_path / "run" / "best.safetensors"
+    save_model_file(path, model, CharTokenizer.train(TEXT))
+    return path
+
+
+def spawn(model_file: Path, home: Path, *args: str) -> pexpect.spawn:
+    env = {
+        "PYTHONPATH": str(REPO_ROOT),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "TERM": "dumb",
+        "OMP_NUM_THREADS": "1",
+    }
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "fluxtrain.generate", str(model_file.parent), *args],
+        env=env,
+        cwd=str(REPO_ROOT),
+        encoding="utf-8",
+        timeout=TIMEOUT,
+        dimensions=(40, 400),
+    )
+    child.expect_exact("> ")
+    return child
+
+
+def command(child: pexpect.spawn, line: str, reply: str) -> None:
+    """Send a line and wait for `reply`, then for the next prompt."""
+    child.sendline(line)
+    child.expect_exact(reply)
+    child.expect_exact("> ")
+
+
+def expected_text(model_file: Path, prompt: str, cfg: SamplingConfig) -> str:
+    model, tokenizer = load_model(model_file)
+    ids = tokenizer.encode(prompt)
+    new = beam_search(model, ids, cfg)[0] if cfg.beams > 1 else generate(model, ids, cfg)
+    return prompt + tokenizer.decode(new)
+
+
+def reply_to(child: pexpect.spawn, prompt: str) -> str:
+    """Send a prompt and return what was printed before the next `> `, with the terminal's line ends undone."""
+    child.sendline(prompt)
+    child.expect_exact(prompt + "\r\n")  # the terminal's echo of the typed line
+    child.expect_exact("> ")
+    return child.before.replace("\r\n", "\n").removesuffix("\n")
+
+
+def test_commands_change_settings_and_prompts_follow_them(model_file, tmp_path):
+    child = spawn(model_file, tmp_path, "--seed", "3")
+    command(child, "/temp 0", "temperature 0.0")
+    command(child, "/len 24", "length 24")
+    command(child, "/topk 5", "top-k 5")
+    command(child, "/topp 0.5", "top-p 0.5")
+    command(child, "/rep 1.5", "repetition penalty 1.5")
+    command(child, "/seed 9", "seed 9")
+    command(child, "/beams 3", "beams 3")
+    command(
+        child,
+        "/help",
+        "now: temperature 0.0, top-k 5, top-p 0.5, repetition penalty 1.5, length 24, beams 3, seed 9",
+    )
+    # Bad commands and values say what is allowed and leave the settings as they were.
+    command(child, "/temp 5", "/temp needs a temperature from 0 to 2")
+    command(child, "/topk many", "/topk needs an integer top-k >= 0 (0 = off): got 'many'")
+    command(child, "/beams 0", "/beams needs a number of beams >= 1")
+    command(child, "/seed -4", "/seed needs an integer >= 0")
+    command(child, "/volume 11", "unknown command /volume; commands: /temp, /topk")
+
+    beams = SamplingConfig(max_new_tokens=24, temperature=0.0, repetition_penalty=1.5, beams=3)
+    assert reply_to(child, "ROMEO:") == expected_text(model_file, "ROMEO:", beams)
+    command(child, "/beams 1", "beams 1")
+    greedy = SamplingConfig(max_new_tokens=24, temperature=0.0, repetition_penalty=1.5)
+    assert reply_to(child, "ROMEO:") == expected_text(model_file, "ROMEO:", greedy)
+    command(child, "/rep 1", "repetition penalty 1.0")
+    plain = reply_to(child, "ROMEO:")
+    assert plain == expected_text(model_file, "ROMEO:", SamplingConfig(max_new_tokens=24, temperature=0.0))
+    assert plain != expected_text(model_file, "ROMEO:", greedy)
+
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_sampling_is_reproducible_with_seed(model_file, tmp_path):
+    child = spawn(model_file, tmp_path, "--max-new-tokens", "30")
+    command(child, "/seed 5", "seed 5")
+    first = reply_to(child, "the")
+    command(child, "/seed 5", "seed 5")
+    assert reply_to(child, "the") == first
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_generation_and_returns_to_the_prompt(model_file, tmp_path):
+    child = spawn(model_file, tmp_path)
+    command(child, "/len 1000000", "length 1000000")
+    child.sendline("ROMEO:")
+    child.expect_exact("ROMEO:\r\n")
+    child.expect(re.compile(r"ROMEO:.{200}", re.DOTALL))  # generation is under way
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact("> ")
+    command(child, "/len 5", "length 5")  # the session is alive
+    assert len(reply_to(child, "JULIET:")) == len("JULIET:") + 5
+    child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, not an exit
+    child.expect_exact("> ")
+    child.sendeof()  # Ctrl-D leaves cleanly
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_line_editing_history_and_unknown_characters(model_file, tmp_path):
+    child = spawn(model_file, tmp_path)
+    command(child, "/temp 0.5", "temperature 0.5")
+    command(child, "/len 7", "length 7")
+    child.send("\x10\x10\r")  # Ctrl-P twice: back to "/temp 0.5"
+    child.expect_exact("temperature 0.5")
+    child.expect_exact("> ")
+    child.send("len 3\x01/\r")  # type "len 3", Ctrl-A to the start of the line, insert "/"
+    child.expect_exact("length 3")
+    child.expect_exact("> ")
+    command(child, "ROMEO é", "1 character(s) not in the tokenizer's vocabulary: 'é'")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    # The history is kept for the next session.
+    history = (tmp_path / ".fluxtrain_generate_history").read_text()
+    assert "/temp 0.5" in history and "/len 3" in history
