@@ -41,7 +41,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 @dataclass
 class TrainConfig:
     max_iters: int = 10000
-    max_time: float | None = None  # seconds; ends the run and lays the LR schedule over the time instead
+    # Seconds for the whole run from the start of train() (setup, loop, final eval); ends the loop in time for the
+    # final eval and lays the LR schedule over the time instead of max_iters.
+    max_time: float | None = None
     batch_size: int = 32  # per device
     grad_accum: int = 1
     log_interval: int = 100
@@ -55,13 +57,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
     compile: bool = False
+    threads: int = 0  # CPU threads for torch ops; 0 keeps torch's default (one per core)
 
 
 def validate(cfg: TrainConfig) -> None:
     for name in ("max_iters", "batch_size", "grad_accum", "log_interval", "eval_interval", "eval_iters"):
         if getattr(cfg, name) <= 0:
             raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be a positive integer")
-    for name in ("sample_interval", "sample_len", "ckpt_interval", "keep_last"):
+    for name in ("sample_interval", "sample_len", "ckpt_interval", "keep_last", "threads"):
         if getattr(cfg, name) < 0:
             raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be >= 0 (0 turns it off)")
     if cfg.max_time is not None and cfg.max_time <= 0:
@@ -119,6 +122,21 @@ def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, seed: int) -
     return out
 
 
+@torch.no_grad()
+def eval_seconds(model, data: TokenData, cfg: TrainConfig, device) -> float:
+    """A generous estimate of one `estimate_loss` call's wall time, from the fastest of a few timed forward passes."""
+    model.eval()
+    x, y = (t.to(device) for t in data.get_batch("val", cfg.batch_size, torch.Generator().manual_seed(0)))
+    times = []
+    with autocast_context(device, cfg.precision):
+        for _ in range(4):  # the first is a warm-up
+            t0 = time.perf_counter()
+            model(x, y)[1].item()
+            times.append(time.perf_counter() - t0)
+    model.train()
+    return 1.25 * 2 * cfg.eval_iters * min(times[1:])
+
+
 def sample_text(model: GPT, tokenizer, length: int, device, seed: int) -> str:
     try:
         prompt = tokenizer.encode("\n")
@@ -153,6 +171,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     t_start = time.perf_counter()
 
     resume = load_resume(cfg, run_dir)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
     torch.manual_seed(tcfg.seed)
     data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
     if resume:
@@ -184,6 +204,15 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     it = progress.iteration
     warmup_done_at: float | None = progress.warmup_done_at
     t_loop = time.perf_counter() - progress.train_time
+    loop_time = None  # seconds the loop may take: the budget less the setup so far and the final eval
+    if tcfg.max_time is not None:
+        setup, final_eval = time.perf_counter() - t_start, eval_seconds(model, data, tcfg, device)
+        loop_time = tcfg.max_time - setup - final_eval
+        if loop_time <= 0:
+            raise FluxtrainError(
+                f"train.max_time={tcfg.max_time} leaves no time to train after setup ({setup:.1f}s) "
+                f"and the final evaluation (~{final_eval:.1f}s with train.eval_iters={tcfg.eval_iters})"
+            )
     t_window, tokens_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec = 0.0
     last_ckpt = resume.path if resume else None
@@ -222,14 +251,14 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     stop.install()
     while True:
         elapsed = time.perf_counter() - t_loop
-        if it >= tcfg.max_iters or (tcfg.max_time is not None and elapsed >= tcfg.max_time):
+        if it >= tcfg.max_iters or (loop_time is not None and elapsed >= loop_time):
             break
         # Learning rate: warm-up in iterations, then cosine over the rest of the iteration or time budget.
-        if tcfg.max_time is not None:
+        if loop_time is not None:
             if warmup_done_at is None and it >= cfg.optim.warmup_iters:
                 warmup_done_at = elapsed
             start = warmup_done_at or 0.0
-            progress = (elapsed - start) / max(tcfg.max_time - start, 1e-9)
+            progress = (elapsed - start) / max(loop_time - start, 1e-9)
         else:
             progress = cosine_progress(it, cfg.optim.warmup_iters, tcfg.max_iters)
         lr = lr_at(it, progress, cfg.optim)

@@ -1,0 +1,247 @@
+"""Training throughput (tokens/s) and MFU: a minimal plain-PyTorch GPT vs fluxtrain, eager and compiled.
+
+    python bench/train_throughput.py                      # reference shape + presets, eager and compiled
+    python bench/train_throughput.py --presets none       # reference shape only
+    python bench/train_throughput.py --no-compile --windows 5 --window-steps 20
+
+Every variant runs the same training step: sample a batch of random windows, forward, backward, clip the gradient
+norm to 1.0, optimizer step, zero the gradients, read the loss. Windows of the variants are interleaved (round
+robin), so a load change on a shared machine hits all of them alike; the figure is the median over windows, after
+warm-up. MFU is measured tokens/s x training FLOPs per token / the fp32 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fluxtrain.model import GPT, ModelConfig, flops_per_token  # noqa: E402
+from fluxtrain.optim import OptimConfig, build_optimizer  # noqa: E402
+
+VOCAB = 65  # Tiny Shakespeare, character level
+REFERENCE = dict(d_model=128, n_heads=4, n_layers=4, ff_dim=512, seq_len=64)
+REFERENCE_BATCH = 12
+PRESET_BATCH = 32  # train.batch_size default
+PRESETS = {
+    "small": dict(d_model=128, n_heads=4, n_layers=2, ff_dim=512, seq_len=64),
+    "medium": dict(d_model=256, n_heads=8, n_layers=4, ff_dim=1024, seq_len=64),
+    "large": dict(d_model=512, n_heads=16, n_layers=6, ff_dim=2048, seq_len=64),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The baseline: a self-contained minimal GPT in plain PyTorch, written the usual way (nanoGPT-style: fused qkv,
+# SDPA, pre-norm, GELU MLP, tied head, no bias, AdamW with weight decay on matrices).
+class MiniAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.c_attn = nn.Linear(d, 3 * d, bias=False)
+        self.c_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MiniBlock(nn.Module):
+    def __init__(self, d: int, n_heads: int, ff: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d, bias=False)
+        self.attn = MiniAttention(d, n_heads)
+        self.ln_2 = nn.LayerNorm(d, bias=False)
+        self.c_fc = nn.Linear(d, ff, bias=False)
+        self.c_proj = nn.Linear(ff, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class MiniGPT(nn.Module):
+    def __init__(self, vocab: int, d: int, n_heads: int, n_layers: int, ff: int, seq_len: int):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(seq_len, d)
+        self.h = nn.ModuleList(MiniBlock(d, n_heads, ff) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d, bias=False)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = idx.size(1)
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def mini_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def matmul_peak_flops(size: int = 1024, reps: int = 5, seconds: float = 1.0) -> float:
+    """The fp32 matmul rate (FLOP/s) of this machine now: best of `reps` timed runs of size x size matmuls."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(reps):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / reps:
+            a @ b
+            n += 1
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - t0))
+    return best
+
+
+@dataclass
+class Variant:
+    name: str
+    step: Callable[[], float]
+    tokens_per_step: int
+    flops_per_token: int
+    n_params: int
+    rates: list[float]
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, batch: int, seq_len: int):
+    """One training step as the trainer runs it: batch, forward, backward, clip, step, zero_grad, loss.item()."""
+    generator = torch.Generator().manual_seed(0)
+    params = [p for p in model.parameters()]
+
+    def step() -> float:
+        starts = torch.randint(len(data) - seq_len, (batch,), generator=generator)
+        window = data[starts[:, None] + torch.arange(seq_len + 1)]
+        x, y = window[:, :-1], window[:, 1:]
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def fluxtrain_variant(name: str, shape: dict, batch: int, data: torch.Tensor, compile: bool, **model_kw) -> Variant:
+    cfg = ModelConfig(dropout=0.0, **shape, **model_kw)
+    model = GPT(cfg, VOCAB)
+    optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, betas=[0.9, 0.99], weight_decay=0.1))
+    run_model = torch.compile(model) if compile else model
+    n = model.num_params()
+    step = make_step(run_model, optimizer, data, batch, cfg.seq_len)
+    return Variant(name, step, batch * cfg.seq_len, flops_per_token(cfg, n), n, [])
+
+
+def baseline_variant(name: str, shape: dict, batch: int, data: torch.Tensor) -> Variant:
+    model = MiniGPT(VOCAB, shape["d_model"], shape["n_heads"], shape["n_layers"], shape["ff_dim"], shape["seq_len"])
+    n = sum(p.numel() for p in model.parameters())
+    step = make_step(model, mini_optimizer(model), data, batch, shape["seq_len"])
+    cfg = ModelConfig(**shape)
+    return Variant(name, step, batch * shape["seq_len"], flops_per_token(cfg, n), n, [])
+
+
+def measure(variants: list[Variant], windows: int, window_steps: int, warmup_steps: int) -> None:
+    for v in variants:
+        t0 = time.perf_counter()
+        for _ in range(warmup_steps):
+            v.step()
+        print(f"  warmed up {v.name} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    for _ in range(windows):
+        for v in variants:
+            t0 = time.perf_counter()
+            for _ in range(window_steps):
+                v.step()
+            v.rates.append(window_steps * v.tokens_per_step / (time.perf_counter() - t0))
+
+
+def print_table(title: str, variants: list[Variant], peak: float, baseline: Variant | None) -> None:
+    print(f"\n{title}")
+    print(f"| {'variant':<34} | params | tokens/s (median) | spread (min-max) | MFU | vs baseline |")
+    print(f"|{'-' * 36}|-------:|------------------:|-----------------:|----:|------------:|")
+    for v in variants:
+        med = statistics.median(v.rates)
+        mfu = med * v.flops_per_token / peak
+        ratio = f"{med / statistics.median(baseline.rates):.2f}x" if baseline else "-"
+        print(
+            f"| {v.name:<34} | {v.n_params / 1e6:.2f}M | {med:>17,.0f} | {min(v.rates):>7,.0f}-{max(v.rates):<7,.0f} "
+            f"| {100 * mfu:.1f}% | {ratio:>11} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=7, help="timed windows per variant (median reported)")
+    parser.add_argument("--window-steps", type=int, default=20, help="training steps per window")
+    parser.add_argument("--warmup-steps", type=int, default=15, help="untimed steps first (compile happens here)")
+    parser.add_argument("--presets", default="small,medium,large", help="comma list of presets, or 'none'")
+    parser.add_argument("--preset-windows", type=int, default=3, help="timed windows per preset variant")
+    parser.add_argument("--preset-window-steps", type=int, default=5, help="training steps per preset window")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = torch.randint(VOCAB, (200_000,))
+
+    peak = matmul_peak_flops()
+    print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+
+    shape = REFERENCE
+    ref = [baseline_variant("plain PyTorch minimal GPT, eager", shape, REFERENCE_BATCH, data)]
+    ref.append(fluxtrain_variant("fluxtrain GPT, eager", shape, REFERENCE_BATCH, data, compile=False))
+    ref.append(
+        fluxtrain_variant(
+            "fluxtrain, rope+rmsnorm+relu2 eager", shape, REFERENCE_BATCH, data, False,
+            norm="rmsnorm", pos_emb="rope", activation="relu2", bias=False,
+        )
+    )  # fmt: skip
+    if not args.no_compile:
+        ref.append(fluxtrain_variant("fluxtrain GPT, compiled", shape, REFERENCE_BATCH, data, compile=True))
+    print(f"reference shape {shape}, batch {REFERENCE_BATCH}:")
+    measure(ref, args.windows, args.window_steps, args.warmup_steps)
+    print_table(f"Reference shape (batch {REFERENCE_BATCH})", ref, peak, ref[0])
+
+    presets = [] if args.presets == "none" else args.presets.split(",")
+    rows = []
+    for preset in presets:
+        rows.append(fluxtrain_variant(f"{preset}, eager", PRESETS[preset], PRESET_BATCH, data, compile=False))
+        if not args.no_compile:
+            rows.append(fluxtrain_variant(f"{preset}, compiled", PRESETS[preset], PRESET_BATCH, data, compile=True))
+        print(f"preset {preset}:", flush=True)
+        measure(rows[-2:] if not args.no_compile else rows[-1:], args.preset_windows, args.preset_window_steps, 3)
+    if rows:
+        print_table(f"Presets (batch {PRESET_BATCH})", rows, peak, None)
+    peak_after = matmul_peak_flops()
+    drift = abs(peak_after - peak) / peak
+    print(f"\nmatmul peak after: {peak_after / 1e9:.1f} GFLOP/s ({100 * drift:.0f}% drift during the run)")
+    if not math.isfinite(drift):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

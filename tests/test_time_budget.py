@@ -1,0 +1,34 @@
+"""train.max_time: the run ends within its budget, final eval included, with the cosine laid over the time."""
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fluxtrain.train import train
+
+
+@pytest.mark.slow
+def test_time_budget_ends_the_run_and_the_schedule_reaches_min_lr(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        "train.max_iters=1000000",
+        "train.max_time=20",
+        "train.eval_interval=1000000",
+        "train.eval_iters=20",
+        "train.log_interval=1",
+        "optim.lr=3e-3",
+        "optim.min_lr=3e-4",
+        "train.threads=1",  # steady step times on a busy machine
+    )
+    threads = torch.get_num_threads()
+    try:
+        metrics = train(cfg, tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
+    assert 10 < metrics["iters"] < 1_000_000
+    # The final eval and saving are inside the budget; a little slack for a busy machine.
+    assert metrics["wall_time_sec"] < 20 + 3.0
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    lrs = [e.value for e in events.Scalars("lr")]
+    assert max(lrs) > 2.5e-3  # warm-up reached the peak
+    assert lrs[-1] < 3e-4 + 0.1 * (3e-3 - 3e-4)  # and the cosine ran down to min_lr by the end of the time
