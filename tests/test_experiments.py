@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
 from omegaconf import OmegaConf
 
 from fluxtrain.config import config_dir
@@ -12,6 +11,8 @@ from fluxtrain.optim import OptimConfig
 from fluxtrain.optim import validate as validate_optim
 from fluxtrain.train import TrainConfig
 from fluxtrain.train import validate as validate_train
+
+from .conftest import compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 

@@ -3,7 +3,7 @@
 An unintended change to the model, the data order, the optimizer or the schedule shows up here at once. When a
 change is intended, regenerate the stored list and commit it with the change:
 
-    PYTHONPATH=$PWD python tests/test_golden.py --regenerate
+    PYTHONPATH=$PWD python -m tests.test_golden --regenerate
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, make_text
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fluxtrain.train import train
+
+from .conftest import compose_config, make_text
 
 GOLDEN_FILE = Path(__file__).with_name("golden_losses.json")
 TOLERANCE = 1e-4
@@ -77,7 +78,7 @@ def golden_run(name: str, workdir: Path) -> dict[str, list[float]]:
 @pytest.fixture(scope="module")
 def golden() -> dict:
     if not GOLDEN_FILE.is_file():
-        pytest.fail(f"{GOLDEN_FILE} is missing; create it with: python tests/test_golden.py --regenerate")
+        pytest.fail(f"{GOLDEN_FILE} is missing; create it with: python -m tests.test_golden --regenerate")
     return json.loads(GOLDEN_FILE.read_text())
 
 
@@ -90,7 +91,7 @@ def test_losses_match_the_stored_list(name, golden, tmp_path):
         for i, (g, w) in enumerate(zip(got[key], want[key], strict=True)):
             assert abs(g - w) <= TOLERANCE, (
                 f"{name} {key}[{i}] = {g:.6f}, stored {w:.6f}; if the change is intended, "
-                "regenerate with: python tests/test_golden.py --regenerate"
+                "regenerate with: python -m tests.test_golden --regenerate"
             )
 
 
@@ -113,5 +114,5 @@ def regenerate() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--regenerate"]:
-        sys.exit("usage: python tests/test_golden.py --regenerate")
+        sys.exit("usage: python -m tests.test_golden --regenerate")
     regenerate()
