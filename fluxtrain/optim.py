@@ -112,11 +112,31 @@ class MultiOptimizer:
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+        """One torch-shaped state dict: the optimizers' parameter indices numbered on, one after the other."""
+        state, groups, offset = {}, [], 0
+        for opt in self.optimizers:
+            sd = opt.state_dict()
+            state.update({offset + i: s for i, s in sd["state"].items()})
+            groups += [{**g, "params": [offset + i for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
 
-    def load_state_dict(self, state: dict) -> None:
-        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the state has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}")
+        first, offset = 0, 0
+        for opt in self.optimizers:
+            mine = groups[first : first + len(opt.param_groups)]
+            first += len(mine)
+            ids = [i for g in mine for i in g["params"]]
+            opt.load_state_dict(
+                {
+                    "state": {i - offset: state[i] for i in ids if i in state},
+                    "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine],
+                }
+            )
+            offset += len(ids)
 
 
 OPTIMIZERS = {"adam": adam, "adamw": adamw, "muon": muon}

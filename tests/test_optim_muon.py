@@ -5,9 +5,11 @@ import copy
 import pytest
 import torch
 
+from fluxtrain.checkpoint import read_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import MultiOptimizer, OptimConfig, build_optimizer, set_lr
+from fluxtrain.train import train
 
 
 def tiny_model() -> GPT:
@@ -98,3 +100,16 @@ def test_adam_is_fused_on_cpu():
 def test_bad_settings_name_the_setting(kw, setting):
     with pytest.raises(FluxtrainError, match=setting):
         build_optimizer(tiny_model(), OptimConfig(**kw))
+
+
+@pytest.mark.slow
+def test_a_muon_run_resumed_from_its_checkpoint_matches_a_straight_run(tiny_cfg, tmp_path):
+    # A constant learning rate after warm-up, so the schedule does not depend on train.max_iters.
+    run = ["optim.name=muon", "optim.min_lr=3e-3", "train.max_iters=12", "train.eval_interval=6", "train.keep_last=0"]
+    train(tiny_cfg(*run), tmp_path / "long")
+    train(tiny_cfg(*run, "train.max_iters=6"), tmp_path / "short")
+    metrics = train(tiny_cfg(*run, "resume=auto"), tmp_path / "short")
+    assert metrics["iters"] == 12
+    a = read_model_file(tmp_path / "long" / "model_final.safetensors")[1]
+    b = read_model_file(tmp_path / "short" / "model_final.safetensors")[1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
