@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from dataclasses import asdict
@@ -136,7 +137,7 @@ def write_continuation(
 
 def describe(path: Path, model: GPT, device: torch.device, cfg: SamplingConfig, seed: int) -> str:
     settings = asdict(cfg) | {"context_shift": cfg.shift_for(model.cfg.seq_len)}
-    shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items())
+    shown = ", ".join(f"{k.replace('top_', 'top-').replace('_', ' ')} {v}" for k, v in settings.items())
     return (
         f"model {path}: {model.num_params():,} parameters, context {model.cfg.seq_len}, vocab {model.vocab_size}"
         f" | device {device} | {shown} | seed {seed}"
@@ -162,14 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tokenizer", metavar="TOKENIZER", nargs="?", help="a tokenizer file (default: the model's own)")
     p.add_argument("--prompt", help="text to continue; without it: interactive on a terminal, else stdin")
     p.add_argument("--interactive", action="store_true", help="an interactive session (the default on a terminal)")
-    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, metavar="N")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, metavar="N", help="default: 500")
     p.add_argument("--temperature", type=float, default=defaults.temperature, metavar="T", help="0-2, 0 = greedy")
-    p.add_argument("--top-k", type=int, default=defaults.top_k, metavar="K", help="0 = off")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, metavar="K", help="0 = off (default: 40)")
     p.add_argument("--top-p", type=float, default=defaults.top_p, metavar="P", help="nucleus mass, 1 = off")
-    p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, metavar="R")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=defaults.repetition_penalty, metavar="R", help=">= 1, 1 = off"
+    )
     p.add_argument("--beams", type=int, default=defaults.beams, metavar="B", help="beam search width, 1 = off")
     p.add_argument("--seed", type=int, metavar="S", help="makes sampling reproducible (default: a random seed)")
     p.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's; 1 is best on a busy CPU)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print tokens as they come")
     p.add_argument(
         "--context-shift",
@@ -200,6 +204,10 @@ def run(args: argparse.Namespace) -> int:
         raise FluxtrainError(f"--seed {args.seed} must be >= 0")
     if args.prompt is not None and args.interactive:
         raise FluxtrainError("--prompt and --interactive exclude each other")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise FluxtrainError(f"--threads {args.threads} must be a positive integer")
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device, "--device")
     model, tokenizer, path = load_for_generation(args.model, args.tokenizer, device)
     cfg.validate(model.cfg.seq_len)
@@ -234,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 1
 
 

@@ -41,10 +41,12 @@ class SamplingConfig:
         if not isinstance(self.beams, int) or self.beams < 1:
             raise FluxtrainError(f"beams {self.beams} must be a positive integer (1 = no beam search)")
         if self.context_shift is not None:
-            upper = seq_len if seq_len is not None else self.context_shift
-            if not isinstance(self.context_shift, int) or not 1 <= self.context_shift <= upper:
-                limit = f"model.seq_len={seq_len}" if seq_len is not None else "the context length"
-                raise FluxtrainError(f"context shift {self.context_shift} must be between 1 and {limit}")
+            if not isinstance(self.context_shift, int) or self.context_shift < 1:
+                raise FluxtrainError(f"context shift {self.context_shift} must be a positive integer")
+            if seq_len is not None and self.context_shift > seq_len:
+                raise FluxtrainError(
+                    f"context shift {self.context_shift} must be between 1 and model.seq_len={seq_len}"
+                )
 
     def shift_for(self, seq_len: int) -> int:
         return self.context_shift if self.context_shift is not None else max(1, seq_len // 4)
@@ -61,29 +63,33 @@ class ContextWindow:
     re-reads the same window from scratch, so both paths see exactly the same tokens at the same positions.
     """
 
-    def __init__(self, model: GPT, batch: int, capacity: int, shift: int, use_cache: bool = True):
+    def __init__(self, model: GPT, batch: int, shift: int, use_cache: bool = True):
         self.model = model
         self.seq_len = model.cfg.seq_len
-        if not 1 <= shift <= self.seq_len:
-            raise FluxtrainError(f"context shift {shift} must be between 1 and model.seq_len={self.seq_len}")
+        assert 1 <= shift <= self.seq_len, f"context shift {shift} outside 1..{self.seq_len}"
         self.shift = shift
         device = model.tok_emb.weight.device
-        self.tokens = torch.zeros(batch, capacity, dtype=torch.long, device=device)  # every token so far
+        # The most recent tokens: at least the window, at most twice the context (older ones are never read again).
+        self.tokens = torch.zeros(batch, 2 * self.seq_len, dtype=torch.long, device=device)
         self.n_tokens = 0
         self.start = 0  # index in `tokens` of the window's first token (at position 0)
         self.cache = model.new_cache(batch) if use_cache else None
         self.n_forward_positions = 0  # positions run through the model, to show what the cache saves
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        """Feed the prompt (B, T); return the next-token logits (B, vocab)."""
-        T = prompt.size(1)
-        self.tokens[:, :T] = prompt
-        self.n_tokens = T
-        self.start = max(0, T - self.seq_len)
+        """Feed the prompt (B, T); return the next-token logits (B, vocab). Only its last `seq_len` tokens count."""
+        kept = prompt[:, -self.seq_len :]
+        self.tokens[:, : kept.size(1)] = kept
+        self.n_tokens = kept.size(1)
+        self.start = 0
         return self._read_window()
 
     def append(self, next_ids: torch.Tensor) -> torch.Tensor:
         """Feed one new token per sequence (B,); return the next-token logits (B, vocab)."""
+        if self.n_tokens == self.tokens.size(1):  # the buffer is full: move the last `seq_len` tokens to its front
+            dropped = self.n_tokens - self.seq_len
+            self.tokens[:, : self.seq_len] = self.tokens[:, dropped:].clone()
+            self.n_tokens, self.start = self.seq_len, self.start - dropped
         self.tokens[:, self.n_tokens] = next_ids
         self.n_tokens += 1
         if self.n_tokens - self.start > self.seq_len:  # the window is full: drop the oldest `shift` tokens
@@ -139,8 +145,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def next_token_probs(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """The distribution (B, vocab) the sampler draws from, for temperature > 0."""
-    if cfg.repetition_penalty != 1.0 and seen is not None:
+    """The distribution (B, vocab) the sampler draws from, for temperature > 0; `seen` marks tokens to penalize."""
+    if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
     return torch.softmax(logits, dim=-1)
@@ -151,7 +157,7 @@ def pick_next(
 ) -> torch.Tensor:
     """One next token per row (B,): argmax when temperature is 0, else a draw from `next_token_probs`."""
     if cfg.temperature == 0:
-        if cfg.repetition_penalty != 1.0 and seen is not None:
+        if seen is not None:
             logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
         return logits.argmax(dim=-1)
     probs = next_token_probs(logits, cfg, seen)
@@ -186,7 +192,7 @@ def sample_stream(
     _check_prompt(model, prompt)
     device = model.tok_emb.weight.device
     shift = cfg.shift_for(model.cfg.seq_len)
-    window = ContextWindow(model, 1, len(prompt) + cfg.max_new_tokens, shift, use_cache)
+    window = ContextWindow(model, 1, shift, use_cache)
     penalize = cfg.repetition_penalty != 1.0
     seen = _seen_mask(prompt, 1, model.vocab_size, device) if penalize else None
     logits = window.prefill(torch.tensor([prompt], dtype=torch.long, device=device))
@@ -214,9 +220,7 @@ def beam_search(
     _check_prompt(model, prompt)
     device = model.tok_emb.weight.device
     n_beams, vocab = cfg.beams, model.vocab_size
-    window = ContextWindow(
-        model, n_beams, len(prompt) + cfg.max_new_tokens, cfg.shift_for(model.cfg.seq_len), use_cache
-    )
+    window = ContextWindow(model, n_beams, cfg.shift_for(model.cfg.seq_len), use_cache)
     penalize = cfg.repetition_penalty != 1.0
     seen = _seen_mask(prompt, n_beams, vocab, device) if penalize else None
     logits = window.prefill(torch.tensor([prompt] * n_beams, dtype=torch.long, device=device))
@@ -258,7 +262,7 @@ def generate(
 def sequence_logprob(model: GPT, prompt: list[int], new_ids: list[int], shift: int) -> float:
     """Total log-probability of `new_ids` after `prompt`, seen through the same sliding window as decoding."""
     device = model.tok_emb.weight.device
-    window = ContextWindow(model, 1, len(prompt) + len(new_ids), shift)
+    window = ContextWindow(model, 1, shift)
     logits = window.prefill(torch.tensor([prompt], dtype=torch.long, device=device))
     total = 0.0
     for i, token in enumerate(new_ids):

@@ -230,7 +230,7 @@ def test_greedy_with_cache_equals_without_past_the_context(model, shift, prompt_
 
 def test_cached_and_uncached_logits_agree(model):
     """Not only the argmax: the next-token logits of both paths agree at every step, past several slides."""
-    windows = [ContextWindow(model, 1, 80, shift=5, use_cache=c) for c in (True, False)]
+    windows = [ContextWindow(model, 1, shift=5, use_cache=c) for c in (True, False)]
     logits = [w.prefill(torch.tensor([[1, 2, 3]])) for w in windows]
     with torch.inference_mode():
         for step in range(70):
@@ -241,9 +241,8 @@ def test_cached_and_uncached_logits_agree(model):
 
 def test_each_cached_token_costs_one_position(model):
     prompt, n = [1, 2, 3, 4], 10  # fits in the context: no slide
-    capacity = len(prompt) + n
-    cached = ContextWindow(model, 1, capacity, shift=4)
-    uncached = ContextWindow(model, 1, capacity, shift=4, use_cache=False)
+    cached = ContextWindow(model, 1, shift=4)
+    uncached = ContextWindow(model, 1, shift=4, use_cache=False)
     with torch.inference_mode():
         for window in (cached, uncached):
             window.prefill(torch.tensor([prompt]))
@@ -408,6 +407,7 @@ def test_unknown_characters_on_the_command_line(capsys, model_file):
         (["--seed", "-1"], "--seed -1"),
         (["--context-shift", "99"], "context shift 99 must be between 1 and model.seq_len=16"),
         (["--device", "tpu"], "--device='tpu'"),
+        (["--threads", "0"], "--threads 0"),
         (["--interactive"], "--prompt and --interactive"),
     ],
 )
