@@ -32,6 +32,7 @@ ENCODING_ERRORS = ("strict", "replace")
 CACHE_VERSION = 1
 ENCODE_CHUNK = 1 << 18  # characters per encoded piece; a batch of these is encoded in parallel
 ENCODE_BATCH = 8
+TRAIN_PIECE = 1 << 16  # characters per piece of text handed to the BPE trainer
 
 
 @dataclass
@@ -228,7 +229,8 @@ def corpus_tokenizer(
         corpus = stream(train)
         n_bytes = train.n_bytes + len(cfg.separator.encode("utf-8")) * (len(train.files) - 1)
         train_text = head_text(stream(train), int(n_bytes * (1 - cfg.val_fraction)))
-    tokenizer = build_tokenizer(tok_cfg, corpus, train_text)
+    # Small pieces: the trainer buffers a few hundred pieces ahead, so memory follows the piece size.
+    tokenizer = build_tokenizer(tok_cfg, corpus, safe_chunks(train_text, TRAIN_PIECE))
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(cached, tokenizer.to_json())
