@@ -172,7 +172,7 @@ def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fing
         n_tokens = json.loads(meta_path.read_text())["n_tokens"]
         if ids_path.stat().st_size == n_tokens * np.dtype(dtype).itemsize:
             log.info(f"{sources.setting}: {n_tokens:,} token ids from the cache {ids_path}")
-            return np.memmap(ids_path, dtype=dtype, mode="r", shape=(n_tokens,))
+            return _open_ids(ids_path, dtype, n_tokens)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
     n_tokens = 0
@@ -188,9 +188,12 @@ def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fing
     meta = {"n_tokens": n_tokens, "dtype": np.dtype(dtype).name, "source": sources.setting}
     _atomic_write_text(meta_path, json.dumps(meta))
     log.info(f"{sources.setting}: encoded {n_tokens:,} tokens into {ids_path}")
-    if n_tokens == 0:
-        raise FluxtrainError(f"{sources.setting}: the text encodes to no tokens")
-    return np.memmap(ids_path, dtype=dtype, mode="r", shape=(n_tokens,))
+    return _open_ids(ids_path, dtype, n_tokens)
+
+
+def _open_ids(path: Path, dtype, n_tokens: int) -> np.ndarray:
+    """The cached ids as a read-only memmap (an empty file cannot be mapped; TokenData reports it as too short)."""
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -209,7 +212,15 @@ def corpus_tokenizer(
     `data.path` when `data.val_path` is set. The char vocabulary covers validation text too.
     """
     if tok_cfg.path:
-        return load_tokenizer(tok_cfg.path)
+        tokenizer = load_tokenizer(tok_cfg.path)
+        sample = next(iter_text(train, cfg.separator, cfg.encoding_errors))[:10_000]
+        try:
+            exact = tokenizer.decode(tokenizer.encode(sample)) == sample
+        except UnknownCharactersError:
+            exact = True  # reported with the setting when the text is encoded
+        if not exact:
+            log.warning(f"tokenizer.path={tok_cfg.path} does not reproduce the text exactly; val/bpb is approximate")
+        return tokenizer
     cached = None
     if cfg.cache:
         parts = {"version": CACHE_VERSION, "kind": tok_cfg.kind, "vocab_size": tok_cfg.vocab_size, **fingerprint}

@@ -1,14 +1,17 @@
 """Tokenizers: char and byte-level BPE behind one interface, their files, and their use in training and model files."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import normalizers
 
 from fluxtrain.checkpoint import load_model
+from fluxtrain.data import DataConfig, load_corpus
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.tokenizer import (
     BPETokenizer,
@@ -124,6 +127,18 @@ def test_tokenizer_path_is_reused_not_retrained(tiny_cfg, tmp_path, bpe):
     assert json.loads((run / "tokenizer.json").read_text()) == json.loads(given_file.read_text())
     _, embedded = load_model(run / "model_final.safetensors")
     assert embedded.vocab_size == bpe.vocab_size == 300  # a fresh training would have used the preset's 1024
+
+
+def test_lossy_tokenizer_file_is_warned_about(tiny_text_file, tmp_path, caplog):
+    hf = BPETokenizer.train(make_text(5_000), 300).hf
+    hf.normalizer = normalizers.Lowercase()  # a tokenizer that cannot give back "ROMEO"
+    path = tmp_path / "lower.json"
+    hf.save(str(path))
+    cfg = DataConfig(path=str(tiny_text_file), cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        _, tok, _ = load_corpus(cfg, TokenizerConfig(path=str(path)), 16)
+    assert tok.decode(tok.encode("ROMEO")) == "romeo"
+    assert any("does not reproduce the text exactly" in r.message for r in caplog.records)
 
 
 def test_char_tokenizer_file_with_missing_characters_is_a_clear_error(tiny_cfg, tmp_path):
