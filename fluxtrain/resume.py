@@ -130,10 +130,16 @@ def load_resume(cfg: DictConfig, run_dir: str | Path) -> Checkpoint | None:
     path = resolve_resume(cfg.get("resume"), run_dir)
     if path is None:
         return None
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except FluxtrainError as e:
+        older = [p for _, p in list_checkpoints(run_dir) if p != path]
+        if cfg.get("resume") == "auto" and older:
+            raise FluxtrainError(f"{e}; to continue from the checkpoint before it, use resume={older[-1]}") from None
+        raise
     check_compatible(ckpt, cfg)
     ckpt_run_dir = path.resolve().parent.parent
-    if ckpt_run_dir != Path(run_dir).resolve():
+    if path.parent.name == CHECKPOINT_DIR and ckpt_run_dir != Path(run_dir).resolve():
         log.warning(
             f"the checkpoint belongs to {ckpt_run_dir}; this run writes into {run_dir} "
             f"(to continue in the same folder, add hydra.run.dir={ckpt_run_dir})"

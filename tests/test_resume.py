@@ -135,6 +135,17 @@ def test_resume_refuses_a_different_model_shape_or_tokenizer_naming_the_keys(tin
     assert metrics["iters"] == 4
 
 
+def test_auto_resume_from_a_damaged_newest_checkpoint_names_the_one_before(tiny_cfg, tmp_path):
+    older, newest = checkpoint_path(tmp_path, 5), checkpoint_path(tmp_path, 10)
+    newest.parent.mkdir()
+    older.write_bytes(b"an older checkpoint")
+    newest.write_bytes(b"")
+    with pytest.raises(FluxtrainError) as info:
+        train(tiny_cfg("resume=auto"), tmp_path)
+    hint = f"to continue from the checkpoint before it, use resume={older}"
+    assert str(info.value) == f"checkpoint {newest} is empty; {hint}"
+
+
 def test_time_budget_carries_over_on_resume(tiny_cfg, tmp_path, monkeypatch):
     interrupt_at(monkeypatch, 3)
     with pytest.raises(TrainingInterrupted):
