@@ -123,7 +123,7 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
-                raise FluxtrainError(f"{path} is not a fluxtrain {what} (no '{MODEL_FORMAT}' metadata)")
+                raise FluxtrainError(f"{path} is not a fluxtrain {what} (no fluxtrain 'format' in its metadata)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         if isinstance(e, FluxtrainError):

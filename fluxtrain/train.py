@@ -195,8 +195,9 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=resume.progress.iteration + 1 if resume else None)
     batch_gen = torch.Generator().manual_seed(tcfg.seed)
-    progress = restore(resume, model, optimizer, scaler, batch_gen) if resume else Progress()
+    progress = Progress()
     if resume:
+        progress = restore(resume, model, optimizer, scaler, batch_gen)
         set_aside_later(run_dir, progress.iteration)
 
     best_val = progress.best_val_loss
@@ -318,8 +319,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
 
     if it % tcfg.eval_interval != 0:
         evaluate_and_save_best(it)
-    save_model_file(run_dir / "model_final.safetensors", model, tokenizer)
     write_checkpoint()
+    save_model_file(run_dir / "model_final.safetensors", model, tokenizer)
     wall_time = time.perf_counter() - t_start
     metrics = {
         "iters": it,
