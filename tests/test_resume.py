@@ -148,13 +148,23 @@ def test_auto_resume_from_a_damaged_newest_checkpoint_names_the_one_before(tiny_
 
 def test_time_budget_carries_over_on_resume(tiny_cfg, tmp_path, monkeypatch):
     interrupt_at(monkeypatch, 3)
+    t0 = time.perf_counter()
     with pytest.raises(TrainingInterrupted):
         train(tiny_cfg("train.max_time=1000"), tmp_path)
     spent = load_checkpoint(checkpoint_path(tmp_path, 3)).progress.train_time
-    assert spent > 0
+    assert 0 < spent < time.perf_counter() - t0
     monkeypatch.undo()
-    # A budget smaller than the time already spent ends the resumed run at once.
-    metrics = train(tiny_cfg(f"train.max_time={spent / 2}", "resume=auto"), tmp_path)
+
+    # Pretend the loop had already used 2000 s: a 1000 s budget is then spent, so the resumed run ends at once.
+    real_restore = train_module.restore
+
+    def restore(*args):
+        progress = real_restore(*args)
+        progress.train_time += 2000
+        return progress
+
+    monkeypatch.setattr(train_module, "restore", restore)
+    metrics = train(tiny_cfg("train.max_time=1000", "resume=auto"), tmp_path)
     assert metrics["iters"] == 3
 
 
