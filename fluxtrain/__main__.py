@@ -4,30 +4,55 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain.config import config_dir, register_configs
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.lr_find import lr_find
+from fluxtrain.sweep import run_sweep_job
 from fluxtrain.train import train
 
 register_configs()
 
+# task name -> function(cfg, run_dir) returning the value a sweeper minimises
+TASKS: dict[str, Callable[[DictConfig, Path], float]] = {
+    "train": lambda cfg, run_dir: train(cfg, run_dir)["best_val_loss"],
+    "lr_find": lambda cfg, run_dir: lr_find(cfg, run_dir).suggested_lr,
+}
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
-def main(cfg: DictConfig) -> float:
+
+def run_task(cfg: DictConfig, run_dir: Path) -> float:
+    if cfg.task not in TASKS:
+        raise FluxtrainError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
+    return TASKS[cfg.task](cfg, run_dir)
+
+
+def run(cfg: DictConfig) -> float:
+    """Run `cfg.task` in Hydra's output folder; returns the best val loss when training, for sweepers."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            overrides = OmegaConf.to_container(hydra_cfg.overrides.task)
+            return run_sweep_job(lambda: run_task(cfg, run_dir), run_dir, overrides)
+        return run_task(cfg, run_dir)
     except FluxtrainError as e:
         logging.getLogger("fluxtrain").error(f"error: {e}")
         sys.exit(getattr(e, "exit_code", 1))  # 130/143 after a stop on SIGINT/SIGTERM
     except KeyboardInterrupt:
         logging.getLogger("fluxtrain").error("interrupted")
         sys.exit(130)
-    return metrics["best_val_loss"]
 
+
+main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(run)
+# `fluxtrain-lr-find`: conf/lr_find.yaml is the primary config with task=lr_find
+lr_find_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="lr_find")(run)
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 
 from fluxtrain.data import DataConfig
+from fluxtrain.lr_find import LRFindConfig
 from fluxtrain.model import ModelConfig
 from fluxtrain.optim import OptimConfig
 from fluxtrain.tokenizer import TokenizerConfig
@@ -21,6 +22,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lr_find: LRFindConfig = field(default_factory=LRFindConfig)
     task: str = "train"  # train | lr_find
     resume: str | None = None  # a checkpoint file, or "auto" for the newest in the run folder
 

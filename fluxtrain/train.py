@@ -19,6 +19,7 @@ from tqdm import tqdm
 from fluxtrain.checkpoint import NonFiniteWeightsError, Progress, restore, rng_state, save_checkpoint, save_model_file
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.hparams import log_hparams
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, cosine_progress, lr_at, set_lr
@@ -334,6 +335,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         "n_params": n_params,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log_hparams(writer, cfg, metrics)
     writer.close()
     log.info(f"done: {it} iterations in {wall_time:.1f}s | val loss {metrics['final_val_loss']:.4f} | {run_dir}")
     return metrics

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,10 +39,15 @@ TINY_OVERRIDES = [
 register_configs()
 
 
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
+def tiny_except(*keys: str) -> list[str]:
+    """TINY_OVERRIDES without the settings `keys`, to sweep or set them once on the command line."""
+    return [o for o in TINY_OVERRIDES if o.split("=", 1)[0] not in keys]
+
+
+def compose_config(overrides: list[str] | None = None, return_hydra_config: bool = False) -> DictConfig:
     """The composed config for `overrides`, exactly as the command line would build it."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides or []))
+        return compose(config_name="config", overrides=list(overrides or []), return_hydra_config=return_hydra_config)
 
 
 def make_text(n_chars: int = 20_000, seed: int = 0) -> str:
@@ -79,3 +87,11 @@ def shakespeare() -> Path:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
     return SHAKESPEARE
+
+
+def run_fluxtrain(*args: str, entry: tuple[str, ...] = ("-m", "fluxtrain"), timeout: float = 900):
+    """`python -m fluxtrain ARGS` (or another `entry`) run at the repository root, importing this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, *entry, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )

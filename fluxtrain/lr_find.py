@@ -1,0 +1,200 @@
+"""The learning-rate range test: raise the LR exponentially on a fresh model and suggest one from the loss curve."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from fluxtrain.checkpoint import atomic_write
+from fluxtrain.data import load_corpus
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.optim import build_optimizer, set_lr
+from fluxtrain.train import autocast_context, resolve_device
+from fluxtrain.train import validate as validate_train
+
+log = logging.getLogger("fluxtrain")
+
+RULES = {
+    "steepest": "steepest descent of the smoothed loss",
+    "min_div_10": "a tenth of the LR at the smoothed loss's minimum",
+}
+
+
+@dataclass
+class LRFindConfig:
+    start_lr: float = 1e-7
+    end_lr: float = 1.0
+    num_steps: int = 300
+    smoothing: float = 0.9  # EMA factor of the smoothed loss (0 = no smoothing)
+    stop_factor: float = 4.0  # stop once the smoothed loss exceeds this multiple of its best
+    rule: str = "steepest"  # steepest | min_div_10
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggested_lr: float
+    rule: str
+    stopped_early: bool
+
+    def summary(self) -> str:
+        return f"suggested optim.lr={self.suggested_lr:.2e} (rule: {RULES[self.rule]}; lr_find.rule={self.rule})"
+
+
+def validate(cfg: LRFindConfig) -> None:
+    if not 0 < cfg.start_lr < cfg.end_lr:
+        raise FluxtrainError(f"lr_find.start_lr={cfg.start_lr} must be positive and below lr_find.end_lr={cfg.end_lr}")
+    if cfg.num_steps < 10:
+        raise FluxtrainError(f"lr_find.num_steps={cfg.num_steps} must be at least 10")
+    if not 0.0 <= cfg.smoothing < 1.0:
+        raise FluxtrainError(f"lr_find.smoothing={cfg.smoothing} must be in [0, 1)")
+    if cfg.stop_factor <= 1.0:
+        raise FluxtrainError(f"lr_find.stop_factor={cfg.stop_factor} must be greater than 1")
+    if cfg.rule not in RULES:
+        raise FluxtrainError(f"lr_find.rule={cfg.rule!r} is not one of {', '.join(RULES)}")
+
+
+def lr_schedule(cfg: LRFindConfig) -> np.ndarray:
+    """`num_steps` learning rates spaced evenly in log scale from start_lr to end_lr."""
+    return np.geomspace(cfg.start_lr, cfg.end_lr, cfg.num_steps)
+
+
+def ema(values: np.ndarray, beta: float) -> np.ndarray:
+    """Exponential moving average with bias correction, so the first values are not pulled towards zero."""
+    out = np.empty(len(values))
+    avg = 0.0
+    for i, v in enumerate(values):
+        avg = beta * avg + (1 - beta) * v
+        out[i] = avg / (1 - beta ** (i + 1))
+    return out
+
+
+def zero_lag_smooth(values: np.ndarray, beta: float) -> np.ndarray:
+    """The EMA run forwards then backwards: as smooth as the EMA, without shifting the curve to later steps."""
+    return ema(ema(values, beta)[::-1], beta)[::-1]
+
+
+def suggest_lr(lrs: np.ndarray, smoothed: np.ndarray, rule: str) -> float:
+    """The LR suggested by `rule` from the smoothed loss curve; only the part up to its minimum is considered."""
+    i_min = int(np.argmin(smoothed))
+    if rule == "min_div_10":
+        return float(lrs[i_min] / 10)
+    if i_min < 2:
+        raise FluxtrainError(
+            f"the loss did not fall before it rose (minimum at lr {lrs[i_min]:.1e}); lower lr_find.start_lr"
+        )
+    slopes = np.gradient(smoothed[: i_min + 1], np.log10(lrs[: i_min + 1]))  # loss change per decade of LR
+    return float(lrs[int(np.argmin(slopes))])
+
+
+def plot(result: LRFindResult) -> Figure:
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.subplots()
+    ax.plot(result.lrs, result.losses, color="0.75", linewidth=0.8, label="loss")
+    ax.plot(result.lrs, result.smoothed, color="C0", label="smoothed loss")
+    ax.axvline(result.suggested_lr, color="C3", linestyle="--", label=f"suggested lr {result.suggested_lr:.1e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (nats/token)")
+    top = min(max(result.losses), 2 * result.smoothed[0])  # keep the initial loss in view, clip the explosion
+    ax.set_ylim(min(result.smoothed) * 0.9, top * 1.05)
+    ax.set_title(f"LR range test: {RULES[result.rule]}")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
+    """Train a fresh model for up to `lr_find.num_steps` steps at exponentially rising LRs and suggest one.
+
+    Writes lr_find.png (loss vs LR), lr_find.json (the curve and suggestion) and TensorBoard events into `run_dir`.
+    """
+    fcfg = LRFindConfig(**OmegaConf.to_container(cfg.lr_find))
+    validate(fcfg)
+    tcfg = cfg.train
+    validate_train(tcfg)
+    model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
+    model_cfg.validate()
+    device = resolve_device(tcfg.device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(tcfg.seed)
+    data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
+    model = GPT(model_cfg, tokenizer.vocab_size).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    batch_gen = torch.Generator().manual_seed(tcfg.seed)
+    log.info(
+        f"lr_find: {fcfg.num_steps} steps from lr {fcfg.start_lr:.0e} to {fcfg.end_lr:.0e} | "
+        f"{model.num_params():,} parameters | data {source}"
+    )
+
+    writer = SummaryWriter(log_dir=str(run_dir))
+    lrs, losses, best = [], [], math.inf
+    avg, stopped_early = 0.0, False
+    for step, lr in enumerate(lr_schedule(fcfg)):
+        set_lr(optimizer, float(lr))
+        loss_sum = 0.0
+        for _ in range(tcfg.grad_accum):
+            x, y = data.get_batch("train", tcfg.batch_size, batch_gen)
+            with autocast_context(device, tcfg.precision):
+                _, loss = model(x.to(device), y.to(device))
+            (loss / tcfg.grad_accum).backward()
+            loss_sum += loss.item()
+        loss_value = loss_sum / tcfg.grad_accum
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if not math.isfinite(loss_value):
+            stopped_early = True
+            log.info(f"lr_find: loss became {loss_value} at lr {lr:.2e}; stopping")
+            break
+        lrs.append(float(lr))
+        losses.append(loss_value)
+        avg = fcfg.smoothing * avg + (1 - fcfg.smoothing) * loss_value
+        smoothed = avg / (1 - fcfg.smoothing ** (step + 1))
+        best = min(best, smoothed)
+        writer.add_scalar("lr_find/lr", lr, step)
+        writer.add_scalar("lr_find/loss", loss_value, step)
+        writer.add_scalar("lr_find/smoothed_loss", smoothed, step)
+        if (step + 1) % max(fcfg.num_steps // 10, 1) == 0:
+            log.info(f"lr_find: step {step + 1:>4}/{fcfg.num_steps} | lr {lr:.2e} | loss {loss_value:.4f}")
+        if smoothed > fcfg.stop_factor * best:
+            stopped_early = True
+            log.info(f"lr_find: smoothed loss {smoothed:.3f} > {fcfg.stop_factor} x best {best:.3f}; stopping")
+            break
+    if len(losses) < 3:
+        raise FluxtrainError(f"lr_find: the loss diverged after {len(losses)} steps; lower lr_find.start_lr")
+
+    lr_arr, smoothed_arr = np.array(lrs), zero_lag_smooth(np.array(losses), fcfg.smoothing)
+    result = LRFindResult(
+        lrs=lrs,
+        losses=losses,
+        smoothed=smoothed_arr.tolist(),
+        suggested_lr=suggest_lr(lr_arr, smoothed_arr, fcfg.rule),
+        rule=fcfg.rule,
+        stopped_early=stopped_early,
+    )
+    fig = plot(result)
+    atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(run_dir / "lr_find.json", lambda tmp: tmp.write_text(json.dumps(asdict(result), indent=1) + "\n"))
+    writer.add_figure("lr_find/curve", fig, close=False)
+    writer.add_text("lr_find/suggestion", result.summary())
+    writer.close()
+    log.info(f"lr_find: {result.summary()} | curve in {run_dir / 'lr_find.png'}")
+    return result

@@ -1,0 +1,110 @@
+"""Finished runs on disk: find the run folders under an outputs folder and read their config, metrics and curves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fluxtrain.sweep import FAILED_FILE
+
+MODEL_FILES = ("best.safetensors", "model_final.safetensors")
+TABLE_METRICS = (
+    "final_train_loss",
+    "final_val_loss",
+    "best_val_loss",
+    "val_perplexity",
+    "tokens_per_sec",
+    "wall_time_sec",
+)
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str  # the path relative to the folder that was searched
+    config: dict[str, Any]  # the composed config Hydra saved in .hydra/config.yaml ({} if there is none)
+    overrides: list[str]  # the command-line overrides of this run
+    metrics: dict[str, Any] | None  # metrics.json, None while running or when the run failed
+    error: str | None  # the error of a failed sweep job (failed.json)
+
+    def get(self, key: str) -> Any:
+        """A config value by dotted key, e.g. `optim.lr`; None when absent."""
+        node: Any = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def model_file(self) -> Path:
+        for name in MODEL_FILES:
+            if (self.path / name).is_file():
+                return self.path / name
+        raise FileNotFoundError(f"{self.path} holds no model file ({', '.join(MODEL_FILES)})")
+
+
+def read_run(path: Path, root: Path) -> Run:
+    hydra_dir = path / ".hydra"
+    config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml")) if hydra_dir.is_dir() else {}
+    overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml")) if (hydra_dir / "overrides.yaml").is_file() else []
+    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else None
+    error = json.loads((path / FAILED_FILE).read_text())["error"] if (path / FAILED_FILE).is_file() else None
+    name = str(path.relative_to(root)) if path != root else path.name
+    return Run(path=path, name=name, config=config, overrides=overrides, metrics=metrics, error=error)
+
+
+def find_runs(root: str | Path) -> list[Run]:
+    """Every run folder under `root` (or `root` itself): finished ones hold metrics.json, failed ones failed.json."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    folders = {p.parent for name in ("metrics.json", FAILED_FILE) for p in root.rglob(name)}
+    return [read_run(path, root) for path in sorted(folders)]
+
+
+def runs_table(
+    runs: list[Run],
+    keys: tuple[str, ...] = ("model.d_model", "model.n_layers", "optim.lr", "model.dropout"),
+    metrics: tuple[str, ...] = TABLE_METRICS,
+) -> list[dict[str, Any]]:
+    """One row per run: its name, chosen config values, final metrics, and the error if it failed."""
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"run": run.name}
+        row.update({key: run.get(key) for key in keys})
+        row.update({m: (run.metrics or {}).get(m) for m in metrics})
+        row["status"] = "failed: " + run.error if run.error else ("ok" if run.metrics else "no metrics")
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as a plain-text table with aligned columns; floats in 4 significant digits."""
+    if not rows:
+        return "(no runs)"
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    columns = list(rows[0])
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = [columns, *cells]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
+def read_scalars(run_dir: str | Path, tag: str) -> tuple[list[int], list[float]]:
+    """Steps and values of one scalar curve from a run's TensorBoard event files; empty if the tag is absent."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return [], []
+    points = events.Scalars(tag)
+    return [p.step for p in points], [p.value for p in points]

@@ -1,0 +1,87 @@
+"""Sweeps: a failing job is recorded in its folder and skipped, and the failures are reported when the sweep ends."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from fluxtrain.checkpoint import atomic_write
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.interrupt import TrainingInterrupted
+
+log = logging.getLogger("fluxtrain")
+
+FAILED_FILE = "failed.json"
+# What a failed job returns to the sweeper: the worst value when minimising (Optuna rejects NaN as a trial value).
+FAILED_VALUE = math.inf
+
+
+def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]) -> float:
+    """Run one job of a sweep; on an error, log it, write `failed.json` into `run_dir` and return FAILED_VALUE.
+
+    Hydra stops a sweep at the first job that raises, so catching here lets the other jobs run.
+    """
+    failed_file = run_dir / FAILED_FILE
+    failed_file.unlink(missing_ok=True)  # left by an earlier sweep into the same folder
+    try:
+        return task()
+    except TrainingInterrupted:
+        raise  # a stop on SIGINT/SIGTERM ends the whole sweep, as it ends a single run
+    except Exception as e:
+        if isinstance(e, FluxtrainError):
+            log.error(f"error: {e}")
+        else:
+            log.exception(f"job failed with {type(e).__name__}")
+        report = {"error": str(e).splitlines()[0] if str(e) else "", "type": type(e).__name__, "overrides": overrides}
+        atomic_write(failed_file, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+        return FAILED_VALUE
+
+
+def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, dict]]:
+    """(job folder, failed.json contents) of every job under `sweep_dir` that failed at or after time `since`."""
+    found = []
+    for path in sorted(sweep_dir.rglob(FAILED_FILE)):
+        if path.stat().st_mtime >= since:
+            found.append((path.parent, json.loads(path.read_text())))
+    return found
+
+
+def swept_keys(config: DictConfig) -> set[str]:
+    """The keys a multirun varies: sweep overrides (`a=1,2`) and the sweeper's own search space (Optuna's params)."""
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = {o.get_key_element() for o in overrides if o.is_sweep_override()}
+    return keys | set(config.hydra.sweeper.get("params") or {})
+
+
+class SweepReport(Callback):
+    """Lists the failed jobs when a multirun ends and exits non-zero if there were any (configured in conf/hydra/)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time() - 1.0  # file times can be coarser than the clock
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failed = failed_jobs(sweep_dir, self.started)
+        if not failed:
+            return
+        swept = swept_keys(config)
+        parser = OverridesParser.create()
+        lines = [f"{len(failed)} sweep job(s) failed; the others finished (see {FAILED_FILE} in the job folders):"]
+        for job_dir, report in failed:
+            values = [o.input_line for o in parser.parse_overrides(report["overrides"]) if o.get_key_element() in swept]
+            lines.append(f"  {job_dir}: {' '.join(values or report['overrides'])}: {report['error']}")
+        print("\n".join(lines), file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,111 @@
+"""The learning-rate range test: the suggestion rules, a real run on a tiny model, the PNG and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.lr_find import ema, lr_find, suggest_lr, zero_lag_smooth
+
+from .conftest import TINY_OVERRIDES, run_fluxtrain
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def synthetic_curve(lrs: np.ndarray, centre: float, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """A loss that falls from 4 to 1.5 along a logistic in log10(lr) centred at `centre`, then explodes above 0.1."""
+    x = np.log10(lrs)
+    loss = 1.5 + 2.5 / (1 + np.exp(4 * (x - np.log10(centre)))) + np.where(lrs > 0.1, 30 * (x + 1), 0)
+    return loss + noise * np.random.default_rng(seed).standard_normal(len(lrs))
+
+
+def test_steepest_rule_finds_the_steepest_point_without_lag():
+    lrs = np.geomspace(1e-7, 1, 300)
+    loss = synthetic_curve(lrs, centre=1e-3, noise=0.05)
+    smoothed = zero_lag_smooth(loss, 0.9)
+    # The logistic is steepest at its centre; a plain EMA would place it later (at a higher LR).
+    assert suggest_lr(lrs, smoothed, "steepest") == pytest.approx(1e-3, rel=0.35)
+    assert suggest_lr(lrs, ema(loss, 0.9), "steepest") > 1.3e-3
+
+
+def test_min_rule_is_a_tenth_of_the_minimum():
+    lrs = np.geomspace(1e-7, 1, 300)
+    smoothed = zero_lag_smooth(synthetic_curve(lrs, centre=1e-3), 0.9)
+    i_min = int(np.argmin(smoothed))
+    assert 1e-2 < lrs[i_min] <= 0.1 + 1e-9  # the flat bottom before the explosion
+    assert suggest_lr(lrs, smoothed, "min_div_10") == pytest.approx(lrs[i_min] / 10)
+
+
+def test_ema_is_bias_corrected():
+    assert ema(np.full(5, 3.0), 0.98) == pytest.approx(np.full(5, 3.0))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr_find.rule=valley", "lr_find.rule='valley' is not one of steepest, min_div_10"),
+        ("lr_find.start_lr=2.0", "lr_find.start_lr=2.0 must be positive and below lr_find.end_lr=1.0"),
+        ("lr_find.num_steps=5", "lr_find.num_steps=5 must be at least 10"),
+        ("lr_find.stop_factor=1.0", "lr_find.stop_factor=1.0 must be greater than 1"),
+    ],
+)
+def test_bad_settings_name_the_setting(tiny_cfg, tmp_path, override, message):
+    with pytest.raises(FluxtrainError) as e:
+        lr_find(tiny_cfg(override), tmp_path / "run")
+    assert str(e.value) == message
+    assert not (tmp_path / "run").exists()  # nothing written before the error
+
+
+@pytest.mark.slow
+def test_lr_find_on_a_tiny_model(tiny_cfg, tmp_path):
+    # 100 steps over 6 decades instead of 300 over 7, to keep the test short; the loss explodes before 10.
+    cfg = tiny_cfg("lr_find.num_steps=100", "lr_find.start_lr=1e-5", "lr_find.end_lr=10")
+    result = lr_find(cfg, tmp_path)
+    assert 1e-4 <= result.suggested_lr <= 1e-1
+    # The loss fell well below the uniform guess (ln 39 = 3.66) and the test stopped once it exploded.
+    assert min(result.smoothed) < 3.3
+    assert result.stopped_early and len(result.losses) < 100 and result.lrs[-1] < 10
+    png = tmp_path / "lr_find.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    height, width, _ = imread(png).shape
+    assert (width, height) == (700, 450)
+    saved = json.loads((tmp_path / "lr_find.json").read_text())
+    assert saved["suggested_lr"] == result.suggested_lr and len(saved["lrs"]) == len(result.losses)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert [e.value for e in events.Scalars("lr_find/loss")] == pytest.approx(result.losses, rel=1e-6)
+    assert "lr_find/curve" in events.Tags()["images"]
+
+
+@pytest.mark.slow
+def test_lr_find_command(tiny_text_file, tmp_path):
+    """The `fluxtrain-lr-find` entry point runs the test and prints the suggestion with its rule."""
+    proc = run_fluxtrain(
+        *TINY_OVERRIDES,
+        "lr_find.num_steps=30",
+        "lr_find.start_lr=1e-4",
+        f"data.path={tiny_text_file}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        entry=("-c", "from fluxtrain.__main__ import lr_find_main; lr_find_main()"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    saved = json.loads((run / "lr_find.json").read_text())
+    expected = f"suggested optim.lr={saved['suggested_lr']:.2e} (rule: steepest descent of the smoothed loss"
+    assert expected in proc.stdout
+    assert (run / "lr_find.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert not (run / "metrics.json").exists()  # it did not train
+
+
+def test_unknown_task_is_a_one_line_error(tmp_path):
+    proc = run_fluxtrain("task=finetune", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert lines[-1].endswith("error: task='finetune' is not one of train, lr_find"), lines
+    assert "Traceback" not in proc.stdout + proc.stderr

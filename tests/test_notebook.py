@@ -1,0 +1,74 @@
+"""notebooks/explore_runs.ipynb runs end to end on a tiny sweep made here, and is committed without outputs."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from .conftest import REPO_ROOT, run_fluxtrain, tiny_except
+
+NOTEBOOK = REPO_ROOT / "notebooks" / "explore_runs.ipynb"
+
+
+def test_notebook_is_committed_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+def outputs_text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+@pytest.mark.slow
+def test_notebook_explores_a_tiny_sweep(tiny_text_file, tmp_path, monkeypatch):
+    sweep = tmp_path / "outputs" / "sweep"
+    proc = run_fluxtrain(
+        "-m",
+        *tiny_except("optim.lr"),
+        "optim.lr=1e-3,3e-3",
+        f"data.path={tiny_text_file}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    monkeypatch.setenv("FLUXTRAIN_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for cell in code:
+        assert not [o for o in cell.outputs if o.output_type == "error"]
+
+    # The table lists both runs with their learning rate and their metrics.json figures.
+    table = outputs_text(code[1])
+    assert "2 runs under" in table
+    rows = {line.split()[0]: line for line in table.splitlines() if line.startswith("sweep/")}
+    assert set(rows) == {"sweep/0", "sweep/1"}
+    for job, lr in (("0", "0.001"), ("1", "0.003")):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert f" {lr} " in rows[f"sweep/{job}"]
+        assert f"{metrics['best_val_loss']:.4g}" in rows[f"sweep/{job}"] and rows[f"sweep/{job}"].endswith("ok")
+
+    # One figure with the train and val curves of both runs, read from their event files.
+    assert len([o for o in code[2].outputs if "image/png" in o.get("data", {})]) == 1
+    curves = outputs_text(code[2]).splitlines()
+    assert len(curves) == 4
+    for job in ("0", "1"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert f"sweep/{job} val/loss: 2 points, last {metrics['final_val_loss']:.4f} at iteration 30" in curves
+        assert f"sweep/{job} train/loss: 3 points," in outputs_text(code[2])
+
+    # A sample of 300 characters from the corpus's alphabet, taken from the better run's model file.
+    best = min(("0", "1"), key=lambda j: json.loads((sweep / j / "metrics.json").read_text())["best_val_loss"])
+    header, sample = outputs_text(code[3]).split(":\n\n", 1)
+    assert header == str(sweep / best / "best.safetensors")
+    assert len(sample) == 300 + 1 and set(sample) <= set(tiny_text_file.read_text())  # print adds a newline

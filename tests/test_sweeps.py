@@ -1,0 +1,178 @@
+"""Hydra sweeps: complete job folders with metrics.json and HParams events, the return value, a failing job, Optuna."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_class
+from omegaconf import open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+from fluxtrain.__main__ import main
+from fluxtrain.hparams import METRIC_PREFIX
+from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE
+
+from .conftest import TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
+
+REPORTED = ("final_train_loss", "final_val_loss", "best_val_loss", "val_perplexity", "tokens_per_sec", "wall_time_sec")
+SHORT = ["train.max_iters=20", "train.eval_interval=10"]
+
+
+def read_hparams(run_dir):
+    """(hyper-parameters, metric tags of the experiment, last value of each scalar) from a run's event file."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+    experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
+    end = hparams_metadata.parse_session_end_info_plugin_data(content[hparams_metadata.SESSION_END_INFO_TAG])
+    assert end.status == 1  # STATUS_SUCCESS
+    hparams = {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in start.hparams.items()}
+    metric_tags = {m.name.tag for m in experiment.metric_infos}
+    last = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+    return hparams, metric_tags, last
+
+
+@pytest.mark.slow
+def test_multirun_writes_complete_job_folders_and_hparams(tiny_text_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_fluxtrain(
+        "-m",
+        *tiny_except("optim.lr"),
+        *SHORT,
+        "optim.lr=1e-3,3e-3",
+        "model.dropout=0.0,0.1",
+        f"data.path={tiny_text_file}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        for key in REPORTED:
+            assert math.isfinite(metrics[key]) and metrics[key] > 0, (job, key)
+        for name in ("model_final.safetensors", "best.safetensors", "tokenizer.json", ".hydra/config.yaml"):
+            assert (job / name).is_file(), (job, name)
+        hparams, metric_tags, last = read_hparams(job)
+        # Every config leaf is a hyper-parameter; the swept values are those of this job's overrides.
+        overrides = dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra/overrides.yaml").read_text()))
+        assert hparams["optim.lr"] == pytest.approx(float(overrides["optim.lr"]))
+        assert hparams["model.dropout"] == pytest.approx(float(overrides["model.dropout"]))
+        assert hparams["model.d_model"] == 32 and hparams["tokenizer.kind"] == "char"
+        seen.add((hparams["optim.lr"], hparams["model.dropout"]))
+        # The HParams table's metric columns are scalars of the same run holding the metrics.json figures.
+        assert {METRIC_PREFIX + k for k in REPORTED} <= metric_tags
+        for tag in metric_tags:
+            assert last[tag] == pytest.approx(metrics[tag.removeprefix(METRIC_PREFIX)], rel=1e-5), tag
+        assert "train/loss" in last and "val/loss" in last  # the curves sit next to the HParams row
+    assert seen == {(lr, d) for lr in (1e-3, 3e-3) for d in (0.0, 0.1)}
+
+
+@pytest.fixture
+def job_config():
+    """Make a job's config with Hydra's runtime set as in a real job, to call the `@hydra.main` function directly."""
+
+    def make(overrides: list[str], output_dir, mode: RunMode):
+        with_hydra = compose_config(overrides, return_hydra_config=True)
+        with open_dict(with_hydra):
+            with_hydra.hydra.runtime.output_dir = str(output_dir)
+            with_hydra.hydra.mode = mode
+            with_hydra.hydra.overrides.task = overrides
+        HydraConfig.instance().set_config(with_hydra)
+        cfg = copy.deepcopy(with_hydra)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield make
+    HydraConfig.instance().cfg = None
+
+
+def test_main_returns_best_val_loss(job_config, tiny_text_file, tmp_path):
+    overrides = [*TINY_OVERRIDES, *SHORT, f"data.path={tiny_text_file}", f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = job_config(overrides, tmp_path / "run", RunMode.RUN)
+    value = main(cfg)
+    assert value == json.loads((tmp_path / "run" / "metrics.json").read_text())["best_val_loss"]
+
+
+def test_failing_job_in_multirun_mode_is_recorded_not_raised(job_config, tiny_text_file, tmp_path):
+    overrides = [*tiny_except("model.n_heads"), "model.n_heads=3", f"data.path={tiny_text_file}"]
+    cfg = job_config(overrides, tmp_path / "job", RunMode.MULTIRUN)
+    assert main(cfg) == FAILED_VALUE
+    report = json.loads((tmp_path / "job" / FAILED_FILE).read_text())
+    assert report["error"] == "model.n_heads=3 must divide model.d_model=32"
+    assert report["type"] == "FluxtrainError" and "model.n_heads=3" in report["overrides"]
+
+
+@pytest.mark.slow
+def test_failing_job_does_not_hide_the_other_results(tiny_text_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_fluxtrain(
+        "-m",
+        *tiny_except("model.n_heads"),
+        *SHORT,
+        "model.n_heads=3,2",
+        f"data.path={tiny_text_file}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 1
+    # The bad value fails with a one-line reason in its folder and no results there...
+    failed = json.loads((sweep / "0" / FAILED_FILE).read_text())
+    assert failed["error"] == "model.n_heads=3 must divide model.d_model=32"
+    assert not (sweep / "0" / "metrics.json").exists()
+    # ...the other job ran to the end...
+    metrics = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert metrics["iters"] == 20 and math.isfinite(metrics["best_val_loss"])
+    assert not (sweep / "1" / FAILED_FILE).exists()
+    read_hparams(sweep / "1")
+    # ...and the end-of-sweep report names the failed job by its swept value, without a traceback.
+    assert "1 sweep job(s) failed" in proc.stderr
+    assert f"{sweep / '0'}: model.n_heads=3: model.n_heads=3 must divide model.d_model=32" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_optuna_search_composes():
+    cfg = compose_config(["hparams_search=lr_optuna"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert get_class(sweeper._target_).__name__ == "OptunaSweeper"
+    assert sweeper.direction == "minimize"  # main returns the best val loss; failed jobs return +inf
+    assert set(sweeper.params) == {"optim.lr", "model.dropout"}
+    assert sweeper.params["optim.lr"] == "tag(log, interval(1e-4, 1e-2))"
+    assert 0 < sweeper.n_trials <= 20 and cfg.train.max_iters <= 1000  # a small budget
+    assert cfg.model.d_model == compose_config([]).model.d_model  # the search leaves the preset alone
+
+
+@pytest.mark.slow
+def test_optuna_sweep_of_two_trials_runs(tiny_text_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_fluxtrain(
+        "-m",
+        "hparams_search=lr_optuna",
+        "hydra.sweeper.n_trials=2",
+        *tiny_except("optim.lr"),
+        *SHORT,
+        f"data.path={tiny_text_file}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best_losses = []
+    for job in ("0", "1"):
+        overrides = dict(o.split("=", 1) for o in yaml.safe_load((sweep / job / ".hydra/overrides.yaml").read_text()))
+        assert 1e-4 <= float(overrides["optim.lr"]) <= 1e-2
+        assert 0.0 <= float(overrides["model.dropout"]) <= 0.3
+        best_losses.append(json.loads((sweep / job / "metrics.json").read_text())["best_val_loss"])
+    # The sweeper saw the values `main` returned: its best is the lower best val loss of the two trials.
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(min(best_losses))
