@@ -8,11 +8,16 @@ import math
 
 import pytest
 import yaml
+from google.protobuf import json_format
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import open_dict
+from tensorboard import context
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from fluxtrain.__main__ import main
@@ -38,6 +43,29 @@ def read_hparams(run_dir):
     metric_tags = {m.name.tag for m in experiment.metric_infos}
     last = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
     return hparams, metric_tags, last
+
+
+def hparams_table(logdir) -> dict[str, tuple[dict, dict]]:
+    """The HParams plugin's table for `logdir`, as TensorBoard serves it: run -> (hyper-parameters, metrics)."""
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
+    backend = backend_context.Context(
+        base_plugin.TBContext(logdir=str(logdir), multiplexer=mux, data_provider=provider)
+    )
+    request = json_format.ParseDict(
+        {"allowedStatuses": ["STATUS_SUCCESS"], "colParams": [{"hparam": "optim.lr"}], "sliceSize": 100},
+        api_pb2.ListSessionGroupsRequest(),
+    )
+    response = list_session_groups.Handler(context.RequestContext(), backend, "", request).run()
+    table = {}
+    for group in response.session_groups:
+        hparams = {
+            k: v.number_value if v.HasField("number_value") else v.string_value for k, v in group.hparams.items()
+        }
+        table[group.name] = (hparams, {m.name.tag: m.value for m in group.metric_values})
+    return table
 
 
 @pytest.mark.slow
@@ -76,6 +104,15 @@ def test_multirun_writes_complete_job_folders_and_hparams(tiny_text_file, tmp_pa
             assert last[tag] == pytest.approx(metrics[tag.removeprefix(METRIC_PREFIX)], rel=1e-5), tag
         assert "train/loss" in last and "val/loss" in last  # the curves sit next to the HParams row
     assert seen == {(lr, d) for lr in (1e-3, 3e-3) for d in (0.0, 0.1)}
+
+    # `tensorboard --logdir <sweep>` shows the four jobs as rows of one HParams table, with their metrics.
+    table = hparams_table(sweep)
+    assert sorted(table) == ["0", "1", "2", "3"]
+    for name, (hparams, metrics) in table.items():
+        saved = json.loads((sweep / name / "metrics.json").read_text())
+        assert hparams == read_hparams(sweep / name)[0]
+        for key in REPORTED:
+            assert metrics[METRIC_PREFIX + key] == pytest.approx(saved[key], rel=1e-5), (name, key)
 
 
 @pytest.fixture
