@@ -132,6 +132,8 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
     torch.manual_seed(tcfg.seed)
     data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
     model = GPT(model_cfg, tokenizer.vocab_size).to(device)
