@@ -29,6 +29,7 @@ MODEL_FORMAT = "fluxtrain-model"
 CHECKPOINT_FORMAT = "fluxtrain-checkpoint"
 FORMAT_VERSION = "1"
 TIED_KEYS = ("head.weight",)  # tied to tok_emb.weight, so stored once
+DIGEST_KEY = "sha256"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -72,9 +73,9 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in TIED_KEYS}
 
 
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes, to tell a damaged file from a good one."""
-    h = hashlib.sha256()
+def content_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 of the metadata and of the tensors' names, dtypes, shapes and bytes, to detect damaged files."""
+    h = hashlib.sha256(json.dumps(sorted((k, v) for k, v in meta.items() if k != DIGEST_KEY)).encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
@@ -99,7 +100,7 @@ def save_model_file(path: str | Path, model: nn.Module, tokenizer: Tokenizer, ex
     plain = unwrap(model)
     state = model_state(plain)
     meta = model_metadata(plain, tokenizer, extra)
-    meta["tensors_sha256"] = tensors_digest(state)
+    meta[DIGEST_KEY] = content_digest(state, meta)
     atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(state, metadata=meta)))
 
 
@@ -133,9 +134,9 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[
     if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         version = meta["format_version"]
         raise FluxtrainError(f"{path} has format version {version}; this fluxtrain reads version {FORMAT_VERSION}")
-    digest = meta.get("tensors_sha256")
-    if digest is not None and tensors_digest(tensors) != digest:
-        raise FluxtrainError(f"{path} is corrupt: its tensor data do not match the checksum stored in the file")
+    digest = meta.get(DIGEST_KEY)
+    if digest is not None and content_digest(tensors, meta) != digest:
+        raise FluxtrainError(f"{path} is corrupt: its content does not match the checksum stored in the file")
     return meta, tensors
 
 
@@ -291,9 +292,9 @@ def save_checkpoint(
             "optimizer": optim_json,
             "scaler": json.dumps(scaler.state_dict()),
             "config": json.dumps(config),
-            "tensors_sha256": tensors_digest(tensors),
         },
     )
+    meta[DIGEST_KEY] = content_digest(tensors, meta)
     atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(tensors, metadata=meta)))
 
 

@@ -149,6 +149,9 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     flipped = bytearray(data)
     flipped[-10] ^= 0xFF  # one byte of tensor data
     add("bit_flip", bytes(flipped), "is corrupt")
+    header_edit = data.replace(b'"iteration\\": 2', b'"iteration\\": 7', 1)  # still valid JSON, wrong content
+    assert header_edit != data
+    add("metadata_edit", header_edit, "is corrupt")
     torch.save({"model": {"w": torch.zeros(3)}}, tmp_path / "pickled.ckpt")
     files["pickled"] = (tmp_path / "pickled.ckpt", "is not a readable safetensors checkpoint")
     save_file({"w": torch.zeros(3)}, str(tmp_path / "foreign.ckpt"))
