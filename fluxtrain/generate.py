@@ -17,6 +17,7 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT
 from fluxtrain.resume import find_latest
 from fluxtrain.sampling import SamplingConfig, beam_search, sample_stream
+from fluxtrain.sampling import generate_ids as generate_ids  # re-exported: the name callers know from here
 from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, load_tokenizer
 from fluxtrain.train import resolve_device
 
