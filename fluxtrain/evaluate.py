@@ -176,7 +176,9 @@ def run(args: argparse.Namespace) -> EvalResult:
     check_stride(args.stride, model.cfg.seq_len)
     sources = resolve_sources(args.data, setting="--data")
     ids = encode_sources(sources, tokenizer)
-    result = evaluate_ids(model, ids, count_bytes(ids, tokenizer), args.stride, args.batch_size, device, progress=True)
+    result = evaluate_ids(
+        model, ids, count_bytes(ids, tokenizer), args.stride, args.batch_size, device, sys.stderr.isatty()
+    )
     print(
         f"{args.model} | {sources.describe()} | {result.n_tokens:,} {tokenizer.kind} tokens "
         f"| seq_len {result.seq_len}, stride {result.stride}"

@@ -215,7 +215,14 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
     check_same_logits(model, hf_model, str(model_path))
 
     def write(tmp: Path) -> None:
-        hf_model.save_pretrained(tmp)
+        hf_logging = require_transformers().utils.logging
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one small file: no "writing shards" bar
+        try:
+            hf_model.save_pretrained(tmp)
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
         hf_tok.save_pretrained(tmp)
         # Name the class both transformers 4 and 5 know (5 would write its new name, TokenizersBackend).
         config_path = tmp / "tokenizer_config.json"
