@@ -168,10 +168,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> EvalResult:
     if args.batch_size <= 0:
         raise FluxtrainError(f"--batch-size={args.batch_size} must be a positive integer")
-    try:
-        device = resolve_device(args.device)
-    except FluxtrainError as e:
-        raise FluxtrainError(str(e).replace("train.device", "--device")) from None
+    device = resolve_device(args.device, "--device")
     model, tokenizer = load_model(args.model, device)
     check_stride(args.stride, model.cfg.seq_len)
     sources = resolve_sources(args.data, setting="--data")
