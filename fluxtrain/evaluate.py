@@ -173,6 +173,8 @@ def run(args: argparse.Namespace) -> EvalResult:
     check_stride(args.stride, model.cfg.seq_len)
     sources = resolve_sources(args.data, setting="--data")
     ids = encode_sources(sources, tokenizer)
+    if len(ids) < 2:
+        raise FluxtrainError(f"{sources.setting}: the text is {len(ids)} token(s); evaluation needs at least 2")
     result = evaluate_ids(
         model, ids, count_bytes(ids, tokenizer), args.stride, args.batch_size, device, sys.stderr.isatty()
     )

@@ -233,3 +233,12 @@ def test_missing_data_is_a_one_line_error(model_file, tmp_path, capsys):
         main([str(model_file), "--data", str(tmp_path / "nope.txt"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
+
+
+def test_a_one_token_text_is_a_one_line_error(model_file, tmp_path, capsys):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("k", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        main([str(model_file), "--data", str(text_file), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data" in err and "at least 2" in err
