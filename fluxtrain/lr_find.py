@@ -112,7 +112,7 @@ def plot(result: LRFindResult) -> Figure:
     ax.set_ylim(min(result.smoothed) * 0.9, top * 1.05)
     ax.set_title(f"LR range test: {RULES[result.rule]}")
     ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return fig
 

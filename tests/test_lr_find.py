@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -9,10 +10,11 @@ import pytest
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fluxtrain.__main__ import lr_find_main
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.lr_find import ema, lr_find, suggest_lr, zero_lag_smooth
 
-from .conftest import TINY_OVERRIDES, run_fluxtrain
+from .conftest import REPO_ROOT, TINY_OVERRIDES, run_fluxtrain
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -101,6 +103,13 @@ def test_lr_find_command(tiny_text_file, tmp_path):
     assert expected in proc.stdout
     assert (run / "lr_find.png").read_bytes()[:8] == PNG_SIGNATURE
     assert not (run / "metrics.json").exists()  # it did not train
+
+
+def test_console_script_runs_the_lr_finder_entry_point():
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, name = scripts["fluxtrain-lr-find"].split(":")
+    assert getattr(importlib.import_module(module), name) is lr_find_main
 
 
 def test_unknown_task_is_a_one_line_error(tmp_path):

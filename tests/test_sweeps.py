@@ -213,3 +213,24 @@ def test_optuna_sweep_of_two_trials_runs(tiny_text_file, tmp_path):
     # The sweeper saw the values `main` returned: its best is the lower best val loss of the two trials.
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(min(best_losses))
+
+
+@pytest.mark.slow
+def test_optuna_sweep_survives_failing_trials(tiny_text_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_fluxtrain(
+        "-m",
+        "hparams_search=lr_optuna",
+        "hydra.sweeper.n_trials=2",
+        *tiny_except("model.n_heads"),
+        "model.n_heads=3",
+        f"data.path={tiny_text_file}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    # Both trials fail; the study still ends (failed trials count as +inf) and the report lists them.
+    assert proc.returncode == 1
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == math.inf
+    assert "2 sweep job(s) failed" in proc.stderr
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / FAILED_FILE).read_text())["error"].startswith("model.n_heads=3 must divide")
