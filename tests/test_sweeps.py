@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
 
 import pytest
 import yaml
@@ -20,8 +21,9 @@ from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from fluxtrain.__main__ import main
+from fluxtrain.__main__ import TASKS, main
 from fluxtrain.hparams import METRIC_PREFIX
+from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE
 
 from .conftest import TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
@@ -149,6 +151,18 @@ def test_failing_job_in_multirun_mode_is_recorded_not_raised(job_config, tiny_te
     report = json.loads((tmp_path / "job" / FAILED_FILE).read_text())
     assert report["error"] == "model.n_heads=3 must divide model.d_model=32"
     assert report["type"] == "FluxtrainError" and "model.n_heads=3" in report["overrides"]
+
+
+def test_interrupted_job_stops_the_whole_sweep(job_config, tmp_path, monkeypatch):
+    def stopped(cfg, run_dir):
+        raise TrainingInterrupted("stopped by SIGTERM; checkpoint ckpt.pt", signal.SIGTERM)
+
+    monkeypatch.setitem(TASKS, "train", stopped)
+    cfg = job_config(TINY_OVERRIDES, tmp_path / "job", RunMode.MULTIRUN)
+    with pytest.raises(SystemExit) as e:  # not caught by Hydra's job runner, so no later job starts
+        main(cfg)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "job" / FAILED_FILE).exists()
 
 
 @pytest.mark.slow
