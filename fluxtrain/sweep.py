@@ -29,7 +29,8 @@ FAILED_VALUE = math.inf
 def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]) -> float:
     """Run one job of a sweep; on an error, log it, write `failed.json` into `run_dir` and return FAILED_VALUE.
 
-    Hydra stops a sweep at the first job that raises, so catching here lets the other jobs run.
+    An exception would end the sweep with only the first error's traceback (Hydra's basic sweeper after its batch,
+    the Optuna sweeper at once) and skip the end-of-sweep report; caught here, every job runs and is reported.
     """
     failed_file = run_dir / FAILED_FILE
     failed_file.unlink(missing_ok=True)  # left by an earlier sweep into the same folder
@@ -50,7 +51,8 @@ def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]
 def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, dict]]:
     """(job folder, failed.json contents) of every job under `sweep_dir` that failed at or after time `since`."""
     found = []
-    for path in sorted(sweep_dir.rglob(FAILED_FILE)):
+    by_job_number = lambda p: [int(part) if part.isdigit() else -1 for part in p.relative_to(sweep_dir).parts]
+    for path in sorted(sweep_dir.rglob(FAILED_FILE), key=by_job_number):
         if path.stat().st_mtime >= since:
             found.append((path.parent, json.loads(path.read_text())))
     return found

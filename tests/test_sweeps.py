@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import signal
 
 import pytest
@@ -24,7 +25,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from fluxtrain.__main__ import TASKS, main
 from fluxtrain.hparams import METRIC_PREFIX
 from fluxtrain.interrupt import TrainingInterrupted
-from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE
+from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs
 
 from .conftest import TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
 
@@ -248,3 +249,17 @@ def test_optuna_sweep_survives_failing_trials(tiny_text_file, tmp_path):
     assert "2 sweep job(s) failed" in proc.stderr
     for job in ("0", "1"):
         assert json.loads((sweep / job / FAILED_FILE).read_text())["error"].startswith("model.n_heads=3 must divide")
+
+
+def test_failed_jobs_are_listed_by_job_number_and_only_from_this_sweep(tmp_path):
+    for job in ("0", "2", "10", "1", "3"):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / FAILED_FILE).write_text(json.dumps({"error": f"job {job}", "overrides": []}))
+    os.utime(tmp_path / "3" / FAILED_FILE, (1_000_000, 1_000_000))  # left by an earlier sweep into this folder
+    found = failed_jobs(tmp_path, since=2_000_000)
+    assert [(path.name, report["error"]) for path, report in found] == [
+        ("0", "job 0"),
+        ("1", "job 1"),
+        ("2", "job 2"),
+        ("10", "job 10"),
+    ]
