@@ -27,7 +27,7 @@ from fluxtrain.hparams import METRIC_PREFIX
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs
 
-from .conftest import TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
+from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
 
 REPORTED = ("final_train_loss", "final_val_loss", "best_val_loss", "val_perplexity", "tokens_per_sec", "wall_time_sec")
 SHORT = ["train.max_iters=20", "train.eval_interval=10"]
@@ -203,6 +203,18 @@ def test_optuna_search_composes():
     assert sweeper.params["optim.lr"] == "tag(log, interval(1e-4, 1e-2))"
     assert 0 < sweeper.n_trials <= 20 and cfg.train.max_iters <= 1000  # a small budget
     assert cfg.model.d_model == compose_config([]).model.d_model  # the search leaves the preset alone
+
+
+def test_optuna_search_composes_with_every_experiment():
+    experiments = sorted((REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
+    if not experiments:
+        pytest.skip("no experiment files")
+    for path in experiments:
+        alone = compose_config([f"experiment={path.stem}"])
+        cfg = compose_config([f"experiment={path.stem}", "hparams_search=lr_optuna"], return_hydra_config=True)
+        assert get_class(cfg.hydra.sweeper._target_).__name__ == "OptunaSweeper", path.stem
+        assert cfg.model == alone.model and cfg.optim == alone.optim  # the search starts from the experiment
+        assert cfg.train.max_iters == 1000
 
 
 @pytest.mark.slow
