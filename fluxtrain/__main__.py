@@ -1,4 +1,4 @@
-"""`python -m fluxtrain`: compose the config with Hydra and run the chosen task."""
+"""`python -m fluxtrain` (or `torchrun ... -m fluxtrain`): compose the config with Hydra and run the chosen task."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from fluxtrain import distributed
 from fluxtrain.config import config_dir, register_configs
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.lr_find import lr_find
@@ -35,8 +36,11 @@ def run_task(cfg: DictConfig, run_dir: Path) -> float:
 
 def run(cfg: DictConfig) -> float:
     """Run `cfg.task` in Hydra's output folder; returns the best val loss when training, for sweepers."""
+    world = distributed.init_world()  # a no-op when main() joined already; SLURM tasks join here
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    distributed.publish_run_dir(str(run_dir))
+    distributed.quiet_other_ranks(world)
     try:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             overrides = OmegaConf.to_container(hydra_cfg.overrides.task)
@@ -50,9 +54,23 @@ def run(cfg: DictConfig) -> float:
         sys.exit(130)
 
 
-main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(run)
+hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(run)
 # `fluxtrain-lr-find`: conf/lr_find.yaml is the primary config with task=lr_find
 lr_find_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="lr_find")(run)
+
+
+def main(cfg: DictConfig | None = None) -> float | None:
+    """The `fluxtrain` command (also under torchrun); with a composed `cfg`, runs it as Hydra's job function."""
+    if cfg is not None:
+        return hydra_main(cfg)
+    try:
+        sys.argv[1:] = distributed.follow_main_run_dir(sys.argv[1:])  # all torchrun ranks share rank 0's run folder
+    except FluxtrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    hydra_main()
+    distributed.close_world()
+    return None
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from fluxtrain.distributed import full_optimizer_state, load_full_weights, shard_optimizer_state
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
@@ -57,7 +58,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside torch.compile (`_orig_mod`) and DDP/FSDP (`module`) wrappers."""
+    """The plain model inside torch.compile (`_orig_mod`) and DDP (`module`) wrappers.
+
+    FSDP's `fully_shard` has no wrapper (the model itself holds the shards); `model_state` gathers its weights.
+    """
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -67,9 +71,32 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `fully_shard` split the model's parameters over the ranks (they are DTensors then)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def is_writer() -> bool:
+    """Under torch.distributed, rank 0 alone writes files."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights of the unwrapped model, without the tied head, as contiguous CPU tensors."""
-    state = unwrap(model).state_dict()
+    """Weights of the unwrapped model, without the tied head, as contiguous CPU tensors.
+
+    A model sharded by FSDP is gathered whole: every rank must call this, and only rank 0 gets the weights
+    (the other ranks get an empty dict).
+    """
+    model = unwrap(model)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+    else:
+        state = model.state_dict()
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in TIED_KEYS}
 
 
@@ -96,9 +123,16 @@ def model_metadata(model: GPT, tokenizer: Tokenizer, extra: dict[str, str] | Non
 
 
 def save_model_file(path: str | Path, model: nn.Module, tokenizer: Tokenizer, extra: dict[str, str] | None = None):
-    """Write a self-describing model file: weights plus model config and tokenizer in the metadata."""
+    """Write a self-describing model file: weights plus model config and tokenizer in the metadata.
+
+    Under torch.distributed every rank calls this (FSDP gathers the weights collectively); rank 0 writes the file.
+    """
     plain = unwrap(model)
+    if not (is_writer() or is_sharded(plain)):
+        return
     state = model_state(plain)
+    if not is_writer():
+        return
     meta = model_metadata(plain, tokenizer, extra)
     meta[DIGEST_KEY] = content_digest(state, meta)
     atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(state, metadata=meta)))
@@ -275,12 +309,17 @@ def save_checkpoint(
 ) -> None:
     """Write a full checkpoint atomically; refuses (NonFiniteWeightsError) when the weights are not finite."""
     plain = unwrap(model)
+    if not (is_writer() or is_sharded(plain)):  # FSDP gathers weights and optimizer state with every rank
+        return
     weights = model_state(plain)
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise NonFiniteWeightsError(f"weight {bad} holds NaN or infinite values; {Path(path).name} was not written")
+    optim_state = full_optimizer_state(optimizer)  # all ranks: FSDP gathers the shards
+    if not is_writer():
+        return
     tensors = {f"model/{k}": v for k, v in weights.items()}
-    optim_tensors, optim_json = _split_optimizer_state(optimizer.state_dict())
+    optim_tensors, optim_json = _split_optimizer_state(optim_state)
     tensors.update(optim_tensors)
     tensors.update({f"rng/{k}": v.detach().cpu().contiguous() for k, v in rng.items()})
     meta = model_metadata(
@@ -351,10 +390,13 @@ def restore(
     The optimizer's hyperparameters (betas, weight decay...) stay as the current config sets them.
     """
     source = str(ckpt.path)
-    load_state_into(unwrap(model), ckpt.model, source)
+    if is_sharded(unwrap(model)):
+        load_full_weights(unwrap(model), ckpt.model)
+    else:
+        load_state_into(unwrap(model), ckpt.model, source)
     configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(ckpt.optimizer)
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, ckpt.optimizer))
     except (ValueError, KeyError, RuntimeError) as e:
         raise FluxtrainError(f"{source}: optimizer state does not fit this optimizer ({_first_line(e)})") from None
     for group, settings in zip(optimizer.param_groups, configured, strict=True):

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from fluxtrain import distributed, throughput
 from fluxtrain.checkpoint import NonFiniteWeightsError, Progress, restore, rng_state, save_checkpoint, save_model_file
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.hparams import log_hparams
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
-from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.model import GPT, ModelConfig, flops_per_token
 from fluxtrain.optim import build_optimizer, cosine_progress, lr_at, set_lr
 from fluxtrain.resume import (
     check_tokenizer,
@@ -57,7 +59,10 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
-    compile: bool = False
+    compile: bool = False  # torch.compile; falls back to eager with a warning where it fails
+    strategy: str = "ddp"  # ddp | fsdp (fully_shard), used when launched by torchrun with several processes
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    peak_flops: float | None = None  # peak FLOP/s of one device for MFU; null: GPU table, else a matmul probe
     threads: int = 0  # CPU threads for torch ops; 0 keeps torch's default (one per core)
 
 
@@ -72,6 +77,9 @@ def validate(cfg: TrainConfig) -> None:
         raise FluxtrainError(f"train.max_time={cfg.max_time} must be a positive number of seconds")
     if cfg.precision not in PRECISIONS:
         raise FluxtrainError(f"train.precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    distributed.validate_strategy(cfg.strategy, cfg.precision)
+    if cfg.peak_flops is not None and cfg.peak_flops <= 0:
+        raise FluxtrainError(f"train.peak_flops={cfg.peak_flops} must be a positive number of FLOP/s")
 
 
 def resolve_device(name: str, setting: str = "train.device") -> torch.device:
@@ -166,7 +174,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     validate(tcfg)
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
     model_cfg.validate()
-    device = resolve_device(tcfg.device)
+    world = distributed.current_world()
+    device = distributed.training_device(world, resolve_device(tcfg.device))
     if tcfg.precision != "fp32" and device.type != "cuda":
         log.warning(f"train.precision={tcfg.precision} needs CUDA; training in fp32 on {device.type}")
     t_start = time.perf_counter()
@@ -175,30 +184,45 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     torch.manual_seed(tcfg.seed)
-    data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
+    with distributed.main_first(world):  # rank 0 downloads, trains the tokenizer and fills the cache
+        data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
     if resume:
         check_tokenizer(resume, tokenizer)
-    tokenizer.save(run_dir / "tokenizer.json")
+    if world.is_main:
+        tokenizer.save(run_dir / "tokenizer.json")
     log.info(
         f"data: {source} | {len(data.train):,} train / {len(data.val):,} val tokens "
         f"| {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}"
     )
 
     model = GPT(model_cfg, tokenizer.vocab_size).to(device)
+    model.activation_checkpointing = tcfg.activation_checkpointing
     n_params = model.num_params()
     log.info(f"model: {n_params:,} parameters ({model_cfg.n_layers} layers, width {model_cfg.d_model})")
-    optimizer = build_optimizer(model, cfg.optim)
+    train_model = distributed.wrap_model(model, world, tcfg.strategy)
+    if tcfg.compile:
+        x, y = distributed.rank_batch(data, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed), world)
+        autocast = lambda: autocast_context(device, tcfg.precision)
+        train_model = distributed.compile_model(train_model, x.to(device), y.to(device), autocast)
+    optimizer = build_optimizer(model, cfg.optim)  # after wrapping: FSDP replaces the parameters by shards
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and tcfg.precision == "fp16")
-    train_model = torch.compile(model) if tcfg.compile else model
 
-    tokens_per_iter = tcfg.batch_size * tcfg.grad_accum * model_cfg.seq_len
-    log.info(f"tokens per optimizer step: {tokens_per_iter:,} | device {device}")
+    tokens_per_iter = tcfg.batch_size * tcfg.grad_accum * world.world_size * model_cfg.seq_len
+    peak, peak_source = throughput.peak_flops(device, tcfg.peak_flops, tcfg.precision)
+    model_flops = flops_per_token(model_cfg, n_params)
+    log.info(
+        f"tokens per optimizer step: {tokens_per_iter:,} (batch {tcfg.batch_size} x accum {tcfg.grad_accum} "
+        f"x {world.world_size} rank(s) x seq {model_cfg.seq_len}) | device {device} | "
+        f"peak {throughput.format_flops(peak)} per device ({peak_source})"
+    )
     # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=resume.progress.iteration + 1 if resume else None)
-    batch_gen = torch.Generator().manual_seed(tcfg.seed)
+    purge_step = resume.progress.iteration + 1 if resume else None
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step) if world.is_main else distributed.NullWriter()
+    batch_gen = torch.Generator().manual_seed(tcfg.seed)  # the same on every rank: each takes its part of a batch
     progress = Progress()
     if resume:
         progress = restore(resume, model, optimizer, scaler, batch_gen)
+    if resume and world.is_main:
         set_aside_later(run_dir, progress.iteration)
 
     best_val = progress.best_val_loss
@@ -218,7 +242,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     t_window, tokens_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec = 0.0
     last_ckpt = resume.path if resume else None
-    bar = tqdm(total=tcfg.max_iters, initial=it, disable=not sys.stdout.isatty(), desc="train", leave=False)
+    show_bar = sys.stdout.isatty() and world.is_main
+    bar = tqdm(total=tcfg.max_iters, initial=it, disable=not show_bar, desc="train", leave=False)
 
     def evaluate_and_save_best(step: int) -> None:
         nonlocal best_val, last_losses
@@ -248,7 +273,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         except NonFiniteWeightsError:
             raise divergence_error("the weights became NaN or infinite", it, last_ckpt, cfg.optim.lr) from None
         last_ckpt = path
-        prune(run_dir, tcfg.keep_last)
+        if world.is_main:
+            prune(run_dir, tcfg.keep_last)
 
     stop.install()
     while True:
@@ -267,11 +293,12 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         set_lr(optimizer, lr)
 
         loss_sum = 0.0
-        for _ in range(tcfg.grad_accum):
-            x, y = data.get_batch("train", tcfg.batch_size, batch_gen)
-            with autocast_context(device, tcfg.precision):
-                _, loss = train_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            scaler.scale(loss / tcfg.grad_accum).backward()
+        for micro in range(tcfg.grad_accum):
+            x, y = distributed.rank_batch(data, tcfg.batch_size, batch_gen, world)
+            with distributed.grad_sync(train_model, micro == tcfg.grad_accum - 1):
+                with autocast_context(device, tcfg.precision):
+                    _, loss = train_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                scaler.scale(loss / tcfg.grad_accum).backward()
             loss_sum += loss.item()
         loss_value = loss_sum / tcfg.grad_accum
         if not math.isfinite(loss_value):
@@ -290,14 +317,16 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         if it % tcfg.log_interval == 0 or it == tcfg.max_iters:
             dt = time.perf_counter() - t_window
             tokens_per_sec = tokens_window / dt
-            train_loss = sum(losses_window) / len(losses_window)
+            train_loss = distributed.mean_over_ranks(sum(losses_window) / len(losses_window), device)
+            mfu = throughput.mfu(tokens_per_sec, model_flops, peak, world.world_size)
             log.info(
                 f"iter {it:>6}/{tcfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "
-                f"| {len(losses_window) / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s"
+                f"| {len(losses_window) / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}%"
             )
             writer.add_scalar("train/loss", train_loss, it)
             writer.add_scalar("lr", lr, it)
             writer.add_scalar("throughput/tokens_per_sec", tokens_per_sec, it)
+            writer.add_scalar("throughput/mfu", mfu, it)
             t_window, tokens_window, losses_window = time.perf_counter(), 0, []
         t_side = time.perf_counter()  # time spent outside training steps is left out of the throughput
         if it % tcfg.eval_interval == 0:
@@ -309,12 +338,15 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         if tcfg.ckpt_interval and it % tcfg.ckpt_interval == 0:
             write_checkpoint()  # first: it refuses NaN or infinite weights
             save_model_file(run_dir / f"model_iter_{it:06d}.safetensors", model, tokenizer)
-        if stop.requested:
+        if distributed.any_rank(stop.requested, device):  # every rank stops after the same iteration
             if last_ckpt != checkpoint_path(run_dir, it):
                 write_checkpoint()
             log.warning(f"stopped by {stop.signal_name} after iteration {it}; checkpoint: {last_ckpt}")
             log.warning(f"resume with: {resume_command(run_dir)}")
-            raise TrainingInterrupted(f"stopped by {stop.signal_name}; checkpoint {last_ckpt}", stop.signum)
+            signum = stop.signum or signal.SIGTERM  # the signal may have reached another rank only
+            raise TrainingInterrupted(
+                f"stopped by {stop.signal_name or 'another rank'}; checkpoint {last_ckpt}", signum
+            )
         t_window += time.perf_counter() - t_side
     bar.close()
 
@@ -334,7 +366,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         "wall_time_sec": wall_time,
         "n_params": n_params,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if world.is_main:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log_hparams(writer, cfg, metrics)
     writer.close()
     log.info(f"done: {it} iterations in {wall_time:.1f}s | val loss {metrics['final_val_loss']:.4f} | {run_dir}")

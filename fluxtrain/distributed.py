@@ -1,0 +1,330 @@
+"""Data-parallel training on torch.distributed: the process group from torchrun (or SLURM), DDP/FSDP, shared batches."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from fluxtrain.errors import FluxtrainError
+
+log = logging.getLogger("fluxtrain")
+
+STRATEGIES = ("ddp", "fsdp")
+# Test-only fault injection: "RANK:ITER" makes that rank raise in its ITER-th training forward (1-based).
+FAULT_ENV = "FLUXTRAIN_TEST_FAULT"
+# Hydra flags that print or sweep instead of running one job; ranks then do not wait for rank 0's run folder.
+_NON_RUN_FLAGS = ("-m", "--multirun", "-c", "--cfg", "-h", "--help", "--hydra-help", "-i", "--info", "--resolve")
+_run_dir_pending = False  # rank 0 of torchrun still owes the other ranks its run folder
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: its rank among `world_size` processes and its rank on this node."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def current_world() -> World:
+    """The world of the initialized process group, or a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return World(dist.get_rank(), local_rank, dist.get_world_size())
+
+
+def _export_slurm_env() -> None:
+    """Under a SLURM job started by the submitit launcher with several tasks, set torchrun's variables from it."""
+    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    import submitit.helpers
+
+    submitit.helpers.TorchDistributedEnvironment().export(overwrite=False)
+
+
+def init_world() -> World:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...), once.
+
+    The group gets gloo for CPU tensors and, where CUDA is there, NCCL for CUDA tensors; without those variables
+    this is one process and nothing is initialized.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return current_world()
+    _export_slurm_env()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)  # before any NCCL call, so each rank talks from its own GPU
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return current_world()
+
+
+def close_world() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def follow_main_run_dir(argv: list[str]) -> list[str]:
+    """Before Hydra starts: ranks > 0 of a torchrun job wait for rank 0's run folder and add it to their overrides.
+
+    Hydra's `${now:...}` is read separately in every process, so each rank would otherwise pick its own folder.
+    Rank 0 runs Hydra as usual and hands the folder it chose to `publish_run_dir`; the other ranks run Hydra with
+    `hydra.run.dir` set to it and without writing the `.hydra/` copy of the config.
+    """
+    global _run_dir_pending
+    world = init_world()
+    if not world.is_distributed or "RANK" not in os.environ or "SUBMITIT_EXECUTOR" in os.environ:
+        return argv
+    if any(arg in _NON_RUN_FLAGS for arg in argv):
+        if "-m" in argv or "--multirun" in argv:
+            raise FluxtrainError("a torchrun job runs one training; sweep with hydra/launcher=slurm instead of -m")
+        return argv
+    if world.is_main:
+        _run_dir_pending = True
+        return argv
+    received = [None]
+    dist.broadcast_object_list(received, src=0)
+    run_dir = str(received[0])
+    quote = '"' if "'" in run_dir else "'"
+    return [*argv, f"hydra.run.dir={quote}{run_dir}{quote}", "hydra.output_subdir=null"]
+
+
+def publish_run_dir(run_dir: str) -> None:
+    """Rank 0's half of `follow_main_run_dir`: send the run folder Hydra chose to the other ranks."""
+    global _run_dir_pending
+    if _run_dir_pending:
+        dist.broadcast_object_list([str(run_dir)], src=0)
+        _run_dir_pending = False
+
+
+def quiet_other_ranks(world: World) -> None:
+    """Only rank 0 logs: other ranks drop log files and report errors only."""
+    if world.is_main:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    logging.getLogger("fluxtrain").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def main_first(world: World) -> Iterator[None]:
+    """Rank 0 runs the block first, then one rank per other node, then the rest.
+
+    For downloads, tokenizer training and token caches: the later ranks find the files the first ones wrote
+    (on a shared or a node-local disk) instead of writing the same files at the same time.
+    """
+    if not world.is_distributed:
+        yield
+        return
+    stage = 0 if world.is_main else 1 if world.local_rank == 0 else 2
+    for turn in range(3):
+        if turn == stage:
+            yield
+        dist.barrier()
+
+
+def training_device(world: World, device: torch.device) -> torch.device:
+    """The device of this rank: CUDA ranks take the GPU numbered by their local rank."""
+    if not world.is_distributed:
+        return device
+    if device.type == "mps":
+        raise FluxtrainError("train.device=mps trains in one process; run torchrun with train.device=cuda or cpu")
+    if device.type == "cuda":
+        if device.index is not None:
+            raise FluxtrainError(
+                f"train.device={device} names one GPU, but each torchrun rank takes cuda:LOCAL_RANK; "
+                "set train.device=cuda or auto"
+            )
+        if world.local_rank >= torch.cuda.device_count():
+            raise FluxtrainError(
+                f"rank {world.rank} has local rank {world.local_rank} but this node has "
+                f"{torch.cuda.device_count()} CUDA device(s); lower --nproc_per_node"
+            )
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def validate_strategy(strategy: str, precision: str) -> None:
+    if strategy not in STRATEGIES:
+        raise FluxtrainError(f"train.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if strategy == "fsdp" and precision == "fp16":
+        raise FluxtrainError("train.precision=fp16 is not supported with train.strategy=fsdp; use bf16")
+
+
+def wrap_model(model: nn.Module, world: World, strategy: str) -> nn.Module:
+    """The model to train: as is in one process, in DistributedDataParallel, or sharded in place by `fully_shard`.
+
+    With FSDP the returned module is `model` itself (its parameters become shards), so build the optimizer after
+    this call; with DDP the optimizer may hold `model`'s parameters, which DDP shares.
+    """
+    _install_fault_injection(model, world)
+    if not world.is_distributed:
+        if strategy == "fsdp":
+            log.info("train.strategy=fsdp: one process, so the model is not sharded")
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Around forward and backward: gradients are all-reduced (last micro-step) or kept local (earlier ones)."""
+    inner = getattr(model, "_orig_mod", model)  # under torch.compile
+    if enabled:
+        yield
+    elif isinstance(inner, nn.parallel.DistributedDataParallel):
+        with inner.no_sync():
+            yield
+    elif hasattr(inner, "set_requires_gradient_sync"):  # sharded by fully_shard
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def compile_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Callable) -> nn.Module:
+    """`torch.compile(model)`, tried on one batch; where compilation fails, the model itself with a warning.
+
+    torch.compile compiles lazily, so a missing C compiler or an unsupported platform shows only in the first step:
+    one forward and backward on (x, y) here lets the run fall back to eager mode before training starts.
+    """
+    try:
+        compiled = torch.compile(model)
+        with autocast():
+            _, loss = compiled(x, y)
+        loss.backward()
+    except Exception as e:  # any compiler failure: the eager model still trains
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        log.warning(f"train.compile=true: torch.compile failed ({type(e).__name__}: {reason}); training eagerly")
+        torch._dynamo.reset()
+        compiled = model
+    model.zero_grad(set_to_none=True)
+    return compiled
+
+
+def rank_batch(data, batch_size: int, generator: torch.Generator, world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of one global micro-batch.
+
+    Every rank holds the same generator and draws all `world_size * batch_size` windows; rank r keeps windows
+    [r * batch_size, (r + 1) * batch_size). So the ranks see different windows, and N ranks with batch B see
+    exactly the windows that one process with batch N * B sees.
+    """
+    x, y = data.get_batch("train", batch_size * world.world_size, generator)
+    mine = slice(world.rank * batch_size, (world.rank + 1) * batch_size)
+    return x[mine], y[mine]
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict with FSDP's sharded state tensors gathered whole (a collective: all ranks call it)."""
+    state = optimizer.state_dict()
+    for param_state in state["state"].values():
+        for name, value in param_state.items():
+            if hasattr(value, "full_tensor"):  # a DTensor
+                param_state[name] = value.full_tensor()
+    return state
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A whole-tensor optimizer state_dict cut into the shards of the optimizer's FSDP parameters (if sharded)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param_state in state["state"].items():
+        param = params[int(index)]
+        if not isinstance(param, DTensor):
+            continue
+        for name, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value = value.to(param.device, param.dtype)
+                param_state[name] = distribute_tensor(value, param.device_mesh, param.placements)
+    return state
+
+
+def load_full_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load whole weights into a model sharded by `fully_shard`; every rank passes the same weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on at least one rank (the flag itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of a number over all ranks (the number itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / dist.get_world_size()
+
+
+class NullWriter:
+    """Stands in for the TensorBoard writer on ranks > 0: every method does nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def _install_fault_injection(model: nn.Module, world: World) -> None:
+    """Test only: with FLUXTRAIN_TEST_FAULT=RANK:ITER, rank RANK raises in its ITER-th training forward."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    rank, at = (int(part) for part in spec.split(":"))
+    if rank != world.rank:
+        return
+    calls = [0]
+
+    def hook(module: nn.Module, args) -> None:
+        if module.training:
+            calls[0] += 1
+            if calls[0] == at:
+                print(f"{FAULT_ENV}: rank {world.rank} fails at training forward {at}", file=sys.stderr, flush=True)
+                raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {world.rank}")
+
+    model.register_forward_pre_hook(hook)

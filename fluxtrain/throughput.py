@@ -1,0 +1,79 @@
+"""Throughput figures: the peak FLOP/s of a device and model FLOPs utilisation (MFU; FLOPs per token: model.py)."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendor data sheets; fp16 peaks are the same. The first name
+# found in the device name wins, so the specific variants come before the family.
+GPU_PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+)
+
+
+def table_peak(device_name: str) -> float | None:
+    """The bf16 peak of a known GPU from its name (e.g. "NVIDIA H100 80GB HBM3"), else None."""
+    for key, peak in GPU_PEAK_BF16:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+@functools.cache
+def probe_peak(device_type: str, dtype: torch.dtype = torch.float32, size: int = 512, reps: int = 8) -> float:
+    """FLOP/s of a square matmul on this device, measured once per process: the best of `reps` timed runs."""
+    device = torch.device(device_type)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first run warms up
+        _sync(device)
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_flops(device: torch.device, configured: float | None, precision: str) -> tuple[float, str]:
+    """Peak FLOP/s of one device and where the number comes from.
+
+    `train.peak_flops` when given; for a known GPU the bf16 table entry; otherwise a matmul probe on the device
+    (in the training dtype on CUDA, fp32 elsewhere).
+    """
+    if configured is not None:
+        return float(configured), "train.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = table_peak(name)
+        if peak is not None:
+            return peak, f"{name} bf16 table"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        return probe_peak("cuda", dtype, 4096), f"{name} matmul probe"
+    return probe_peak(device.type), f"{device.type} matmul probe"
+
+
+def mfu(tokens_per_sec: float, flops_per_token: int, peak_per_device: float, world_size: int = 1) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices (a fraction, not percent)."""
+    return tokens_per_sec * flops_per_token / (peak_per_device * world_size)
+
+
+def format_flops(value: float) -> str:
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value / 1e6:.1f} MFLOP/s"
