@@ -95,3 +95,14 @@ def run_fluxtrain(*args: str, entry: tuple[str, ...] = ("-m", "fluxtrain"), time
     return subprocess.run(
         [sys.executable, *entry, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """Step -> value of one scalar from the single TensorBoard events file in `run_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(Path(run_dir).glob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}

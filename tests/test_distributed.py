@@ -1,0 +1,159 @@
+"""torchrun on CPU (gloo, 2 ranks): DDP and FSDP match one process, ranks share one run folder, a crash ends the job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, make_text, tb_scalars
+from safetensors.torch import load_file
+
+from fluxtrain import distributed
+from fluxtrain.checkpoint import load_model
+from fluxtrain.data import TokenData
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.train import train
+
+ITERS = 8
+# Both sides see the same windows: one process draws 8 per step, each of 2 ranks keeps its half of those 8.
+RUN_OVERRIDES = [
+    *TINY_OVERRIDES,
+    f"train.max_iters={ITERS}",
+    "train.log_interval=1",
+    "train.eval_interval=4",
+    "train.eval_iters=2",
+    "optim.warmup_iters=2",
+]
+
+
+def torchrun(cwd: Path, overrides: list[str], env: dict[str, str] | None = None, timeout: float = 300):
+    """`torchrun --standalone --nproc_per_node=2 -m fluxtrain ...` on CPU, from `cwd`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fluxtrain"]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [*cmd, *overrides], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def loss_curve(run_dir: Path) -> list[float]:
+    """train/loss of every logged iteration; rank 0 alone writes TensorBoard, so there is one events file."""
+    return list(tb_scalars(run_dir, "train/loss").values())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, tmp_path_factory) -> Path:
+    """One process, batch 8, no accumulation."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    train(compose_config([*RUN_OVERRIDES, f"data.path={corpus}", "train.batch_size=8"]), run_dir)
+    return run_dir
+
+
+def test_rank_batches_split_the_single_process_batch():
+    data = TokenData(torch.arange(1000).numpy(), 0.1, 16, "test", 1000)
+    whole_x, whole_y = data.get_batch("train", 8, torch.Generator().manual_seed(3))
+    parts = [
+        distributed.rank_batch(data, 4, torch.Generator().manual_seed(3), distributed.World(rank, rank, 2))
+        for rank in (0, 1)
+    ]
+    assert not torch.equal(parts[0][0], parts[1][0])  # every rank trains on different windows
+    assert torch.equal(torch.cat([x for x, _ in parts]), whole_x)
+    assert torch.equal(torch.cat([y for _, y in parts]), whole_y)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process_with_double_batch(reference_run, corpus, tmp_path):
+    # Microseconds in the folder name: without the shared run folder the two ranks would pick different ones.
+    result = torchrun(
+        tmp_path, [*RUN_OVERRIDES, f"data.path={corpus}", "train.batch_size=4", "hydra.run.dir=out/${now:%H-%M-%S-%f}"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = list((tmp_path / "out").iterdir())
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
+
+    ddp, single = loss_curve(run_dir), loss_curve(reference_run)
+    assert len(ddp) == len(single) == ITERS
+    assert max(abs(a - b) for a, b in zip(ddp, single, strict=True)) < 1e-5, (ddp, single)
+
+    log = (run_dir / "train.log").read_text()
+    assert "tokens per optimizer step: 128 (batch 4 x accum 1 x 2 rank(s) x seq 16)" in log
+    assert log.count("done:") == 1  # only rank 0 logs
+    weights = load_file(str(run_dir / "model_final.safetensors"))
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
+    reference = load_file(str(reference_run / "model_final.safetensors"))
+    assert max((weights[k] - reference[k]).abs().max().item() for k in reference) < 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_with_grad_accum_match_one_process(reference_run, corpus, tmp_path):
+    # 2 ranks x 2 micro-steps x batch 2 = the same 8 windows per step as the reference.
+    overrides = [*RUN_OVERRIDES, f"data.path={corpus}", "train.strategy=fsdp", "train.batch_size=2"]
+    result = torchrun(tmp_path, [*overrides, "train.grad_accum=2", "train.ckpt_interval=4", "hydra.run.dir=run"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    fsdp, single = loss_curve(run_dir), loss_curve(reference_run)
+    assert max(abs(a - b) for a, b in zip(fsdp, single, strict=True)) < 1e-5, (fsdp, single)
+
+    # Model files hold the whole, gathered weights, loadable in one process.
+    model, _ = load_model(run_dir / "model_final.safetensors")
+    reference, _ = load_model(reference_run / "model_final.safetensors")
+    assert model.num_params() == reference.num_params()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert (p - q).abs().max().item() < 1e-4, name
+    assert (run_dir / "model_iter_000004.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_crashing_rank_ends_the_job_with_an_error(corpus, tmp_path):
+    overrides = [*TINY_OVERRIDES, f"data.path={corpus}", "train.max_iters=100000", "hydra.run.dir=run"]
+    start = time.monotonic()
+    result = torchrun(tmp_path, overrides, env={distributed.FAULT_ENV: "1:3"}, timeout=240)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert "rank 1 fails at training forward 3" in result.stderr
+    assert elapsed < 180  # torchrun stops rank 0, which would otherwise wait for rank 1 forever
+
+
+def test_device_rules_under_torchrun():
+    world = distributed.World(rank=1, local_rank=1, world_size=2)
+    with pytest.raises(FluxtrainError, match="train.device=mps"):
+        distributed.training_device(world, torch.device("mps"))
+    with pytest.raises(FluxtrainError, match="cuda:LOCAL_RANK"):
+        distributed.training_device(world, torch.device("cuda", 0))
+    assert distributed.training_device(world, torch.device("cpu")) == torch.device("cpu")
+
+
+def test_strategy_is_checked(tiny_cfg, tmp_path):
+    with pytest.raises(FluxtrainError, match="train.strategy='zero'"):
+        train(tiny_cfg("train.strategy=zero"), tmp_path)
+    with pytest.raises(FluxtrainError, match="train.precision=fp16 is not supported with train.strategy=fsdp"):
+        train(tiny_cfg("train.strategy=fsdp", "train.precision=fp16"), tmp_path)
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from fluxtrain.config import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.partition) == (2, "gpu")
+    assert launcher.tasks_per_node == launcher.gpus_per_node  # one rank per GPU

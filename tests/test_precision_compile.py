@@ -1,0 +1,152 @@
+"""One-process scaling features on CPU: grad accumulation, precision flag, compile fallback, checkpointing, MFU."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import tb_scalars
+from safetensors.torch import load_file
+
+from fluxtrain import throughput
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.model import GPT, ModelConfig, flops_per_token
+from fluxtrain.train import train
+
+SHORT = ["train.max_iters=8", "train.log_interval=1", "train.eval_interval=8", "train.eval_iters=2"]
+
+
+def run_curve(tiny_cfg, run_dir, *overrides: str) -> list[float]:
+    train(tiny_cfg(*SHORT, *overrides), run_dir)
+    return list(tb_scalars(run_dir, "train/loss").values())
+
+
+def assert_close(a: list[float], b: list[float], tol: float) -> None:
+    assert len(a) == len(b) == 8
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < tol, (a, b)
+
+
+def test_grad_accum_4_matches_4x_batch(tiny_cfg, tmp_path):
+    # The 4 micro-batches of 2 are the 8 windows of the big batch, in the same order.
+    accum = run_curve(tiny_cfg, tmp_path / "accum", "train.batch_size=2", "train.grad_accum=4")
+    big = run_curve(tiny_cfg, tmp_path / "big", "train.batch_size=8")
+    assert_close(accum, big, 1e-5)
+    assert accum[-1] < accum[0]  # and it trains
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_on_cpu_stays_fp32_with_a_notice(tiny_cfg, tmp_path, caplog, precision):
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        low = run_curve(tiny_cfg, tmp_path / "low", f"train.precision={precision}")
+    notices = [r.getMessage() for r in caplog.records if "needs CUDA" in r.getMessage()]
+    assert notices == [f"train.precision={precision} needs CUDA; training in fp32 on cpu"]
+    assert low == run_curve(tiny_cfg, tmp_path / "fp32", "train.precision=fp32")  # bit for bit: no autocast, no scaling
+
+
+def test_unknown_precision_is_an_error(tiny_cfg, tmp_path):
+    with pytest.raises(FluxtrainError, match="train.precision='fp8' is not one of fp32, bf16, fp16"):
+        train(tiny_cfg("train.precision=fp8"), tmp_path)
+
+
+def test_failed_compile_falls_back_to_eager(tiny_cfg, tmp_path, caplog, monkeypatch):
+    class Broken(nn.Module):  # what a platform without a working compiler gives at the first call
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, *args):
+            raise RuntimeError("C compiler not found\nmore details")
+
+    monkeypatch.setattr(torch, "compile", Broken)
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        compiled = run_curve(tiny_cfg, tmp_path / "compiled", "train.compile=true")
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert warnings == [
+        "train.compile=true: torch.compile failed (RuntimeError: C compiler not found); training eagerly"
+    ]
+    assert compiled == run_curve(tiny_cfg, tmp_path / "eager")
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_plain_names(tiny_cfg, tmp_path, monkeypatch):
+    # The eager backend runs the real torch.compile wrapper and graph capture without needing a C compiler.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    compiled = run_curve(tiny_cfg, tmp_path / "compiled", "train.compile=true")
+    assert_close(compiled, run_curve(tiny_cfg, tmp_path / "eager"), 1e-5)
+    keys = load_file(str(tmp_path / "compiled" / "model_final.safetensors")).keys()
+    assert "tok_emb.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=16, dropout=0.1)
+    torch.manual_seed(0)
+    model = GPT(cfg, 40)
+    x = torch.randint(0, 40, (4, 16))
+    y = torch.randint(0, 40, (4, 16))
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.activation_checkpointing = checkpointing
+        torch.manual_seed(1)  # the same dropout masks; checkpoint replays them in the recomputation
+        model(x, y)[1].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_activation_checkpointing_flag_reaches_the_model(tiny_cfg, tmp_path, monkeypatch):
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    checkpointed = run_curve(tiny_cfg, tmp_path / "ckpt", "train.activation_checkpointing=true")
+    assert len(calls) == 8 * 2  # every block of every training step (evaluation does not checkpoint)
+    assert_close(checkpointed, run_curve(tiny_cfg, tmp_path / "plain"), 1e-5)
+
+
+LOG_LINE = re.compile(
+    r"iter +\d+/\d+ \| loss \d+\.\d{4} \| lr \d\.\d\de[+-]\d\d \| [\d.]+ it/s \| [\d,]+ tok/s \| MFU \d+\.\d%$"
+)
+
+
+def test_log_line_and_tensorboard_report_mfu(tiny_cfg, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        train(tiny_cfg(*SHORT, "train.peak_flops=1e9"), tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter")]
+    assert len(lines) == 8 and all(LOG_LINE.match(line) for line in lines), lines
+    assert any("peak 1.0 GFLOP/s per device (train.peak_flops)" in r.getMessage() for r in caplog.records)
+    # MFU = tokens/s x FLOPs per token / peak, for the tiny model's shape and parameter count.
+    n_params = json.loads((tmp_path / "metrics.json").read_text())["n_params"]
+    per_token = flops_per_token(ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=16), n_params)
+    tok_s, mfu = tb_scalars(tmp_path, "throughput/tokens_per_sec"), tb_scalars(tmp_path, "throughput/mfu")
+    for step in tok_s:
+        assert mfu[step] == pytest.approx(tok_s[step] * per_token / 1e9, rel=1e-5)
+
+
+def test_peak_flops_sources():
+    assert throughput.table_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert throughput.table_peak("NVIDIA H100 PCIe") == 756e12
+    assert throughput.table_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert throughput.table_peak("NVIDIA H200") == 989e12
+    assert throughput.table_peak("NVIDIA GeForce RTX 4090") is None
+    assert throughput.peak_flops(torch.device("cpu"), 2e12, "fp32") == (2e12, "train.peak_flops")
+    peak, source = throughput.peak_flops(torch.device("cpu"), None, "fp32")
+    assert source == "cpu matmul probe" and 1e8 < peak < 1e14  # any CPU lies between 0.1 GFLOP/s and 100 TFLOP/s
+    assert throughput.mfu(1000.0, 6_000_000, 1e10, world_size=2) == pytest.approx(0.3)
+
+
+def test_bad_peak_flops_is_an_error(tiny_cfg, tmp_path):
+    with pytest.raises(FluxtrainError, match="train.peak_flops=-1.0 must be a positive"):
+        train(tiny_cfg("train.peak_flops=-1"), tmp_path)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_mps_where_unavailable_is_a_clear_error(tiny_cfg, tmp_path):
+    with pytest.raises(FluxtrainError, match="train.device=mps: MPS is not available on this machine"):
+        train(tiny_cfg("train.device=mps"), tmp_path)
