@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, make_text, tb_scalars
 from safetensors.torch import load_file
 
 from fluxtrain import distributed
@@ -18,6 +17,8 @@ from fluxtrain.checkpoint import load_model
 from fluxtrain.data import TokenData
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.train import train
+
+from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, make_text, tb_scalars
 
 ITERS = 8
 # Both sides see the same windows: one process draws 8 per step, each of 2 ranks keeps its half of those 8.

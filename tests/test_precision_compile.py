@@ -10,13 +10,14 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tb_scalars
 from safetensors.torch import load_file
 
 from fluxtrain import throughput
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig, flops_per_token
 from fluxtrain.train import train
+
+from .conftest import tb_scalars
 
 SHORT = ["train.max_iters=8", "train.log_interval=1", "train.eval_interval=8", "train.eval_iters=2"]
 

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import compose_config
 from omegaconf import OmegaConf
 
 from fluxtrain.model import GPT, ModelConfig, param_count_formula
+
+from .conftest import compose_config
 
 GPT2_VOCAB = 50257
 # Parameter counts of OpenAI's GPT-2 checkpoints (tied head), the shapes these presets copy.
