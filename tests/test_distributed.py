@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from fluxtrain import distributed
-from fluxtrain.checkpoint import load_model
+from fluxtrain.checkpoint import load_checkpoint, load_model
 from fluxtrain.data import TokenData
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.resume import checkpoint_path
 from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, make_text, tb_scalars
@@ -74,14 +75,20 @@ def test_rank_batches_split_the_single_process_batch():
     assert torch.equal(torch.cat([y for _, y in parts]), whole_y)
 
 
-@pytest.mark.slow
-def test_ddp_two_ranks_match_one_process_with_double_batch(reference_run, corpus, tmp_path):
-    # Microseconds in the folder name: without the shared run folder the two ranks would pick different ones.
-    result = torchrun(
-        tmp_path, [*RUN_OVERRIDES, f"data.path={corpus}", "train.batch_size=4", "hydra.run.dir=out/${now:%H-%M-%S-%f}"]
-    )
+@pytest.fixture(scope="module")
+def ddp_run(corpus, tmp_path_factory) -> Path:
+    """2 ranks x batch 4 (DDP) with a checkpoint at iteration 4; the run folder is named by `${now:}` in microseconds,
+    so without the shared run folder the two ranks would each pick their own. Returns the parent of the run folder."""
+    cwd = tmp_path_factory.mktemp("ddp")
+    overrides = [*RUN_OVERRIDES, f"data.path={corpus}", "train.batch_size=4", "train.ckpt_interval=4"]
+    result = torchrun(cwd, [*overrides, "hydra.run.dir=out/${now:%H-%M-%S-%f}"])
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dirs = list((tmp_path / "out").iterdir())
+    return cwd / "out"
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process_with_double_batch(reference_run, ddp_run):
+    run_dirs = list(ddp_run.iterdir())
     assert len(run_dirs) == 1, run_dirs
     run_dir = run_dirs[0]
 
@@ -99,22 +106,39 @@ def test_ddp_two_ranks_match_one_process_with_double_batch(reference_run, corpus
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_with_grad_accum_match_one_process(reference_run, corpus, tmp_path):
-    # 2 ranks x 2 micro-steps x batch 2 = the same 8 windows per step as the reference.
+def test_resume_in_one_process_from_a_two_rank_checkpoint(reference_run, ddp_run, corpus, tmp_path):
+    (run_dir,) = ddp_run.iterdir()
+    ckpt = checkpoint_path(run_dir, 4)
+    train(compose_config([*RUN_OVERRIDES, f"data.path={corpus}", "train.batch_size=8", f"resume={ckpt}"]), tmp_path)
+    resumed, single = tb_scalars(tmp_path, "train/loss"), tb_scalars(reference_run, "train/loss")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert max(abs(resumed[step] - single[step]) for step in resumed) < 1e-5, (resumed, single)
+
+
+@pytest.mark.slow
+def test_fsdp_with_grad_accum_resumes_and_matches_one_process(reference_run, ddp_run, corpus, tmp_path):
+    # From the DDP run's checkpoint at iteration 4: 2 ranks x 2 micro-steps x batch 2 = the reference's 8 windows.
+    (ddp_dir,) = ddp_run.iterdir()
     overrides = [*RUN_OVERRIDES, f"data.path={corpus}", "train.strategy=fsdp", "train.batch_size=2"]
-    result = torchrun(tmp_path, [*overrides, "train.grad_accum=2", "train.ckpt_interval=4", "hydra.run.dir=run"])
+    resume = f"resume={checkpoint_path(ddp_dir, 4)}"
+    result = torchrun(tmp_path, [*overrides, "train.grad_accum=2", resume, "hydra.run.dir=run"])
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
-    fsdp, single = loss_curve(run_dir), loss_curve(reference_run)
-    assert max(abs(a - b) for a, b in zip(fsdp, single, strict=True)) < 1e-5, (fsdp, single)
+    fsdp, single = tb_scalars(run_dir, "train/loss"), tb_scalars(reference_run, "train/loss")
+    assert sorted(fsdp) == [5, 6, 7, 8]
+    assert max(abs(fsdp[step] - single[step]) for step in fsdp) < 1e-5, (fsdp, single)
 
-    # Model files hold the whole, gathered weights, loadable in one process.
+    # Model files and checkpoints hold the whole, gathered weights and optimizer state, loadable in one process.
     model, _ = load_model(run_dir / "model_final.safetensors")
     reference, _ = load_model(reference_run / "model_final.safetensors")
-    assert model.num_params() == reference.num_params()
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert (p - q).abs().max().item() < 1e-4, name
-    assert (run_dir / "model_iter_000004.safetensors").is_file()
+    ckpt = load_checkpoint(checkpoint_path(run_dir, 8))
+    reference_ckpt = load_checkpoint(checkpoint_path(reference_run, 8))
+    for index, state in reference_ckpt.optimizer["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert ckpt.optimizer["state"][index][name].shape == state[name].shape
+            assert (ckpt.optimizer["state"][index][name] - state[name]).abs().max().item() < 1e-4
 
 
 @pytest.mark.slow
