@@ -175,7 +175,7 @@ def validate_strategy(strategy: str, precision: str) -> None:
         raise FluxtrainError("train.precision=fp16 is not supported with train.strategy=fsdp; use bf16")
 
 
-def wrap_model(model: nn.Module, world: World, strategy: str) -> nn.Module:
+def wrap_model(model: nn.Module, world: World, strategy: str, optimizer_name: str) -> nn.Module:
     """The model to train: as is in one process, in DistributedDataParallel, or sharded in place by `fully_shard`.
 
     With FSDP the returned module is `model` itself (its parameters become shards), so build the optimizer after
@@ -188,6 +188,9 @@ def wrap_model(model: nn.Module, world: World, strategy: str) -> nn.Module:
         return model
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
+
+        if optimizer_name == "muon":  # Muon orthogonalizes whole matrices; each rank holds only a shard
+            raise FluxtrainError("optim.name=muon is not supported with train.strategy=fsdp; use ddp or adamw")
 
         for block in model.blocks:
             fully_shard(block)

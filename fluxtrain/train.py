@@ -199,7 +199,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     model.activation_checkpointing = tcfg.activation_checkpointing
     n_params = model.num_params()
     log.info(f"model: {n_params:,} parameters ({model_cfg.n_layers} layers, width {model_cfg.d_model})")
-    train_model = distributed.wrap_model(model, world, tcfg.strategy)
+    train_model = distributed.wrap_model(model, world, tcfg.strategy, cfg.optim.name)
     if tcfg.compile:
         x, y = distributed.rank_batch(data, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed), world)
         autocast = lambda: autocast_context(device, tcfg.precision)
