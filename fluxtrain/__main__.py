@@ -72,5 +72,6 @@ def main(cfg: DictConfig | None = None) -> float | None:
     distributed.close_world()
     return None
 
+
 if __name__ == "__main__":
     main()
