@@ -52,14 +52,14 @@ def current_world() -> World:
 
 
 def _export_slurm_env() -> None:
-    """Under a SLURM job started by the submitit launcher with several tasks, set torchrun's variables from it."""
-    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+    """In a job of several tasks started by the submitit launcher (SLURM, or local), set torchrun's variables."""
+    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") not in ("slurm", "local"):
         return
-    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
+    import submitit
     import submitit.helpers
 
-    submitit.helpers.TorchDistributedEnvironment().export(overwrite=False)
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(overwrite=False)
 
 
 def init_world() -> World:
@@ -307,10 +307,13 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
 
 
 class NullWriter:
-    """Stands in for the TensorBoard writer on ranks > 0: every method does nothing."""
+    """Stands in for the TensorBoard writer on ranks > 0: every attribute and call does nothing."""
 
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
+    def __getattr__(self, name: str) -> NullWriter:
+        return self
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None
 
 
 def _install_fault_injection(model: nn.Module, world: World) -> None:

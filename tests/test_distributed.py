@@ -183,3 +183,29 @@ def test_slurm_launcher_config_composes():
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.nodes, launcher.partition) == (2, "gpu")
     assert launcher.tasks_per_node == launcher.gpus_per_node  # one rank per GPU
+
+
+@pytest.mark.slow
+def test_submitit_launcher_runs_the_tasks_as_one_ddp_job(reference_run, corpus, tmp_path):
+    # hydra-submitit-launcher's local executor starts 2 tasks the way SLURM's srun would; they must form one
+    # 2-rank job (ranks from submitit's environment) and match the one-process run like torchrun does.
+    sweep = tmp_path / "sweep"
+    launcher = ["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10"]
+    overrides = [*RUN_OVERRIDES, f"data.path={corpus}", "train.batch_size=4", *launcher, f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", "-m", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = sweep / "0"
+    assert (
+        "tokens per optimizer step: 128 (batch 4 x accum 1 x 2 rank(s) x seq 16)" in (run_dir / "train.log").read_text()
+    )
+    submitted, single = loss_curve(run_dir), loss_curve(reference_run)
+    assert max(abs(a - b) for a, b in zip(submitted, single, strict=True)) < 1e-5, (submitted, single)
