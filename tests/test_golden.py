@@ -62,7 +62,7 @@ def golden_run(name: str, workdir: Path) -> dict[str, list[float]]:
     """Per-iteration training losses and the final val loss of the seeded run `name`."""
     text_file = workdir / "corpus.txt"
     text_file.write_text(make_text(20_000, seed=0), encoding="utf-8")
-    cfg = compose_config([*BASE, *RUNS[name], f"data.path={text_file}"])
+    cfg = compose_config([*BASE, *RUNS[name], f"data.path={text_file}", f"data.cache_dir={workdir / 'cache'}"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the summation order, hence the last bits, depends on the thread count
     try:
