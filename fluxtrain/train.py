@@ -286,10 +286,10 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             if warmup_done_at is None and it >= cfg.optim.warmup_iters:
                 warmup_done_at = elapsed
             start = warmup_done_at or 0.0
-            progress = (elapsed - start) / max(loop_time - start, 1e-9)
+            schedule_progress = (elapsed - start) / max(loop_time - start, 1e-9)
         else:
-            progress = cosine_progress(it, cfg.optim.warmup_iters, tcfg.max_iters)
-        lr = lr_at(it, progress, cfg.optim)
+            schedule_progress = cosine_progress(it, cfg.optim.warmup_iters, tcfg.max_iters)
+        lr = lr_at(it, schedule_progress, cfg.optim)
         set_lr(optimizer, lr)
 
         loss_sum = 0.0
