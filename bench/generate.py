@@ -1,22 +1,29 @@
 """Decoding speed: tokens per second with and without the KV cache, batch 1, for a 6-layer width-384 model.
 
-    PYTHONPATH=. python bench/generate.py [--tokens 500] [--threads 1] [--context-shift N] [--device cpu]
+    PYTHONPATH=. python bench/generate.py [--tokens 500] [--runs 3] [--threads N] [--context-shift N] [--device D]
 
-Random weights (the speed does not depend on them). Both paths decode the same greedy tokens (the run checks it),
-so the ratio compares equal work done two ways. On a shared machine, the load average and the CPU seconds of this
-process are printed too: tokens per CPU-second is closer to what an idle machine gives than tokens per wall second.
+Random weights (the speed does not depend on them). Variants, each decoding the same number of greedy tokens:
+fp32 with the cache, int8 weights (`--quantize int8` of `fluxtrain.generate`) with the cache, and fp32 without the
+cache (every token re-reads the whole window). The cached variants run `--runs` times, interleaved so that a load
+change hits them alike, and the median is reported; the uncached one (slow) runs once. The run checks that the
+cached and uncached fp32 paths decode the same tokens, so their ratio compares equal work done two ways, and prints
+how many of the int8 model's greedy tokens match fp32's. The load average and tokens per CPU-second of this
+process are printed too: on a shared machine, tokens per CPU-second are closer to what an idle machine gives.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
+import statistics
 import time
 
 import torch
 
 from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.quantize import quantize_int8
 from fluxtrain.sampling import SamplingConfig, sample_stream
 
 BENCH_MODEL = ModelConfig(d_model=384, n_heads=6, n_layers=6, ff_dim=1536, seq_len=256)
@@ -31,48 +38,59 @@ def timed_decode(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: 
     return ids, time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def report(name: str, n_tokens: int, wall_s: float, cpu_s: float) -> None:
-    print(
-        f"{name:9} {n_tokens / wall_s:8.1f} tokens/s ({wall_s:.2f} s wall) | {n_tokens / cpu_s:8.1f} tokens per "
-        f"CPU-second ({cpu_s:.2f} s CPU)"
-    )
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=500, help="new tokens per run")
+    p.add_argument("--runs", type=int, default=3, help="runs of each cached variant (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--context-shift", type=int, default=None, help="default: seq_len // 4; 1 = exact slide")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling with top-k 40")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--skip-uncached", action="store_true", help="time only the cached path")
+    p.add_argument("--skip-uncached", action="store_true", help="time only the cached paths")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = GPT(BENCH_MODEL, VOCAB_SIZE).to(args.device).eval()
+    int8_model = quantize_int8(copy.deepcopy(model))
     cfg = SamplingConfig(max_new_tokens=args.tokens, temperature=args.temperature, context_shift=args.context_shift)
     prompt = [0]
-    shift = cfg.shift_for(BENCH_MODEL.seq_len)
     load = os.getloadavg()
     print(
         f"model: {model.num_params() / 1e6:.1f}M parameters, {BENCH_MODEL.n_layers} layers, width "
-        f"{BENCH_MODEL.d_model}, context {BENCH_MODEL.seq_len} | {args.tokens} new tokens, batch 1, "
-        f"context shift {shift} | device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"thread(s), {os.cpu_count()} CPU(s) ({platform.processor() or platform.machine()})"
+        f"{BENCH_MODEL.d_model}, context {BENCH_MODEL.seq_len} | {args.tokens} new tokens, batch 1, context shift "
+        f"{cfg.shift_for(BENCH_MODEL.seq_len)} | device {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s) ({platform.processor() or platform.machine()})"
     )
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
-    timed_decode(model, prompt, SamplingConfig(max_new_tokens=20, temperature=0.0), use_cache=True)  # warm-up
-    cached_ids, cached_s, cached_cpu = timed_decode(model, prompt, cfg, use_cache=True)
-    report("cached:", args.tokens, cached_s, cached_cpu)
+    variants = {"fp32, cache": model, "int8 weights, cache": int8_model}
+    warm = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    for m in variants.values():
+        timed_decode(m, prompt, warm, use_cache=True)
+    results: dict[str, list[tuple[list[int], float, float]]] = {name: [] for name in variants}
+    for _ in range(args.runs):
+        for name, m in variants.items():
+            results[name].append(timed_decode(m, prompt, cfg, use_cache=True))
     if not args.skip_uncached:
-        uncached_ids, uncached_s, uncached_cpu = timed_decode(model, prompt, cfg, use_cache=False)
-        report("uncached:", args.tokens, uncached_s, uncached_cpu)
-        print(f"speed-up with the cache: {uncached_s / cached_s:.1f}x wall, {uncached_cpu / cached_cpu:.1f}x CPU")
-        same = "identical" if cached_ids == uncached_ids else "DIFFERENT"
-        print(f"cached and uncached tokens: {same}")
+        results["fp32, no cache"] = [timed_decode(model, prompt, cfg, use_cache=False)]
+
+    median_rate = {name: statistics.median(args.tokens / wall for _, wall, _ in runs) for name, runs in results.items()}
+    uncached = median_rate.get("fp32, no cache")
+    print(f"\n| variant | tokens/s (median of {args.runs}) | range | tokens per CPU-second | vs fp32 without cache |")
+    print("|---|--:|--:|--:|--:|")
+    for name, runs in results.items():
+        rates = [args.tokens / wall for _, wall, _ in runs]
+        cpu_rate = statistics.median(args.tokens / cpu for _, _, cpu in runs)
+        ratio = f"{median_rate[name] / uncached:.1f}x" if uncached else "-"
+        print(f"| {name} | {median_rate[name]:.1f} | {min(rates):.1f}-{max(rates):.1f} | {cpu_rate:.1f} | {ratio} |")
+    if uncached:
+        same = results["fp32, cache"][0][0] == results["fp32, no cache"][0][0]
+        print(f"fp32 cached and uncached tokens: {'identical' if same else 'DIFFERENT'}")
+    fp32_ids, int8_ids = results["fp32, cache"][0][0], results["int8 weights, cache"][0][0]
+    agree = next((i for i, (a, b) in enumerate(zip(fp32_ids, int8_ids, strict=True)) if a != b), len(fp32_ids))
+    print(f"int8 greedy tokens equal to fp32's: the first {agree} of {len(fp32_ids)}")
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

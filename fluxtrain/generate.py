@@ -15,6 +15,7 @@ import torch
 from fluxtrain.checkpoint import load_model
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT
+from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.resume import find_latest
 from fluxtrain.sampling import SamplingConfig, beam_search, sample_stream
 from fluxtrain.sampling import generate_ids as generate_ids  # re-exported: the name callers know from here
@@ -136,11 +137,14 @@ def write_continuation(
     out.flush()
 
 
-def describe(path: Path, model: GPT, device: torch.device, cfg: SamplingConfig, seed: int) -> str:
+def describe(
+    path: Path, model: GPT, device: torch.device, cfg: SamplingConfig, seed: int, n_params: int, quantize: str = "none"
+) -> str:
     settings = asdict(cfg) | {"context_shift": cfg.shift_for(model.cfg.seq_len)}
     shown = ", ".join(f"{k.replace('top_', 'top-').replace('_', ' ')} {v}" for k, v in settings.items())
+    weights = " (int8 weights)" if quantize == "int8" else ""
     return (
-        f"model {path}: {model.num_params():,} parameters, context {model.cfg.seq_len}, vocab {model.vocab_size}"
+        f"model {path}: {n_params:,} parameters{weights}, context {model.cfg.seq_len}, vocab {model.vocab_size}"
         f" | device {device} | {shown} | seed {seed}"
     )
 
@@ -183,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens dropped at once when the context is full (default: context // 4; 1 = exact sliding window)",
     )
     p.add_argument("--drop-unknown", action="store_true", help="leave out prompt characters the tokenizer lacks")
+    p.add_argument(
+        "--quantize",
+        default="none",
+        metavar="Q",
+        help="none, or int8: int8 weights (one scale per row) for faster decoding on CPU, slightly different logits",
+    )
     return p
 
 
@@ -201,6 +211,8 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = sampling_config(args)
     cfg.validate()  # everything but the context shift, which needs the model, before loading it
+    if args.quantize not in QUANTIZE_CHOICES:
+        raise FluxtrainError(f"--quantize {args.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     if args.seed is not None and args.seed < 0:
         raise FluxtrainError(f"--seed {args.seed} must be >= 0")
     if args.prompt is not None and args.interactive:
@@ -211,18 +223,20 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, "--device")
     model, tokenizer, path = load_for_generation(args.model, args.tokenizer, device)
+    n_params = model.num_params()
+    apply_quantization(model, args.quantize)
     cfg.validate(model.cfg.seq_len)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     generator = torch.Generator().manual_seed(seed)
     if args.prompt is None and (args.interactive or sys.stdin.isatty()):
         from fluxtrain.interactive import Session
 
-        print(describe(path, model, device, cfg, seed), file=sys.stderr)
+        print(describe(path, model, device, cfg, seed, n_params, args.quantize), file=sys.stderr)
         return Session(model, tokenizer, cfg, seed, args.drop_unknown, args.stream).run()
 
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     text, ids, dropped = encode_prompt(tokenizer, text, args.drop_unknown)
-    print(describe(path, model, device, cfg, seed), file=sys.stderr)
+    print(describe(path, model, device, cfg, seed, n_params, args.quantize), file=sys.stderr)
     if dropped:
         print(f"left out of the prompt: {', '.join(repr(c) for c in dropped)}", file=sys.stderr)
     if not ids:

@@ -47,21 +47,27 @@ class ModelConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, length), preallocated up to `max_len`."""
+    """Keys and values of every layer for positions [0, length), preallocated up to `max_len`.
+
+    Each layer's keys and values share one tensor (2, B, H, max_len, hd), so storing a step is a single copy.
+    """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (batch, n_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        shape = (2, batch, n_heads, max_len, head_dim)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.length = 0
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, hd) after the cached positions and return all keys and values so far."""
-        start, end = self.length, self.length + k.size(2)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def update(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        """Store kv (2, B, H, T, hd) after the cached positions; return all keys and values so far (2, B, H, L, hd)."""
+        start, end = self.length, self.length + kv.size(3)
+        cached = self.kv[layer]
+        cached.narrow(3, start, end - start).copy_(kv)
+        return cached.narrow(3, 0, end)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows `rows` (B,) in this order (beam search)."""
+        self.kv = [kv.index_select(1, rows) for kv in self.kv]
 
 
 class RMSNorm(nn.Module):
@@ -88,7 +94,7 @@ def rope_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, hd); cos, sin: (T, hd/2). Rotates pairs (first half, second half) of each head.
+    # x: (..., T, hd); cos, sin: (T, hd/2). Rotates pairs (first half, second half) of each head.
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
@@ -105,14 +111,17 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qkv.narrow(0, 0, 2), *rope)  # queries and keys in one go
+            q, kv = qk.select(0, 0), torch.cat((qk.narrow(0, 1, 1), qkv.narrow(0, 2, 1)))
+        else:
+            q, kv = qkv.select(0, 0), qkv.narrow(0, 1, 2)  # kv: (2, B, H, T, hd)
         past = 0
         if cache is not None:
             past = cache.length
-            k, v = cache.update(layer, k, v)  # (B, H, past + T, hd)
+            kv = cache.update(layer, kv)  # (2, B, H, past + T, hd)
+        k, v = kv.unbind(0)
         dropout_p = self.dropout if self.training else 0.0
         if past == 0 or T == 1:
             # T == 1 attends to every cached position, so it needs no mask.
@@ -120,8 +129,9 @@ class CausalSelfAttention(nn.Module):
         else:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.proj(y))
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = self.proj(y)
+        return self.resid_dropout(y) if self.training else y  # (skipping the call saves time when decoding)
 
 
 class MLP(nn.Module):
@@ -142,7 +152,8 @@ class MLP(nn.Module):
             h = F.relu(h).square()
         else:
             h = F.gelu(h)
-        return self.dropout(self.proj(h))
+        h = self.proj(h)
+        return self.dropout(h) if self.training else h
 
 
 class Block(nn.Module):
@@ -217,10 +228,11 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb.weight[start : start + T]
         else:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
-        x = self.drop(x)
+        if self.training:
+            x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)

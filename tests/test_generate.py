@@ -409,6 +409,7 @@ def test_unknown_characters_on_the_command_line(capsys, model_file):
         (["--device", "tpu"], "--device='tpu'"),
         (["--threads", "0"], "--threads 0"),
         (["--interactive"], "--prompt and --interactive"),
+        (["--quantize", "int4"], "--quantize 'int4' is not one of none, int8"),
     ],
 )
 def test_bad_values_are_one_line_errors(capsys, model_file, argv, message):
