@@ -213,15 +213,21 @@ def main() -> None:
 
     shape = REFERENCE
     ref = [baseline_variant("plain PyTorch minimal GPT, eager", shape, REFERENCE_BATCH, data)]
-    ref.append(fluxtrain_variant("fluxtrain GPT, eager", shape, REFERENCE_BATCH, data, compile=False))
+    # The reference recipe's model has no biases, as the plain baseline; fluxtrain's default blocks have them.
+    ref.append(fluxtrain_variant("fluxtrain, no bias, eager", shape, REFERENCE_BATCH, data, False, bias=False))
+    ref.append(fluxtrain_variant("fluxtrain, default blocks, eager", shape, REFERENCE_BATCH, data, False))
     ref.append(
         fluxtrain_variant(
-            "fluxtrain, rope+rmsnorm+relu2 eager", shape, REFERENCE_BATCH, data, False,
-            norm="rmsnorm", pos_emb="rope", activation="relu2", bias=False,
+            "fluxtrain, rope, no bias, eager", shape, REFERENCE_BATCH, data, False, pos_emb="rope", bias=False
         )
-    )  # fmt: skip
+    )
     if not args.no_compile:
-        ref.append(fluxtrain_variant("fluxtrain GPT, compiled", shape, REFERENCE_BATCH, data, compile=True))
+        ref.append(fluxtrain_variant("fluxtrain, no bias, compiled", shape, REFERENCE_BATCH, data, True, bias=False))
+        ref.append(
+            fluxtrain_variant(
+                "fluxtrain, rope, no bias, compiled", shape, REFERENCE_BATCH, data, True, pos_emb="rope", bias=False
+            )
+        )
     print(f"reference shape {shape}, batch {REFERENCE_BATCH}:")
     measure(ref, args.windows, args.window_steps, args.warmup_steps)
     print_table(f"Reference shape (batch {REFERENCE_BATCH})", ref, peak, ref[0])

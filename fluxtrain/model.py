@@ -87,16 +87,21 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (max_len, head_dim/2) for rotary position embeddings."""
+    """Rotary position tables (max_len, head_dim): cos for both halves of a head, and sin negated for the first.
+
+    Each head's dimension i is paired with dimension i + head_dim/2 (the first half with the second) and the pair
+    is rotated by the angle position * base ** (-2i / head_dim).
+    """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim/2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (..., T, hd); cos, sin: (T, hd/2). Rotates pairs (first half, second half) of each head.
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+    # x: (..., T, hd); cos, sin: (T, hd) from rope_tables. With x = (x1, x2) halves, roll gives (x2, x1), so this is
+    # (x1 cos - x2 sin, x2 cos + x1 sin): four ops where splitting and concatenating the halves takes eight.
+    return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,16 +117,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        q, k, v = qkv.unbind(0)  # (B, H, T, hd) each; in training, unbind's backward is a single stack
         if rope is not None:
-            qk = apply_rope(qkv.narrow(0, 0, 2), *rope)  # queries and keys in one go
-            q, kv = qk.select(0, 0), torch.cat((qk.narrow(0, 1, 1), qkv.narrow(0, 2, 1)))
-        else:
-            q, kv = qkv.select(0, 0), qkv.narrow(0, 1, 2)  # kv: (2, B, H, T, hd)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
         if cache is not None:
             past = cache.length
-            kv = cache.update(layer, kv)  # (2, B, H, past + T, hd)
-        k, v = kv.unbind(0)
+            kv = qkv.narrow(0, 1, 2) if rope is None else torch.stack((k, v))  # (2, B, H, T, hd)
+            k, v = cache.update(layer, kv).unbind(0)  # (B, H, past + T, hd) each
         dropout_p = self.dropout if self.training else 0.0
         if past == 0 or T == 1:
             # T == 1 attends to every cached position, so it needs no mask.

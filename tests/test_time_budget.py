@@ -1,5 +1,7 @@
 """train.max_time: the run ends within its budget, final eval included, with the cosine laid over the time."""
 
+import logging
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -32,3 +34,21 @@ def test_time_budget_ends_the_run_and_the_schedule_reaches_min_lr(tiny_cfg, tmp_
     lrs = [e.value for e in events.Scalars("lr")]
     assert max(lrs) > 2.5e-3  # warm-up reached the peak
     assert lrs[-1] < 3e-4 + 0.1 * (3e-3 - 3e-4)  # and the cosine ran down to min_lr by the end of the time
+
+
+def test_validation_only_evaluation(tiny_cfg, tmp_path, caplog):
+    """train.eval_train=false measures only the validation split: no training-batch loss in the log, the metrics or
+    TensorBoard, and the same val loss as an evaluation of both splits (the same val batches)."""
+    both = train(tiny_cfg("train.max_iters=6", "train.eval_interval=3"), tmp_path / "both")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        val_only = train(
+            tiny_cfg("train.max_iters=6", "train.eval_interval=3", "train.eval_train=false"), tmp_path / "val"
+        )
+    assert val_only["final_train_loss"] is None and both["final_train_loss"] is not None
+    assert val_only["final_val_loss"] == both["final_val_loss"]
+    evals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval ")]
+    assert len(evals) == 2 and all("| val " in e and "| train " not in e for e in evals)
+    events = EventAccumulator(str(tmp_path / "val"))
+    events.Reload()
+    assert "val/loss" in events.Tags()["scalars"] and "train/eval_loss" not in events.Tags()["scalars"]
