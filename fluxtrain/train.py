@@ -116,7 +116,8 @@ def autocast_context(device: torch.device, precision: str):
 
 @torch.no_grad()
 def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, seed: int) -> dict[str, float]:
-    """Mean loss over `eval_iters` batches of each split; the same batches at every evaluation."""
+    """Mean loss over `eval_iters` batches of the validation split, and of the training split unless
+    `cfg.eval_train` is false; the same batches at every evaluation."""
     model.eval()
     out = {}
     for split in ("train", "val") if cfg.eval_train else ("val",):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -62,6 +63,15 @@ def make_text(n_chars: int = 20_000, seed: int = 0) -> str:
         out.append(line)
         size += len(line)
     return "".join(out)[:n_chars]
+
+
+@pytest.fixture
+def one_thread():
+    """Decoding tiny models is per-op overhead; extra threads only wait on each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

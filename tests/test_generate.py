@@ -28,6 +28,8 @@ from fluxtrain.sampling import (
 )
 from fluxtrain.tokenizer import CharTokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 16
 TEXT = "ROMEO:\nthe king my lord, good sir; love death night sweet heart.\nJULIET:\nwhy come go speak hear thou art!\n"
@@ -44,15 +46,6 @@ def tiny_model(seed: int = 0, weight_std: float = 0.3, **overrides) -> GPT:
             if p.dim() > 1:
                 p.normal_(0.0, weight_std)
     return model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Decoding tiny models is per-op overhead; extra threads only wait on each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from fluxtrain.sampling import SamplingConfig, generate
 from fluxtrain.tokenizer import CharTokenizer
 from tests.test_generate import SEQ_LEN, TEXT, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_weights_are_int8_with_one_scale_per_row_and_dequantize_back():
