@@ -201,6 +201,16 @@ def test_folder_is_read_as_all_its_files(model_file, tmp_path, capsys):
     assert json.loads(out[out.index("{") :])["n_tokens"] == 601  # a glob
 
 
+def one_line_error(capsys, model_file, data, *args: str) -> str:
+    """Run the command on `data`; it must exit with code 1 and a single line on stderr, which is returned."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_file), "--data", str(data), "--device", "cpu", *args])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    return err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -212,33 +222,22 @@ def test_folder_is_read_as_all_its_files(model_file, tmp_path, capsys):
 def test_bad_options_are_one_line_errors(model_file, tmp_path, capsys, args, message):
     text_file = tmp_path / "t.txt"
     text_file.write_text(make_text(200), encoding="utf-8")
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(model_file), "--data", str(text_file), "--device", "cpu", *args])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err
+    assert message in one_line_error(capsys, model_file, text_file, *args)
 
 
 def test_unknown_characters_are_a_one_line_error(model_file, tmp_path, capsys):
     text_file = tmp_path / "t.txt"
     text_file.write_text("the king ~ said Ω\n", encoding="utf-8")
-    with pytest.raises(SystemExit):
-        main([str(model_file), "--data", str(text_file), "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "'~'" in err and "'Ω'" in err and str(text_file) in err
+    err = one_line_error(capsys, model_file, text_file)
+    assert "'~'" in err and "'Ω'" in err and str(text_file) in err
 
 
 def test_missing_data_is_a_one_line_error(model_file, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main([str(model_file), "--data", str(tmp_path / "nope.txt"), "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "does not exist" in err
+    assert "does not exist" in one_line_error(capsys, model_file, tmp_path / "nope.txt")
 
 
 def test_a_one_token_text_is_a_one_line_error(model_file, tmp_path, capsys):
     text_file = tmp_path / "t.txt"
     text_file.write_text("k", encoding="utf-8")
-    with pytest.raises(SystemExit):
-        main([str(model_file), "--data", str(text_file), "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--data" in err and "at least 2" in err
+    err = one_line_error(capsys, model_file, text_file)
+    assert "--data" in err and "at least 2" in err
