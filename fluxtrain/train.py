@@ -39,6 +39,7 @@ from fluxtrain.sampling import generate_ids
 log = logging.getLogger("fluxtrain")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_SCOPES = ("model", "blocks")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
     compile: bool = False  # torch.compile; falls back to eager with a warning where it fails
+    compile_scope: str = "model"  # model: compile it whole | blocks: one compiled block for all (faster to compile)
     strategy: str = "ddp"  # ddp | fsdp (fully_shard), used when launched by torchrun with several processes
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     peak_flops: float | None = None  # peak FLOP/s of one device for MFU; null: GPU table, else a matmul probe
@@ -78,6 +80,8 @@ def validate(cfg: TrainConfig) -> None:
         raise FluxtrainError(f"train.max_time={cfg.max_time} must be a positive number of seconds")
     if cfg.precision not in PRECISIONS:
         raise FluxtrainError(f"train.precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.compile_scope not in COMPILE_SCOPES:
+        raise FluxtrainError(f"train.compile_scope={cfg.compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
     distributed.validate_strategy(cfg.strategy, cfg.precision)
     if cfg.peak_flops is not None and cfg.peak_flops <= 0:
         raise FluxtrainError(f"train.peak_flops={cfg.peak_flops} must be a positive number of FLOP/s")
@@ -148,6 +152,13 @@ def eval_seconds(model, data: TokenData, cfg: TrainConfig, device) -> float:
     return 1.1 * (2 if cfg.eval_train else 1) * cfg.eval_iters * min(times[1:])
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a batch to the device; to CUDA through pinned memory, so the copy does not wait for queued work."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def sample_text(model: GPT, tokenizer, length: int, device, seed: int) -> str:
     try:
         prompt = tokenizer.encode("\n")
@@ -205,7 +216,9 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     if tcfg.compile:
         x, y = distributed.rank_batch(data, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed), world)
         autocast = lambda: autocast_context(device, tcfg.precision)
-        train_model = distributed.compile_model(train_model, x.to(device), y.to(device), autocast)
+        train_model = distributed.compile_model(
+            train_model, model.blocks, x.to(device), y.to(device), autocast, tcfg.compile_scope
+        )
     optimizer = build_optimizer(model, cfg.optim)  # after wrapping: FSDP replaces the parameters by shards
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and tcfg.precision == "fp16")
 
@@ -241,14 +254,37 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
                 f"train.max_time={tcfg.max_time} leaves no time to train after setup ({setup:.1f}s) "
                 f"and the final evaluation (~{final_eval:.1f}s with train.eval_iters={tcfg.eval_iters})"
             )
+        log.info(
+            f"time budget {tcfg.max_time:g}s: {setup:.1f}s of setup (data, model, compilation), "
+            f"~{final_eval:.1f}s kept for the final evaluation, {loop_time:.1f}s to train"
+        )
     t_window, tokens_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec = 0.0
     last_ckpt = resume.path if resume else None
     show_bar = sys.stdout.isatty() and world.is_main
     bar = tqdm(total=tcfg.max_iters, initial=it, disable=not show_bar, desc="train", leave=False)
 
+    pending: list[torch.Tensor] = []  # the losses of the steps since the last collect_losses(), still on the device
+
+    def collect_losses() -> None:
+        """Bring the pending losses to the host in one transfer and stop on the first NaN or infinite one.
+
+        On CUDA this runs only before logging, evaluating, sampling and saving, so the host does not wait for
+        the device after every step; elsewhere it runs after every step.
+        """
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        first = it - len(values) + 1
+        pending.clear()
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise divergence_error(f"loss became {value}", first + i, last_ckpt, cfg.optim.lr)
+        losses_window.extend(values)
+
     def evaluate_and_save_best(step: int) -> None:
         nonlocal best_val, last_losses
+        collect_losses()
         t_eval = time.perf_counter()
         last_losses = estimate_loss(model, data, tcfg, device, tcfg.seed + 1)
         eval_time = time.perf_counter() - t_eval
@@ -271,6 +307,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
 
     def write_checkpoint() -> None:
         nonlocal last_ckpt
+        collect_losses()
         writer.flush()  # the events up to `it` reach the disk before the checkpoint that resumes after them
         state = Progress(it, best_val, time.perf_counter() - t_loop, warmup_done_at, list(losses_window))
         path = checkpoint_path(run_dir, it)
@@ -299,17 +336,14 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         lr = lr_at(it, schedule_progress, cfg.optim)
         set_lr(optimizer, lr)
 
-        loss_sum = 0.0
+        loss_sum = None
         for micro in range(tcfg.grad_accum):
             x, y = distributed.rank_batch(data, tcfg.batch_size, batch_gen, world)
             with distributed.grad_sync(train_model, micro == tcfg.grad_accum - 1):
                 with autocast_context(device, tcfg.precision):
-                    _, loss = train_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    _, loss = train_model(to_device(x, device), to_device(y, device))
                 scaler.scale(loss / tcfg.grad_accum).backward()
-            loss_sum += loss.item()
-        loss_value = loss_sum / tcfg.grad_accum
-        if not math.isfinite(loss_value):
-            raise divergence_error(f"loss became {loss_value}", it + 1, last_ckpt, cfg.optim.lr)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if cfg.optim.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -319,9 +353,12 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         it += 1
         bar.update(1)
         tokens_window += tokens_per_iter
-        losses_window.append(loss_value)
+        pending.append(loss_sum / tcfg.grad_accum)
+        if device.type != "cuda":
+            collect_losses()
 
         if it % tcfg.log_interval == 0 or it == tcfg.max_iters:
+            collect_losses()
             dt = time.perf_counter() - t_window
             tokens_per_sec = tokens_window / dt
             train_loss = distributed.mean_over_ranks(sum(losses_window) / len(losses_window), device)
@@ -339,6 +376,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         if it % tcfg.eval_interval == 0:
             evaluate_and_save_best(it)
         if tcfg.sample_interval and it % tcfg.sample_interval == 0:
+            collect_losses()
             text = sample_text(model, tokenizer, tcfg.sample_len, device, tcfg.seed + it)
             log.info(f"sample at iteration {it}:\n{text}")
             writer.add_text("sample", text, it)

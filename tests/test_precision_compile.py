@@ -9,7 +9,6 @@ import re
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 
 from fluxtrain import throughput
@@ -54,18 +53,23 @@ def test_unknown_precision_is_an_error(tiny_cfg, tmp_path):
         train(tiny_cfg("train.precision=fp8"), tmp_path)
 
 
-def test_failed_compile_falls_back_to_eager(tiny_cfg, tmp_path, caplog, monkeypatch):
-    class Broken(nn.Module):  # what a platform without a working compiler gives at the first call
+def test_unknown_compile_scope_is_an_error(tiny_cfg, tmp_path):
+    with pytest.raises(FluxtrainError, match="train.compile_scope='layers' is not one of model, blocks"):
+        train(tiny_cfg("train.compile_scope=layers"), tmp_path)
+
+
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_failed_compile_falls_back_to_eager(tiny_cfg, tmp_path, caplog, monkeypatch, scope):
+    class Broken:  # what a platform without a working compiler gives at the first call
         def __init__(self, model):
-            super().__init__()
             self._orig_mod = model
 
-        def forward(self, *args):
+        def __call__(self, *args):
             raise RuntimeError("C compiler not found\nmore details")
 
     monkeypatch.setattr(torch, "compile", Broken)
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
-        compiled = run_curve(tiny_cfg, tmp_path / "compiled", "train.compile=true")
+        compiled = run_curve(tiny_cfg, tmp_path / "compiled", "train.compile=true", f"train.compile_scope={scope}")
     warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert warnings == [
         "train.compile=true: torch.compile failed (RuntimeError: C compiler not found); training eagerly"
@@ -74,10 +78,11 @@ def test_failed_compile_falls_back_to_eager(tiny_cfg, tmp_path, caplog, monkeypa
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager_and_saves_plain_names(tiny_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_training_matches_eager_and_saves_plain_names(tiny_cfg, tmp_path, monkeypatch, scope):
     # The eager backend runs the real torch.compile wrapper and graph capture without needing a C compiler.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    compiled = run_curve(tiny_cfg, tmp_path / "compiled", "train.compile=true")
+    compiled = run_curve(tiny_cfg, tmp_path / "compiled", "train.compile=true", f"train.compile_scope={scope}")
     assert_close(compiled, run_curve(tiny_cfg, tmp_path / "eager"), 1e-5)
     keys = load_file(str(tmp_path / "compiled" / "model_final.safetensors")).keys()
     assert "tok_emb.weight" in keys and not any("_orig_mod" in k for k in keys)
