@@ -1,8 +1,9 @@
 """Plot loss against wall-clock seconds from process start, from the runs' TensorBoard events.
 
     python bench/plot_loss_vs_time.py bench/runs/shakespeare_cpu/results.json --out bench/shakespeare_cpu_loss.png
-    python bench/plot_loss_vs_time.py bench/runs/shakespeare_gpu/results.json --out bench/shakespeare_gpu_loss.png \
-        --reference 180 1.4697 --budget 90 --target 1.47 --title "Tiny Shakespeare, one H100: experiment=shakespeare_gpu" --ylim 0.9 2.5
+    python bench/plot_loss_vs_time.py bench/shakespeare_gpu_results.json --out bench/shakespeare_gpu_loss.png \
+        --reference 180 1.4697 --budget 90 --target 1.47 --ylim 0.9 2.5 \
+        --title "Tiny Shakespeare, one H100: experiment=shakespeare_gpu"
 
 The x axis is seconds since each process started (`process_start_unix` in the results file written by
 bench/run_experiment.py), so the time spent on imports, data and compilation shows as an offset.
