@@ -136,6 +136,19 @@ class CausalSelfAttention(nn.Module):
         y = self.proj(y)
         return self.resid_dropout(y) if self.training else y  # (skipping the call saves time when decoding)
 
+    def decode(self, x: torch.Tensor, rope, cache: KVCache, layer: int) -> torch.Tensor:
+        """`forward` for one new position per sequence after the cached ones, for inference: x (B, C) -> (B, C)."""
+        B, C = x.shape
+        qkv = self.qkv.forward(x).view(B, 3, self.n_heads, 1, self.head_dim).transpose(0, 1)  # (3, B, H, 1, hd)
+        if rope is None:
+            q, kv = qkv[0], qkv[1:]
+        else:
+            qk = apply_rope(qkv[:2], *rope)  # q and k rotated together
+            q, kv = qk[0], torch.stack((qk[1], qkv[2]))
+        k, v = cache.update(layer, kv).unbind(0)  # (B, H, length + 1, hd) each
+        y = F.scaled_dot_product_attention(q, k, v)  # one query attends to every cached position: no mask
+        return self.proj.forward(y.view(B, C))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -147,16 +160,21 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)  # (B, T, ff_dim) or (B, T, 2 * ff_dim) for swiglu
+        h = self.proj(self.activate(self.fc(x)))
+        return self.dropout(h) if self.training else h
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for inference, calling the layers' `forward` directly (no module-call overhead)."""
+        return self.proj.forward(self.activate(self.fc.forward(x)))
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., ff_dim), or (..., 2 * ff_dim) for swiglu -> (..., ff_dim)."""
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.activation == "relu2":
-            h = F.relu(h).square()
-        else:
-            h = F.gelu(h)
-        h = self.proj(h)
-        return self.dropout(h) if self.training else h
+            return F.silu(gate) * up
+        if self.activation == "relu2":
+            return F.relu(h).square()
+        return F.gelu(h)
 
 
 class Block(nn.Module):
@@ -248,6 +266,29 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
+
+    def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Next-token logits (B, vocab) after one new token per sequence, idx (B,), at position `cache.length`.
+
+        The same function as `forward(idx[:, None], cache=cache)` at its last position, for inference, written for one
+        position: the layers' `forward` methods are called directly, without the module-call overhead that a
+        decoding step of small matrix-vector products feels (6 layers at width 384 with int8 weights: 2.7 instead of
+        3.5 ms per token on 2 CPU cores).
+        """
+        pos = cache.length
+        if pos >= self.cfg.seq_len:
+            raise FluxtrainError(f"sequence of {pos + 1} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        x = self.tok_emb.weight[idx]  # (B, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[pos]
+        else:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
+        for i, block in enumerate(self.blocks):
+            x = x + block.attn.decode(block.ln1.forward(x), rope, cache, i)
+            x = x + block.mlp.decode(block.ln2.forward(x))
+        cache.length = pos + 1
+        return self.head.forward(self.ln_f.forward(x))
 
 
 def param_count_formula(cfg: ModelConfig, vocab_size: int) -> int:

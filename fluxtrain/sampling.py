@@ -98,7 +98,9 @@ class ContextWindow:
             return self._read_window()
         if self.cache is None:
             return self._read_window()
-        return self._forward(self.tokens[:, self.n_tokens - 1 : self.n_tokens])
+        self.n_forward_positions += 1
+        with onednn_disabled():
+            return self.model.decode_step(next_ids, self.cache).float()
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep the sequences `rows` (B,) in this order (beam search)."""

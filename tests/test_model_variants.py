@@ -83,6 +83,14 @@ def test_variant_is_causal_and_cached_decoding_matches(variant):
     cache = model.new_cache(batch=2)
     steps = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 16)]
     torch.testing.assert_close(torch.cat(steps, dim=1), logits, atol=1e-5, rtol=1e-4)
+    # So does the one-position decoding step that generation uses after the prompt.
+    cache = model.new_cache(batch=2)
+    with torch.inference_mode():
+        steps = [model(idx[:, :5], cache=cache)[0][:, -1]] + [model.decode_step(idx[:, t], cache) for t in range(5, 16)]
+    assert cache.length == 16
+    torch.testing.assert_close(torch.stack(steps, dim=1), logits[:, 4:], atol=1e-5, rtol=1e-4)
+    with pytest.raises(FluxtrainError, match="sequence of 17 tokens is longer than model.seq_len=16"):
+        model.decode_step(idx[:, 0], cache)
 
 
 def test_bias_false_removes_every_bias():
