@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/generate.py [--tokens 500] [--runs 3] [--threads N] [--context-shift N] [--device D]
 
 Random weights (the speed does not depend on them). Variants, each decoding the same number of greedy tokens:
-fp32 with the cache, int8 weights (`--quantize int8` of `fluxtrain.generate`) with the cache, and fp32 without the
+fp32 with the cache, int8 weights (`--quantize int8` of `fluxtrain.generate`) with the cache, each also with a
+compiled decoding step (`--compile`; the compile time is printed and left out of the rates), and fp32 without the
 cache (every token re-reads the whole window). The cached variants run `--runs` times, interleaved so that a load
 change hits them alike, and the median is reported; the uncached one (slow) runs once. The run checks that the
 cached and uncached fp32 paths decode the same tokens, so their ratio compares equal work done two ways, and prints
@@ -24,7 +25,7 @@ import torch
 
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.quantize import quantize_int8
-from fluxtrain.sampling import SamplingConfig, sample_stream
+from fluxtrain.sampling import SamplingConfig, compile_decoding, sample_stream
 from fluxtrain.throughput import probe_peak
 
 BENCH_MODEL = ModelConfig(d_model=384, n_heads=6, n_layers=6, ff_dim=1536, seq_len=256)
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling with top-k 40")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-uncached", action="store_true", help="time only the cached paths")
+    p.add_argument("--no-compile", action="store_true", help="skip the variants with a compiled decoding step")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,6 +71,16 @@ def main() -> None:
         print(f"fp32 matmul rate now: {probe_peak('cpu') / 1e9:.0f} GFLOP/s")
 
     variants = {"fp32, cache": model, "int8 weights, cache": int8_model}
+    if not args.no_compile:  # `fluxtrain-generate --compile`: compiled once, before the timed runs
+        for name, m in list(variants.items()):
+            compiled = copy.deepcopy(m)
+            start = time.perf_counter()
+            failure = compile_decoding(compiled)
+            print(
+                f"{name}: decoding step compiled in {time.perf_counter() - start:.1f}s"
+                + (f" ({failure})" * bool(failure))
+            )
+            variants[f"{name}, compiled step"] = compiled
     warm = SamplingConfig(max_new_tokens=20, temperature=0.0)
     for m in variants.values():
         timed_decode(m, prompt, warm, use_cache=True)

@@ -132,6 +132,34 @@ def onednn_disabled() -> Iterator[None]:
         torch.backends.mkldnn.enabled = enabled
 
 
+def compile_decoding(model: GPT) -> str | None:
+    """Make `model.decode_step` a `torch.compile`d function, compiled here for the positions that need a graph of
+    their own; None when it compiled, else why not (the eager step then stays).
+
+    The step compiles with dynamic shapes, so a few graphs serve every position (a batch of several sequences, as in
+    beam search, compiles once more when it starts). It takes from a few seconds (cached) to half a minute; after it,
+    a step of bench/generate.py's model (6 layers, width 384) with int8 weights takes about 2.2 instead of 3.3 ms on 2
+    CPU cores. fp32 weights gain nothing there: reading them is what takes the time.
+    """
+    compiled = torch.compile(model.decode_step, dynamic=True)
+    device = model.tok_emb.weight.device
+    try:
+        with torch.inference_mode(), onednn_disabled():  # the tensors decoding passes are inference tensors too
+            cache = model.new_cache(1)
+            token = torch.zeros(1, dtype=torch.long, device=device)
+            # torch.compile specialises sizes of 0 and 1, and the last position's keys fill the whole cache: so
+            # positions 1 (after a one-token prompt) and seq_len - 1 get graphs of their own, and position 2 the graph
+            # for all the others. A step never runs at position 0: the prompt comes first.
+            for position in sorted({1, 2, model.cfg.seq_len - 1} & set(range(1, model.cfg.seq_len))):
+                cache.length = position
+                compiled(token, cache)
+    except Exception as e:  # any compiler failure: decoding still works eagerly
+        torch._dynamo.reset()
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+    model.decode_step = compiled
+    return None
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty: for tokens already in the text (`seen`, bool like logits), divide positive logits by
     `penalty` and multiply negative ones by it."""
