@@ -29,10 +29,14 @@ def table_peak(device_name: str) -> float | None:
 
 @functools.cache
 def probe_peak(device_type: str, dtype: torch.dtype = torch.float32, size: int = 512, reps: int = 8) -> float:
-    """FLOP/s of a square matmul on this device, measured once per process: the best of `reps` timed runs."""
+    """FLOP/s of a square matmul on this device, measured once per process: the best of `reps` timed runs.
+
+    The operands come from a generator of their own: drawing them from torch's global one would shift the dropout
+    masks of the training run that asked, depending on whether this process had measured the peak before.
+    """
     device = torch.device(device_type)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(reps + 1):  # the first run warms up
         _sync(device)

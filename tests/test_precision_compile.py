@@ -147,6 +147,15 @@ def test_peak_flops_sources():
     assert throughput.mfu(1000.0, 6_000_000, 1e10, world_size=2) == pytest.approx(0.3)
 
 
+def test_measuring_the_peak_leaves_training_unchanged(tiny_cfg, tmp_path):
+    # With dropout the global RNG shapes training; the matmul probe, which runs once per process, must not draw from it.
+    run = [*SHORT, "model.dropout=0.1"]
+    throughput.probe_peak.cache_clear()
+    probed = run_curve(tiny_cfg, tmp_path / "probed", *run)  # this run measures the peak
+    assert run_curve(tiny_cfg, tmp_path / "cached", *run) == probed  # this one reuses the measurement
+    assert run_curve(tiny_cfg, tmp_path / "given", *run, "train.peak_flops=1e9") == probed
+
+
 def test_bad_peak_flops_is_an_error(tiny_cfg, tmp_path):
     with pytest.raises(FluxtrainError, match="train.peak_flops=-1.0 must be a positive"):
         train(tiny_cfg("train.peak_flops=-1"), tmp_path)
