@@ -107,6 +107,25 @@ def run_fluxtrain(*args: str, entry: tuple[str, ...] = ("-m", "fluxtrain"), time
     )
 
 
+def poison_training_loss(monkeypatch, call: int, factor: float) -> None:
+    """Multiply the loss of the `call`-th training forward pass (counted from 1) by `factor`, e.g. inf or nan."""
+    from fluxtrain.model import GPT
+
+    real_forward = GPT.forward
+    calls = 0
+
+    def forward(self, idx, targets=None, cache=None):
+        nonlocal calls
+        logits, loss = real_forward(self, idx, targets, cache)
+        if self.training and targets is not None:
+            calls += 1
+            if calls == call:
+                loss = loss * factor
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
 def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     """Step -> value of one scalar from the single TensorBoard events file in `run_dir`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

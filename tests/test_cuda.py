@@ -17,7 +17,7 @@ from fluxtrain.sampling import SamplingConfig, generate
 from fluxtrain.throughput import peak_flops
 from fluxtrain.train import train
 
-from .conftest import tb_scalars
+from .conftest import poison_training_loss, tb_scalars
 
 pytestmark = [
     pytest.mark.cuda,
@@ -74,18 +74,7 @@ def test_compiled_bf16_training_tracks_eager(tiny_cfg, tmp_path, scope):
 
 def test_a_nan_loss_on_cuda_is_caught_at_its_iteration(tiny_cfg, tmp_path, monkeypatch):
     # On CUDA the losses reach the host only before logs and saves; the error still names the step it happened at.
-    real_forward = GPT.forward
-    calls = {"train": 0}
-
-    def forward(self, idx, targets=None, cache=None):
-        logits, loss = real_forward(self, idx, targets, cache)
-        if self.training and targets is not None:
-            calls["train"] += 1
-            if calls["train"] == 12:
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
+    poison_training_loss(monkeypatch, 12, float("nan"))
     with pytest.raises(FluxtrainError) as info:
         train(tiny_cfg(*CUDA, "train.log_interval=100", "train.ckpt_interval=7", "train.keep_last=0"), tmp_path)
     assert str(info.value).startswith("loss became nan at iteration 12;")

@@ -20,11 +20,10 @@ import fluxtrain.train as train_module
 from fluxtrain.checkpoint import load_checkpoint, read_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.interrupt import TrainingInterrupted
-from fluxtrain.model import GPT
 from fluxtrain.resume import checkpoint_path, find_latest
 from fluxtrain.train import train
 
-from .conftest import REPO_ROOT, TINY_OVERRIDES
+from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss
 
 N = 10
 # Dropout > 0 so the torch RNG matters; a log interval that does not divide N so the loss window spans the resume.
@@ -169,18 +168,7 @@ def test_time_budget_carries_over_on_resume(tiny_cfg, tmp_path, monkeypatch):
 
 
 def test_injected_inf_loss_stops_naming_the_iteration_and_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
-    real_forward = GPT.forward
-    calls = {"train": 0}
-
-    def forward(self, idx, targets=None, cache=None):
-        logits, loss = real_forward(self, idx, targets, cache)
-        if self.training and targets is not None:
-            calls["train"] += 1
-            if calls["train"] == 12:
-                loss = loss * float("inf")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
+    poison_training_loss(monkeypatch, 12, float("inf"))
     with pytest.raises(FluxtrainError) as info:
         train(tiny_cfg("train.ckpt_interval=5", "train.keep_last=0", "train.eval_interval=100"), tmp_path)
     good = checkpoint_path(tmp_path, 10)
