@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, describe_failure
 
 log = logging.getLogger("fluxtrain")
 
@@ -245,8 +245,7 @@ def compile_model(
             _, loss = compiled(x, y)
         loss.backward()
     except Exception as e:  # any compiler failure: the eager model still trains
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
-        log.warning(f"train.compile=true: torch.compile failed ({type(e).__name__}: {reason}); training eagerly")
+        log.warning(f"train.compile=true: torch.compile failed ({describe_failure(e)}); training eagerly")
         torch._dynamo.reset()
         for block in blocks:
             block._compiled_call_impl = None  # what nn.Module.compile() set: back to the plain forward

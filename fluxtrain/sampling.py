@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, describe_failure
 from fluxtrain.model import GPT
 
 MAX_TEMPERATURE = 2.0
@@ -137,7 +137,7 @@ def compile_decoding(model: GPT) -> str | None:
     their own; None when it compiled, else why not (the eager step then stays).
 
     The step compiles with dynamic shapes, so a few graphs serve every position (a batch of several sequences, as in
-    beam search, compiles once more when it starts). It takes from a few seconds (cached) to half a minute; after it,
+    beam search, compiles once more when it starts). It takes from a few seconds (cached) to about 40 s; after it,
     a step of bench/generate.py's model (6 layers, width 384) with int8 weights takes about 2.2 instead of 3.3 ms on 2
     CPU cores. fp32 weights gain nothing there: reading them is what takes the time.
     """
@@ -155,7 +155,7 @@ def compile_decoding(model: GPT) -> str | None:
                 compiled(token, cache)
     except Exception as e:  # any compiler failure: decoding still works eagerly
         torch._dynamo.reset()
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+        return describe_failure(e)
     model.decode_step = compiled
     return None
 
