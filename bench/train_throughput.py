@@ -5,20 +5,23 @@
     python bench/train_throughput.py --no-compile --windows 5 --window-steps 20
 
 Every variant runs the same training step: sample a batch of random windows, forward, backward, clip the gradient
-norm to 1.0, optimizer step, zero the gradients, read the loss. Windows of the variants are interleaved (round
-robin), so a load change on a shared machine hits all of them alike; the figure is the median over windows, after
-warm-up. MFU is measured tokens/s x training FLOPs per token / the fp32 matmul rate measured in the same run.
+norm to 1.0, optimizer step, zero the gradients, read the loss. Each variant runs in a process of its own: the plain
+baseline with the process defaults a plain PyTorch script gets, fluxtrain set up as its trainer sets itself up
+(`fluxtrain.host.configure`). Windows of the variants are interleaved (round robin, one process running at a time),
+so a load change on a shared machine hits all of them alike; the figure is the median over windows, after warm-up.
+MFU is measured tokens/s x training FLOPs per token / the fp32 matmul rate measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing as mp
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fluxtrain import host  # noqa: E402
 from fluxtrain.model import GPT, ModelConfig, flops_per_token  # noqa: E402
 from fluxtrain.optim import OptimConfig, build_optimizer  # noqa: E402
 
@@ -118,13 +122,36 @@ def matmul_peak_flops(size: int = 1024, reps: int = 5, seconds: float = 1.0) -> 
 
 
 @dataclass
-class Variant:
+class Spec:
+    """One variant of the training step; it runs in a process of its own (see `measure`)."""
+
     name: str
-    step: Callable[[], float]
+    kind: str  # plain | fluxtrain
+    shape: dict
+    batch: int
+    compile: bool = False
+    model_kw: dict = field(default_factory=dict)
+    keep_cpu_memory: bool = True  # fluxtrain only: the trainer's default; False keeps glibc's malloc defaults
+
+
+@dataclass
+class Variant:
+    spec: Spec
     tokens_per_step: int
     flops_per_token: int
     n_params: int
-    rates: list[float]
+    conn: Connection
+    process: mp.process.BaseProcess
+    rates: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def run(self, steps: int) -> float:
+        """Seconds for `steps` training steps, run in the variant's process while the others wait."""
+        self.conn.send(steps)
+        return self.conn.recv()
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, batch: int, seq_len: int):
@@ -146,48 +173,78 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Te
     return step
 
 
-def fluxtrain_variant(name: str, shape: dict, batch: int, data: torch.Tensor, compile: bool, **model_kw) -> Variant:
-    cfg = ModelConfig(dropout=0.0, **shape, **model_kw)
-    model = GPT(cfg, VOCAB)
-    optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, betas=[0.9, 0.99], weight_decay=0.1))
-    run_model = torch.compile(model) if compile else model
-    n = model.num_params()
-    step = make_step(run_model, optimizer, data, batch, cfg.seq_len)
-    return Variant(name, step, batch * cfg.seq_len, flops_per_token(cfg, n), n, [])
+def build(spec: Spec, data: torch.Tensor):
+    """The variant's training step, tokens per step, FLOPs per token and parameter count."""
+    if spec.kind == "plain":
+        s = spec.shape
+        model = MiniGPT(VOCAB, s["d_model"], s["n_heads"], s["n_layers"], s["ff_dim"], s["seq_len"])
+        n = sum(p.numel() for p in model.parameters())
+        step = make_step(model, mini_optimizer(model), data, spec.batch, s["seq_len"])
+        cfg = ModelConfig(**s)
+    else:
+        cfg = ModelConfig(dropout=0.0, **spec.shape, **spec.model_kw)
+        model = GPT(cfg, VOCAB)
+        optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, betas=[0.9, 0.99], weight_decay=0.1))
+        n = model.num_params()
+        step = make_step(torch.compile(model) if spec.compile else model, optimizer, data, spec.batch, cfg.seq_len)
+    return step, spec.batch * cfg.seq_len, flops_per_token(cfg, n), n
 
 
-def baseline_variant(name: str, shape: dict, batch: int, data: torch.Tensor) -> Variant:
-    model = MiniGPT(VOCAB, shape["d_model"], shape["n_heads"], shape["n_layers"], shape["ff_dim"], shape["seq_len"])
-    n = sum(p.numel() for p in model.parameters())
-    step = make_step(model, mini_optimizer(model), data, batch, shape["seq_len"])
-    cfg = ModelConfig(**shape)
-    return Variant(name, step, batch * shape["seq_len"], flops_per_token(cfg, n), n, [])
+def worker(spec: Spec, threads: int, conn: Connection) -> None:
+    """A variant's process: plain PyTorch keeps the process defaults; fluxtrain sets the process up as its trainer
+    does (`fluxtrain.host.configure`: threads, malloc keeping freed memory). Then it runs the steps it is sent."""
+    if spec.kind == "fluxtrain":
+        host.configure(threads, spec.keep_cpu_memory)
+    elif threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    step, tokens_per_step, fpt, n = build(spec, torch.randint(VOCAB, (200_000,)))
+    conn.send((tokens_per_step, fpt, n))
+    while (steps := conn.recv()) is not None:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        conn.send(time.perf_counter() - t0)
+
+
+def start(specs: list[Spec], threads: int) -> list[Variant]:
+    """One process per variant (spawned: nothing shared, not even malloc's state), built in turn."""
+    ctx = mp.get_context("spawn")
+    variants = []
+    for spec in specs:
+        conn, child = ctx.Pipe()
+        process = ctx.Process(target=worker, args=(spec, threads, child), daemon=True)
+        process.start()
+        variants.append(Variant(spec, *conn.recv(), conn=conn, process=process))
+    return variants
+
+
+def stop(variants: list[Variant]) -> None:
+    for v in variants:
+        v.conn.send(None)
+    for v in variants:
+        v.process.join()
 
 
 def measure(variants: list[Variant], windows: int, window_steps: int, warmup_steps: int) -> None:
+    """Warm each variant up, then time windows of `window_steps` steps, round robin over the variants."""
     for v in variants:
-        t0 = time.perf_counter()
-        for _ in range(warmup_steps):
-            v.step()
-        print(f"  warmed up {v.name} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        print(f"  warmed up {v.name} ({v.run(warmup_steps):.1f}s)", flush=True)
     for _ in range(windows):
         for v in variants:
-            t0 = time.perf_counter()
-            for _ in range(window_steps):
-                v.step()
-            v.rates.append(window_steps * v.tokens_per_step / (time.perf_counter() - t0))
+            v.rates.append(window_steps * v.tokens_per_step / v.run(window_steps))
 
 
 def print_table(title: str, variants: list[Variant], peak: float, baseline: Variant | None) -> None:
     print(f"\n{title}")
-    print(f"| {'variant':<34} | params | tokens/s (median) | spread (min-max) | MFU | vs baseline |")
-    print(f"|{'-' * 36}|-------:|------------------:|-----------------:|----:|------------:|")
+    print(f"| {'variant':<46} | params | tokens/s (median) | spread (min-max) | MFU | vs baseline |")
+    print(f"|{'-' * 48}|-------:|------------------:|-----------------:|----:|------------:|")
     for v in variants:
         med = statistics.median(v.rates)
         mfu = med * v.flops_per_token / peak
         ratio = f"{med / statistics.median(baseline.rates):.2f}x" if baseline else "-"
         print(
-            f"| {v.name:<34} | {v.n_params / 1e6:.2f}M | {med:>17,.0f} | {min(v.rates):>7,.0f}-{max(v.rates):<7,.0f} "
+            f"| {v.name:<46} | {v.n_params / 1e6:.2f}M | {med:>17,.0f} | {min(v.rates):>7,.0f}-{max(v.rates):<7,.0f} "
             f"| {100 * mfu:.1f}% | {ratio:>11} |"
         )
 
@@ -205,41 +262,52 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    data = torch.randint(VOCAB, (200_000,))
 
     peak = matmul_peak_flops()
     print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
 
-    shape = REFERENCE
-    ref = [baseline_variant("plain PyTorch minimal GPT, eager", shape, REFERENCE_BATCH, data)]
+    shape, batch = REFERENCE, REFERENCE_BATCH
     # The reference recipe's model has no biases, as the plain baseline; fluxtrain's default blocks have them.
-    ref.append(fluxtrain_variant("fluxtrain, no bias, eager", shape, REFERENCE_BATCH, data, False, bias=False))
-    ref.append(fluxtrain_variant("fluxtrain, default blocks, eager", shape, REFERENCE_BATCH, data, False))
-    ref.append(
-        fluxtrain_variant(
-            "fluxtrain, rope, no bias, eager", shape, REFERENCE_BATCH, data, False, pos_emb="rope", bias=False
-        )
-    )
+    specs = [
+        Spec("plain PyTorch minimal GPT, eager", "plain", shape, batch),
+        Spec("fluxtrain, no bias, eager", "fluxtrain", shape, batch, model_kw=dict(bias=False)),
+        Spec("fluxtrain, no bias, eager, malloc defaults", "fluxtrain", shape, batch, False, dict(bias=False), False),
+        Spec("fluxtrain, default blocks, eager", "fluxtrain", shape, batch),
+        Spec("fluxtrain, rope, no bias, eager", "fluxtrain", shape, batch, model_kw=dict(pos_emb="rope", bias=False)),
+    ]
     if not args.no_compile:
-        ref.append(fluxtrain_variant("fluxtrain, no bias, compiled", shape, REFERENCE_BATCH, data, True, bias=False))
-        ref.append(
-            fluxtrain_variant(
-                "fluxtrain, rope, no bias, compiled", shape, REFERENCE_BATCH, data, True, pos_emb="rope", bias=False
-            )
-        )
-    print(f"reference shape {shape}, batch {REFERENCE_BATCH}:")
+        specs += [
+            Spec("fluxtrain, no bias, compiled", "fluxtrain", shape, batch, True, dict(bias=False)),
+            Spec(
+                "fluxtrain, no bias, compiled, malloc defaults",
+                "fluxtrain",
+                shape,
+                batch,
+                True,
+                dict(bias=False),
+                False,
+            ),
+            Spec(
+                "fluxtrain, rope, no bias, compiled", "fluxtrain", shape, batch, True, dict(pos_emb="rope", bias=False)
+            ),
+        ]
+    print(f"reference shape {shape}, batch {batch}:")
+    ref = start(specs, args.threads)
     measure(ref, args.windows, args.window_steps, args.warmup_steps)
-    print_table(f"Reference shape (batch {REFERENCE_BATCH})", ref, peak, ref[0])
+    stop(ref)
+    print_table(f"Reference shape (batch {batch})", ref, peak, ref[0])
 
     presets = [] if args.presets == "none" else args.presets.split(",")
     rows = []
     for preset in presets:
-        rows.append(fluxtrain_variant(f"{preset}, eager", PRESETS[preset], PRESET_BATCH, data, compile=False))
+        specs = [Spec(f"{preset}, eager", "fluxtrain", PRESETS[preset], PRESET_BATCH)]
         if not args.no_compile:
-            rows.append(fluxtrain_variant(f"{preset}, compiled", PRESETS[preset], PRESET_BATCH, data, compile=True))
+            specs.append(Spec(f"{preset}, compiled", "fluxtrain", PRESETS[preset], PRESET_BATCH, compile=True))
         print(f"preset {preset}:", flush=True)
-        measure(rows[-2:] if not args.no_compile else rows[-1:], args.preset_windows, args.preset_window_steps, 3)
+        variants = start(specs, args.threads)
+        measure(variants, args.preset_windows, args.preset_window_steps, 3)
+        stop(variants)
+        rows += variants
     if rows:
         print_table(f"Presets (batch {PRESET_BATCH})", rows, peak, None)
     peak_after = matmul_peak_flops()

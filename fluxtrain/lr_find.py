@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from fluxtrain import host
 from fluxtrain.checkpoint import atomic_write
 from fluxtrain.data import load_corpus
 from fluxtrain.errors import FluxtrainError
@@ -132,8 +133,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
+    host.configure(tcfg.threads, tcfg.keep_cpu_memory)
     torch.manual_seed(tcfg.seed)
     data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
     model = GPT(model_cfg, tokenizer.vocab_size).to(device)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fluxtrain import distributed, throughput
+from fluxtrain import distributed, host, throughput
 from fluxtrain.checkpoint import NonFiniteWeightsError, Progress, restore, rng_state, save_checkpoint, save_model_file
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.errors import FluxtrainError
@@ -67,6 +67,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     peak_flops: float | None = None  # peak FLOP/s of one device for MFU; null: GPU table, else a matmul probe
     threads: int = 0  # CPU threads for torch ops; 0 keeps torch's default (one per core)
+    keep_cpu_memory: bool = True  # glibc malloc keeps freed memory for the next step: no page faults per step
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -194,8 +195,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     t_start = time.perf_counter()
 
     resume = load_resume(cfg, run_dir)
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
+    host.configure(tcfg.threads, tcfg.keep_cpu_memory)
     torch.manual_seed(tcfg.seed)
     with distributed.main_first(world):  # rank 0 downloads, trains the tokenizer and fills the cache
         data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
