@@ -8,7 +8,8 @@ Every variant runs the same training step: sample a batch of random windows, for
 norm to 1.0, optimizer step, zero the gradients, read the loss. Each variant runs in a process of its own: the plain
 baseline with the process defaults a plain PyTorch script gets, fluxtrain set up as its trainer sets itself up
 (`fluxtrain.host.configure`). Windows of the variants are interleaved (round robin, one process running at a time),
-so a load change on a shared machine hits all of them alike; the figure is the median over windows, after warm-up.
+so a load change on a shared machine hits all of them alike. tokens/s is the median over windows, after warm-up; the
+ratio to the baseline is the median over rounds of the ratio within the round.
 MFU is measured tokens/s x training FLOPs per token / the fp32 matmul rate measured in the same run.
 """
 
@@ -132,6 +133,7 @@ class Spec:
     compile: bool = False
     model_kw: dict = field(default_factory=dict)
     keep_cpu_memory: bool = True  # fluxtrain only: the trainer's default; False keeps glibc's malloc defaults
+    cpp_wrapper: bool = True  # compiled only: train.compile_cpp_wrapper, on by default for CPU
 
 
 @dataclass
@@ -151,7 +153,7 @@ class Variant:
     def run(self, steps: int) -> float:
         """Seconds for `steps` training steps, run in the variant's process while the others wait."""
         self.conn.send(steps)
-        return self.conn.recv()
+        return receive(self.conn, self.name)
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, batch: int, seq_len: int):
@@ -186,7 +188,9 @@ def build(spec: Spec, data: torch.Tensor):
         model = GPT(cfg, VOCAB)
         optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, betas=[0.9, 0.99], weight_decay=0.1))
         n = model.num_params()
-        step = make_step(torch.compile(model) if spec.compile else model, optimizer, data, spec.batch, cfg.seq_len)
+        if spec.compile:
+            model = torch.compile(model, options={"cpp_wrapper": True} if spec.cpp_wrapper else None)
+        step = make_step(model, optimizer, data, spec.batch, cfg.seq_len)
     return step, spec.batch * cfg.seq_len, flops_per_token(cfg, n), n
 
 
@@ -215,8 +219,16 @@ def start(specs: list[Spec], threads: int) -> list[Variant]:
         conn, child = ctx.Pipe()
         process = ctx.Process(target=worker, args=(spec, threads, child), daemon=True)
         process.start()
-        variants.append(Variant(spec, *conn.recv(), conn=conn, process=process))
+        child.close()  # the worker holds the only other end: its death ends the pipe instead of hanging
+        variants.append(Variant(spec, *receive(conn, spec.name), conn=conn, process=process))
     return variants
+
+
+def receive(conn: Connection, name: str):
+    try:
+        return conn.recv()
+    except EOFError:
+        sys.exit(f"variant {name!r}: its process died (its error is printed above)")
 
 
 def stop(variants: list[Variant]) -> None:
@@ -236,13 +248,17 @@ def measure(variants: list[Variant], windows: int, window_steps: int, warmup_ste
 
 
 def print_table(title: str, variants: list[Variant], peak: float, baseline: Variant | None) -> None:
+    """tokens/s: the median over windows. vs baseline: the median over rounds of the ratio within each round, which
+    a drift of the machine's speed between rounds does not move."""
     print(f"\n{title}")
     print(f"| {'variant':<46} | params | tokens/s (median) | spread (min-max) | MFU | vs baseline |")
     print(f"|{'-' * 48}|-------:|------------------:|-----------------:|----:|------------:|")
     for v in variants:
         med = statistics.median(v.rates)
         mfu = med * v.flops_per_token / peak
-        ratio = f"{med / statistics.median(baseline.rates):.2f}x" if baseline else "-"
+        ratio = "-"
+        if baseline:
+            ratio = f"{statistics.median(r / b for r, b in zip(v.rates, baseline.rates, strict=True)):.2f}x"
         print(
             f"| {v.name:<46} | {v.n_params / 1e6:.2f}M | {med:>17,.0f} | {min(v.rates):>7,.0f}-{max(v.rates):<7,.0f} "
             f"| {100 * mfu:.1f}% | {ratio:>11} |"
@@ -251,8 +267,8 @@ def print_table(title: str, variants: list[Variant], peak: float, baseline: Vari
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, default=7, help="timed windows per variant (median reported)")
-    parser.add_argument("--window-steps", type=int, default=20, help="training steps per window")
+    parser.add_argument("--windows", type=int, default=25, help="timed windows (rounds) per variant")
+    parser.add_argument("--window-steps", type=int, default=8, help="training steps per window")
     parser.add_argument("--warmup-steps", type=int, default=15, help="untimed steps first (compile happens here)")
     parser.add_argument("--presets", default="small,medium,large", help="comma list of presets, or 'none'")
     parser.add_argument("--preset-windows", type=int, default=3, help="timed windows per preset variant")
@@ -278,6 +294,15 @@ def main() -> None:
     if not args.no_compile:
         specs += [
             Spec("fluxtrain, no bias, compiled", "fluxtrain", shape, batch, True, dict(bias=False)),
+            Spec(
+                "fluxtrain, no bias, compiled, Python wrapper",
+                "fluxtrain",
+                shape,
+                batch,
+                True,
+                dict(bias=False),
+                cpp_wrapper=False,
+            ),
             Spec(
                 "fluxtrain, no bias, compiled, malloc defaults",
                 "fluxtrain",

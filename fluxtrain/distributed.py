@@ -224,23 +224,30 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 def compile_model(
-    model: nn.Module, blocks: nn.ModuleList, x: torch.Tensor, y: torch.Tensor, autocast: Callable, scope: str = "model"
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: Callable,
+    scope: str = "model",
+    cpp_wrapper: bool = False,
 ) -> nn.Module:
     """`torch.compile` the whole model (scope "model") or each of its `blocks` in place (scope "blocks"), tried on
-    one batch; where compilation fails, the eager model with a warning.
+    one batch; where compilation fails, the eager model with a warning. `cpp_wrapper`: inductor's C++ wrapper.
 
     Compiling the blocks compiles one graph that every block reuses: a fraction of the whole model's compile time, for
     steps a little slower, since nothing is fused across block boundaries. torch.compile compiles lazily, so a missing
     C compiler or an unsupported platform shows only in the first step: one forward and backward on (x, y) here lets
     the run fall back to eager mode before training starts.
     """
+    options = {"cpp_wrapper": True} if cpp_wrapper else None
     try:
         if scope == "blocks":
             for block in blocks:
-                block.compile()
+                block.compile(options=options)
             compiled = model
         else:
-            compiled = torch.compile(model)
+            compiled = torch.compile(model, options=options)
         with autocast():
             _, loss = compiled(x, y)
         loss.backward()

@@ -63,6 +63,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
     compile: bool = False  # torch.compile; falls back to eager with a warning where it fails
     compile_scope: str = "model"  # model: compile it whole | blocks: one compiled block for all (faster to compile)
+    # Inductor writes the compiled graph's calling code in C++ instead of Python: less overhead per kernel call, which
+    # small models on CPU feel (3% more tokens/s at width 128). null: on for CPU, off on GPUs (not measured there).
+    compile_cpp_wrapper: bool | None = None
     strategy: str = "ddp"  # ddp | fsdp (fully_shard), used when launched by torchrun with several processes
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     peak_flops: float | None = None  # peak FLOP/s of one device for MFU; null: GPU table, else a matmul probe
@@ -217,7 +220,13 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         x, y = distributed.rank_batch(data, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed), world)
         autocast = lambda: autocast_context(device, tcfg.precision)
         train_model = distributed.compile_model(
-            train_model, model.blocks, x.to(device), y.to(device), autocast, tcfg.compile_scope
+            train_model,
+            model.blocks,
+            x.to(device),
+            y.to(device),
+            autocast,
+            tcfg.compile_scope,
+            device.type == "cpu" if tcfg.compile_cpp_wrapper is None else tcfg.compile_cpp_wrapper,
         )
     optimizer = build_optimizer(model, cfg.optim)  # after wrapping: FSDP replaces the parameters by shards
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and tcfg.precision == "fp16")

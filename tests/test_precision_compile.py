@@ -61,7 +61,7 @@ def test_unknown_compile_scope_is_an_error(tiny_cfg, tmp_path):
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_failed_compile_falls_back_to_eager(tiny_cfg, tmp_path, caplog, monkeypatch, scope):
     class Broken:  # what a platform without a working compiler gives at the first call
-        def __init__(self, model):
+        def __init__(self, model, **options):
             self._orig_mod = model
 
         def __call__(self, *args):
@@ -86,6 +86,28 @@ def test_compiled_training_matches_eager_and_saves_plain_names(tiny_cfg, tmp_pat
     assert_close(compiled, run_curve(tiny_cfg, tmp_path / "eager"), 1e-5)
     keys = load_file(str(tmp_path / "compiled" / "model_final.safetensors")).keys()
     assert "tok_emb.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+@pytest.mark.slow
+def test_inductor_with_its_cpp_wrapper_trains_like_eager(tiny_cfg, tmp_path, caplog, monkeypatch):
+    # Real inductor, with the C++ wrapper that CPU runs get by default; no fallback may hide a failure here.
+    calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or real_compile(model, **kw))
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        compiled = run_curve(tiny_cfg, tmp_path / "compiled", "train.compile=true")
+    assert not [r for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert calls == [{"options": {"cpp_wrapper": True}}]
+    assert_close(compiled, run_curve(tiny_cfg, tmp_path / "eager"), 1e-4)
+
+
+@pytest.mark.parametrize(("setting", "options"), [("false", None), ("true", {"cpp_wrapper": True})])
+def test_cpp_wrapper_setting_reaches_torch_compile(tiny_cfg, tmp_path, monkeypatch, setting, options):
+    calls = []
+    eager_compile = functools.partial(torch.compile, backend="eager")
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or eager_compile(model))
+    run_curve(tiny_cfg, tmp_path, "train.compile=true", f"train.compile_cpp_wrapper={setting}")
+    assert calls == [{"options": options}]
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
