@@ -16,6 +16,7 @@ MFU is measured tokens/s x training FLOPs per token / the fp32 matmul rate measu
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import multiprocessing as mp
 import statistics
@@ -124,7 +125,7 @@ def matmul_peak_flops(size: int = 1024, reps: int = 5, seconds: float = 1.0) -> 
 
 @dataclass
 class Spec:
-    """One variant of the training step; it runs in a process of its own (see `measure`)."""
+    """One variant of the training step; it runs in a process of its own (see `start`)."""
 
     name: str
     kind: str  # plain | fluxtrain
@@ -284,37 +285,23 @@ def main() -> None:
 
     shape, batch = REFERENCE, REFERENCE_BATCH
     # The reference recipe's model has no biases, as the plain baseline; fluxtrain's default blocks have them.
+    no_bias, rope = dict(bias=False), dict(pos_emb="rope", bias=False)
+    flux = functools.partial(Spec, kind="fluxtrain", shape=shape, batch=batch)
     specs = [
         Spec("plain PyTorch minimal GPT, eager", "plain", shape, batch),
-        Spec("fluxtrain, no bias, eager", "fluxtrain", shape, batch, model_kw=dict(bias=False)),
-        Spec("fluxtrain, no bias, eager, malloc defaults", "fluxtrain", shape, batch, False, dict(bias=False), False),
-        Spec("fluxtrain, default blocks, eager", "fluxtrain", shape, batch),
-        Spec("fluxtrain, rope, no bias, eager", "fluxtrain", shape, batch, model_kw=dict(pos_emb="rope", bias=False)),
+        flux("fluxtrain, no bias, eager", model_kw=no_bias),
+        flux("fluxtrain, no bias, eager, malloc defaults", model_kw=no_bias, keep_cpu_memory=False),
+        flux("fluxtrain, default blocks, eager"),
+        flux("fluxtrain, rope, no bias, eager", model_kw=rope),
     ]
     if not args.no_compile:
         specs += [
-            Spec("fluxtrain, no bias, compiled", "fluxtrain", shape, batch, True, dict(bias=False)),
-            Spec(
-                "fluxtrain, no bias, compiled, Python wrapper",
-                "fluxtrain",
-                shape,
-                batch,
-                True,
-                dict(bias=False),
-                cpp_wrapper=False,
+            flux("fluxtrain, no bias, compiled", compile=True, model_kw=no_bias),
+            flux("fluxtrain, no bias, compiled, Python wrapper", compile=True, model_kw=no_bias, cpp_wrapper=False),
+            flux(
+                "fluxtrain, no bias, compiled, malloc defaults", compile=True, model_kw=no_bias, keep_cpu_memory=False
             ),
-            Spec(
-                "fluxtrain, no bias, compiled, malloc defaults",
-                "fluxtrain",
-                shape,
-                batch,
-                True,
-                dict(bias=False),
-                False,
-            ),
-            Spec(
-                "fluxtrain, rope, no bias, compiled", "fluxtrain", shape, batch, True, dict(pos_emb="rope", bias=False)
-            ),
+            flux("fluxtrain, rope, no bias, compiled", compile=True, model_kw=rope),
         ]
     print(f"reference shape {shape}, batch {batch}:")
     ref = start(specs, args.threads)
