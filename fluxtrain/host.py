@@ -24,13 +24,17 @@ MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit systems: larg
 TRIM_THRESHOLD = 1024 * 1024 * 1024  # keep up to 1 GiB of freed memory at the top of the heap
 
 
+def is_glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to serve blocks up to 32 MiB from its heap and to keep freed memory for reuse.
 
     Returns False (and changes nothing) where the C library is not glibc. The settings hold for the rest of the
     process; its resident memory then stays near its peak instead of shrinking between steps.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     try:
         libc = ctypes.CDLL(None)

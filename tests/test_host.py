@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 
 import pytest
 import torch
@@ -11,13 +10,14 @@ import torch
 from fluxtrain import host
 from tests.conftest import run_fluxtrain
 
-# Eager training steps of the reference shape in a fresh process; prints the minor page faults per step.
+# Eager training steps of the reference shape in a fresh process that keeps freed memory; prints the minor page
+# faults per step.
 STEPS = """
-import json, resource, sys, torch
+import json, resource, torch
 from fluxtrain import host
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import OptimConfig, build_optimizer
-kept = host.keep_freed_memory() if sys.argv[1] == "keep" else None
+kept = host.keep_freed_memory()
 torch.manual_seed(0)
 model = GPT(ModelConfig(d_model=128, n_heads=4, n_layers=4, ff_dim=512, seq_len=64, bias=False), 65)
 optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1))
@@ -37,20 +37,16 @@ faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
 print(json.dumps({"kept": kept, "faults_per_step": faults}))
 """
 
-glibc = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="malloc settings are for glibc"
-)
 
-
-def steps_in_fresh_process(mode: str) -> dict:
-    proc = run_fluxtrain(mode, entry=("-c", STEPS), timeout=300)
+def steps_in_fresh_process() -> dict:
+    proc = run_fluxtrain(entry=("-c", STEPS), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@glibc
+@pytest.mark.skipif(not host.is_glibc(), reason="malloc settings are for glibc")
 def test_kept_memory_stops_page_faults_in_training_steps():
-    kept = steps_in_fresh_process("keep")
+    kept = steps_in_fresh_process()
     assert kept["kept"] is True
     # With glibc's defaults, 950 to 2,500 faults per step here (activations mmapped and unmapped every step); kept,
     # 0 to 2 once the heap has grown to the step's peak.
