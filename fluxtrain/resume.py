@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import shlex
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ log = logging.getLogger("fluxtrain")
 CHECKPOINT_DIR = "checkpoints"
 SUPERSEDED_DIR = "superseded"
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.ckpt")
+EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")  # TensorBoard's: the second it was opened, first
 STALE_TEMP = ".iter_*.ckpt.*.tmp"  # left behind by a process killed while writing
 MODEL_KEYS_FREE_ON_RESUME = ("dropout",)  # model settings that do not change the weights' meaning
 
@@ -69,6 +71,18 @@ def set_aside_later(run_dir: str | Path, iteration: int) -> list[Path]:
     if moved:
         log.warning(f"resuming at iteration {iteration}: moved {len(moved)} later checkpoint(s) to {moved[0].parent}")
     return moved
+
+
+def wait_for_a_later_event_file_name(run_dir: str | Path) -> None:
+    """Make sure an event file opened now sorts after the ones already in `run_dir`.
+
+    TensorBoard reads a folder's event files in name order, and a name starts with the whole second it was opened
+    in, then a per-process counter that does not sort as a number (9 after 10). A session that resumes within the
+    same second as an earlier one (tiny runs do) waits for the next second, so its purge and its events come after.
+    """
+    stamps = [int(m[1]) for p in Path(run_dir).glob("events.out.tfevents.*") if (m := EVENT_FILE.match(p.name))]
+    if stamps and max(stamps) >= int(time.time()):
+        time.sleep(max(stamps) + 1 - time.time())
 
 
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:

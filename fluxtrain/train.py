@@ -33,6 +33,7 @@ from fluxtrain.resume import (
     prune,
     resume_command,
     set_aside_later,
+    wait_for_a_later_event_file_name,
 )
 from fluxtrain.sampling import generate_ids
 
@@ -241,7 +242,11 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     )
     # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
     purge_step = resume.progress.iteration + 1 if resume else None
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step) if world.is_main else distributed.NullWriter()
+    if world.is_main:
+        wait_for_a_later_event_file_name(run_dir)
+        writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+    else:
+        writer = distributed.NullWriter()
     batch_gen = torch.Generator().manual_seed(tcfg.seed)  # the same on every rank: each takes its part of a batch
     progress = Progress()
     if resume:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -15,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.summary.writer import event_file_writer
+from torch.utils.tensorboard import SummaryWriter
 
 import fluxtrain.train as train_module
 from fluxtrain.checkpoint import load_checkpoint, read_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.interrupt import TrainingInterrupted
-from fluxtrain.resume import checkpoint_path, find_latest
+from fluxtrain.resume import checkpoint_path, find_latest, wait_for_a_later_event_file_name
 from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss
@@ -93,6 +96,19 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(ti
     assert (straight / "checkpoints" / "superseded" / f"iter_{2 * N:06d}.ckpt").is_file()
     assert scalars(straight) == expected
     assert len(list(straight.glob("events.out.tfevents.*"))) == 2
+
+
+def test_a_later_session_event_file_sorts_after_the_earlier_one(tmp_path, monkeypatch):
+    """TensorBoard reads event files in name order: a second session opened in the same second must still come
+    last, although the per-process counter in the name goes 9, 10 and "10" sorts first."""
+    uid = itertools.count(9)
+    monkeypatch.setattr(event_file_writer._global_uid, "get", lambda: next(uid))
+    time.sleep(1 - time.time() % 1)  # both writers in one second, unless the helper waits
+    SummaryWriter(str(tmp_path)).close()
+    wait_for_a_later_event_file_name(tmp_path)
+    SummaryWriter(str(tmp_path)).close()
+    names = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert len(names) == 2 and names[-1].endswith(".10")
 
 
 @pytest.mark.slow
