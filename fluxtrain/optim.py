@@ -1,4 +1,4 @@
-"""Optimizer construction and the warm-up + cosine learning-rate schedule."""
+"""Optimizer construction and the learning-rate schedule: linear warm-up, then cosine, linear or warmup-stable-decay."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     warmup_iters: int = 100
     min_lr: float = 0.0
+    # After the warm-up: cosine from lr to min_lr | linear: a straight line to min_lr | wsd (warmup-stable-decay):
+    # lr held, then a straight line to min_lr over the last decay_frac of the budget.
+    schedule: str = "cosine"
+    decay_frac: float = 0.2
     # muon only: the hidden 2-D weights follow the same schedule, scaled to start at muon_lr.
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
@@ -40,6 +44,10 @@ def validate(cfg: OptimConfig) -> None:
         raise FluxtrainError(f"optim.warmup_iters={cfg.warmup_iters} must be >= 0")
     if not 0.0 <= cfg.min_lr <= cfg.lr:
         raise FluxtrainError(f"optim.min_lr={cfg.min_lr} must be between 0 and optim.lr={cfg.lr}")
+    if cfg.schedule not in SCHEDULES:
+        raise FluxtrainError(f"optim.schedule={cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if not 0.0 < cfg.decay_frac <= 1.0:
+        raise FluxtrainError(f"optim.decay_frac={cfg.decay_frac} must be in (0, 1]")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -140,6 +148,7 @@ class MultiOptimizer:
 
 
 OPTIMIZERS = {"adam": adam, "adamw": adamw, "muon": muon}
+SCHEDULES = ("cosine", "linear", "wsd")
 
 
 def _betas(cfg: OptimConfig) -> tuple[float, float]:
@@ -152,18 +161,24 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def lr_at(it: int, progress: float, cfg: OptimConfig) -> float:
-    """Learning rate at iteration `it`: linear warm-up over `warmup_iters`, then cosine from lr to min_lr.
+    """Learning rate at iteration `it`: linear warm-up over `warmup_iters`, then `cfg.schedule` from lr to min_lr.
 
     `progress` in [0, 1] is how far the run is through its budget (iterations, or seconds with a time budget);
-    the cosine covers the part of the budget after the warm-up.
+    the decay covers the part of the budget after the warm-up.
     """
     if it < cfg.warmup_iters:
         return cfg.lr * it / cfg.warmup_iters
     progress = min(max(progress, 0.0), 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "cosine":
+        left = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.schedule == "linear":
+        left = 1.0 - progress
+    else:  # wsd
+        left = min(1.0, (1.0 - progress) / cfg.decay_frac)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * left
 
 
-def cosine_progress(it: int, warmup_iters: int, max_iters: int) -> float:
+def decay_progress(it: int, warmup_iters: int, max_iters: int) -> float:
     """Fraction of the post-warm-up iterations done at iteration `it`."""
     if max_iters <= warmup_iters:
         return 1.0

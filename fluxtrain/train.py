@@ -24,7 +24,8 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.hparams import log_hparams
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
 from fluxtrain.model import GPT, ModelConfig, flops_per_token
-from fluxtrain.optim import build_optimizer, cosine_progress, lr_at, set_lr
+from fluxtrain.optim import build_optimizer, decay_progress, lr_at, set_lr
+from fluxtrain.optim import validate as validate_optim
 from fluxtrain.resume import (
     check_tokenizer,
     checkpoint_path,
@@ -192,6 +193,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     validate(tcfg)
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
     model_cfg.validate()
+    validate_optim(cfg.optim)  # before the data is loaded (a BPE tokenizer may be trained there)
     world = distributed.current_world()
     device = distributed.training_device(world, resolve_device(tcfg.device))
     if tcfg.precision != "fp32" and device.type != "cuda":
@@ -339,14 +341,14 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         elapsed = time.perf_counter() - t_loop
         if it >= tcfg.max_iters or (loop_time is not None and elapsed >= loop_time):
             break
-        # Learning rate: warm-up in iterations, then cosine over the rest of the iteration or time budget.
+        # Learning rate: warm-up in iterations, then optim.schedule over the rest of the iteration or time budget.
         if loop_time is not None:
             if warmup_done_at is None and it >= cfg.optim.warmup_iters:
                 warmup_done_at = elapsed
             start = warmup_done_at or 0.0
             schedule_progress = (elapsed - start) / max(loop_time - start, 1e-9)
         else:
-            schedule_progress = cosine_progress(it, cfg.optim.warmup_iters, tcfg.max_iters)
+            schedule_progress = decay_progress(it, cfg.optim.warmup_iters, tcfg.max_iters)
         lr = lr_at(it, schedule_progress, cfg.optim)
         set_lr(optimizer, lr)
 

@@ -46,6 +46,12 @@ def test_too_short_file(tiny_cfg, tmp_path):
     assert str(path) in message and "too short" in message and "val split has 6 tokens" in message
 
 
+def test_bad_optimizer_setting_is_named_before_the_data_is_read(tiny_cfg, tmp_path):
+    missing = tmp_path / "nope.txt"  # would fail too, but only once the data is read
+    with pytest.raises(FluxtrainError, match="optim.schedule='cosin' is not one of cosine, linear, wsd"):
+        train(tiny_cfg("optim.schedule=cosin", f"data.path={missing}"), tmp_path / "run")
+
+
 def test_unavailable_device_is_named():
     if not __import__("torch").cuda.is_available():
         with pytest.raises(FluxtrainError, match="train.device=cuda: CUDA is not available"):

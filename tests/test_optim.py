@@ -1,17 +1,19 @@
-"""Optimizer construction and the warm-up + cosine schedule."""
+"""Optimizer construction and the learning-rate schedules."""
 
 import math
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
-from fluxtrain.optim import OptimConfig, build_optimizer, cosine_progress, lr_at
+from fluxtrain.optim import OptimConfig, build_optimizer, decay_progress, lr_at
+from fluxtrain.train import train
 
 
 def schedule(it: int, cfg: OptimConfig, max_iters: int) -> float:
-    return lr_at(it, cosine_progress(it, cfg.warmup_iters, max_iters), cfg)
+    return lr_at(it, decay_progress(it, cfg.warmup_iters, max_iters), cfg)
 
 
 def test_schedule_values():
@@ -44,3 +46,56 @@ def test_unknown_optimizer_is_named():
     model = GPT(ModelConfig(d_model=16, n_heads=2, n_layers=1, ff_dim=32, seq_len=8), 7)
     with pytest.raises(FluxtrainError, match="optim.name='sgdd' is not one of"):
         build_optimizer(model, OptimConfig(name="sgdd"))
+
+
+def test_linear_and_wsd_schedules():
+    linear = OptimConfig(lr=1e-3, warmup_iters=100, min_lr=1e-4, schedule="linear")
+    assert schedule(100, linear, 1100) == pytest.approx(1e-3)
+    assert schedule(600, linear, 1100) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert schedule(850, linear, 1100) == pytest.approx(1e-4 + 0.25 * 9e-4)
+    assert schedule(1100, linear, 1100) == pytest.approx(1e-4)
+    wsd = OptimConfig(lr=1e-3, warmup_iters=100, min_lr=1e-4, schedule="wsd", decay_frac=0.2)
+    assert schedule(50, wsd, 1100) == pytest.approx(5e-4)  # the same warm-up
+    assert schedule(800, wsd, 1100) == pytest.approx(1e-3)  # held until the last 20% of the budget
+    assert schedule(900, wsd, 1100) == pytest.approx(1e-3)
+    assert schedule(1000, wsd, 1100) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway down the decay
+    assert schedule(1100, wsd, 1100) == pytest.approx(1e-4)
+    for cfg in (linear, wsd):
+        values = [schedule(i, cfg, 1100) for i in range(100, 1101)]
+        assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"schedule": "cosin"}, "optim.schedule='cosin' is not one of cosine, linear, wsd"),
+        ({"schedule": "wsd", "decay_frac": 0.0}, r"optim.decay_frac=0.0 must be in \(0, 1\]"),
+        ({"decay_frac": 1.5}, r"optim.decay_frac=1.5 must be in \(0, 1\]"),
+    ],
+)
+def test_bad_schedule_settings_are_named(overrides, message):
+    model = GPT(ModelConfig(d_model=16, n_heads=2, n_layers=1, ff_dim=32, seq_len=8), 7)
+    with pytest.raises(FluxtrainError, match=message):
+        build_optimizer(model, OptimConfig(name="adamw", **overrides))
+
+
+def test_trainer_follows_the_wsd_schedule(tiny_cfg, tmp_path):
+    """The learning rates a run logs: warm-up, held at the peak, then a straight line down over the last half."""
+    cfg = tiny_cfg(
+        "train.max_iters=22",
+        "train.log_interval=1",
+        "train.eval_interval=1000",
+        "optim.lr=1e-3",
+        "optim.warmup_iters=2",
+        "optim.schedule=wsd",
+        "optim.decay_frac=0.5",
+    )
+    train(cfg, tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("lr")}
+    assert sorted(logged) == list(range(1, 23))  # step s logs the lr of iteration s - 1
+    assert logged[1] == pytest.approx(0.0) and logged[2] == pytest.approx(5e-4)
+    for it in range(2, 22):
+        expected = 1e-3 if it <= 12 else 1e-3 * (22 - it) / 10  # decay over iterations 12..22 of the 20 after warm-up
+        assert logged[it + 1] == pytest.approx(expected, rel=1e-6), it
