@@ -5,8 +5,8 @@
 A time-budgeted run's loss follows the machine's speed while it ran, which drifts on a shared machine by more than
 most settings change it. Here every variant trains for the same number of iterations (the LR schedule laid over
 them, `train.max_time=null`), so its val loss depends only on the setting and the seed; the training time of
-runs that share the machine, two at a time, says what the setting costs. Each variant is one quoted string of overrides;
-"" is the experiment as it stands.
+runs that share the machine, two at a time, says what the setting costs. Each variant is one quoted string of
+overrides; "" is the experiment as it stands.
 """
 
 from __future__ import annotations
