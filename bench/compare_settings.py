@@ -19,15 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from run_experiment import REPO, experiment_command  # bench/, next to this script
 
 
 def start(experiment: str, data: str, iters: int, seed: int, overrides: str, run_dir: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable, "-m", "fluxtrain", f"experiment={experiment}", f"data.path={data}", f"train.seed={seed}",
-        "train.max_time=null", f"train.max_iters={iters}", "train.threads=1", f"hydra.run.dir={run_dir}",
-        *shlex.split(overrides),
-    ]  # fmt: skip
+    fixed = ["train.max_time=null", f"train.max_iters={iters}", "train.threads=1"]
+    cmd = experiment_command(experiment, data, seed, run_dir, [*fixed, *shlex.split(overrides)])
     with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:  # the child keeps its own handle
         return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 

@@ -22,12 +22,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_seed(experiment: str, seed: int, out: Path, data_path: str, extra: list[str]) -> dict:
-    run_dir = out / f"seed{seed}"
-    cmd = [
+def experiment_command(experiment: str, data_path: str, seed: int, run_dir: Path, extra: list[str]) -> list[str]:
+    """`python -m fluxtrain experiment=NAME` for one seed, into `run_dir`, with `extra` overrides last."""
+    return [
         sys.executable, "-m", "fluxtrain", f"experiment={experiment}", f"data.path={data_path}",
         f"train.seed={seed}", f"hydra.run.dir={run_dir}", *extra,
     ]  # fmt: skip
+
+
+def run_seed(experiment: str, seed: int, out: Path, data_path: str, extra: list[str]) -> dict:
+    run_dir = out / f"seed{seed}"
+    cmd = experiment_command(experiment, data_path, seed, run_dir, extra)
     load_before = os.getloadavg()
     start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
