@@ -411,9 +411,10 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         t_window += time.perf_counter() - t_side
     bar.close()
 
-    if it % tcfg.eval_interval != 0:
+    if it % tcfg.eval_interval != 0 or not last_losses:  # not evaluated yet: a resumed run may have had no steps left
         evaluate_and_save_best(it)
-    write_checkpoint()
+    if last_ckpt != checkpoint_path(run_dir, it):
+        write_checkpoint()
     save_model_file(run_dir / "model_final.safetensors", model, tokenizer)
     wall_time = time.perf_counter() - t_start
     metrics = {

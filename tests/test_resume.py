@@ -129,6 +129,17 @@ def test_a_run_extended_with_a_larger_max_iters_matches_a_longer_run(tiny_cfg, t
     ]
 
 
+def test_resuming_a_finished_run_evaluates_it_again_without_training(tiny_cfg, tmp_path):
+    cfg = ["train.max_iters=10", "train.eval_interval=5", "train.eval_iters=2"]
+    first = train(tiny_cfg(*cfg), tmp_path)
+    ckpt = checkpoint_path(tmp_path, 10)
+    written = ckpt.stat().st_mtime_ns
+    again = train(tiny_cfg(*cfg, "resume=auto"), tmp_path)
+    assert again["iters"] == 10
+    assert again["final_val_loss"] == first["final_val_loss"] and again["best_val_loss"] == first["best_val_loss"]
+    assert ckpt.stat().st_mtime_ns == written  # the checkpoint of the finished run is kept as it was
+
+
 def test_keep_last_prunes_old_checkpoints_during_a_run(tiny_cfg, tmp_path):
     train(tiny_cfg("train.max_iters=12", "train.ckpt_interval=2", "train.keep_last=2"), tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000010.ckpt", "iter_000012.ckpt"]
