@@ -274,7 +274,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             f"time budget {tcfg.max_time:g}s: {setup:.1f}s of setup (data, model, compilation), "
             f"~{final_eval:.1f}s kept for the final evaluation, {loop_time:.1f}s to train"
         )
-    t_window, tokens_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
+    t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec = 0.0
     last_ckpt = resume.path if resume else None
     show_bar = sys.stdout.isatty() and world.is_main
@@ -368,7 +368,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         optimizer.zero_grad(set_to_none=True)
         it += 1
         bar.update(1)
-        tokens_window += tokens_per_iter
+        steps_window += 1
         pending.append(loss_sum / tcfg.grad_accum)
         if device.type != "cuda":
             collect_losses()
@@ -376,18 +376,18 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         if it % tcfg.log_interval == 0 or it == tcfg.max_iters:
             collect_losses()
             dt = time.perf_counter() - t_window
-            tokens_per_sec = tokens_window / dt
+            tokens_per_sec = steps_window * tokens_per_iter / dt
             train_loss = distributed.mean_over_ranks(sum(losses_window) / len(losses_window), device)
             mfu = throughput.mfu(tokens_per_sec, model_flops, peak, world.world_size)
             log.info(
                 f"iter {it:>6}/{tcfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "
-                f"| {len(losses_window) / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}%"
+                f"| {steps_window / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}%"
             )
             writer.add_scalar("train/loss", train_loss, it)
             writer.add_scalar("lr", lr, it)
             writer.add_scalar("throughput/tokens_per_sec", tokens_per_sec, it)
             writer.add_scalar("throughput/mfu", mfu, it)
-            t_window, tokens_window, losses_window = time.perf_counter(), 0, []
+            t_window, steps_window, losses_window = time.perf_counter(), 0, []
         t_side = time.perf_counter()  # time spent outside training steps is left out of the throughput
         if it % tcfg.eval_interval == 0:
             evaluate_and_save_best(it)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import re
 import shlex
@@ -138,6 +139,18 @@ def test_resuming_a_finished_run_evaluates_it_again_without_training(tiny_cfg, t
     assert again["iters"] == 10
     assert again["final_val_loss"] == first["final_val_loss"] and again["best_val_loss"] == first["best_val_loss"]
     assert ckpt.stat().st_mtime_ns == written  # the checkpoint of the finished run is kept as it was
+
+
+def test_throughput_after_a_resume_counts_only_the_steps_trained_since(tiny_cfg, tmp_path, monkeypatch, caplog):
+    interrupt_at(monkeypatch, 5)  # the checkpoint holds the losses of iterations 4 and 5, logged at iteration 6
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_cfg(*RUN), tmp_path)
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        train(tiny_cfg(*RUN, "resume=auto"), tmp_path)
+    per_step = int(re.search(r"tokens per optimizer step: ([\d,]+)", caplog.text)[1].replace(",", ""))
+    its, toks = re.search(r"iter +6/20 .*\| ([\d.]+) it/s \| ([\d,]+) tok/s", caplog.text).groups()
+    assert float(its) * per_step == pytest.approx(float(toks.replace(",", "")), rel=0.01, abs=per_step * 0.05)
 
 
 def test_keep_last_prunes_old_checkpoints_during_a_run(tiny_cfg, tmp_path):
