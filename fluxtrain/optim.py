@@ -40,6 +40,10 @@ def validate(cfg: OptimConfig) -> None:
         raise FluxtrainError(f"optim.lr={cfg.lr} must be positive")
     if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
         raise FluxtrainError(f"optim.betas={list(cfg.betas)} must be two numbers in [0, 1)")
+    if cfg.weight_decay < 0:
+        raise FluxtrainError(f"optim.weight_decay={cfg.weight_decay} must be >= 0")
+    if cfg.grad_clip < 0:
+        raise FluxtrainError(f"optim.grad_clip={cfg.grad_clip} must be >= 0 (0 turns clipping off)")
     if cfg.warmup_iters < 0:
         raise FluxtrainError(f"optim.warmup_iters={cfg.warmup_iters} must be >= 0")
     if not 0.0 <= cfg.min_lr <= cfg.lr:
@@ -51,7 +55,8 @@ def validate(cfg: OptimConfig) -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases, norms and embeddings' 1-D parameters are not decayed."""
+    """Weight decay on the 2-D parameters (the linear layers' weights and the embeddings); biases and norm weights
+    are not decayed."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -167,7 +172,7 @@ def lr_at(it: int, progress: float, cfg: OptimConfig) -> float:
     the decay covers the part of the budget after the warm-up.
     """
     if it < cfg.warmup_iters:
-        return cfg.lr * it / cfg.warmup_iters
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)  # the first step already learns
     progress = min(max(progress, 0.0), 1.0)
     if cfg.schedule == "cosine":
         left = 0.5 * (1.0 + math.cos(math.pi * progress))

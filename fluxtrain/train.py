@@ -194,6 +194,11 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
     model_cfg.validate()
     validate_optim(cfg.optim)  # before the data is loaded (a BPE tokenizer may be trained there)
+    if tcfg.max_time is None and cfg.optim.warmup_iters >= tcfg.max_iters:
+        log.warning(
+            f"optim.warmup_iters={cfg.optim.warmup_iters} >= train.max_iters={tcfg.max_iters}: "
+            f"the learning rate stays below optim.lr={cfg.optim.lr} for the whole run"
+        )
     world = distributed.current_world()
     device = distributed.training_device(world, resolve_device(tcfg.device))
     if tcfg.precision != "fp32" and device.type != "cuda":

@@ -1,5 +1,6 @@
 """Optimizer construction and the learning-rate schedules."""
 
+import logging
 import math
 
 import pytest
@@ -18,8 +19,9 @@ def schedule(it: int, cfg: OptimConfig, max_iters: int) -> float:
 
 def test_schedule_values():
     cfg = OptimConfig(lr=1e-3, warmup_iters=100, min_lr=1e-4)
-    assert schedule(0, cfg, 1100) == 0.0
-    assert schedule(50, cfg, 1100) == pytest.approx(5e-4)
+    assert schedule(0, cfg, 1100) == pytest.approx(1e-3 / 101)  # the first step already learns
+    assert schedule(50, cfg, 1100) == pytest.approx(1e-3 * 51 / 101)
+    assert schedule(99, cfg, 1100) == pytest.approx(1e-3 * 100 / 101)
     assert schedule(100, cfg, 1100) == pytest.approx(1e-3)  # end of warm-up: the peak
     assert schedule(600, cfg, 1100) == pytest.approx((1e-3 + 1e-4) / 2)  # middle of the cosine
     assert schedule(1100, cfg, 1100) == pytest.approx(1e-4)  # end: min_lr
@@ -55,7 +57,7 @@ def test_linear_and_wsd_schedules():
     assert schedule(850, linear, 1100) == pytest.approx(1e-4 + 0.25 * 9e-4)
     assert schedule(1100, linear, 1100) == pytest.approx(1e-4)
     wsd = OptimConfig(lr=1e-3, warmup_iters=100, min_lr=1e-4, schedule="wsd", decay_frac=0.2)
-    assert schedule(50, wsd, 1100) == pytest.approx(5e-4)  # the same warm-up
+    assert schedule(50, wsd, 1100) == pytest.approx(1e-3 * 51 / 101)  # the same warm-up
     assert schedule(800, wsd, 1100) == pytest.approx(1e-3)  # held until the last 20% of the budget
     assert schedule(900, wsd, 1100) == pytest.approx(1e-3)
     assert schedule(1000, wsd, 1100) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway down the decay
@@ -71,9 +73,11 @@ def test_linear_and_wsd_schedules():
         ({"schedule": "cosin"}, "optim.schedule='cosin' is not one of cosine, linear, wsd"),
         ({"schedule": "wsd", "decay_frac": 0.0}, r"optim.decay_frac=0.0 must be in \(0, 1\]"),
         ({"decay_frac": 1.5}, r"optim.decay_frac=1.5 must be in \(0, 1\]"),
+        ({"weight_decay": -0.5}, r"optim.weight_decay=-0.5 must be >= 0"),
+        ({"grad_clip": -1.0}, r"optim.grad_clip=-1.0 must be >= 0 \(0 turns clipping off\)"),
     ],
 )
-def test_bad_schedule_settings_are_named(overrides, message):
+def test_bad_optimizer_settings_are_named(overrides, message):
     model = GPT(ModelConfig(d_model=16, n_heads=2, n_layers=1, ff_dim=32, seq_len=8), 7)
     with pytest.raises(FluxtrainError, match=message):
         build_optimizer(model, OptimConfig(name="adamw", **overrides))
@@ -95,7 +99,13 @@ def test_trainer_follows_the_wsd_schedule(tiny_cfg, tmp_path):
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("lr")}
     assert sorted(logged) == list(range(1, 23))  # step s logs the lr of iteration s - 1
-    assert logged[1] == pytest.approx(0.0) and logged[2] == pytest.approx(5e-4)
+    assert logged[1] == pytest.approx(1e-3 / 3) and logged[2] == pytest.approx(2e-3 / 3)
     for it in range(2, 22):
         expected = 1e-3 if it <= 12 else 1e-3 * (22 - it) / 10  # decay over iterations 12..22 of the 20 after warm-up
         assert logged[it + 1] == pytest.approx(expected, rel=1e-6), it
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(tiny_cfg, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        train(tiny_cfg("train.max_iters=4", "train.eval_interval=4"), tmp_path / "run")
+    assert "optim.warmup_iters=5 >= train.max_iters=4: the learning rate stays below optim.lr=0.003" in caplog.text
