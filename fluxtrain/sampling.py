@@ -121,6 +121,17 @@ class ContextWindow:
 
 
 @contextmanager
+def eval_mode(model: GPT) -> Iterator[None]:
+    """Decode with dropout off whatever mode the model is in, and leave it in that mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def onednn_disabled() -> Iterator[None]:
     """Run CPU ops without oneDNN: on the tiny tensors of a decoding step its kernels (GELU's, for one) cost more
     than torch's own (one int8 step of the 6-layer width-384 model of bench/generate.py: 3.7 vs 4.2 ms)."""
@@ -237,54 +248,52 @@ def sample_stream(
     window = ContextWindow(model, 1, shift, use_cache)
     penalize = cfg.repetition_penalty != 1.0
     seen = _seen_mask(prompt, 1, model.vocab_size, device) if penalize else None
-    logits = window.prefill(torch.tensor([prompt], dtype=torch.long, device=device))
+    with eval_mode(model):
+        logits = window.prefill(torch.tensor([prompt], dtype=torch.long, device=device))
     for i in range(cfg.max_new_tokens):
         next_id = pick_next(logits, cfg, generator, seen)  # (1,)
         yield int(next_id)
         if penalize:
             seen[0, next_id] = True
         if i + 1 < cfg.max_new_tokens:
-            logits = window.append(next_id)
+            with eval_mode(model):
+                logits = window.append(next_id)
 
 
 @torch.inference_mode()
-def beam_search(
-    model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True, length_alpha: float = 1.0
-) -> tuple[list[int], float]:
+def beam_search(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True) -> tuple[list[int], float]:
     """The highest-scoring continuation of `cfg.max_new_tokens` tokens among `cfg.beams` beams, and its score.
 
-    Beams are ranked by total log-probability; finished beams by that total divided by
-    (number of new tokens) ** `length_alpha` (length normalisation). Every beam here runs to `max_new_tokens`
-    (there is no end-of-text token), so the normalisation divides all finished beams by the same number.
-    The repetition penalty applies to each beam's own text; temperature, top-k and top-p do not apply.
+    Beams are ranked by total log-probability. Every beam runs to `max_new_tokens` (there is no end-of-text token),
+    so all finished beams have the same length and need no length normalisation. The repetition penalty applies to
+    each beam's own text; temperature, top-k and top-p do not apply.
     """
     cfg.validate(model.cfg.seq_len)
     _check_prompt(model, prompt)
-    device = model.tok_emb.weight.device
-    n_beams, vocab = cfg.beams, model.vocab_size
-    window = ContextWindow(model, n_beams, cfg.shift_for(model.cfg.seq_len), use_cache)
-    penalize = cfg.repetition_penalty != 1.0
-    seen = _seen_mask(prompt, n_beams, vocab, device) if penalize else None
-    logits = window.prefill(torch.tensor([prompt] * n_beams, dtype=torch.long, device=device))
-    scores = torch.full((n_beams,), float("-inf"), device=device)
-    scores[0] = 0.0  # all beams start as the same prompt: expand only the first
-    new_tokens = torch.zeros(n_beams, 0, dtype=torch.long, device=device)
-    for i in range(cfg.max_new_tokens):
-        if penalize:
-            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-        candidates = scores[:, None] + F.log_softmax(logits, dim=-1)  # (beams, vocab)
-        scores, flat = torch.topk(candidates.view(-1), n_beams)
-        rows, next_ids = flat // vocab, flat % vocab
-        new_tokens = torch.cat([new_tokens[rows], next_ids[:, None]], dim=1)
-        if penalize:
-            seen = seen[rows]
-            seen[torch.arange(n_beams, device=device), next_ids] = True
-        if i + 1 < cfg.max_new_tokens:
-            window.reorder(rows)
-            logits = window.append(next_ids)
-    normalised = scores / (cfg.max_new_tokens**length_alpha)
-    best = int(normalised.argmax())
-    return new_tokens[best].tolist(), float(scores[best])
+    with eval_mode(model):
+        device = model.tok_emb.weight.device
+        n_beams, vocab = cfg.beams, model.vocab_size
+        window = ContextWindow(model, n_beams, cfg.shift_for(model.cfg.seq_len), use_cache)
+        penalize = cfg.repetition_penalty != 1.0
+        seen = _seen_mask(prompt, n_beams, vocab, device) if penalize else None
+        logits = window.prefill(torch.tensor([prompt] * n_beams, dtype=torch.long, device=device))
+        scores = torch.full((n_beams,), float("-inf"), device=device)
+        scores[0] = 0.0  # all beams start as the same prompt: expand only the first
+        new_tokens = torch.zeros(n_beams, 0, dtype=torch.long, device=device)
+        for i in range(cfg.max_new_tokens):
+            if penalize:
+                logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+            candidates = scores[:, None] + F.log_softmax(logits, dim=-1)  # (beams, vocab)
+            scores, flat = torch.topk(candidates.view(-1), n_beams)
+            rows, next_ids = flat // vocab, flat % vocab
+            new_tokens = torch.cat([new_tokens[rows], next_ids[:, None]], dim=1)
+            if penalize:
+                seen = seen[rows]
+                seen[torch.arange(n_beams, device=device), next_ids] = True
+            if i + 1 < cfg.max_new_tokens:
+                window.reorder(rows)
+                logits = window.append(next_ids)
+    return new_tokens[0].tolist(), float(scores[0])  # topk sorts: the first beam scores highest
 
 
 def generate(
@@ -305,12 +314,13 @@ def sequence_logprob(model: GPT, prompt: list[int], new_ids: list[int], shift: i
     """Total log-probability of `new_ids` after `prompt`, seen through the same sliding window as decoding."""
     device = model.tok_emb.weight.device
     window = ContextWindow(model, 1, shift)
-    logits = window.prefill(torch.tensor([prompt], dtype=torch.long, device=device))
     total = 0.0
-    for i, token in enumerate(new_ids):
-        total += float(F.log_softmax(logits[0], dim=-1)[token])
-        if i + 1 < len(new_ids):
-            logits = window.append(torch.tensor([token], device=device))
+    with eval_mode(model):
+        logits = window.prefill(torch.tensor([prompt], dtype=torch.long, device=device))
+        for i, token in enumerate(new_ids):
+            total += float(F.log_softmax(logits[0], dim=-1)[token])
+            if i + 1 < len(new_ids):
+                logits = window.append(torch.tensor([token], device=device))
     return total
 
 

@@ -171,11 +171,7 @@ def sample_text(model: GPT, tokenizer, length: int, device, seed: int) -> str:
     except ValueError:
         prompt = [0]
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    ids = generate_ids(model, prompt, length, temperature=1.0, top_k=40, generator=generator)
-    model.train(was_training)
-    return tokenizer.decode(ids)
+    return tokenizer.decode(generate_ids(model, prompt, length, temperature=1.0, top_k=40, generator=generator))
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:

@@ -262,6 +262,21 @@ def test_stream_yields_the_same_tokens_as_generate(model):
     assert list(sample_stream(model, [5], cfg, seeded(3))) == generate(model, [5], cfg, seeded(3))
 
 
+def test_decoding_turns_dropout_off_and_leaves_the_model_in_its_mode():
+    dropped = tiny_model(dropout=0.5)
+    expected = generate(dropped, [1, 2, 3], greedy(30))
+    dropped.train()
+    assert generate(dropped, [1, 2, 3], greedy(30)) == expected
+    assert beam_search(dropped, [1, 2, 3], SamplingConfig(max_new_tokens=10, beams=3))[0] == beam_search(
+        dropped.eval(), [1, 2, 3], SamplingConfig(max_new_tokens=10, beams=3)
+    )[0]
+    dropped.train()
+    stream = sample_stream(dropped, [1, 2, 3], greedy(30))
+    assert next(stream) == expected[0] and dropped.training  # between tokens the caller's mode is back
+    assert [next(stream) for _ in range(29)] == expected[1:]
+    assert sequence_logprob(dropped, [1, 2, 3], expected, 4) == sequence_logprob(dropped.eval(), [1, 2, 3], expected, 4)
+
+
 # Prompts and text
 
 
