@@ -267,9 +267,8 @@ def test_decoding_turns_dropout_off_and_leaves_the_model_in_its_mode():
     expected = generate(dropped, [1, 2, 3], greedy(30))
     dropped.train()
     assert generate(dropped, [1, 2, 3], greedy(30)) == expected
-    assert beam_search(dropped, [1, 2, 3], SamplingConfig(max_new_tokens=10, beams=3))[0] == beam_search(
-        dropped.eval(), [1, 2, 3], SamplingConfig(max_new_tokens=10, beams=3)
-    )[0]
+    beams = SamplingConfig(max_new_tokens=10, beams=3)
+    assert beam_search(dropped, [1, 2, 3], beams) == beam_search(dropped.eval(), [1, 2, 3], beams)
     dropped.train()
     stream = sample_stream(dropped, [1, 2, 3], greedy(30))
     assert next(stream) == expected[0] and dropped.training  # between tokens the caller's mode is back
