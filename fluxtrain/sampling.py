@@ -331,9 +331,10 @@ def generate_ids(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> list[int]:
     """Continue `prompt` by `max_new_tokens` sampled ids (the trainer's periodic samples)."""
     if max_new_tokens <= 0:
         return []
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0)
-    return list(sample_stream(model, prompt, cfg, generator))
+    return list(sample_stream(model, prompt, cfg, generator, use_cache))

@@ -18,7 +18,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from fluxtrain import distributed, host, throughput
-from fluxtrain.checkpoint import NonFiniteWeightsError, Progress, restore, rng_state, save_checkpoint, save_model_file
+from fluxtrain.checkpoint import (
+    NonFiniteWeightsError,
+    Progress,
+    is_sharded,
+    restore,
+    rng_state,
+    save_checkpoint,
+    save_model_file,
+)
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.hparams import log_hparams
@@ -171,7 +179,9 @@ def sample_text(model: GPT, tokenizer, length: int, device, seed: int) -> str:
     except ValueError:
         prompt = [0]
     generator = torch.Generator().manual_seed(seed)
-    return tokenizer.decode(generate_ids(model, prompt, length, temperature=1.0, top_k=40, generator=generator))
+    # A model sharded by fully_shard gathers its weights in each module call, which the cached decoding step skips.
+    use_cache = not is_sharded(model)
+    return tokenizer.decode(generate_ids(model, prompt, length, 1.0, 40, generator, use_cache))
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:

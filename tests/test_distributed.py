@@ -121,9 +121,11 @@ def test_fsdp_with_grad_accum_resumes_and_matches_one_process(reference_run, ddp
     (ddp_dir,) = ddp_run.iterdir()
     overrides = [*RUN_OVERRIDES, f"data.path={corpus}", "train.strategy=fsdp", "train.batch_size=2"]
     resume = f"resume={checkpoint_path(ddp_dir, 4)}"
-    result = torchrun(tmp_path, [*overrides, "train.grad_accum=2", resume, "hydra.run.dir=run"])
+    sample = "train.sample_interval=8"  # after the last step: decoding a sharded model, on every rank
+    result = torchrun(tmp_path, [*overrides, "train.grad_accum=2", sample, resume, "hydra.run.dir=run"])
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
+    assert "sample at iteration 8:" in (run_dir / "train.log").read_text()
     fsdp, single = tb_scalars(run_dir, "train/loss"), tb_scalars(reference_run, "train/loss")
     assert sorted(fsdp) == [5, 6, 7, 8]
     assert max(abs(fsdp[step] - single[step]) for step in fsdp) < 1e-5, (fsdp, single)
