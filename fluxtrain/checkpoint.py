@@ -9,9 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import secrets
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from fluxtrain.distributed import full_optimizer_state, load_full_weights, shard_optimizer_state
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.files import atomic_write
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
 
@@ -31,30 +29,6 @@ CHECKPOINT_FORMAT = "fluxtrain-checkpoint"
 FORMAT_VERSION = "1"
 TIED_KEYS = ("head.weight",)  # tied to tok_emb.weight, so stored once
 DIGEST_KEY = "sha256"
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file in the same folder, fsync it, then rename it over `path`.
-
-    A crash at any moment leaves either the old file or the complete new one, never a partial file at `path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        open(tmp, "xb").close()  # unlike mkstemp, honours the umask, so the file gets the usual permissions
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

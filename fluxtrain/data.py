@@ -8,9 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.files import atomic_write, atomic_write_text
 from fluxtrain.sources import Sources, download, head_text, iter_text, read_corpus, resolve_sources, sha256_file
 from fluxtrain.tokenizer import Tokenizer, TokenizerConfig, UnknownCharactersError, build_tokenizer, load_tokenizer
 
@@ -173,20 +172,18 @@ def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fing
         if ids_path.stat().st_size == n_tokens * np.dtype(dtype).itemsize:
             log.info(f"{sources.setting}: {n_tokens:,} token ids from the cache {ids_path}")
             return _open_ids(ids_path, dtype, n_tokens)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
     n_tokens = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write_ids(tmp: Path) -> None:
+        nonlocal n_tokens
+        with open(tmp, "wb") as f:
             for ids in encode_stream(pieces, tokenizer, setting):
                 f.write(ids.astype(dtype).tobytes())
                 n_tokens += len(ids)
-        os.replace(tmp, ids_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(ids_path, write_ids)
     meta = {"n_tokens": n_tokens, "dtype": np.dtype(dtype).name, "source": sources.setting}
-    _atomic_write_text(meta_path, json.dumps(meta))
+    atomic_write_text(meta_path, json.dumps(meta))
     log.info(f"{sources.setting}: encoded {n_tokens:,} tokens into {ids_path}")
     return _open_ids(ids_path, dtype, n_tokens)
 
@@ -194,13 +191,6 @@ def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fing
 def _open_ids(path: Path, dtype, n_tokens: int) -> np.ndarray:
     """The cached ids as a read-only memmap (an empty file cannot be mapped; TokenData reports it as too short)."""
     return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def corpus_tokenizer(
@@ -243,8 +233,7 @@ def corpus_tokenizer(
     # Small pieces: the trainer buffers a few hundred pieces ahead, so memory follows the piece size.
     tokenizer = build_tokenizer(tok_cfg, corpus, safe_chunks(train_text, TRAIN_PIECE))
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(cached, tokenizer.to_json())
+        atomic_write_text(cached, tokenizer.to_json())
     return tokenizer
 
 

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fluxtrain.checkpoint import atomic_write, load_model
+from fluxtrain.checkpoint import load_model
 from fluxtrain.data import ENCODE_BATCH, count_bytes, id_dtype, safe_chunks
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.files import atomic_write
 from fluxtrain.model import GPT
 from fluxtrain.sources import Sources, iter_text, resolve_sources
 from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError

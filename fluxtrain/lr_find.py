@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from fluxtrain import host
-from fluxtrain.checkpoint import atomic_write
 from fluxtrain.data import load_corpus
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.files import atomic_write
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, set_lr
 from fluxtrain.train import autocast_context, resolve_device

@@ -15,8 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fluxtrain.checkpoint import atomic_write
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.files import atomic_write
 from fluxtrain.interrupt import TrainingInterrupted
 
 log = logging.getLogger("fluxtrain")

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.files import atomic_write, atomic_write_text
 
 KINDS = ("char", "bpe")
 MIN_BPE_VOCAB = 257  # the 256 byte symbols plus at least one merge
@@ -113,7 +114,7 @@ class CharTokenizer:
         return json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
+        atomic_write_text(path, self.to_json())
 
 
 class BPETokenizer:
@@ -183,7 +184,7 @@ class BPETokenizer:
 
     def save(self, path: str | Path) -> None:
         """A plain Hugging Face tokenizer.json, loadable by `tokenizers.Tokenizer.from_file`."""
-        self.hf.save(str(path))
+        atomic_write(path, lambda tmp: self.hf.save(str(tmp)))
 
 
 def tokenizer_from_json(text: str) -> Tokenizer:

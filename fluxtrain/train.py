@@ -29,6 +29,7 @@ from fluxtrain.checkpoint import (
 )
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.files import atomic_write_text
 from fluxtrain.hparams import log_hparams
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
 from fluxtrain.model import GPT, ModelConfig, flops_per_token
@@ -440,7 +441,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         "n_params": n_params,
     }
     if world.is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         log_hparams(writer, cfg, metrics)
     writer.close()
     log.info(f"done: {it} iterations in {wall_time:.1f}s | val loss {metrics['final_val_loss']:.4f} | {run_dir}")
