@@ -117,15 +117,18 @@ def id_dtype(vocab_size: int) -> type[np.unsignedinteger]:
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def encode_stream(pieces: Iterable[str], tokenizer: Tokenizer, setting: str = "data.path") -> Iterator[np.ndarray]:
-    """Token ids of a stream of text, in arrays of a few hundred thousand, with bounded memory."""
+def encode_stream(
+    pieces: Iterable[str], tokenizer: Tokenizer, setting: str = "data.path", tokenizer_source: str = "tokenizer.path"
+) -> Iterator[np.ndarray]:
+    """Token ids of a stream of text, in arrays of a few hundred thousand, with bounded memory; text the tokenizer
+    cannot encode is an error naming `setting` and where the tokenizer came from."""
     batch: list[str] = []
 
     def flush() -> list[np.ndarray]:
         try:
             return tokenizer.encode_batch(batch)
         except UnknownCharactersError as e:
-            raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from tokenizer.path)") from None
+            raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from {tokenizer_source})") from None
 
     for chunk in safe_chunks(pieces):
         batch.append(chunk)
@@ -134,6 +137,13 @@ def encode_stream(pieces: Iterable[str], tokenizer: Tokenizer, setting: str = "d
             batch = []
     if batch:
         yield from flush()
+
+
+def encode_all(pieces: Iterable[str], tokenizer: Tokenizer, setting: str, tokenizer_source: str) -> np.ndarray:
+    """`encode_stream`'s ids in one array (uint16 when the vocabulary fits, else uint32)."""
+    dtype = id_dtype(tokenizer.vocab_size)
+    arrays = [a.astype(dtype) for a in encode_stream(pieces, tokenizer, setting, tokenizer_source)]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
 
 
 def sources_fingerprint(sources: Sources) -> list[list]:
@@ -155,7 +165,7 @@ def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fing
     setting = sources.setting.split("=", 1)[0]
     pieces = iter_text(sources, cfg.separator, cfg.encoding_errors)
     if not cfg.cache:
-        return np.concatenate([a.astype(dtype) for a in encode_stream(pieces, tokenizer, setting)])
+        return encode_all(pieces, tokenizer, setting, "tokenizer.path")
     key = _key(
         {
             "version": CACHE_VERSION,

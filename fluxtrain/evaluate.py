@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fluxtrain.checkpoint import load_model
-from fluxtrain.data import ENCODE_BATCH, count_bytes, id_dtype, safe_chunks
+from fluxtrain.data import count_bytes, encode_all
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write
 from fluxtrain.model import GPT
-from fluxtrain.sources import Sources, iter_text, resolve_sources
-from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError
+from fluxtrain.sources import iter_text, resolve_sources
+from fluxtrain.tokenizer import Tokenizer
 from fluxtrain.train import resolve_device
 
 
@@ -134,19 +134,6 @@ def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, **kwargs) -> Eval
     return evaluate_ids(model, tokenizer.encode(text), len(text.encode("utf-8")), **kwargs)
 
 
-def encode_sources(sources: Sources, tokenizer: Tokenizer) -> np.ndarray:
-    """Token ids of the files, encoded in parallel chunks; text the tokenizer cannot encode is a one-line error."""
-    dtype = id_dtype(tokenizer.vocab_size)
-    chunks = list(safe_chunks(iter_text(sources)))
-    arrays = []
-    for i in range(0, len(chunks), ENCODE_BATCH):
-        try:
-            arrays += [a.astype(dtype) for a in tokenizer.encode_batch(chunks[i : i + ENCODE_BATCH])]
-        except UnknownCharactersError as e:
-            raise FluxtrainError(f"{sources.setting}: the model's tokenizer cannot encode the text: {e}") from None
-    return np.concatenate(arrays)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m fluxtrain.evaluate",
@@ -173,7 +160,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     model, tokenizer = load_model(args.model, device)
     check_stride(args.stride, model.cfg.seq_len)
     sources = resolve_sources(args.data, setting="--data")
-    ids = encode_sources(sources, tokenizer)
+    ids = encode_all(iter_text(sources), tokenizer, sources.setting, f"the model {args.model}")
     if len(ids) < 2:
         raise FluxtrainError(f"{sources.setting}: the text is {len(ids)} token(s); evaluation needs at least 2")
     result = evaluate_ids(

@@ -230,6 +230,7 @@ def test_unknown_characters_are_a_one_line_error(model_file, tmp_path, capsys):
     text_file.write_text("the king ~ said Ω\n", encoding="utf-8")
     err = one_line_error(capsys, model_file, text_file)
     assert "'~'" in err and "'Ω'" in err and str(text_file) in err
+    assert err.endswith(f"(the tokenizer comes from the model {model_file})\n")
 
 
 def test_missing_data_is_a_one_line_error(model_file, tmp_path, capsys):
