@@ -17,12 +17,11 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.resume import find_latest
+from fluxtrain.runs import MODEL_FILES, run_model_file
 from fluxtrain.sampling import SamplingConfig, beam_search, compile_decoding, sample_stream
 from fluxtrain.sampling import generate_ids as generate_ids  # re-exported: the name callers know from here
 from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, load_tokenizer
 from fluxtrain.train import resolve_device
-
-RUN_MODEL_FILES = ("best.safetensors", "model_final.safetensors")  # in order of preference
 
 
 def resolve_model_path(name: str | Path) -> Path:
@@ -30,15 +29,12 @@ def resolve_model_path(name: str | Path) -> Path:
     else its newest checkpoint)."""
     path = Path(name).expanduser()
     if path.is_dir():
-        for candidate in RUN_MODEL_FILES:
-            if (path / candidate).is_file():
-                return path / candidate
-        latest = find_latest(path)
-        if latest is not None:
-            return latest
-        raise FluxtrainError(
-            f"run folder {path} holds no model file ({' or '.join(RUN_MODEL_FILES)}) and no checkpoints/iter_*.ckpt"
-        )
+        found = run_model_file(path) or find_latest(path)
+        if found is None:
+            raise FluxtrainError(
+                f"run folder {path} holds no model file ({' or '.join(MODEL_FILES)}) and no checkpoints/iter_*.ckpt"
+            )
+        return found
     if not path.exists():
         raise FluxtrainError(f"MODEL {path} does not exist (give a model file, a checkpoint or a run folder)")
     return path

@@ -12,7 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fluxtrain.sweep import FAILED_FILE
 
-MODEL_FILES = ("best.safetensors", "model_final.safetensors")
+BEST_MODEL_FILE, FINAL_MODEL_FILE = "best.safetensors", "model_final.safetensors"
+MODEL_FILES = (BEST_MODEL_FILE, FINAL_MODEL_FILE)  # a run folder's model, in order of preference
 TABLE_METRICS = (
     "final_train_loss",
     "final_val_loss",
@@ -42,10 +43,15 @@ class Run:
         return node
 
     def model_file(self) -> Path:
-        for name in MODEL_FILES:
-            if (self.path / name).is_file():
-                return self.path / name
-        raise FileNotFoundError(f"{self.path} holds no model file ({', '.join(MODEL_FILES)})")
+        path = run_model_file(self.path)
+        if path is None:
+            raise FileNotFoundError(f"{self.path} holds no model file ({', '.join(MODEL_FILES)})")
+        return path
+
+
+def run_model_file(run_dir: Path) -> Path | None:
+    """The run folder's best model file, else its final one; None when it has neither."""
+    return next((run_dir / name for name in MODEL_FILES if (run_dir / name).is_file()), None)
 
 
 def read_run(path: Path, root: Path) -> Run:

@@ -45,6 +45,7 @@ from fluxtrain.resume import (
     set_aside_later,
     wait_for_a_later_event_file_name,
 )
+from fluxtrain.runs import BEST_MODEL_FILE, FINAL_MODEL_FILE
 from fluxtrain.sampling import generate_ids
 
 log = logging.getLogger("fluxtrain")
@@ -331,7 +332,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         )
         if last_losses["val"] < best_val:
             best_val = last_losses["val"]
-            save_model_file(run_dir / "best.safetensors", model, tokenizer)
+            save_model_file(run_dir / BEST_MODEL_FILE, model, tokenizer)
 
     def write_checkpoint() -> None:
         nonlocal last_ckpt
@@ -427,7 +428,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         evaluate_and_save_best(it)
     if last_ckpt != checkpoint_path(run_dir, it):
         write_checkpoint()
-    save_model_file(run_dir / "model_final.safetensors", model, tokenizer)
+    save_model_file(run_dir / FINAL_MODEL_FILE, model, tokenizer)
     wall_time = time.perf_counter() - t_start
     metrics = {
         "iters": it,
