@@ -17,10 +17,10 @@ from fluxtrain.checkpoint import load_model
 from fluxtrain.data import count_bytes, encode_all
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write
+from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT
 from fluxtrain.sources import iter_text, resolve_sources
 from fluxtrain.tokenizer import Tokenizer
-from fluxtrain.train import resolve_device
 
 
 @dataclass
@@ -33,6 +33,16 @@ class EvalResult:
     n_bytes: int  # UTF-8 bytes of the text
     seq_len: int
     stride: int
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss in nats per token), capped at exp(50) so a diverged loss stays a finite number."""
+    return math.exp(min(loss, 50.0))
+
+
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """Nats per token -> bits per token, divided by the text's mean bytes per token: comparable across tokenizers."""
+    return loss / math.log(2) / bytes_per_token
 
 
 def check_stride(stride: int | None, seq_len: int) -> int:
@@ -118,9 +128,8 @@ def evaluate_ids(
     loss = total / n_scored
     return EvalResult(
         loss=loss,
-        perplexity=math.exp(min(loss, 50.0)),
-        # As in training: nats/token -> bits/token, divided by the text's mean bytes per token.
-        bits_per_byte=loss / math.log(2) / (n_bytes / len(ids)),
+        perplexity=perplexity(loss),
+        bits_per_byte=bits_per_byte(loss, n_bytes / len(ids)),
         n_tokens=len(ids),
         n_scored=n_scored,
         n_bytes=n_bytes,

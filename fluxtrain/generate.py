@@ -14,6 +14,7 @@ import torch
 
 from fluxtrain.checkpoint import load_model
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.resume import find_latest
@@ -21,7 +22,6 @@ from fluxtrain.runs import MODEL_FILES, run_model_file
 from fluxtrain.sampling import SamplingConfig, beam_search, compile_decoding, sample_stream
 from fluxtrain.sampling import generate_ids as generate_ids  # re-exported: the name callers know from here
 from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, load_tokenizer
-from fluxtrain.train import resolve_device
 
 
 def resolve_model_path(name: str | Path) -> Path:

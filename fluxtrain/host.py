@@ -1,4 +1,4 @@
-"""The training process's CPU side: torch's thread count and how the C library's malloc treats freed memory.
+"""The machine a process runs on: which device it uses, torch's thread count and how malloc treats freed memory.
 
 A training step on CPU allocates its activations and gradients afresh, and frees them, every step. With its
 defaults, glibc's malloc serves large blocks with fresh mmap calls and hands freed memory at the top of its heap back
@@ -14,6 +14,8 @@ import logging
 import platform
 
 import torch
+
+from fluxtrain.errors import FluxtrainError
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +53,27 @@ def configure(threads: int, keep_cpu_memory: bool) -> None:
         torch.set_num_threads(threads)
     if keep_cpu_memory and not keep_freed_memory():
         log.info("train.keep_cpu_memory: not a glibc system, malloc keeps its defaults")
+
+
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; a device that is not there is an error naming it."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FluxtrainError(f"{setting}={name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FluxtrainError(f"{setting}={name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FluxtrainError(f"{setting}={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise FluxtrainError(f"{setting}={name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise FluxtrainError(f"{setting}={name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return device

@@ -18,9 +18,10 @@ from fluxtrain import host
 from fluxtrain.data import load_corpus
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write
+from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, set_lr
-from fluxtrain.train import autocast_context, resolve_device
+from fluxtrain.train import autocast_context
 from fluxtrain.train import validate as validate_train
 
 log = logging.getLogger("fluxtrain")

@@ -29,6 +29,7 @@ from fluxtrain.checkpoint import (
 )
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.evaluate import bits_per_byte, perplexity
 from fluxtrain.files import atomic_write_text
 from fluxtrain.hparams import log_hparams
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
@@ -101,30 +102,6 @@ def validate(cfg: TrainConfig) -> None:
     distributed.validate_strategy(cfg.strategy, cfg.precision)
     if cfg.peak_flops is not None and cfg.peak_flops <= 0:
         raise FluxtrainError(f"train.peak_flops={cfg.peak_flops} must be a positive number of FLOP/s")
-
-
-def resolve_device(name: str, setting: str = "train.device") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; a device that is not there is an error naming it."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FluxtrainError(f"{setting}={name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FluxtrainError(f"{setting}={name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise FluxtrainError(f"{setting}={name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise FluxtrainError(f"{setting}={name}: MPS is not available on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise FluxtrainError(f"{setting}={name!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    return device
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -208,7 +185,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             f"the learning rate stays below optim.lr={cfg.optim.lr} for the whole run"
         )
     world = distributed.current_world()
-    device = distributed.training_device(world, resolve_device(tcfg.device))
+    device = distributed.training_device(world, host.resolve_device(tcfg.device))
     if tcfg.precision != "fp32" and device.type != "cuda":
         log.warning(f"train.precision={tcfg.precision} needs CUDA; training in fp32 on {device.type}")
     t_start = time.perf_counter()
@@ -317,8 +294,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         t_eval = time.perf_counter()
         last_losses = estimate_loss(model, data, tcfg, device, tcfg.seed + 1)
         eval_time = time.perf_counter() - t_eval
-        val_ppl = math.exp(min(last_losses["val"], 50.0))
-        val_bpb = last_losses["val"] / math.log(2) / data.bytes_per_token
+        val_ppl = perplexity(last_losses["val"])
+        val_bpb = bits_per_byte(last_losses["val"], data.bytes_per_token)
         writer.add_scalar("val/loss", last_losses["val"], step)
         writer.add_scalar("val/perplexity", val_ppl, step)
         writer.add_scalar("val/bpb", val_bpb, step)
@@ -435,8 +412,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         "final_train_loss": last_losses.get("train"),  # None with train.eval_train=false
         "final_val_loss": last_losses["val"],
         "best_val_loss": best_val,
-        "val_perplexity": math.exp(min(last_losses["val"], 50.0)),
-        "val_bpb": last_losses["val"] / math.log(2) / data.bytes_per_token,
+        "val_perplexity": perplexity(last_losses["val"]),
+        "val_bpb": bits_per_byte(last_losses["val"], data.bytes_per_token),
         "tokens_per_sec": tokens_per_sec,
         "wall_time_sec": wall_time,
         "n_params": n_params,

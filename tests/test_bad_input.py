@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.train import resolve_device, train
+from fluxtrain.host import resolve_device
+from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES
 
