@@ -16,12 +16,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fluxtrain import host
 from fluxtrain.data import load_corpus
+from fluxtrain.distributed import World
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write
-from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, set_lr
-from fluxtrain.train import autocast_context
+from fluxtrain.train import grad_scaler, train_step
 from fluxtrain.train import validate as validate_train
 
 log = logging.getLogger("fluxtrain")
@@ -130,7 +130,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     validate_train(tcfg)
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
     model_cfg.validate()
-    device = resolve_device(tcfg.device)
+    device = host.resolve_device(tcfg.device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -139,6 +139,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
     model = GPT(model_cfg, tokenizer.vocab_size).to(device)
     optimizer = build_optimizer(model, cfg.optim)
+    scaler = grad_scaler(device, tcfg.precision)
     batch_gen = torch.Generator().manual_seed(tcfg.seed)
     log.info(
         f"lr_find: {fcfg.num_steps} steps from lr {fcfg.start_lr:.0e} to {fcfg.end_lr:.0e} | "
@@ -150,19 +151,8 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     avg, stopped_early = 0.0, False
     for step, lr in enumerate(lr_schedule(fcfg)):
         set_lr(optimizer, float(lr))
-        loss_sum = 0.0
-        for _ in range(tcfg.grad_accum):
-            x, y = data.get_batch("train", tcfg.batch_size, batch_gen)
-            with autocast_context(device, tcfg.precision):
-                _, loss = model(x.to(device), y.to(device))
-            (loss / tcfg.grad_accum).backward()
-            loss_sum += loss.item()
-        loss_value = loss_sum / tcfg.grad_accum
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        loss = train_step(model, optimizer, scaler, data, batch_gen, World(), device, tcfg, cfg.optim.grad_clip)
+        loss_value = loss.item()
         if not math.isfinite(loss_value):
             stopped_early = True
             log.info(f"lr_find: loss became {loss_value} at lr {lr:.2e}; stopping")

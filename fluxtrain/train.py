@@ -152,6 +152,41 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast on CUDA, so small gradients do not underflow; a no-op otherwise."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer,
+    scaler: torch.amp.GradScaler,
+    data: TokenData,
+    batch_gen: torch.Generator,
+    world: distributed.World,
+    device: torch.device,
+    tcfg: TrainConfig,
+    grad_clip: float,
+) -> torch.Tensor:
+    """One optimizer step over `tcfg.grad_accum` micro-batches of this rank's windows, with autocast, loss scaling
+    and gradient clipping; returns the mean loss, still on the device. `model` may be wrapped (DDP, FSDP, compiled)."""
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(tcfg.grad_accum):
+        x, y = distributed.rank_batch(data, tcfg.batch_size, batch_gen, world)
+        with distributed.grad_sync(model, micro == tcfg.grad_accum - 1):
+            with autocast_context(device, tcfg.precision):
+                _, loss = model(to_device(x, device), to_device(y, device))
+            scaler.scale(loss / tcfg.grad_accum).backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / tcfg.grad_accum
+
+
 def sample_text(model: GPT, tokenizer, length: int, device, seed: int) -> str:
     try:
         prompt = tokenizer.encode("\n")
@@ -222,7 +257,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             device.type == "cpu" if tcfg.compile_cpp_wrapper is None else tcfg.compile_cpp_wrapper,
         )
     optimizer = build_optimizer(model, cfg.optim)  # after wrapping: FSDP replaces the parameters by shards
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and tcfg.precision == "fp16")
+    scaler = grad_scaler(device, tcfg.precision)
 
     tokens_per_iter = tcfg.batch_size * tcfg.grad_accum * world.world_size * model_cfg.seq_len
     peak, peak_source = throughput.peak_flops(device, tcfg.peak_flops, tcfg.precision)
@@ -342,24 +377,11 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         lr = lr_at(it, schedule_progress, cfg.optim)
         set_lr(optimizer, lr)
 
-        loss_sum = None
-        for micro in range(tcfg.grad_accum):
-            x, y = distributed.rank_batch(data, tcfg.batch_size, batch_gen, world)
-            with distributed.grad_sync(train_model, micro == tcfg.grad_accum - 1):
-                with autocast_context(device, tcfg.precision):
-                    _, loss = train_model(to_device(x, device), to_device(y, device))
-                scaler.scale(loss / tcfg.grad_accum).backward()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        if cfg.optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(train_model, optimizer, scaler, data, batch_gen, world, device, tcfg, cfg.optim.grad_clip)
         it += 1
         bar.update(1)
         steps_window += 1
-        pending.append(loss_sum / tcfg.grad_accum)
+        pending.append(loss)
         if device.type != "cuda":
             collect_losses()
 
