@@ -213,16 +213,6 @@ def read_corpus(sources: Sources, separator: str = "\n", encoding_errors: str = 
     return "".join(iter_text(sources, separator, encoding_errors))
 
 
-def read_text(path: Path, setting: str = "data.path") -> str:
-    """Read one UTF-8 text file, with a one-line error naming the file for every way it can be unusable."""
-    path = Path(path)
-    if not path.exists():
-        raise FluxtrainError(f"{setting}: file {path} does not exist")
-    if not path.is_file():
-        raise FluxtrainError(f"{setting}: {path} is not a file")
-    return read_corpus(resolve_sources(str(path), setting=setting))
-
-
 def head_text(pieces: Iterable[str], n_bytes: int) -> Iterator[str]:
     """The first `n_bytes` bytes (UTF-8) of a stream of pieces, cut at a character boundary."""
     for piece in pieces:
