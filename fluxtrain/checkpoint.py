@@ -230,22 +230,23 @@ class NonFiniteWeightsError(FluxtrainError):
     """The weights hold NaN or infinite values; such a model is never written to a checkpoint."""
 
 
-def rng_state(batch_gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Every generator that shapes training: torch CPU (dropout), CUDA if in use, and the batch sampler."""
+def rng_state(batch_gen: torch.Generator, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Every generator that shapes training: torch CPU, the training GPU's (dropout there), the batch sampler.
+
+    Every rank seeds the same and draws the same numbers, so the saving rank's states are every rank's: on resume
+    each rank puts the saved GPU state into its own GPU's generator.
+    """
     state = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"cuda/{i}"] = s
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(rng: dict[str, torch.Tensor], batch_gen: torch.Generator) -> None:
+def set_rng_state(rng: dict[str, torch.Tensor], batch_gen: torch.Generator, device: torch.device) -> None:
     torch.set_rng_state(rng["torch"])
     batch_gen.set_state(rng["batches"])
-    cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda/")), key=lambda k: int(k[5:]))]
-    if cuda and torch.cuda.is_available():
-        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
@@ -377,5 +378,5 @@ def restore(
         group.update(settings)
     if ckpt.scaler and scaler.is_enabled():
         scaler.load_state_dict(ckpt.scaler)
-    set_rng_state(ckpt.rng, batch_gen)
+    set_rng_state(ckpt.rng, batch_gen, next(unwrap(model).parameters()).device)
     return ckpt.progress

@@ -354,7 +354,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         path = checkpoint_path(run_dir, it)
         config = OmegaConf.to_container(cfg, resolve=True)
         try:
-            save_checkpoint(path, model, optimizer, scaler, rng_state(batch_gen), tokenizer, config, state)
+            save_checkpoint(path, model, optimizer, scaler, rng_state(batch_gen, device), tokenizer, config, state)
         except NonFiniteWeightsError:
             raise divergence_error("the weights became NaN or infinite", it, last_ckpt, cfg.optim.lr) from None
         last_ckpt = path

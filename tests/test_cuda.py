@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxtrain.checkpoint import load_model
+from fluxtrain.checkpoint import load_checkpoint, load_model
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.quantize import quantize_int8
@@ -53,6 +53,7 @@ def test_resume_on_cuda_continues_the_run(tiny_cfg, tmp_path):
     run = [*CUDA, "model.dropout=0.1", "train.precision=bf16", "train.keep_last=0", "train.ckpt_interval=10"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(tiny_cfg(*run), straight)
+    assert set(load_checkpoint(checkpoint_path(straight, 10)).rng) == {"torch", "batches", "cuda"}
     train(tiny_cfg(*run, f"resume={checkpoint_path(straight, 10)}"), resumed)
     a = load_model(straight / "model_final.safetensors")[0].state_dict()
     b = load_model(resumed / "model_final.safetensors")[0].state_dict()
