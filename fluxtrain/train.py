@@ -195,7 +195,11 @@ def sample_text(model: GPT, tokenizer, length: int, device, seed: int) -> str:
     generator = torch.Generator().manual_seed(seed)
     # A model sharded by fully_shard gathers its weights in each module call, which the cached decoding step skips.
     use_cache = not is_sharded(model)
-    return tokenizer.decode(generate_ids(model, prompt, length, 1.0, 40, generator, use_cache))
+    # Eager, past blocks compiled in place (train.compile_scope=blocks): each cache length and layer index would
+    # otherwise be a recompilation of the training graph's function.
+    with torch.compiler.set_stance("force_eager"):
+        ids = generate_ids(model, prompt, length, 1.0, 40, generator, use_cache)
+    return tokenizer.decode(ids)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
