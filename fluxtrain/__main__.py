@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain import distributed
-from fluxtrain.config import config_dir, register_configs
+from fluxtrain.config import check_known_keys, config_dir, register_configs
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.lr_find import lr_find
 from fluxtrain.sweep import run_sweep_job
@@ -29,6 +29,7 @@ TASKS: dict[str, Callable[[DictConfig, Path], float]] = {
 
 
 def run_task(cfg: DictConfig, run_dir: Path) -> float:
+    check_known_keys(cfg)
     if cfg.task not in TASKS:
         raise FluxtrainError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
     return TASKS[cfg.task](cfg, run_dir)

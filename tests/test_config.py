@@ -8,6 +8,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from fluxtrain.__main__ import run_task
+from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
 from fluxtrain.train import TrainConfig, validate
 
@@ -40,6 +42,22 @@ def test_defaults():
 def test_mistyped_key_fails(override):
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         compose_config([override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+model.d_modl=64"], "model.d_modl is not a fluxtrain setting (did you mean model.d_model?)"),
+        (["+trian.max_iters=5"], "trian is not a fluxtrain setting (did you mean train?)"),
+        (["+optim.lr_decay=0.5", "+data.foo=1"], "data.foo is not a fluxtrain setting; also unknown: optim.lr_decay"),
+    ],
+)
+def test_keys_added_with_plus_are_refused_before_the_task_runs(overrides, message, tmp_path):
+    cfg = compose_config(overrides)  # Hydra's `+` adds a key past the schema
+    with pytest.raises(FluxtrainError) as info:
+        run_task(cfg, tmp_path)
+    assert str(info.value) == message
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("override", ["model.d_model=wide", "train.batch_size=1.5", "optim.lr=fast"])
