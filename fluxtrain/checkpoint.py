@@ -124,6 +124,8 @@ def model_config_from_json(text: str, source: str) -> ModelConfig:
 def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Metadata and tensors of a fluxtrain model file or checkpoint, with one-line errors for every bad file."""
     path = Path(path)
+    if path.is_dir():
+        raise FluxtrainError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
         raise FluxtrainError(f"{what} {path} does not exist")
     if path.stat().st_size == 0:

@@ -19,6 +19,7 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT
+from fluxtrain.runs import resolve_model_path
 from fluxtrain.sources import iter_text, resolve_sources
 from fluxtrain.tokenizer import Tokenizer
 
@@ -148,8 +149,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m fluxtrain.evaluate",
         description="Loss (nats/token), perplexity and bits per byte of a model file on a text file or folder.",
     )
-    p.add_argument("model", help="a fluxtrain model file (.safetensors)")
+    p.add_argument("model", help="a model file (.safetensors), a checkpoint (.ckpt) or a run folder (its best model)")
     p.add_argument("--data", required=True, help="a UTF-8 text file, a folder or a glob (quoted)")
+    p.add_argument(
+        "--encoding-errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="bytes that are not UTF-8: an error (strict, the default), or read as U+FFFD with a warning (replace)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument(
@@ -158,7 +165,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="slide windows by this many tokens (1..seq_len); default seq_len: non-overlapping windows",
     )
-    p.add_argument("--json", metavar="PATH", default=None, help="also write the figures as JSON to PATH ('-': stdout)")
+    p.add_argument(
+        "--json", metavar="PATH", default=None, help="also write the figures as JSON to PATH ('-': stdout, alone)"
+    )
     return p.parse_args(argv)
 
 
@@ -166,22 +175,26 @@ def run(args: argparse.Namespace) -> EvalResult:
     if args.batch_size <= 0:
         raise FluxtrainError(f"--batch-size={args.batch_size} must be a positive integer")
     device = resolve_device(args.device, "--device")
-    model, tokenizer = load_model(args.model, device)
+    model, tokenizer = load_model(resolve_model_path(args.model), device)
     check_stride(args.stride, model.cfg.seq_len)
     sources = resolve_sources(args.data, setting="--data")
-    ids = encode_all(iter_text(sources), tokenizer, sources.setting, f"the model {args.model}")
+    text = iter_text(sources, encoding_errors=args.encoding_errors)
+    ids = encode_all(text, tokenizer, sources.setting, f"the model {args.model}")
     if len(ids) < 2:
         raise FluxtrainError(f"{sources.setting}: the text is {len(ids)} token(s); evaluation needs at least 2")
     result = evaluate_ids(
         model, ids, count_bytes(ids, tokenizer), args.stride, args.batch_size, device, sys.stderr.isatty()
     )
+    summary = sys.stderr if args.json == "-" else sys.stdout  # stdout is then the JSON alone, for a pipe
     print(
         f"{args.model} | {sources.describe()} | {result.n_tokens:,} {tokenizer.kind} tokens "
-        f"| seq_len {result.seq_len}, stride {result.stride}"
+        f"| seq_len {result.seq_len}, stride {result.stride}",
+        file=summary,
     )
     print(
         f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} "
-        f"| bits per byte {result.bits_per_byte:.4f}"
+        f"| bits per byte {result.bits_per_byte:.4f}",
+        file=summary,
     )
     if args.json:
         figures = json.dumps({"model": str(args.model), "data": str(args.data), **asdict(result)}, indent=2) + "\n"

@@ -16,6 +16,7 @@ import torch
 from fluxtrain.checkpoint import load_model
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.runs import resolve_model_path
 from fluxtrain.tokenizer import Tokenizer
 
 INSTALL_HINT = "pip install 'fluxtrain[hf]' (or pip install -e \".[hf]\" in a checkout)"
@@ -210,6 +211,7 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
         raise FluxtrainError(f"OUT_DIR {out_dir} is a file, not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FluxtrainError(f"OUT_DIR {out_dir} is not empty; choose a new folder or pass --overwrite")
+    model_path = resolve_model_path(model_path)
     model, tokenizer = load_model(model_path)
     hf_model, hf_tok = to_transformers(model, tokenizer, str(model_path))
     check_same_logits(model, hf_model, str(model_path))
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m fluxtrain.export",
         description="Write a Hugging Face transformers folder (GPT2LMHeadModel + fast tokenizer) from a model file.",
     )
-    p.add_argument("model", help="a fluxtrain model file (.safetensors)")
+    p.add_argument("model", help="a model file (.safetensors), a checkpoint (.ckpt) or a run folder (its best model)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created; must be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in OUT_DIR")
     args = p.parse_args(argv)

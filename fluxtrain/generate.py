@@ -17,27 +17,10 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
-from fluxtrain.resume import find_latest
-from fluxtrain.runs import MODEL_FILES, run_model_file
+from fluxtrain.runs import resolve_model_path
 from fluxtrain.sampling import SamplingConfig, beam_search, compile_decoding, sample_stream
 from fluxtrain.sampling import generate_ids as generate_ids  # re-exported: the name callers know from here
 from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, load_tokenizer
-
-
-def resolve_model_path(name: str | Path) -> Path:
-    """MODEL on the command line: a model file, a checkpoint, or a run folder (its best model, else its final one,
-    else its newest checkpoint)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        found = run_model_file(path) or find_latest(path)
-        if found is None:
-            raise FluxtrainError(
-                f"run folder {path} holds no model file ({' or '.join(MODEL_FILES)}) and no checkpoints/iter_*.ckpt"
-            )
-        return found
-    if not path.exists():
-        raise FluxtrainError(f"MODEL {path} does not exist (give a model file, a checkpoint or a run folder)")
-    return path
 
 
 def load_for_generation(
@@ -47,7 +30,7 @@ def load_for_generation(
     path = resolve_model_path(name)
     model, tokenizer = load_model(path, device)
     if tokenizer_path is not None:
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path, setting="TOKENIZER")
         if tokenizer.vocab_size != model.vocab_size:
             raise FluxtrainError(
                 f"TOKENIZER {tokenizer_path} has {tokenizer.vocab_size} tokens, the model in {path} "

@@ -10,6 +10,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.resume import find_latest
 from fluxtrain.sweep import FAILED_FILE
 
 BEST_MODEL_FILE, FINAL_MODEL_FILE = "best.safetensors", "model_final.safetensors"
@@ -114,3 +116,19 @@ def read_scalars(run_dir: str | Path, tag: str) -> tuple[list[int], list[float]]
         return [], []
     points = events.Scalars(tag)
     return [p.step for p in points], [p.value for p in points]
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    """MODEL on a command line (generate, evaluate, export): a model file, a checkpoint, or a run folder (its best
+    model, else its final one, else its newest checkpoint)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        found = run_model_file(path) or find_latest(path)
+        if found is None:
+            raise FluxtrainError(
+                f"run folder {path} holds no model file ({' or '.join(MODEL_FILES)}) and no checkpoints/iter_*.ckpt"
+            )
+        return found
+    if not path.exists():
+        raise FluxtrainError(f"MODEL {path} does not exist (give a model file, a checkpoint or a run folder)")
+    return path

@@ -185,9 +185,15 @@ def iter_file_text(path: Path, encoding_errors: str = "strict", setting: str = "
             except UnicodeDecodeError as e:
                 bad = offset - len(pending) + e.start
                 if encoding_errors != "replace":
+                    # A command-line option (--data) has its own --encoding-errors; a config setting, data's.
+                    option = (
+                        "pass --encoding-errors=replace"
+                        if setting.startswith("--")
+                        else "set data.encoding_errors=replace"
+                    )
                     raise FluxtrainError(
                         f"{setting}: {path} is not valid UTF-8 (byte offset {bad}); "
-                        "set data.encoding_errors=replace to read it with replacement characters"
+                        f"{option} to read it with replacement characters"
                     ) from None
                 log.warning(f"{path} is not valid UTF-8 (first bad byte at offset {bad}); read with U+FFFD for them")
                 decoder = codecs.getincrementaldecoder("utf-8")("replace")

@@ -193,12 +193,26 @@ def test_folder_is_read_as_all_its_files(model_file, tmp_path, capsys):
     (folder / "a.txt").write_text(make_text(300, seed=1), encoding="utf-8")
     (folder / "sub" / "b.txt").write_text(make_text(300, seed=2), encoding="utf-8")
     main([str(model_file), "--data", str(folder), "--device", "cpu", "--json", "-"])
-    out = capsys.readouterr().out
-    figures = json.loads(out[out.index("{") :])  # after the two printed lines
+    out, err = capsys.readouterr()
+    figures = json.loads(out)  # stdout holds the JSON alone; the summary lines go to stderr
     assert figures["n_tokens"] == 601  # both files, joined by a newline
+    assert f"loss {figures['loss']:.4f} nats/token" in err
     main([str(model_file), "--data", str(folder / "**" / "*.txt"), "--device", "cpu", "--json", "-"])
-    out = capsys.readouterr().out
-    assert json.loads(out[out.index("{") :])["n_tokens"] == 601  # a glob
+    assert json.loads(capsys.readouterr().out)["n_tokens"] == 601  # a glob
+
+
+def test_a_run_folder_names_its_best_model_and_a_folder_is_no_model_file(model_file, tmp_path, capsys):
+    text_file = tmp_path / "held_out.txt"
+    text_file.write_text(make_text(300, seed=1), encoding="utf-8")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(model_file.read_bytes())
+    main([str(run), "--data", str(text_file), "--device", "cpu", "--json", "-"])
+    from_run = json.loads(capsys.readouterr().out)
+    main([str(model_file), "--data", str(text_file), "--device", "cpu", "--json", "-"])
+    assert json.loads(capsys.readouterr().out)["loss"] == from_run["loss"]
+    with pytest.raises(FluxtrainError, match=f"^model file {tmp_path} is a folder, not a file$"):
+        load_model(tmp_path)
 
 
 def one_line_error(capsys, model_file, data, *args: str) -> str:
@@ -231,6 +245,16 @@ def test_unknown_characters_are_a_one_line_error(model_file, tmp_path, capsys):
     err = one_line_error(capsys, model_file, text_file)
     assert "'~'" in err and "'Ω'" in err and str(text_file) in err
     assert err.endswith(f"(the tokenizer comes from the model {model_file})\n")
+
+
+def test_text_that_is_not_utf8_is_an_error_naming_the_option_that_reads_it(model_file, tmp_path, capsys):
+    text_file = tmp_path / "latin1.txt"
+    text_file.write_bytes(make_text(200).encode() + b"\xe9" + make_text(200).encode())
+    err = one_line_error(capsys, model_file, text_file)
+    assert "is not valid UTF-8 (byte offset 200); pass --encoding-errors=replace" in err
+    # Read with U+FFFD for the bad byte, the text gets as far as the char model's vocabulary, which lacks U+FFFD.
+    err = one_line_error(capsys, model_file, text_file, "--encoding-errors", "replace")
+    assert "1 character(s) not in the tokenizer's vocabulary: '\ufffd'" in err
 
 
 def test_missing_data_is_a_one_line_error(model_file, tmp_path, capsys):

@@ -12,7 +12,8 @@ import torch
 
 from fluxtrain import GPT, ModelConfig, load_model, save_model_file
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.generate import TextStream, encode_prompt, load_for_generation, main, resolve_model_path
+from fluxtrain.generate import TextStream, encode_prompt, load_for_generation, main
+from fluxtrain.runs import resolve_model_path
 from fluxtrain.sampling import (
     ContextWindow,
     SamplingConfig,
@@ -349,6 +350,8 @@ def test_tokenizer_argument(tmp_path, model_file):
     CharTokenizer(list("abc")).save(tmp_path / "small.json")
     with pytest.raises(FluxtrainError, match="has 3 tokens"):
         load_for_generation(model_file, tmp_path / "small.json")
+    with pytest.raises(FluxtrainError, match=r"^TOKENIZER: .*nope\.json does not exist"):
+        load_for_generation(model_file, tmp_path / "nope.json")
 
 
 # The command line (in process, and once as a real process)
