@@ -41,8 +41,12 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
     download never leaves a file that looks complete; a later call resumes the partial file with an HTTP Range request.
     """
     dest = Path(dest)
-    if dest.is_file() and (sha256 is None or sha256_file(dest) == sha256):
-        return dest
+    wrong_copy = ""  # said if the download fails: a file at dest that is not the expected one
+    if dest.is_file():
+        got = sha256_file(dest) if sha256 is not None else None
+        if got == sha256:
+            return dest
+        wrong_copy = f"; the file already at {dest} has sha256 {got}, not data.sha256={sha256}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
@@ -70,6 +74,7 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
     except requests.RequestException as e:
         raise FluxtrainError(
             f"could not download {url} ({type(e).__name__}); download it by hand to {dest}, or set data.path"
+            f"{wrong_copy}"
         ) from None
     if sha256 is not None:
         got = sha256_file(part)

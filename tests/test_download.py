@@ -89,6 +89,12 @@ def test_server_down_names_url_and_destination(tmp_path):
         download(url, dest, sha256=SHA, timeout=5)
     assert url in str(e.value) and str(dest) in str(e.value) and "\n" not in str(e.value)
     assert not dest.exists()
+    # Offline with a wrong file in place: the message says that file is the problem.
+    dest.write_text("hello")
+    with pytest.raises(FluxtrainError) as e:
+        download(url, dest, sha256=SHA, timeout=5)
+    wrong = hashlib.sha256(b"hello").hexdigest()
+    assert str(e.value).endswith(f"; the file already at {dest} has sha256 {wrong}, not data.sha256={SHA}")
 
 
 def test_interrupted_download_resumes_with_range(server, tmp_path):
