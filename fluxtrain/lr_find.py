@@ -47,11 +47,13 @@ class LRFindResult:
     lrs: list[float]
     losses: list[float]
     smoothed: list[float]
-    suggested_lr: float
+    suggested_lr: float | None  # None: the smoothed loss never fell, so there is no steepest descent to pick
     rule: str
     stopped_early: bool
 
     def summary(self) -> str:
+        if self.suggested_lr is None:
+            return f"no suggestion: the smoothed loss never fell (lr_find.rule={self.rule})"
         return f"suggested optim.lr={self.suggested_lr:.2e} (rule: {RULES[self.rule]}; lr_find.rule={self.rule})"
 
 
@@ -88,15 +90,14 @@ def zero_lag_smooth(values: np.ndarray, beta: float) -> np.ndarray:
     return ema(ema(values, beta)[::-1], beta)[::-1]
 
 
-def suggest_lr(lrs: np.ndarray, smoothed: np.ndarray, rule: str) -> float:
-    """The LR suggested by `rule` from the smoothed loss curve; only the part up to its minimum is considered."""
+def suggest_lr(lrs: np.ndarray, smoothed: np.ndarray, rule: str) -> float | None:
+    """The LR suggested by `rule` from the smoothed loss curve; only the part up to its minimum is considered.
+    None for the steepest descent when the minimum is at the first steps: the smoothed loss never fell."""
     i_min = int(np.argmin(smoothed))
     if rule == "min_div_10":
         return float(lrs[i_min] / 10)
     if i_min < 2:
-        raise FluxtrainError(
-            f"the loss did not fall before it rose (minimum at lr {lrs[i_min]:.1e}); lower lr_find.start_lr"
-        )
+        return None
     slopes = np.gradient(smoothed[: i_min + 1], np.log10(lrs[: i_min + 1]))  # loss change per decade of LR
     return float(lrs[int(np.argmin(slopes))])
 
@@ -106,7 +107,8 @@ def plot(result: LRFindResult) -> Figure:
     ax = fig.subplots()
     ax.plot(result.lrs, result.losses, color="0.75", linewidth=0.8, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", label="smoothed loss")
-    ax.axvline(result.suggested_lr, color="C3", linestyle="--", label=f"suggested lr {result.suggested_lr:.1e}")
+    if result.suggested_lr is not None:
+        ax.axvline(result.suggested_lr, color="C3", linestyle="--", label=f"suggested lr {result.suggested_lr:.1e}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss (nats/token)")
@@ -189,5 +191,13 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     writer.add_figure("lr_find/curve", fig, close=False)
     writer.add_text("lr_find/suggestion", result.summary())
     writer.close()
+    if result.suggested_lr is None:
+        png = run_dir / "lr_find.png"
+        raise FluxtrainError(
+            f"lr_find: no suggestion, the smoothed loss is lowest at the first step (curve in {png}); with few steps "
+            f"the rise at the end smooths back over the whole curve: raise lr_find.num_steps={fcfg.num_steps} or lower "
+            f"lr_find.smoothing={fcfg.smoothing}; if the raw loss rose from the start, lower "
+            f"lr_find.start_lr={fcfg.start_lr:g}"
+        )
     log.info(f"lr_find: {result.summary()} | curve in {run_dir / 'lr_find.png'}")
     return result

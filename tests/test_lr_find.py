@@ -84,6 +84,22 @@ def test_lr_find_on_a_tiny_model(tiny_cfg, tmp_path):
     assert "lr_find/curve" in events.Tags()["images"]
 
 
+def test_a_curve_that_never_falls_is_saved_and_the_error_says_what_to_change(tiny_cfg, tmp_path):
+    # 12 steps from a learning rate already too high: the loss only rises.
+    cfg = tiny_cfg("lr_find.num_steps=12", "lr_find.start_lr=1", "lr_find.end_lr=100", "lr_find.stop_factor=1000")
+    with pytest.raises(FluxtrainError) as e:
+        lr_find(cfg, tmp_path)
+    message = str(e.value)
+    assert message.startswith(
+        f"lr_find: no suggestion, the smoothed loss is lowest at the first step (curve in {tmp_path}"
+    )
+    assert "raise lr_find.num_steps=12 or lower lr_find.smoothing=0.9" in message
+    saved = json.loads((tmp_path / "lr_find.json").read_text())
+    assert saved["suggested_lr"] is None and len(saved["losses"]) >= 3
+    assert saved["losses"][-1] > saved["losses"][0]
+    assert (tmp_path / "lr_find.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
 @pytest.mark.slow
 def test_lr_find_command(tiny_text_file, tmp_path):
     """The `fluxtrain-lr-find` entry point runs the test and prints the suggestion with its rule."""
