@@ -81,7 +81,10 @@ class SweepReport(Callback):
             return
         swept = swept_keys(config)
         parser = OverridesParser.create()
-        lines = [f"{len(failed)} sweep job(s) failed; the others finished (see {FAILED_FILE} in the job folders):"]
+        finished = sum(p.stat().st_mtime >= self.started for p in sweep_dir.rglob("metrics.json"))
+        outcome = f"{len(failed)} of {len(failed) + finished} sweep job(s) failed"
+        outcome += "; the others finished" if finished else ""
+        lines = [f"{outcome} (see {FAILED_FILE} in the job folders):"]
         for job_dir, report in failed:
             values = [o.input_line for o in parser.parse_overrides(report["overrides"]) if o.get_key_element() in swept]
             lines.append(f"  {job_dir}: {' '.join(values or report['overrides'])}: {report['error']}")

@@ -189,7 +189,7 @@ def test_failing_job_does_not_hide_the_other_results(tiny_text_file, tmp_path):
     assert not (sweep / "1" / FAILED_FILE).exists()
     read_hparams(sweep / "1")
     # ...and the end-of-sweep report names the failed job by its swept value, without a traceback.
-    assert "1 sweep job(s) failed" in proc.stderr
+    assert "1 of 2 sweep job(s) failed; the others finished (see failed.json" in proc.stderr
     assert f"{sweep / '0'}: model.n_heads=3: model.n_heads=3 must divide model.d_model=32" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
@@ -258,7 +258,7 @@ def test_optuna_sweep_survives_failing_trials(tiny_text_file, tmp_path):
     # Both trials fail; the study still ends (failed trials count as +inf) and the report lists them.
     assert proc.returncode == 1
     assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == math.inf
-    assert "2 sweep job(s) failed" in proc.stderr
+    assert "2 of 2 sweep job(s) failed (see failed.json" in proc.stderr
     for job in ("0", "1"):
         assert json.loads((sweep / job / FAILED_FILE).read_text())["error"].startswith("model.n_heads=3 must divide")
 
