@@ -126,6 +126,22 @@ def poison_training_loss(monkeypatch, call: int, factor: float) -> None:
     monkeypatch.setattr(GPT, "forward", forward)
 
 
+@pytest.fixture
+def decoded_models(monkeypatch) -> list:
+    """The models the generate command decodes with, as it passes them to `sample_stream` (one per prompt)."""
+    import fluxtrain.generate as generate_module
+
+    models = []
+    real = generate_module.sample_stream
+
+    def recording(model, *args, **kwargs):
+        models.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "sample_stream", recording)
+    return models
+
+
 def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     """Step -> value of one scalar from the single TensorBoard events file in `run_dir`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -47,7 +47,7 @@ def test_a_failed_compilation_keeps_the_eager_step(monkeypatch):
     assert len(generate(model, [1, 2], greedy)) == 10
 
 
-def test_compile_flag_of_the_generate_command(tmp_path, capsys, monkeypatch):
+def test_compile_flag_of_the_generate_command(tmp_path, capsys, monkeypatch, decoded_models):
     # The eager backend runs the real torch.compile wrapper without a C compiler.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     path = tmp_path / "model.safetensors"
@@ -58,3 +58,5 @@ def test_compile_flag_of_the_generate_command(tmp_path, capsys, monkeypatch):
     assert main([*argv, "--compile"]) == 0
     out, err = capsys.readouterr()
     assert out == eager and "compiling the decoding step" in err and "failed" not in err
+    # The second run decoded through a compiled step; the first through the model's own method.
+    assert "decode_step" not in vars(decoded_models[0]) and "decode_step" in vars(decoded_models[1])

@@ -174,6 +174,17 @@ def test_resume_refuses_a_different_model_shape_or_tokenizer_naming_the_keys(tin
     assert metrics["iters"] == 4
 
 
+def test_resume_refuses_data_that_now_builds_another_tokenizer(tiny_cfg, tiny_text_file, tmp_path):
+    train(tiny_cfg("train.max_iters=2"), tmp_path / "run")
+    with open(tiny_text_file, "a", encoding="utf-8") as f:
+        f.write("new characters: {~}\n")  # the char vocabulary built from the data grows
+    with pytest.raises(FluxtrainError) as info:
+        train(tiny_cfg("train.max_iters=4", "resume=auto"), tmp_path / "run")
+    message = str(info.value)
+    assert message.startswith(f"cannot resume from {checkpoint_path(tmp_path / 'run', 2)}: the tokenizer built now")
+    assert message.endswith("differs from the checkpoint's (char, vocab 39); did data.* change?")
+
+
 def test_auto_resume_from_a_damaged_newest_checkpoint_names_the_one_before(tiny_cfg, tmp_path):
     older, newest = checkpoint_path(tmp_path, 5), checkpoint_path(tmp_path, 10)
     newest.parent.mkdir()

@@ -148,3 +148,23 @@ def test_char_tokenizer_file_with_missing_characters_is_a_clear_error(tiny_cfg, 
         FluxtrainError, match=r"data.path: .*not in the tokenizer's vocabulary.*comes from tokenizer.path"
     ):
         train(tiny_cfg(f"tokenizer.path={small}"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("val_path", [False, True])
+def test_bpe_learns_from_the_training_text_only(tmp_path, val_path):
+    """A word that fills the validation text (its last 10%, or data.val_path) is frequent enough to get merges,
+    but it must not: the tokenizer sees only the training text."""
+    train_text, val_text = make_text(18_000), "zqxv " * 400
+    tok_cfg = compose_config(["tokenizer=bpe", "tokenizer.vocab_size=300"]).tokenizer
+    if val_path:
+        (tmp_path / "train.txt").write_text(train_text, encoding="utf-8")
+        (tmp_path / "val.txt").write_text(val_text, encoding="utf-8")
+        cfg = DataConfig(path=str(tmp_path / "train.txt"), val_path=str(tmp_path / "val.txt"), cache=False)
+    else:
+        (tmp_path / "all.txt").write_text(train_text + val_text, encoding="utf-8")
+        cfg = DataConfig(path=str(tmp_path / "all.txt"), val_fraction=0.1, cache=False)
+    _, tokenizer, _ = load_corpus(cfg, tok_cfg, seq_len=16)
+    learned = [tokenizer.hf.id_to_token(i) for i in range(tokenizer.vocab_size)]
+    assert not [t for t in learned if len(t) > 1 and set(t) <= set("zqxv")]
+    assert len(tokenizer.encode("zqxv")) == 4  # one byte each
+    assert any(len(t) > 3 and t.isalpha() for t in learned)  # the training words did get merges

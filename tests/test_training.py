@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
+import fluxtrain.train as train_module
 from fluxtrain import load_model
+from fluxtrain.checkpoint import read_model_file
 from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES
@@ -48,3 +51,19 @@ def test_cli_run_folder(tmp_path):
     log = (run / "train.log").read_text()
     assert "iter     10/30 | loss" in log and "tok/s" in log and "sample at iteration 15" in log
     assert "parameters" in log
+
+
+def test_the_best_model_is_the_one_with_the_lowest_val_loss_not_the_last(tiny_cfg, tmp_path, monkeypatch):
+    """Scripted val losses (the evaluation itself is tested elsewhere): the second of three evaluations is the best."""
+    scripted = iter([3.0, 2.0, 2.5])
+    monkeypatch.setattr(train_module, "estimate_loss", lambda *args: {"val": next(scripted)})
+    cfg = tiny_cfg("train.max_iters=30", "train.eval_interval=10", "train.ckpt_interval=10", "train.keep_last=0")
+    metrics = train(cfg, tmp_path)
+    assert metrics["best_val_loss"] == 2.0 and metrics["final_val_loss"] == 2.5
+    best = read_model_file(tmp_path / "best.safetensors")[1]
+    at_20 = read_model_file(tmp_path / "model_iter_000020.safetensors")[1]
+    final = read_model_file(tmp_path / "model_final.safetensors")[1]
+    assert all(torch.equal(best[k], at_20[k]) for k in best)
+    assert not all(torch.equal(best[k], final[k]) for k in best)
+    with pytest.raises(StopIteration):
+        next(scripted)  # exactly three evaluations: at 10, 20 and 30
