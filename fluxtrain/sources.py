@@ -135,7 +135,8 @@ def resolve_sources(
     """The files `path` names: one file, every text file under a folder (recursively), or the matches of a glob.
 
     Files under a folder or glob are kept if they match one of `include` (when given) and none of `exclude`
-    (globs matched against the path relative to the folder and against the file name), then sorted by path;
+    (globs matched against the file name and against the path relative to the folder, or for a glob the path as
+    it matched), then sorted by path;
     hidden files and folders are skipped, and so are binary files (a NUL byte near the start) and empty files.
     """
     include, exclude = list(include), list(exclude)
