@@ -477,3 +477,12 @@ def test_bpe_model_streams_the_same_text_as_one_decode(capsys, tmp_path):
     loaded, _ = load_model(tmp_path / "bpe.safetensors")
     cfg = SamplingConfig(max_new_tokens=60)
     assert whole == "café " + tokenizer.decode(generate(loaded, tokenizer.encode("café "), cfg, seeded(2))) + "\n"
+
+
+def test_an_empty_prompt_or_an_id_outside_the_vocabulary_is_named(model):
+    with pytest.raises(FluxtrainError, match="^the prompt is empty: decoding needs at least one token$"):
+        generate(model, [], greedy(5))
+    with pytest.raises(FluxtrainError, match=f"^prompt token id {model.vocab_size} is outside the model's vocabulary"):
+        generate(model, [1, model.vocab_size], greedy(5))
+    with pytest.raises(FluxtrainError, match="^prompt token id -1 is outside"):
+        beam_search(model, [-1], SamplingConfig(max_new_tokens=5, beams=2))

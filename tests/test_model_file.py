@@ -1,7 +1,10 @@
 """Model files: a save/load round trip gives identical logits; damaged and foreign files give one-line errors."""
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fluxtrain import load_model, save_model_file
@@ -62,3 +65,30 @@ def test_missing_empty_truncated_and_foreign_files(saved, tmp_path):
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(FluxtrainError, match="not a fluxtrain model file"):
         load_model(foreign)
+
+
+def rewritten(path, tmp_path, name: str, meta_changes: dict | None = None, tensor_changes: dict | None = None):
+    """A copy of the model file with some metadata or tensors replaced (and no checksum, which would catch it)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = {k: v for k, v in {**meta, **(meta_changes or {})}.items() if k != "sha256"}
+    out = tmp_path / name
+    save_file({**tensors, **(tensor_changes or {})}, str(out), metadata=meta)
+    return out
+
+
+def test_newer_format_wrong_shapes_and_unknown_config_keys_are_named(saved, tmp_path):
+    _, _, path = saved
+    assert load_model(rewritten(path, tmp_path, "same.safetensors"))  # without a checksum, an intact file loads
+    newer = rewritten(path, tmp_path, "newer.safetensors", {"format_version": "2"})
+    with pytest.raises(FluxtrainError, match=f"^{newer} has format version 2; this fluxtrain reads version 1$"):
+        load_model(newer)
+    reshaped = rewritten(
+        path, tmp_path, "shape.safetensors", tensor_changes={"blocks.0.mlp.fc.weight": torch.zeros(8, 8)}
+    )
+    with pytest.raises(FluxtrainError, match=r"weight blocks\.0\.mlp\.fc\.weight has shape \(8, 8\), the model needs"):
+        load_model(reshaped)
+    config = json.loads(safe_open(str(path), framework="pt").metadata()["model_config"])
+    unknown = rewritten(path, tmp_path, "keys.safetensors", {"model_config": json.dumps({**config, "d_modl": 64})})
+    with pytest.raises(FluxtrainError, match=r"model config has unknown keys \['d_modl'\]"):
+        load_model(unknown)

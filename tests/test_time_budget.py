@@ -6,6 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fluxtrain.errors import FluxtrainError
 from fluxtrain.train import train
 
 
@@ -52,3 +53,12 @@ def test_validation_only_evaluation(tiny_cfg, tmp_path, caplog):
     events = EventAccumulator(str(tmp_path / "val"))
     events.Reload()
     assert "val/loss" in events.Tags()["scalars"] and "train/eval_loss" not in events.Tags()["scalars"]
+
+
+def test_a_budget_spent_before_training_starts_is_an_error_naming_it(tiny_cfg, tmp_path):
+    with pytest.raises(FluxtrainError) as info:
+        train(tiny_cfg("train.max_time=0.001"), tmp_path)
+    message = str(info.value)
+    assert message.startswith("train.max_time=0.001 leaves no time to train after setup (")
+    assert "and the final evaluation (~" in message and "with train.eval_iters=4)" in message
+    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "checkpoints").exists()
