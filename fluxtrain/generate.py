@@ -18,7 +18,7 @@ from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.runs import resolve_model_path
-from fluxtrain.sampling import SamplingConfig, beam_search, compile_decoding, sample_stream
+from fluxtrain.sampling import SamplingConfig, beam_search, check_seed, compile_decoding, sample_stream
 from fluxtrain.sampling import generate_ids as generate_ids  # re-exported: the name callers know from here
 from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, load_tokenizer
 
@@ -197,8 +197,8 @@ def run(args: argparse.Namespace) -> int:
     cfg.validate()  # everything but the context shift, which needs the model, before loading it
     if args.quantize not in QUANTIZE_CHOICES:
         raise FluxtrainError(f"--quantize {args.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
-    if args.seed is not None and args.seed < 0:
-        raise FluxtrainError(f"--seed {args.seed} must be >= 0")
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
     if args.prompt is not None and args.interactive:
         raise FluxtrainError("--prompt and --interactive exclude each other")
     if args.threads is not None:
@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # while loading or compiling (generation itself stops more gently)
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader left (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 1

@@ -11,7 +11,7 @@ import torch
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.generate import encode_prompt, start_ids, write_continuation
 from fluxtrain.model import GPT
-from fluxtrain.sampling import SamplingConfig
+from fluxtrain.sampling import MAX_BEAMS, MAX_SEED, SamplingConfig
 from fluxtrain.tokenizer import Tokenizer
 
 HISTORY_FILE = Path("~/.fluxtrain_generate_history")
@@ -24,16 +24,16 @@ SETTINGS = {
     "/topp": ("top_p", float, "top-p", "a top-p in (0, 1] (1 = off)"),
     "/rep": ("repetition_penalty", float, "repetition penalty", "a repetition penalty >= 1 (1 = off)"),
     "/len": ("max_new_tokens", int, "length", "a number of new tokens >= 1"),
-    "/beams": ("beams", int, "beams", "a number of beams >= 1 (1 = sampling, no beam search)"),
+    "/beams": ("beams", int, "beams", f"a number of beams from 1 to {MAX_BEAMS} (1 = sampling, no beam search)"),
 }
-HELP = """commands:
+HELP = f"""commands:
   /temp V    temperature, 0-2 (0 = greedy)
   /topk K    keep the K most likely tokens (0 = off)
   /topp P    keep the most likely tokens up to probability mass P (1 = off)
   /rep R     repetition penalty, >= 1 (1 = off)
   /len N     new tokens per prompt
-  /seed S    restart the sampler from seed S (an integer >= 0)
-  /beams B   beam search with B beams (1 = off)
+  /seed S    restart the sampler from seed S (an integer from 0 to 2**64 - 1)
+  /beams B   beam search with B beams (1 = off, at most {MAX_BEAMS})
   /help      this help and the current settings
   /quit      leave (Ctrl-D does too)
 Anything else is a prompt. Ctrl-C stops a generation and comes back here."""
@@ -93,8 +93,8 @@ class Session:
         if name == "/help":
             self.say(f"{HELP}\nnow: {self.settings()}")
         elif name == "/seed":
-            if not value.isdigit():
-                self.say(f"/seed needs an integer >= 0, got {value!r}")
+            if not (value.isascii() and value.isdigit()) or int(value) > MAX_SEED:
+                self.say(f"/seed needs an integer from 0 to 2**64 - 1, got {value!r}")
             else:
                 self.seed = int(value)
                 self.generator.manual_seed(self.seed)

@@ -13,6 +13,13 @@ from fluxtrain.errors import FluxtrainError, describe_failure
 from fluxtrain.model import GPT
 
 MAX_TEMPERATURE = 2.0
+MAX_BEAMS = 100  # beam search holds beams x vocabulary scores and a KV cache per beam: a bound far above any use
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator takes
+
+
+def check_seed(seed: int, setting: str) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise FluxtrainError(f"{setting} {seed} must be an integer from 0 to 2**64 - 1")
 
 
 @dataclass
@@ -39,8 +46,8 @@ class SamplingConfig:
             raise FluxtrainError(f"top-p {self.top_p} must be in (0, 1] (1 = off)")
         if not self.repetition_penalty >= 1.0:
             raise FluxtrainError(f"repetition penalty {self.repetition_penalty} must be >= 1 (1 = off)")
-        if not isinstance(self.beams, int) or self.beams < 1:
-            raise FluxtrainError(f"beams {self.beams} must be a positive integer (1 = no beam search)")
+        if not isinstance(self.beams, int) or not 1 <= self.beams <= MAX_BEAMS:
+            raise FluxtrainError(f"beams {self.beams} must be an integer from 1 to {MAX_BEAMS} (1 = no beam search)")
         if self.context_shift is not None:
             if not isinstance(self.context_shift, int) or self.context_shift < 1:
                 raise FluxtrainError(f"context shift {self.context_shift} must be a positive integer")

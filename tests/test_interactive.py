@@ -93,8 +93,11 @@ def test_commands_change_settings_and_prompts_follow_them(model_file, tmp_path):
     # Bad commands and values say what is allowed and leave the settings as they were.
     command(child, "/temp 5", "/temp needs a temperature from 0 to 2")
     command(child, "/topk many", "/topk needs an integer top-k >= 0 (0 = off): got 'many'")
-    command(child, "/beams 0", "/beams needs a number of beams >= 1")
-    command(child, "/seed -4", "/seed needs an integer >= 0")
+    command(child, "/beams 0", "/beams needs a number of beams from 1 to 100")
+    command(child, "/beams 10000000000", "/beams needs a number of beams from 1 to 100")
+    command(child, "/seed -4", "/seed needs an integer from 0 to 2**64 - 1")
+    command(child, "/seed 18446744073709551616", "/seed needs an integer from 0 to 2**64 - 1")
+    command(child, "/seed ²", "/seed needs an integer from 0 to 2**64 - 1")
     command(child, "/volume 11", "unknown command /volume; commands: /temp, /topk")
 
     beams = SamplingConfig(max_new_tokens=24, temperature=0.0, repetition_penalty=1.5, beams=3)
