@@ -488,3 +488,14 @@ def test_an_empty_prompt_or_an_id_outside_the_vocabulary_is_named(model):
         generate(model, [1, model.vocab_size], greedy(5))
     with pytest.raises(FluxtrainError, match="^prompt token id -1 is outside"):
         beam_search(model, [-1], SamplingConfig(max_new_tokens=5, beams=2))
+
+
+def test_ctrl_c_while_loading_exits_130_with_one_line(capsys, monkeypatch, model_file):
+    import fluxtrain.generate as generate_module
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_module, "load_for_generation", interrupted)
+    code, out, err = run_main(capsys, str(model_file), "--prompt", "the")
+    assert code == 130 and out == "" and err == "interrupted\n"
