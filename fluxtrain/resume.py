@@ -59,8 +59,9 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
     return removed
 
 
-def set_aside_later(run_dir: str | Path, iteration: int) -> list[Path]:
-    """Move checkpoints after `iteration` (a future the resumed run replaces) into checkpoints/superseded/."""
+def set_aside_later(run_dir: str | Path, iteration: int, fresh: bool = False) -> list[Path]:
+    """Move checkpoints after `iteration` (a future the resumed run replaces; with `fresh`, an earlier run's that a
+    new run in the same folder replaces) into checkpoints/superseded/."""
     later = [p for it, p in list_checkpoints(run_dir) if it > iteration]
     moved = []
     for p in later:
@@ -68,7 +69,12 @@ def set_aside_later(run_dir: str | Path, iteration: int) -> list[Path]:
         dest.parent.mkdir(exist_ok=True)
         p.replace(dest)
         moved.append(dest)
-    if moved:
+    if moved and fresh:
+        log.warning(
+            f"{run_dir} holds an earlier run: moved its {len(moved)} checkpoint(s) to {moved[0].parent} and "
+            "starting afresh (to continue that run instead, add resume=auto)"
+        )
+    elif moved:
         log.warning(f"resuming at iteration {iteration}: moved {len(moved)} later checkpoint(s) to {moved[0].parent}")
     return moved
 

@@ -271,8 +271,9 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         f"x {world.world_size} rank(s) x seq {model_cfg.seq_len}) | device {device} | "
         f"peak {throughput.format_flops(peak)} per device ({peak_source})"
     )
-    # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
-    purge_step = resume.progress.iteration + 1 if resume else None
+    # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice; a
+    # fresh run in the folder of an earlier one hides all of that run's events.
+    purge_step = resume.progress.iteration + 1 if resume else 0
     if world.is_main:
         wait_for_a_later_event_file_name(run_dir)
         writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
@@ -282,8 +283,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     progress = Progress()
     if resume:
         progress = restore(resume, model, optimizer, scaler, batch_gen)
-    if resume and world.is_main:
-        set_aside_later(run_dir, progress.iteration)
+    if world.is_main:  # the checkpoints this run replaces: after the resume point, or all of an earlier run's
+        set_aside_later(run_dir, progress.iteration, fresh=resume is None)
 
     best_val = progress.best_val_loss
     last_losses: dict[str, float] = {}

@@ -24,7 +24,7 @@ import fluxtrain.train as train_module
 from fluxtrain.checkpoint import load_checkpoint, read_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.interrupt import TrainingInterrupted
-from fluxtrain.resume import checkpoint_path, find_latest, wait_for_a_later_event_file_name
+from fluxtrain.resume import checkpoint_path, find_latest, list_checkpoints, wait_for_a_later_event_file_name
 from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss
@@ -151,6 +151,23 @@ def test_throughput_after_a_resume_counts_only_the_steps_trained_since(tiny_cfg,
     per_step = int(re.search(r"tokens per optimizer step: ([\d,]+)", caplog.text)[1].replace(",", ""))
     its, toks = re.search(r"iter +6/20 .*\| ([\d.]+) it/s \| ([\d,]+) tok/s", caplog.text).groups()
     assert float(its) * per_step == pytest.approx(float(toks.replace(",", "")), rel=0.01, abs=per_step * 0.05)
+
+
+def test_a_fresh_run_in_the_folder_of_an_earlier_one_sets_that_runs_checkpoints_and_curves_aside(
+    tiny_cfg, tmp_path, caplog
+):
+    run = ["train.log_interval=5", "train.eval_interval=10", "train.ckpt_interval=10", "train.keep_last=0"]
+    train(tiny_cfg(*run, "train.max_iters=30"), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        train(tiny_cfg(*run, "train.max_iters=10", "train.seed=7"), tmp_path)
+    assert f"{tmp_path} holds an earlier run: moved its 3 checkpoint(s)" in caplog.text
+    assert [p.name for _, p in list_checkpoints(tmp_path)] == ["iter_000010.ckpt"]  # the new run's only
+    superseded = sorted(p.name for p in (tmp_path / "checkpoints" / "superseded").iterdir())
+    assert superseded == ["iter_000010.ckpt", "iter_000020.ckpt", "iter_000030.ckpt"]
+    assert [step for step, _ in scalars(tmp_path)["train/loss"]] == [5, 10]  # the earlier run's 5..30 are hidden
+    # resume=auto now continues the new run, not the earlier one.
+    metrics = train(tiny_cfg(*run, "train.max_iters=20", "train.seed=7", "resume=auto"), tmp_path)
+    assert metrics["iters"] == 20 and [s for s, _ in scalars(tmp_path)["train/loss"]] == [5, 10, 15, 20]
 
 
 def test_keep_last_prunes_old_checkpoints_during_a_run(tiny_cfg, tmp_path):
