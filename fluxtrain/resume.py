@@ -120,7 +120,8 @@ def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:
     """Refuse a resume that changes the model's shape or the tokenizer, naming every differing key."""
     current = OmegaConf.to_container(cfg, resolve=True)
     diffs = _differences(asdict(ckpt.model_config), current["model"], "model", MODEL_KEYS_FREE_ON_RESUME)
-    diffs += _differences(ckpt.config.get("tokenizer", {}), current["tokenizer"], "tokenizer")
+    # tokenizer.path may name the run's own tokenizer file: check_tokenizer compares what it holds.
+    diffs += _differences(ckpt.config.get("tokenizer", {}), current["tokenizer"], "tokenizer", ("path",))
     if diffs:
         raise FluxtrainError(
             f"cannot resume from {ckpt.path}: model shape or tokenizer differ: {'; '.join(diffs)} "
@@ -139,9 +140,11 @@ def check_tokenizer(ckpt: Checkpoint, tokenizer: Tokenizer) -> None:
     """Refuse a resume whose data and tokenizer settings now give another tokenizer than the checkpoint's."""
     if tokenizer.to_json() != ckpt.tokenizer_json:
         saved = tokenizer_from_json(ckpt.tokenizer_json)
+        own = ckpt.path.resolve().parent.parent / "tokenizer.json"
+        keep = f"; to train on new text with the run's tokenizer, add tokenizer.path={own}" if own.is_file() else ""
         raise FluxtrainError(
             f"cannot resume from {ckpt.path}: the tokenizer built now ({tokenizer.kind}, vocab {tokenizer.vocab_size}) "
-            f"differs from the checkpoint's ({saved.kind}, vocab {saved.vocab_size}); did data.* change?"
+            f"differs from the checkpoint's ({saved.kind}, vocab {saved.vocab_size}); did data.* change?{keep}"
         )
 
 

@@ -191,15 +191,21 @@ def test_resume_refuses_a_different_model_shape_or_tokenizer_naming_the_keys(tin
     assert metrics["iters"] == 4
 
 
-def test_resume_refuses_data_that_now_builds_another_tokenizer(tiny_cfg, tiny_text_file, tmp_path):
-    train(tiny_cfg("train.max_iters=2"), tmp_path / "run")
-    with open(tiny_text_file, "a", encoding="utf-8") as f:
-        f.write("new characters: {~}\n")  # the char vocabulary built from the data grows
+def test_new_text_needs_the_runs_own_tokenizer_to_resume(tiny_cfg, tiny_text_file, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg("train.max_iters=2"), run)
+    new_text = tmp_path / "new.txt"
+    new_text.write_text(tiny_text_file.read_text().replace("y", ""))  # a char vocabulary built from it lacks 'y'
     with pytest.raises(FluxtrainError) as info:
-        train(tiny_cfg("train.max_iters=4", "resume=auto"), tmp_path / "run")
+        train(tiny_cfg("train.max_iters=4", "resume=auto", f"data.path={new_text}"), run)
     message = str(info.value)
-    assert message.startswith(f"cannot resume from {checkpoint_path(tmp_path / 'run', 2)}: the tokenizer built now")
-    assert message.endswith("differs from the checkpoint's (char, vocab 39); did data.* change?")
+    assert message.startswith(f"cannot resume from {checkpoint_path(run, 2)}: the tokenizer built now (char, vocab 38)")
+    hint = f"to train on new text with the run's tokenizer, add tokenizer.path={run / 'tokenizer.json'}"
+    assert message.endswith(f"differs from the checkpoint's (char, vocab 39); did data.* change?; {hint}")
+    # As the message says: the run's own tokenizer file is not a changed setting, and the run continues.
+    own = f"tokenizer.path={run / 'tokenizer.json'}"
+    metrics = train(tiny_cfg("train.max_iters=4", "resume=auto", f"data.path={new_text}", own), run)
+    assert metrics["iters"] == 4
 
 
 def test_auto_resume_from_a_damaged_newest_checkpoint_names_the_one_before(tiny_cfg, tmp_path):
