@@ -306,6 +306,17 @@ def load_full_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def local_world_size(world: World) -> int:
+    """Processes on this node: torchrun's LOCAL_WORLD_SIZE, else the whole world."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether `flag` is true on at least one rank (the flag itself in one process)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain.checkpoint import Checkpoint, load_checkpoint
@@ -171,13 +172,26 @@ def load_resume(cfg: DictConfig, run_dir: str | Path) -> Checkpoint | None:
     return ckpt
 
 
-def resume_command(run_dir: str | Path) -> str:
-    """The command line that continues this run in its folder from its newest checkpoint."""
+def resume_command(run_dir: str | Path, world_size: int = 1, local_world_size: int = 1) -> str:
+    """The command line that continues this run in its folder from its newest checkpoint: under torchrun with as
+    many processes as now (one node), or with a note to launch it as before (several nodes)."""
     overrides = []
     if HydraConfig.initialized():
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
-    words = ["python", "-m", "fluxtrain", *overrides, f"hydra.run.dir={Path(run_dir).resolve()}", "resume=auto"]
-    return " ".join(shlex.quote(w) for w in words)
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # the job's overrides are one point of the sweep, not its command
+            sweep_dir = shlex.quote(str(Path(hydra_cfg.sweep.dir).resolve()))
+            return f"the sweep's own command (with -m) plus hydra.sweep.dir={sweep_dir} resume=auto"
+        overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
+    launch = ["python", "-m", "fluxtrain"]
+    if world_size > 1:
+        launch = ["torchrun", f"--nproc_per_node={local_world_size}"]
+        launch += ["--standalone"] if world_size == local_world_size else [f"--nnodes={world_size // local_world_size}"]
+        launch += ["-m", "fluxtrain"]
+    words = [*launch, *overrides, f"hydra.run.dir={Path(run_dir).resolve()}", "resume=auto"]
+    command = " ".join(shlex.quote(w) for w in words)
+    if world_size > local_world_size:
+        command += "  (on every node, with the rendezvous options of the first launch)"
+    return command
 
 
 def divergence_error(what: str, iteration: int, last_checkpoint: Path | None, lr: float) -> FluxtrainError:

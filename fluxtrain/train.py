@@ -419,12 +419,13 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         if distributed.any_rank(stop.requested, device):  # every rank stops after the same iteration
             if last_ckpt != checkpoint_path(run_dir, it):
                 write_checkpoint()
-            log.warning(f"stopped by {stop.signal_name} after iteration {it}; checkpoint: {last_ckpt}")
-            log.warning(f"resume with: {resume_command(run_dir)}")
+            distributed.barrier()  # no rank names the checkpoint before rank 0 has written it
+            by = stop.signal_name or "a signal to another rank"
+            log.warning(f"stopped by {by} after iteration {it}; checkpoint: {last_ckpt}")
+            command = resume_command(run_dir, world.world_size, distributed.local_world_size(world))
+            log.warning(f"resume with: {command}")
             signum = stop.signum or signal.SIGTERM  # the signal may have reached another rank only
-            raise TrainingInterrupted(
-                f"stopped by {stop.signal_name or 'another rank'}; checkpoint {last_ckpt}", signum
-            )
+            raise TrainingInterrupted(f"stopped by {by}; checkpoint {last_ckpt}", signum)
         t_window += time.perf_counter() - t_side
     bar.close()
 

@@ -24,7 +24,13 @@ import fluxtrain.train as train_module
 from fluxtrain.checkpoint import load_checkpoint, read_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.interrupt import TrainingInterrupted
-from fluxtrain.resume import checkpoint_path, find_latest, list_checkpoints, wait_for_a_later_event_file_name
+from fluxtrain.resume import (
+    checkpoint_path,
+    find_latest,
+    list_checkpoints,
+    resume_command,
+    wait_for_a_later_event_file_name,
+)
 from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss
@@ -308,3 +314,16 @@ def test_sigterm_to_a_training_process_writes_a_checkpoint_that_resumes(tiny_tex
     assert json.loads((run_dir / "metrics.json").read_text())["iters"] == iteration + 3
     steps = [s for s, _ in scalars(run_dir)["train/loss"]]
     assert steps == sorted(set(steps)) and steps[-1] == iteration + 3
+
+
+def test_the_resume_command_relaunches_as_many_processes(tmp_path):
+    run = tmp_path / "run"
+    assert resume_command(run) == f"python -m fluxtrain hydra.run.dir={run.resolve()} resume=auto"
+    one_node = resume_command(run, world_size=4, local_world_size=4)
+    assert (
+        one_node
+        == f"torchrun --nproc_per_node=4 --standalone -m fluxtrain hydra.run.dir={run.resolve()} " + "resume=auto"
+    )
+    two_nodes = resume_command(run, world_size=8, local_world_size=4)
+    assert two_nodes.startswith("torchrun --nproc_per_node=4 --nnodes=2 -m fluxtrain ")
+    assert two_nodes.endswith("resume=auto  (on every node, with the rendezvous options of the first launch)")

@@ -25,6 +25,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from fluxtrain.__main__ import TASKS, main
 from fluxtrain.hparams import METRIC_PREFIX
 from fluxtrain.interrupt import TrainingInterrupted
+from fluxtrain.resume import resume_command
 from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
@@ -164,6 +165,14 @@ def test_interrupted_job_stops_the_whole_sweep(job_config, tmp_path, monkeypatch
         main(cfg)
     assert e.value.code == 128 + signal.SIGTERM
     assert not (tmp_path / "job" / FAILED_FILE).exists()
+
+
+def test_a_stopped_sweep_job_points_to_resuming_the_whole_sweep(job_config, tmp_path):
+    job_config([*TINY_OVERRIDES, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path / "sweep" / "0", RunMode.MULTIRUN)
+    expected = f"the sweep's own command (with -m) plus hydra.sweep.dir={tmp_path / 'sweep'} resume=auto"
+    assert resume_command(tmp_path / "sweep" / "0") == expected
+    job_config(TINY_OVERRIDES, tmp_path / "run", RunMode.RUN)
+    assert resume_command(tmp_path / "run").startswith("python -m fluxtrain model.d_model=32 ")
 
 
 @pytest.mark.slow
