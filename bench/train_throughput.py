@@ -5,11 +5,12 @@
     python bench/train_throughput.py --no-compile --windows 5 --window-steps 20
 
 Every variant runs the same training step: sample a batch of random windows, forward, backward, clip the gradient
-norm to 1.0, optimizer step, zero the gradients, read the loss. Each variant runs in a process of its own: the plain
-baseline with the process defaults a plain PyTorch script gets, fluxtrain set up as its trainer sets itself up
-(`fluxtrain.host.configure`). Windows of the variants are interleaved (round robin, one process running at a time),
-so a load change on a shared machine hits all of them alike. tokens/s is the median over windows, after warm-up; the
-ratio to the baseline is the median over rounds of the ratio within the round.
+norm to 1.0, optimizer step, zero the gradients, read the loss. One more runs the trainer's own step
+(`fluxtrain.train.train_step` on `TokenData` batches), to show what the trainer's loop gets. Each variant runs in a
+process of its own: the plain baseline with the process defaults a plain PyTorch script gets, fluxtrain set up as
+its trainer sets itself up (`fluxtrain.host.configure`). Windows of the variants are interleaved (round robin, one
+process running at a time), so a load change on a shared machine hits all of them alike. tokens/s is the median
+over windows, after warm-up; the ratio to the baseline is the median over rounds of the ratio within the round.
 MFU is measured tokens/s x training FLOPs per token / the fp32 matmul rate measured in the same run.
 """
 
@@ -33,8 +34,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fluxtrain import host  # noqa: E402
+from fluxtrain.data import TokenData  # noqa: E402
+from fluxtrain.distributed import World  # noqa: E402
 from fluxtrain.model import GPT, ModelConfig, flops_per_token  # noqa: E402
 from fluxtrain.optim import OptimConfig, build_optimizer  # noqa: E402
+from fluxtrain.train import TrainConfig, grad_scaler, train_step  # noqa: E402
 
 VOCAB = 65  # Tiny Shakespeare, character level
 REFERENCE = dict(d_model=128, n_heads=4, n_layers=4, ff_dim=512, seq_len=64)
@@ -135,6 +139,7 @@ class Spec:
     model_kw: dict = field(default_factory=dict)
     keep_cpu_memory: bool = True  # fluxtrain only: the trainer's default; False keeps glibc's malloc defaults
     cpp_wrapper: bool = True  # compiled only: train.compile_cpp_wrapper, on by default for CPU
+    trainer_step: bool = False  # fluxtrain only: the trainer's own `train_step` instead of the shared step below
 
 
 @dataclass
@@ -176,6 +181,20 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Te
     return step
 
 
+def make_trainer_step(model: nn.Module, optimizer, data: torch.Tensor, batch: int, seq_len: int):
+    """The step of `fluxtrain.train`: its batches (`TokenData.get_batch`), `train_step` (autocast and loss scaling
+    that are no-ops in fp32 on CPU, clipping at 1.0) and the loss read back after each step, as its loop does on CPU."""
+    ids = data.numpy().astype("uint16")
+    token_data = TokenData(ids, ids[:1000], seq_len, "bench", 1000)
+    tcfg, cpu = TrainConfig(batch_size=batch), torch.device("cpu")
+    scaler, generator = grad_scaler(cpu, tcfg.precision), torch.Generator().manual_seed(0)
+
+    def step() -> float:
+        return train_step(model, optimizer, scaler, token_data, generator, World(), cpu, tcfg, 1.0).item()
+
+    return step
+
+
 def build(spec: Spec, data: torch.Tensor):
     """The variant's training step, tokens per step, FLOPs per token and parameter count."""
     if spec.kind == "plain":
@@ -191,7 +210,10 @@ def build(spec: Spec, data: torch.Tensor):
         n = model.num_params()
         if spec.compile:
             model = torch.compile(model, options={"cpp_wrapper": True} if spec.cpp_wrapper else None)
-        step = make_step(model, optimizer, data, spec.batch, cfg.seq_len)
+        if spec.trainer_step:
+            step = make_trainer_step(model, optimizer, data, spec.batch, cfg.seq_len)
+        else:
+            step = make_step(model, optimizer, data, spec.batch, cfg.seq_len)
     return step, spec.batch * cfg.seq_len, flops_per_token(cfg, n), n
 
 
@@ -302,6 +324,7 @@ def main() -> None:
                 "fluxtrain, no bias, compiled, malloc defaults", compile=True, model_kw=no_bias, keep_cpu_memory=False
             ),
             flux("fluxtrain, rope, no bias, compiled", compile=True, model_kw=rope),
+            flux("fluxtrain, no bias, compiled, the trainer's step", compile=True, model_kw=no_bias, trainer_step=True),
         ]
     print(f"reference shape {shape}, batch {batch}:")
     ref = start(specs, args.threads)
