@@ -18,7 +18,7 @@ from fluxtrain.data import count_bytes, encode_all
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write
 from fluxtrain.host import resolve_device
-from fluxtrain.model import GPT
+from fluxtrain.model import GPT, eval_mode
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.sources import iter_text, resolve_sources
 from fluxtrain.tokenizer import Tokenizer
@@ -90,25 +90,23 @@ def window_losses(
     """Summed cross-entropy (nats) of the scored tokens of `windows` over `ids` (1-D), and how many were scored."""
     if batch_size <= 0:
         raise FluxtrainError(f"--batch-size={batch_size} must be a positive integer")
-    was_training = model.training
-    model.eval()
     length = min(model.cfg.seq_len, len(ids) - 1)
     offsets = torch.arange(length + 1)
     total, n_scored = 0.0, 0
     batches = range(0, len(windows), batch_size)
-    for i in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        chunk = windows[i : i + batch_size]
-        starts = torch.tensor([start for start, _ in chunk])
-        window = ids[starts[:, None] + offsets]  # (B, T + 1)
-        x, y = window[:, :-1].to(device), window[:, 1:].to(device)
-        logits, _ = model(x)  # (B, T, vocab)
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape)
-        # Score only the last n_scored positions of each window.
-        n = torch.tensor([k for _, k in chunk], device=device)
-        scored = torch.arange(length, device=device)[None, :] >= (length - n)[:, None]  # (B, T)
-        total += losses[scored].double().sum().item()
-        n_scored += int(scored.sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
+            chunk = windows[i : i + batch_size]
+            starts = torch.tensor([start for start, _ in chunk])
+            window = ids[starts[:, None] + offsets]  # (B, T + 1)
+            x, y = window[:, :-1].to(device), window[:, 1:].to(device)
+            logits, _ = model(x)  # (B, T, vocab)
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape)
+            # Score only the last n_scored positions of each window.
+            n = torch.tensor([k for _, k in chunk], device=device)
+            scored = torch.arange(length, device=device)[None, :] >= (length - n)[:, None]  # (B, T)
+            total += losses[scored].double().sum().item()
+            n_scored += int(scored.sum())
     return total, n_scored
 
 

@@ -15,7 +15,7 @@ import torch
 
 from fluxtrain.checkpoint import load_model
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.model import GPT, ModelConfig, eval_mode
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.tokenizer import Tokenizer
 
@@ -174,10 +174,8 @@ def to_transformers(model: GPT, tokenizer: Tokenizer, source: str = "model"):
 def check_same_logits(model: GPT, hf_model, source: str, tol: float = 1e-3) -> None:
     """Guard against a silent mismatch: one forward pass through both models must give the same logits."""
     x = torch.arange(min(model.cfg.seq_len, 16))[None, :] % model.vocab_size
-    was_training = model.training
-    model.eval()
-    ours = model(x.to(model.tok_emb.weight.device))[0].cpu()
-    model.train(was_training)
+    with eval_mode(model):
+        ours = model(x.to(model.tok_emb.weight.device))[0].cpu()
     diff = (ours - hf_model(x).logits).abs().max().item()
     if diff > tol:
         raise FluxtrainError(f"{source}: the exported model's logits differ by {diff:.2e}; nothing was written")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -289,6 +291,20 @@ class GPT(nn.Module):
             x = x + block.mlp.decode(block.ln2.forward(x))
         cache.length = pos + 1
         return self.head.forward(self.ln_f.forward(x))
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with dropout off whatever mode `model` is in, and leave it in that mode (a model already in
+    eval mode is not touched: decoding enters this once per token)."""
+    if not model.training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 def param_count_formula(cfg: ModelConfig, vocab_size: int) -> int:

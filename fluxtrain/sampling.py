@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fluxtrain.errors import FluxtrainError, describe_failure
-from fluxtrain.model import GPT
+from fluxtrain.model import GPT, eval_mode
 
 MAX_TEMPERATURE = 2.0
 MAX_BEAMS = 100  # beam search holds beams x vocabulary scores and a KV cache per beam: a bound far above any use
@@ -125,17 +125,6 @@ class ContextWindow:
         with onednn_disabled():
             logits, _ = self.model(x, cache=self.cache)
         return logits[:, -1].float()  # (B, vocab)
-
-
-@contextmanager
-def eval_mode(model: GPT) -> Iterator[None]:
-    """Decode with dropout off whatever mode the model is in, and leave it in that mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @contextmanager

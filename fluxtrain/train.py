@@ -33,7 +33,7 @@ from fluxtrain.evaluate import bits_per_byte, perplexity
 from fluxtrain.files import atomic_write_text
 from fluxtrain.hparams import log_hparams
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
-from fluxtrain.model import GPT, ModelConfig, flops_per_token
+from fluxtrain.model import GPT, ModelConfig, eval_mode, flops_per_token
 from fluxtrain.optim import build_optimizer, decay_progress, lr_at, set_lr
 from fluxtrain.optim import validate as validate_optim
 from fluxtrain.resume import (
@@ -115,33 +115,30 @@ def autocast_context(device: torch.device, precision: str):
 def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, seed: int) -> dict[str, float]:
     """Mean loss over `eval_iters` batches of the validation split, and of the training split unless
     `cfg.eval_train` is false; the same batches at every evaluation."""
-    model.eval()
     out = {}
-    for split in ("train", "val") if cfg.eval_train else ("val",):
-        generator = torch.Generator().manual_seed(seed)
-        losses = torch.zeros(cfg.eval_iters)
-        for i in range(cfg.eval_iters):
-            x, y = data.get_batch(split, cfg.batch_size, generator)
-            with autocast_context(device, cfg.precision):
-                _, loss = model(x.to(device), y.to(device))
-            losses[i] = loss.item()
-        out[split] = losses.mean().item()
-    model.train()
+    with eval_mode(model):
+        for split in ("train", "val") if cfg.eval_train else ("val",):
+            generator = torch.Generator().manual_seed(seed)
+            losses = torch.zeros(cfg.eval_iters)
+            for i in range(cfg.eval_iters):
+                x, y = data.get_batch(split, cfg.batch_size, generator)
+                with autocast_context(device, cfg.precision):
+                    _, loss = model(x.to(device), y.to(device))
+                losses[i] = loss.item()
+            out[split] = losses.mean().item()
     return out
 
 
 @torch.no_grad()
 def eval_seconds(model, data: TokenData, cfg: TrainConfig, device) -> float:
     """One `estimate_loss` call's wall time with 10% to spare, from the fastest of a few timed forward passes."""
-    model.eval()
     x, y = (t.to(device) for t in data.get_batch("val", cfg.batch_size, torch.Generator().manual_seed(0)))
     times = []
-    with autocast_context(device, cfg.precision):
+    with eval_mode(model), autocast_context(device, cfg.precision):
         for _ in range(4):  # the first is a warm-up
             t0 = time.perf_counter()
             model(x, y)[1].item()
             times.append(time.perf_counter() - t0)
-    model.train()
     return 1.1 * (2 if cfg.eval_train else 1) * cfg.eval_iters * min(times[1:])
 
 
