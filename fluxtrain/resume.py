@@ -22,6 +22,7 @@ log = logging.getLogger("fluxtrain")
 
 CHECKPOINT_DIR = "checkpoints"
 SUPERSEDED_DIR = "superseded"
+TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer, beside its checkpoints folder
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.ckpt")
 EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")  # TensorBoard's: the second it was opened, first
 STALE_TEMP = ".iter_*.ckpt.*.tmp"  # left behind by a process killed while writing
@@ -30,6 +31,11 @@ MODEL_KEYS_FREE_ON_RESUME = ("dropout",)  # model settings that do not change th
 
 def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"iter_{iteration:06d}.ckpt"
+
+
+def checkpoint_run_dir(path: Path) -> Path | None:
+    """The run folder a checkpoint file sits in (`<run>/checkpoints/iter_*.ckpt`), or None elsewhere."""
+    return path.resolve().parent.parent if path.parent.name == CHECKPOINT_DIR else None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -141,8 +147,10 @@ def check_tokenizer(ckpt: Checkpoint, tokenizer: Tokenizer) -> None:
     """Refuse a resume whose data and tokenizer settings now give another tokenizer than the checkpoint's."""
     if tokenizer.to_json() != ckpt.tokenizer_json:
         saved = tokenizer_from_json(ckpt.tokenizer_json)
-        own = ckpt.path.resolve().parent.parent / "tokenizer.json"
-        keep = f"; to train on new text with the run's tokenizer, add tokenizer.path={own}" if own.is_file() else ""
+        run = checkpoint_run_dir(ckpt.path)
+        keep = ""
+        if run is not None and (run / TOKENIZER_FILE).is_file():
+            keep = f"; to train on new text with the run's tokenizer, add tokenizer.path={run / TOKENIZER_FILE}"
         raise FluxtrainError(
             f"cannot resume from {ckpt.path}: the tokenizer built now ({tokenizer.kind}, vocab {tokenizer.vocab_size}) "
             f"differs from the checkpoint's ({saved.kind}, vocab {saved.vocab_size}); did data.* change?{keep}"
@@ -162,8 +170,8 @@ def load_resume(cfg: DictConfig, run_dir: str | Path) -> Checkpoint | None:
             raise FluxtrainError(f"{e}; to continue from the checkpoint before it, use resume={older[-1]}") from None
         raise
     check_compatible(ckpt, cfg)
-    ckpt_run_dir = path.resolve().parent.parent
-    if path.parent.name == CHECKPOINT_DIR and ckpt_run_dir != Path(run_dir).resolve():
+    ckpt_run_dir = checkpoint_run_dir(path)
+    if ckpt_run_dir is not None and ckpt_run_dir != Path(run_dir).resolve():
         log.warning(
             f"the checkpoint belongs to {ckpt_run_dir}; this run writes into {run_dir} "
             f"(to continue in the same folder, add hydra.run.dir={ckpt_run_dir})"

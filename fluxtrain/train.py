@@ -37,6 +37,7 @@ from fluxtrain.model import GPT, ModelConfig, eval_mode, flops_per_token
 from fluxtrain.optim import build_optimizer, decay_progress, lr_at, set_lr
 from fluxtrain.optim import validate as validate_optim
 from fluxtrain.resume import (
+    TOKENIZER_FILE,
     check_tokenizer,
     checkpoint_path,
     divergence_error,
@@ -234,7 +235,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     if resume:
         check_tokenizer(resume, tokenizer)
     if world.is_main:
-        tokenizer.save(run_dir / "tokenizer.json")
+        tokenizer.save(run_dir / TOKENIZER_FILE)
     log.info(
         f"data: {source} | {len(data.train):,} train / {len(data.val):,} val tokens "
         f"| {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}"
