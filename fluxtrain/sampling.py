@@ -302,7 +302,8 @@ def generate(
     """The new token ids: beam search when `cfg.beams > 1`, else sampling (greedy at temperature 0)."""
     if cfg.beams > 1:
         return beam_search(model, prompt, cfg, use_cache)[0]
-    return list(sample_stream(model, prompt, cfg, generator, use_cache))
+    with eval_mode(model):  # once for the whole stream, so its per-token entries find eval mode and do nothing
+        return list(sample_stream(model, prompt, cfg, generator, use_cache))
 
 
 @torch.inference_mode()
@@ -333,4 +334,4 @@ def generate_ids(
     if max_new_tokens <= 0:
         return []
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0)
-    return list(sample_stream(model, prompt, cfg, generator, use_cache))
+    return generate(model, prompt, cfg, generator, use_cache)

@@ -283,6 +283,17 @@ def test_decoding_turns_dropout_off_and_leaves_the_model_in_its_mode():
     assert sequence_logprob(dropped, [1, 2, 3], expected, 4) == sequence_logprob(dropped.eval(), [1, 2, 3], expected, 4)
 
 
+def test_decoding_a_training_model_switches_its_mode_once_not_per_token(monkeypatch):
+    """The trainer's periodic samples decode its model while it is in training mode; each mode switch walks every
+    module, so it happens around the whole call, not around each of the 30 tokens."""
+    dropped = tiny_model(dropout=0.5).train()
+    modes = []  # Module.eval() is train(False)
+    monkeypatch.setattr(dropped, "train", lambda mode=True: modes.append(mode) or GPT.train(dropped, mode))
+    expected = generate(tiny_model(dropout=0.5), [1, 2, 3], greedy(30))
+    assert generate_ids(dropped, [1, 2, 3], 30, temperature=0.0) == expected
+    assert modes == [False, True] and dropped.training
+
+
 # Prompts and text
 
 
