@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fluxtrain.checkpoint import load_model
-from fluxtrain.data import count_bytes, encode_all
+from fluxtrain.data import ENCODING_ERRORS, count_bytes, encode_all
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.files import atomic_write
+from fluxtrain.files import atomic_write_text
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, eval_mode
 from fluxtrain.runs import resolve_model_path
@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="a UTF-8 text file, a folder or a glob (quoted)")
     p.add_argument(
         "--encoding-errors",
-        choices=("strict", "replace"),
+        choices=ENCODING_ERRORS,
         default="strict",
         help="bytes that are not UTF-8: an error (strict, the default), or read as U+FFFD with a warning (replace)",
     )
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> EvalResult:
         if args.json == "-":
             sys.stdout.write(figures)
         else:
-            atomic_write(args.json, lambda tmp: tmp.write_text(figures))
+            atomic_write_text(args.json, figures)
     return result
 
 

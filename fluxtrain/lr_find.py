@@ -18,7 +18,7 @@ from fluxtrain import host
 from fluxtrain.data import load_corpus
 from fluxtrain.distributed import World
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.files import atomic_write
+from fluxtrain.files import atomic_write, atomic_write_text
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, set_lr
 from fluxtrain.train import grad_scaler, train_step
@@ -187,7 +187,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     )
     fig = plot(result)
     atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, format="png"))
-    atomic_write(run_dir / "lr_find.json", lambda tmp: tmp.write_text(json.dumps(asdict(result), indent=1) + "\n"))
+    atomic_write_text(run_dir / "lr_find.json", json.dumps(asdict(result), indent=1) + "\n")
     writer.add_figure("lr_find/curve", fig, close=False)
     writer.add_text("lr_find/suggestion", result.summary())
     writer.close()
