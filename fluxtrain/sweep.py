@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.files import atomic_write
+from fluxtrain.files import atomic_write_text
 from fluxtrain.interrupt import TrainingInterrupted
 
 log = logging.getLogger("fluxtrain")
@@ -44,18 +44,29 @@ def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]
         else:
             log.exception(f"job failed with {type(e).__name__}")
         report = {"error": str(e).splitlines()[0] if str(e) else "", "type": type(e).__name__, "overrides": overrides}
-        atomic_write(failed_file, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+        atomic_write_text(failed_file, json.dumps(report, indent=2) + "\n")
         return FAILED_VALUE
+
+
+def written_since(sweep_dir: Path, pattern: str, since: float) -> list[Path]:
+    """The files under `sweep_dir` matching `pattern` written at or after time `since`, in job number order."""
+    by_job_number = lambda p: [int(part) if part.isdigit() else -1 for part in p.relative_to(sweep_dir).parts]
+    return sorted((p for p in sweep_dir.rglob(pattern) if p.stat().st_mtime >= since), key=by_job_number)
 
 
 def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, dict]]:
     """(job folder, failed.json contents) of every job under `sweep_dir` that failed at or after time `since`."""
-    found = []
-    by_job_number = lambda p: [int(part) if part.isdigit() else -1 for part in p.relative_to(sweep_dir).parts]
-    for path in sorted(sweep_dir.rglob(FAILED_FILE), key=by_job_number):
-        if path.stat().st_mtime >= since:
-            found.append((path.parent, json.loads(path.read_text())))
-    return found
+    return [(path.parent, json.loads(path.read_text())) for path in written_since(sweep_dir, FAILED_FILE, since)]
+
+
+def failure_summary(n_failed: int, sweep_dir: Path, since: float, output_subdir: str | None) -> str:
+    """ "N of M sweep job(s) failed", M counting the job folders where Hydra saved a config since `since` (every
+    task's jobs; without a Hydra output subfolder, M is unknown and left out)."""
+    if not output_subdir:
+        return f"{n_failed} sweep job(s) failed"
+    n_jobs = max(len(written_since(sweep_dir, f"{output_subdir}/config.yaml", since)), n_failed)
+    outcome = f"{n_failed} of {n_jobs} sweep job(s) failed"
+    return outcome + ("; the others finished" if n_jobs > n_failed else "")
 
 
 def swept_keys(config: DictConfig) -> set[str]:
@@ -81,9 +92,7 @@ class SweepReport(Callback):
             return
         swept = swept_keys(config)
         parser = OverridesParser.create()
-        finished = sum(p.stat().st_mtime >= self.started for p in sweep_dir.rglob("metrics.json"))
-        outcome = f"{len(failed)} of {len(failed) + finished} sweep job(s) failed"
-        outcome += "; the others finished" if finished else ""
+        outcome = failure_summary(len(failed), sweep_dir, self.started, config.hydra.output_subdir)
         lines = [f"{outcome} (see {FAILED_FILE} in the job folders):"]
         for job_dir, report in failed:
             values = [o.input_line for o in parser.parse_overrides(report["overrides"]) if o.get_key_element() in swept]

@@ -26,7 +26,7 @@ from fluxtrain.__main__ import TASKS, main
 from fluxtrain.hparams import METRIC_PREFIX
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.resume import resume_command
-from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs
+from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs, failure_summary
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
 
@@ -284,3 +284,15 @@ def test_failed_jobs_are_listed_by_job_number_and_only_from_this_sweep(tmp_path)
         ("2", "job 2"),
         ("10", "job 10"),
     ]
+
+
+def test_the_failure_summary_counts_every_task_s_jobs_from_this_sweep(tmp_path):
+    """lr_find jobs write no metrics.json: the jobs are counted by the config Hydra saves in each job folder."""
+    for job in ("0", "1", "2"):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "config.yaml").write_text("task: lr_find\n")
+    (tmp_path / "1" / "lr_find.json").write_text("{}")
+    os.utime(tmp_path / "2" / ".hydra" / "config.yaml", (1_000_000, 1_000_000))  # an earlier sweep's job
+    assert failure_summary(1, tmp_path, 2_000_000, ".hydra") == "1 of 2 sweep job(s) failed; the others finished"
+    assert failure_summary(2, tmp_path, 2_000_000, ".hydra") == "2 of 2 sweep job(s) failed"
+    assert failure_summary(1, tmp_path, 2_000_000, None) == "1 sweep job(s) failed"
