@@ -66,23 +66,35 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
     return removed
 
 
-def set_aside_later(run_dir: str | Path, iteration: int, fresh: bool = False) -> list[Path]:
-    """Move checkpoints after `iteration` (a future the resumed run replaces; with `fresh`, an earlier run's that a
-    new run in the same folder replaces) into checkpoints/superseded/."""
-    later = [p for it, p in list_checkpoints(run_dir) if it > iteration]
+def move_to_superseded(run_dir: str | Path, paths: list[Path]) -> list[Path]:
+    """Move `paths` into the run's checkpoints/superseded/ folder; returns where they went."""
+    folder = Path(run_dir) / CHECKPOINT_DIR / SUPERSEDED_DIR
     moved = []
-    for p in later:
-        dest = p.parent / SUPERSEDED_DIR / p.name
-        dest.parent.mkdir(exist_ok=True)
-        p.replace(dest)
-        moved.append(dest)
-    if moved and fresh:
-        log.warning(
-            f"{run_dir} holds an earlier run: moved its {len(moved)} checkpoint(s) to {moved[0].parent} and "
-            "starting afresh (to continue that run instead, add resume=auto)"
-        )
-    elif moved:
+    for p in paths:
+        folder.mkdir(parents=True, exist_ok=True)
+        moved.append(p.replace(folder / p.name))
+    return moved
+
+
+def set_aside_later(run_dir: str | Path, iteration: int) -> list[Path]:
+    """Move checkpoints after `iteration`, a future the resumed run replaces, into checkpoints/superseded/."""
+    moved = move_to_superseded(run_dir, [p for it, p in list_checkpoints(run_dir) if it > iteration])
+    if moved:
         log.warning(f"resuming at iteration {iteration}: moved {len(moved)} later checkpoint(s) to {moved[0].parent}")
+    return moved
+
+
+def set_aside_earlier_run(run_dir: str | Path, outputs: tuple[str, ...]) -> list[Path]:
+    """Move an earlier run's checkpoints and `outputs` (file name patterns: its model files, its metrics), which a
+    fresh run in the same folder replaces, into checkpoints/superseded/, so none of them passes for the new run's."""
+    earlier = [p for _, p in list_checkpoints(run_dir)]
+    earlier += [p for pattern in outputs for p in sorted(Path(run_dir).glob(pattern))]
+    moved = move_to_superseded(run_dir, earlier)
+    if moved:
+        log.warning(
+            f"{run_dir} holds an earlier run: moved its {len(moved)} checkpoint(s) and result file(s) to "
+            f"{moved[0].parent} and starting afresh (to continue that run instead, add resume=auto)"
+        )
     return moved
 
 

@@ -16,6 +16,8 @@ from fluxtrain.sweep import FAILED_FILE
 
 BEST_MODEL_FILE, FINAL_MODEL_FILE = "best.safetensors", "model_final.safetensors"
 MODEL_FILES = (BEST_MODEL_FILE, FINAL_MODEL_FILE)  # a run folder's model, in order of preference
+METRICS_FILE = "metrics.json"  # written when a run finishes
+RUN_OUTPUTS = (*MODEL_FILES, "model_iter_*.safetensors", METRICS_FILE)  # what a run leaves beside its checkpoints
 TABLE_METRICS = (
     "final_train_loss",
     "final_val_loss",
@@ -60,7 +62,7 @@ def read_run(path: Path, root: Path) -> Run:
     hydra_dir = path / ".hydra"
     config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml")) if hydra_dir.is_dir() else {}
     overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml")) if (hydra_dir / "overrides.yaml").is_file() else []
-    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else None
+    metrics = json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else None
     error = json.loads((path / FAILED_FILE).read_text())["error"] if (path / FAILED_FILE).is_file() else None
     name = str(path.relative_to(root)) if path != root else path.name
     return Run(path=path, name=name, config=config, overrides=overrides, metrics=metrics, error=error)
@@ -71,7 +73,7 @@ def find_runs(root: str | Path) -> list[Run]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
-    folders = {p.parent for name in ("metrics.json", FAILED_FILE) for p in root.rglob(name)}
+    folders = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in root.rglob(name)}
     return [read_run(path, root) for path in sorted(folders)]
 
 

@@ -44,10 +44,11 @@ from fluxtrain.resume import (
     load_resume,
     prune,
     resume_command,
+    set_aside_earlier_run,
     set_aside_later,
     wait_for_a_later_event_file_name,
 )
-from fluxtrain.runs import BEST_MODEL_FILE, FINAL_MODEL_FILE
+from fluxtrain.runs import BEST_MODEL_FILE, FINAL_MODEL_FILE, METRICS_FILE, RUN_OUTPUTS
 from fluxtrain.sampling import generate_ids
 
 log = logging.getLogger("fluxtrain")
@@ -281,8 +282,10 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     progress = Progress()
     if resume:
         progress = restore(resume, model, optimizer, scaler, batch_gen)
-    if world.is_main:  # the checkpoints this run replaces: after the resume point, or all of an earlier run's
-        set_aside_later(run_dir, progress.iteration, fresh=resume is None)
+    if world.is_main and resume:  # the checkpoints after the resume point, a future this run replaces
+        set_aside_later(run_dir, progress.iteration)
+    elif world.is_main:  # an earlier run's checkpoints and results, which a fresh run in its folder replaces
+        set_aside_earlier_run(run_dir, RUN_OUTPUTS)
 
     best_val = progress.best_val_loss
     last_losses: dict[str, float] = {}
@@ -445,7 +448,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         "n_params": n_params,
     }
     if world.is_main:
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
         log_hparams(writer, cfg, metrics)
     writer.close()
     log.info(f"done: {it} iterations in {wall_time:.1f}s | val loss {metrics['final_val_loss']:.4f} | {run_dir}")

@@ -159,17 +159,29 @@ def test_throughput_after_a_resume_counts_only_the_steps_trained_since(tiny_cfg,
     assert float(its) * per_step == pytest.approx(float(toks.replace(",", "")), rel=0.01, abs=per_step * 0.05)
 
 
-def test_a_fresh_run_in_the_folder_of_an_earlier_one_sets_that_runs_checkpoints_and_curves_aside(
+def test_a_fresh_run_in_the_folder_of_an_earlier_one_sets_that_runs_checkpoints_results_and_curves_aside(
     tiny_cfg, tmp_path, caplog
 ):
     run = ["train.log_interval=5", "train.eval_interval=10", "train.ckpt_interval=10", "train.keep_last=0"]
     train(tiny_cfg(*run, "train.max_iters=30"), tmp_path)
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         train(tiny_cfg(*run, "train.max_iters=10", "train.seed=7"), tmp_path)
-    assert f"{tmp_path} holds an earlier run: moved its 3 checkpoint(s)" in caplog.text
+    assert f"{tmp_path} holds an earlier run: moved its 9 checkpoint(s) and result file(s)" in caplog.text
     assert [p.name for _, p in list_checkpoints(tmp_path)] == ["iter_000010.ckpt"]  # the new run's only
-    superseded = sorted(p.name for p in (tmp_path / "checkpoints" / "superseded").iterdir())
-    assert superseded == ["iter_000010.ckpt", "iter_000020.ckpt", "iter_000030.ckpt"]
+    superseded = tmp_path / "checkpoints" / "superseded"
+    assert sorted(p.name for p in superseded.iterdir()) == [
+        "best.safetensors",
+        "iter_000010.ckpt",
+        "iter_000020.ckpt",
+        "iter_000030.ckpt",
+        "metrics.json",
+        "model_final.safetensors",
+        "model_iter_000010.safetensors",
+        "model_iter_000020.safetensors",
+        "model_iter_000030.safetensors",
+    ]
+    assert json.loads((superseded / "metrics.json").read_text())["iters"] == 30  # the earlier run's results...
+    assert json.loads((tmp_path / "metrics.json").read_text())["iters"] == 10  # ...are not the new run's
     assert [step for step, _ in scalars(tmp_path)["train/loss"]] == [5, 10]  # the earlier run's 5..30 are hidden
     # resume=auto now continues the new run, not the earlier one.
     metrics = train(tiny_cfg(*run, "train.max_iters=20", "train.seed=7", "resume=auto"), tmp_path)
