@@ -21,6 +21,7 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write, atomic_write_text
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, set_lr
+from fluxtrain.optim import validate as validate_optim
 from fluxtrain.train import grad_scaler, train_step
 from fluxtrain.train import validate as validate_train
 
@@ -132,6 +133,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     validate_train(tcfg)
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
     model_cfg.validate()
+    validate_optim(cfg.optim)  # before the data is loaded (a BPE tokenizer may be trained there)
     device = host.resolve_device(tcfg.device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

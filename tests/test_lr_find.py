@@ -54,6 +54,7 @@ def test_ema_is_bias_corrected():
         ("lr_find.start_lr=2.0", "lr_find.start_lr=2.0 must be positive and below lr_find.end_lr=1.0"),
         ("lr_find.num_steps=5", "lr_find.num_steps=5 must be at least 10"),
         ("lr_find.stop_factor=1.0", "lr_find.stop_factor=1.0 must be greater than 1"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
     ],
 )
 def test_bad_settings_name_the_setting(tiny_cfg, tmp_path, override, message):
