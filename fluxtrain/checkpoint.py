@@ -18,7 +18,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from fluxtrain.distributed import full_optimizer_state, load_full_weights, shard_optimizer_state
+from fluxtrain.distributed import full_optimizer_state, load_full_weights, model_device, shard_optimizer_state
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write
 from fluxtrain.model import GPT, ModelConfig
@@ -380,5 +380,5 @@ def restore(
         group.update(settings)
     if ckpt.scaler and scaler.is_enabled():
         scaler.load_state_dict(ckpt.scaler)
-    set_rng_state(ckpt.rng, batch_gen, next(unwrap(model).parameters()).device)
+    set_rng_state(ckpt.rng, batch_gen, model_device(unwrap(model)))
     return ckpt.progress

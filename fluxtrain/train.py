@@ -169,14 +169,14 @@ def train_step(
 ) -> torch.Tensor:
     """One optimizer step over `tcfg.grad_accum` micro-batches of this rank's windows, with autocast, loss scaling
     and gradient clipping; returns the mean loss, still on the device. `model` may be wrapped (DDP, FSDP, compiled)."""
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = None
     for micro in range(tcfg.grad_accum):
         x, y = distributed.rank_batch(data, tcfg.batch_size, batch_gen, world)
         with distributed.grad_sync(model, micro == tcfg.grad_accum - 1):
             with autocast_context(device, tcfg.precision):
                 _, loss = model(to_device(x, device), to_device(y, device))
             scaler.scale(loss / tcfg.grad_accum).backward()
-        loss_sum += loss.detach()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()  # no kernel for one micro-batch
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
