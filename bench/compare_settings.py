@@ -50,15 +50,18 @@ def main() -> None:
             started.append((seed, overrides, run_dir, proc))
         for seed, overrides, run_dir, proc in started:
             if proc.wait() != 0:
+                for *_, other in started:
+                    other.kill()  # not left training on a core after this script has gone
                 sys.exit(f"{overrides or '(unchanged)'} seed {seed} failed; see {run_dir}.log")
             metrics = json.loads((run_dir / "metrics.json").read_text())
             wall = metrics["wall_time_sec"]  # the trainer's own: from the start of train() to the saved model
-            rows.append((overrides or "(unchanged)", seed, metrics["final_val_loss"], wall))
-            print(f"{rows[-1][0]} | seed {seed} | val loss {rows[-1][2]:.4f} | {wall:.1f}s", flush=True)
+            time = f"{wall:.1f} s" + (" (alone)" if len(pair) == 1 else "")  # an odd job out had the machine to itself
+            rows.append((overrides or "(unchanged)", seed, metrics["final_val_loss"], time))
+            print(f"{rows[-1][0]} | seed {seed} | val loss {rows[-1][2]:.4f} | {time}", flush=True)
     print(f"\n{args.iters} iterations each, runs in {out}\n")
     print("| overrides | seed | val loss | training time (2 runs at once) |\n|---|--:|--:|--:|")
-    for overrides, seed, loss, wall in rows:
-        print(f"| `{overrides}` | {seed} | {loss:.4f} | {wall:.1f} s |")
+    for overrides, seed, loss, time in rows:
+        print(f"| `{overrides}` | {seed} | {loss:.4f} | {time} |")
 
 
 if __name__ == "__main__":
