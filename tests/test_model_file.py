@@ -78,8 +78,10 @@ def rewritten(path, tmp_path, name: str, meta_changes: dict | None = None, tenso
 
 
 def test_newer_format_wrong_shapes_and_unknown_config_keys_are_named(saved, tmp_path):
-    _, _, path = saved
-    assert load_model(rewritten(path, tmp_path, "same.safetensors"))  # without a checksum, an intact file loads
+    model, tokenizer, path = saved
+    same, same_tokenizer = load_model(rewritten(path, tmp_path, "same.safetensors"))  # an intact file, no checksum
+    assert same_tokenizer.vocab_size == tokenizer.vocab_size
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), model.state_dict().values(), strict=True))
     newer = rewritten(path, tmp_path, "newer.safetensors", {"format_version": "2"})
     with pytest.raises(FluxtrainError, match=f"^{newer} has format version 2; this fluxtrain reads version 1$"):
         load_model(newer)

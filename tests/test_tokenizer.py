@@ -155,7 +155,7 @@ def test_bpe_learns_from_the_training_text_only(tmp_path, val_path):
     """A word that fills the validation text (its last 10%, or data.val_path) is frequent enough to get merges,
     but it must not: the tokenizer sees only the training text."""
     train_text, val_text = make_text(18_000), "zqxv " * 400
-    tok_cfg = compose_config(["tokenizer=bpe", "tokenizer.vocab_size=300"]).tokenizer
+    tok_cfg = TokenizerConfig(kind="bpe", vocab_size=300)
     if val_path:
         (tmp_path / "train.txt").write_text(train_text, encoding="utf-8")
         (tmp_path / "val.txt").write_text(val_text, encoding="utf-8")
