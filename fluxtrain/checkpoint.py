@@ -247,8 +247,13 @@ def rng_state(batch_gen: torch.Generator, device: torch.device | None = None) ->
 def set_rng_state(rng: dict[str, torch.Tensor], batch_gen: torch.Generator, device: torch.device) -> None:
     torch.set_rng_state(rng["torch"])
     batch_gen.set_state(rng["batches"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)
+    if device.type != "cuda":
+        return
+    # Older checkpoints hold every GPU's state as the saving process saw them ("cuda/<index>"): this GPU's, as before.
+    index = torch.cuda.current_device() if device.index is None else device.index
+    cuda_state = rng.get("cuda", rng.get(f"cuda/{index}"))
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:

@@ -25,6 +25,7 @@ from fluxtrain.checkpoint import (
     rng_state,
     save_checkpoint,
     save_model_file,
+    set_rng_state,
 )
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.interrupt import GracefulStop
@@ -203,6 +204,20 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, tiny_cfg):
     # The file is really dangerous: an unsafe load runs its code.
     torch.load(evil, weights_only=False)
     assert marker.read_text() == "code ran"
+
+
+def test_the_gpu_rng_state_is_restored_into_the_training_gpu_from_either_layout(monkeypatch):
+    """Checked without a GPU: which saved state goes into which device. Newer checkpoints hold the training GPU's
+    state as "cuda"; older ones every GPU's as the saving process saw them ("cuda/<index>")."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    base = {"torch": torch.get_rng_state(), "batches": torch.Generator().get_state()}
+    newer = {**base, "cuda": torch.tensor([7], dtype=torch.uint8)}
+    older = {**base, "cuda/0": torch.tensor([10], dtype=torch.uint8), "cuda/1": torch.tensor([11], dtype=torch.uint8)}
+    for rng, device in [(newer, "cuda:1"), (older, "cuda:1"), (older, "cuda"), (newer, "cpu"), (base, "cuda")]:
+        set_rng_state(rng, torch.Generator(), torch.device(device))
+    assert restored == [(7, torch.device("cuda:1")), (11, torch.device("cuda:1")), (10, torch.device("cuda"))]
 
 
 KILL_WRITER = """
