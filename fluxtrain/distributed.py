@@ -81,7 +81,10 @@ def init_world() -> World:
 
 
 def close_world() -> None:
+    """Leave the process group once every rank is done (called after a run that ended normally on every rank), so
+    no rank tears down its connections while another still finishes its last writes."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
