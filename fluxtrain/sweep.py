@@ -60,8 +60,8 @@ def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, dict]]:
 
 
 def failure_summary(n_failed: int, sweep_dir: Path, since: float, output_subdir: str | None) -> str:
-    """ "N of M sweep job(s) failed", M counting the job folders where Hydra saved a config since `since` (every
-    task's jobs; without a Hydra output subfolder, M is unknown and left out)."""
+    """The line "N of M sweep job(s) failed": M counts the job folders where Hydra saved a config since `since`, so
+    every task's jobs count; without a Hydra output subfolder, M is unknown and left out."""
     if not output_subdir:
         return f"{n_failed} sweep job(s) failed"
     n_jobs = max(len(written_since(sweep_dir, f"{output_subdir}/config.yaml", since)), n_failed)
