@@ -71,6 +71,14 @@ def test_unknown_preset_fails():
         compose_config(["model=huge"])
 
 
+@pytest.mark.parametrize("override", ["experiment=shakespeare_cpux", "hparams_search=lr_optunax"])
+def test_unknown_experiment_or_search_fails(override):
+    """A misspelt experiment must not train the default model instead."""
+    group, name = override.split("=")
+    with pytest.raises(ConfigCompositionException, match=f"{group}/{name}"):
+        compose_config([override])
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
