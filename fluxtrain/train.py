@@ -301,9 +301,21 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
                 f"train.max_time={tcfg.max_time} leaves no time to train after setup ({setup:.1f}s) "
                 f"and the final evaluation (~{final_eval:.1f}s with train.eval_iters={tcfg.eval_iters})"
             )
+        spent = f" (it trained {progress.train_time:.1f}s before the checkpoint)" if resume else ""
         log.info(
             f"time budget {tcfg.max_time:g}s: {setup:.1f}s of setup (data, model, compilation), "
-            f"~{final_eval:.1f}s kept for the final evaluation, {loop_time:.1f}s to train"
+            f"~{final_eval:.1f}s kept for the final evaluation, {loop_time:.1f}s to train{spent}"
+        )
+    if it >= tcfg.max_iters:
+        log.warning(
+            f"the checkpoint is at iteration {it}, which reaches train.max_iters={tcfg.max_iters}: evaluating "
+            "without training (raise train.max_iters to train on)"
+        )
+    elif loop_time is not None and progress.train_time >= loop_time:
+        log.warning(
+            f"the checkpoint's {progress.train_time:.1f}s of training use up the {loop_time:.1f}s that "
+            f"train.max_time={tcfg.max_time:g} leaves to train: evaluating without training (raise train.max_time "
+            "to train on)"
         )
     t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec = 0.0

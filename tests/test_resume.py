@@ -136,12 +136,14 @@ def test_a_run_extended_with_a_larger_max_iters_matches_a_longer_run(tiny_cfg, t
     ]
 
 
-def test_resuming_a_finished_run_evaluates_it_again_without_training(tiny_cfg, tmp_path):
+def test_resuming_a_finished_run_evaluates_it_again_without_training(tiny_cfg, tmp_path, caplog):
     cfg = ["train.max_iters=10", "train.eval_interval=5", "train.eval_iters=2"]
     first = train(tiny_cfg(*cfg), tmp_path)
     ckpt = checkpoint_path(tmp_path, 10)
     written = ckpt.stat().st_mtime_ns
-    again = train(tiny_cfg(*cfg, "resume=auto"), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        again = train(tiny_cfg(*cfg, "resume=auto"), tmp_path)
+    assert "iteration 10, which reaches train.max_iters=10: evaluating without training" in caplog.text
     assert again["iters"] == 10
     assert again["final_val_loss"] == first["final_val_loss"] and again["best_val_loss"] == first["best_val_loss"]
     assert ckpt.stat().st_mtime_ns == written  # the checkpoint of the finished run is kept as it was
@@ -237,7 +239,7 @@ def test_auto_resume_from_a_damaged_newest_checkpoint_names_the_one_before(tiny_
     assert str(info.value) == f"checkpoint {newest} is empty; {hint}"
 
 
-def test_time_budget_carries_over_on_resume(tiny_cfg, tmp_path, monkeypatch):
+def test_time_budget_carries_over_on_resume(tiny_cfg, tmp_path, monkeypatch, caplog):
     interrupt_at(monkeypatch, 3)
     t0 = time.perf_counter()
     with pytest.raises(TrainingInterrupted):
@@ -255,8 +257,11 @@ def test_time_budget_carries_over_on_resume(tiny_cfg, tmp_path, monkeypatch):
         return progress
 
     monkeypatch.setattr(train_module, "restore", restore)
-    metrics = train(tiny_cfg("train.max_time=1000", "resume=auto"), tmp_path)
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        metrics = train(tiny_cfg("train.max_time=1000", "resume=auto"), tmp_path)
     assert metrics["iters"] == 3
+    assert re.search(r"s to train \(it trained 20\d\d\.\ds before the checkpoint\)", caplog.text)
+    assert "of training use up the" in caplog.text and "evaluating without training" in caplog.text
 
 
 def test_injected_inf_loss_stops_naming_the_iteration_and_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
