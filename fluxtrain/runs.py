@@ -12,11 +12,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.resume import find_latest
-from fluxtrain.sweep import FAILED_FILE
 
 BEST_MODEL_FILE, FINAL_MODEL_FILE = "best.safetensors", "model_final.safetensors"
 MODEL_FILES = (BEST_MODEL_FILE, FINAL_MODEL_FILE)  # a run folder's model, in order of preference
 METRICS_FILE = "metrics.json"  # written when a run finishes
+FAILED_FILE = "failed.json"  # written when a sweep job fails (fluxtrain.sweep)
 RUN_OUTPUTS = (*MODEL_FILES, "model_iter_*.safetensors", METRICS_FILE)  # what a run leaves beside its checkpoints
 TABLE_METRICS = (
     "final_train_loss",
@@ -94,13 +94,14 @@ def runs_table(
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Rows as a plain-text table with aligned columns; floats in 4 significant digits."""
+    """Rows as a plain-text table with aligned columns; floats in 4 significant digits, from 10,000 up as whole
+    numbers with thousands separators (tokens/s)."""
     if not rows:
         return "(no runs)"
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
-            return f"{value:.4g}"
+            return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
         return "-" if value is None else str(value)
 
     columns = list(rows[0])

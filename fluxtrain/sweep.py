@@ -1,4 +1,5 @@
-"""Sweeps: a failing job is recorded in its folder and skipped, and the failures are reported when the sweep ends."""
+"""Sweeps: a failing job is recorded in its folder and skipped; when the sweep ends, its jobs' results are listed,
+best first, and the failures reported."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from omegaconf import DictConfig
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write_text
 from fluxtrain.interrupt import TrainingInterrupted
+from fluxtrain.runs import FAILED_FILE, METRICS_FILE, Run, format_table, read_run, runs_table
 
 log = logging.getLogger("fluxtrain")
 
-FAILED_FILE = "failed.json"
 # What a failed job returns to the sweeper: the worst value when minimising (Optuna rejects NaN as a trial value).
 FAILED_VALUE = math.inf
 
@@ -69,6 +70,24 @@ def failure_summary(n_failed: int, sweep_dir: Path, since: float, output_subdir:
     return outcome + ("; the others finished" if n_jobs > n_failed else "")
 
 
+def sweep_jobs(sweep_dir: Path, since: float, output_subdir: str | None) -> list[Path]:
+    """The job folders of the sweep that started at time `since`: where Hydra saved a job config since then, or
+    without a Hydra output subfolder, where a job wrote its metrics or failure since then."""
+    if output_subdir:
+        return [p.parent.parent for p in written_since(sweep_dir, f"{output_subdir}/config.yaml", since)]
+    found = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in written_since(sweep_dir, name, since)}
+    return sorted(found, key=lambda p: [int(part) if part.isdigit() else -1 for part in p.relative_to(sweep_dir).parts])
+
+
+def results_table(runs: list[Run], keys: list[str]) -> str:
+    """The jobs as a table, one row each: the swept settings and the results, lowest best val loss first, failed and
+    unfinished jobs last."""
+    metrics = ("best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")
+    rows = runs_table(runs, keys=tuple(keys), metrics=metrics)
+    rows.sort(key=lambda row: math.inf if row["best_val_loss"] is None else row["best_val_loss"])
+    return format_table(rows)
+
+
 def swept_keys(config: DictConfig) -> set[str]:
     """The keys a multirun varies: sweep overrides (`a=1,2`) and the sweeper's own search space (Optuna's params)."""
     overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
@@ -77,7 +96,8 @@ def swept_keys(config: DictConfig) -> set[str]:
 
 
 class SweepReport(Callback):
-    """Lists the failed jobs when a multirun ends and exits non-zero if there were any (configured in conf/hydra/)."""
+    """When a multirun ends: prints its jobs' results, best first, lists the failed jobs and exits non-zero if there
+    were any (configured in conf/hydra/)."""
 
     def __init__(self) -> None:
         self.started = 0.0
@@ -87,10 +107,13 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        swept = swept_keys(config)
+        runs = [read_run(job, sweep_dir) for job in sweep_jobs(sweep_dir, self.started, config.hydra.output_subdir)]
+        if any(run.metrics for run in runs):  # training jobs (lr_find jobs write their own results)
+            print(f"\nsweep results, best first ({sweep_dir}):\n{results_table(runs, sorted(swept))}\n")
         failed = failed_jobs(sweep_dir, self.started)
         if not failed:
             return
-        swept = swept_keys(config)
         parser = OverridesParser.create()
         outcome = failure_summary(len(failed), sweep_dir, self.started, config.hydra.output_subdir)
         lines = [f"{outcome} (see {FAILED_FILE} in the job folders):"]

@@ -41,6 +41,10 @@ def test_finished_failed_and_unfinished_runs_in_one_table(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="holds no model file"):
         runs[0].model_file()
+    assert format_table([{"tokens_per_sec": 41093.7, "wall_time_sec": 1.6321}]).splitlines()[1].split() == [
+        "41,094",
+        "1.632",
+    ]
 
 
 def test_an_empty_folder_has_no_runs_and_a_missing_one_is_an_error(tmp_path):

@@ -26,12 +26,19 @@ from fluxtrain.__main__ import TASKS, main
 from fluxtrain.hparams import METRIC_PREFIX
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.resume import resume_command
-from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs, failure_summary
+from fluxtrain.runs import Run
+from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs, failure_summary, results_table, sweep_jobs
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
 
 REPORTED = ("final_train_loss", "final_val_loss", "best_val_loss", "val_perplexity", "tokens_per_sec", "wall_time_sec")
 SHORT = ["train.max_iters=20", "train.eval_interval=10"]
+
+
+def printed_results(stdout: str) -> list[list[str]]:
+    """The rows of the results table a sweep prints when it ends, split into cells (header first)."""
+    lines = stdout.split("sweep results, best first")[1].split("\n\n")[0].splitlines()[1:]
+    return [line.split(maxsplit=5) for line in lines]
 
 
 def read_hparams(run_dir):
@@ -118,6 +125,23 @@ def test_multirun_writes_complete_job_folders_and_hparams(tiny_text_file, tmp_pa
         for key in REPORTED:
             assert metrics[METRIC_PREFIX + key] == pytest.approx(saved[key], rel=1e-5), (name, key)
 
+    # When the sweep ends, it prints one row per job: the swept values and the results, lowest best val loss first.
+    header, *rows = printed_results(proc.stdout)
+    assert header[:5] + header[5].split() == [
+        "run",
+        "model.dropout",
+        "optim.lr",
+        "best_val_loss",
+        "final_val_loss",
+        "tokens_per_sec",
+        "wall_time_sec",
+        "status",
+    ]
+    best = {job.name: json.loads((job / "metrics.json").read_text())["best_val_loss"] for job in jobs}
+    assert [row[0] for row in rows] == sorted(best, key=best.get)
+    for row in rows:
+        assert float(row[3]) == pytest.approx(best[row[0]], rel=1e-3) and row[5].endswith("ok")
+
 
 @pytest.fixture
 def job_config():
@@ -201,6 +225,11 @@ def test_failing_job_does_not_hide_the_other_results(tiny_text_file, tmp_path):
     assert "1 of 2 sweep job(s) failed; the others finished (see failed.json" in proc.stderr
     assert f"{sweep / '0'}: model.n_heads=3: model.n_heads=3 must divide model.d_model=32" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    _, finished, failed_row = printed_results(proc.stdout)  # the finished job first, the failed one last
+    assert finished[:2] == ["1", "2"] and finished[5].endswith("ok")
+    assert failed_row[:4] == ["0", "3", "-", "-"] and failed_row[5].endswith(
+        "failed: model.n_heads=3 must divide model.d_model=32"
+    )
 
 
 def test_optuna_search_composes():
@@ -296,3 +325,33 @@ def test_the_failure_summary_counts_every_task_s_jobs_from_this_sweep(tmp_path):
     assert failure_summary(1, tmp_path, 2_000_000, ".hydra") == "1 of 2 sweep job(s) failed; the others finished"
     assert failure_summary(2, tmp_path, 2_000_000, ".hydra") == "2 of 2 sweep job(s) failed"
     assert failure_summary(1, tmp_path, 2_000_000, None) == "1 sweep job(s) failed"
+
+
+def test_the_results_table_lists_this_sweeps_jobs_best_first(tmp_path):
+    def job(name: str, lr: float, best: float | None, mtime: float = 3_000_000) -> Run:
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        saved = tmp_path / name / ".hydra" / "config.yaml"
+        saved.write_text(f"optim:\n  lr: {lr}\n")
+        os.utime(saved, (mtime, mtime))
+        metrics = None if best is None else {"best_val_loss": best, "final_val_loss": best + 0.01}
+        return Run(tmp_path / name, name, {"optim": {"lr": lr}}, [f"optim.lr={lr}"], metrics, None)
+
+    runs = [job("0", 1e-3, 2.5), job("1", 1e-2, None), job("2", 3e-3, 2.25), job("10", 3e-4, 2.75)]
+    job("3", 1e-4, 1.0, mtime=1_000_000)  # an earlier sweep's job in the same folder
+    assert [p.name for p in sweep_jobs(tmp_path, 2_000_000, ".hydra")] == ["0", "1", "2", "10"]
+    lines = results_table(runs, ["optim.lr"]).splitlines()
+    assert lines[0].split() == [
+        "run",
+        "optim.lr",
+        "best_val_loss",
+        "final_val_loss",
+        "tokens_per_sec",
+        "wall_time_sec",
+        "status",
+    ]
+    assert [line.split()[:3] for line in lines[1:]] == [
+        ["2", "0.003", "2.25"],
+        ["0", "0.001", "2.5"],
+        ["10", "0.0003", "2.75"],
+        ["1", "0.01", "-"],
+    ]
