@@ -13,7 +13,7 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
 from fluxtrain.train import TrainConfig, validate
 
-from .conftest import REPO_ROOT, compose_config
+from .conftest import REPO_ROOT, compose_config, run_fluxtrain
 
 PRESETS = {"small": (128, 4, 2, 512), "medium": (256, 8, 4, 1024), "large": (512, 16, 6, 2048)}
 
@@ -130,3 +130,14 @@ def test_user_config_dir_adds_presets(tmp_path):
         check=True,
     ).stdout
     assert "d_model: 48" in out and "n_heads: 3" in out and "seq_len: 64" in out
+
+
+def test_help_says_what_the_command_does_and_lists_the_groups():
+    proc = run_fluxtrain("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("fluxtrain: train a GPT-style language model")
+    assert "python -m fluxtrain -m optim.lr=1e-3,3e-3" in proc.stdout
+    assert "experiment: shakespeare_cpu, shakespeare_gpu" in proc.stdout
+    assert "model: gpt2, gpt2-large, gpt2-medium, large, medium, small" in proc.stdout
+    assert "  d_model: 256" in proc.stdout  # the composed config
+    assert proc.stdout.rstrip().endswith("Hydra's own\noptions: --hydra-help.")
