@@ -49,10 +49,14 @@ def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]
         return FAILED_VALUE
 
 
+def in_job_order(paths, sweep_dir: Path) -> list[Path]:
+    """`paths` under `sweep_dir` sorted by job number (job 10 after job 9)."""
+    return sorted(paths, key=lambda p: [int(part) if part.isdigit() else -1 for part in p.relative_to(sweep_dir).parts])
+
+
 def written_since(sweep_dir: Path, pattern: str, since: float) -> list[Path]:
     """The files under `sweep_dir` matching `pattern` written at or after time `since`, in job number order."""
-    by_job_number = lambda p: [int(part) if part.isdigit() else -1 for part in p.relative_to(sweep_dir).parts]
-    return sorted((p for p in sweep_dir.rglob(pattern) if p.stat().st_mtime >= since), key=by_job_number)
+    return in_job_order((p for p in sweep_dir.rglob(pattern) if p.stat().st_mtime >= since), sweep_dir)
 
 
 def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, dict]]:
@@ -76,7 +80,7 @@ def sweep_jobs(sweep_dir: Path, since: float, output_subdir: str | None) -> list
     if output_subdir:
         return [p.parent.parent for p in written_since(sweep_dir, f"{output_subdir}/config.yaml", since)]
     found = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in written_since(sweep_dir, name, since)}
-    return sorted(found, key=lambda p: [int(part) if part.isdigit() else -1 for part in p.relative_to(sweep_dir).parts])
+    return in_job_order(found, sweep_dir)
 
 
 def results_table(runs: list[Run], keys: list[str]) -> str:

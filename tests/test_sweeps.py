@@ -339,6 +339,12 @@ def test_the_results_table_lists_this_sweeps_jobs_best_first(tmp_path):
     runs = [job("0", 1e-3, 2.5), job("1", 1e-2, None), job("2", 3e-3, 2.25), job("10", 3e-4, 2.75)]
     job("3", 1e-4, 1.0, mtime=1_000_000)  # an earlier sweep's job in the same folder
     assert [p.name for p in sweep_jobs(tmp_path, 2_000_000, ".hydra")] == ["0", "1", "2", "10"]
+    # Without Hydra's output subfolder, the jobs are those that wrote their metrics or their failure.
+    (tmp_path / "10" / "metrics.json").write_text("{}")
+    (tmp_path / "2" / FAILED_FILE).write_text("{}")
+    (tmp_path / "3" / "metrics.json").write_text("{}")
+    os.utime(tmp_path / "3" / "metrics.json", (1_000_000, 1_000_000))
+    assert [p.name for p in sweep_jobs(tmp_path, 2_000_000, None)] == ["2", "10"]
     lines = results_table(runs, ["optim.lr"]).splitlines()
     assert lines[0].split() == [
         "run",
