@@ -24,6 +24,7 @@ def test_the_speed_experiments_are_there():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_validates(name):
     cfg = compose_config([f"experiment={name}"])
+    assert cfg.model != compose_config().model and cfg.optim != compose_config().optim  # the recipe applies
     model = ModelConfig(**OmegaConf.to_container(cfg.model))
     model.validate()
     validate_optim(OptimConfig(**OmegaConf.to_container(cfg.optim)))
