@@ -1,12 +1,19 @@
-"""Finished runs on disk: find the run folders under an outputs folder and read their config, metrics and curves."""
+"""Finished runs on disk: find the run folders under an outputs folder and read their config, metrics and curves.
+
+python -m fluxtrain.runs outputs/multirun/2026-11-27/10-00-00     # one row per run, lowest best val loss first
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -18,6 +25,7 @@ MODEL_FILES = (BEST_MODEL_FILE, FINAL_MODEL_FILE)  # a run folder's model, in or
 METRICS_FILE = "metrics.json"  # written when a run finishes
 FAILED_FILE = "failed.json"  # written when a sweep job fails (fluxtrain.sweep)
 RUN_OUTPUTS = (*MODEL_FILES, "model_iter_*.safetensors", METRICS_FILE)  # what a run leaves beside its checkpoints
+RANKED_METRICS = ("best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")  # a comparison's columns
 TABLE_METRICS = (
     "final_train_loss",
     "final_val_loss",
@@ -58,12 +66,29 @@ def run_model_file(run_dir: Path) -> Path | None:
     return next((run_dir / name for name in MODEL_FILES if (run_dir / name).is_file()), None)
 
 
+def in_job_order(paths, root: Path) -> list[Path]:
+    """`paths` under `root` sorted folder by folder, numbered ones (sweep jobs) by number: job 10 after job 9."""
+    return sorted(
+        paths,
+        key=lambda p: [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in p.relative_to(root).parts],
+    )
+
+
 def read_run(path: Path, root: Path) -> Run:
-    hydra_dir = path / ".hydra"
-    config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml")) if hydra_dir.is_dir() else {}
-    overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml")) if (hydra_dir / "overrides.yaml").is_file() else []
-    metrics = json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else None
-    error = json.loads((path / FAILED_FILE).read_text())["error"] if (path / FAILED_FILE).is_file() else None
+    def read(name: str, load):
+        file = path / name
+        if not file.is_file():
+            return None
+        try:
+            return load(file)
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:  # damaged or edited by hand
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FluxtrainError(f"{file} is not readable: {reason}") from None
+
+    config = read(".hydra/config.yaml", lambda f: OmegaConf.to_container(OmegaConf.load(f))) or {}
+    overrides = read(".hydra/overrides.yaml", lambda f: list(OmegaConf.load(f))) or []
+    metrics = read(METRICS_FILE, lambda f: json.loads(f.read_text()))
+    error = read(FAILED_FILE, lambda f: json.loads(f.read_text())["error"])
     name = str(path.relative_to(root)) if path != root else path.name
     return Run(path=path, name=name, config=config, overrides=overrides, metrics=metrics, error=error)
 
@@ -74,7 +99,25 @@ def find_runs(root: str | Path) -> list[Run]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
     folders = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in root.rglob(name)}
-    return [read_run(path, root) for path in sorted(folders)]
+    return [read_run(path, root) for path in in_job_order(folders, root)]
+
+
+def flat_settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: {"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """The settings whose values are not the same in every one of `runs` (a key some runs lack counts), sorted."""
+    settings = [flat_settings(run.config) for run in runs]
+    keys = sorted({key for s in settings for key in s})
+    return [key for key in keys if len({repr(s.get(key)) for s in settings}) > 1]
 
 
 def runs_table(
@@ -91,6 +134,14 @@ def runs_table(
         row["status"] = "failed: " + run.error if run.error else ("ok" if run.metrics else "no metrics")
         rows.append(row)
     return rows
+
+
+def ranked_table(runs: list[Run], keys: list[str], metrics: tuple[str, ...] = RANKED_METRICS) -> str:
+    """`runs` as a table: their `keys` settings and `metrics`, lowest best val loss first, failed and unfinished runs
+    last."""
+    rows = runs_table(runs, keys=tuple(keys), metrics=metrics)
+    rows.sort(key=lambda row: math.inf if row.get("best_val_loss") is None else row["best_val_loss"])
+    return format_table(rows)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -135,3 +186,29 @@ def resolve_model_path(name: str | Path) -> Path:
     if not path.exists():
         raise FluxtrainError(f"MODEL {path} does not exist (give a model file, a checkpoint or a run folder)")
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m fluxtrain.runs",
+        description="Compare runs: one row per run folder under FOLDER, lowest best val loss first.",
+    )
+    p.add_argument("folder", nargs="?", default="outputs", help="a run, a sweep or a folder of them (default: outputs)")
+    p.add_argument(
+        "--keys",
+        help="comma-separated settings to show, e.g. optim.lr,model.d_model (default: those that differ between runs)",
+    )
+    args = p.parse_args(argv)
+    try:
+        runs = find_runs(args.folder)
+        if not runs:
+            raise FluxtrainError(f"no runs under {args.folder} (a run folder holds {METRICS_FILE} or {FAILED_FILE})")
+        keys = args.keys.split(",") if args.keys else varying_keys(runs)
+        print(ranked_table(runs, keys))
+    except (FluxtrainError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write_text
 from fluxtrain.interrupt import TrainingInterrupted
-from fluxtrain.runs import FAILED_FILE, METRICS_FILE, Run, format_table, read_run, runs_table
+from fluxtrain.runs import FAILED_FILE, METRICS_FILE, in_job_order, ranked_table, read_run
 
 log = logging.getLogger("fluxtrain")
 
@@ -47,11 +47,6 @@ def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]
         report = {"error": str(e).splitlines()[0] if str(e) else "", "type": type(e).__name__, "overrides": overrides}
         atomic_write_text(failed_file, json.dumps(report, indent=2) + "\n")
         return FAILED_VALUE
-
-
-def in_job_order(paths, sweep_dir: Path) -> list[Path]:
-    """`paths` under `sweep_dir` sorted by job number (job 10 after job 9)."""
-    return sorted(paths, key=lambda p: [int(part) if part.isdigit() else -1 for part in p.relative_to(sweep_dir).parts])
 
 
 def written_since(sweep_dir: Path, pattern: str, since: float) -> list[Path]:
@@ -83,15 +78,6 @@ def sweep_jobs(sweep_dir: Path, since: float, output_subdir: str | None) -> list
     return in_job_order(found, sweep_dir)
 
 
-def results_table(runs: list[Run], keys: list[str]) -> str:
-    """The jobs as a table, one row each: the swept settings and the results, lowest best val loss first, failed and
-    unfinished jobs last."""
-    metrics = ("best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")
-    rows = runs_table(runs, keys=tuple(keys), metrics=metrics)
-    rows.sort(key=lambda row: math.inf if row["best_val_loss"] is None else row["best_val_loss"])
-    return format_table(rows)
-
-
 def swept_keys(config: DictConfig) -> set[str]:
     """The keys a multirun varies: sweep overrides (`a=1,2`) and the sweeper's own search space (Optuna's params)."""
     overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
@@ -114,7 +100,7 @@ class SweepReport(Callback):
         swept = swept_keys(config)
         runs = [read_run(job, sweep_dir) for job in sweep_jobs(sweep_dir, self.started, config.hydra.output_subdir)]
         if any(run.metrics for run in runs):  # training jobs (lr_find jobs write their own results)
-            print(f"\nsweep results, best first ({sweep_dir}):\n{results_table(runs, sorted(swept))}\n")
+            print(f"\nsweep results, best first ({sweep_dir}):\n{ranked_table(runs, sorted(swept))}\n")
         failed = failed_jobs(sweep_dir, self.started)
         if not failed:
             return

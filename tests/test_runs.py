@@ -5,12 +5,13 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from fluxtrain.runs import find_runs, format_table, runs_table
+from fluxtrain.runs import Run, find_runs, format_table, main, runs_table, varying_keys
 
 
-def make_run(folder, lr: float, metrics: dict | None = None, error: str | None = None) -> None:
+def make_run(folder, lr: float, metrics: dict | None = None, error: str | None = None, n_layers: int = 2) -> None:
     (folder / ".hydra").mkdir(parents=True)
-    OmegaConf.save({"model": {"d_model": 32, "n_layers": 2}, "optim": {"lr": lr}}, folder / ".hydra" / "config.yaml")
+    config = {"model": {"d_model": 32, "n_layers": n_layers}, "optim": {"lr": lr, "betas": [0.9, 0.99]}}
+    OmegaConf.save(config, folder / ".hydra" / "config.yaml")
     OmegaConf.save([f"optim.lr={lr}"], folder / ".hydra" / "overrides.yaml")
     if metrics is not None:
         (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -51,3 +52,60 @@ def test_an_empty_folder_has_no_runs_and_a_missing_one_is_an_error(tmp_path):
     assert find_runs(tmp_path) == [] and format_table(runs_table([])) == "(no runs)"
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         find_runs(tmp_path / "missing")
+
+
+def compare(capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m fluxtrain.runs ARGS`: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_the_runs_command_ranks_runs_by_best_val_loss_showing_the_settings_that_differ(tmp_path, capsys):
+    sweep = tmp_path / "multirun"
+    for job, lr, best in [(0, 1e-3, 1.9), (2, 3e-3, 1.7), (10, 1e-2, 1.8)]:
+        metrics = {"best_val_loss": best, "final_val_loss": best + 0.01, "tokens_per_sec": 20000.0}
+        make_run(sweep / str(job), lr, metrics=metrics)
+    make_run(sweep / "1", 3e-2, error="loss became nan at iteration 7", n_layers=4)
+    assert [r.name for r in find_runs(sweep)] == ["0", "1", "2", "10"]  # job 10 after job 2
+    code, out, err = compare(capsys, str(sweep))
+    assert code == 0 and err == ""
+    header, *rows = [line.split() for line in out.splitlines()]
+    # optim.lr and model.n_layers differ between the runs; model.d_model and optim.betas do not.
+    metrics = ["best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec"]
+    assert header == ["run", "model.n_layers", "optim.lr", *metrics, "status"]
+    assert [row[:4] for row in rows] == [
+        ["2", "2", "0.003", "1.7"],
+        ["10", "2", "0.01", "1.8"],
+        ["0", "2", "0.001", "1.9"],
+        ["1", "4", "0.03", "-"],
+    ]
+    assert rows[0][5] == "20,000" and out.splitlines()[-1].endswith("failed: loss became nan at iteration 7")
+
+    code, out, _ = compare(capsys, str(sweep), "--keys", "model.d_model")
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["run", "model.d_model", "best_val_loss"]
+
+
+def test_the_runs_command_names_a_missing_empty_or_damaged_folder(tmp_path, capsys):
+    assert compare(capsys, str(tmp_path / "missing"))[::2] == (1, f"error: {tmp_path / 'missing'} is not a folder\n")
+    code, _, err = compare(capsys, str(tmp_path))
+    assert code == 1 and err == f"error: no runs under {tmp_path} (a run folder holds metrics.json or failed.json)\n"
+    make_run(tmp_path / "run", 1e-3, metrics={"best_val_loss": 1.9})
+    (tmp_path / "run" / "metrics.json").write_text("{ not json")
+    code, _, err = compare(capsys, str(tmp_path))
+    assert code == 1 and err.startswith(f"error: {tmp_path / 'run' / 'metrics.json'} is not readable: ")
+    assert len(err.splitlines()) == 1
+
+
+def test_varying_keys_compares_nested_settings_lists_and_missing_keys(tmp_path):
+    def run(config: dict) -> Run:
+        return Run(tmp_path, "r", config, [], None, None)
+
+    same = {"model": {"d_model": 32}, "optim": {"betas": [0.9, 0.99]}}
+    assert varying_keys([run(same), run(same)]) == []
+    other = {"model": {"d_model": 32}, "optim": {"betas": [0.9, 0.95]}, "resume": "auto"}
+    assert varying_keys([run(same), run(other)]) == ["optim.betas", "resume"]

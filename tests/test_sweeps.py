@@ -26,8 +26,8 @@ from fluxtrain.__main__ import TASKS, main
 from fluxtrain.hparams import METRIC_PREFIX
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.resume import resume_command
-from fluxtrain.runs import Run
-from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs, failure_summary, results_table, sweep_jobs
+from fluxtrain.runs import Run, ranked_table
+from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs, failure_summary, sweep_jobs
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
 
@@ -345,7 +345,7 @@ def test_the_results_table_lists_this_sweeps_jobs_best_first(tmp_path):
     (tmp_path / "3" / "metrics.json").write_text("{}")
     os.utime(tmp_path / "3" / "metrics.json", (1_000_000, 1_000_000))
     assert [p.name for p in sweep_jobs(tmp_path, 2_000_000, None)] == ["2", "10"]
-    lines = results_table(runs, ["optim.lr"]).splitlines()
+    lines = ranked_table(runs, ["optim.lr"]).splitlines()
     assert lines[0].split() == [
         "run",
         "optim.lr",
