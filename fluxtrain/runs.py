@@ -93,13 +93,19 @@ def read_run(path: Path, root: Path) -> Run:
     return Run(path=path, name=name, config=config, overrides=overrides, metrics=metrics, error=error)
 
 
+def run_folders(root: Path, since: float = 0.0) -> list[Path]:
+    """The folders under `root` (or `root` itself) where a run wrote its metrics.json, or a failed sweep job its
+    failed.json, at or after time `since`; in job order."""
+    found = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in root.rglob(name) if p.stat().st_mtime >= since}
+    return in_job_order(found, root)
+
+
 def find_runs(root: str | Path) -> list[Run]:
     """Every run folder under `root` (or `root` itself): finished ones hold metrics.json, failed ones failed.json."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
-    folders = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in root.rglob(name)}
-    return [read_run(path, root) for path in in_job_order(folders, root)]
+    return [read_run(path, root) for path in run_folders(root)]
 
 
 def flat_settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

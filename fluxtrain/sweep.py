@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write_text
 from fluxtrain.interrupt import TrainingInterrupted
-from fluxtrain.runs import FAILED_FILE, METRICS_FILE, in_job_order, ranked_table, read_run
+from fluxtrain.runs import FAILED_FILE, in_job_order, ranked_table, read_run, run_folders
 
 log = logging.getLogger("fluxtrain")
 
@@ -74,8 +74,7 @@ def sweep_jobs(sweep_dir: Path, since: float, output_subdir: str | None) -> list
     without a Hydra output subfolder, where a job wrote its metrics or failure since then."""
     if output_subdir:
         return [p.parent.parent for p in written_since(sweep_dir, f"{output_subdir}/config.yaml", since)]
-    found = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in written_since(sweep_dir, name, since)}
-    return in_job_order(found, sweep_dir)
+    return run_folders(sweep_dir, since)
 
 
 def swept_keys(config: DictConfig) -> set[str]:
