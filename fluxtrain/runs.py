@@ -199,7 +199,13 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m fluxtrain.runs",
         description="Compare runs: one row per run folder under FOLDER, lowest best val loss first.",
     )
-    p.add_argument("folder", nargs="?", default="outputs", help="a run, a sweep or a folder of them (default: outputs)")
+    p.add_argument(
+        "folder",
+        metavar="FOLDER",
+        nargs="?",
+        default="outputs",
+        help="a run, a sweep or a folder of them (default: outputs)",
+    )
     p.add_argument(
         "--keys",
         help="comma-separated settings to show, e.g. optim.lr,model.d_model (default: those that differ between runs)",
