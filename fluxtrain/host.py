@@ -4,7 +4,7 @@ A training step on CPU allocates its activations and gradients afresh, and frees
 defaults, glibc's malloc serves large blocks with fresh mmap calls and hands freed memory at the top of its heap back
 to the kernel, so each step touches new pages, each a page fault: 950 to 2,500 per step of the reference shape
 (4 layers, width 128, batch 12 x 64 tokens), about 1-2 us each on a virtual machine. Keeping freed memory in the heap
-for the next step makes them vanish: 5% more tokens/s there (see bench/README.md, "Training speed").
+for the next step leaves most steps without any: 5% more tokens/s there (see bench/README.md, "Training speed").
 """
 
 from __future__ import annotations

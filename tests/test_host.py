@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from fluxtrain import host
 from tests.conftest import run_fluxtrain
 
 # Eager training steps of the reference shape in a fresh process that keeps freed memory; prints the minor page
-# faults per step.
+# faults of each step.
 STEPS = """
 import json, resource, torch
 from fluxtrain import host
@@ -28,13 +29,14 @@ def step():
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-for _ in range(20):  # the heap settles in the first steps
+for _ in range(10):  # the heap grows to the step's peak in the first steps
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
-print(json.dumps({"kept": kept, "faults_per_step": faults}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": kept, "faults": faults}))
 """
 
 
@@ -48,9 +50,11 @@ def steps_in_fresh_process() -> dict:
 def test_kept_memory_stops_page_faults_in_training_steps():
     kept = steps_in_fresh_process()
     assert kept["kept"] is True
-    # With glibc's defaults, 950 to 2,500 faults per step here (activations mmapped and unmapped every step); kept,
-    # 0 to 2 once the heap has grown to the step's peak.
-    assert kept["faults_per_step"] < 50, kept
+    # With glibc's defaults, 950 to 2,500 faults in every step here (activations mmapped and unmapped every step).
+    # Kept, most steps take none once the heap has grown to the step's peak; an occasional step still grows the
+    # heap past a fragmented peak (80 to 400 faults, once in 10 to 30 steps).
+    assert statistics.median(kept["faults"]) <= 2, kept
+    assert sum(kept["faults"]) < 20 * 100, kept
 
 
 def test_configure_applies_threads_and_the_malloc_setting(monkeypatch):
