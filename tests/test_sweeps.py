@@ -33,6 +33,8 @@ from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, run_fluxtrain, 
 
 REPORTED = ("final_train_loss", "final_val_loss", "best_val_loss", "val_perplexity", "tokens_per_sec", "wall_time_sec")
 SHORT = ["train.max_iters=20", "train.eval_interval=10"]
+# The columns of the results table after the swept settings.
+RESULT_COLUMNS = ["best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec", "status"]
 
 
 def printed_results(stdout: str) -> list[list[str]]:
@@ -127,16 +129,7 @@ def test_multirun_writes_complete_job_folders_and_hparams(tiny_text_file, tmp_pa
 
     # When the sweep ends, it prints one row per job: the swept values and the results, lowest best val loss first.
     header, *rows = printed_results(proc.stdout)
-    assert header[:5] + header[5].split() == [
-        "run",
-        "model.dropout",
-        "optim.lr",
-        "best_val_loss",
-        "final_val_loss",
-        "tokens_per_sec",
-        "wall_time_sec",
-        "status",
-    ]
+    assert header[:5] + header[5].split() == ["run", "model.dropout", "optim.lr", *RESULT_COLUMNS]
     best = {job.name: json.loads((job / "metrics.json").read_text())["best_val_loss"] for job in jobs}
     assert [row[0] for row in rows] == sorted(best, key=best.get)
     for row in rows:
@@ -346,15 +339,7 @@ def test_the_results_table_lists_this_sweeps_jobs_best_first(tmp_path):
     os.utime(tmp_path / "3" / "metrics.json", (1_000_000, 1_000_000))
     assert [p.name for p in sweep_jobs(tmp_path, 2_000_000, None)] == ["2", "10"]
     lines = ranked_table(runs, ["optim.lr"]).splitlines()
-    assert lines[0].split() == [
-        "run",
-        "optim.lr",
-        "best_val_loss",
-        "final_val_loss",
-        "tokens_per_sec",
-        "wall_time_sec",
-        "status",
-    ]
+    assert lines[0].split() == ["run", "optim.lr", *RESULT_COLUMNS]
     assert [line.split()[:3] for line in lines[1:]] == [
         ["2", "0.003", "2.25"],
         ["0", "0.001", "2.5"],
