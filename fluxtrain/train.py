@@ -318,7 +318,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             "to train on)"
         )
     t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
-    tokens_per_sec = 0.0
+    tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
     last_ckpt = resume.path if resume else None
     show_bar = sys.stdout.isatty() and world.is_main
     bar = tqdm(total=tcfg.max_iters, initial=it, disable=not show_bar, desc="train", leave=False)
