@@ -84,7 +84,7 @@ def close_world() -> None:
     """Leave the process group once every rank is done (called after a run that ended normally on every rank), so
     no rank tears down its connections while another still finishes its last writes."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
