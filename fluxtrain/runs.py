@@ -74,6 +74,11 @@ def in_job_order(paths, root: Path) -> list[Path]:
     )
 
 
+def written_since(root: Path, pattern: str, since: float) -> list[Path]:
+    """The files under `root` matching `pattern` written at or after time `since`, in job order."""
+    return in_job_order((p for p in root.rglob(pattern) if p.stat().st_mtime >= since), root)
+
+
 def read_run(path: Path, root: Path) -> Run:
     def read(name: str, load):
         file = path / name
@@ -96,7 +101,7 @@ def read_run(path: Path, root: Path) -> Run:
 def run_folders(root: Path, since: float = 0.0) -> list[Path]:
     """The folders under `root` (or `root` itself) where a run wrote its metrics.json, or a failed sweep job its
     failed.json, at or after time `since`; in job order."""
-    found = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in root.rglob(name) if p.stat().st_mtime >= since}
+    found = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in written_since(root, name, since)}
     return in_job_order(found, root)
 
 

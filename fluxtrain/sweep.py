@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write_text
 from fluxtrain.interrupt import TrainingInterrupted
-from fluxtrain.runs import FAILED_FILE, in_job_order, ranked_table, read_run, run_folders
+from fluxtrain.runs import FAILED_FILE, ranked_table, read_run, run_folders, written_since
 
 log = logging.getLogger("fluxtrain")
 
@@ -47,11 +47,6 @@ def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]
         report = {"error": str(e).splitlines()[0] if str(e) else "", "type": type(e).__name__, "overrides": overrides}
         atomic_write_text(failed_file, json.dumps(report, indent=2) + "\n")
         return FAILED_VALUE
-
-
-def written_since(sweep_dir: Path, pattern: str, since: float) -> list[Path]:
-    """The files under `sweep_dir` matching `pattern` written at or after time `since`, in job number order."""
-    return in_job_order((p for p in sweep_dir.rglob(pattern) if p.stat().st_mtime >= since), sweep_dir)
 
 
 def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, dict]]:
