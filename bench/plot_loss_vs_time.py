@@ -1,4 +1,4 @@
-"""Plot loss against wall-clock seconds from process start, from the runs' TensorBoard events.
+r"""Plot loss against wall-clock seconds from process start, from the runs' TensorBoard events.
 
     python bench/plot_loss_vs_time.py bench/runs/shakespeare_cpu/results.json --out bench/shakespeare_cpu_loss.png
     python bench/plot_loss_vs_time.py bench/shakespeare_gpu_results.json --out bench/shakespeare_gpu_loss.png \

@@ -32,6 +32,10 @@ class OptimConfig:
 def validate(cfg: OptimConfig) -> None:
     if cfg.name not in OPTIMIZERS:
         raise FluxtrainError(f"optim.name={cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
+    if cfg.name == "muon" and not hasattr(torch.optim, "Muon"):
+        raise FluxtrainError(
+            f"optim.name=muon needs torch.optim.Muon (torch 2.9 or newer); this is torch {torch.__version__}"
+        )
     if cfg.name == "muon" and cfg.muon_lr <= 0:
         raise FluxtrainError(f"optim.muon_lr={cfg.muon_lr} must be positive")
     if cfg.name == "muon" and not 0.0 <= cfg.muon_momentum < 1.0:

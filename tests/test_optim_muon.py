@@ -114,3 +114,11 @@ def test_a_muon_run_resumed_from_its_checkpoint_matches_a_straight_run(tiny_cfg,
     a = read_model_file(tmp_path / "long" / "model_final.safetensors")[1]
     b = read_model_file(tmp_path / "short" / "model_final.safetensors")[1]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_muon_on_a_torch_without_it_is_a_one_line_error(monkeypatch):
+    from fluxtrain.optim import validate
+
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(FluxtrainError, match=r"optim.name=muon needs torch.optim.Muon \(torch 2.9 or newer\)"):
+        validate(OptimConfig(name="muon"))
