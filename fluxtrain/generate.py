@@ -14,7 +14,7 @@ import torch
 
 from fluxtrain.checkpoint import load_model
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.host import resolve_device
+from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.model import GPT
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.runs import resolve_model_path
@@ -44,6 +44,10 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[
 
     Characters the tokenizer has no id for are an error naming them, or with `drop_unknown` are left out.
     """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes from the command line or stdin arrive as lone surrogates
+        raise FluxtrainError(f"the prompt is not valid UTF-8 (character {e.start + 1} is a bad byte)") from None
     try:
         return text, tokenizer.encode(text), []
     except UnknownCharactersError as e:
@@ -202,8 +206,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None and args.interactive:
         raise FluxtrainError("--prompt and --interactive exclude each other")
     if args.threads is not None:
-        if args.threads < 1:
-            raise FluxtrainError(f"--threads {args.threads} must be a positive integer")
+        check_threads(args.threads, "--threads", allow_zero=False)
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, "--device")
     model, tokenizer, path = load_for_generation(args.model, args.tokenizer, device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import platform
 
 import torch
@@ -45,6 +46,20 @@ def keep_freed_memory() -> bool:
         )
     except (OSError, AttributeError):
         return False
+
+
+def max_threads() -> int:
+    """The most CPU threads a setting may ask for: one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_threads(threads: int, setting: str, allow_zero: bool) -> None:
+    """A thread count the machine can run: at least 1 (or 0 for torch's default) and at most one per core."""
+    low = 0 if allow_zero else 1
+    if not low <= threads <= max_threads():
+        default = " (0: torch's default)" if allow_zero else ""
+        given = f"{setting} {threads}" if setting.startswith("--") else f"{setting}={threads}"
+        raise FluxtrainError(f"{given} must be from {low} to {max_threads()}, the CPU cores here{default}")
 
 
 def configure(threads: int, keep_cpu_memory: bool) -> None:

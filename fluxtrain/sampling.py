@@ -197,8 +197,10 @@ def next_token_probs(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tens
     """The distribution (B, vocab) the sampler draws from, for temperature > 0; `seen` marks tokens to penalize."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    return torch.softmax(logits, dim=-1)
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf (greedy in
+    # the limit) instead of every logit to +-inf and the probabilities to nan.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / cfg.temperature
+    return torch.softmax(filter_logits(logits, cfg.top_k, cfg.top_p), dim=-1)
 
 
 def pick_next(

@@ -92,7 +92,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("max_iters", "batch_size", "grad_accum", "log_interval", "eval_interval", "eval_iters"):
         if getattr(cfg, name) <= 0:
             raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be a positive integer")
-    for name in ("sample_interval", "sample_len", "ckpt_interval", "keep_last", "threads"):
+    host.check_threads(cfg.threads, "train.threads", allow_zero=True)
+    for name in ("sample_interval", "sample_len", "ckpt_interval", "keep_last"):
         if getattr(cfg, name) < 0:
             raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be >= 0 (0 turns it off)")
     if cfg.max_time is not None and cfg.max_time <= 0:

@@ -95,7 +95,12 @@ def test_impossible_model_shapes_are_named(changes, message):
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"batch_size": 0}, "train.batch_size=0"), ({"precision": "fp8"}, "train.precision='fp8'")],
+    [
+        ({"batch_size": 0}, "train.batch_size=0"),
+        ({"precision": "fp8"}, "train.precision='fp8'"),
+        ({"threads": -1}, r"train.threads=-1 must be from 0 to \d+, the CPU cores here \(0: torch's default\)"),
+        ({"threads": 100000}, r"train.threads=100000 must be from 0 to \d+"),
+    ],
 )
 def test_bad_train_settings_are_named(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -102,6 +102,15 @@ def test_temperature_scales_logits():
     assert entropy[0] < entropy[1] < entropy[2]
 
 
+def test_a_tiny_temperature_samples_the_argmax_instead_of_nan(model):
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 3.0, 3.0, -7.0]])
+    for t in (1e-45, 1e-30, 1e-8):
+        probs = next_token_probs(logits, SamplingConfig(temperature=t, top_k=0))
+        assert torch.equal(probs, torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]]))
+    tiny = SamplingConfig(max_new_tokens=30, temperature=1e-40, top_k=0)
+    assert generate(model, [4, 5], tiny, seeded(3)) == generate(model, [4, 5], greedy(30))
+
+
 def test_top_k_keeps_the_k_most_likely_in_proportion():
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.0, 1.0]])
     probs = next_token_probs(logits, SamplingConfig(temperature=1.0, top_k=2))[0]
@@ -305,6 +314,14 @@ def test_unknown_characters_are_named_or_dropped():
     assert text == "ROMEO  " and tokenizer.decode(ids) == text and dropped == ["é", "ü"]
 
 
+def test_a_prompt_that_is_not_utf8_is_named(capsys, model_file):
+    bad = b"AB\xffC".decode("utf-8", "surrogateescape")  # how Python hands undecodable argv and stdin bytes over
+    with pytest.raises(FluxtrainError, match=r"^the prompt is not valid UTF-8 \(character 3 is a bad byte\)$"):
+        encode_prompt(CharTokenizer.train(TEXT), bad, drop_unknown=True)
+    code, out, err = run_main(capsys, str(model_file), "--prompt", bad, "--max-new-tokens", "5")
+    assert (code, out) == (1, "") and err == "error: the prompt is not valid UTF-8 (character 3 is a bad byte)\n"
+
+
 def test_text_stream_holds_back_incomplete_characters():
     class ByteTokenizer:
         vocab_size = 256
@@ -436,7 +453,9 @@ def test_unknown_characters_on_the_command_line(capsys, model_file):
         (["--seed", str(2**64)], f"--seed {2**64} must be"),
         (["--context-shift", "99"], "context shift 99 must be between 1 and model.seq_len=16"),
         (["--device", "tpu"], "--device='tpu'"),
-        (["--threads", "0"], "--threads 0"),
+        (["--threads", "0"], "--threads 0 must be from 1 to"),
+        (["--threads", "100000"], "--threads 100000 must be from 1 to"),
+        (["--threads", str(10**20)], f"--threads {10**20} must be from 1 to"),
         (["--interactive"], "--prompt and --interactive"),
         (["--quantize", "int4"], "--quantize 'int4' is not one of none, int8"),
     ],
