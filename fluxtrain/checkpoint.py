@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import types
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn as nn
@@ -112,13 +113,40 @@ def save_model_file(path: str | Path, model: nn.Module, tokenizer: Tokenizer, ex
     atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(state, metadata=meta)))
 
 
-def model_config_from_json(text: str, source: str) -> ModelConfig:
-    data = json.loads(text)
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(data) - known
+def _is(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the annotated type (an int counts as a float; a bool as nothing but a bool)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        return any(_is(value, arg) for arg in get_args(hint))
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(_is(v, get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) or hint is bool:
+        return isinstance(value, bool) and hint is bool
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _typed(data: Any, cls: type, what: str, source: str) -> dict[str, Any]:
+    """`data` as keyword arguments for dataclass `cls`: a JSON object of its fields with values of their types."""
+    if not isinstance(data, dict):
+        raise FluxtrainError(f"{source}: {what} is not a JSON object")
+    hints = get_type_hints(cls)
+    unknown = set(data) - hints.keys()
     if unknown:
-        raise FluxtrainError(f"{source}: model config has unknown keys {sorted(unknown)}")
-    return ModelConfig(**data)
+        raise FluxtrainError(f"{source}: {what} has unknown keys {sorted(unknown)}")
+    for key, value in data.items():
+        if not _is(value, hints[key]):
+            raise FluxtrainError(f"{source}: {what} has {key}={value!r}, which is not {hints[key]}")
+    return data
+
+
+def model_config_from_json(text: str, source: str) -> ModelConfig:
+    cfg = ModelConfig(**_typed(json.loads(text), ModelConfig, "model config", source))
+    try:
+        cfg.validate()
+    except FluxtrainError as e:
+        raise FluxtrainError(f"{source}: {e}") from None
+    return cfg
 
 
 def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -162,7 +190,9 @@ def read_model_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.T
     return meta, tensors
 
 
-def build_from_metadata(meta: dict[str, str], source: str) -> tuple[GPT, Tokenizer]:
+def build_from_metadata(meta: dict[str, str], source: str, state: dict[str, torch.Tensor]) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer the metadata describes, checked against the weights `state` before anything is
+    allocated: a file whose metadata claims a model other than its weights is refused, not built."""
     try:
         cfg = model_config_from_json(meta["model_config"], source)
         tokenizer = tokenizer_from_json(meta["tokenizer"])
@@ -171,11 +201,15 @@ def build_from_metadata(meta: dict[str, str], source: str) -> tuple[GPT, Tokeniz
         if isinstance(e, FluxtrainError):
             raise
         raise FluxtrainError(f"{source}: damaged model metadata ({type(e).__name__}: {e})") from None
+    if tokenizer.vocab_size != vocab_size:
+        raise FluxtrainError(f"{source}: its tokenizer has {tokenizer.vocab_size} tokens, its model {vocab_size}")
+    with torch.device("meta"):  # shapes only
+        check_weights(GPT(cfg, vocab_size), state, source)
     return GPT(cfg, vocab_size), tokenizer
 
 
-def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights, with an error naming the file when they do not fit the model."""
+def check_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    """One-line errors naming the file when the weights do not fit the model or are not finite numbers."""
     expected = {k: v.shape for k, v in model.state_dict().items() if k not in TIED_KEYS}
     got = {k: v.shape for k, v in state.items()}
     if expected.keys() != got.keys():
@@ -187,14 +221,22 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
     if wrong:
         k = wrong[0]
         raise FluxtrainError(f"{source}: weight {k} has shape {tuple(got[k])}, the model needs {tuple(expected[k])}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise FluxtrainError(f"{source}: weight {bad} holds NaN or infinite values")
+
+
+def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, with an error naming the file when they do not fit the model."""
+    check_weights(model, state, source)
     model.load_state_dict(state, strict=False)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """Rebuild a model and its tokenizer from a model file or checkpoint; the model is in eval mode on `device`."""
     meta, state = read_model_file(path)
-    model, tokenizer = build_from_metadata(meta, str(path))
-    load_state_into(model, state, str(path))
+    model, tokenizer = build_from_metadata(meta, str(path), state)
+    model.load_state_dict(state, strict=False)
     return model.to(device).eval(), tokenizer
 
 
@@ -335,13 +377,23 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         model_config = model_config_from_json(meta["model_config"], str(path))
         vocab_size = int(meta["vocab_size"])
         tokenizer_from_json(meta["tokenizer"])
-        progress = Progress(**json.loads(meta["progress"]))
+        progress = Progress(**_typed(json.loads(meta["progress"]), Progress, "progress", str(path)))
         optimizer = _join_optimizer_state(groups["optim"], meta["optimizer"])
         scaler = json.loads(meta["scaler"])
         config = json.loads(meta["config"])
+        if not isinstance(config, dict):
+            raise FluxtrainError(f"{path}: its run config is not a JSON object")
         missing = {"torch", "batches"} - groups["rng"].keys()
         if missing:
             raise KeyError(f"rng/{sorted(missing)[0]}")
+        wrong = next((k for k, v in groups["rng"].items() if v.dtype != torch.uint8 or v.dim() != 1), None)
+        if wrong is not None:
+            raise FluxtrainError(f"{path}: its random-number state rng/{wrong} is not a byte vector")
+        bad = next(
+            (k for k, v in groups["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None
+        )
+        if bad is not None:
+            raise FluxtrainError(f"{path}: weight {bad} holds NaN or infinite values")
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         if isinstance(e, FluxtrainError):
             raise

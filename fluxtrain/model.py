@@ -18,6 +18,9 @@ POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu", "relu2", "swiglu")
 
 
+MAX_SEQ_LEN = 1 << 20  # far past any context this trains; bounds the rotary tables and caches a config can ask for
+
+
 @dataclass
 class ModelConfig:
     d_model: int = 256
@@ -37,6 +40,8 @@ class ModelConfig:
         for name in ("d_model", "n_heads", "n_layers", "ff_dim", "seq_len"):
             if getattr(self, name) <= 0:
                 raise FluxtrainError(f"model.{name}={getattr(self, name)} must be a positive integer")
+        if self.seq_len > MAX_SEQ_LEN:
+            raise FluxtrainError(f"model.seq_len={self.seq_len} must be at most {MAX_SEQ_LEN:,}")
         if self.d_model % self.n_heads:
             raise FluxtrainError(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
         if self.pos_emb == "rope" and (self.d_model // self.n_heads) % 2:

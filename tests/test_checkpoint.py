@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -14,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fluxtrain.checkpoint import (
     CHECKPOINT_FORMAT,
+    DIGEST_KEY,
     Progress,
+    content_digest,
     load_checkpoint,
     load_model,
     restore,
@@ -161,6 +165,22 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     files["model_file"] = (tmp_path / "model.ckpt", "is a model file, not a training checkpoint")
     save_file({"model/w": torch.zeros(3)}, str(tmp_path / "no_meta.ckpt"), metadata={"format": CHECKPOINT_FORMAT})
     files["damaged_metadata"] = (tmp_path / "no_meta.ckpt", "damaged checkpoint metadata")
+    # Crafted files whose checksum matches their content: the checks behind the checksum still name the problem.
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    progress = json.loads(meta["progress"])
+    nan_weight = tensors["model/blocks.0.mlp.fc.weight"].clone()
+    nan_weight[0, 0] = float("nan")
+    for name, meta_changes, tensor_changes, phrase in (
+        ("text_iteration", {"progress": json.dumps({**progress, "iteration": "7"})}, {}, "progress has iteration='7'"),
+        ("list_config", {"config": "[1, 2]"}, {}, "its run config is not a JSON object"),
+        ("float_rng", {}, {"rng/torch": torch.zeros(8)}, "rng/torch is not a byte vector"),
+        ("nan_weights", {}, {"model/blocks.0.mlp.fc.weight": nan_weight}, "holds NaN or infinite values"),
+    ):
+        crafted_meta, crafted = {**meta, **meta_changes}, {**tensors, **tensor_changes}
+        crafted_meta[DIGEST_KEY] = content_digest(crafted, crafted_meta)
+        save_file(crafted, str(tmp_path / f"{name}.ckpt"), metadata=crafted_meta)
+        files[name] = (tmp_path / f"{name}.ckpt", phrase)
     return files
 
 

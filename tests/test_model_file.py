@@ -94,3 +94,51 @@ def test_newer_format_wrong_shapes_and_unknown_config_keys_are_named(saved, tmp_
     unknown = rewritten(path, tmp_path, "keys.safetensors", {"model_config": json.dumps({**config, "d_modl": 64})})
     with pytest.raises(FluxtrainError, match=r"model config has unknown keys \['d_modl'\]"):
         load_model(unknown)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"d_model": "abc"}, r"model config has d_model='abc', which is not <class 'int'>"),
+        ({"dropout": "x"}, r"model config has dropout='x', which is not <class 'float'>"),
+        ({"bias": 1}, r"model config has bias=1, which is not <class 'bool'>"),
+        ({"n_heads": 3}, r"model.n_heads=3 must divide model.d_model=32"),
+        ({"seq_len": 10**9, "pos_emb": "rope"}, r"model.seq_len=1000000000 must be at most 1,048,576"),
+    ],
+)
+def test_damaged_model_configs_are_named_with_the_file(saved, tmp_path, changes, message):
+    _, _, path = saved
+    config = json.loads(safe_open(str(path), framework="pt").metadata()["model_config"])
+    bad = rewritten(path, tmp_path, "bad.safetensors", {"model_config": json.dumps({**config, **changes})})
+    with pytest.raises(FluxtrainError, match=f"^{bad}: {message}$"):
+        load_model(bad)
+
+
+def test_metadata_that_claims_another_model_than_the_weights_is_refused_before_building_it(saved, tmp_path):
+    _, tokenizer, path = saved
+    meta = safe_open(str(path), framework="pt").metadata()
+    config = json.loads(meta["model_config"])
+    # A 48-layer, width-4096 model would take 39 GB: the weights in the file decide before anything is allocated.
+    huge = rewritten(
+        path, tmp_path, "huge.safetensors", {"model_config": json.dumps({**config, "n_layers": 48, "d_model": 4096})}
+    )
+    with pytest.raises(FluxtrainError, match=f"^{huge}: weights do not fit the model"):
+        load_model(huge)
+    wide = rewritten(path, tmp_path, "vocab.safetensors", {"vocab_size": str(10**8)})
+    with pytest.raises(FluxtrainError, match=f"^{wide}: its tokenizer has {tokenizer.vocab_size} tokens, its model"):
+        load_model(wide)
+    small = CharTokenizer.train("abc")
+    other = rewritten(path, tmp_path, "tok.safetensors", {"tokenizer": small.to_json()})
+    with pytest.raises(
+        FluxtrainError, match=f"^{other}: its tokenizer has 3 tokens, its model {tokenizer.vocab_size}$"
+    ):
+        load_model(other)
+
+
+def test_weights_that_are_not_finite_are_refused(saved, tmp_path):
+    model, _, path = saved
+    weight = model.state_dict()["blocks.1.attn.proj.weight"].clone()
+    weight[0, 0] = float("nan")
+    nan = rewritten(path, tmp_path, "nan.safetensors", tensor_changes={"blocks.1.attn.proj.weight": weight})
+    with pytest.raises(FluxtrainError, match=f"^{nan}: weight blocks.1.attn.proj.weight holds NaN or infinite values$"):
+        load_model(nan)
