@@ -16,7 +16,7 @@ from tqdm import tqdm
 from fluxtrain.checkpoint import load_model
 from fluxtrain.data import ENCODING_ERRORS, count_bytes, encode_all
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.files import atomic_write_text
+from fluxtrain.files import atomic_write_text, check_writable
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, eval_mode
 from fluxtrain.runs import resolve_model_path
@@ -172,6 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> EvalResult:
     if args.batch_size <= 0:
         raise FluxtrainError(f"--batch-size={args.batch_size} must be a positive integer")
+    if args.json and args.json != "-":
+        check_writable(args.json, "--json")
     device = resolve_device(args.device, "--device")
     model, tokenizer = load_model(resolve_model_path(args.model), device)
     check_stride(args.stride, model.cfg.seq_len)
@@ -199,7 +201,10 @@ def run(args: argparse.Namespace) -> EvalResult:
         if args.json == "-":
             sys.stdout.write(figures)
         else:
-            atomic_write_text(args.json, figures)
+            try:
+                atomic_write_text(args.json, figures)
+            except OSError as e:
+                raise FluxtrainError(f"--json {args.json} cannot be written: {e.strerror or e}") from None
     return result
 
 
@@ -209,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

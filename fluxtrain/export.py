@@ -15,8 +15,10 @@ import torch
 
 from fluxtrain.checkpoint import load_model
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.files import check_writable
 from fluxtrain.model import GPT, ModelConfig, eval_mode
-from fluxtrain.runs import resolve_model_path
+from fluxtrain.resume import find_latest
+from fluxtrain.runs import resolve_model_path, run_model_file
 from fluxtrain.tokenizer import Tokenizer
 
 INSTALL_HINT = "pip install 'fluxtrain[hf]' (or pip install -e \".[hf]\" in a checkout)"
@@ -207,8 +209,13 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise FluxtrainError(f"OUT_DIR {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and (run_model_file(out_dir) or find_latest(out_dir)):
+        raise FluxtrainError(
+            f"OUT_DIR {out_dir} is a run folder (it holds fluxtrain model files); export into a new one"
+        )
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FluxtrainError(f"OUT_DIR {out_dir} is not empty; choose a new folder or pass --overwrite")
+    check_writable(out_dir, "OUT_DIR", folder=True)
     model_path = resolve_model_path(model_path)
     model, tokenizer = load_model(model_path)
     hf_model, hf_tok = to_transformers(model, tokenizer, str(model_path))
@@ -230,7 +237,10 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
-    write_folder(out_dir, write)
+    try:
+        write_folder(out_dir, write)
+    except OSError as e:
+        raise FluxtrainError(f"OUT_DIR {out_dir} cannot be written: {e.strerror or e}") from None
     return out_dir
 
 
@@ -248,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # write_folder leaves OUT_DIR as it was
+        print("interrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)
     print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained")
 
 

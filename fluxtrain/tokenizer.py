@@ -216,6 +216,8 @@ def _hf_from_str(text: str) -> HFTokenizer:
 def load_tokenizer(path: str | Path, setting: str = "tokenizer.path") -> Tokenizer:
     """A tokenizer file: fluxtrain's char format or a Hugging Face tokenizer.json."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise FluxtrainError(f"{setting}: {path} is a folder; give its tokenizer file (e.g. {path / 'tokenizer.json'})")
     if not path.is_file():
         raise FluxtrainError(f"{setting}: tokenizer file {path} does not exist")
     try:

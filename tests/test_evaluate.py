@@ -266,3 +266,29 @@ def test_a_one_token_text_is_a_one_line_error(model_file, tmp_path, capsys):
     text_file.write_text("k", encoding="utf-8")
     err = one_line_error(capsys, model_file, text_file)
     assert "--data" in err and "at least 2" in err
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_evaluating(model_file, tmp_path, capsys, monkeypatch):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(make_text(200), encoding="utf-8")
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr("fluxtrain.evaluate.evaluate_ids", lambda *a: pytest.fail("the evaluation ran"))
+    for target, message in (
+        (tmp_path, f"--json {tmp_path} is a folder, not a file"),
+        (tmp_path / "a_file" / "x.json", f"--json {tmp_path / 'a_file' / 'x.json'} cannot be written: "),
+        ("/proc/x.json", "--json /proc/x.json cannot be written: /proc: "),
+    ):
+        assert one_line_error(capsys, model_file, text_file, "--json", str(target)).startswith(f"error: {message}")
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(model_file, tmp_path, capsys, monkeypatch):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(make_text(200), encoding="utf-8")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fluxtrain.evaluate.evaluate_ids", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_file), "--data", str(text_file), "--device", "cpu"])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,41 @@ def test_unknown_tokenizer_kind_is_refused():
 
     with pytest.raises(FluxtrainError, match="'odd'"):
         to_transformers(tiny_model(10), Odd())
+
+
+def test_an_out_dir_that_cannot_be_written_or_is_a_run_folder_is_refused_before_converting(
+    tmp_path, capsys, monkeypatch
+):
+    tokenizer = CharTokenizer.train(TEXT)
+    model_file = tmp_path / "run" / "best.safetensors"
+    save_model_file(model_file, tiny_model(tokenizer.vocab_size), tokenizer)
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr("fluxtrain.export.load_model", lambda *a: pytest.fail("the model was loaded"))
+    for out, message in (
+        (
+            tmp_path / "a_file" / "hf",
+            f"OUT_DIR {tmp_path / 'a_file' / 'hf'} cannot be written: {tmp_path / 'a_file'} is a file",
+        ),
+        (Path("/proc/nope/hf"), "OUT_DIR /proc/nope/hf cannot be written: /proc: No such file or directory"),
+        (tmp_path / "run", f"OUT_DIR {tmp_path / 'run'} is a run folder (it holds fluxtrain model files)"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(model_file), str(out), "--overwrite"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.safetensors"]
+
+
+def test_ctrl_c_writes_nothing_and_exits_130(tmp_path, capsys, monkeypatch):
+    tokenizer = CharTokenizer.train(TEXT)
+    save_model_file(tmp_path / "model.safetensors", tiny_model(tokenizer.vocab_size), tokenizer)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fluxtrain.export.check_same_logits", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "model.safetensors"), str(tmp_path / "hf")])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted: nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

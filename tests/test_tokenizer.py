@@ -90,6 +90,8 @@ def test_bpe_saves_a_plain_hugging_face_file(bpe, tmp_path):
 def test_bad_tokenizer_files_are_one_line_errors(tmp_path):
     with pytest.raises(FluxtrainError, match="does not exist"):
         load_tokenizer(tmp_path / "missing.json")
+    with pytest.raises(FluxtrainError, match=f"^TOKENIZER: {tmp_path} is a folder; give its tokenizer file"):
+        load_tokenizer(tmp_path, setting="TOKENIZER")
     bad = tmp_path / "bad.json"
     bad.write_text('{"model": {"type": "nonsense"}}')
     with pytest.raises(FluxtrainError, match="tokenizer.path: .*bad.json is not a tokenizer file"):
