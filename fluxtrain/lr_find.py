@@ -31,6 +31,7 @@ RULES = {
     "steepest": "steepest descent of the smoothed loss",
     "min_div_10": "a tenth of the LR at the smoothed loss's minimum",
 }
+MIN_DROP = 0.05  # the smoothed loss must fall by this fraction of its start before a minimum counts as a descent
 
 
 @dataclass
@@ -48,13 +49,13 @@ class LRFindResult:
     lrs: list[float]
     losses: list[float]
     smoothed: list[float]
-    suggested_lr: float | None  # None: the smoothed loss never fell, so there is no steepest descent to pick
+    suggested_lr: float | None  # None: the smoothed loss did not fall by MIN_DROP, so there is no descent to pick
     rule: str
     stopped_early: bool
 
     def summary(self) -> str:
         if self.suggested_lr is None:
-            return f"no suggestion: the smoothed loss never fell (lr_find.rule={self.rule})"
+            return f"no suggestion: the smoothed loss fell by less than {MIN_DROP:.0%} (lr_find.rule={self.rule})"
         return f"suggested optim.lr={self.suggested_lr:.2e} (rule: {RULES[self.rule]}; lr_find.rule={self.rule})"
 
 
@@ -91,14 +92,20 @@ def zero_lag_smooth(values: np.ndarray, beta: float) -> np.ndarray:
     return ema(ema(values, beta)[::-1], beta)[::-1]
 
 
+def relative_drop(smoothed: np.ndarray) -> float:
+    """How far the smoothed loss fell from its start to its minimum, as a fraction of the start."""
+    return float((smoothed[0] - smoothed.min()) / smoothed[0])
+
+
 def suggest_lr(lrs: np.ndarray, smoothed: np.ndarray, rule: str) -> float | None:
     """The LR suggested by `rule` from the smoothed loss curve; only the part up to its minimum is considered.
-    None for the steepest descent when the minimum is at the first steps: the smoothed loss never fell."""
+    None when the smoothed loss did not fall by MIN_DROP of its start before its minimum, or is lowest at the first
+    steps: its minimum is noise, not the bottom of a descent."""
     i_min = int(np.argmin(smoothed))
+    if i_min < 2 or relative_drop(smoothed) < MIN_DROP:
+        return None
     if rule == "min_div_10":
         return float(lrs[i_min] / 10)
-    if i_min < 2:
-        return None
     slopes = np.gradient(smoothed[: i_min + 1], np.log10(lrs[: i_min + 1]))  # loss change per decade of LR
     return float(lrs[int(np.argmin(slopes))])
 
@@ -194,12 +201,14 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     writer.add_text("lr_find/suggestion", result.summary())
     writer.close()
     if result.suggested_lr is None:
-        png = run_dir / "lr_find.png"
+        i_min, png = int(np.argmin(smoothed_arr)), run_dir / "lr_find.png"
         raise FluxtrainError(
-            f"lr_find: no suggestion, the smoothed loss is lowest at the first step (curve in {png}); with few steps "
-            f"the rise at the end smooths back over the whole curve: raise lr_find.num_steps={fcfg.num_steps} or lower "
-            f"lr_find.smoothing={fcfg.smoothing}; if the raw loss rose from the start, lower "
-            f"lr_find.start_lr={fcfg.start_lr:g}"
+            f"lr_find: no suggestion, the smoothed loss fell by only {relative_drop(smoothed_arr):.1%} (needs "
+            f"{MIN_DROP:.0%}) to its minimum at step {i_min + 1}/{len(lrs)}, lr {lrs[i_min]:.2e} (curve in {png}); "
+            f"a short run's final rise smooths back over the whole curve: raise lr_find.num_steps={fcfg.num_steps} "
+            f"or lower lr_find.smoothing={fcfg.smoothing}, or narrow lr_find.start_lr={fcfg.start_lr:g} to "
+            f"lr_find.end_lr={fcfg.end_lr:g} so more steps fall where the loss moves; if the raw loss rose from the "
+            f"start, lower lr_find.start_lr"
         )
     log.info(f"lr_find: {result.summary()} | curve in {run_dir / 'lr_find.png'}")
     return result

@@ -79,6 +79,26 @@ def written_since(root: Path, pattern: str, since: float) -> list[Path]:
     return in_job_order((p for p in root.rglob(pattern) if p.stat().st_mtime >= since), root)
 
 
+def load_metrics(file: Path) -> dict[str, Any]:
+    """A metrics.json: an object whose table columns are numbers or null (ValueError if not)."""
+    metrics = json.loads(file.read_text())
+    if not isinstance(metrics, dict):
+        raise ValueError(f"not a JSON object but {type(metrics).__name__}")
+    for key in dict.fromkeys((*TABLE_METRICS, *RANKED_METRICS)):
+        value = metrics.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{key}={json.dumps(value)} is not a number")
+    return metrics
+
+
+def load_error(file: Path) -> str:
+    """The error message in a failed.json (ValueError if it has none)."""
+    report = json.loads(file.read_text())
+    if not isinstance(report, dict) or not isinstance(report.get("error"), str):
+        raise ValueError('no "error" message')
+    return report["error"]
+
+
 def read_run(path: Path, root: Path) -> Run:
     def read(name: str, load):
         file = path / name
@@ -92,8 +112,8 @@ def read_run(path: Path, root: Path) -> Run:
 
     config = read(".hydra/config.yaml", lambda f: OmegaConf.to_container(OmegaConf.load(f))) or {}
     overrides = read(".hydra/overrides.yaml", lambda f: list(OmegaConf.load(f))) or []
-    metrics = read(METRICS_FILE, lambda f: json.loads(f.read_text()))
-    error = read(FAILED_FILE, lambda f: json.loads(f.read_text())["error"])
+    metrics = read(METRICS_FILE, load_metrics)
+    error = read(FAILED_FILE, load_error)
     name = str(path.relative_to(root)) if path != root else path.name
     return Run(path=path, name=name, config=config, overrides=overrides, metrics=metrics, error=error)
 

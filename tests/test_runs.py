@@ -109,3 +109,20 @@ def test_varying_keys_compares_nested_settings_lists_and_missing_keys(tmp_path):
     assert varying_keys([run(same), run(same)]) == []
     other = {"model": {"d_model": 32}, "optim": {"betas": [0.9, 0.95]}, "resume": "auto"}
     assert varying_keys([run(same), run(other)]) == ["optim.betas", "resume"]
+
+
+@pytest.mark.parametrize(
+    "name, text, reason",
+    [
+        ("metrics.json", "[1, 2]", "not a JSON object but list"),
+        ("metrics.json", '{"best_val_loss": "abc"}', 'best_val_loss="abc" is not a number'),
+        ("metrics.json", '{"best_val_loss": 1.9, "tokens_per_sec": true}', "tokens_per_sec=true is not a number"),
+        ("failed.json", '{"error": 5}', 'no "error" message'),
+    ],
+)
+def test_the_runs_command_names_a_damaged_file_and_key(tmp_path, capsys, name, text, reason):
+    make_run(tmp_path / "ok", 1e-3, metrics={"best_val_loss": 1.9, "tokens_per_sec": None})
+    make_run(tmp_path / "run", 1e-3)
+    (tmp_path / "run" / name).write_text(text)
+    code, out, err = compare(capsys, str(tmp_path))
+    assert (code, out, err) == (1, "", f"error: {tmp_path / 'run' / name} is not readable: {reason}\n")
