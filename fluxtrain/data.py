@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, describe_failure
 from fluxtrain.files import atomic_write, atomic_write_text
 from fluxtrain.sources import Sources, download, head_text, iter_text, read_corpus, resolve_sources, sha256_file
 from fluxtrain.tokenizer import Tokenizer, TokenizerConfig, UnknownCharactersError, build_tokenizer, load_tokenizer
@@ -31,6 +32,7 @@ ENCODING_ERRORS = ("strict", "replace")
 CACHE_VERSION = 1
 ENCODE_CHUNK = 1 << 18  # characters per encoded piece; a batch of these is encoded in parallel
 ENCODE_BATCH = 8
+VERIFY_BLOCK = 1 << 24  # bytes of cached ids hashed at a time
 TRAIN_PIECE = 1 << 16  # characters per piece of text handed to the BPE trainer
 
 
@@ -54,6 +56,21 @@ def validate(cfg: DataConfig) -> None:
         raise FluxtrainError(f"data.encoding_errors={cfg.encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
     if not cfg.val_path and not 0.0 < cfg.val_fraction < 1.0:
         raise FluxtrainError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1 (or set data.val_path)")
+
+
+def check_cache_dir(cfg: DataConfig) -> None:
+    """`data.cache_dir` must be a folder this process can write to, when the cache or the download needs it."""
+    if cfg.path and not cfg.cache:
+        return
+    folder = Path(cfg.cache_dir).expanduser()
+    fix = "set data.cache_dir to a writable folder" + (" or data.cache=false" if cfg.path else "")
+    if folder.exists() and not folder.is_dir():
+        raise FluxtrainError(f"data.cache_dir={cfg.cache_dir} is not a folder; {fix}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise FluxtrainError(f"data.cache_dir={cfg.cache_dir} cannot be written to ({e.strerror}); {fix}") from None
 
 
 def resolve_text_path(cfg: DataConfig) -> Path:
@@ -178,24 +195,60 @@ def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fing
     folder = Path(cfg.cache_dir).expanduser() / "tokens"
     ids_path, meta_path = folder / f"{key}.bin", folder / f"{key}.json"
     if meta_path.is_file() and ids_path.is_file():
-        n_tokens = json.loads(meta_path.read_text())["n_tokens"]
-        if ids_path.stat().st_size == n_tokens * np.dtype(dtype).itemsize:
+        try:
+            n_tokens = _check_entry(ids_path, meta_path, dtype, tokenizer.vocab_size)
+        except (OSError, ValueError) as e:
+            log.warning(f"{sources.setting}: discarding the token cache entry {ids_path} ({e}); encoding again")
+        else:
             log.info(f"{sources.setting}: {n_tokens:,} token ids from the cache {ids_path}")
             return _open_ids(ids_path, dtype, n_tokens)
-    n_tokens = 0
+    n_tokens, digest = 0, hashlib.blake2b()
 
     def write_ids(tmp: Path) -> None:
         nonlocal n_tokens
         with open(tmp, "wb") as f:
             for ids in encode_stream(pieces, tokenizer, setting):
-                f.write(ids.astype(dtype).tobytes())
+                raw = ids.astype(dtype).tobytes()
+                f.write(raw)
+                digest.update(raw)
                 n_tokens += len(ids)
 
+    # Each file is written whole or not at all, the ids before the entry that vouches for them with their digest: a
+    # crash in between leaves ids that no entry vouches for, which are encoded again.
     atomic_write(ids_path, write_ids)
-    meta = {"n_tokens": n_tokens, "dtype": np.dtype(dtype).name, "source": sources.setting}
+    meta = {
+        "n_tokens": n_tokens,
+        "dtype": np.dtype(dtype).name,
+        "blake2b": digest.hexdigest(),
+        "source": sources.setting,
+    }
     atomic_write_text(meta_path, json.dumps(meta))
     log.info(f"{sources.setting}: encoded {n_tokens:,} tokens into {ids_path}")
     return _open_ids(ids_path, dtype, n_tokens)
+
+
+def _check_entry(ids_path: Path, meta_path: Path, dtype, vocab_size: int) -> int:
+    """The number of ids in a cache entry, after checking them against its size and digest and the vocabulary;
+    ValueError (or OSError) says what is wrong."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        n_tokens, expected = int(meta["n_tokens"]), meta.get("blake2b")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{meta_path.name} is not a valid entry: {describe_failure(e)}") from None
+    if expected is None:
+        raise ValueError(f"{meta_path.name} has no digest of the ids (an older fluxtrain wrote it)")
+    if ids_path.stat().st_size != n_tokens * np.dtype(dtype).itemsize:
+        raise ValueError(f"{ids_path.name} does not hold {n_tokens:,} ids")
+    digest, max_id = hashlib.blake2b(), 0
+    with open(ids_path, "rb") as f:
+        for block in iter(lambda: f.read(VERIFY_BLOCK), b""):
+            digest.update(block)
+            max_id = max(max_id, int(np.frombuffer(block, dtype).max()))
+    if digest.hexdigest() != expected:
+        raise ValueError(f"{ids_path.name} does not match the blake2b digest in {meta_path.name}")
+    if max_id >= vocab_size:
+        raise ValueError(f"{ids_path.name} holds id {max_id}, outside the vocabulary of {vocab_size}")
+    return n_tokens
 
 
 def _open_ids(path: Path, dtype, n_tokens: int) -> np.ndarray:
@@ -227,8 +280,13 @@ def corpus_tokenizer(
         parts.update(separator=cfg.separator, encoding_errors=cfg.encoding_errors, val_fraction=cfg.val_fraction)
         cached = Path(cfg.cache_dir).expanduser() / "tokenizers" / f"{_key(parts)}.json"
         if cached.is_file():
-            log.info(f"tokenizer: reusing {cached}")
-            return load_tokenizer(cached, "data.cache_dir")
+            try:
+                tokenizer = load_tokenizer(cached, "data.cache_dir")
+            except FluxtrainError as e:
+                log.warning(f"tokenizer: discarding the cached tokenizer ({e}); building it again")
+            else:
+                log.info(f"tokenizer: reusing {cached}")
+                return tokenizer
 
     def stream(sources: Sources) -> Iterator[str]:
         return iter_text(sources, cfg.separator, cfg.encoding_errors)
@@ -293,6 +351,7 @@ def load_corpus(cfg: DataConfig, tok_cfg: TokenizerConfig, seq_len: int) -> tupl
     Returns the data, the tokenizer and a one-line description of the sources for the log.
     """
     validate(cfg)
+    check_cache_dir(cfg)
     train_src, val_src = corpus_sources(cfg)
     for sources in (train_src, val_src):
         if sources is not None:

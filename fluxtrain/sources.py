@@ -10,6 +10,7 @@ import glob
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -96,6 +97,7 @@ class Sources:
     sizes: list[int] = field(default_factory=list)
     n_binary: int = 0  # binary files skipped
     n_empty: int = 0  # empty files skipped
+    n_broken: int = 0  # broken symbolic links skipped
 
     @property
     def n_bytes(self) -> int:
@@ -103,7 +105,9 @@ class Sources:
 
     def describe(self) -> str:
         skipped = [f"{n} {what}" for n, what in ((self.n_binary, "binary"), (self.n_empty, "empty")) if n]
-        extra = f" ({' and '.join(skipped)} file(s) skipped)" if skipped else ""
+        notes = [f"{' and '.join(skipped)} file(s) skipped"] if skipped else []
+        notes += [f"{self.n_broken} broken link(s) skipped"] if self.n_broken else []
+        extra = f" ({'; '.join(notes)})" if notes else ""
         return f"{self.setting}: {len(self.files)} file(s), {self.n_bytes:,} bytes{extra}"
 
 
@@ -117,16 +121,22 @@ def _is_binary(path: Path) -> bool:
         return b"\0" in f.read(BINARY_SNIFF)
 
 
-def _walk(folder: Path) -> list[tuple[str, Path]]:
-    """(relative posix path, path) of every file under `folder`, skipping hidden files and folders."""
-    found = []
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def _walk(folder: Path) -> tuple[list[tuple[str, Path]], int]:
+    """(relative posix path, path) of every file under `folder`, skipping hidden files and folders, and how many
+    hidden ones were skipped."""
+    found, n_hidden = [], 0
     for root, dirs, files in os.walk(folder):
+        n_hidden += sum(name.startswith(".") for name in dirs + files)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             if not name.startswith("."):
                 path = Path(root) / name
                 found.append((path.relative_to(folder).as_posix(), path))
-    return found
+    return found, n_hidden
 
 
 def resolve_sources(
@@ -137,42 +147,70 @@ def resolve_sources(
     Files under a folder or glob are kept if they match one of `include` (when given) and none of `exclude`
     (globs matched against the file name and against the path relative to the folder, or for a glob the path as
     it matched), then sorted by path;
-    hidden files and folders are skipped, and so are binary files (a NUL byte near the start) and empty files.
+    hidden files and folders are skipped, and so are binary files (a NUL byte near the start), empty files, broken
+    symbolic links (with a warning naming them) and what is not a regular file (FIFOs, sockets, devices).
     """
     include, exclude = list(include), list(exclude)
     where = f"{setting}={path}"
     target = Path(path).expanduser()
+    n_hidden = 0
     if target.is_file():
         if target.stat().st_size == 0:
             raise FluxtrainError(f"{setting}: file {target} is empty")
         return Sources([target], where, [target.stat().st_size])
     if target.is_dir():
-        candidates = _walk(target)
+        candidates, n_hidden = _walk(target)
+    elif target.exists():
+        raise FluxtrainError(f"{setting}: {target} is not a regular file or a folder")
     elif glob.has_magic(path):
         matches = glob.glob(os.path.expanduser(path), recursive=True)
-        candidates = [(Path(m).as_posix(), Path(m)) for m in matches if Path(m).is_file()]
+        candidates = [(Path(m).as_posix(), Path(m)) for m in matches if not Path(m).is_dir()]
         if not candidates:
             raise FluxtrainError(f"{where}: the glob matches no files")
+    elif _is_broken_link(target):
+        raise FluxtrainError(f"{setting}: {target} is a broken link to {os.readlink(target)}")
     elif path.endswith("/"):
         raise FluxtrainError(f"{setting}: folder {target} does not exist")
     else:
         raise FluxtrainError(f"{setting}: file {target} does not exist")
-    sources = Sources([], where)
+    sources, broken, n_filtered, n_special = Sources([], where), [], 0, 0
     for rel, file in sorted(candidates):
         if (include and not _matches(rel, include)) or _matches(rel, exclude):
-            continue
-        size = file.stat().st_size
-        if size == 0:
+            n_filtered += 1
+        elif _is_broken_link(file):
+            broken.append(f"{file} -> {os.readlink(file)}")
+        elif not stat.S_ISREG((st := file.stat()).st_mode):
+            n_special += 1  # a FIFO, socket or device: reading it could block or never end
+        elif st.st_size == 0:
             sources.n_empty += 1
         elif _is_binary(file):
             sources.n_binary += 1
         else:
             sources.files.append(file)
-            sources.sizes.append(size)
+            sources.sizes.append(st.st_size)
+    sources.n_broken = len(broken)
+    if broken:
+        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
+        log.warning(f"{where}: skipping {len(broken)} broken link(s): {', '.join(broken[:5])}{more}")
     if not sources.files:
-        filters = f" with include={include}" if include else ""
-        filters += f" exclude={exclude}" if exclude else ""
-        raise FluxtrainError(f"{where}: no text files found{filters} ({sources.n_binary} binary skipped)")
+        filters = " and ".join(
+            f"{name}={globs}" for name, globs in (("include", include), ("exclude", exclude)) if globs
+        )
+        filters = f" with {filters}" if filters else ""
+        found = [
+            f"{n} {what}"
+            for n, what in (
+                (n_hidden, "hidden file(s) or folder(s)"),
+                (n_filtered, "file(s) left out by include/exclude"),
+                (sources.n_binary, "binary file(s)"),
+                (sources.n_empty, "empty file(s)"),
+                (sources.n_broken, "broken link(s)"),
+                (n_special, "FIFO(s), socket(s) or device(s)"),
+            )
+            if n
+        ]
+        found_text = f"only {', '.join(found)}, which are skipped" if found else "the folder is empty"
+        raise FluxtrainError(f"{where}: no text files found{filters} ({found_text})")
     return sources
 
 

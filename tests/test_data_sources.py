@@ -1,8 +1,11 @@
 """Data sources and encoding: file/folder/glob selection, binary and UTF-8 handling, chunked encoding, the memmap
 cache, the validation split and bits per byte."""
 
+import hashlib
+import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +97,53 @@ def test_selection_errors_name_the_setting(tree):
         resolve_sources(str(tree), include=["*.rs"])
     with pytest.raises(FluxtrainError, match="data.path: file .*empty.txt is empty"):
         resolve_sources(str(tree / "empty.txt"))
+
+
+@pytest.mark.parametrize("pattern", ["{folder}", "{folder}/*.txt"])
+def test_broken_links_are_skipped_with_a_warning_naming_them(tmp_path, caplog, pattern):
+    folder = tmp_path / "link"
+    write(folder / "good.txt", "hello\n")
+    (folder / "broken.txt").symlink_to(tmp_path / "nowhere")
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        sources = resolve_sources(pattern.format(folder=folder))
+    assert rel(sources, folder) == ["good.txt"] and sources.n_broken == 1
+    assert sources.describe().endswith("6 bytes (1 broken link(s) skipped)")
+    assert any(
+        f"skipping 1 broken link(s): {folder / 'broken.txt'} -> {tmp_path / 'nowhere'}" in r.message
+        for r in caplog.records
+    )
+    (folder / "good.txt").unlink()
+    with pytest.raises(FluxtrainError, match=r"no text files found \(only 1 broken link\(s\), which are skipped\)"):
+        resolve_sources(pattern.format(folder=folder))
+    with pytest.raises(FluxtrainError, match=r"data.path: .*broken.txt is a broken link to .*nowhere$"):
+        resolve_sources(str(folder / "broken.txt"))
+
+
+def test_what_is_not_a_regular_file_is_named_so(tmp_path):
+    fifo = tmp_path / "folder" / "fifo"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    for path in (fifo, Path(os.devnull)):
+        with pytest.raises(FluxtrainError, match=rf"data.path: {path} is not a regular file or a folder$"):
+            resolve_sources(str(path))
+    write(fifo.parent / "a.txt", "text\n")
+    assert rel(resolve_sources(str(fifo.parent)), fifo.parent) == ["a.txt"]  # the FIFO is never opened
+
+
+def test_no_text_files_message_says_what_was_found(tmp_path, tree):
+    write(tmp_path / "hidden" / ".notes.txt", "hidden\n")
+    write(tmp_path / "hidden" / ".git" / "config", "[core]\n")
+    with pytest.raises(FluxtrainError, match=r"found \(only 2 hidden file\(s\) or folder\(s\), which are skipped\)$"):
+        resolve_sources(str(tmp_path / "hidden"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FluxtrainError, match=r"no text files found \(the folder is empty\)$"):
+        resolve_sources(str(tmp_path / "empty"))
+    with pytest.raises(
+        FluxtrainError,
+        match=r"with include=\['\*.png', '\*.txt'\] \(only 2 hidden file\(s\) or folder\(s\), "
+        r"5 file\(s\) left out by include/exclude, 1 binary file\(s\), 1 empty file\(s\), which",
+    ):
+        resolve_sources(str(tree), include=["*.png", "*.txt"])
 
 
 def test_files_are_joined_in_order_with_the_separator(tree):
@@ -225,6 +275,98 @@ def test_cache_off_encodes_in_memory(tmp_path, monkeypatch):
         data, _, _ = load_corpus(corpus_cfg(tmp_path, path, cache=False), TokenizerConfig(), 16)
     assert len(calls) == 2 and not (tmp_path / "cache").exists()
     assert not isinstance(data.train.base, np.memmap)
+
+
+def test_unusable_cache_dir_is_an_error_before_any_work(tmp_path, monkeypatch):
+    path = write(tmp_path / "a.txt", make_text(3_000))
+    a_file = write(tmp_path / "file", "x")
+    calls = count_encodes(monkeypatch)
+    cases = [(a_file, "is not a folder"), (a_file / "sub", r"cannot be written to \(Not a directory\)")]
+    if Path("/proc/self").is_dir():  # a folder nobody may create files in, even root
+        cases.append((Path("/proc/self"), "cannot be written to"))
+    for cache_dir, problem in cases:
+        cfg = DataConfig(path=str(path), cache_dir=str(cache_dir))
+        with pytest.raises(FluxtrainError, match=rf"^data.cache_dir={cache_dir} {problem}.*or data.cache=false$"):
+            load_corpus(cfg, TokenizerConfig(), 16)
+    assert calls == []
+    cfg = DataConfig(path=str(path), cache_dir=str(a_file / "sub"), cache=False)  # the folder is not needed
+    load_corpus(cfg, TokenizerConfig(), 16)
+    assert len(calls) == 1
+
+
+def damage_json(entry: Path, vocab_size: int) -> None:
+    entry.write_text('{"n_tokens": 12')
+
+
+def damage_random_bytes(entry: Path, vocab_size: int) -> None:
+    ids = entry.with_suffix(".bin")
+    ids.write_bytes(np.full(ids.stat().st_size // 2, 65_000, np.uint16).tobytes())  # ids far outside the vocabulary
+
+
+def damage_in_range(entry: Path, vocab_size: int) -> None:
+    ids = entry.with_suffix(".bin")
+    garbage = np.random.default_rng(0).integers(0, vocab_size, ids.stat().st_size // 2, dtype=np.uint16)
+    ids.write_bytes(garbage.tobytes())
+
+
+def damage_in_range_with_matching_digest(entry: Path, vocab_size: int) -> None:
+    damage_random_bytes(entry, vocab_size)
+    meta = json.loads(entry.read_text())
+    meta["blake2b"] = hashlib.blake2b(entry.with_suffix(".bin").read_bytes()).hexdigest()
+    entry.write_text(json.dumps(meta))
+
+
+def damage_truncated(entry: Path, vocab_size: int) -> None:
+    ids = entry.with_suffix(".bin")
+    ids.write_bytes(ids.read_bytes()[:-2])
+
+
+def damage_no_digest(entry: Path, vocab_size: int) -> None:
+    meta = json.loads(entry.read_text())
+    del meta["blake2b"]
+    entry.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (damage_json, "json is not a valid entry: JSONDecodeError"),
+        (damage_random_bytes, "bin does not match the blake2b digest"),
+        (damage_in_range, "bin does not match the blake2b digest"),
+        (damage_in_range_with_matching_digest, "bin holds id 65000, outside the vocabulary of"),
+        (damage_truncated, "bin does not hold"),
+        (damage_no_digest, "json has no digest of the ids"),
+    ],
+)
+def test_a_damaged_cache_entry_is_discarded_and_encoded_again(tmp_path, monkeypatch, caplog, damage, reason):
+    path = write(tmp_path / "a.txt", make_text(3_000))
+    cfg = corpus_cfg(tmp_path, path)
+    first, tok, _ = load_corpus(cfg, TokenizerConfig(), 16)
+    expected = np.concatenate([first.train, first.val])  # a copy: damaging the file in place changes the memmap
+    (entry,) = (tmp_path / "cache" / "tokens").glob("*.json")
+    damage(entry, tok.vocab_size)
+    calls = count_encodes(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        second, _, _ = load_corpus(cfg, TokenizerConfig(), 16)
+    assert len(calls) == 1
+    assert any("discarding the token cache entry" in r.message and reason in r.message for r in caplog.records)
+    assert np.array_equal(np.concatenate([second.train, second.val]), expected)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        load_corpus(cfg, TokenizerConfig(), 16)  # the new entry is sound
+    assert len(calls) == 1 and not caplog.records
+
+
+def test_a_damaged_cached_tokenizer_is_built_again(tmp_path, caplog):
+    path = write(tmp_path / "a.txt", make_text(3_000))
+    cfg, tok_cfg = corpus_cfg(tmp_path, path), TokenizerConfig(kind="bpe", vocab_size=300)
+    first, tok1, _ = load_corpus(cfg, tok_cfg, 16)
+    (cached,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
+    cached.write_text("{")
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        second, tok2, _ = load_corpus(cfg, tok_cfg, 16)
+    assert any("discarding the cached tokenizer" in r.message for r in caplog.records)
+    assert tok2.to_json() == tok1.to_json() and np.array_equal(second.train, first.train)
 
 
 def test_id_dtype():
