@@ -25,6 +25,7 @@ SUPERSEDED_DIR = "superseded"
 TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer, beside its checkpoints folder
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.ckpt")
 EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")  # TensorBoard's: the second it was opened, first
+EVENT_FILES = "events.out.tfevents.*"
 STALE_TEMP = ".iter_*.ckpt.*.tmp"  # left behind by a process killed while writing
 MODEL_KEYS_FREE_ON_RESUME = ("dropout",)  # model settings that do not change the weights' meaning
 
@@ -67,17 +68,20 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
 
 
 def move_to_superseded(run_dir: str | Path, paths: list[Path]) -> list[Path]:
-    """Move `paths` into the run's checkpoints/superseded/ folder; returns where they went."""
-    folder = Path(run_dir) / CHECKPOINT_DIR / SUPERSEDED_DIR
-    moved = []
-    for p in paths:
-        folder.mkdir(parents=True, exist_ok=True)
-        moved.append(p.replace(folder / p.name))
-    return moved
+    """Move `paths` into a new numbered folder checkpoints/superseded/NNN/ (001, 002, ...), so that no earlier set
+    aside is overwritten; returns where they went."""
+    if not paths:
+        return []
+    root = Path(run_dir) / CHECKPOINT_DIR / SUPERSEDED_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    number = max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0) + 1
+    folder = root / f"{number:03d}"
+    folder.mkdir()  # fails rather than mixing with a folder another process made just now
+    return [p.replace(folder / p.name) for p in paths]
 
 
 def set_aside_later(run_dir: str | Path, iteration: int) -> list[Path]:
-    """Move checkpoints after `iteration`, a future the resumed run replaces, into checkpoints/superseded/."""
+    """Move checkpoints after `iteration`, a future the resumed run replaces, into checkpoints/superseded/NNN/."""
     moved = move_to_superseded(run_dir, [p for it, p in list_checkpoints(run_dir) if it > iteration])
     if moved:
         log.warning(f"resuming at iteration {iteration}: moved {len(moved)} later checkpoint(s) to {moved[0].parent}")
@@ -85,15 +89,20 @@ def set_aside_later(run_dir: str | Path, iteration: int) -> list[Path]:
 
 
 def set_aside_earlier_run(run_dir: str | Path, outputs: tuple[str, ...]) -> list[Path]:
-    """Move an earlier run's checkpoints and `outputs` (file name patterns: its model files, its metrics), which a
-    fresh run in the same folder replaces, into checkpoints/superseded/, so none of them passes for the new run's."""
-    earlier = [p for _, p in list_checkpoints(run_dir)]
-    earlier += [p for pattern in outputs for p in sorted(Path(run_dir).glob(pattern))]
-    moved = move_to_superseded(run_dir, earlier)
+    """Move an earlier run's checkpoints, tokenizer, TensorBoard events and `outputs` (file name patterns: its model
+    files, its metrics), which a fresh run in the same folder replaces, into checkpoints/superseded/NNN/, so none of
+    them passes for the new run's and its curves stay apart from the new ones."""
+    checkpoints = [p for _, p in list_checkpoints(run_dir)]
+    patterns = (*outputs, TOKENIZER_FILE, EVENT_FILES)
+    moved = move_to_superseded(run_dir, checkpoints + [p for pat in patterns for p in sorted(Path(run_dir).glob(pat))])
     if moved:
+        folder, n_other = moved[0].parent, len(moved) - len(checkpoints)
+        # Not here: continued in this folder, its checkpoints and curves would mix with the new run's.
+        where = f"resume={folder / checkpoints[-1].name} and another hydra.run.dir" if checkpoints else ""
         log.warning(
-            f"{run_dir} holds an earlier run: moved its {len(moved)} checkpoint(s) and result file(s) to "
-            f"{moved[0].parent} and starting afresh (to continue that run instead, add resume=auto)"
+            f"{run_dir} holds an earlier run: moved its {len(checkpoints)} checkpoint(s) and {n_other} result, "
+            f"tokenizer and event file(s) to {folder} and starting afresh"
+            + (f" (to continue that run instead, add {where})" if where else "")
         )
     return moved
 
@@ -105,7 +114,7 @@ def wait_for_a_later_event_file_name(run_dir: str | Path) -> None:
     in, then a per-process counter that does not sort as a number (9 after 10). A session that resumes within the
     same second as an earlier one (tiny runs do) waits for the next second, so its purge and its events come after.
     """
-    stamps = [int(m[1]) for p in Path(run_dir).glob("events.out.tfevents.*") if (m := EVENT_FILE.match(p.name))]
+    stamps = [int(m[1]) for p in Path(run_dir).glob(EVENT_FILES) if (m := EVENT_FILE.match(p.name))]
     if stamps and max(stamps) >= int(time.time()):
         time.sleep(max(stamps) + 1 - time.time())
 
@@ -120,6 +129,17 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
             log.info(f"resume=auto: no checkpoint in {Path(run_dir) / CHECKPOINT_DIR}, starting a fresh run")
         return latest
     path = Path(resume).expanduser()
+    if path.is_dir():
+        run = path.parent if path.name == CHECKPOINT_DIR else path
+        latest = find_latest(run)
+        if latest is None:
+            raise FluxtrainError(
+                f"resume={resume} is a folder with no checkpoint in {run / CHECKPOINT_DIR} (give a .ckpt file)"
+            )
+        raise FluxtrainError(
+            f"resume={resume} is a folder, not a checkpoint file: to continue the run in it, use "
+            f"hydra.run.dir={run} resume=auto, or resume={latest} (its newest checkpoint)"
+        )
     if not path.is_file():
         raise FluxtrainError(f"resume={resume}: no such checkpoint file (give a .ckpt file, or resume=auto)")
     return path
@@ -153,6 +173,21 @@ def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:
     ]
     if changed:
         log.info(f"settings changed since the checkpoint: {'; '.join(changed)}")
+
+
+def optimizer_changed(error: FluxtrainError, ckpt: Checkpoint, name: str) -> FluxtrainError:
+    """`error`, which restoring `ckpt` raised, naming optim.name when the run asks for another optimizer than the
+    checkpoint's (Muon's state does not fit Adam's, nor the other way round)."""
+    optim = ckpt.config.get("optim")
+    saved = optim.get("name") if isinstance(optim, dict) else None
+    if saved == name:
+        return error
+    if saved is None:
+        return FluxtrainError(f"{error}; this run asks for optim.name={name}, the checkpoint does not record its own")
+    return FluxtrainError(
+        f"{error}; the checkpoint was trained with optim.name={saved}, this run asks for optim.name={name} "
+        f"(resume with optim.name={saved}, or start a fresh run to change the optimizer)"
+    )
 
 
 def check_tokenizer(ckpt: Checkpoint, tokenizer: Tokenizer) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from fluxtrain import distributed, host, throughput
 from fluxtrain.checkpoint import (
+    Checkpoint,
     NonFiniteWeightsError,
     Progress,
     is_sharded,
@@ -42,6 +43,7 @@ from fluxtrain.resume import (
     checkpoint_path,
     divergence_error,
     load_resume,
+    optimizer_changed,
     prune,
     resume_command,
     set_aside_earlier_run,
@@ -49,7 +51,8 @@ from fluxtrain.resume import (
     wait_for_a_later_event_file_name,
 )
 from fluxtrain.runs import BEST_MODEL_FILE, FINAL_MODEL_FILE, METRICS_FILE, RUN_OUTPUTS
-from fluxtrain.sampling import generate_ids
+from fluxtrain.sampling import MAX_SEED, generate_ids
+from fluxtrain.tokenizer import Tokenizer
 
 log = logging.getLogger("fluxtrain")
 
@@ -105,6 +108,13 @@ def validate(cfg: TrainConfig) -> None:
     distributed.validate_strategy(cfg.strategy, cfg.precision)
     if cfg.peak_flops is not None and cfg.peak_flops <= 0:
         raise FluxtrainError(f"train.peak_flops={cfg.peak_flops} must be a positive number of FLOP/s")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise FluxtrainError(f"train.seed={cfg.seed} must be an integer from 0 to 2**64 - 1")
+
+
+def offset_seed(seed: int, offset: int) -> int:
+    """`seed + offset` for a generator of its own, wrapped into the seeds torch takes (0 to 2**64 - 1)."""
+    return (seed + offset) % (MAX_SEED + 1)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -202,6 +212,19 @@ def sample_text(model: GPT, tokenizer, length: int, device, seed: int) -> str:
     return tokenizer.decode(ids)
 
 
+def claim_run_dir(run_dir: Path, tokenizer: Tokenizer, resume: Checkpoint | None) -> SummaryWriter:
+    """Set aside what this run replaces in `run_dir` (the checkpoints after the resume point, or an earlier run's
+    files), save the tokenizer and open the TensorBoard writer; call it once nothing can fail a setting check."""
+    if resume:
+        set_aside_later(run_dir, resume.progress.iteration)
+    else:
+        set_aside_earlier_run(run_dir, RUN_OUTPUTS)
+    tokenizer.save(run_dir / TOKENIZER_FILE)
+    wait_for_a_later_event_file_name(run_dir)
+    # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
+    return SummaryWriter(log_dir=str(run_dir), purge_step=resume.progress.iteration + 1 if resume else None)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     """Train the model described by `cfg`, writing logs, TensorBoard events, checkpoints and model files into `run_dir`.
 
@@ -236,8 +259,6 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
     if resume:
         check_tokenizer(resume, tokenizer)
-    if world.is_main:
-        tokenizer.save(run_dir / TOKENIZER_FILE)
     log.info(
         f"data: {source} | {len(data.train):,} train / {len(data.val):,} val tokens "
         f"| {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}"
@@ -271,22 +292,13 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         f"x {world.world_size} rank(s) x seq {model_cfg.seq_len}) | device {device} | "
         f"peak {throughput.format_flops(peak)} per device ({peak_source})"
     )
-    # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice; a
-    # fresh run in the folder of an earlier one hides all of that run's events.
-    purge_step = resume.progress.iteration + 1 if resume else 0
-    if world.is_main:
-        wait_for_a_later_event_file_name(run_dir)
-        writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
-    else:
-        writer = distributed.NullWriter()
     batch_gen = torch.Generator().manual_seed(tcfg.seed)  # the same on every rank: each takes its part of a batch
     progress = Progress()
     if resume:
-        progress = restore(resume, model, optimizer, scaler, batch_gen)
-    if world.is_main and resume:  # the checkpoints after the resume point, a future this run replaces
-        set_aside_later(run_dir, progress.iteration)
-    elif world.is_main:  # an earlier run's checkpoints and results, which a fresh run in its folder replaces
-        set_aside_earlier_run(run_dir, RUN_OUTPUTS)
+        try:
+            progress = restore(resume, model, optimizer, scaler, batch_gen)
+        except FluxtrainError as e:
+            raise optimizer_changed(e, resume, cfg.optim.name) from None
 
     best_val = progress.best_val_loss
     last_losses: dict[str, float] = {}
@@ -318,6 +330,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             f"train.max_time={tcfg.max_time:g} leaves to train: evaluating without training (raise train.max_time "
             "to train on)"
         )
+    # Every check has passed: only now does the run move or write files in its folder.
+    writer = claim_run_dir(run_dir, tokenizer, resume) if world.is_main else distributed.NullWriter()
     t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
     last_ckpt = resume.path if resume else None
@@ -346,7 +360,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         nonlocal best_val, last_losses
         collect_losses()
         t_eval = time.perf_counter()
-        last_losses = estimate_loss(model, data, tcfg, device, tcfg.seed + 1)
+        last_losses = estimate_loss(model, data, tcfg, device, offset_seed(tcfg.seed, 1))
         eval_time = time.perf_counter() - t_eval
         val_ppl = perplexity(last_losses["val"])
         val_bpb = bits_per_byte(last_losses["val"], data.bytes_per_token)
@@ -424,7 +438,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             evaluate_and_save_best(it)
         if tcfg.sample_interval and it % tcfg.sample_interval == 0:
             collect_losses()
-            text = sample_text(model, tokenizer, tcfg.sample_len, device, tcfg.seed + it)
+            text = sample_text(model, tokenizer, tcfg.sample_len, device, offset_seed(tcfg.seed, it))
             log.info(f"sample at iteration {it}:\n{text}")
             writer.add_text("sample", text, it)
         if tcfg.ckpt_interval and it % tcfg.ckpt_interval == 0:

@@ -100,7 +100,7 @@ def test_interrupted_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(ti
     # Going back to an older checkpoint in the same folder: later checkpoints are set aside, TensorBoard hides the
     # events logged after it, and the replayed steps give the same curve again.
     train(tiny_cfg(*RUN, f"resume={checkpoint_path(straight, N)}"), straight)
-    assert (straight / "checkpoints" / "superseded" / f"iter_{2 * N:06d}.ckpt").is_file()
+    assert (straight / "checkpoints" / "superseded" / "001" / f"iter_{2 * N:06d}.ckpt").is_file()
     assert scalars(straight) == expected
     assert len(list(straight.glob("events.out.tfevents.*"))) == 2
 
@@ -168,10 +168,14 @@ def test_a_fresh_run_in_the_folder_of_an_earlier_one_sets_that_runs_checkpoints_
     train(tiny_cfg(*run, "train.max_iters=30"), tmp_path)
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         train(tiny_cfg(*run, "train.max_iters=10", "train.seed=7"), tmp_path)
-    assert f"{tmp_path} holds an earlier run: moved its 9 checkpoint(s) and result file(s)" in caplog.text
+    superseded = tmp_path / "checkpoints" / "superseded" / "001"
+    assert (
+        f"{tmp_path} holds an earlier run: moved its 3 checkpoint(s) and 8 result, tokenizer and event file(s) to "
+        f"{superseded} and starting afresh (to continue that run instead, add resume={superseded / 'iter_000030.ckpt'} "
+        "and another hydra.run.dir)"
+    ) in caplog.text
     assert [p.name for _, p in list_checkpoints(tmp_path)] == ["iter_000010.ckpt"]  # the new run's only
-    superseded = tmp_path / "checkpoints" / "superseded"
-    assert sorted(p.name for p in superseded.iterdir()) == [
+    assert sorted(p.name for p in superseded.iterdir() if not p.name.startswith("events.")) == [
         "best.safetensors",
         "iter_000010.ckpt",
         "iter_000020.ckpt",
@@ -181,13 +185,102 @@ def test_a_fresh_run_in_the_folder_of_an_earlier_one_sets_that_runs_checkpoints_
         "model_iter_000010.safetensors",
         "model_iter_000020.safetensors",
         "model_iter_000030.safetensors",
+        "tokenizer.json",
     ]
     assert json.loads((superseded / "metrics.json").read_text())["iters"] == 30  # the earlier run's results...
     assert json.loads((tmp_path / "metrics.json").read_text())["iters"] == 10  # ...are not the new run's
-    assert [step for step, _ in scalars(tmp_path)["train/loss"]] == [5, 10]  # the earlier run's 5..30 are hidden
+    assert [step for step, _ in scalars(tmp_path)["train/loss"]] == [5, 10]  # the earlier run's curves went along
+    assert [step for step, _ in scalars(superseded)["train/loss"]] == [5, 10, 15, 20, 25, 30]
     # resume=auto now continues the new run, not the earlier one.
     metrics = train(tiny_cfg(*run, "train.max_iters=20", "train.seed=7", "resume=auto"), tmp_path)
     assert metrics["iters"] == 20 and [s for s, _ in scalars(tmp_path)["train/loss"]] == [5, 10, 15, 20]
+
+
+def test_three_fresh_runs_in_one_folder_keep_every_runs_files(tiny_cfg, tmp_path, caplog):
+    run = ["train.max_iters=4", "train.eval_interval=2", "train.eval_iters=2", "train.log_interval=2"]
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        finals = [train(tiny_cfg(*run, f"train.seed={seed}"), tmp_path)["final_val_loss"] for seed in (1, 2, 3)]
+    superseded = tmp_path / "checkpoints" / "superseded"
+    assert sorted(p.name for p in superseded.iterdir()) == ["001", "002"]
+    assert f"to {superseded / '001'} and starting afresh" in caplog.text
+    assert f"to {superseded / '002'} and starting afresh" in caplog.text
+    for seed, folder in ((1, superseded / "001"), (2, superseded / "002"), (3, tmp_path)):
+        ckpt = checkpoint_path(tmp_path, 4) if folder == tmp_path else folder / "iter_000004.ckpt"
+        assert load_checkpoint(ckpt).config["train"]["seed"] == seed
+        assert json.loads((folder / "metrics.json").read_text())["final_val_loss"] == finals[seed - 1]
+        assert (folder / "model_final.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+        assert [step for step, _ in scalars(folder)["train/loss"]] == [2, 4]
+    assert find_latest(tmp_path) == checkpoint_path(tmp_path, 4)  # resume=auto takes the third run's
+
+
+def files_in(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(["train.max_time=0.001"], id="fresh-run-out-of-time-after-setup"),
+        pytest.param(["resume={run}/checkpoints/iter_000005.ckpt", "optim.name=muon"], id="older-checkpoint-unfit"),
+    ],
+)
+def test_a_run_that_fails_a_setup_check_leaves_the_earlier_runs_files_where_they_were(
+    tiny_cfg, tmp_path, caplog, overrides
+):
+    run_dir = tmp_path / "run"
+    run = ["train.max_iters=10", "train.ckpt_interval=5", "train.keep_last=0", "train.eval_interval=5"]
+    train(tiny_cfg(*run, "train.eval_iters=2"), run_dir)
+    before = files_in(run_dir)
+    time.sleep(0.01)  # a file written again would have another modification time
+    with pytest.raises(FluxtrainError):
+        train(tiny_cfg(*run, *(o.format(run=run_dir) for o in overrides)), run_dir)
+    assert files_in(run_dir) == before
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        train(tiny_cfg(*run, "resume=auto"), run_dir)
+    assert f"resuming from {checkpoint_path(run_dir, 10)} at iteration 10" in caplog.text
+
+
+def test_resume_from_a_folder_names_the_ways_to_continue_the_run_in_it(tiny_cfg, tmp_path):
+    run, other = tmp_path / "run", tmp_path / "other"
+    for it in (5, 10):  # resolving the name does not read the files
+        checkpoint_path(run, it).parent.mkdir(parents=True, exist_ok=True)
+        checkpoint_path(run, it).write_bytes(b"a checkpoint")
+    for named in (run, run / "checkpoints"):
+        with pytest.raises(FluxtrainError) as info:
+            train(tiny_cfg(f"resume={named}"), other)
+        assert str(info.value) == (
+            f"resume={named} is a folder, not a checkpoint file: to continue the run in it, use "
+            f"hydra.run.dir={run} resume=auto, or resume={checkpoint_path(run, 10)} (its newest checkpoint)"
+        )
+    with pytest.raises(FluxtrainError) as info:
+        train(tiny_cfg(f"resume={other}"), tmp_path / "third")
+    assert (
+        str(info.value)
+        == f"resume={other} is a folder with no checkpoint in {other / 'checkpoints'} (give a .ckpt file)"
+    )
+
+
+def test_resuming_with_another_optimizer_names_optim_name(tiny_cfg, tmp_path):
+    run = ["train.eval_interval=2", "train.eval_iters=2", "train.log_interval=2"]
+    train(tiny_cfg(*run, "train.max_iters=2"), tmp_path)
+    with pytest.raises(FluxtrainError) as info:
+        train(tiny_cfg(*run, "train.max_iters=4", "optim.name=muon", "resume=auto"), tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{checkpoint_path(tmp_path, 2)}: optimizer state does not fit this optimizer (")
+    assert message.endswith(
+        "; the checkpoint was trained with optim.name=adam, this run asks for optim.name=muon "
+        "(resume with optim.name=adam, or start a fresh run to change the optimizer)"
+    )
+    # Adam's state fits AdamW: that change is allowed.
+    assert train(tiny_cfg(*run, "train.max_iters=4", "optim.name=adamw", "resume=auto"), tmp_path)["iters"] == 4
+
+
+def test_the_largest_seed_trains_evaluates_samples_and_resumes(tiny_cfg, tmp_path):
+    """Each evaluation and sample draws from a seed offset from train.seed: near 2**64 - 1 they wrap around."""
+    run = ["train.seed=18446744073709551615", "train.eval_interval=2", "train.eval_iters=2", "train.log_interval=2"]
+    run += ["train.sample_interval=2", "train.sample_len=4", "train.ckpt_interval=2"]
+    train(tiny_cfg(*run, "train.max_iters=2"), tmp_path)
+    assert train(tiny_cfg(*run, "train.max_iters=4", "resume=auto"), tmp_path)["iters"] == 4
 
 
 def test_keep_last_prunes_old_checkpoints_during_a_run(tiny_cfg, tmp_path):
