@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain import distributed
-from fluxtrain.config import check_known_keys, config_dir, register_configs
+from fluxtrain.config import check_known_keys, check_overrides, config_dir, register_configs
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.lr_find import lr_find
 from fluxtrain.sweep import run_sweep_job
@@ -65,6 +65,7 @@ def main(cfg: DictConfig | None = None) -> float | None:
     if cfg is not None:
         return hydra_main(cfg)
     try:
+        check_overrides(sys.argv[1:])
         sys.argv[1:] = distributed.follow_main_run_dir(sys.argv[1:])  # all torchrun ranks share rank 0's run folder
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,6 +54,63 @@ def check_known_keys(cfg: DictConfig) -> None:
         raise FluxtrainError(f"{key} is not a fluxtrain setting{hint}{others}")
 
 
+def check_overrides(args: list[str]) -> None:
+    """Refuse, in one line, a command-line setting the schema does not have or a value of the wrong type, before
+    Hydra composes the config (whose own report takes several lines and suggests adding the key with `+`).
+
+    Config groups (`model=small`), Hydra's own settings, `+`/`++`/`~` overrides and anything Hydra cannot parse are
+    left to Hydra; sweeps (`optim.lr=1e-4,1e-3`) are checked value by value.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    groups = {p.name for folder in (config_dir(), *_extra_config_dirs(args)) for p in folder.iterdir() if p.is_dir()}
+    schema = OmegaConf.structured(Config)
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (override,) = OverridesParser.create().parse_overrides([arg])
+            key = override.key_or_group
+            if override.is_add() or override.is_delete() or override.is_force_add() or "/" in key or "@" in key:
+                continue
+            if key in groups or key.split(".")[0] == "hydra":
+                continue
+            values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        except (HydraException, OmegaConfBaseException, ValueError, TypeError):
+            continue  # Hydra reports it
+        unknown = _unknown_keys(_nested(key.split("."), None), Config())
+        if unknown:
+            name, close = unknown[0]
+            hint = f" (did you mean {close}?)" if close else ""
+            raise FluxtrainError(f"{name} is not a fluxtrain setting{hint}")
+        for value in values:
+            if isinstance(value, str) and "${" in value:
+                continue  # an interpolation: resolved later
+            try:
+                OmegaConf.update(schema.copy(), key, value, merge=True)
+            except OmegaConfBaseException as e:
+                problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise FluxtrainError(f"{key}: {problem}") from None
+
+
+def _extra_config_dirs(args: list[str]) -> list[Path]:
+    """The folders given with `--config-dir DIR` (or `-cd DIR`, `--config-dir=DIR`): their config groups count too."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(args):
+            found.append(args[i + 1])
+        elif arg.startswith("--config-dir="):
+            found.append(arg.partition("=")[2])
+    return [Path(f).expanduser() for f in found if Path(f).expanduser().is_dir()]
+
+
+def _nested(keys: list[str], leaf: Any) -> dict[str, Any]:
+    """{"a": {"b": leaf}} from ["a", "b"]."""
+    return {keys[0]: _nested(keys[1:], leaf) if len(keys) > 1 else leaf}
+
+
 def _unknown_keys(values: dict[str, Any], schema: Any, prefix: str = "") -> list[tuple[str, str | None]]:
     """(dotted key, closest known key or None) of each key in `values` that the dataclass `schema` lacks."""
     known = [f.name for f in fields(schema)]

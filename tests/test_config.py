@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fluxtrain.__main__ import run_task
+from fluxtrain.config import check_overrides
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
 from fluxtrain.train import TrainConfig, validate
@@ -64,6 +65,63 @@ def test_keys_added_with_plus_are_refused_before_the_task_runs(overrides, messag
 def test_wrong_type_fails(override):
     with pytest.raises((ConfigCompositionException, ValidationError)):
         compose_config([override])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.d_modl=64", r"^model.d_modl is not a fluxtrain setting \(did you mean model.d_model\?\)$"),
+        ("trian.max_iters=5", r"^trian is not a fluxtrain setting \(did you mean train\?\)$"),
+        ("model.d_model=wide", r"^model.d_model: Value 'wide' of type 'str' could not be converted to Integer$"),
+        ("optim.lr=1e-3,fast", r"^optim.lr: Value 'fast' of type 'str' could not be converted to Float$"),
+        ("model.bias=maybe", r"^model.bias: Value 'maybe' is not a valid bool"),
+    ],
+)
+def test_command_line_settings_are_checked_in_one_line_before_hydra(override, message):
+    with pytest.raises(FluxtrainError, match=message):
+        check_overrides(["model=small", override, "hydra.run.dir=x"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model=small",
+        "model.d_model=64",
+        "optim.lr=1e-4,1e-3",
+        "train.seed=range(1,4)",
+        "train.max_time=null",
+        "optim.betas=[0.9,0.95]",
+        "hydra.run.dir=x",
+        "hydra/launcher=basic",
+        "+model.d_modl=1",
+        "experiment=nope",
+    ],
+)
+def test_valid_settings_and_what_hydra_checks_pass_the_precheck(override):
+    check_overrides([override, "-m", "--cfg", "job"])
+
+
+def test_config_groups_of_a_config_dir_pass_the_precheck(tmp_path):
+    (tmp_path / "dataset").mkdir()
+    with pytest.raises(FluxtrainError, match="^dataset is not a fluxtrain setting"):
+        check_overrides(["dataset=poems"])
+    check_overrides(["--config-dir", str(tmp_path), "dataset=poems"])
+    check_overrides([f"--config-dir={tmp_path}", "dataset=poems"])
+
+
+def test_a_mistyped_setting_on_the_command_line_is_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", "model=small", "train.max_iter=5", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == "error: train.max_iter is not a fluxtrain setting (did you mean train.max_iters?)\n"
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_preset_fails():
