@@ -91,3 +91,21 @@ def test_cli_typo_fails_before_work(tmp_path):
     assert proc.returncode != 0
     assert "d_modle" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_running_out_of_memory_is_one_line_naming_what_to_lower(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question\n" * 200)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, "train.batch_size=1000000000000",
+            f"data.path={text}", f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if "error:" in line]
+    assert "error: out of memory (RuntimeError: " in line and line.endswith("train.activation_checkpointing=true")
+    assert "lower train.batch_size" in line
