@@ -7,11 +7,12 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain.data import DataConfig
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, describe_failure
 from fluxtrain.lr_find import LRFindConfig
 from fluxtrain.model import ModelConfig
 from fluxtrain.optim import OptimConfig
@@ -65,7 +66,11 @@ def check_overrides(args: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    groups = {p.name for folder in (config_dir(), *_extra_config_dirs(args)) for p in folder.iterdir() if p.is_dir()}
+    extra = _extra_config_dirs(args)
+    for folder in extra:  # Hydra reports a YAML syntax error in a user's config with a long traceback
+        for path in sorted(folder.rglob("*.yaml")):
+            check_yaml(path)
+    groups = {p.name for folder in (config_dir(), *extra) for p in folder.iterdir() if p.is_dir()}
     schema = OmegaConf.structured(Config)
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
@@ -93,6 +98,20 @@ def check_overrides(args: list[str]) -> None:
             except OmegaConfBaseException as e:
                 problem = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise FluxtrainError(f"{key}: {problem}") from None
+
+
+def check_yaml(path: Path) -> None:
+    """A one-line error naming the file, line and column when `path` is not valid YAML."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            yaml.compose(f, Loader=yaml.SafeLoader)  # syntax only: nothing is constructed
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise FluxtrainError(f"--config-dir: {path}{where} is not valid YAML ({problem})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FluxtrainError(f"--config-dir: {path} cannot be read ({describe_failure(e)})") from None
 
 
 def _extra_config_dirs(args: list[str]) -> list[Path]:

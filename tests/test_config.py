@@ -109,6 +109,13 @@ def test_config_groups_of_a_config_dir_pass_the_precheck(tmp_path):
     check_overrides([f"--config-dir={tmp_path}", "dataset=poems"])
 
 
+def test_a_config_dir_file_that_is_not_yaml_is_named_with_its_line(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "bad.yaml").write_text("d_model: [1\n  n_heads: 2\n")
+    with pytest.raises(FluxtrainError, match=r"bad.yaml, line 2, column 10 is not valid YAML \(expected ',' or ']'"):
+        check_overrides(["--config-dir", str(tmp_path), "model=bad"])
+
+
 def test_a_mistyped_setting_on_the_command_line_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run(
