@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from fluxtrain.distributed import full_optimizer_state, load_full_weights, model_device, shard_optimizer_state
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, first_line
 from fluxtrain.files import atomic_write
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
@@ -164,11 +164,11 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[
             if meta.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
                 raise FluxtrainError(f"{path} is not a fluxtrain {what} (no fluxtrain 'format' in its metadata)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FluxtrainError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, FluxtrainError):
-            raise
         problem = f"is not a readable safetensors {what} (truncated or other format)"
-        raise FluxtrainError(f"{path} {problem}: {_first_line(e)}") from None
+        raise FluxtrainError(f"{path} {problem}: {first_line(e)}") from None
     if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         version = meta["format_version"]
         raise FluxtrainError(f"{path} has format version {version}; this fluxtrain reads version {FORMAT_VERSION}")
@@ -176,10 +176,6 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[
     if digest is not None and content_digest(tensors, meta) != digest:
         raise FluxtrainError(f"{path} is corrupt: its content does not match the checksum stored in the file")
     return meta, tensors
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -197,15 +193,20 @@ def build_from_metadata(meta: dict[str, str], source: str, state: dict[str, torc
         cfg = model_config_from_json(meta["model_config"], source)
         tokenizer = tokenizer_from_json(meta["tokenizer"])
         vocab_size = int(meta["vocab_size"])
+    except FluxtrainError:
+        raise
     except (KeyError, ValueError, TypeError) as e:
-        if isinstance(e, FluxtrainError):
-            raise
         raise FluxtrainError(f"{source}: damaged model metadata ({type(e).__name__}: {e})") from None
     if tokenizer.vocab_size != vocab_size:
         raise FluxtrainError(f"{source}: its tokenizer has {tokenizer.vocab_size} tokens, its model {vocab_size}")
     with torch.device("meta"):  # shapes only
         check_weights(GPT(cfg, vocab_size), state, source)
     return GPT(cfg, vocab_size), tokenizer
+
+
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or an infinity, or None."""
+    return next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
 
 def check_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
@@ -221,7 +222,7 @@ def check_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> No
     if wrong:
         k = wrong[0]
         raise FluxtrainError(f"{source}: weight {k} has shape {tuple(got[k])}, the model needs {tuple(expected[k])}")
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    bad = first_non_finite(state)
     if bad is not None:
         raise FluxtrainError(f"{source}: weight {bad} holds NaN or infinite values")
 
@@ -336,7 +337,7 @@ def save_checkpoint(
     if not (is_writer() or is_sharded(plain)):  # FSDP gathers weights and optimizer state with every rank
         return
     weights = model_state(plain)
-    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    bad = first_non_finite(weights)
     if bad is not None:
         raise NonFiniteWeightsError(f"weight {bad} holds NaN or infinite values; {Path(path).name} was not written")
     optim_state = full_optimizer_state(optimizer)  # all ranks: FSDP gathers the shards
@@ -389,14 +390,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         wrong = next((k for k, v in groups["rng"].items() if v.dtype != torch.uint8 or v.dim() != 1), None)
         if wrong is not None:
             raise FluxtrainError(f"{path}: its random-number state rng/{wrong} is not a byte vector")
-        bad = next(
-            (k for k, v in groups["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None
-        )
+        bad = first_non_finite(groups["model"])
         if bad is not None:
             raise FluxtrainError(f"{path}: weight {bad} holds NaN or infinite values")
+    except FluxtrainError:
+        raise
     except (KeyError, ValueError, TypeError, AttributeError) as e:
-        if isinstance(e, FluxtrainError):
-            raise
         raise FluxtrainError(f"{path}: damaged checkpoint metadata ({type(e).__name__}: {e})") from None
     return Checkpoint(
         path=path,
@@ -432,7 +431,7 @@ def restore(
     try:
         optimizer.load_state_dict(shard_optimizer_state(optimizer, ckpt.optimizer))
     except (ValueError, KeyError, RuntimeError) as e:
-        raise FluxtrainError(f"{source}: optimizer state does not fit this optimizer ({_first_line(e)})") from None
+        raise FluxtrainError(f"{source}: optimizer state does not fit this optimizer ({first_line(e)})") from None
     for group, settings in zip(optimizer.param_groups, configured, strict=True):
         group.update(settings)
     if ckpt.scaler and scaler.is_enabled():

@@ -12,7 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain.data import DataConfig
-from fluxtrain.errors import FluxtrainError, describe_failure
+from fluxtrain.errors import FluxtrainError, describe_failure, first_line
 from fluxtrain.lr_find import LRFindConfig
 from fluxtrain.model import ModelConfig
 from fluxtrain.optim import OptimConfig
@@ -96,8 +96,7 @@ def check_overrides(args: list[str]) -> None:
             try:
                 OmegaConf.update(schema.copy(), key, value, merge=True)
             except OmegaConfBaseException as e:
-                problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise FluxtrainError(f"{key}: {problem}") from None
+                raise FluxtrainError(f"{key}: {first_line(e)}") from None
 
 
 def check_yaml(path: Path) -> None:

@@ -178,6 +178,12 @@ def validate_strategy(strategy: str, precision: str) -> None:
         raise FluxtrainError("train.precision=fp16 is not supported with train.strategy=fsdp; use bf16")
 
 
+def check_sharded_optimizer(world: World, strategy: str, optimizer_name: str) -> None:
+    """Muon orthogonalizes whole matrices, and under FSDP each rank holds only a shard of them."""
+    if world.is_distributed and strategy == "fsdp" and optimizer_name == "muon":
+        raise FluxtrainError("optim.name=muon is not supported with train.strategy=fsdp; use ddp or adamw")
+
+
 def wrap_model(model: nn.Module, world: World, strategy: str, optimizer_name: str) -> nn.Module:
     """The model to train: as is in one process, in DistributedDataParallel, or sharded in place by `fully_shard`.
 
@@ -192,9 +198,7 @@ def wrap_model(model: nn.Module, world: World, strategy: str, optimizer_name: st
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        if optimizer_name == "muon":  # Muon orthogonalizes whole matrices; each rank holds only a shard
-            raise FluxtrainError("optim.name=muon is not supported with train.strategy=fsdp; use ddp or adamw")
-
+        check_sharded_optimizer(world, strategy, optimizer_name)
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
@@ -254,6 +258,8 @@ def compile_model(
         with autocast():
             _, loss = compiled(x, y)
         loss.backward()
+    except torch.OutOfMemoryError:
+        raise  # the eager model would not fit either
     except Exception as e:  # any compiler failure: the eager model still trains
         log.warning(f"train.compile=true: torch.compile failed ({describe_failure(e)}); training eagerly")
         torch._dynamo.reset()

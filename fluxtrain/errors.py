@@ -2,9 +2,15 @@
 
 
 class FluxtrainError(ValueError):
-    """Bad input from the user: a setting, a file or a prompt. The message names the problem and the setting."""
+    """Bad input from the user (a setting, a file or a prompt), or a run that cannot go on (a diverged loss, a stop
+    on a signal): the message names the problem and what to change."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def describe_failure(e: BaseException) -> str:
     """`Type: first line of the message` (at most 160 characters), for a one-line note about a failed attempt."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+    return f"{type(e).__name__}: {first_line(e)[:160]}"

@@ -36,7 +36,7 @@ class ModelConfig:
     bias: bool = True
 
     def validate(self) -> None:
-        """Raise ValueError naming the setting when the shape is impossible."""
+        """Raise FluxtrainError naming the setting when the shape, a limit or a block variant is impossible."""
         for name in ("d_model", "n_heads", "n_layers", "ff_dim", "seq_len"):
             if getattr(self, name) <= 0:
                 raise FluxtrainError(f"model.{name}={getattr(self, name)} must be a positive integer")

@@ -164,7 +164,7 @@ def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:
     if diffs:
         raise FluxtrainError(
             f"cannot resume from {ckpt.path}: model shape or tokenizer differ: {'; '.join(diffs)} "
-            "(resume with the run's original settings; only training-length, logging and optimizer settings may change)"
+            "(resume with the run's original settings; length, logging, optimizer and data settings may change)"
         )
     changed = [
         d

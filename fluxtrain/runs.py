@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, first_line
 from fluxtrain.resume import find_latest
 
 BEST_MODEL_FILE, FINAL_MODEL_FILE = "best.safetensors", "model_final.safetensors"
@@ -107,8 +107,7 @@ def read_run(path: Path, root: Path) -> Run:
         try:
             return load(file)
         except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:  # damaged or edited by hand
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise FluxtrainError(f"{file} is not readable: {reason}") from None
+            raise FluxtrainError(f"{file} is not readable: {first_line(e)}") from None
 
     config = read(".hydra/config.yaml", lambda f: OmegaConf.to_container(OmegaConf.load(f))) or {}
     overrides = read(".hydra/overrides.yaml", lambda f: list(OmegaConf.load(f))) or []

@@ -18,8 +18,10 @@ MAX_SEED = 2**64 - 1  # the largest seed torch.Generator takes
 
 
 def check_seed(seed: int, setting: str) -> None:
+    """A seed torch.Generator takes; `setting` is a flag (`--seed`) or a config key (`train.seed`)."""
     if not 0 <= seed <= MAX_SEED:
-        raise FluxtrainError(f"{setting} {seed} must be an integer from 0 to 2**64 - 1")
+        given = f"{setting} {seed}" if setting.startswith("-") else f"{setting}={seed}"
+        raise FluxtrainError(f"{given} must be an integer from 0 to 2**64 - 1")
 
 
 @dataclass
@@ -160,6 +162,8 @@ def compile_decoding(model: GPT) -> str | None:
             for position in sorted({1, 2, model.cfg.seq_len - 1} & set(range(1, model.cfg.seq_len))):
                 cache.length = position
                 compiled(token, cache)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as e:  # any compiler failure: decoding still works eagerly
         torch._dynamo.reset()
         return describe_failure(e)

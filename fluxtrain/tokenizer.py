@@ -12,7 +12,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, first_line
 from fluxtrain.files import atomic_write, atomic_write_text
 
 KINDS = ("char", "bpe")
@@ -210,7 +210,7 @@ def _hf_from_str(text: str) -> HFTokenizer:
     try:
         return HFTokenizer.from_str(text)
     except Exception as e:  # the Rust side raises a plain Exception for malformed files
-        raise ValueError(f"not a valid Hugging Face tokenizer ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"not a valid Hugging Face tokenizer ({first_line(e)})") from None
 
 
 def load_tokenizer(path: str | Path, setting: str = "tokenizer.path") -> Tokenizer:

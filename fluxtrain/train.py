@@ -51,7 +51,7 @@ from fluxtrain.resume import (
     wait_for_a_later_event_file_name,
 )
 from fluxtrain.runs import BEST_MODEL_FILE, FINAL_MODEL_FILE, METRICS_FILE, RUN_OUTPUTS
-from fluxtrain.sampling import MAX_SEED, generate_ids
+from fluxtrain.sampling import MAX_SEED, check_seed, generate_ids
 from fluxtrain.tokenizer import Tokenizer
 
 log = logging.getLogger("fluxtrain")
@@ -108,8 +108,7 @@ def validate(cfg: TrainConfig) -> None:
     distributed.validate_strategy(cfg.strategy, cfg.precision)
     if cfg.peak_flops is not None and cfg.peak_flops <= 0:
         raise FluxtrainError(f"train.peak_flops={cfg.peak_flops} must be a positive number of FLOP/s")
-    if not 0 <= cfg.seed <= MAX_SEED:
-        raise FluxtrainError(f"train.seed={cfg.seed} must be an integer from 0 to 2**64 - 1")
+    check_seed(cfg.seed, "train.seed")
 
 
 def offset_seed(seed: int, offset: int) -> int:
@@ -197,7 +196,7 @@ def train_step(
     return loss_sum / tcfg.grad_accum
 
 
-def sample_text(model: GPT, tokenizer, length: int, device, seed: int) -> str:
+def sample_text(model: GPT, tokenizer, length: int, seed: int) -> str:
     try:
         prompt = tokenizer.encode("\n")
     except ValueError:
@@ -247,6 +246,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             f"the learning rate stays below optim.lr={cfg.optim.lr} for the whole run"
         )
     world = distributed.current_world()
+    distributed.check_sharded_optimizer(world, tcfg.strategy, cfg.optim.name)  # before the data is read
     device = distributed.training_device(world, host.resolve_device(tcfg.device))
     if tcfg.precision != "fp32" and device.type != "cuda":
         log.warning(f"train.precision={tcfg.precision} needs CUDA; training in fp32 on {device.type}")
@@ -438,7 +438,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             evaluate_and_save_best(it)
         if tcfg.sample_interval and it % tcfg.sample_interval == 0:
             collect_losses()
-            text = sample_text(model, tokenizer, tcfg.sample_len, device, offset_seed(tcfg.seed, it))
+            text = sample_text(model, tokenizer, tcfg.sample_len, offset_seed(tcfg.seed, it))
             log.info(f"sample at iteration {it}:\n{text}")
             writer.add_text("sample", text, it)
         if tcfg.ckpt_interval and it % tcfg.ckpt_interval == 0:
