@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -29,6 +30,7 @@ from fluxtrain.checkpoint import (
     save_model_file,
 )
 from fluxtrain.data import TokenData, load_corpus
+from fluxtrain.distributed import World
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.evaluate import bits_per_byte, perplexity
 from fluxtrain.files import atomic_write_text
@@ -233,8 +235,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         return run_training(cfg, Path(run_dir), stop)
 
 
-def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str, float]:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def check_settings(cfg: DictConfig) -> ModelConfig:
+    """Every setting check that needs no data or device: a one-line error before any work."""
     tcfg: TrainConfig = cfg.train
     validate(tcfg)
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
@@ -245,6 +247,60 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
             f"optim.warmup_iters={cfg.optim.warmup_iters} >= train.max_iters={tcfg.max_iters}: "
             f"the learning rate stays below optim.lr={cfg.optim.lr} for the whole run"
         )
+    return model_cfg
+
+
+def wrap_for_training(
+    model: GPT, data: TokenData, world: World, device: torch.device, tcfg: TrainConfig, optimizer_name: str
+) -> nn.Module:
+    """The module the loop calls: `model` in DDP or sharded by FSDP under torchrun, compiled with train.compile."""
+    train_model = distributed.wrap_model(model, world, tcfg.strategy, optimizer_name)
+    if not tcfg.compile:
+        return train_model
+    x, y = distributed.rank_batch(data, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed), world)
+    return distributed.compile_model(
+        train_model,
+        model.blocks,
+        x.to(device),
+        y.to(device),
+        lambda: autocast_context(device, tcfg.precision),
+        tcfg.compile_scope,
+        device.type == "cpu" if tcfg.compile_cpp_wrapper is None else tcfg.compile_cpp_wrapper,
+    )
+
+
+def plan_time_budget(
+    tcfg: TrainConfig,
+    setup: float,
+    model: GPT,
+    data: TokenData,
+    device: torch.device,
+    progress: Progress,
+    resume: Checkpoint | None,
+) -> float | None:
+    """Seconds the training loop may take under train.max_time (None without one): the budget less the `setup`
+    seconds spent so far and the final evaluation, timed now."""
+    if tcfg.max_time is None:
+        return None
+    final_eval = eval_seconds(model, data, tcfg, device)
+    loop_time = tcfg.max_time - setup - final_eval
+    if loop_time <= 0:
+        raise FluxtrainError(
+            f"train.max_time={tcfg.max_time} leaves no time to train after setup ({setup:.1f}s) "
+            f"and the final evaluation (~{final_eval:.1f}s with train.eval_iters={tcfg.eval_iters})"
+        )
+    spent = f" (it trained {progress.train_time:.1f}s before the checkpoint)" if resume else ""
+    log.info(
+        f"time budget {tcfg.max_time:g}s: {setup:.1f}s of setup (data, model, compilation), "
+        f"~{final_eval:.1f}s kept for the final evaluation, {loop_time:.1f}s to train{spent}"
+    )
+    return loop_time
+
+
+def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str, float]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tcfg: TrainConfig = cfg.train
+    model_cfg = check_settings(cfg)
     world = distributed.current_world()
     distributed.check_sharded_optimizer(world, tcfg.strategy, cfg.optim.name)  # before the data is read
     device = distributed.training_device(world, host.resolve_device(tcfg.device))
@@ -268,19 +324,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     model.activation_checkpointing = tcfg.activation_checkpointing
     n_params = model.num_params()
     log.info(f"model: {n_params:,} parameters ({model_cfg.n_layers} layers, width {model_cfg.d_model})")
-    train_model = distributed.wrap_model(model, world, tcfg.strategy, cfg.optim.name)
-    if tcfg.compile:
-        x, y = distributed.rank_batch(data, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed), world)
-        autocast = lambda: autocast_context(device, tcfg.precision)
-        train_model = distributed.compile_model(
-            train_model,
-            model.blocks,
-            x.to(device),
-            y.to(device),
-            autocast,
-            tcfg.compile_scope,
-            device.type == "cpu" if tcfg.compile_cpp_wrapper is None else tcfg.compile_cpp_wrapper,
-        )
+    train_model = wrap_for_training(model, data, world, device, tcfg, cfg.optim.name)
     optimizer = build_optimizer(model, cfg.optim)  # after wrapping: FSDP replaces the parameters by shards
     scaler = grad_scaler(device, tcfg.precision)
 
@@ -305,20 +349,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     it = progress.iteration
     warmup_done_at: float | None = progress.warmup_done_at
     t_loop = time.perf_counter() - progress.train_time
-    loop_time = None  # seconds the loop may take: the budget less the setup so far and the final eval
-    if tcfg.max_time is not None:
-        setup, final_eval = time.perf_counter() - t_start, eval_seconds(model, data, tcfg, device)
-        loop_time = tcfg.max_time - setup - final_eval
-        if loop_time <= 0:
-            raise FluxtrainError(
-                f"train.max_time={tcfg.max_time} leaves no time to train after setup ({setup:.1f}s) "
-                f"and the final evaluation (~{final_eval:.1f}s with train.eval_iters={tcfg.eval_iters})"
-            )
-        spent = f" (it trained {progress.train_time:.1f}s before the checkpoint)" if resume else ""
-        log.info(
-            f"time budget {tcfg.max_time:g}s: {setup:.1f}s of setup (data, model, compilation), "
-            f"~{final_eval:.1f}s kept for the final evaluation, {loop_time:.1f}s to train{spent}"
-        )
+    # seconds the loop may take: the budget less the setup so far and the final eval
+    loop_time = plan_time_budget(tcfg, time.perf_counter() - t_start, model, data, device, progress, resume)
     if it >= tcfg.max_iters:
         log.warning(
             f"the checkpoint is at iteration {it}, which reaches train.max_iters={tcfg.max_iters}: evaluating "
