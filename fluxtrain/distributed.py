@@ -285,10 +285,11 @@ def rank_batch(data, batch_size: int, generator: torch.Generator, world: World) 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state_dict with FSDP's sharded state tensors gathered whole (a collective: all ranks call it)."""
     state = optimizer.state_dict()
-    for param_state in state["state"].values():
-        for name, value in param_state.items():
-            if hasattr(value, "full_tensor"):  # a DTensor
-                param_state[name] = value.full_tensor()
+    # New per-parameter dicts: state_dict() hands out the optimizer's live ones, which must keep their shards.
+    state["state"] = {
+        index: {name: value.full_tensor() if hasattr(value, "full_tensor") else value for name, value in ps.items()}
+        for index, ps in state["state"].items()
+    }
     return state
 
 
@@ -333,6 +334,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def main_rank_value(value: float, device: torch.device) -> float:
+    """Rank 0's value of a number on every rank (the number itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return t.item()
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:

@@ -351,6 +351,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     t_loop = time.perf_counter() - progress.train_time
     # seconds the loop may take: the budget less the setup so far and the final eval
     loop_time = plan_time_budget(tcfg, time.perf_counter() - t_start, model, data, device, progress, resume)
+    if loop_time is not None and world.is_distributed:  # rank 0's budget and clock decide for every rank
+        loop_time = distributed.main_rank_value(loop_time, device)
     if it >= tcfg.max_iters:
         log.warning(
             f"the checkpoint is at iteration {it}, which reaches train.max_iters={tcfg.max_iters}: evaluating "
@@ -429,6 +431,8 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     stop.install()
     while True:
         elapsed = time.perf_counter() - t_loop
+        if loop_time is not None and world.is_distributed:  # all ranks stop at one step, with one lr schedule
+            elapsed = distributed.main_rank_value(elapsed, device)
         if it >= tcfg.max_iters or (loop_time is not None and elapsed >= loop_time):
             break
         # Learning rate: warm-up in iterations, then optim.schedule over the rest of the iteration or time budget.

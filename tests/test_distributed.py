@@ -129,7 +129,9 @@ def test_fsdp_with_grad_accum_resumes_and_matches_one_process(reference_run, ddp
     overrides = [*RUN_OVERRIDES, f"data.path={corpus}", "train.strategy=fsdp", "train.batch_size=2"]
     resume = f"resume={checkpoint_path(ddp_dir, 4)}"
     sample = "train.sample_interval=8"  # after the last step: decoding a sharded model, on every rank
-    result = torchrun(tmp_path, [*overrides, "train.grad_accum=2", sample, resume, "hydra.run.dir=run"])
+    # A checkpoint mid-run (iteration 6) gathers the optimizer's shards; training then goes on with them.
+    mid_ckpt = "train.ckpt_interval=6"
+    result = torchrun(tmp_path, [*overrides, "train.grad_accum=2", sample, mid_ckpt, resume, "hydra.run.dir=run"])
     assert result.returncode == 0, result.stderr[-12000:]
     run_dir = tmp_path / "run"
     assert "sample at iteration 8:" in (run_dir / "train.log").read_text()
@@ -148,6 +150,16 @@ def test_fsdp_with_grad_accum_resumes_and_matches_one_process(reference_run, ddp
         for name in ("exp_avg", "exp_avg_sq"):
             assert ckpt.optimizer["state"][index][name].shape == state[name].shape
             assert (ckpt.optimizer["state"][index][name] - state[name]).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_every_rank_at_the_same_step(corpus, tmp_path):
+    overrides = [*TINY_OVERRIDES, f"data.path={corpus}", "train.max_iters=100000", "train.max_time=20"]
+    result = torchrun(tmp_path, [*overrides, "train.log_interval=10", "hydra.run.dir=run"], timeout=240)
+    assert result.returncode == 0, result.stderr[-12000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("done:") == 1 and "time budget 20s" in log
+    assert load_checkpoint(next((tmp_path / "run" / "checkpoints").glob("iter_*.ckpt"))).progress.iteration > 10
 
 
 @pytest.mark.slow
