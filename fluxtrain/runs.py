@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fluxtrain.errors import FluxtrainError, first_line
-from fluxtrain.resume import find_latest
+from fluxtrain.resume import CHECKPOINT_DIR, SUPERSEDED_DIR, find_latest
 
 BEST_MODEL_FILE, FINAL_MODEL_FILE = "best.safetensors", "model_final.safetensors"
 MODEL_FILES = (BEST_MODEL_FILE, FINAL_MODEL_FILE)  # a run folder's model, in order of preference
@@ -119,9 +119,14 @@ def read_run(path: Path, root: Path) -> Run:
 
 def run_folders(root: Path, since: float = 0.0) -> list[Path]:
     """The folders under `root` (or `root` itself) where a run wrote its metrics.json, or a failed sweep job its
-    failed.json, at or after time `since`; in job order."""
+    failed.json, at or after time `since`; in job order. An earlier run's files that a fresh run in its folder set
+    aside (checkpoints/superseded/NNN/) are not a run of their own."""
     found = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in written_since(root, name, since)}
-    return in_job_order(found, root)
+    return in_job_order((p for p in found if not set_aside(p)), root)
+
+
+def set_aside(folder: Path) -> bool:
+    return folder.parent.name == SUPERSEDED_DIR and folder.parent.parent.name == CHECKPOINT_DIR
 
 
 def find_runs(root: str | Path) -> list[Run]:

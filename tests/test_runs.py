@@ -126,3 +126,11 @@ def test_the_runs_command_names_a_damaged_file_and_key(tmp_path, capsys, name, t
     (tmp_path / "run" / name).write_text(text)
     code, out, err = compare(capsys, str(tmp_path))
     assert (code, out, err) == (1, "", f"error: {tmp_path / 'run' / name} is not readable: {reason}\n")
+
+
+def test_an_earlier_run_set_aside_in_a_run_folder_is_not_a_run(tmp_path):
+    make_run(tmp_path / "run", 1e-3, metrics={"best_val_loss": 1.8})
+    (tmp_path / "run" / "checkpoints" / "superseded" / "001").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "superseded" / "001" / "metrics.json").write_text('{"best_val_loss": 2.5}')
+    make_run(tmp_path / "superseded" / "001", 3e-4, metrics={"best_val_loss": 2.0})  # a sweep job's name, not set aside
+    assert [r.name for r in find_runs(tmp_path)] == ["run", "superseded/001"]
