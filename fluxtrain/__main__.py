@@ -73,10 +73,10 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(run)
 # `fluxtrain-lr-find`: conf/lr_find.yaml is the primary config with task=lr_find
-lr_find_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="lr_find")(run)
+_lr_find_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="lr_find")(run)
 
 
-def main(cfg: DictConfig | None = None) -> float | None:
+def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main) -> float | None:
     """The `fluxtrain` command (also under torchrun); with a composed `cfg`, runs it as Hydra's job function."""
     if cfg is not None:
         return hydra_main(cfg)
@@ -86,9 +86,14 @@ def main(cfg: DictConfig | None = None) -> float | None:
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    hydra_main()
+    entry()
     distributed.close_world()
     return None
+
+
+def lr_find_main() -> None:
+    """The `fluxtrain-lr-find` command: `fluxtrain` with conf/lr_find.yaml (task=lr_find) as the primary config."""
+    main(entry=_lr_find_main)
 
 
 if __name__ == "__main__":

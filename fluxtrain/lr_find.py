@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from fluxtrain import host
+from fluxtrain import distributed, host
 from fluxtrain.data import load_corpus
 from fluxtrain.distributed import World
 from fluxtrain.errors import FluxtrainError
@@ -141,6 +141,8 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
     model_cfg.validate()
     validate_optim(cfg.optim)  # before the data is loaded (a BPE tokenizer may be trained there)
+    if distributed.current_world().is_distributed:
+        raise FluxtrainError("task=lr_find runs in one process: start it with python, not torchrun")
     device = host.resolve_device(tcfg.device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -168,3 +168,23 @@ def test_unknown_task_is_a_one_line_error(tmp_path):
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert lines[-1].endswith("error: task='finetune' is not one of train, lr_find"), lines
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_lr_find_command_checks_settings_in_one_line(tmp_path):
+    proc = run_fluxtrain(
+        "lr_find.num_step=100",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        entry=("-c", "from fluxtrain.__main__ import lr_find_main; lr_find_main()"),
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "error: lr_find.num_step is not a fluxtrain setting (did you mean lr_find.num_steps?)\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_lr_find_under_torchrun_is_refused(tiny_cfg, tmp_path, monkeypatch):
+    from fluxtrain import distributed
+
+    monkeypatch.setattr(distributed, "current_world", lambda: distributed.World(rank=0, local_rank=0, world_size=2))
+    with pytest.raises(FluxtrainError, match="^task=lr_find runs in one process: start it with python, not torchrun$"):
+        lr_find(tiny_cfg("task=lr_find"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
