@@ -261,7 +261,13 @@ def compile_model(
     except torch.OutOfMemoryError:
         raise  # the eager model would not fit either
     except Exception as e:  # any compiler failure: the eager model still trains
-        log.warning(f"train.compile=true: torch.compile failed ({describe_failure(e)}); training eagerly")
+        # Inductor cannot save the RNG state that checkpointed blocks replay in a whole-model graph; per block it can.
+        hint = (
+            " (with train.activation_checkpointing=true, try train.compile_scope=blocks)"
+            if scope == "model" and getattr(model, "activation_checkpointing", False)
+            else ""
+        )
+        log.warning(f"train.compile=true: torch.compile failed ({describe_failure(e)}); training eagerly{hint}")
         torch._dynamo.reset()
         for block in blocks:
             block._compiled_call_impl = None  # what nn.Module.compile() set: back to the plain forward

@@ -187,3 +187,25 @@ def test_bad_peak_flops_is_an_error(tiny_cfg, tmp_path):
 def test_mps_where_unavailable_is_a_clear_error(tiny_cfg, tmp_path):
     with pytest.raises(FluxtrainError, match="train.device=mps: MPS is not available on this machine"):
         train(tiny_cfg("train.device=mps"), tmp_path)
+
+
+def test_a_failed_whole_model_compile_with_activation_checkpointing_points_to_compiling_blocks(monkeypatch, caplog):
+    from contextlib import nullcontext
+
+    from fluxtrain import distributed
+
+    def failing_compile(*args, **kwargs):
+        raise RuntimeError("inductor cannot do this")
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    model = GPT(ModelConfig(d_model=16, n_heads=2, n_layers=1, ff_dim=32, seq_len=8), vocab_size=11)
+    x = torch.randint(11, (2, 8))
+    hint = " (with train.activation_checkpointing=true, try train.compile_scope=blocks)"
+    for checkpointing, end in ((False, "training eagerly"), (True, "training eagerly" + hint)):
+        model.activation_checkpointing = checkpointing
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+            assert distributed.compile_model(model, model.blocks, x, x, nullcontext) is model
+        (message,) = [r.getMessage() for r in caplog.records]
+        assert message.startswith("train.compile=true: torch.compile failed (RuntimeError: inductor cannot do this)")
+        assert message.endswith(end)
