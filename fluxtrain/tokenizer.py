@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from fluxtrain.errors import FluxtrainError, first_line
 from fluxtrain.files import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 KINDS = ("char", "bpe")
 MIN_BPE_VOCAB = 257  # the 256 byte symbols plus at least one merge
@@ -243,7 +246,18 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: str | Iterable[str], train_tex
     """
     validate(cfg)
     if cfg.path:
-        return load_tokenizer(cfg.path)
+        tokenizer = load_tokenizer(cfg.path)
+        if tokenizer.kind != cfg.kind:
+            log.warning(
+                f"tokenizer.path={cfg.path} holds a {tokenizer.kind} tokenizer: tokenizer={cfg.kind} is ignored"
+            )
+        return tokenizer
     if cfg.kind == "char":
         return CharTokenizer.train(corpus)
-    return BPETokenizer.train(train_text, cfg.vocab_size)
+    tokenizer = BPETokenizer.train(train_text, cfg.vocab_size)
+    if tokenizer.vocab_size < cfg.vocab_size:
+        log.warning(
+            f"tokenizer.vocab_size={cfg.vocab_size}: the training text gave only {tokenizer.vocab_size} tokens "
+            "(no pair left to merge)"
+        )
+    return tokenizer

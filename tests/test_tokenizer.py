@@ -170,3 +170,18 @@ def test_bpe_learns_from_the_training_text_only(tmp_path, val_path):
     assert not [t for t in learned if len(t) > 1 and set(t) <= set("zqxv")]
     assert len(tokenizer.encode("zqxv")) == 4  # one byte each
     assert any(len(t) > 3 and t.isalpha() for t in learned)  # the training words did get merges
+
+
+def test_what_the_tokenizer_settings_cannot_give_is_said(tmp_path, caplog):
+    text = "abc abd abe " * 20
+    with caplog.at_level(logging.WARNING, logger="fluxtrain.tokenizer"):
+        bpe = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=5000), text, text)
+    assert bpe.vocab_size < 5000
+    assert f"tokenizer.vocab_size=5000: the training text gave only {bpe.vocab_size} tokens" in caplog.text
+    char_file = tmp_path / "char.json"
+    CharTokenizer.train(text).save(char_file)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxtrain.tokenizer"):
+        loaded = build_tokenizer(TokenizerConfig(kind="bpe", path=str(char_file)), text, text)
+    assert loaded.kind == "char"
+    assert f"tokenizer.path={char_file} holds a char tokenizer: tokenizer=bpe is ignored" in caplog.text
