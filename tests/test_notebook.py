@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from torch.utils.tensorboard import SummaryWriter
+
+from fluxtrain.runs import read_scalars
+from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, run_fluxtrain, tiny_except
 
@@ -22,7 +27,22 @@ def test_notebook_is_committed_without_outputs():
 
 
 def outputs_text(cell) -> str:
-    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+    """What the cell printed (stdout: not the warnings a fresh machine may add, e.g. matplotlib's font cache)."""
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
+
+
+def execute_notebook(outputs: Path, monkeypatch) -> list:
+    """The notebook's code cells after running it on the folder `outputs`; none of them may raise."""
+    monkeypatch.setenv("FLUXTRAIN_OUTPUTS", str(outputs))
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for cell in code:
+        assert not [o for o in cell.outputs if o.output_type == "error"]
+    return code
 
 
 @pytest.mark.slow
@@ -38,15 +58,7 @@ def test_notebook_explores_a_tiny_sweep(tiny_text_file, tmp_path, monkeypatch):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    monkeypatch.setenv("FLUXTRAIN_OUTPUTS", str(tmp_path / "outputs"))
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    ).execute()
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    for cell in code:
-        assert not [o for o in cell.outputs if o.output_type == "error"]
+    code = execute_notebook(tmp_path / "outputs", monkeypatch)
 
     # The table lists both runs with their learning rate and their metrics.json figures.
     table = outputs_text(code[1])
@@ -72,3 +84,39 @@ def test_notebook_explores_a_tiny_sweep(tiny_text_file, tmp_path, monkeypatch):
     header, sample = outputs_text(code[3]).split(":\n\n", 1)
     assert header == str(sweep / best / "best.safetensors")
     assert len(sample) == 300 + 1 and set(sample) <= set(tiny_text_file.read_text())  # print adds a newline
+
+
+@pytest.mark.slow
+def test_notebook_says_when_no_run_finished(tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep"  # e.g. an Optuna sweep whose trials all failed: failed.json, no metrics.json
+    for job in ("0", "1"):
+        (sweep / job).mkdir(parents=True)
+        report = {"error": f"loss became nan at iteration {job}", "type": "FluxtrainError", "overrides": []}
+        (sweep / job / "failed.json").write_text(json.dumps(report))
+
+    code = execute_notebook(sweep, monkeypatch)
+    assert "2 runs under" in outputs_text(code[1]) and "failed: loss became nan at iteration 1" in outputs_text(code[1])
+    assert outputs_text(code[2]) == f"no finished run under {sweep}: 2 failed (see the table); no curves to plot\n"
+    assert not [o for o in code[2].outputs if "image/png" in o.get("data", {})]
+    assert outputs_text(code[3]) == f"no run with a finished model under {sweep}: 2 failed (see the table); no sample\n"
+
+
+@pytest.mark.slow
+def test_notebook_skips_a_curve_without_points(tiny_cfg, tmp_path, monkeypatch):
+    # A run that logged no train/loss (a time budget shorter than train.log_interval): a tiny run's val/loss only.
+    run = tmp_path / "short"
+    train(tiny_cfg(), run)
+    steps, values = read_scalars(run, "val/loss")
+    for events in run.glob("events.out.tfevents.*"):
+        events.unlink()
+    with SummaryWriter(str(run)) as writer:
+        for step, value in zip(steps, values, strict=True):
+            writer.add_scalar("val/loss", value, step)
+
+    code = execute_notebook(run, monkeypatch)
+    assert outputs_text(code[2]).splitlines() == [
+        "short train/loss: no points, not plotted",
+        f"short val/loss: 2 points, last {values[-1]:.4f} at iteration 30",
+    ]
+    assert len([o for o in code[2].outputs if "image/png" in o.get("data", {})]) == 1
+    assert outputs_text(code[3]).startswith(f"{run / 'best.safetensors'}:\n\n")
