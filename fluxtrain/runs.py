@@ -6,6 +6,7 @@ python -m fluxtrain.runs outputs/multirun/2026-11-27/10-00-00     # one row per 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import sys
@@ -245,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         if not runs:
             raise FluxtrainError(f"no runs under {args.folder} (a run folder holds {METRICS_FILE} or {FAILED_FILE})")
         keys = args.keys.split(",") if args.keys else varying_keys(runs)
+        known = {key for run in runs for key in flat_settings(run.config)}
+        unknown = [key for key in keys if key not in known]
+        if args.keys and unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise FluxtrainError(f"--keys: no run has the setting {unknown[0]}{hint}")
         print(ranked_table(runs, keys))
     except (FluxtrainError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -88,6 +88,9 @@ def test_the_runs_command_ranks_runs_by_best_val_loss_showing_the_settings_that_
 
     code, out, _ = compare(capsys, str(sweep), "--keys", "model.d_model")
     assert code == 0 and out.splitlines()[0].split()[:3] == ["run", "model.d_model", "best_val_loss"]
+    code, out, err = compare(capsys, str(sweep), "--keys", "optim.lr,model.d_modle")
+    assert (code, out) == (1, "")
+    assert err == "error: --keys: no run has the setting model.d_modle (did you mean model.d_model?)\n"
 
 
 def test_the_runs_command_names_a_missing_empty_or_damaged_folder(tmp_path, capsys):
