@@ -201,6 +201,9 @@ def build_from_metadata(meta: dict[str, str], source: str, state: dict[str, torc
         raise FluxtrainError(f"{source}: its tokenizer has {tokenizer.vocab_size} tokens, its model {vocab_size}")
     with torch.device("meta"):  # shapes only
         check_weights(GPT(cfg, vocab_size), state, source)
+    bad = first_non_finite(state)  # a checkpoint's weights are checked as it is read (load_checkpoint)
+    if bad is not None:
+        raise FluxtrainError(f"{source}: weight {bad} holds NaN or infinite values")
     return GPT(cfg, vocab_size), tokenizer
 
 
@@ -210,7 +213,7 @@ def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
 
 
 def check_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
-    """One-line errors naming the file when the weights do not fit the model or are not finite numbers."""
+    """One-line errors naming the file when the weights do not fit the model."""
     expected = {k: v.shape for k, v in model.state_dict().items() if k not in TIED_KEYS}
     got = {k: v.shape for k, v in state.items()}
     if expected.keys() != got.keys():
@@ -222,9 +225,6 @@ def check_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> No
     if wrong:
         k = wrong[0]
         raise FluxtrainError(f"{source}: weight {k} has shape {tuple(got[k])}, the model needs {tuple(expected[k])}")
-    bad = first_non_finite(state)
-    if bad is not None:
-        raise FluxtrainError(f"{source}: weight {bad} holds NaN or infinite values")
 
 
 def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
