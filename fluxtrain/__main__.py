@@ -8,14 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain import distributed
 from fluxtrain.config import check_known_keys, check_overrides, config_dir, register_configs
-from fluxtrain.errors import FluxtrainError, describe_failure
+from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
 from fluxtrain.lr_find import lr_find
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.train import train
@@ -54,21 +53,11 @@ def run(cfg: DictConfig) -> float:
     except KeyboardInterrupt:
         logging.getLogger("fluxtrain").error("interrupted")
         sys.exit(130)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
+    except RuntimeError as e:
         if not is_out_of_memory(e):
             raise
-        logging.getLogger("fluxtrain").error(
-            f"error: out of memory ({describe_failure(e)}); lower train.batch_size or model.seq_len, use a smaller "
-            "model, or train.grad_accum / train.activation_checkpointing=true"
-        )
+        logging.getLogger("fluxtrain").error(f"error: {out_of_memory_message(e)}")
         sys.exit(1)
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """Whether `e` is torch running out of device or host memory (CUDA, MPS or the CPU allocator)."""
-    return isinstance(e, torch.OutOfMemoryError) or any(
-        phrase in str(e) for phrase in ("can't allocate memory", "out of memory")
-    )
 
 
 hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(run)

@@ -71,12 +71,12 @@ def check_overrides(args: list[str]) -> None:
         for path in sorted(folder.rglob("*.yaml")):
             check_yaml(path)
     groups = {p.name for folder in (config_dir(), *extra) for p in folder.iterdir() if p.is_dir()}
-    schema = OmegaConf.structured(Config)
+    schema, parser = OmegaConf.structured(Config), OverridesParser.create()
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
         try:
-            (override,) = OverridesParser.create().parse_overrides([arg])
+            (override,) = parser.parse_overrides([arg])
             key = override.key_or_group
             if override.is_add() or override.is_delete() or override.is_force_add() or "/" in key or "@" in key:
                 continue

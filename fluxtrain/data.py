@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from fluxtrain.errors import FluxtrainError, describe_failure
-from fluxtrain.files import atomic_write, atomic_write_text
+from fluxtrain.files import atomic_write, atomic_write_text, check_writable
 from fluxtrain.sources import Sources, download, head_text, iter_text, read_corpus, resolve_sources, sha256_file
 from fluxtrain.tokenizer import Tokenizer, TokenizerConfig, UnknownCharactersError, build_tokenizer, load_tokenizer
 
@@ -62,15 +61,11 @@ def check_cache_dir(cfg: DataConfig) -> None:
     """`data.cache_dir` must be a folder this process can write to, when the cache or the download needs it."""
     if cfg.path and not cfg.cache:
         return
-    folder = Path(cfg.cache_dir).expanduser()
     fix = "set data.cache_dir to a writable folder" + (" or data.cache=false" if cfg.path else "")
-    if folder.exists() and not folder.is_dir():
-        raise FluxtrainError(f"data.cache_dir={cfg.cache_dir} is not a folder; {fix}")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise FluxtrainError(f"data.cache_dir={cfg.cache_dir} cannot be written to ({e.strerror}); {fix}") from None
+        check_writable(cfg.cache_dir, "data.cache_dir", folder=True)
+    except FluxtrainError as e:
+        raise FluxtrainError(f"{e}; {fix}") from None
 
 
 def resolve_text_path(cfg: DataConfig) -> Path:

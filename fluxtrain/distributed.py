@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fluxtrain.errors import FluxtrainError, describe_failure
+from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory
 
 log = logging.getLogger("fluxtrain")
 
@@ -184,7 +184,7 @@ def check_sharded_optimizer(world: World, strategy: str, optimizer_name: str) ->
         raise FluxtrainError("optim.name=muon is not supported with train.strategy=fsdp; use ddp or adamw")
 
 
-def wrap_model(model: nn.Module, world: World, strategy: str, optimizer_name: str) -> nn.Module:
+def wrap_model(model: nn.Module, world: World, strategy: str) -> nn.Module:
     """The model to train: as is in one process, in DistributedDataParallel, or sharded in place by `fully_shard`.
 
     With FSDP the returned module is `model` itself (its parameters become shards), so build the optimizer after
@@ -198,7 +198,6 @@ def wrap_model(model: nn.Module, world: World, strategy: str, optimizer_name: st
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        check_sharded_optimizer(world, strategy, optimizer_name)
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
@@ -238,6 +237,7 @@ def compile_model(
     autocast: Callable,
     scope: str = "model",
     cpp_wrapper: bool = False,
+    activation_checkpointing: bool = False,
 ) -> nn.Module:
     """`torch.compile` the whole model (scope "model") or each of its `blocks` in place (scope "blocks"), tried on
     one batch; where compilation fails, the eager model with a warning. `cpp_wrapper`: inductor's C++ wrapper.
@@ -258,13 +258,13 @@ def compile_model(
         with autocast():
             _, loss = compiled(x, y)
         loss.backward()
-    except torch.OutOfMemoryError:
-        raise  # the eager model would not fit either
     except Exception as e:  # any compiler failure: the eager model still trains
+        if is_out_of_memory(e):
+            raise  # the eager model would not fit either
         # Inductor cannot save the RNG state that checkpointed blocks replay in a whole-model graph; per block it can.
         hint = (
             " (with train.activation_checkpointing=true, try train.compile_scope=blocks)"
-            if scope == "model" and getattr(model, "activation_checkpointing", False)
+            if scope == "model" and activation_checkpointing
             else ""
         )
         log.warning(f"train.compile=true: torch.compile failed ({describe_failure(e)}); training eagerly{hint}")

@@ -14,3 +14,17 @@ def first_line(e: BaseException) -> str:
 def describe_failure(e: BaseException) -> str:
     """`Type: first line of the message` (at most 160 characters), for a one-line note about a failed attempt."""
     return f"{type(e).__name__}: {first_line(e)[:160]}"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is torch running out of device or host memory (CUDA, MPS or the CPU allocator)."""
+    return isinstance(e, RuntimeError) and any(
+        phrase in str(e) for phrase in ("can't allocate memory", "out of memory")
+    )
+
+
+def out_of_memory_message(e: BaseException) -> str:
+    return (
+        f"out of memory ({describe_failure(e)}); lower train.batch_size or model.seq_len, use a smaller model, or "
+        "train.grad_accum / train.activation_checkpointing=true"
+    )

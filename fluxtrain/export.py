@@ -211,7 +211,7 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
         raise FluxtrainError(f"OUT_DIR {out_dir} is a file, not a folder")
     if out_dir.is_dir() and (run_model_file(out_dir) or find_latest(out_dir)):
         raise FluxtrainError(
-            f"OUT_DIR {out_dir} is a run folder (it holds fluxtrain model files); export into a new one"
+            f"OUT_DIR {out_dir} is a run folder (it holds fluxtrain model files or checkpoints); export into a new one"
         )
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FluxtrainError(f"OUT_DIR {out_dir} is not empty; choose a new folder or pass --overwrite")

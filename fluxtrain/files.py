@@ -42,16 +42,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def check_writable(path: str | Path, setting: str, folder: bool = False) -> None:
     """Raise a one-line error naming `setting` when `path` (a file, or a folder with `folder`) cannot be written:
     checked before any work, so a long job does not fail at its last step."""
+    given = f"{setting}={path}" if "." in setting and not setting.startswith("-") else f"{setting} {path}"
     path = Path(path).expanduser()
     if path.exists() and path.is_dir() != folder:
         kind = "a folder, not a file" if path.is_dir() else "a file, not a folder"
-        raise FluxtrainError(f"{setting} {path} is {kind}")
+        raise FluxtrainError(f"{given} is {kind}")
     parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise FluxtrainError(f"{setting} {path} cannot be written: {parent} is a file, not a folder")
+        raise FluxtrainError(f"{given} cannot be written: {parent} is a file, not a folder")
     try:
         tempfile.TemporaryFile(dir=parent).close()  # a real write: permissions, read-only mounts, /proc
     except OSError as e:
-        raise FluxtrainError(f"{setting} {path} cannot be written: {parent}: {e.strerror or e}") from None
+        raise FluxtrainError(f"{given} cannot be written: {parent}: {e.strerror or e}") from None

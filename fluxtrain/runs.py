@@ -127,7 +127,8 @@ def run_folders(root: Path, since: float = 0.0) -> list[Path]:
 
 
 def set_aside(folder: Path) -> bool:
-    return folder.parent.name == SUPERSEDED_DIR and folder.parent.parent.name == CHECKPOINT_DIR
+    """checkpoints/superseded/NNN/, or checkpoints/superseded/ itself as earlier versions laid it out."""
+    return any(f.name == SUPERSEDED_DIR and f.parent.name == CHECKPOINT_DIR for f in (folder, folder.parent))
 
 
 def find_runs(root: str | Path) -> list[Run]:
@@ -246,12 +247,13 @@ def main(argv: list[str] | None = None) -> None:
         if not runs:
             raise FluxtrainError(f"no runs under {args.folder} (a run folder holds {METRICS_FILE} or {FAILED_FILE})")
         keys = args.keys.split(",") if args.keys else varying_keys(runs)
-        known = {key for run in runs for key in flat_settings(run.config)}
-        unknown = [key for key in keys if key not in known]
-        if args.keys and unknown:
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise FluxtrainError(f"--keys: no run has the setting {unknown[0]}{hint}")
+        if args.keys:
+            known = {key for run in runs for key in flat_settings(run.config)}
+            unknown = [key for key in keys if key not in known]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise FluxtrainError(f"--keys: no run has the setting {unknown[0]}{hint}")
         print(ranked_table(runs, keys))
     except (FluxtrainError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

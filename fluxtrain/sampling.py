@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fluxtrain.errors import FluxtrainError, describe_failure
+from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory
 from fluxtrain.model import GPT, eval_mode
 
 MAX_TEMPERATURE = 2.0
@@ -162,9 +162,9 @@ def compile_decoding(model: GPT) -> str | None:
             for position in sorted({1, 2, model.cfg.seq_len - 1} & set(range(1, model.cfg.seq_len))):
                 cache.length = position
                 compiled(token, cache)
-    except torch.OutOfMemoryError:
-        raise
     except Exception as e:  # any compiler failure: decoding still works eagerly
+        if is_out_of_memory(e):
+            raise
         torch._dynamo.reset()
         return describe_failure(e)
     model.decode_step = compiled

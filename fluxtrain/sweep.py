@@ -16,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
 from fluxtrain.files import atomic_write_text
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.runs import FAILED_FILE, ranked_table, read_run, run_folders, written_since
@@ -42,6 +42,8 @@ def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]
     except Exception as e:
         if isinstance(e, FluxtrainError):
             log.error(f"error: {e}")
+        elif is_out_of_memory(e):
+            log.error(f"error: {out_of_memory_message(e)}")
         else:
             log.exception(f"job failed with {type(e).__name__}")
         report = {"error": str(e).splitlines()[0] if str(e) else "", "type": type(e).__name__, "overrides": overrides}

@@ -221,7 +221,8 @@ def claim_run_dir(run_dir: Path, tokenizer: Tokenizer, resume: Checkpoint | None
     else:
         set_aside_earlier_run(run_dir, RUN_OUTPUTS)
     tokenizer.save(run_dir / TOKENIZER_FILE)
-    wait_for_a_later_event_file_name(run_dir)
+    if resume:  # a fresh run moved the earlier run's event files away
+        wait_for_a_later_event_file_name(run_dir)
     # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
     return SummaryWriter(log_dir=str(run_dir), purge_step=resume.progress.iteration + 1 if resume else None)
 
@@ -250,11 +251,9 @@ def check_settings(cfg: DictConfig) -> ModelConfig:
     return model_cfg
 
 
-def wrap_for_training(
-    model: GPT, data: TokenData, world: World, device: torch.device, tcfg: TrainConfig, optimizer_name: str
-) -> nn.Module:
+def wrap_for_training(model: GPT, data: TokenData, world: World, device: torch.device, tcfg: TrainConfig) -> nn.Module:
     """The module the loop calls: `model` in DDP or sharded by FSDP under torchrun, compiled with train.compile."""
-    train_model = distributed.wrap_model(model, world, tcfg.strategy, optimizer_name)
+    train_model = distributed.wrap_model(model, world, tcfg.strategy)
     if not tcfg.compile:
         return train_model
     x, y = distributed.rank_batch(data, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed), world)
@@ -266,6 +265,7 @@ def wrap_for_training(
         lambda: autocast_context(device, tcfg.precision),
         tcfg.compile_scope,
         device.type == "cpu" if tcfg.compile_cpp_wrapper is None else tcfg.compile_cpp_wrapper,
+        tcfg.activation_checkpointing,
     )
 
 
@@ -279,10 +279,11 @@ def plan_time_budget(
     resume: Checkpoint | None,
 ) -> float | None:
     """Seconds the training loop may take under train.max_time (None without one): the budget less the `setup`
-    seconds spent so far and the final evaluation, timed now."""
+    seconds spent so far and the final evaluation, timed now. Under torchrun, rank 0's figures hold for every rank."""
     if tcfg.max_time is None:
         return None
-    final_eval = eval_seconds(model, data, tcfg, device)
+    setup = distributed.main_rank_value(setup, device)
+    final_eval = distributed.main_rank_value(eval_seconds(model, data, tcfg, device), device)
     loop_time = tcfg.max_time - setup - final_eval
     if loop_time <= 0:
         raise FluxtrainError(
@@ -324,7 +325,7 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     model.activation_checkpointing = tcfg.activation_checkpointing
     n_params = model.num_params()
     log.info(f"model: {n_params:,} parameters ({model_cfg.n_layers} layers, width {model_cfg.d_model})")
-    train_model = wrap_for_training(model, data, world, device, tcfg, cfg.optim.name)
+    train_model = wrap_for_training(model, data, world, device, tcfg)
     optimizer = build_optimizer(model, cfg.optim)  # after wrapping: FSDP replaces the parameters by shards
     scaler = grad_scaler(device, tcfg.precision)
 
@@ -351,8 +352,6 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
     t_loop = time.perf_counter() - progress.train_time
     # seconds the loop may take: the budget less the setup so far and the final eval
     loop_time = plan_time_budget(tcfg, time.perf_counter() - t_start, model, data, device, progress, resume)
-    if loop_time is not None and world.is_distributed:  # rank 0's budget and clock decide for every rank
-        loop_time = distributed.main_rank_value(loop_time, device)
     if it >= tcfg.max_iters:
         log.warning(
             f"the checkpoint is at iteration {it}, which reaches train.max_iters={tcfg.max_iters}: evaluating "

@@ -281,9 +281,9 @@ def test_unusable_cache_dir_is_an_error_before_any_work(tmp_path, monkeypatch):
     path = write(tmp_path / "a.txt", make_text(3_000))
     a_file = write(tmp_path / "file", "x")
     calls = count_encodes(monkeypatch)
-    cases = [(a_file, "is not a folder"), (a_file / "sub", r"cannot be written to \(Not a directory\)")]
+    cases = [(a_file, "is a file, not a folder"), (a_file / "sub", f"cannot be written: {a_file} is a file")]
     if Path("/proc/self").is_dir():  # a folder nobody may create files in, even root
-        cases.append((Path("/proc/self"), "cannot be written to"))
+        cases.append((Path("/proc/self"), "cannot be written: /proc/self: "))
     for cache_dir, problem in cases:
         cfg = DataConfig(path=str(path), cache_dir=str(cache_dir))
         with pytest.raises(FluxtrainError, match=rf"^data.cache_dir={cache_dir} {problem}.*or data.cache=false$"):

@@ -137,3 +137,10 @@ def test_an_earlier_run_set_aside_in_a_run_folder_is_not_a_run(tmp_path):
     (tmp_path / "run" / "checkpoints" / "superseded" / "001" / "metrics.json").write_text('{"best_val_loss": 2.5}')
     make_run(tmp_path / "superseded" / "001", 3e-4, metrics={"best_val_loss": 2.0})  # a sweep job's name, not set aside
     assert [r.name for r in find_runs(tmp_path)] == ["run", "superseded/001"]
+
+
+def test_a_run_set_aside_in_the_earlier_layout_is_not_a_run_either(tmp_path):
+    make_run(tmp_path / "run", 1e-3, metrics={"best_val_loss": 1.8})
+    (tmp_path / "run" / "checkpoints" / "superseded").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "superseded" / "metrics.json").write_text('{"best_val_loss": 2.5}')
+    assert [r.name for r in find_runs(tmp_path)] == ["run"]
