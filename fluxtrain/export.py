@@ -184,7 +184,8 @@ def check_same_logits(model: GPT, hf_model, source: str, tol: float = 1e-3) -> N
 
 
 def write_folder(out_dir: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a new folder beside `out_dir`, then move its files into `out_dir` (created if needed).
+    """Call `write(tmp)` on a new folder beside `out_dir`, then put it in `out_dir`'s place (an earlier `out_dir` is
+    replaced whole, so none of its files outlives the new export).
 
     A failure while writing leaves `out_dir` as it was.
     """
@@ -192,15 +193,31 @@ def write_folder(out_dir: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         write(tmp)
-        if out_dir.exists():
-            for f in tmp.iterdir():
-                os.replace(f, out_dir / f.name)
-            tmp.rmdir()
-        else:
-            os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    os.replace(out_dir, old / out_dir.name)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old / out_dir.name, out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds a transformers export of a GPT2LMHeadModel (what `--overwrite` may replace)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("architectures") == ["GPT2LMHeadModel"]
 
 
 def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -213,8 +230,14 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
         raise FluxtrainError(
             f"OUT_DIR {out_dir} is a run folder (it holds fluxtrain model files or checkpoints); export into a new one"
         )
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FluxtrainError(f"OUT_DIR {out_dir} is not empty; choose a new folder or pass --overwrite")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FluxtrainError(f"OUT_DIR {out_dir} is not empty; choose a new folder or pass --overwrite")
+        if not is_export(out_dir):
+            raise FluxtrainError(
+                f"OUT_DIR {out_dir} does not hold an earlier export (no GPT2LMHeadModel config.json), so --overwrite "
+                "would delete other files; choose a new folder"
+            )
     check_writable(out_dir, "OUT_DIR", folder=True)
     model_path = resolve_model_path(model_path)
     model, tokenizer = load_model(model_path)
@@ -251,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("model", help="a model file (.safetensors), a checkpoint (.ckpt) or a run folder (its best model)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created; must be empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in OUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR (the whole folder)")
     args = p.parse_args(argv)
     try:
         out = export(args.model, args.out_dir, args.overwrite)

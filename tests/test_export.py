@@ -211,6 +211,27 @@ def test_cli_writes_a_folder_and_refuses_to_mix_into_a_non_empty_one(tmp_path, c
     assert not list(tmp_path.glob(".hf.*"))  # no temporary folders left behind
 
 
+def test_overwrite_replaces_the_whole_earlier_export_and_refuses_other_folders(tmp_path, capsys):
+    tokenizer = CharTokenizer.train(TEXT)
+    model_file, out = tmp_path / "model.safetensors", tmp_path / "hf"
+    save_model_file(model_file, tiny_model(tokenizer.vocab_size), tokenizer)
+    export(model_file, out)
+    names = {p.name for p in out.iterdir()}
+    (out / "special_tokens_map.json").write_text("{}")  # a file an earlier export (of a BPE model) wrote
+    export(model_file, out, overwrite=True)
+    assert {p.name for p in out.iterdir()} == names  # nothing of the earlier export is left to be read
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf.")]
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        main([str(model_file), str(notes), "--overwrite"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: OUT_DIR {notes} does not hold an earlier export") and err.count("\n") == 1
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+
 def test_export_in_memory_matches_the_file_round_trip(char_export):
     model, tokenizer, hf_model, _ = char_export
     in_memory, _ = to_transformers(model, tokenizer)
