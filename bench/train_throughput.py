@@ -6,7 +6,9 @@
 
 Every variant runs the same training step: sample a batch of random windows, forward, backward, clip the gradient
 norm to 1.0, optimizer step, zero the gradients, read the loss. One more runs the trainer's own step
-(`fluxtrain.train.train_step` on `TokenData` batches), to show what the trainer's loop gets. Each variant runs in a
+(`fluxtrain.train.train_step` on `TokenData` batches), to show what the trainer's loop gets. The rows "N batch
+threads" split the batch over N threads of one torch thread each (`train.batch_threads`, N = the cores here by
+default; `--batch-threads 1` leaves them out). Each variant runs in a
 process of its own: the plain baseline with the process defaults a plain PyTorch script gets, fluxtrain set up as
 its trainer sets itself up (`fluxtrain.host.configure`). Windows of the variants are interleaved (round robin, one
 process running at a time), so a load change on a shared machine hits all of them alike. tokens/s is the median
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fluxtrain import host  # noqa: E402
+from fluxtrain.batch_threads import BatchThreads  # noqa: E402
 from fluxtrain.data import TokenData  # noqa: E402
 from fluxtrain.distributed import World  # noqa: E402
 from fluxtrain.model import GPT, ModelConfig, flops_per_token  # noqa: E402
@@ -140,6 +143,7 @@ class Spec:
     keep_cpu_memory: bool = True  # fluxtrain only: the trainer's default; False keeps glibc's malloc defaults
     cpp_wrapper: bool = True  # compiled only: train.compile_cpp_wrapper, on by default for CPU
     trainer_step: bool = False  # fluxtrain only: the trainer's own `train_step` instead of the shared step below
+    batch_threads: int = 1  # fluxtrain only: train.batch_threads, the batch split over threads of one torch thread
 
 
 @dataclass
@@ -162,8 +166,16 @@ class Variant:
         return receive(self.conn, self.name)
 
 
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, batch: int, seq_len: int):
-    """One training step as the trainer runs it: batch, forward, backward, clip, step, zero_grad, loss.item()."""
+def make_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: torch.Tensor,
+    batch: int,
+    seq_len: int,
+    threads: BatchThreads | None = None,
+):
+    """One training step as the trainer runs it: batch, forward, backward, clip, step, zero_grad, loss.item().
+    With `threads`, the forward and backward of the batch's parts run on them (train.batch_threads)."""
     generator = torch.Generator().manual_seed(0)
     params = [p for p in model.parameters()]
 
@@ -171,8 +183,11 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Te
         starts = torch.randint(len(data) - seq_len, (batch,), generator=generator)
         window = data[starts[:, None] + torch.arange(seq_len + 1)]
         x, y = window[:, :-1], window[:, 1:]
-        _, loss = model(x, y)
-        loss.backward()
+        if threads:
+            loss = threads.forward_backward(model, params, x, y, 1.0)
+        else:
+            _, loss = model(x, y)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -181,16 +196,18 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Te
     return step
 
 
-def make_trainer_step(model: nn.Module, optimizer, data: torch.Tensor, batch: int, seq_len: int):
+def make_trainer_step(
+    model: nn.Module, optimizer, data: torch.Tensor, batch: int, seq_len: int, threads: BatchThreads | None = None
+):
     """The step of `fluxtrain.train`: its batches (`TokenData.get_batch`), `train_step` (autocast and loss scaling
     that are no-ops in fp32 on CPU, clipping at 1.0) and the loss read back after each step, as its loop does on CPU."""
     ids = data.numpy().astype("uint16")
     token_data = TokenData(ids, ids[:1000], seq_len, "bench", 1000)
-    tcfg, cpu = TrainConfig(batch_size=batch), torch.device("cpu")
+    tcfg, cpu = TrainConfig(batch_size=batch, batch_threads=threads.n if threads else 1), torch.device("cpu")
     scaler, generator = grad_scaler(cpu, tcfg.precision), torch.Generator().manual_seed(0)
 
     def step() -> float:
-        return train_step(model, optimizer, scaler, token_data, generator, World(), cpu, tcfg, 1.0).item()
+        return train_step(model, optimizer, scaler, token_data, generator, World(), cpu, tcfg, 1.0, threads).item()
 
     return step
 
@@ -208,12 +225,13 @@ def build(spec: Spec, data: torch.Tensor):
         model = GPT(cfg, VOCAB)
         optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, betas=[0.9, 0.99], weight_decay=0.1))
         n = model.num_params()
-        if spec.compile:
+        if spec.compile:  # compiled at the first step: with batch threads, single-threaded for one part
             model = torch.compile(model, options={"cpp_wrapper": True} if spec.cpp_wrapper else None)
+        threads = BatchThreads(spec.batch_threads) if spec.batch_threads > 1 else None
         if spec.trainer_step:
-            step = make_trainer_step(model, optimizer, data, spec.batch, cfg.seq_len)
+            step = make_trainer_step(model, optimizer, data, spec.batch, cfg.seq_len, threads)
         else:
-            step = make_step(model, optimizer, data, spec.batch, cfg.seq_len)
+            step = make_step(model, optimizer, data, spec.batch, cfg.seq_len, threads)
     return step, spec.batch * cfg.seq_len, flops_per_token(cfg, n), n
 
 
@@ -273,9 +291,10 @@ def measure(variants: list[Variant], windows: int, window_steps: int, warmup_ste
 def print_table(title: str, variants: list[Variant], peak: float, baseline: Variant | None) -> None:
     """tokens/s: the median over windows. vs baseline: the median over rounds of the ratio within each round, which
     a drift of the machine's speed between rounds does not move."""
+    width = max(len(v.name) for v in variants)
     print(f"\n{title}")
-    print(f"| {'variant':<46} | params | tokens/s (median) | spread (min-max) | MFU | vs baseline |")
-    print(f"|{'-' * 48}|-------:|------------------:|-----------------:|----:|------------:|")
+    print(f"| {'variant':<{width}} | params | tokens/s (median) | spread (min-max) | MFU | vs baseline |")
+    print(f"|{'-' * (width + 2)}|-------:|------------------:|-----------------:|----:|------------:|")
     for v in variants:
         med = statistics.median(v.rates)
         mfu = med * v.flops_per_token / peak
@@ -283,8 +302,8 @@ def print_table(title: str, variants: list[Variant], peak: float, baseline: Vari
         if baseline:
             ratio = f"{statistics.median(r / b for r, b in zip(v.rates, baseline.rates, strict=True)):.2f}x"
         print(
-            f"| {v.name:<46} | {v.n_params / 1e6:.2f}M | {med:>17,.0f} | {min(v.rates):>7,.0f}-{max(v.rates):<7,.0f} "
-            f"| {100 * mfu:.1f}% | {ratio:>11} |"
+            f"| {v.name:<{width}} | {v.n_params / 1e6:.2f}M | {med:>17,.0f} "
+            f"| {min(v.rates):>7,.0f}-{max(v.rates):<7,.0f} | {100 * mfu:.1f}% | {ratio:>11} |"
         )
 
 
@@ -298,6 +317,9 @@ def main() -> None:
     parser.add_argument("--preset-window-steps", type=int, default=5, help="training steps per preset window")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--batch-threads", type=int, default=host.max_threads(), help="train.batch_threads of its rows (1: no rows)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -326,6 +348,25 @@ def main() -> None:
             flux("fluxtrain, rope, no bias, compiled", compile=True, model_kw=rope),
             flux("fluxtrain, no bias, compiled, the trainer's step", compile=True, model_kw=no_bias, trainer_step=True),
         ]
+    bt = args.batch_threads
+    if bt > 1:
+        specs += [flux(f"fluxtrain, no bias, eager, {bt} batch threads", model_kw=no_bias, batch_threads=bt)]
+        if not args.no_compile:
+            specs += [
+                flux(
+                    f"fluxtrain, no bias, compiled, {bt} batch threads",
+                    compile=True,
+                    model_kw=no_bias,
+                    batch_threads=bt,
+                ),
+                flux(
+                    f"fluxtrain, no bias, compiled, the trainer's step, {bt} batch threads",
+                    compile=True,
+                    model_kw=no_bias,
+                    trainer_step=True,
+                    batch_threads=bt,
+                ),
+            ]
     print(f"reference shape {shape}, batch {batch}:")
     ref = start(specs, args.threads)
     measure(ref, args.windows, args.window_steps, args.warmup_steps)
@@ -338,6 +379,9 @@ def main() -> None:
         specs = [Spec(f"{preset}, eager", "fluxtrain", PRESETS[preset], PRESET_BATCH)]
         if not args.no_compile:
             specs.append(Spec(f"{preset}, compiled", "fluxtrain", PRESETS[preset], PRESET_BATCH, compile=True))
+            if bt > 1:
+                name = f"{preset}, compiled, {bt} batch threads"
+                specs.append(Spec(name, "fluxtrain", PRESETS[preset], PRESET_BATCH, compile=True, batch_threads=bt))
         print(f"preset {preset}:", flush=True)
         variants = start(specs, args.threads)
         measure(variants, args.preset_windows, args.preset_window_steps, 3)

@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from fluxtrain import distributed, host, throughput
+from fluxtrain.batch_threads import BatchThreads, single_threaded
 from fluxtrain.checkpoint import (
     Checkpoint,
     NonFiniteWeightsError,
@@ -90,6 +91,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     peak_flops: float | None = None  # peak FLOP/s of one device for MFU; null: GPU table, else a matmul probe
     threads: int = 0  # CPU threads for torch ops; 0 keeps torch's default (one per core)
+    # CPU: split each micro-batch into this many parts, each run forward and backward on a thread of its own with
+    # single-threaded kernels (fluxtrain/batch_threads.py); faster than intra-op threads for small models. 1: off.
+    batch_threads: int = 1
     keep_cpu_memory: bool = True  # glibc malloc keeps freed memory for the next step: no page faults per step
 
 
@@ -98,6 +102,11 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) <= 0:
             raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be a positive integer")
     host.check_threads(cfg.threads, "train.threads", allow_zero=True)
+    host.check_threads(cfg.batch_threads, "train.batch_threads", allow_zero=False)
+    if cfg.batch_size % cfg.batch_threads:
+        raise FluxtrainError(
+            f"train.batch_size={cfg.batch_size} does not split into train.batch_threads={cfg.batch_threads} equal parts"
+        )
     for name in ("sample_interval", "sample_len", "ckpt_interval", "keep_last"):
         if getattr(cfg, name) < 0:
             raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be >= 0 (0 turns it off)")
@@ -178,12 +187,19 @@ def train_step(
     device: torch.device,
     tcfg: TrainConfig,
     grad_clip: float,
+    threads: BatchThreads | None = None,
 ) -> torch.Tensor:
     """One optimizer step over `tcfg.grad_accum` micro-batches of this rank's windows, with autocast, loss scaling
-    and gradient clipping; returns the mean loss, still on the device. `model` may be wrapped (DDP, FSDP, compiled)."""
+    and gradient clipping; returns the mean loss, still on the device. `model` may be wrapped (DDP, FSDP, compiled).
+    With `threads` (train.batch_threads, CPU only) each micro-batch is split over them."""
     loss_sum = None
+    params = [p for p in model.parameters() if p.requires_grad] if threads else []
     for micro in range(tcfg.grad_accum):
         x, y = distributed.rank_batch(data, tcfg.batch_size, batch_gen, world)
+        if threads:
+            loss = threads.forward_backward(model, params, x, y, 1 / tcfg.grad_accum)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            continue
         with distributed.grad_sync(model, micro == tcfg.grad_accum - 1):
             with autocast_context(device, tcfg.precision):
                 _, loss = model(to_device(x, device), to_device(y, device))
@@ -232,8 +248,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
 
     SIGINT/SIGTERM stop the run after the current iteration with a checkpoint (raising TrainingInterrupted).
     """
-    with GracefulStop() as stop:
-        return run_training(cfg, Path(run_dir), stop)
+    n = cfg.train.batch_threads
+    with GracefulStop() as stop, BatchThreads(n) if n > 1 else contextlib.nullcontext() as threads:
+        return run_training(cfg, Path(run_dir), stop, threads)
 
 
 def check_settings(cfg: DictConfig) -> ModelConfig:
@@ -257,16 +274,36 @@ def wrap_for_training(model: GPT, data: TokenData, world: World, device: torch.d
     if not tcfg.compile:
         return train_model
     x, y = distributed.rank_batch(data, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed), world)
-    return distributed.compile_model(
-        train_model,
-        model.blocks,
-        x.to(device),
-        y.to(device),
-        lambda: autocast_context(device, tcfg.precision),
-        tcfg.compile_scope,
-        device.type == "cpu" if tcfg.compile_cpp_wrapper is None else tcfg.compile_cpp_wrapper,
-        tcfg.activation_checkpointing,
-    )
+    part = tcfg.batch_size // tcfg.batch_threads  # with batch threads: compiled for a part, single-threaded
+    with single_threaded() if tcfg.batch_threads > 1 else contextlib.nullcontext():
+        return distributed.compile_model(
+            train_model,
+            model.blocks,
+            x[:part].to(device),
+            y[:part].to(device),
+            lambda: autocast_context(device, tcfg.precision),
+            tcfg.compile_scope,
+            device.type == "cpu" if tcfg.compile_cpp_wrapper is None else tcfg.compile_cpp_wrapper,
+            tcfg.activation_checkpointing,
+        )
+
+
+def check_batch_threads(tcfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, world: World) -> None:
+    """train.batch_threads > 1 splits batches over CPU threads of one process, reproducibly."""
+    n = tcfg.batch_threads
+    if n == 1:
+        return
+    if device.type != "cpu":
+        raise FluxtrainError(f"train.batch_threads={n} splits batches over CPU threads; this run trains on {device}")
+    if world.is_distributed:
+        raise FluxtrainError(
+            f"train.batch_threads={n} splits batches over the threads of one process; under torchrun set it to 1"
+        )
+    if model_cfg.dropout > 0:
+        raise FluxtrainError(
+            f"train.batch_threads={n} needs model.dropout=0: dropout masks drawn by several threads at once would "
+            "differ from run to run"
+        )
 
 
 def plan_time_budget(
@@ -298,13 +335,16 @@ def plan_time_budget(
     return loop_time
 
 
-def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str, float]:
+def run_training(
+    cfg: DictConfig, run_dir: Path, stop: GracefulStop, threads: BatchThreads | None = None
+) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg: TrainConfig = cfg.train
     model_cfg = check_settings(cfg)
     world = distributed.current_world()
     distributed.check_sharded_optimizer(world, tcfg.strategy, cfg.optim.name)  # before the data is read
     device = distributed.training_device(world, host.resolve_device(tcfg.device))
+    check_batch_threads(tcfg, model_cfg, device, world)
     if tcfg.precision != "fp32" and device.type != "cuda":
         log.warning(f"train.precision={tcfg.precision} needs CUDA; training in fp32 on {device.type}")
     t_start = time.perf_counter()
@@ -445,7 +485,9 @@ def run_training(cfg: DictConfig, run_dir: Path, stop: GracefulStop) -> dict[str
         lr = lr_at(it, schedule_progress, cfg.optim)
         set_lr(optimizer, lr)
 
-        loss = train_step(train_model, optimizer, scaler, data, batch_gen, world, device, tcfg, cfg.optim.grad_clip)
+        loss = train_step(
+            train_model, optimizer, scaler, data, batch_gen, world, device, tcfg, cfg.optim.grad_clip, threads
+        )
         it += 1
         bar.update(1)
         steps_window += 1

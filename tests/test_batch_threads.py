@@ -1,0 +1,124 @@
+"""train.batch_threads: a micro-batch split over CPU threads gives the full batch's gradients, reproducibly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from fluxtrain.batch_threads import BatchThreads, single_threaded
+from fluxtrain.distributed import World
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.train import TrainConfig, check_batch_threads, train, validate
+
+from .test_resume import assert_same_weights
+
+CFG = ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=16)
+
+
+def model_and_batch(batch: int = 8) -> tuple[GPT, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = GPT(CFG, 20)
+    window = torch.randint(20, (batch, CFG.seq_len + 1))
+    return model, window[:, :-1], window[:, 1:]
+
+
+def grads(model: GPT) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_parts_give_the_gradient_and_loss_of_the_whole_batch(n):
+    model, x, y = model_and_batch()
+    _, loss = model(x, y)
+    (loss / 2).backward()
+    whole = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    params = list(model.parameters())
+    with BatchThreads(n) as threads:
+        split_loss = threads.forward_backward(model, params, x, y, 1 / 2)
+        assert torch.allclose(split_loss, loss.detach(), atol=1e-6)
+        for name, g in grads(model).items():
+            assert torch.allclose(g, whole[name], atol=1e-6), name
+        # A second micro-batch adds to the gradients held, as backward() does.
+        threads.forward_backward(model, params, x, y, 1 / 2)
+    for name, g in grads(model).items():
+        assert torch.allclose(g, 2 * whole[name], atol=1e-6), name
+
+
+def test_the_parts_run_on_threads_of_one_torch_thread_each_and_the_caller_gets_its_threads_back():
+    seen = []
+
+    def part(i):
+        seen.append((i, threading.get_ident(), torch.get_num_threads()))
+        return i * 10
+
+    threads_before = torch.get_num_threads()
+    with BatchThreads(3) as threads:
+        assert threads.map(part, [0, 1, 2]) == [0, 10, 20]
+    assert sorted(i for i, _, _ in seen) == [0, 1, 2]
+    assert len({ident for _, ident, _ in seen}) == 3
+    assert {n for _, _, n in seen} == {1}
+    assert torch.get_num_threads() == threads_before
+
+
+def test_an_error_in_a_part_reaches_the_caller_and_the_threads_keep_working():
+    def part(i):
+        if i == 1:
+            raise RuntimeError("part 1 failed")
+        return i
+
+    with BatchThreads(2) as threads:
+        with pytest.raises(RuntimeError, match="part 1 failed"):
+            threads.map(part, [0, 1])
+        assert threads.map(lambda i: i + 1, [0, 1]) == [1, 2]
+
+
+def test_single_threaded_restores_the_thread_count_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError), single_threaded():
+        assert torch.get_num_threads() == 1
+        raise ValueError
+    assert torch.get_num_threads() == before
+
+
+def test_runs_with_batch_threads_are_reproducible_resume_exactly_and_match_one_thread(tiny_cfg, tmp_path):
+    common = ("train.max_iters=12", "train.log_interval=3", "train.eval_interval=6", "train.grad_accum=2")
+    one = train(tiny_cfg(*common), tmp_path / "one")
+    a = train(tiny_cfg(*common, "train.batch_threads=2"), tmp_path / "a")
+    b = train(tiny_cfg(*common, "train.batch_threads=2"), tmp_path / "b")
+    assert a["final_val_loss"] == b["final_val_loss"]
+    assert_same_weights(tmp_path / "a" / "model_final.safetensors", tmp_path / "b" / "model_final.safetensors")
+    assert a["final_val_loss"] == pytest.approx(one["final_val_loss"], rel=1e-5)
+
+    # Stopped at iteration 6 and resumed: the same weights as the straight run.
+    train(tiny_cfg(*common, "train.batch_threads=2", "train.max_iters=6"), tmp_path / "resumed")
+    resumed = train(tiny_cfg(*common, "train.batch_threads=2", "resume=auto"), tmp_path / "resumed")
+    assert resumed["final_val_loss"] == a["final_val_loss"]
+    assert_same_weights(tmp_path / "a" / "model_final.safetensors", tmp_path / "resumed" / "model_final.safetensors")
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_with_batch_threads_as_the_eager_one(tiny_cfg, tmp_path):
+    common = ("train.max_iters=6", "train.eval_interval=6", "train.batch_threads=2")
+    eager = train(tiny_cfg(*common), tmp_path / "eager")
+    compiled = train(tiny_cfg(*common, "train.compile=true"), tmp_path / "compiled")
+    assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=1e-4)
+
+
+def test_settings_batch_threads_cannot_serve_are_refused_in_one_line():
+    with pytest.raises(FluxtrainError, match=r"train.batch_size=5 does not split into train.batch_threads=2"):
+        validate(TrainConfig(batch_size=5, batch_threads=2))
+    with pytest.raises(FluxtrainError, match=r"train.batch_threads=0 must be from 1 to"):
+        validate(TrainConfig(batch_threads=0))
+    tcfg, cpu = TrainConfig(batch_size=8, batch_threads=2), torch.device("cpu")
+    with pytest.raises(FluxtrainError, match="this run trains on cuda"):
+        check_batch_threads(tcfg, CFG, torch.device("cuda"), World())
+    with pytest.raises(FluxtrainError, match="under torchrun set it to 1"):
+        check_batch_threads(tcfg, CFG, cpu, World(rank=0, world_size=2, local_rank=0))
+    with pytest.raises(FluxtrainError, match="needs model.dropout=0"):
+        check_batch_threads(tcfg, ModelConfig(dropout=0.1), cpu, World())
+    check_batch_threads(tcfg, CFG, cpu, World())  # fine
