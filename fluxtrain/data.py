@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,15 @@ import torch
 from fluxtrain.errors import FluxtrainError, describe_failure
 from fluxtrain.files import atomic_write, atomic_write_text, check_writable
 from fluxtrain.sources import Sources, download, head_text, iter_text, read_corpus, resolve_sources, sha256_file
-from fluxtrain.tokenizer import Tokenizer, TokenizerConfig, UnknownCharactersError, build_tokenizer, load_tokenizer
+from fluxtrain.tokenizer import (
+    BYTE_LEVEL_CUTS,
+    CutRule,
+    Tokenizer,
+    TokenizerConfig,
+    UnknownCharactersError,
+    build_tokenizer,
+    load_tokenizer,
+)
 
 __all__ = ["DataConfig", "TokenData", "load_corpus", "read_corpus", "resolve_sources", "corpus_sources", "iter_text"]
 
@@ -85,40 +92,30 @@ def corpus_sources(cfg: DataConfig) -> tuple[Sources, Sources | None]:
     return train, val
 
 
-# Byte-level BPE pre-tokenizes with a regex whose matches never span from a visible ASCII character into the
-# whitespace after it, and whose matches starting at that whitespace do not depend on what came before. Splitting
-# there therefore gives exactly the ids of encoding the whole text.
-_SAFE_SPLIT = re.compile(r"(?<=[!-~])[ \t\r\n]")
-
-
-def safe_chunks(pieces: Iterable[str], target: int = ENCODE_CHUNK) -> Iterator[str]:
-    """Re-cut a stream of text pieces into chunks of about `target` characters (more when the text offers no safe
-    place to cut) whose ids, concatenated, are exactly the ids of the whole text."""
+def safe_chunks(pieces: Iterable[str], target: int = ENCODE_CHUNK, cuts: CutRule = BYTE_LEVEL_CUTS) -> Iterator[str]:
+    """Re-cut a stream of text pieces into chunks of about `target` characters whose ids, concatenated, are exactly
+    the ids of the whole text: cut only where `cuts` (the tokenizer's `cut_rule()`; by default, fluxtrain's
+    byte-level BPE) says the ids stay the same. A chunk is longer only where the text offers no such place within
+    it: never for the char tokenizer; for byte-level BPE, a run of letters (or digits) with nothing else between
+    them, which the tokenizer itself keeps in one piece."""
     buf = ""
+    searched = 0  # where to go on looking for a cut past the target, in the current `buf`
     for piece in pieces:
         buf += piece
         start = 0
         while len(buf) - start >= target:
-            cut = _safe_split(buf, start, start + target)
+            cut = cuts.last(buf, start + 1, start + target)
             if cut is None:
+                cut = cuts.first(buf, max(start + target + 1, searched))
+            if cut is None:
+                searched = max(cuts.limit(buf) + 1, 0)
                 break
             yield buf[start:cut]
             start = cut
         buf = buf[start:]
+        searched = max(searched - start, 0)
     if buf:
         yield buf
-
-
-def _safe_split(text: str, start: int, target: int) -> int | None:
-    """The last safe split in text[start + 1 : target + 1], else the first after it; None when there is none."""
-    for lo in (max(start + 1, target - 4096), start + 1):
-        last = None
-        for m in _SAFE_SPLIT.finditer(text, lo, target + 1):
-            last = m.start()
-        if last is not None:
-            return last
-    m = _SAFE_SPLIT.search(text, target + 1)
-    return m.start() if m else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -142,7 +139,7 @@ def encode_stream(
         except UnknownCharactersError as e:
             raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from {tokenizer_source})") from None
 
-    for chunk in safe_chunks(pieces):
+    for chunk in safe_chunks(pieces, cuts=tokenizer.cut_rule()):
         batch.append(chunk)
         if len(batch) == ENCODE_BATCH:
             yield from flush()

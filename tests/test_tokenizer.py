@@ -2,6 +2,9 @@
 
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +188,20 @@ def test_what_the_tokenizer_settings_cannot_give_is_said(tmp_path, caplog):
         loaded = build_tokenizer(TokenizerConfig(kind="bpe", path=str(char_file)), text, text)
     assert loaded.kind == "char"
     assert f"tokenizer.path={char_file} holds a char tokenizer: tokenizer=bpe is ignored" in caplog.text
+
+
+def test_a_huge_vocab_size_is_lowered_to_what_the_text_allows(caplog):
+    """The trainer sets aside memory for the whole vocabulary: 500,000,000 used to abort the process."""
+    code = (
+        "from fluxtrain.tokenizer import TokenizerConfig, build_tokenizer\n"
+        "text = 'abc abd abe ' * 160\n"
+        "print(build_tokenizer(TokenizerConfig(kind='bpe', vocab_size=500_000_000), text, text).vocab_size)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 257 <= int(done.stdout) < 2000
+    assert "tokenizer.vocab_size=500000000: the training text gave only" in done.stderr
+    with caplog.at_level(logging.WARNING, logger="fluxtrain.tokenizer"):
+        bpe = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=100_000_000), ["ab"] * 10, ["ab"] * 10)
+    assert bpe.vocab_size == 257 and "vocab_size=100000000: the training text gave only 257 tokens" in caplog.text
