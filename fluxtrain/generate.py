@@ -59,11 +59,13 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[
 
 
 def start_ids(tokenizer: Tokenizer) -> list[int]:
-    """What an empty prompt starts from: a newline, as the trainer's samples do."""
-    ids = tokenizer.encode("\n")
-    if not ids:
-        raise FluxtrainError("the prompt is empty and the tokenizer cannot encode a newline to start from")
-    return ids
+    """What an empty prompt starts from: a newline, as the trainer's samples do, or id 0 where the tokenizer has no
+    newline (a char vocabulary of text without one)."""
+    try:
+        ids = tokenizer.encode("\n")
+    except UnknownCharactersError:
+        ids = []
+    return ids or [0]
 
 
 class TextStream:

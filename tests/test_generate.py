@@ -12,7 +12,7 @@ import torch
 
 from fluxtrain import GPT, ModelConfig, load_model, save_model_file
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.generate import TextStream, encode_prompt, load_for_generation, main
+from fluxtrain.generate import TextStream, encode_prompt, load_for_generation, main, start_ids
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.sampling import (
     ContextWindow,
@@ -437,6 +437,26 @@ def test_unknown_characters_on_the_command_line(capsys, model_file):
     assert err.count("\n") == 1 and "'é'" in err and "--drop-unknown" in err
     code, out, err = run_main(capsys, str(model_file), "--prompt", "ROMEO é", "--max-new-tokens", "5", "--drop-unknown")
     assert code == 0 and out.startswith("ROMEO ") and "'é'" in err
+
+
+def test_an_empty_prompt_starts_from_id_0_without_a_newline_in_the_vocabulary(capsys, monkeypatch, tmp_path):
+    import io
+
+    words = "the king my lord good sir love death night sweet heart"  # no newline
+    tokenizer = CharTokenizer.train(words)
+    assert start_ids(tokenizer) == [0] and start_ids(CharTokenizer.train(TEXT)) == [
+        CharTokenizer.train(TEXT).stoi["\n"]
+    ]
+    torch.manual_seed(0)
+    path = tmp_path / "run" / "model_final.safetensors"
+    cfg = ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=SEQ_LEN)
+    save_model_file(path, GPT(cfg, tokenizer.vocab_size).eval(), tokenizer)
+    n = ["--max-new-tokens", "7", "--temperature", "0"]
+    code, out, err = run_main(capsys, str(path), "--prompt", "", *n)
+    assert (code, err.count("error")) == (0, 0) and len(out) == 7 + 1 and set(out[:-1]) <= set(words)
+    assert run_main(capsys, str(path), "--prompt", "é\n", "--drop-unknown", *n)[:2] == (0, out)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert run_main(capsys, str(path), *n)[:2] == (0, out)
 
 
 @pytest.mark.parametrize(
