@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import re
 import shlex
@@ -26,7 +27,10 @@ TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer, beside its checkpoints
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.ckpt")
 EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")  # TensorBoard's: the second it was opened, first
 EVENT_FILES = "events.out.tfevents.*"
-STALE_TEMP = ".iter_*.ckpt.*.tmp"  # left behind by a process killed while writing
+# files.atomic_write's temporary file for <name>: `.<name>.<hex digits>.tmp`, left behind by a process killed while
+# writing. Only those of the run's own files are removed (STALE_TEMP[1] is the name).
+STALE_TEMP = re.compile(r"\.(.+)\.[0-9a-f]+\.tmp")
+CHECKPOINT_FILES = "iter_*.ckpt"
 MODEL_KEYS_FREE_ON_RESUME = ("dropout",)  # model settings that do not change the weights' meaning
 
 
@@ -39,8 +43,19 @@ def checkpoint_run_dir(path: Path) -> Path | None:
     return path.resolve().parent.parent if path.parent.name == CHECKPOINT_DIR else None
 
 
+def check_checkpoint_folder(run_dir: str | Path) -> None:
+    """Refuse a run folder whose `checkpoints` is not a folder: no checkpoint could be found or written there."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if folder.exists() and not folder.is_dir():
+        raise FluxtrainError(
+            f"{folder} is a file, not a folder: a run keeps its checkpoints there "
+            "(move the file away, or choose another hydra.run.dir)"
+        )
+
+
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(iteration, path) of the run folder's checkpoints, oldest first."""
+    check_checkpoint_folder(run_dir)
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
@@ -54,12 +69,29 @@ def find_latest(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints (0 keeps all) and stale temporary files; returns what went.
+def stale_temporary_files(run_dir: str | Path, outputs: tuple[str, ...] = ()) -> list[Path]:
+    """The temporary files of atomic writes of the run's checkpoints, tokenizer and `outputs` (file name patterns:
+    its model files, its metrics) in `run_dir`; other files, whatever their names, are not the run's."""
+    run_dir = Path(run_dir)
+    found = []
+    for folder, patterns in ((run_dir / CHECKPOINT_DIR, (CHECKPOINT_FILES,)), (run_dir, (*outputs, TOKENIZER_FILE))):
+        if folder.is_dir():
+            found += [
+                p
+                for p in sorted(folder.iterdir())
+                if (m := STALE_TEMP.fullmatch(p.name)) and any(fnmatch.fnmatchcase(m[1], pat) for pat in patterns)
+            ]
+    return found
 
-    Only the process that writes checkpoints may call this: any temporary file present then is a dead write's.
+
+def prune(run_dir: str | Path, keep_last: int, outputs: tuple[str, ...] = ()) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all) and the temporary files of dead writes of
+    checkpoints, tokenizer and `outputs` (file name patterns); returns what went.
+
+    Only the process that writes the run's files may call this, between writes: any temporary file present then is
+    a dead write's.
     """
-    removed = list((Path(run_dir) / CHECKPOINT_DIR).glob(STALE_TEMP))
+    removed = stale_temporary_files(run_dir, outputs)
     if keep_last > 0:
         removed += [p for _, p in list_checkpoints(run_dir)[:-keep_last]]
     for p in removed:
@@ -80,18 +112,26 @@ def move_to_superseded(run_dir: str | Path, paths: list[Path]) -> list[Path]:
     return [p.replace(folder / p.name) for p in paths]
 
 
-def set_aside_later(run_dir: str | Path, iteration: int) -> list[Path]:
-    """Move checkpoints after `iteration`, a future the resumed run replaces, into checkpoints/superseded/NNN/."""
-    moved = move_to_superseded(run_dir, [p for it, p in list_checkpoints(run_dir) if it > iteration])
+def set_aside_later(run_dir: str | Path, iteration: int, results: list[Path] | None = None) -> list[Path]:
+    """Move checkpoints after `iteration`, a future the resumed run replaces, and `results` (the files of the run
+    written after that point, or that the resumed run writes again) into one new checkpoints/superseded/NNN/."""
+    later = [p for it, p in list_checkpoints(run_dir) if it > iteration]
+    results = results or []
+    moved = move_to_superseded(run_dir, later + results)
     if moved:
-        log.warning(f"resuming at iteration {iteration}: moved {len(moved)} later checkpoint(s) to {moved[0].parent}")
+        files = f" and {', '.join(p.name for p in results)}" if results else ""
+        # Later checkpoints are a future given up; the results alone are a finished session's, written again.
+        (log.warning if later else log.info)(
+            f"resuming at iteration {iteration}: moved {len(later)} later checkpoint(s){files} to {moved[0].parent}"
+        )
     return moved
 
 
-def set_aside_earlier_run(run_dir: str | Path, outputs: tuple[str, ...]) -> list[Path]:
+def set_aside_earlier_run(run_dir: str | Path, outputs: tuple[str, ...], resume: Path | None = None) -> list[Path]:
     """Move an earlier run's checkpoints, tokenizer, TensorBoard events and `outputs` (file name patterns: its model
-    files, its metrics), which a fresh run in the same folder replaces, into checkpoints/superseded/NNN/, so none of
-    them passes for the new run's and its curves stay apart from the new ones."""
+    files, its metrics), which a fresh run in the same folder replaces, or a run that continues the checkpoint
+    `resume` of another run there, into checkpoints/superseded/NNN/, so none of them passes for the new run's and
+    its curves stay apart from the new ones."""
     checkpoints = [p for _, p in list_checkpoints(run_dir)]
     patterns = (*outputs, TOKENIZER_FILE, EVENT_FILES)
     moved = move_to_superseded(run_dir, checkpoints + [p for pat in patterns for p in sorted(Path(run_dir).glob(pat))])
@@ -101,7 +141,8 @@ def set_aside_earlier_run(run_dir: str | Path, outputs: tuple[str, ...]) -> list
         where = f"resume={folder / checkpoints[-1].name} and another hydra.run.dir" if checkpoints else ""
         log.warning(
             f"{run_dir} holds an earlier run: moved its {len(checkpoints)} checkpoint(s) and {n_other} result, "
-            f"tokenizer and event file(s) to {folder} and starting afresh"
+            f"tokenizer and event file(s) to {folder} and "
+            + (f"continuing {resume} in it" if resume else "starting afresh")
             + (f" (to continue that run instead, add {where})" if where else "")
         )
     return moved
@@ -121,6 +162,7 @@ def wait_for_a_later_event_file_name(run_dir: str | Path) -> None:
 
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     """The checkpoint that `resume=` names: None (fresh start), `auto` (newest in the run folder, if any) or a path."""
+    check_checkpoint_folder(run_dir)  # every run writes checkpoints there: refused before any work
     if resume is None or resume == "":
         return None
     if resume == "auto":

@@ -1,4 +1,4 @@
-"""Finished runs on disk: find the run folders under an outputs folder and read their config, metrics and curves.
+"""Runs on disk: find the run folders under an outputs folder and read their config, metrics and curves.
 
 python -m fluxtrain.runs outputs/multirun/2026-11-27/10-00-00     # one row per run, lowest best val loss first
 """
@@ -9,6 +9,7 @@ import argparse
 import difflib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +17,19 @@ from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
+from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fluxtrain.errors import FluxtrainError, first_line
-from fluxtrain.resume import CHECKPOINT_DIR, SUPERSEDED_DIR, find_latest
+from fluxtrain.resume import CHECKPOINT_DIR, CHECKPOINT_FILES, CHECKPOINT_NAME, SUPERSEDED_DIR, find_latest
 
 BEST_MODEL_FILE, FINAL_MODEL_FILE = "best.safetensors", "model_final.safetensors"
 MODEL_FILES = (BEST_MODEL_FILE, FINAL_MODEL_FILE)  # a run folder's model, in order of preference
 METRICS_FILE = "metrics.json"  # written when a run finishes
 FAILED_FILE = "failed.json"  # written when a sweep job fails (fluxtrain.sweep)
 RUN_OUTPUTS = (*MODEL_FILES, "model_iter_*.safetensors", METRICS_FILE)  # what a run leaves beside its checkpoints
+MODEL_ITER_FILE = re.compile(r"model_iter_(\d+)\.safetensors")
+ITERATION_KEY = "iteration"  # in the best model file's metadata: the iteration it was saved at
 RANKED_METRICS = ("best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")  # a comparison's columns
 TABLE_METRICS = (
     "final_train_loss",
@@ -45,6 +49,8 @@ class Run:
     overrides: list[str]  # the command-line overrides of this run
     metrics: dict[str, Any] | None  # metrics.json, None while running or when the run failed
     error: str | None  # the error of a failed sweep job (failed.json)
+    # With neither: the iteration of its newest checkpoint (a run stopped, killed or still training), else None.
+    unfinished_at: int | None = None
 
     def get(self, key: str) -> Any:
         """A config value by dotted key, e.g. `optim.lr`; None when absent."""
@@ -77,7 +83,14 @@ def in_job_order(paths, root: Path) -> list[Path]:
 
 def written_since(root: Path, pattern: str, since: float) -> list[Path]:
     """The files under `root` matching `pattern` written at or after time `since`, in job order."""
-    return in_job_order((p for p in root.rglob(pattern) if p.stat().st_mtime >= since), root)
+
+    def recent(path: Path) -> bool:
+        try:
+            return path.stat().st_mtime >= since
+        except FileNotFoundError:  # removed since it was listed: a running run prunes its checkpoints
+            return False
+
+    return in_job_order((p for p in root.rglob(pattern) if recent(p)), root)
 
 
 def load_metrics(file: Path) -> dict[str, Any]:
@@ -100,6 +113,43 @@ def load_error(file: Path) -> str:
     return report["error"]
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (a model file or a checkpoint), without reading its tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def checkpoint_iteration(path: Path) -> int:
+    """The iteration a checkpoint continues from, read from the progress in its metadata."""
+    try:
+        return int(json.loads(read_metadata(path)["progress"])["iteration"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise FluxtrainError(f"{path} is not readable: {first_line(e)}") from None
+
+
+def results_after(run_dir: Path, iteration: int, checkpoint: Path) -> list[Path]:
+    """The results in `run_dir` that a run resumed there from its `checkpoint` at `iteration` replaces: the final
+    model file and metrics.json, which it writes again at its end, and the model files saved after `iteration`. The
+    best model file records its iteration; one saved by an earlier version counts as later when it is newer than
+    the checkpoint."""
+    results = [run_dir / name for name in (FINAL_MODEL_FILE, METRICS_FILE) if (run_dir / name).is_file()]
+    results += [
+        p
+        for p in sorted(run_dir.glob("model_iter_*.safetensors"))
+        if (m := MODEL_ITER_FILE.fullmatch(p.name)) and int(m[1]) > iteration
+    ]
+    best = run_dir / BEST_MODEL_FILE
+    if best.is_file():
+        try:
+            saved_at = int(read_metadata(best)[ITERATION_KEY])
+            later = saved_at > iteration
+        except (SafetensorError, OSError, ValueError, KeyError):  # no record
+            later = best.stat().st_mtime > checkpoint.stat().st_mtime
+        if later:
+            results.append(best)
+    return results
+
+
 def read_run(path: Path, root: Path) -> Run:
     def read(name: str, load):
         file = path / name
@@ -115,14 +165,19 @@ def read_run(path: Path, root: Path) -> Run:
     metrics = read(METRICS_FILE, load_metrics)
     error = read(FAILED_FILE, load_error)
     name = str(path.relative_to(root)) if path != root else path.name
-    return Run(path=path, name=name, config=config, overrides=overrides, metrics=metrics, error=error)
+    unfinished_at = None
+    if metrics is None and error is None and (latest := find_latest(path)) is not None:
+        unfinished_at = checkpoint_iteration(latest)
+    return Run(path, name, config, overrides, metrics, error, unfinished_at)
 
 
 def run_folders(root: Path, since: float = 0.0) -> list[Path]:
-    """The folders under `root` (or `root` itself) where a run wrote its metrics.json, or a failed sweep job its
-    failed.json, at or after time `since`; in job order. An earlier run's files that a fresh run in its folder set
-    aside (checkpoints/superseded/NNN/) are not a run of their own."""
+    """The folders under `root` (or `root` itself) where a run wrote its metrics.json or a checkpoint, or a failed
+    sweep job its failed.json, at or after time `since`; in job order. An earlier run's files that a fresh run in its
+    folder set aside (checkpoints/superseded/NNN/) are not a run of their own."""
     found = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in written_since(root, name, since)}
+    checkpoints = written_since(root, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILES}", since)
+    found |= {p.parent.parent for p in checkpoints if CHECKPOINT_NAME.fullmatch(p.name)}
     return in_job_order((p for p in found if not set_aside(p)), root)
 
 
@@ -132,7 +187,8 @@ def set_aside(folder: Path) -> bool:
 
 
 def find_runs(root: str | Path) -> list[Run]:
-    """Every run folder under `root` (or `root` itself): finished ones hold metrics.json, failed ones failed.json."""
+    """Every run folder under `root` (or `root` itself): finished ones hold metrics.json, failed ones failed.json,
+    unfinished ones (stopped, killed, or still training) checkpoints alone."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
@@ -168,7 +224,14 @@ def runs_table(
         row: dict[str, Any] = {"run": run.name}
         row.update({key: run.get(key) for key in keys})
         row.update({m: (run.metrics or {}).get(m) for m in metrics})
-        row["status"] = "failed: " + run.error if run.error else ("ok" if run.metrics else "no metrics")
+        if run.error:
+            row["status"] = "failed: " + run.error
+        elif run.metrics:
+            row["status"] = "ok"
+        elif run.unfinished_at is not None:
+            row["status"] = f"unfinished (iter {run.unfinished_at})"
+        else:
+            row["status"] = "no metrics"
         rows.append(row)
     return rows
 
@@ -245,7 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         runs = find_runs(args.folder)
         if not runs:
-            raise FluxtrainError(f"no runs under {args.folder} (a run folder holds {METRICS_FILE} or {FAILED_FILE})")
+            raise FluxtrainError(
+                f"no runs under {args.folder} (a run folder holds {METRICS_FILE}, {FAILED_FILE} "
+                f"or {CHECKPOINT_DIR}/{CHECKPOINT_FILES})"
+            )
         keys = args.keys.split(",") if args.keys else varying_keys(runs)
         if args.keys:
             known = {key for run in runs for key in flat_settings(run.config)}

@@ -44,6 +44,7 @@ from fluxtrain.resume import (
     TOKENIZER_FILE,
     check_tokenizer,
     checkpoint_path,
+    checkpoint_run_dir,
     divergence_error,
     load_resume,
     optimizer_changed,
@@ -53,7 +54,7 @@ from fluxtrain.resume import (
     set_aside_later,
     wait_for_a_later_event_file_name,
 )
-from fluxtrain.runs import BEST_MODEL_FILE, FINAL_MODEL_FILE, METRICS_FILE, RUN_OUTPUTS
+from fluxtrain.runs import BEST_MODEL_FILE, FINAL_MODEL_FILE, ITERATION_KEY, METRICS_FILE, RUN_OUTPUTS, results_after
 from fluxtrain.sampling import MAX_SEED, check_seed, generate_ids
 from fluxtrain.tokenizer import Tokenizer
 
@@ -230,12 +231,14 @@ def sample_text(model: GPT, tokenizer, length: int, seed: int) -> str:
 
 
 def claim_run_dir(run_dir: Path, tokenizer: Tokenizer, resume: Checkpoint | None) -> SummaryWriter:
-    """Set aside what this run replaces in `run_dir` (the checkpoints after the resume point, or an earlier run's
-    files), save the tokenizer and open the TensorBoard writer; call it once nothing can fail a setting check."""
-    if resume:
-        set_aside_later(run_dir, resume.progress.iteration)
+    """Set aside what this run replaces in `run_dir` (what was written after the resume point and the results the
+    resumed run writes again, or an earlier run's files when the run starts afresh or continues another run's
+    checkpoint), save the tokenizer and open the TensorBoard writer; call it once nothing can fail a setting check."""
+    if resume and checkpoint_run_dir(resume.path) == run_dir.resolve():
+        at = resume.progress.iteration
+        set_aside_later(run_dir, at, results_after(run_dir, at, resume.path))
     else:
-        set_aside_earlier_run(run_dir, RUN_OUTPUTS)
+        set_aside_earlier_run(run_dir, RUN_OUTPUTS, resume.path if resume else None)
     tokenizer.save(run_dir / TOKENIZER_FILE)
     if resume:  # a fresh run moved the earlier run's event files away
         wait_for_a_later_event_file_name(run_dir)
@@ -450,7 +453,7 @@ def run_training(
         )
         if last_losses["val"] < best_val:
             best_val = last_losses["val"]
-            save_model_file(run_dir / BEST_MODEL_FILE, model, tokenizer)
+            save_model_file(run_dir / BEST_MODEL_FILE, model, tokenizer, {ITERATION_KEY: str(step)})
 
     def write_checkpoint() -> None:
         nonlocal last_ckpt
@@ -465,7 +468,7 @@ def run_training(
             raise divergence_error("the weights became NaN or infinite", it, last_ckpt, cfg.optim.lr) from None
         last_ckpt = path
         if world.is_main:
-            prune(run_dir, tcfg.keep_last)
+            prune(run_dir, tcfg.keep_last, RUN_OUTPUTS)
 
     stop.install()
     while True:

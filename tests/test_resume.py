@@ -129,11 +129,15 @@ def test_a_run_extended_with_a_larger_max_iters_matches_a_longer_run(tiny_cfg, t
     assert scalars(tmp_path / "short") == scalars(tmp_path / "long")
     assert_same_weights(tmp_path / "long" / "model_final.safetensors", tmp_path / "short" / "model_final.safetensors")
     # keep_last=0 keeps every checkpoint: the end of the short run, the interval one and the end of the resumed run.
-    assert sorted(p.name for p in (tmp_path / "short" / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "short" / "checkpoints").glob("iter_*")) == [
         "iter_000010.ckpt",
         "iter_000014.ckpt",
         "iter_000020.ckpt",
     ]
+    # The short run's final model and metrics, which the resumed session writes again, were set aside.
+    superseded = tmp_path / "short" / "checkpoints" / "superseded" / "001"
+    assert sorted(p.name for p in superseded.iterdir()) == ["metrics.json", "model_final.safetensors"]
+    assert json.loads((superseded / "metrics.json").read_text())["iters"] == N
 
 
 def test_resuming_a_finished_run_evaluates_it_again_without_training(tiny_cfg, tmp_path, caplog):

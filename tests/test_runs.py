@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from fluxtrain.runs import Run, find_runs, format_table, main, runs_table, varying_keys
 
@@ -96,7 +98,8 @@ def test_the_runs_command_ranks_runs_by_best_val_loss_showing_the_settings_that_
 def test_the_runs_command_names_a_missing_empty_or_damaged_folder(tmp_path, capsys):
     assert compare(capsys, str(tmp_path / "missing"))[::2] == (1, f"error: {tmp_path / 'missing'} is not a folder\n")
     code, _, err = compare(capsys, str(tmp_path))
-    assert code == 1 and err == f"error: no runs under {tmp_path} (a run folder holds metrics.json or failed.json)\n"
+    holds = "metrics.json, failed.json or checkpoints/iter_*.ckpt"
+    assert code == 1 and err == f"error: no runs under {tmp_path} (a run folder holds {holds})\n"
     make_run(tmp_path / "run", 1e-3, metrics={"best_val_loss": 1.9})
     (tmp_path / "run" / "metrics.json").write_text("{ not json")
     code, _, err = compare(capsys, str(tmp_path))
@@ -144,3 +147,37 @@ def test_a_run_set_aside_in_the_earlier_layout_is_not_a_run_either(tmp_path):
     (tmp_path / "run" / "checkpoints" / "superseded").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "superseded" / "metrics.json").write_text('{"best_val_loss": 2.5}')
     assert [r.name for r in find_runs(tmp_path)] == ["run"]
+
+
+def write_checkpoint(folder, iteration: int) -> None:
+    """A file with a checkpoint's progress in its metadata (the runs table reads nothing else of it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    progress = json.dumps({"iteration": iteration, "best_val_loss": 2.0})
+    save_file({"x": torch.zeros(1)}, folder / f"iter_{iteration:06d}.ckpt", metadata={"progress": progress})
+
+
+def test_a_run_with_checkpoints_but_no_results_is_listed_unfinished_after_the_others(tmp_path, capsys):
+    make_run(tmp_path / "done", 1e-3, metrics={"best_val_loss": 1.9})
+    make_run(tmp_path / "failed", 3e-2, error="loss became nan at iteration 7")
+    make_run(tmp_path / "stopped", 3e-4)
+    for iteration in (10, 20):
+        write_checkpoint(tmp_path / "stopped" / "checkpoints", iteration)
+    write_checkpoint(tmp_path / "killed" / "checkpoints", 5)  # no .hydra: a run of train() from Python
+    write_checkpoint(tmp_path / "done" / "checkpoints", 50)  # a finished run's checkpoints: it reads as ok
+    write_checkpoint(tmp_path / "done" / "checkpoints" / "superseded" / "001", 30)  # set aside: not a run
+    (tmp_path / "other" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "other" / "checkpoints" / "iter_final.ckpt").write_text("not a checkpoint name")
+    runs = find_runs(tmp_path)
+    assert [r.name for r in runs] == ["done", "failed", "killed", "stopped"]
+    assert [r.unfinished_at for r in runs] == [None, None, 5, 20]
+    code, out, err = compare(capsys, str(tmp_path), "--keys", "optim.lr")
+    assert code == 0 and err == ""
+    assert [(line.split()[0], line.split("  ")[-1].strip()) for line in out.splitlines()[1:]] == [
+        ("done", "ok"),
+        ("failed", "failed: loss became nan at iteration 7"),
+        ("killed", "unfinished (iter 5)"),
+        ("stopped", "unfinished (iter 20)"),
+    ]
+    (tmp_path / "stopped" / "checkpoints" / "iter_000030.ckpt").write_text("damaged")
+    code, _, err = compare(capsys, str(tmp_path))
+    assert code == 1 and err.startswith(f"error: {tmp_path / 'stopped' / 'checkpoints' / 'iter_000030.ckpt'} is not ")
