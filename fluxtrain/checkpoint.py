@@ -390,6 +390,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         wrong = next((k for k, v in groups["rng"].items() if v.dtype != torch.uint8 or v.dim() != 1), None)
         if wrong is not None:
             raise FluxtrainError(f"{path}: its random-number state rng/{wrong} is not a byte vector")
+        cpu_state_size = torch.get_rng_state().numel()  # torch's CPU generator and the batch sampler's
+        wrong = next((k for k in ("torch", "batches") if groups["rng"][k].numel() != cpu_state_size), None)
+        if wrong is not None:
+            raise FluxtrainError(
+                f"{path}: its random-number state rng/{wrong} has {groups['rng'][wrong].numel()} bytes, "
+                f"a CPU generator's has {cpu_state_size}"
+            )
         bad = first_non_finite(groups["model"])
         if bad is not None:
             raise FluxtrainError(f"{path}: weight {bad} holds NaN or infinite values")
@@ -429,12 +436,28 @@ def restore(
         load_state_into(unwrap(model), ckpt.model, source)
     configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
+        check_optimizer_shapes(ckpt.optimizer, optimizer)
         optimizer.load_state_dict(shard_optimizer_state(optimizer, ckpt.optimizer))
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise FluxtrainError(f"{source}: optimizer state does not fit this optimizer ({first_line(e)})") from None
     for group, settings in zip(optimizer.param_groups, configured, strict=True):
         group.update(settings)
     if ckpt.scaler and scaler.is_enabled():
         scaler.load_state_dict(ckpt.scaler)
-    set_rng_state(ckpt.rng, batch_gen, model_device(unwrap(model)))
+    try:
+        set_rng_state(ckpt.rng, batch_gen, model_device(unwrap(model)))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise FluxtrainError(f"{source}: its random-number state cannot be restored ({first_line(e)})") from None
     return ckpt.progress
+
+
+def check_optimizer_shapes(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Raise ValueError naming the first saved optimizer tensor (`optim/<index>/<name>`: Adam's moments, a momentum
+    buffer) whose shape is not its parameter's; torch would load it and fail, or broadcast it, at the first step."""
+    for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=False):  # torch checks the counts
+        for index, param in zip(saved["params"], group["params"], strict=False):
+            for name, value in state["state"].get(index, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"optim/{index}/{name} has shape {tuple(value.shape)}, its parameter {tuple(param.shape)}"
+                    )

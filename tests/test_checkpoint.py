@@ -175,6 +175,7 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         ("text_iteration", {"progress": json.dumps({**progress, "iteration": "7"})}, {}, "progress has iteration='7'"),
         ("list_config", {"config": "[1, 2]"}, {}, "its run config is not a JSON object"),
         ("float_rng", {}, {"rng/torch": torch.zeros(8)}, "rng/torch is not a byte vector"),
+        ("short_rng", {}, {"rng/batches": torch.zeros(5, dtype=torch.uint8)}, "rng/batches has 5 bytes"),
         ("nan_weights", {}, {"model/blocks.0.mlp.fc.weight": nan_weight}, "holds NaN or infinite values"),
     ):
         crafted_meta, crafted = {**meta, **meta_changes}, {**tensors, **tensor_changes}
@@ -190,6 +191,42 @@ def test_bad_files_give_one_line_errors_naming_the_file_and_the_problem(tmp_path
             load_checkpoint(path)
         message = str(info.value)
         assert phrase in message and str(path) in message and "\n" not in message, (name, message)
+
+
+def without_checksum(path: Path, tensor_changes: dict[str, torch.Tensor]) -> Path:
+    """A copy of the checkpoint at `path` with `tensor_changes` and no checksum, as a hand-edited file may be."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del meta[DIGEST_KEY]
+    edited = path.with_name(f"edited_{path.name}")
+    save_file({**tensors, **tensor_changes}, str(edited), metadata=meta)
+    return edited
+
+
+def test_optimizer_state_of_another_shape_than_its_parameter_is_named(tmp_path):
+    path = tmp_path / "iter_000002.ckpt"
+    write_checkpoint(path)
+    with safe_open(str(path), framework="pt") as f:
+        exp_avg = f.get_tensor("optim/0/exp_avg")
+    edited = without_checksum(path, {"optim/0/exp_avg": exp_avg[:, :3].contiguous()})
+    with pytest.raises(FluxtrainError) as info:
+        restore(load_checkpoint(edited), *make_run_state())
+    assert str(info.value) == (
+        f"{edited}: optimizer state does not fit this optimizer (optim/0/exp_avg has shape "
+        f"({exp_avg.shape[0]}, 3), its parameter {tuple(exp_avg.shape)})"
+    )
+
+
+def test_a_random_number_state_that_does_not_fit_is_named(tmp_path):
+    path = tmp_path / "iter_000002.ckpt"
+    write_checkpoint(path)
+    edited = without_checksum(path, {"rng/batches": torch.zeros(5, dtype=torch.uint8)})
+    with pytest.raises(FluxtrainError, match=re.escape(f"{edited}: its random-number state rng/batches has 5 bytes")):
+        load_checkpoint(edited)
+    ckpt = load_checkpoint(path)
+    ckpt.rng["batches"] = torch.zeros(5, dtype=torch.uint8)  # past the file checks: restoring it still names the file
+    with pytest.raises(FluxtrainError, match=re.escape(f"{path}: its random-number state cannot be restored (")):
+        restore(ckpt, *make_run_state())
 
 
 class RunsCode:
