@@ -15,7 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from fluxtrain import distributed
 from fluxtrain.config import check_known_keys, check_overrides, config_dir, register_configs
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
+from fluxtrain.files import WriteError, check_writable
 from fluxtrain.lr_find import lr_find
+from fluxtrain.resume import remember_run_configs, restore_run_config, write_failed
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.train import train
 
@@ -28,11 +30,54 @@ TASKS: dict[str, Callable[[DictConfig, Path], float]] = {
 }
 
 
+# Hydra's options that print or describe instead of running, so write nothing
+_NO_RUN_FLAGS = ("-c", "--cfg", "-h", "--help", "--hydra-help", "-i", "--info", "--resolve", "--shell-completion")
+
+
 def run_task(cfg: DictConfig, run_dir: Path) -> float:
-    check_known_keys(cfg)
-    if cfg.task not in TASKS:
-        raise FluxtrainError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
-    return TASKS[cfg.task](cfg, run_dir)
+    try:
+        check_known_keys(cfg)
+        if cfg.task not in TASKS:
+            raise FluxtrainError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
+        return TASKS[cfg.task](cfg, run_dir)
+    except BaseException as e:
+        restore_run_config(run_dir)  # refused before it claimed the folder: Hydra's earlier config files go back
+        if isinstance(e, WriteError) and cfg.task == "train" and run_dir.resolve() in e.path.resolve().parents:
+            world = distributed.current_world()
+            raise write_failed(e, run_dir, world.world_size, distributed.local_world_size(world)) from None
+        raise
+
+
+def given_output_dir(args: list[str]) -> tuple[str, str] | None:
+    """The setting and the value the command line gives Hydra's output folder (`hydra.sweep.dir` with -m, else
+    `hydra.run.dir`), or None where Hydra chooses it or does not run."""
+    if any(arg in _NO_RUN_FLAGS for arg in args):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    setting = "hydra.sweep.dir" if "-m" in args or "--multirun" in args else "hydra.run.dir"
+    given = [arg for arg in args if arg.startswith(f"{setting}=")]
+    if not given:
+        return None
+    try:
+        return setting, str(OverridesParser.create().parse_override(given[-1]).value())
+    except HydraException:
+        return None  # Hydra reports it
+
+
+def check_output_dir(args: list[str]) -> None:
+    """Before Hydra sets up logging into it: refuse a run folder that cannot be written, in one line, and keep the
+    Hydra config files of the run (or of the sweep's jobs) there, which a run refused at setup puts back."""
+    given = given_output_dir(args)
+    if given is None:
+        return
+    setting, value = given
+    fixed = value.split("${")[0]  # up to an interpolation (`${now:...}`): a new folder under that part
+    if fixed:
+        check_writable(fixed, setting, folder=True)
+    if fixed == value and "hydra.output_subdir=null" not in args:  # torchrun's ranks > 0 save no config
+        remember_run_configs(value, sweep=setting == "hydra.sweep.dir")
 
 
 def run(cfg: DictConfig) -> float:
@@ -72,6 +117,7 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
     try:
         check_overrides(sys.argv[1:])
         sys.argv[1:] = distributed.follow_main_run_dir(sys.argv[1:])  # all torchrun ranks share rank 0's run folder
+        check_output_dir(sys.argv[1:])
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

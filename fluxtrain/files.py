@@ -8,31 +8,47 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, first_line
+
+
+class WriteError(FluxtrainError, OSError):
+    """A file that could not be written (a full disk, a read-only folder): one line naming the file and the OS
+    error. Still an OSError, for callers that handle those."""
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(f"cannot write {path}: {error.strerror or first_line(error)}")
+        self.path, self.strerror = path, error.strerror  # no errno: str() stays the message above
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary file in the same folder, fsync it, then rename it over `path`.
 
-    A crash at any moment leaves either the old file or the complete new one, never a partial file at `path`.
+    A crash at any moment leaves either the old file or the complete new one, never a partial file at `path`. An
+    OSError in writing it is a WriteError naming `path` (one about another file, which `write` reads, passes as it
+    is).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        open(tmp, "xb").close()  # unlike mkstemp, honours the umask, so the file gets the usual permissions
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            open(tmp, "xb").close()  # unlike mkstemp, honours the umask, so the file gets the usual permissions
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        if isinstance(e, WriteError) or (e.filename is not None and Path(e.filename) not in (tmp, path, *path.parents)):
+            raise
+        raise WriteError(path, e) from e
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

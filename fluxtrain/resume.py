@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain.checkpoint import Checkpoint, load_checkpoint
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.files import atomic_write
 from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
 
 log = logging.getLogger("fluxtrain")
@@ -32,6 +33,7 @@ EVENT_FILES = "events.out.tfevents.*"
 STALE_TEMP = re.compile(r"\.(.+)\.[0-9a-f]+\.tmp")
 CHECKPOINT_FILES = "iter_*.ckpt"
 MODEL_KEYS_FREE_ON_RESUME = ("dropout",)  # model settings that do not change the weights' meaning
+PRIMARY_CONFIG = "config"  # `python -m fluxtrain`'s primary config (conf/config.yaml)
 
 
 def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
@@ -138,7 +140,9 @@ def set_aside_earlier_run(run_dir: str | Path, outputs: tuple[str, ...], resume:
     if moved:
         folder, n_other = moved[0].parent, len(moved) - len(checkpoints)
         # Not here: continued in this folder, its checkpoints and curves would mix with the new run's.
-        where = f"resume={folder / checkpoints[-1].name} and another hydra.run.dir" if checkpoints else ""
+        where = (
+            f"{path_override('resume', folder / checkpoints[-1].name)} and another hydra.run.dir" if checkpoints else ""
+        )
         log.warning(
             f"{run_dir} holds an earlier run: moved its {len(checkpoints)} checkpoint(s) and {n_other} result, "
             f"tokenizer and event file(s) to {folder} and "
@@ -180,7 +184,8 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
             )
         raise FluxtrainError(
             f"resume={resume} is a folder, not a checkpoint file: to continue the run in it, use "
-            f"hydra.run.dir={run} resume=auto, or resume={latest} (its newest checkpoint)"
+            f"{path_override('hydra.run.dir', run)} resume=auto, or {path_override('resume', latest)} "
+            "(its newest checkpoint)"
         )
     if not path.is_file():
         raise FluxtrainError(f"resume={resume}: no such checkpoint file (give a .ckpt file, or resume=auto)")
@@ -239,7 +244,8 @@ def check_tokenizer(ckpt: Checkpoint, tokenizer: Tokenizer) -> None:
         run = checkpoint_run_dir(ckpt.path)
         keep = ""
         if run is not None and (run / TOKENIZER_FILE).is_file():
-            keep = f"; to train on new text with the run's tokenizer, add tokenizer.path={run / TOKENIZER_FILE}"
+            own = path_override("tokenizer.path", run / TOKENIZER_FILE)
+            keep = f"; to train on new text with the run's tokenizer, add {own}"
         raise FluxtrainError(
             f"cannot resume from {ckpt.path}: the tokenizer built now ({tokenizer.kind}, vocab {tokenizer.vocab_size}) "
             f"differs from the checkpoint's ({saved.kind}, vocab {saved.vocab_size}); did data.* change?{keep}"
@@ -256,14 +262,15 @@ def load_resume(cfg: DictConfig, run_dir: str | Path) -> Checkpoint | None:
     except FluxtrainError as e:
         older = [p for _, p in list_checkpoints(run_dir) if p != path]
         if cfg.get("resume") == "auto" and older:
-            raise FluxtrainError(f"{e}; to continue from the checkpoint before it, use resume={older[-1]}") from None
+            hint = f"to continue from the checkpoint before it, use {path_override('resume', older[-1])}"
+            raise FluxtrainError(f"{e}; {hint}") from None
         raise
     check_compatible(ckpt, cfg)
     ckpt_run_dir = checkpoint_run_dir(path)
     if ckpt_run_dir is not None and ckpt_run_dir != Path(run_dir).resolve():
         log.warning(
             f"the checkpoint belongs to {ckpt_run_dir}; this run writes into {run_dir} "
-            f"(to continue in the same folder, add hydra.run.dir={ckpt_run_dir})"
+            f"(to continue in the same folder, add {path_override('hydra.run.dir', ckpt_run_dir)})"
         )
     log.info(f"resuming from {path} at iteration {ckpt.progress.iteration}")
     return ckpt
@@ -271,21 +278,30 @@ def load_resume(cfg: DictConfig, run_dir: str | Path) -> Checkpoint | None:
 
 def resume_command(run_dir: str | Path, world_size: int = 1, local_world_size: int = 1) -> str:
     """The command line that continues this run in its folder from its newest checkpoint: under torchrun with as
-    many processes as now (one node), or with a note to launch it as before (several nodes)."""
-    overrides = []
+    many processes as now (one node), or with a note to launch it as before (several nodes). The run's
+    `--config-dir` and `--config-name` come along, and its overrides (but `resume`)."""
+    options, overrides = [], []
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode == RunMode.MULTIRUN:  # the job's overrides are one point of the sweep, not its command
-            sweep_dir = shlex.quote(str(Path(hydra_cfg.sweep.dir).resolve()))
-            return f"the sweep's own command (with -m) plus hydra.sweep.dir={sweep_dir} resume=auto"
+            sweep_dir = path_override("hydra.sweep.dir", Path(hydra_cfg.sweep.dir).resolve())
+            return f"the sweep's own command (with -m) plus {sweep_dir} resume=auto"
+        options = [
+            word
+            for source in hydra_cfg.runtime.config_sources
+            if source.provider == "command-line" and source.schema == "file"  # --config-dir, made absolute
+            for word in ("--config-dir", source.path)
+        ]
+        if hydra_cfg.job.config_name not in (None, PRIMARY_CONFIG):
+            options += ["--config-name", hydra_cfg.job.config_name]
         overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
     launch = ["python", "-m", "fluxtrain"]
     if world_size > 1:
         launch = ["torchrun", f"--nproc_per_node={local_world_size}"]
         launch += ["--standalone"] if world_size == local_world_size else [f"--nnodes={world_size // local_world_size}"]
         launch += ["-m", "fluxtrain"]
-    words = [*launch, *overrides, f"hydra.run.dir={Path(run_dir).resolve()}", "resume=auto"]
-    command = " ".join(shlex.quote(w) for w in words)
+    words = [shlex.quote(w) for w in [*launch, *options, *overrides]]
+    command = " ".join([*words, path_override("hydra.run.dir", Path(run_dir).resolve()), "resume=auto"])
     if world_size > local_world_size:
         command += "  (on every node, with the rendezvous options of the first launch)"
     return command
@@ -296,7 +312,91 @@ def divergence_error(what: str, iteration: int, last_checkpoint: Path | None, lr
     if last_checkpoint is None:
         where = "no checkpoint was written before it"
     else:
-        where = f"the last good checkpoint is {last_checkpoint} (continue with resume={last_checkpoint})"
+        where = (
+            f"the last good checkpoint is {last_checkpoint} (continue with {path_override('resume', last_checkpoint)})"
+        )
     return FluxtrainError(
         f"{what} at iteration {iteration}; stopped without saving: {where}; try lowering optim.lr={lr}"
     )
+
+
+def write_failed(error: FluxtrainError, run_dir: str | Path, world_size: int = 1, local_world_size: int = 1):
+    """The error for a file of the run that could not be written (a full disk, a read-only folder): the file, the OS
+    error, and the last good checkpoint with the command that continues from it."""
+    latest = find_latest(run_dir)
+    if latest is None:
+        return FluxtrainError(f"{error}; stopped: no checkpoint was written before it")
+    command = resume_command(run_dir, world_size, local_world_size)
+    return FluxtrainError(
+        f"{error}; stopped: the last good checkpoint is {latest} (make room or fix the folder, then resume with: "
+        f"{command})"
+    )
+
+
+def path_override(key: str, path: str | Path) -> str:
+    """`key=path` as one shell word that Hydra reads back as `path`, for the commands and hints people copy: as it
+    is where Hydra and the shell take it so, else shell-quoted in Hydra's double quotes, with a quote, the
+    backslashes before one and an interpolation's `${` escaped (`=`, `,` and spaces need nothing more there)."""
+    value = str(path)
+    plain = f"{key}={value}"
+    if "${" not in value and _hydra_value(plain) == value:
+        return shlex.quote(plain)
+    value = re.sub(r"(\\*)\$\{", lambda m: 2 * m[1] + "\\${", value)  # OmegaConf reads `\${` as a plain `${`
+    value = re.sub(r'(\\*)"', lambda m: 2 * m[1] + '\\"', value)  # Hydra un-escapes backslashes only before a quote
+    value = re.sub(r"(\\+)$", lambda m: 2 * m[1], value)  # (the closing one too)
+    return shlex.quote(f'{key}="{value}"')
+
+
+def _hydra_value(override: str) -> Any:
+    """The value Hydra reads from the override `key=value`, or None where it cannot parse it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_override(override).value()
+    except HydraException:
+        return None
+
+
+# A run refused at setup leaves its folder as it was, Hydra's saved config included: Hydra writes `.hydra/` before
+# the run starts, so the command line keeps the earlier files here and puts them back unless the run claims the folder.
+HYDRA_OUTPUT_DIR = ".hydra"
+_earlier_run_configs: dict[Path, dict[str, bytes]] = {}
+
+
+def remember_run_configs(folder: str | Path, sweep: bool = False) -> None:
+    """Keep the Hydra config files of the run folder `folder` (or with `sweep`, of every job folder under it) as they
+    are before this run, for `restore_run_config`."""
+    folder = Path(folder).expanduser().resolve()
+    if sweep:
+        run_dirs = [p.parent for p in folder.rglob(HYDRA_OUTPUT_DIR) if p.is_dir()] if folder.is_dir() else []
+    else:
+        run_dirs = [folder] if folder.is_dir() else []
+    for run_dir in run_dirs:
+        files = (run_dir / HYDRA_OUTPUT_DIR).glob("*")
+        _earlier_run_configs[run_dir] = {p.name: p.read_bytes() for p in files if p.is_file()}
+
+
+def claim_run_config(run_dir: str | Path) -> None:
+    """The run has claimed `run_dir`: the Hydra config files it saved there are the folder's now."""
+    _earlier_run_configs.pop(Path(run_dir).resolve(), None)
+
+
+def restore_run_config(run_dir: str | Path) -> None:
+    """Put back the Hydra config files `run_dir` had before this run, which Hydra replaced before the run was refused;
+    nothing once the run has claimed the folder."""
+    saved = _earlier_run_configs.pop(Path(run_dir).resolve(), None)
+    if saved is None:
+        return
+    hydra_dir = Path(run_dir) / HYDRA_OUTPUT_DIR
+    try:
+        for path in hydra_dir.glob("*"):
+            if path.name not in saved and path.is_file():
+                path.unlink()  # saved by this run alone
+        for name, content in saved.items():
+            if not (hydra_dir / name).is_file() or (hydra_dir / name).read_bytes() != content:
+                atomic_write(hydra_dir / name, lambda tmp, content=content: tmp.write_bytes(content))
+        if not saved and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()
+    except OSError as e:
+        log.warning(f"could not put back the earlier config files in {hydra_dir}: {e}")

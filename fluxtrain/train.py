@@ -45,6 +45,7 @@ from fluxtrain.resume import (
     check_tokenizer,
     checkpoint_path,
     checkpoint_run_dir,
+    claim_run_config,
     divergence_error,
     load_resume,
     optimizer_changed,
@@ -234,6 +235,7 @@ def claim_run_dir(run_dir: Path, tokenizer: Tokenizer, resume: Checkpoint | None
     """Set aside what this run replaces in `run_dir` (what was written after the resume point and the results the
     resumed run writes again, or an earlier run's files when the run starts afresh or continues another run's
     checkpoint), save the tokenizer and open the TensorBoard writer; call it once nothing can fail a setting check."""
+    claim_run_config(run_dir)  # the Hydra config files saved for this run stay
     if resume and checkpoint_run_dir(resume.path) == run_dir.resolve():
         at = resume.progress.iteration
         set_aside_later(run_dir, at, results_after(run_dir, at, resume.path))

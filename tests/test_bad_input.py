@@ -10,7 +10,7 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.host import resolve_device
 from fluxtrain.train import train
 
-from .conftest import REPO_ROOT, TINY_OVERRIDES
+from .conftest import REPO_ROOT, TINY_OVERRIDES, run_fluxtrain
 
 
 def corpus_error(tiny_cfg, tmp_path, path) -> str:
@@ -109,3 +109,33 @@ def test_running_out_of_memory_is_one_line_naming_what_to_lower(tmp_path):
     (line,) = [line for line in output.splitlines() if "error:" in line]
     assert "error: out of memory (RuntimeError: " in line and line.endswith("train.activation_checkpointing=true")
     assert "lower train.batch_size" in line
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line_before_hydra_logs_into_it(tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    proc = run_fluxtrain(*TINY_OVERRIDES, f"hydra.run.dir={blocker}/run", "resume=auto")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr == f"error: hydra.run.dir={blocker}/run cannot be written: {blocker} is a file, not a folder\n"
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_read_only_run_or_sweep_folder_is_refused_before_hydra_starts(tmp_path, monkeypatch, capsys, sweep):
+    import errno
+
+    import fluxtrain.files
+    from fluxtrain.__main__ import main
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    folder = tmp_path / "finished run"
+    folder.mkdir()
+    monkeypatch.setattr(fluxtrain.files.tempfile, "TemporaryFile", read_only)
+    setting = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    argv = ["fluxtrain", *(["-m"] if sweep else []), f"{setting}='{folder}'", "resume=auto"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as info:
+        main(entry=lambda: pytest.fail("Hydra started"))
+    assert info.value.code == 1
+    assert capsys.readouterr().err == f"error: {setting}={folder} cannot be written: {folder}: Read-only file system\n"

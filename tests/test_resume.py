@@ -21,19 +21,23 @@ from tensorboard.summary.writer import event_file_writer
 from torch.utils.tensorboard import SummaryWriter
 
 import fluxtrain.train as train_module
+from fluxtrain.__main__ import run_task
 from fluxtrain.checkpoint import load_checkpoint, read_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.resume import (
     checkpoint_path,
+    divergence_error,
     find_latest,
     list_checkpoints,
+    path_override,
+    remember_run_configs,
     resume_command,
     wait_for_a_later_event_file_name,
 )
 from fluxtrain.train import train
 
-from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss
+from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss, run_fluxtrain
 
 N = 10
 # Dropout > 0 so the torch RNG matters; a log interval that does not divide N so the loss window spans the resume.
@@ -441,3 +445,154 @@ def test_the_resume_command_relaunches_as_many_processes(tmp_path):
     two_nodes = resume_command(run, world_size=8, local_world_size=4)
     assert two_nodes.startswith("torchrun --nproc_per_node=4 --nnodes=2 -m fluxtrain ")
     assert two_nodes.endswith("resume=auto  (on every node, with the rendezvous options of the first launch)")
+
+
+def test_a_run_refused_at_setup_leaves_the_folders_hydra_config_as_it_was(tiny_cfg, tiny_text_file, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_cfg("train.max_iters=10", "train.eval_interval=5", "train.eval_iters=2"), run_dir)
+    hydra_dir = run_dir / ".hydra"  # as the earlier run's command line left it
+    hydra_dir.mkdir()
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (hydra_dir / name).write_text(f"the earlier run's {name}\n")
+    hydra_files = {p.name: p.read_bytes() for p in hydra_dir.iterdir()}
+
+    args = [*TINY_OVERRIDES, f"data.path={tiny_text_file}", f"data.cache_dir={tmp_path / 'cache'}"]
+    refused = run_fluxtrain(*args, "model.n_layers=3", "optim.lr=0.01", "resume=auto", f"hydra.run.dir={run_dir}")
+    assert refused.returncode == 1 and "model.n_layers=3 (checkpoint: 2)" in refused.stderr + refused.stdout
+    assert {p.name: p.read_bytes() for p in hydra_dir.iterdir()} == hydra_files  # what fluxtrain.runs reads
+
+
+def test_a_run_stopped_after_it_claimed_its_folder_keeps_its_own_hydra_config(tiny_cfg, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    train(tiny_cfg("train.max_iters=10", "train.eval_interval=5", "train.eval_iters=2"), run_dir)
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("the earlier run's\n")
+    remember_run_configs(run_dir)
+    (run_dir / ".hydra" / "config.yaml").write_text("this run's\n")  # as Hydra saves it before the run starts
+    interrupt_at(monkeypatch, 12)
+    with pytest.raises(TrainingInterrupted):
+        run_task(tiny_cfg("train.max_iters=20", "train.eval_interval=5", "train.eval_iters=2", "resume=auto"), run_dir)
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "this run's\n"
+
+
+PATHS = [
+    "/tmp/runs/lr=1e-3,bs=8",
+    "/tmp/sp ace/run 2/checkpoints/iter_000200.ckpt",
+    '/tmp/it\'s/a "quoted" [run]{1}:(2)',
+    "/tmp/back\\slash\\",
+    "/tmp/back\\\\'quote\\\"",
+    "/tmp/${now:%H}/a\\${b}",
+    "/tmp/café/#1 & ~x; $HOME",
+    "1e-3",
+    "null",
+]
+
+
+def hydra_value(word: str, key: str):
+    """What Hydra and OmegaConf make of `key=value` as the shell gives it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    (override,) = OverridesParser.create().parse_overrides([word])
+    assert override.key_or_group == key
+    return OmegaConf.create({"value": override.value()}).value
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_in_commands_and_hints_reach_hydra_as_they_are(path):
+    words = shlex.split(path_override("resume", path))
+    assert len(words) == 1 and hydra_value(words[0], "resume") == path
+
+    *_, run_dir_word, resume = shlex.split(resume_command(Path(path)))
+    assert resume == "resume=auto" and hydra_value(run_dir_word, "hydra.run.dir") == str(Path(path).resolve())
+    hint = re.search(r"continue with (.+)\); try", str(divergence_error("loss became nan", 7, Path(path), 0.1)))[1]
+    (word,) = shlex.split(hint)
+    assert hydra_value(word, "resume") == path
+
+
+def test_plain_paths_are_printed_as_they_are(tmp_path):
+    assert path_override("resume", "/tmp/a-b/c_d/iter_000010.ckpt") == "resume=/tmp/a-b/c_d/iter_000010.ckpt"
+    assert path_override("resume", "/tmp/a,b") == "'resume=\"/tmp/a,b\"'"
+
+
+def test_the_resume_command_keeps_the_config_dir_and_config_name(tiny_text_file, tmp_path):
+    from hydra.conf import ConfigSourceInfo
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from .conftest import compose_config
+
+    conf = tmp_path / "my conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "model" / "tiny.yaml").write_text("d_model: 32\nn_heads: 2\nn_layers: 1\nff_dim: 64\nseq_len: 16\n")
+    overrides = ["model=small", f"data.path={tiny_text_file}", "train.max_iters=3"]
+
+    def command(config_name: str) -> str:
+        """The resume command of a run launched with `--config-dir <conf> --config-name <config_name>`."""
+        cfg = compose_config(overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.RUN
+            source = ConfigSourceInfo(path=str(conf), schema="file", provider="command-line")
+            cfg.hydra.runtime.config_sources.append(source)
+            cfg.hydra.job.config_name = config_name
+            cfg.hydra.overrides.task = ["model=tiny", *overrides[1:]]
+        HydraConfig.instance().set_config(cfg)
+        try:
+            return resume_command(tmp_path / "run")
+        finally:
+            HydraConfig.instance().cfg = None
+
+    words, lr_find_words = shlex.split(command("config")), shlex.split(command("lr_find"))
+    assert words[:5] == ["python", "-m", "fluxtrain", "--config-dir", str(conf)] and words[-1] == "resume=auto"
+    assert lr_find_words[:7] == [*words[:5], "--config-name", "lr_find"]
+    # The command composes: Hydra finds model/tiny in the config folder.
+    composed = run_fluxtrain(*words[3:], "--cfg", "job")
+    assert composed.returncode == 0, composed.stderr
+    assert "n_layers: 1" in composed.stdout and f"path: {tiny_text_file}" in composed.stdout
+
+
+def test_a_full_disk_stops_naming_the_file_and_the_checkpoint_to_resume_from(tiny_cfg, tmp_path, monkeypatch):
+    import errno
+
+    run_dir = tmp_path / "run"
+    real_write_bytes = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name.startswith(".iter_000020.ckpt."):
+            real_write_bytes(self, data[:100])  # a part, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    cfg = tiny_cfg("train.ckpt_interval=10", "train.keep_last=0")
+    with pytest.raises(FluxtrainError) as info:
+        run_task(cfg, run_dir)
+    good = checkpoint_path(run_dir, 10)
+    assert str(info.value) == (
+        f"cannot write {checkpoint_path(run_dir, 20)}: No space left on device; stopped: the last good checkpoint is "
+        f"{good} (make room or fix the folder, then resume with: python -m fluxtrain hydra.run.dir={run_dir} "
+        "resume=auto)"
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [good.name]  # no partial file
+    monkeypatch.undo()
+    assert train(tiny_cfg("train.ckpt_interval=10", "resume=auto"), run_dir)["iters"] == 30
+
+
+def test_a_model_file_that_cannot_be_written_is_named(tiny_cfg, tmp_path, monkeypatch):
+    import errno
+
+    real_write_bytes = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name.startswith(".best.safetensors."):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    with pytest.raises(FluxtrainError) as info:
+        run_task(tiny_cfg(), tmp_path)
+    assert str(info.value) == (
+        f"cannot write {tmp_path / 'best.safetensors'}: Read-only file system; stopped: no checkpoint was written "
+        "before it"
+    )
