@@ -128,11 +128,19 @@ def checkpoint_iteration(path: Path) -> int:
 
 
 def results_after(run_dir: Path, iteration: int, checkpoint: Path) -> list[Path]:
-    """The results in `run_dir` that a run resumed there from its `checkpoint` at `iteration` replaces: the final
-    model file and metrics.json, which it writes again at its end, and the model files saved after `iteration`. The
-    best model file records its iteration; one saved by an earlier version counts as later when it is newer than
-    the checkpoint."""
-    results = [run_dir / name for name in (FINAL_MODEL_FILE, METRICS_FILE) if (run_dir / name).is_file()]
+    """The results in `run_dir` written after `iteration`, where a run resumes from its `checkpoint`: the final model
+    file and metrics.json of a run that ended later (those of a run that ended at `iteration` describe the
+    checkpoint's own state and stay; `read_run` reads them as unfinished once a later checkpoint exists), and the
+    model files saved after `iteration`. The best model file records its iteration; one saved by an earlier version
+    counts as later when it is newer than the checkpoint."""
+    results = []
+    if (run_dir / FINAL_MODEL_FILE).is_file() or (run_dir / METRICS_FILE).is_file():
+        try:
+            ended_later = load_metrics(run_dir / METRICS_FILE).get("iters") != iteration
+        except (OSError, ValueError, FluxtrainError):  # missing or damaged: nothing says where it ended
+            ended_later = True
+        if ended_later:
+            results = [run_dir / name for name in (FINAL_MODEL_FILE, METRICS_FILE) if (run_dir / name).is_file()]
     results += [
         p
         for p in sorted(run_dir.glob("model_iter_*.safetensors"))
@@ -166,8 +174,10 @@ def read_run(path: Path, root: Path) -> Run:
     error = read(FAILED_FILE, load_error)
     name = str(path.relative_to(root)) if path != root else path.name
     unfinished_at = None
-    if metrics is None and error is None and (latest := find_latest(path)) is not None:
-        unfinished_at = checkpoint_iteration(latest)
+    if error is None and (latest := find_latest(path)) is not None:
+        at = checkpoint_iteration(latest)
+        if metrics is None or at > metrics.get("iters", at):  # no results yet, or those of an earlier session
+            unfinished_at, metrics = at, None
     return Run(path, name, config, overrides, metrics, error, unfinished_at)
 
 

@@ -138,10 +138,8 @@ def test_a_run_extended_with_a_larger_max_iters_matches_a_longer_run(tiny_cfg, t
         "iter_000014.ckpt",
         "iter_000020.ckpt",
     ]
-    # The short run's final model and metrics, which the resumed session writes again, were set aside.
-    superseded = tmp_path / "short" / "checkpoints" / "superseded" / "001"
-    assert sorted(p.name for p in superseded.iterdir()) == ["metrics.json", "model_final.safetensors"]
-    assert json.loads((superseded / "metrics.json").read_text())["iters"] == N
+    # The short run's final model and metrics described the checkpoint it went on from: nothing was set aside.
+    assert not (tmp_path / "short" / "checkpoints" / "superseded").exists()
 
 
 def test_resuming_a_finished_run_evaluates_it_again_without_training(tiny_cfg, tmp_path, caplog):
@@ -155,6 +153,8 @@ def test_resuming_a_finished_run_evaluates_it_again_without_training(tiny_cfg, t
     assert again["iters"] == 10 and again["tokens_per_sec"] is None  # no step, so no throughput
     assert again["final_val_loss"] == first["final_val_loss"] and again["best_val_loss"] == first["best_val_loss"]
     assert ckpt.stat().st_mtime_ns == written  # the checkpoint of the finished run is kept as it was
+    train(tiny_cfg(*cfg, "resume=auto"), tmp_path)  # as a requeued job would, again
+    assert not (tmp_path / "checkpoints" / "superseded").exists()  # no copies of its results pile up
 
 
 def test_throughput_after_a_resume_counts_only_the_steps_trained_since(tiny_cfg, tmp_path, monkeypatch, caplog):
