@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,16 @@ import torch
 
 from fluxtrain.errors import FluxtrainError, describe_failure
 from fluxtrain.files import atomic_write, atomic_write_text, check_writable
-from fluxtrain.sources import Sources, download, head_text, iter_text, read_corpus, resolve_sources, sha256_file
+from fluxtrain.sources import (
+    Sources,
+    check_sha256,
+    download,
+    head_text,
+    iter_text,
+    read_corpus,
+    resolve_sources,
+    sha256_file,
+)
 from fluxtrain.tokenizer import (
     BYTE_LEVEL_CUTS,
     CutRule,
@@ -34,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_FILE = "tinyshakespeare.txt"  # the name SHAKESPEARE_URL is saved under in data.cache_dir
 ENCODING_ERRORS = ("strict", "replace")
 CACHE_VERSION = 1
 ENCODE_CHUNK = 1 << 18  # characters per encoded piece; a batch of these is encoded in parallel
@@ -58,6 +70,7 @@ class DataConfig:
 
 
 def validate(cfg: DataConfig) -> None:
+    check_sha256(cfg.sha256)
     if cfg.encoding_errors not in ENCODING_ERRORS:
         raise FluxtrainError(f"data.encoding_errors={cfg.encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
     if not cfg.val_path and not 0.0 < cfg.val_fraction < 1.0:
@@ -75,11 +88,23 @@ def check_cache_dir(cfg: DataConfig) -> None:
         raise FluxtrainError(f"{e}; {fix}") from None
 
 
+def download_path(cfg: DataConfig) -> Path:
+    """Where `data.url` is saved in `data.cache_dir`: the default corpus as tinyshakespeare.txt, any other URL as
+    its file name with a hash of the URL added (other-1a2b3c4d5e6f.txt), so two URLs never share a file or a
+    partial download."""
+    folder = Path(cfg.cache_dir).expanduser()
+    if cfg.url == SHAKESPEARE_URL:
+        return folder / SHAKESPEARE_FILE
+    name = Path(re.sub(r"[^A-Za-z0-9._-]", "_", urllib.parse.urlsplit(cfg.url).path.rsplit("/", 1)[-1]))
+    stem, suffix = (name.stem.lstrip(".") or "download")[:64], name.suffix[:16]
+    return folder / f"{stem}-{hashlib.sha256(cfg.url.encode('utf-8')).hexdigest()[:12]}{suffix}"
+
+
 def resolve_text_path(cfg: DataConfig) -> Path:
-    """`data.path` as given (a file, folder or glob), or Tiny Shakespeare downloaded into `data.cache_dir`."""
+    """`data.path` as given (a file, folder or glob), or `data.url` downloaded into `data.cache_dir`."""
     if cfg.path:
         return Path(cfg.path).expanduser()
-    return download(cfg.url, Path(cfg.cache_dir).expanduser() / "tinyshakespeare.txt", cfg.sha256)
+    return download(cfg.url, download_path(cfg), check_sha256(cfg.sha256))
 
 
 def corpus_sources(cfg: DataConfig) -> tuple[Sources, Sources | None]:

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_sha256(value: str | None, setting: str = "data.sha256") -> str | None:
+    """`value` as 64 lower-case hex digits (case and surrounding spaces do not matter); None means no check."""
+    if value is None:
+        return None
+    digest = str(value).strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise FluxtrainError(f"{setting}={value!r} is not a sha256 (64 hex digits); give the file's sha256, or null")
+    return digest
+
+
+def _download_failure(e: requests.RequestException) -> str:
+    """Why a download failed, in a few words: the HTTP status, or the network error."""
+    if isinstance(e, requests.HTTPError) and e.response is not None:
+        return f"HTTP {e.response.status_code} {e.response.reason or ''}".strip()
+    if isinstance(e, requests.Timeout):
+        return "timed out"
+    if isinstance(e, requests.exceptions.ChunkedEncodingError):
+        return "the connection broke off"
+    if m := re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(e)):  # e.g. Connection refused, Name or service not known
+        return m[1].strip()
+    text = str(e)
+    return text if text and len(text) < 120 and "\n" not in text else type(e).__name__
+
+
 def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
     """Download `url` to `dest` unless a verified copy is there already.
 
@@ -42,6 +67,7 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
     download never leaves a file that looks complete; a later call resumes the partial file with an HTTP Range request.
     """
     dest = Path(dest)
+    sha256 = check_sha256(sha256)
     wrong_copy = ""  # said if the download fails: a file at dest that is not the expected one
     if dest.is_file():
         got = sha256_file(dest) if sha256 is not None else None
@@ -74,7 +100,8 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
                     os.fsync(f.fileno())
     except requests.RequestException as e:
         raise FluxtrainError(
-            f"could not download {url} ({type(e).__name__}); download it by hand to {dest}, or set data.path"
+            f"could not download data.url={url} ({_download_failure(e)}); download it by hand to {dest}, "
+            "or set data.path"
             f"{wrong_copy}"
         ) from None
     if sha256 is not None:

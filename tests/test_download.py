@@ -1,4 +1,5 @@
-"""Downloading the default corpus against a local HTTP server: success, checksum mismatch, server down, resume."""
+"""Downloading the corpus against a local HTTP server: success, checksum mismatch, server down, resume, one file per
+URL, data.sha256's form, errors that say why."""
 
 import hashlib
 import threading
@@ -6,17 +7,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fluxtrain.data import DataConfig, download, resolve_text_path
+from fluxtrain.data import SHAKESPEARE_URL, DataConfig, download, download_path, resolve_text_path, validate
 from fluxtrain.errors import FluxtrainError
 
 BODY = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 400).encode()
 SHA = hashlib.sha256(BODY).hexdigest()
+OTHER = ("Second text, served at another URL.\n" * 300).encode()
 
 
 class Server:
-    """Serves BODY at /corpus.txt with HTTP Range support; `cut_after` drops the connection part-way once."""
+    """Serves BODY at /corpus.txt (and OTHER at /other.txt) with HTTP Range support; `cut_after` drops the
+    connection part-way once."""
 
     def __init__(self):
+        self.files = {"/corpus.txt": BODY, "/other.txt": OTHER}
         self.requests: list[dict] = []
         self.cut_after: int | None = None
         server = self
@@ -27,19 +31,20 @@ class Server:
 
             def do_GET(self):
                 server.requests.append(dict(self.headers))
-                if self.path != "/corpus.txt":
+                body = server.files.get(self.path)
+                if body is None:
                     self.send_error(404)
                     return
                 start = 0
                 if rng := self.headers.get("Range"):
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(BODY) - 1}/{len(BODY)}")
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(BODY) - start))
+                self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                payload = BODY[start:]
+                payload = body[start:]
                 if server.cut_after is not None:
                     payload, server.cut_after = payload[: server.cut_after], None
                     self.wfile.write(payload)
@@ -68,7 +73,7 @@ def server():
 def test_download_verifies_and_is_reused(server, tmp_path):
     cfg = DataConfig(path=None, url=server.url, sha256=SHA, cache_dir=str(tmp_path / "cache"))
     path = resolve_text_path(cfg)
-    assert path == tmp_path / "cache" / "tinyshakespeare.txt"
+    assert path.parent == tmp_path / "cache" and path.name.startswith("corpus-") and path.suffix == ".txt"
     assert path.read_bytes() == BODY
     assert not list(path.parent.glob("*.part"))
     resolve_text_path(cfg)  # second call: the verified file is reused, no request
@@ -87,7 +92,8 @@ def test_server_down_names_url_and_destination(tmp_path):
     dest = tmp_path / "corpus.txt"
     with pytest.raises(FluxtrainError) as e:
         download(url, dest, sha256=SHA, timeout=5)
-    assert url in str(e.value) and str(dest) in str(e.value) and "\n" not in str(e.value)
+    assert f"data.url={url} (Connection refused)" in str(e.value) and str(dest) in str(e.value)
+    assert "\n" not in str(e.value)
     assert not dest.exists()
     # Offline with a wrong file in place: the message says that file is the problem.
     dest.write_text("hello")
@@ -110,3 +116,48 @@ def test_interrupted_download_resumes_with_range(server, tmp_path):
     assert dest.read_bytes() == BODY
     assert server.requests[-1].get("Range") == f"bytes={kept}-"
     assert not part.exists()
+
+
+def test_each_url_gets_its_own_file_and_partial_download(server, tmp_path):
+    cache = tmp_path / "cache"
+    default = DataConfig(path=None, url=SHAKESPEARE_URL, cache_dir=str(cache))
+    assert download_path(default) == cache / "tinyshakespeare.txt"  # where earlier versions saved it
+    corpus = DataConfig(path=None, url=server.url, sha256=SHA, cache_dir=str(cache))
+    other = DataConfig(path=None, url=server.url.replace("corpus", "other"), sha256=None, cache_dir=str(cache))
+    server.cut_after = 5000
+    with pytest.raises(FluxtrainError):
+        resolve_text_path(corpus)  # leaves a partial download of corpus.txt
+    part = download_path(corpus).with_name(download_path(corpus).name + ".part")
+    kept = part.read_bytes()
+    assert resolve_text_path(other).read_bytes() == OTHER  # not appended to corpus.txt's partial file
+    assert part.read_bytes() == kept
+    assert resolve_text_path(corpus).read_bytes() == BODY  # resumed, not overwritten by other.txt
+    assert resolve_text_path(other).read_bytes() == OTHER  # no checksum: still the file of its own URL
+    with_sha = DataConfig(path=None, url=other.url, sha256=hashlib.sha256(OTHER).hexdigest(), cache_dir=str(cache))
+    resolve_text_path(with_sha)
+    assert download_path(corpus).read_bytes() == BODY
+    assert sorted(p.name for p in cache.iterdir()) == sorted({download_path(corpus).name, download_path(other).name})
+    # The same name on another server is another file.
+    assert download_path(DataConfig(url="http://example.org/x/corpus.txt")) != download_path(corpus)
+
+
+def test_sha256_ignores_case_and_spaces_and_a_malformed_one_is_refused_before_downloading(server, tmp_path):
+    cfg = DataConfig(path=None, url=server.url, sha256=f" {SHA.upper()} ", cache_dir=str(tmp_path / "cache"))
+    assert resolve_text_path(cfg).read_bytes() == BODY
+    n_requests = len(server.requests)
+    for bad in ("abc", "", SHA + "0", "g" * 64):
+        cfg = DataConfig(path=None, url=server.url, sha256=bad, cache_dir=str(tmp_path / "other"))
+        with pytest.raises(FluxtrainError, match=r"^data\.sha256=.* is not a sha256 \(64 hex digits\)"):
+            validate(cfg)
+        with pytest.raises(FluxtrainError, match=r"^data\.sha256="):
+            resolve_text_path(cfg)
+    assert len(server.requests) == n_requests and not (tmp_path / "other").exists()
+
+
+def test_http_errors_give_status_and_reason(server, tmp_path):
+    url = server.url.replace("corpus", "missing")
+    with pytest.raises(FluxtrainError) as e:
+        download(url, tmp_path / "missing.txt", timeout=5)
+    message = str(e.value)
+    assert message.startswith(f"could not download data.url={url} (HTTP 404 Not Found); download it by hand to ")
+    assert "\n" not in message and not list(tmp_path.iterdir())
