@@ -70,6 +70,11 @@ class DataConfig:
 
 
 def validate(cfg: DataConfig) -> None:
+    # Only null means "not set": an empty value is most likely an unset shell variable.
+    for name, null in (("path", "download data.url"), ("val_path", "split off data.val_fraction")):
+        value = getattr(cfg, name)
+        if value is not None and not str(value).strip():
+            raise FluxtrainError(f"data.{name}={value!r} is empty; give a file, folder or glob, or null to {null}")
     check_sha256(cfg.sha256)
     if cfg.encoding_errors not in ENCODING_ERRORS:
         raise FluxtrainError(f"data.encoding_errors={cfg.encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
@@ -107,13 +112,24 @@ def resolve_text_path(cfg: DataConfig) -> Path:
     return download(cfg.url, download_path(cfg), check_sha256(cfg.sha256))
 
 
-def corpus_sources(cfg: DataConfig) -> tuple[Sources, Sources | None]:
-    """The training files (`data.path`, or the downloaded default corpus) and `data.val_path`'s, if set."""
+def corpus_sources(cfg: DataConfig, run_dir: str | Path | None = None) -> tuple[Sources, Sources | None]:
+    """The training files (`data.path`, or the downloaded default corpus) and `data.val_path`'s, if set.
+
+    A folder or glob never reads fluxtrain's own output: `run_dir` (the folder this run writes), other run
+    folders and `data.cache_dir` are left out.
+    """
+    leave_out = {Path(cfg.cache_dir): "data.cache_dir"}
+    if run_dir is not None:
+        leave_out[Path(run_dir)] = "this run's folder"
+
+    def sources(path: str, setting: str) -> Sources:
+        return resolve_sources(path, cfg.include, cfg.exclude, setting, leave_out, run_folders=True)
+
     if cfg.path:
-        train = resolve_sources(cfg.path, cfg.include, cfg.exclude, "data.path")
+        train = sources(cfg.path, "data.path")
     else:
         train = resolve_sources(str(resolve_text_path(cfg)), setting="data.url")
-    val = resolve_sources(cfg.val_path, cfg.include, cfg.exclude, "data.val_path") if cfg.val_path else None
+    val = sources(cfg.val_path, "data.val_path") if cfg.val_path else None
     return train, val
 
 
@@ -362,14 +378,17 @@ class TokenData:
         return window[:, :-1], window[:, 1:]
 
 
-def load_corpus(cfg: DataConfig, tok_cfg: TokenizerConfig, seq_len: int) -> tuple[TokenData, Tokenizer, str]:
+def load_corpus(
+    cfg: DataConfig, tok_cfg: TokenizerConfig, seq_len: int, run_dir: str | Path | None = None
+) -> tuple[TokenData, Tokenizer, str]:
     """Find and read the corpus, build (or load) the tokenizer, encode once (or reuse the cache) and split.
 
-    Returns the data, the tokenizer and a one-line description of the sources for the log.
+    `run_dir`, the folder the run writes into, is never read as data. Returns the data, the tokenizer and a
+    one-line description of the sources for the log.
     """
     validate(cfg)
     check_cache_dir(cfg)
-    train_src, val_src = corpus_sources(cfg)
+    train_src, val_src = corpus_sources(cfg, run_dir)
     for sources in (train_src, val_src):
         if sources is not None:
             log.info(f"data: {sources.describe()}")

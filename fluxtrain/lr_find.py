@@ -149,7 +149,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
 
     host.configure(tcfg.threads, tcfg.keep_cpu_memory)
     torch.manual_seed(tcfg.seed)
-    data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
+    data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir)
     model = GPT(model_cfg, tokenizer.vocab_size).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = grad_scaler(device, tcfg.precision)

@@ -14,7 +14,7 @@ import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
+from fnmatch import fnmatch, fnmatchcase
 from pathlib import Path
 
 import requests
@@ -125,15 +125,26 @@ class Sources:
     n_binary: int = 0  # binary files skipped
     n_empty: int = 0  # empty files skipped
     n_broken: int = 0  # broken symbolic links skipped
+    n_duplicates: int = 0  # further names (through links) of a file already read
+    n_loops: int = 0  # links to a folder they are inside, not followed
+    left_out: dict[str, int] = field(default_factory=dict)  # why -> files left out ("data.cache_dir": 3)
 
     @property
     def n_bytes(self) -> int:
         return sum(self.sizes)
 
-    def describe(self) -> str:
+    def notes(self) -> list[str]:
+        """What was skipped or left out, one phrase per reason."""
         skipped = [f"{n} {what}" for n, what in ((self.n_binary, "binary"), (self.n_empty, "empty")) if n]
         notes = [f"{' and '.join(skipped)} file(s) skipped"] if skipped else []
         notes += [f"{self.n_broken} broken link(s) skipped"] if self.n_broken else []
+        notes += [f"{self.n_duplicates} duplicate(s) of a file already read skipped"] if self.n_duplicates else []
+        notes += [f"{self.n_loops} link loop(s) not followed"] if self.n_loops else []
+        notes += [f"{n} file(s) in {why} left out" for why, n in self.left_out.items()]
+        return notes
+
+    def describe(self) -> str:
+        notes = self.notes()
         extra = f" ({'; '.join(notes)})" if notes else ""
         return f"{self.setting}: {len(self.files)} file(s), {self.n_bytes:,} bytes{extra}"
 
@@ -152,22 +163,97 @@ def _is_broken_link(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
-def _walk(folder: Path) -> tuple[list[tuple[str, Path]], int]:
-    """(relative posix path, path) of every file under `folder`, skipping hidden files and folders, and how many
-    hidden ones were skipped."""
-    found, n_hidden = [], 0
-    for root, dirs, files in os.walk(folder):
-        n_hidden += sum(name.startswith(".") for name in dirs + files)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith("."):
-                path = Path(root) / name
-                found.append((path.relative_to(folder).as_posix(), path))
-    return found, n_hidden
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def is_run_folder(folder: str) -> bool:
+    """A folder fluxtrain (or another Hydra app) wrote a run into: it holds .hydra/ or multirun.yaml (Hydra's
+    record of a run or sweep), or checkpoints/iter_*.ckpt."""
+    return (
+        os.path.isdir(os.path.join(folder, ".hydra"))
+        or os.path.isfile(os.path.join(folder, "multirun.yaml"))
+        or bool(glob.glob(os.path.join(glob.escape(folder), "checkpoints", "iter_*.ckpt")))
+    )
+
+
+class _Walk:
+    """Expands a glob (or a whole folder, as `folder/**`) as `glob.glob(recursive=True)` does, but in sorted order,
+    following links to folders except into a folder they are inside (a loop), and marking the files in folders to
+    leave out: `leave_out` (real path -> why) and, with `run_folders`, fluxtrain's run folders. The folder the walk
+    starts from is read even if it is one of these (it was named)."""
+
+    def __init__(self, top: str, leave_out: dict[str, str], run_folders: bool):
+        self.top = top
+        real_top = os.path.realpath(top or ".")
+        self.leave_out = {real: why for real, why in leave_out.items() if not _inside(real_top, real)}
+        self.run_folders = run_folders
+        self.n_hidden = 0  # hidden files and folders skipped by ** (a folder's own walk)
+        self.n_loops = 0
+
+    def paths(self, segments: list[str]) -> Iterator[tuple[str, str | None]]:
+        """(path, why it is left out, or None) of everything `segments` (the glob after `top`) matches."""
+        yield from self._expand(self.top, segments, (os.path.realpath(self.top or "."),), None)
+
+    def area(self, real: str) -> str | None:
+        """Why a file or folder (by real path) is left out, if it is."""
+        return next((why for folder, why in self.leave_out.items() if _inside(real, folder)), None)
+
+    def _enter(self, folder: str, segments: list[str], ancestors: tuple[str, ...], why: str | None):
+        real = os.path.realpath(folder)
+        if real in ancestors:  # a link back to a folder we are in: following it would never end
+            self.n_loops += 1
+            return
+        why = (
+            why or self.area(real) or ("fluxtrain run folders" if self.run_folders and is_run_folder(folder) else None)
+        )
+        yield from self._expand(folder, segments, (*ancestors, real), why)
+
+    def _expand(self, folder: str, segments: list[str], ancestors: tuple[str, ...], why: str | None):
+        seg, rest = segments[0], segments[1:]
+        if seg == "**":  # this folder and every folder under it (not hidden ones)
+            if rest:
+                yield from self._expand(folder, rest, ancestors, why)
+            for name in _listdir(folder):
+                if name.startswith("."):
+                    self.n_hidden += why is None  # a run folder's .hydra is not worth a mention
+                    continue
+                child = os.path.join(folder, name)
+                if not rest:
+                    yield child, why
+                if os.path.isdir(child):
+                    yield from self._enter(child, segments, ancestors, why)
+        elif glob.has_magic(seg):
+            for name in _listdir(folder):
+                if (seg.startswith(".") or not name.startswith(".")) and fnmatchcase(name, seg):
+                    child = os.path.join(folder, name)
+                    if not rest:
+                        yield child, why
+                    elif os.path.isdir(child):
+                        yield from self._enter(child, rest, ancestors, why)
+        else:
+            child = os.path.join(folder, seg)
+            if not rest:
+                if os.path.lexists(child):
+                    yield child, why
+            elif os.path.isdir(child):
+                yield from self._enter(child, rest, ancestors, why)
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return sorted(os.listdir(folder or "."))
+    except OSError:  # unreadable, or gone: as glob and os.walk do, nothing is found there
+        return []
 
 
 def resolve_sources(
-    path: str, include: Iterable[str] = (), exclude: Iterable[str] = (), setting: str = "data.path"
+    path: str,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    setting: str = "data.path",
+    leave_out: dict[Path, str] | None = None,
+    run_folders: bool = False,
 ) -> Sources:
     """The files `path` names: one file, every text file under a folder (recursively), or the matches of a glob.
 
@@ -176,22 +262,34 @@ def resolve_sources(
     it matched), then sorted by path;
     hidden files and folders are skipped, and so are binary files (a NUL byte near the start), empty files, broken
     symbolic links (with a warning naming them) and what is not a regular file (FIFOs, sockets, devices).
+    Links to files and folders are followed, except a link into a folder it is in (a loop), and a file reached
+    under several names is read once, under the first name in sorted order. Files inside the folders of
+    `leave_out` (folder -> why, e.g. the cache) and, with `run_folders`, inside fluxtrain run folders are left out
+    too, unless `path` itself lies in them.
     """
     include, exclude = list(include), list(exclude)
     where = f"{setting}={path}"
     target = Path(path).expanduser()
-    n_hidden = 0
+    leave_out = {os.path.realpath(Path(folder).expanduser()): why for folder, why in (leave_out or {}).items()}
     if target.is_file():
         if target.stat().st_size == 0:
             raise FluxtrainError(f"{setting}: file {target} is empty")
         return Sources([target], where, [target.stat().st_size])
     if target.is_dir():
-        candidates, n_hidden = _walk(target)
+        walk = _Walk(str(target), leave_out, run_folders)
+        found = walk.paths(["**"])
+        candidates = [
+            (Path(p).relative_to(target).as_posix(), Path(p), why) for p, why in found if not os.path.isdir(p)
+        ]
     elif target.exists():
         raise FluxtrainError(f"{setting}: {target} is not a regular file or a folder")
     elif glob.has_magic(path):
-        matches = glob.glob(os.path.expanduser(path), recursive=True)
-        candidates = [(Path(m).as_posix(), Path(m)) for m in matches if not Path(m).is_dir()]
+        pattern = os.path.expanduser(path).split("/")
+        n_fixed = next(i for i, seg in enumerate(pattern) if glob.has_magic(seg))
+        top = "/".join(pattern[:n_fixed]) or ("/" if pattern[0] == "" and n_fixed else "")
+        walk = _Walk(top, leave_out, run_folders)
+        found = dict.fromkeys(walk.paths(pattern[n_fixed:]))  # a pattern such as **/** finds a path twice
+        candidates = [(Path(p).as_posix(), Path(p), why) for p, why in found if not os.path.isdir(p)]
         if not candidates:
             raise FluxtrainError(f"{where}: the glob matches no files")
     elif _is_broken_link(target):
@@ -200,9 +298,14 @@ def resolve_sources(
         raise FluxtrainError(f"{setting}: folder {target} does not exist")
     else:
         raise FluxtrainError(f"{setting}: file {target} does not exist")
-    sources, broken, n_filtered, n_special = Sources([], where), [], 0, 0
-    for rel, file in sorted(candidates):
-        if (include and not _matches(rel, include)) or _matches(rel, exclude):
+    sources, broken, n_filtered, n_special = Sources([], where, n_loops=walk.n_loops), [], 0, 0
+    read: set[str] = set()  # real paths of the files kept
+    for rel, file, why in sorted(candidates, key=lambda c: c[0]):
+        real = os.path.realpath(file)
+        why = why or walk.area(real)  # a link to a file in a folder left out
+        if why:
+            sources.left_out[why] = sources.left_out.get(why, 0) + 1
+        elif (include and not _matches(rel, include)) or _matches(rel, exclude):
             n_filtered += 1
         elif _is_broken_link(file):
             broken.append(f"{file} -> {os.readlink(file)}")
@@ -210,9 +313,12 @@ def resolve_sources(
             n_special += 1  # a FIFO, socket or device: reading it could block or never end
         elif st.st_size == 0:
             sources.n_empty += 1
+        elif real in read:
+            sources.n_duplicates += 1
         elif _is_binary(file):
             sources.n_binary += 1
         else:
+            read.add(real)
             sources.files.append(file)
             sources.sizes.append(st.st_size)
     sources.n_broken = len(broken)
@@ -227,12 +333,13 @@ def resolve_sources(
         found = [
             f"{n} {what}"
             for n, what in (
-                (n_hidden, "hidden file(s) or folder(s)"),
+                (walk.n_hidden, "hidden file(s) or folder(s)"),
                 (n_filtered, "file(s) left out by include/exclude"),
                 (sources.n_binary, "binary file(s)"),
                 (sources.n_empty, "empty file(s)"),
                 (sources.n_broken, "broken link(s)"),
                 (n_special, "FIFO(s), socket(s) or device(s)"),
+                *((n, f"file(s) in {why}") for why, n in sources.left_out.items()),
             )
             if n
         ]

@@ -358,7 +358,7 @@ def run_training(
     host.configure(tcfg.threads, tcfg.keep_cpu_memory)
     torch.manual_seed(tcfg.seed)
     with distributed.main_first(world):  # rank 0 downloads, trains the tokenizer and fills the cache
-        data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len)
+        data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir)
     if resume:
         check_tokenizer(resume, tokenizer)
     log.info(
