@@ -39,6 +39,9 @@ class BatchThreads:
 
     def __init__(self, n: int):
         self.n = n
+        # torch sets up a thread's count at its first parallel op, from the count last set by any thread: the caller's
+        # comes first, or it would take the workers' one thread (for evaluation and the optimizer step too).
+        torch.get_num_threads()
         self._jobs: list[queue.SimpleQueue] = []
         self._results: list[queue.SimpleQueue] = []
         self._threads: list[threading.Thread] = []

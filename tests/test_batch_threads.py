@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -13,6 +16,7 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.train import TrainConfig, check_batch_threads, train, validate
 
+from .conftest import REPO_ROOT
 from .test_resume import assert_same_weights
 
 CFG = ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=16)
@@ -63,6 +67,29 @@ def test_the_parts_run_on_threads_of_one_torch_thread_each_and_the_caller_gets_i
     assert len({ident for _, ident, _ in seen}) == 3
     assert {n for _, _, n in seen} == {1}
     assert torch.get_num_threads() == threads_before
+
+
+def test_the_callers_own_thread_count_survives_the_workers_in_a_fresh_process():
+    """torch sets a thread's count up at its first parallel op from the count any thread set last: the main thread of
+    a new process must not take its workers' single thread (its evaluation and optimizer step would run on one)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    def run(code: str) -> int:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout)
+
+    default = run("import torch; print(torch.get_num_threads())")
+    if default == 1:
+        pytest.skip("one core: nothing to lose")
+    fresh = (
+        "import time, torch\n"
+        "from fluxtrain.batch_threads import BatchThreads\n"
+        "threads = BatchThreads(2)\n"
+        "time.sleep(0.3)\n"  # the worker has set its one thread by now
+        "print(torch.get_num_threads())\n"
+    )
+    assert run(fresh) == default
 
 
 def test_an_error_in_a_part_reaches_the_caller_and_the_threads_keep_working():
