@@ -23,6 +23,24 @@ import torch
 from fluxtrain.errors import FluxtrainError
 
 
+def check(n: int, device: torch.device, distributed: bool, dropout: float) -> None:
+    """`train.batch_threads=n` splits batches over CPU threads of one process, reproducibly: a one-line error where it
+    cannot (its range and train.batch_size's split are checked with the other train settings)."""
+    if n == 1:
+        return
+    if device.type != "cpu":
+        raise FluxtrainError(f"train.batch_threads={n} splits batches over CPU threads; this run trains on {device}")
+    if distributed:
+        raise FluxtrainError(
+            f"train.batch_threads={n} splits batches over the threads of one process; under torchrun set it to 1"
+        )
+    if dropout > 0:
+        raise FluxtrainError(
+            f"train.batch_threads={n} needs model.dropout=0: dropout masks drawn by several threads at once would "
+            "differ from run to run"
+        )
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """torch ops of the calling thread run on one thread inside the block; the thread count is restored after."""

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fluxtrain import distributed, host, throughput
+from fluxtrain import batch_threads, distributed, host, throughput
 from fluxtrain.batch_threads import BatchThreads, single_threaded
 from fluxtrain.checkpoint import (
     Checkpoint,
@@ -200,12 +200,11 @@ def train_step(
         x, y = distributed.rank_batch(data, tcfg.batch_size, batch_gen, world)
         if threads:
             loss = threads.forward_backward(model, params, x, y, 1 / tcfg.grad_accum)
-            loss_sum = loss if loss_sum is None else loss_sum + loss
-            continue
-        with distributed.grad_sync(model, micro == tcfg.grad_accum - 1):
-            with autocast_context(device, tcfg.precision):
-                _, loss = model(to_device(x, device), to_device(y, device))
-            scaler.scale(loss / tcfg.grad_accum).backward()
+        else:
+            with distributed.grad_sync(model, micro == tcfg.grad_accum - 1):
+                with autocast_context(device, tcfg.precision):
+                    _, loss = model(to_device(x, device), to_device(y, device))
+                scaler.scale(loss / tcfg.grad_accum).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()  # no kernel for one micro-batch
     if grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -253,9 +252,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
 
     SIGINT/SIGTERM stop the run after the current iteration with a checkpoint (raising TrainingInterrupted).
     """
-    n = cfg.train.batch_threads
-    with GracefulStop() as stop, BatchThreads(n) if n > 1 else contextlib.nullcontext() as threads:
-        return run_training(cfg, Path(run_dir), stop, threads)
+    with GracefulStop() as stop, contextlib.ExitStack() as resources:
+        return run_training(cfg, Path(run_dir), stop, resources)
 
 
 def check_settings(cfg: DictConfig) -> ModelConfig:
@@ -293,24 +291,6 @@ def wrap_for_training(model: GPT, data: TokenData, world: World, device: torch.d
         )
 
 
-def check_batch_threads(tcfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, world: World) -> None:
-    """train.batch_threads > 1 splits batches over CPU threads of one process, reproducibly."""
-    n = tcfg.batch_threads
-    if n == 1:
-        return
-    if device.type != "cpu":
-        raise FluxtrainError(f"train.batch_threads={n} splits batches over CPU threads; this run trains on {device}")
-    if world.is_distributed:
-        raise FluxtrainError(
-            f"train.batch_threads={n} splits batches over the threads of one process; under torchrun set it to 1"
-        )
-    if model_cfg.dropout > 0:
-        raise FluxtrainError(
-            f"train.batch_threads={n} needs model.dropout=0: dropout masks drawn by several threads at once would "
-            "differ from run to run"
-        )
-
-
 def plan_time_budget(
     tcfg: TrainConfig,
     setup: float,
@@ -341,21 +321,23 @@ def plan_time_budget(
 
 
 def run_training(
-    cfg: DictConfig, run_dir: Path, stop: GracefulStop, threads: BatchThreads | None = None
+    cfg: DictConfig, run_dir: Path, stop: GracefulStop, resources: contextlib.ExitStack
 ) -> dict[str, float]:
+    """`train`'s body; what must be closed at its end (the batch threads) goes on `resources`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg: TrainConfig = cfg.train
     model_cfg = check_settings(cfg)
     world = distributed.current_world()
     distributed.check_sharded_optimizer(world, tcfg.strategy, cfg.optim.name)  # before the data is read
     device = distributed.training_device(world, host.resolve_device(tcfg.device))
-    check_batch_threads(tcfg, model_cfg, device, world)
+    batch_threads.check(tcfg.batch_threads, device, world.is_distributed, model_cfg.dropout)
     if tcfg.precision != "fp32" and device.type != "cuda":
         log.warning(f"train.precision={tcfg.precision} needs CUDA; training in fp32 on {device.type}")
     t_start = time.perf_counter()
 
     resume = load_resume(cfg, run_dir)
     host.configure(tcfg.threads, tcfg.keep_cpu_memory)
+    threads = resources.enter_context(BatchThreads(tcfg.batch_threads)) if tcfg.batch_threads > 1 else None
     torch.manual_seed(tcfg.seed)
     with distributed.main_first(world):  # rank 0 downloads, trains the tokenizer and fills the cache
         data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir)

@@ -10,11 +10,10 @@ import threading
 import pytest
 import torch
 
-from fluxtrain.batch_threads import BatchThreads, single_threaded
-from fluxtrain.distributed import World
+from fluxtrain.batch_threads import BatchThreads, check, single_threaded
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
-from fluxtrain.train import TrainConfig, check_batch_threads, train, validate
+from fluxtrain.train import TrainConfig, train, validate
 
 from .conftest import REPO_ROOT
 from .test_resume import assert_same_weights
@@ -141,11 +140,30 @@ def test_settings_batch_threads_cannot_serve_are_refused_in_one_line():
         validate(TrainConfig(batch_size=5, batch_threads=2))
     with pytest.raises(FluxtrainError, match=r"train.batch_threads=0 must be from 1 to"):
         validate(TrainConfig(batch_threads=0))
-    tcfg, cpu = TrainConfig(batch_size=8, batch_threads=2), torch.device("cpu")
+    cpu = torch.device("cpu")
     with pytest.raises(FluxtrainError, match="this run trains on cuda"):
-        check_batch_threads(tcfg, CFG, torch.device("cuda"), World())
+        check(2, torch.device("cuda"), False, 0.0)
     with pytest.raises(FluxtrainError, match="under torchrun set it to 1"):
-        check_batch_threads(tcfg, CFG, cpu, World(rank=0, world_size=2, local_rank=0))
+        check(2, cpu, True, 0.0)
     with pytest.raises(FluxtrainError, match="needs model.dropout=0"):
-        check_batch_threads(tcfg, ModelConfig(dropout=0.1), cpu, World())
-    check_batch_threads(tcfg, CFG, cpu, World())  # fine
+        check(2, cpu, False, 0.1)
+    check(2, cpu, False, 0.0)  # fine
+
+
+def workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("batch-thread-")]
+
+
+def test_a_refused_run_starts_no_threads_and_a_finished_or_failed_one_leaves_none(tiny_cfg, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(BatchThreads, "_work", lambda *a: started.append(1))
+    with pytest.raises(FluxtrainError, match="needs model.dropout=0"):
+        train(tiny_cfg("train.batch_threads=2", "model.dropout=0.1"), tmp_path / "refused")
+    assert not started
+    monkeypatch.undo()
+    train(tiny_cfg("train.batch_threads=2", "train.max_iters=2"), tmp_path / "done")
+    assert not workers()
+    monkeypatch.setattr("fluxtrain.train.estimate_loss", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(tiny_cfg("train.batch_threads=2", "train.max_iters=2"), tmp_path / "failed")
+    assert not workers()
