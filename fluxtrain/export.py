@@ -193,22 +193,25 @@ def write_folder(out_dir: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         write(tmp)
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        try:
+            os.replace(out_dir, old / out_dir.name)
+        except BaseException:
+            old.rmdir()
+            raise
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            os.replace(old / out_dir.name, out_dir)  # should this fail too, the earlier export stays in `old`
+            old.rmdir()
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    os.replace(out_dir, old / out_dir.name)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old / out_dir.name, out_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old)  # the earlier export, once the new one is in its place
 
 
 def is_export(folder: Path) -> bool:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from fluxtrain.checkpoint import save_model_file
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.export import export, main, to_transformers
+from fluxtrain.export import export, main, to_transformers, write_folder
 from fluxtrain.generate import generate_ids
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.tokenizer import BPETokenizer, CharTokenizer
@@ -230,6 +230,25 @@ def test_overwrite_replaces_the_whole_earlier_export_and_refuses_other_folders(t
     err = capsys.readouterr().err
     assert err.startswith(f"error: OUT_DIR {notes} does not hold an earlier export") and err.count("\n") == 1
     assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+
+@pytest.mark.parametrize("failing", ["the earlier export aside", "the new export into its place"])
+def test_a_failed_swap_keeps_the_earlier_export_and_leaves_no_temporary_folders(tmp_path, monkeypatch, failing):
+    out = tmp_path / "hf"
+    write_folder(out, lambda folder: (folder / "config.json").write_text("earlier"))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        moving = "the new export into its place" if Path(src).name.endswith(".tmp") else "the earlier export aside"
+        if moving == failing:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("fluxtrain.export.os.replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        write_folder(out, lambda folder: (folder / "config.json").write_text("new"))
+    assert (out / "config.json").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_export_in_memory_matches_the_file_round_trip(char_export):
