@@ -57,7 +57,6 @@ def check_checkpoint_folder(run_dir: str | Path) -> None:
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(iteration, path) of the run folder's checkpoints, oldest first."""
-    check_checkpoint_folder(run_dir)
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []

@@ -21,7 +21,14 @@ from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fluxtrain.errors import FluxtrainError, first_line
-from fluxtrain.resume import CHECKPOINT_DIR, CHECKPOINT_FILES, CHECKPOINT_NAME, SUPERSEDED_DIR, find_latest
+from fluxtrain.resume import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILES,
+    CHECKPOINT_NAME,
+    SUPERSEDED_DIR,
+    find_latest,
+    list_checkpoints,
+)
 
 BEST_MODEL_FILE, FINAL_MODEL_FILE = "best.safetensors", "model_final.safetensors"
 MODEL_FILES = (BEST_MODEL_FILE, FINAL_MODEL_FILE)  # a run folder's model, in order of preference
@@ -119,14 +126,6 @@ def read_metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def checkpoint_iteration(path: Path) -> int:
-    """The iteration a checkpoint continues from, read from the progress in its metadata."""
-    try:
-        return int(json.loads(read_metadata(path)["progress"])["iteration"])
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise FluxtrainError(f"{path} is not readable: {first_line(e)}") from None
-
-
 def results_after(run_dir: Path, iteration: int, checkpoint: Path) -> list[Path]:
     """The results in `run_dir` written after `iteration`, where a run resumes from its `checkpoint`: the final model
     file and metrics.json of a run that ended later (those of a run that ended at `iteration` describe the
@@ -174,8 +173,8 @@ def read_run(path: Path, root: Path) -> Run:
     error = read(FAILED_FILE, load_error)
     name = str(path.relative_to(root)) if path != root else path.name
     unfinished_at = None
-    if error is None and (latest := find_latest(path)) is not None:
-        at = checkpoint_iteration(latest)
+    if error is None and (checkpoints := list_checkpoints(path)):
+        at = checkpoints[-1][0]  # the newest checkpoint's iteration, from its name
         if metrics is None or at > metrics.get("iters", at):  # no results yet, or those of an earlier session
             unfinished_at, metrics = at, None
     return Run(path, name, config, overrides, metrics, error, unfinished_at)

@@ -171,3 +171,12 @@ def test_a_file_named_checkpoints_in_the_run_folder_is_an_error_before_any_work(
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # nothing written, nothing moved
     assert not (tmp_path / "cache").exists()  # refused before the data was read
     assert (run / "checkpoints").read_text() == "my notes"
+
+
+def test_a_file_named_checkpoints_beside_finished_results_does_not_stop_the_listing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"iters": 5, "best_val_loss": 2.5}))
+    (run / "checkpoints").write_text("my notes")
+    [found] = find_runs(tmp_path)
+    assert found.metrics["best_val_loss"] == 2.5 and found.unfinished_at is None

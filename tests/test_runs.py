@@ -178,6 +178,7 @@ def test_a_run_with_checkpoints_but_no_results_is_listed_unfinished_after_the_ot
         ("killed", "unfinished (iter 5)"),
         ("stopped", "unfinished (iter 20)"),
     ]
+    # The listing reads the iteration from the name: a damaged newest checkpoint (which resume reports) or one a
+    # live run prunes meanwhile does not stop it.
     (tmp_path / "stopped" / "checkpoints" / "iter_000030.ckpt").write_text("damaged")
-    code, _, err = compare(capsys, str(tmp_path))
-    assert code == 1 and err.startswith(f"error: {tmp_path / 'stopped' / 'checkpoints' / 'iter_000030.ckpt'} is not ")
+    assert [r.unfinished_at for r in find_runs(tmp_path)] == [None, None, 5, 30]
