@@ -18,7 +18,7 @@ from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.model import GPT
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.runs import resolve_model_path
-from fluxtrain.sampling import SamplingConfig, beam_search, check_seed, compile_decoding, sample_stream
+from fluxtrain.sampling import SamplingConfig, beam_search, check_seed, compile_decoding, sample_stream, start_ids
 from fluxtrain.sampling import generate_ids as generate_ids  # re-exported: the name callers know from here
 from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, load_tokenizer
 
@@ -56,16 +56,6 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[
         unknown = set(e.chars)
         kept = "".join(c for c in text if c not in unknown)
         return kept, tokenizer.encode(kept), e.chars
-
-
-def start_ids(tokenizer: Tokenizer) -> list[int]:
-    """What an empty prompt starts from: a newline, as the trainer's samples do, or id 0 where the tokenizer has no
-    newline (a char vocabulary of text without one)."""
-    try:
-        ids = tokenizer.encode("\n")
-    except UnknownCharactersError:
-        ids = []
-    return ids or [0]
 
 
 class TextStream:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory
 from fluxtrain.model import GPT, eval_mode
+from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError
 
 MAX_TEMPERATURE = 2.0
 MAX_BEAMS = 100  # beam search holds beams x vocabulary scores and a KV cache per beam: a bound far above any use
@@ -341,3 +342,13 @@ def generate_ids(
         return []
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0)
     return generate(model, prompt, cfg, generator, use_cache)
+
+
+def start_ids(tokenizer: Tokenizer) -> list[int]:
+    """What an empty prompt starts from: a newline, as the trainer's samples do, or id 0 where the tokenizer has no
+    newline (a char vocabulary of text without one)."""
+    try:
+        ids = tokenizer.encode("\n")
+    except UnknownCharactersError:
+        ids = []
+    return ids or [0]

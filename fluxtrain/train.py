@@ -56,7 +56,7 @@ from fluxtrain.resume import (
     wait_for_a_later_event_file_name,
 )
 from fluxtrain.runs import BEST_MODEL_FILE, FINAL_MODEL_FILE, ITERATION_KEY, METRICS_FILE, RUN_OUTPUTS, results_after
-from fluxtrain.sampling import MAX_SEED, check_seed, generate_ids
+from fluxtrain.sampling import MAX_SEED, check_seed, generate_ids, start_ids
 from fluxtrain.tokenizer import Tokenizer
 
 log = logging.getLogger("fluxtrain")
@@ -216,10 +216,7 @@ def train_step(
 
 
 def sample_text(model: GPT, tokenizer, length: int, seed: int) -> str:
-    try:
-        prompt = tokenizer.encode("\n")
-    except ValueError:
-        prompt = [0]
+    prompt = start_ids(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     # A model sharded by fully_shard gathers its weights in each module call, which the cached decoding step skips.
     use_cache = not is_sharded(model)
