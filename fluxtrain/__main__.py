@@ -17,6 +17,7 @@ from fluxtrain.config import check_known_keys, check_overrides, config_dir, regi
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
 from fluxtrain.files import WriteError, check_writable
 from fluxtrain.lr_find import lr_find
+from fluxtrain.overrides import NO_RUN_FLAGS, hydra_value
 from fluxtrain.resume import remember_run_configs, restore_run_config, write_failed
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.train import train
@@ -28,10 +29,6 @@ TASKS: dict[str, Callable[[DictConfig, Path], float]] = {
     "train": lambda cfg, run_dir: train(cfg, run_dir)["best_val_loss"],
     "lr_find": lambda cfg, run_dir: lr_find(cfg, run_dir).suggested_lr,
 }
-
-
-# Hydra's options that print or describe instead of running, so write nothing
-_NO_RUN_FLAGS = ("-c", "--cfg", "-h", "--help", "--hydra-help", "-i", "--info", "--resolve", "--shell-completion")
 
 
 def run_task(cfg: DictConfig, run_dir: Path) -> float:
@@ -51,19 +48,14 @@ def run_task(cfg: DictConfig, run_dir: Path) -> float:
 def given_output_dir(args: list[str]) -> tuple[str, str] | None:
     """The setting and the value the command line gives Hydra's output folder (`hydra.sweep.dir` with -m, else
     `hydra.run.dir`), or None where Hydra chooses it or does not run."""
-    if any(arg in _NO_RUN_FLAGS for arg in args):
+    if any(arg in NO_RUN_FLAGS for arg in args):  # they write nothing
         return None
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     setting = "hydra.sweep.dir" if "-m" in args or "--multirun" in args else "hydra.run.dir"
     given = [arg for arg in args if arg.startswith(f"{setting}=")]
     if not given:
         return None
-    try:
-        return setting, str(OverridesParser.create().parse_override(given[-1]).value())
-    except HydraException:
-        return None  # Hydra reports it
+    value = hydra_value(given[-1])
+    return None if value is None else (setting, str(value))  # None: Hydra reports it
 
 
 def check_output_dir(args: list[str]) -> None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory
+from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override
 
 log = logging.getLogger("fluxtrain")
 
@@ -21,7 +22,6 @@ STRATEGIES = ("ddp", "fsdp")
 # Test-only fault injection: "RANK:ITER" makes that rank raise in its ITER-th training forward (1-based).
 FAULT_ENV = "FLUXTRAIN_TEST_FAULT"
 # Hydra flags that print or sweep instead of running one job; ranks then do not wait for rank 0's run folder.
-_NON_RUN_FLAGS = ("-m", "--multirun", "-c", "--cfg", "-h", "--help", "--hydra-help", "-i", "--info", "--resolve")
 _run_dir_pending = False  # rank 0 of torchrun still owes the other ranks its run folder
 
 
@@ -99,18 +99,16 @@ def follow_main_run_dir(argv: list[str]) -> list[str]:
     world = init_world()
     if not world.is_distributed or "RANK" not in os.environ or "SUBMITIT_EXECUTOR" in os.environ:
         return argv
-    if any(arg in _NON_RUN_FLAGS for arg in argv):
-        if "-m" in argv or "--multirun" in argv:
-            raise FluxtrainError("a torchrun job runs one training; sweep with hydra/launcher=slurm instead of -m")
+    if "-m" in argv or "--multirun" in argv:
+        raise FluxtrainError("a torchrun job runs one training; sweep with hydra/launcher=slurm instead of -m")
+    if any(arg in NO_RUN_FLAGS for arg in argv):
         return argv
     if world.is_main:
         _run_dir_pending = True
         return argv
     received = [None]
     dist.broadcast_object_list(received, src=0)
-    run_dir = str(received[0])
-    quote = '"' if "'" in run_dir else "'"
-    return [*argv, f"hydra.run.dir={quote}{run_dir}{quote}", "hydra.output_subdir=null"]
+    return [*argv, hydra_override("hydra.run.dir", str(received[0])), "hydra.output_subdir=null"]
 
 
 def publish_run_dir(run_dir: str) -> None:

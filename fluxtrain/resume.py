@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from fluxtrain.checkpoint import Checkpoint, load_checkpoint
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write
+from fluxtrain.overrides import path_override
 from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
 
 log = logging.getLogger("fluxtrain")
@@ -330,31 +331,6 @@ def write_failed(error: FluxtrainError, run_dir: str | Path, world_size: int = 1
         f"{error}; stopped: the last good checkpoint is {latest} (make room or fix the folder, then resume with: "
         f"{command})"
     )
-
-
-def path_override(key: str, path: str | Path) -> str:
-    """`key=path` as one shell word that Hydra reads back as `path`, for the commands and hints people copy: as it
-    is where Hydra and the shell take it so, else shell-quoted in Hydra's double quotes, with a quote, the
-    backslashes before one and an interpolation's `${` escaped (`=`, `,` and spaces need nothing more there)."""
-    value = str(path)
-    plain = f"{key}={value}"
-    if "${" not in value and _hydra_value(plain) == value:
-        return shlex.quote(plain)
-    value = re.sub(r"(\\*)\$\{", lambda m: 2 * m[1] + "\\${", value)  # OmegaConf reads `\${` as a plain `${`
-    value = re.sub(r'(\\*)"', lambda m: 2 * m[1] + '\\"', value)  # Hydra un-escapes backslashes only before a quote
-    value = re.sub(r"(\\+)$", lambda m: 2 * m[1], value)  # (the closing one too)
-    return shlex.quote(f'{key}="{value}"')
-
-
-def _hydra_value(override: str) -> Any:
-    """The value Hydra reads from the override `key=value`, or None where it cannot parse it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        return OverridesParser.create().parse_override(override).value()
-    except HydraException:
-        return None
 
 
 # A run refused at setup leaves its folder as it was, Hydra's saved config included: Hydra writes `.hydra/` before
