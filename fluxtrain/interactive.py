@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -54,6 +55,10 @@ class Session:
         self.stream = stream
 
     def run(self) -> int:
+        if sys.stdin.isatty():
+            # Ctrl-C is this session's stop key, also where the process was started with SIGINT ignored (the
+            # background jobs of a shell without job control are).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         history = self._start_readline()
         self.say("type a prompt, or /help for commands")
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def model_file(tmp_path: Path) -> Path:
     return path
 
 
-def spawn(model_file: Path, home: Path, *args: str) -> pexpect.spawn:
+def spawn(model_file: Path, home: Path, *args: str, preexec_fn=None) -> pexpect.spawn:
     env = {
         "PYTHONPATH": str(REPO_ROOT),
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -49,6 +50,7 @@ def spawn(model_file: Path, home: Path, *args: str) -> pexpect.spawn:
         encoding="utf-8",
         timeout=TIMEOUT,
         dimensions=(40, 400),
+        preexec_fn=preexec_fn,
     )
     child.expect_exact("> ")
     return child
@@ -129,7 +131,9 @@ def test_sampling_is_reproducible_with_seed(model_file, tmp_path):
 
 
 def test_ctrl_c_stops_generation_and_returns_to_the_prompt(model_file, tmp_path):
-    child = spawn(model_file, tmp_path)
+    # Started with SIGINT ignored, as a shell without job control starts its background jobs: the session still
+    # takes Ctrl-C as its stop key.
+    child = spawn(model_file, tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     command(child, "/len 1000000", "length 1000000")
     child.sendline("ROMEO:")
     child.expect_exact("ROMEO:\r\n")
