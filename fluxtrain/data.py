@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fluxtrain.cuts import BYTE_LEVEL_CUTS, CutRule
 from fluxtrain.errors import FluxtrainError, describe_failure
 from fluxtrain.files import atomic_write, atomic_write_text, check_writable
 from fluxtrain.sources import (
@@ -30,8 +31,6 @@ from fluxtrain.sources import (
     sha256_file,
 )
 from fluxtrain.tokenizer import (
-    BYTE_LEVEL_CUTS,
-    CutRule,
     Tokenizer,
     TokenizerConfig,
     UnknownCharactersError,

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from fluxtrain.cuts import CL100K_PATTERN, GPT2_PATTERN
 from fluxtrain.data import encode_stream, safe_chunks
-from fluxtrain.tokenizer import CL100K_PATTERN, GPT2_PATTERN, BPETokenizer, CharTokenizer
+from fluxtrain.tokenizer import BPETokenizer, CharTokenizer
 
 from .conftest import make_text
 
