@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from fluxtrain import distributed
 from fluxtrain.config import check_known_keys, check_overrides, config_dir, register_configs
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
-from fluxtrain.files import WriteError, check_writable
+from fluxtrain.files import WriteError
 from fluxtrain.lr_find import lr_find
-from fluxtrain.overrides import NO_RUN_FLAGS, hydra_value
-from fluxtrain.resume import remember_run_configs, restore_run_config, write_failed
+from fluxtrain.resume import write_failed
+from fluxtrain.run_folder import check_output_dir, restore_run_config
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.train import train
 
@@ -43,33 +43,6 @@ def run_task(cfg: DictConfig, run_dir: Path) -> float:
             world = distributed.current_world()
             raise write_failed(e, run_dir, world.world_size, distributed.local_world_size(world)) from None
         raise
-
-
-def given_output_dir(args: list[str]) -> tuple[str, str] | None:
-    """The setting and the value the command line gives Hydra's output folder (`hydra.sweep.dir` with -m, else
-    `hydra.run.dir`), or None where Hydra chooses it or does not run."""
-    if any(arg in NO_RUN_FLAGS for arg in args):  # they write nothing
-        return None
-    setting = "hydra.sweep.dir" if "-m" in args or "--multirun" in args else "hydra.run.dir"
-    given = [arg for arg in args if arg.startswith(f"{setting}=")]
-    if not given:
-        return None
-    value = hydra_value(given[-1])
-    return None if value is None else (setting, str(value))  # None: Hydra reports it
-
-
-def check_output_dir(args: list[str]) -> None:
-    """Before Hydra sets up logging into it: refuse a run folder that cannot be written, in one line, and keep the
-    Hydra config files of the run (or of the sweep's jobs) there, which a run refused at setup puts back."""
-    given = given_output_dir(args)
-    if given is None:
-        return
-    setting, value = given
-    fixed = value.split("${")[0]  # up to an interpolation (`${now:...}`): a new folder under that part
-    if fixed:
-        check_writable(fixed, setting, folder=True)
-    if fixed == value and "hydra.output_subdir=null" not in args:  # torchrun's ranks > 0 save no config
-        remember_run_configs(value, sweep=setting == "hydra.sweep.dir")
 
 
 def run(cfg: DictConfig) -> float:

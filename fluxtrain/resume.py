@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain.checkpoint import Checkpoint, load_checkpoint
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.files import atomic_write
 from fluxtrain.overrides import path_override
 from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
 
@@ -331,47 +330,3 @@ def write_failed(error: FluxtrainError, run_dir: str | Path, world_size: int = 1
         f"{error}; stopped: the last good checkpoint is {latest} (make room or fix the folder, then resume with: "
         f"{command})"
     )
-
-
-# A run refused at setup leaves its folder as it was, Hydra's saved config included: Hydra writes `.hydra/` before
-# the run starts, so the command line keeps the earlier files here and puts them back unless the run claims the folder.
-HYDRA_OUTPUT_DIR = ".hydra"
-_earlier_run_configs: dict[Path, dict[str, bytes]] = {}
-
-
-def remember_run_configs(folder: str | Path, sweep: bool = False) -> None:
-    """Keep the Hydra config files of the run folder `folder` (or with `sweep`, of every job folder under it) as they
-    are before this run, for `restore_run_config`."""
-    folder = Path(folder).expanduser().resolve()
-    if sweep:
-        run_dirs = [p.parent for p in folder.rglob(HYDRA_OUTPUT_DIR) if p.is_dir()] if folder.is_dir() else []
-    else:
-        run_dirs = [folder] if folder.is_dir() else []
-    for run_dir in run_dirs:
-        files = (run_dir / HYDRA_OUTPUT_DIR).glob("*")
-        _earlier_run_configs[run_dir] = {p.name: p.read_bytes() for p in files if p.is_file()}
-
-
-def claim_run_config(run_dir: str | Path) -> None:
-    """The run has claimed `run_dir`: the Hydra config files it saved there are the folder's now."""
-    _earlier_run_configs.pop(Path(run_dir).resolve(), None)
-
-
-def restore_run_config(run_dir: str | Path) -> None:
-    """Put back the Hydra config files `run_dir` had before this run, which Hydra replaced before the run was refused;
-    nothing once the run has claimed the folder."""
-    saved = _earlier_run_configs.pop(Path(run_dir).resolve(), None)
-    if saved is None:
-        return
-    hydra_dir = Path(run_dir) / HYDRA_OUTPUT_DIR
-    try:
-        for path in hydra_dir.glob("*"):
-            if path.name not in saved and path.is_file():
-                path.unlink()  # saved by this run alone
-        for name, content in saved.items():
-            if not (hydra_dir / name).is_file() or (hydra_dir / name).read_bytes() != content:
-                atomic_write(hydra_dir / name, lambda tmp, content=content: tmp.write_bytes(content))
-        if not saved and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
-            hydra_dir.rmdir()
-    except OSError as e:
-        log.warning(f"could not put back the earlier config files in {hydra_dir}: {e}")

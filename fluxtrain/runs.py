@@ -29,6 +29,7 @@ from fluxtrain.resume import (
     find_latest,
     list_checkpoints,
 )
+from fluxtrain.run_folder import HYDRA_OUTPUT_DIR
 
 BEST_MODEL_FILE, FINAL_MODEL_FILE = "best.safetensors", "model_final.safetensors"
 MODEL_FILES = (BEST_MODEL_FILE, FINAL_MODEL_FILE)  # a run folder's model, in order of preference
@@ -167,8 +168,8 @@ def read_run(path: Path, root: Path) -> Run:
         except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:  # damaged or edited by hand
             raise FluxtrainError(f"{file} is not readable: {first_line(e)}") from None
 
-    config = read(".hydra/config.yaml", lambda f: OmegaConf.to_container(OmegaConf.load(f))) or {}
-    overrides = read(".hydra/overrides.yaml", lambda f: list(OmegaConf.load(f))) or []
+    config = read(f"{HYDRA_OUTPUT_DIR}/config.yaml", lambda f: OmegaConf.to_container(OmegaConf.load(f))) or {}
+    overrides = read(f"{HYDRA_OUTPUT_DIR}/overrides.yaml", lambda f: list(OmegaConf.load(f))) or []
     metrics = read(METRICS_FILE, load_metrics)
     error = read(FAILED_FILE, load_error)
     name = str(path.relative_to(root)) if path != root else path.name

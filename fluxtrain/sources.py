@@ -21,6 +21,7 @@ import requests
 from tqdm import tqdm
 
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.run_folder import HYDRA_OUTPUT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def is_run_folder(folder: str) -> bool:
     """A folder fluxtrain (or another Hydra app) wrote a run into: it holds .hydra/ or multirun.yaml (Hydra's
     record of a run or sweep), or checkpoints/iter_*.ckpt."""
     return (
-        os.path.isdir(os.path.join(folder, ".hydra"))
+        os.path.isdir(os.path.join(folder, HYDRA_OUTPUT_DIR))
         or os.path.isfile(os.path.join(folder, "multirun.yaml"))
         or bool(glob.glob(os.path.join(glob.escape(folder), "checkpoints", "iter_*.ckpt")))
     )

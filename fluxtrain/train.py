@@ -45,7 +45,6 @@ from fluxtrain.resume import (
     check_tokenizer,
     checkpoint_path,
     checkpoint_run_dir,
-    claim_run_config,
     divergence_error,
     load_resume,
     optimizer_changed,
@@ -55,6 +54,7 @@ from fluxtrain.resume import (
     set_aside_later,
     wait_for_a_later_event_file_name,
 )
+from fluxtrain.run_folder import claim_run_config
 from fluxtrain.runs import BEST_MODEL_FILE, FINAL_MODEL_FILE, ITERATION_KEY, METRICS_FILE, RUN_OUTPUTS, results_after
 from fluxtrain.sampling import MAX_SEED, check_seed, generate_ids, start_ids
 from fluxtrain.tokenizer import Tokenizer

@@ -31,10 +31,10 @@ from fluxtrain.resume import (
     find_latest,
     list_checkpoints,
     path_override,
-    remember_run_configs,
     resume_command,
     wait_for_a_later_event_file_name,
 )
+from fluxtrain.run_folder import remember_run_configs
 from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss, run_fluxtrain

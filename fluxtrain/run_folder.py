@@ -1,0 +1,82 @@
+"""A run's folder before the run claims it: the folder given on the command line is checked before Hydra writes into
+it, and Hydra's config files there are kept, so that a run refused at setup leaves the folder as it was."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fluxtrain.files import atomic_write, check_writable
+from fluxtrain.overrides import NO_RUN_FLAGS, hydra_value
+
+log = logging.getLogger("fluxtrain")
+
+# A run refused at setup leaves its folder as it was, Hydra's saved config included: Hydra writes `.hydra/` before
+# the run starts, so the command line keeps the earlier files here and puts them back unless the run claims the folder.
+HYDRA_OUTPUT_DIR = ".hydra"
+_earlier_run_configs: dict[Path, dict[str, bytes]] = {}
+
+
+def remember_run_configs(folder: str | Path, sweep: bool = False) -> None:
+    """Keep the Hydra config files of the run folder `folder` (or with `sweep`, of every job folder under it) as they
+    are before this run, for `restore_run_config`."""
+    folder = Path(folder).expanduser().resolve()
+    if sweep:
+        run_dirs = [p.parent for p in folder.rglob(HYDRA_OUTPUT_DIR) if p.is_dir()] if folder.is_dir() else []
+    else:
+        run_dirs = [folder] if folder.is_dir() else []
+    for run_dir in run_dirs:
+        files = (run_dir / HYDRA_OUTPUT_DIR).glob("*")
+        _earlier_run_configs[run_dir] = {p.name: p.read_bytes() for p in files if p.is_file()}
+
+
+def claim_run_config(run_dir: str | Path) -> None:
+    """The run has claimed `run_dir`: the Hydra config files it saved there are the folder's now."""
+    _earlier_run_configs.pop(Path(run_dir).resolve(), None)
+
+
+def restore_run_config(run_dir: str | Path) -> None:
+    """Put back the Hydra config files `run_dir` had before this run, which Hydra replaced before the run was refused;
+    nothing once the run has claimed the folder."""
+    saved = _earlier_run_configs.pop(Path(run_dir).resolve(), None)
+    if saved is None:
+        return
+    hydra_dir = Path(run_dir) / HYDRA_OUTPUT_DIR
+    try:
+        for path in hydra_dir.glob("*"):
+            if path.name not in saved and path.is_file():
+                path.unlink()  # saved by this run alone
+        for name, content in saved.items():
+            if not (hydra_dir / name).is_file() or (hydra_dir / name).read_bytes() != content:
+                atomic_write(hydra_dir / name, lambda tmp, content=content: tmp.write_bytes(content))
+        if not saved and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()
+    except OSError as e:
+        log.warning(f"could not put back the earlier config files in {hydra_dir}: {e}")
+
+
+def given_output_dir(args: list[str]) -> tuple[str, str] | None:
+    """The setting and the value the command line gives Hydra's output folder (`hydra.sweep.dir` with -m, else
+    `hydra.run.dir`), or None where Hydra chooses it or does not run."""
+    if any(arg in NO_RUN_FLAGS for arg in args):  # they write nothing
+        return None
+    setting = "hydra.sweep.dir" if "-m" in args or "--multirun" in args else "hydra.run.dir"
+    given = [arg for arg in args if arg.startswith(f"{setting}=")]
+    if not given:
+        return None
+    value = hydra_value(given[-1])
+    return None if value is None else (setting, str(value))  # None: Hydra reports it
+
+
+def check_output_dir(args: list[str]) -> None:
+    """Before Hydra sets up logging into it: refuse a run folder that cannot be written, in one line, and keep the
+    Hydra config files of the run (or of the sweep's jobs) there, which a run refused at setup puts back."""
+    given = given_output_dir(args)
+    if given is None:
+        return
+    setting, value = given
+    fixed = value.split("${")[0]  # up to an interpolation (`${now:...}`): a new folder under that part
+    if fixed:
+        check_writable(fixed, setting, folder=True)
+    if fixed == value and "hydra.output_subdir=null" not in args:  # torchrun's ranks > 0 save no config
+        remember_run_configs(value, sweep=setting == "hydra.sweep.dir")
