@@ -18,7 +18,15 @@ from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.model import GPT
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.runs import resolve_model_path
-from fluxtrain.sampling import SamplingConfig, beam_search, check_seed, compile_decoding, sample_stream, start_ids
+from fluxtrain.sampling import (
+    SamplingConfig,
+    beam_search,
+    beam_stream,
+    check_seed,
+    compile_decoding,
+    sample_stream,
+    start_ids,
+)
 from fluxtrain.sampling import generate_ids as generate_ids  # re-exported: the name callers know from here
 from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, load_tokenizer
 
@@ -98,15 +106,20 @@ def write_continuation(
     out: TextIO,
     stream: bool,
 ) -> None:
-    """Generate after `prompt_ids` and write the new text to `out`: token by token when streaming (not with beams)."""
-    if cfg.beams > 1:
-        out.write(tokenizer.decode(beam_search(model, prompt_ids, cfg)[0]))
-    elif stream:
+    """Generate after `prompt_ids` and write the new text to `out`: token by token when streaming (with beams, each
+    token once every beam holds it)."""
+    if stream:
+        if cfg.beams > 1:
+            tokens = beam_stream(model, prompt_ids, cfg)
+        else:
+            tokens = sample_stream(model, prompt_ids, cfg, generator)
         text = TextStream(tokenizer)
-        for token in sample_stream(model, prompt_ids, cfg, generator):
+        for token in tokens:
             out.write(text.push(token))
             out.flush()
         out.write(text.flush())
+    elif cfg.beams > 1:
+        out.write(tokenizer.decode(beam_search(model, prompt_ids, cfg)[0]))
     else:
         out.write(tokenizer.decode(list(sample_stream(model, prompt_ids, cfg, generator))))
     out.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -263,14 +264,18 @@ def sample_stream(
                 logits = window.append(next_id)
 
 
-@torch.inference_mode()
-def beam_search(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True) -> tuple[list[int], float]:
-    """The highest-scoring continuation of `cfg.max_new_tokens` tokens among `cfg.beams` beams, and its score.
+@dataclass
+class BeamState:
+    """The beams after a step of beam search, best first."""
 
-    Beams are ranked by total log-probability. Every beam runs to `max_new_tokens` (there is no end-of-text token),
-    so all finished beams have the same length and need no length normalisation. The repetition penalty applies to
-    each beam's own text; temperature, top-k and top-p do not apply.
-    """
+    tokens: torch.Tensor  # (beams, steps so far)
+    scores: torch.Tensor  # (beams,)
+
+
+@torch.inference_mode()
+def _beam_steps(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool) -> Iterator[BeamState]:
+    """The beams after each of `cfg.max_new_tokens` steps: their new tokens (beams, step + 1) and total
+    log-probabilities (beams,), best first."""
     cfg.validate(model.cfg.seq_len)
     _check_prompt(model, prompt)
     with eval_mode(model):
@@ -287,16 +292,42 @@ def beam_search(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: b
             if penalize:
                 logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
             candidates = scores[:, None] + F.log_softmax(logits, dim=-1)  # (beams, vocab)
-            scores, flat = torch.topk(candidates.view(-1), n_beams)
+            scores, flat = torch.topk(candidates.view(-1), n_beams)  # sorted: the best beam first
             rows, next_ids = flat // vocab, flat % vocab
             new_tokens = torch.cat([new_tokens[rows], next_ids[:, None]], dim=1)
             if penalize:
                 seen = seen[rows]
                 seen[torch.arange(n_beams, device=device), next_ids] = True
+            yield BeamState(new_tokens, scores)
             if i + 1 < cfg.max_new_tokens:
                 window.reorder(rows)
                 logits = window.append(next_ids)
-    return new_tokens[0].tolist(), float(scores[0])  # topk sorts: the first beam scores highest
+
+
+def beam_search(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True) -> tuple[list[int], float]:
+    """The highest-scoring continuation of `cfg.max_new_tokens` tokens among `cfg.beams` beams, and its score.
+
+    Beams are ranked by total log-probability. Every beam runs to `max_new_tokens` (there is no end-of-text token),
+    so all finished beams have the same length and need no length normalisation. The repetition penalty applies to
+    each beam's own text; temperature, top-k and top-p do not apply.
+    """
+    (state,) = deque(_beam_steps(model, prompt, cfg, use_cache), maxlen=1)  # the last step's beams
+    return state.tokens[0].tolist(), float(state.scores[0])
+
+
+def beam_stream(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True) -> Iterator[int]:
+    """The ids of `beam_search`'s continuation, each as soon as every beam holds it.
+
+    Each step's beams grow from the beams before it, so a token that all beams share at a position is in the final
+    best beam too: it can be shown while the search goes on. The rest comes when the search ends.
+    """
+    shown = 0
+    for state in _beam_steps(model, prompt, cfg, use_cache):
+        differs = (state.tokens[:, shown:] != state.tokens[:1, shown:]).any(dim=0)
+        agreed = int(differs.int().argmax()) if bool(differs.any()) else differs.numel()
+        yield from state.tokens[0, shown : shown + agreed].tolist()
+        shown += agreed
+    yield from state.tokens[0, shown:].tolist()
 
 
 def generate(

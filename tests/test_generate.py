@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxtrain import GPT, ModelConfig, load_model, save_model_file
+from fluxtrain import GPT, ModelConfig, load_model, sampling, save_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.generate import TextStream, encode_prompt, load_for_generation, main, start_ids
 from fluxtrain.runs import resolve_model_path
@@ -19,6 +19,7 @@ from fluxtrain.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
     beam_search,
+    beam_stream,
     filter_logits,
     generate,
     generate_ids,
@@ -198,6 +199,32 @@ def test_beams_score_at_least_as_well_as_greedy(model):
             assert len(ids) == 24
             assert score == pytest.approx(sequence_logprob(model, prompt, ids, shift), abs=1e-3)
             assert score >= greedy_score - 1e-4, (prompt, beams)
+
+
+def test_beam_stream_gives_each_token_of_the_best_beam_once_every_beam_holds_it(model, monkeypatch):
+    steps = []  # the beams after each step, as the stream's search goes
+    beam_steps = sampling._beam_steps
+
+    def recorded(*args, **kwargs):
+        for state in beam_steps(*args, **kwargs):
+            steps.append(state.tokens.clone())
+            yield state
+
+    monkeypatch.setattr(sampling, "_beam_steps", recorded)
+    for prompt, penalty in (([1], 1.0), ([7, 8], 1.0), ([2, 9, 11, 3], 1.3)):
+        for beams in (2, 4):
+            cfg = SamplingConfig(max_new_tokens=40, beams=beams, repetition_penalty=penalty)
+            steps.clear()
+            shown_at = []  # how many steps had run when each token came
+            ids = []
+            for token in beam_stream(model, prompt, cfg):
+                shown_at.append(len(steps))
+                ids.append(token)
+            assert ids == beam_search(model, prompt, cfg)[0], (prompt, beams)
+            for i, (token, n) in enumerate(zip(ids, shown_at, strict=True)):
+                if n < cfg.max_new_tokens:  # during the search: every beam held it when it came
+                    assert (steps[n - 1][:, i] == token).all(), (prompt, beams, i)
+            assert shown_at.count(cfg.max_new_tokens) < cfg.max_new_tokens, (prompt, beams)  # not all at the end
 
 
 # KV cache and the sliding window
