@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain import distributed
-from fluxtrain.config import check_known_keys, check_overrides, config_dir, register_configs
+from fluxtrain.config import check_finite, check_known_keys, check_overrides, config_dir, register_configs
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
 from fluxtrain.files import WriteError
 from fluxtrain.lr_find import lr_find
@@ -34,6 +34,7 @@ TASKS: dict[str, Callable[[DictConfig, Path], float]] = {
 def run_task(cfg: DictConfig, run_dir: Path) -> float:
     try:
         check_known_keys(cfg)
+        check_finite(cfg)
         if cfg.task not in TASKS:
             raise FluxtrainError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
         return TASKS[cfg.task](cfg, run_dir)

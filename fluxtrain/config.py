@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from fluxtrain.errors import FluxtrainError, describe_failure, first_line
 from fluxtrain.lr_find import LRFindConfig
 from fluxtrain.model import ModelConfig
 from fluxtrain.optim import OptimConfig
+from fluxtrain.runs import flat_settings
 from fluxtrain.tokenizer import TokenizerConfig
 from fluxtrain.train import TrainConfig
 
@@ -55,15 +57,25 @@ def check_known_keys(cfg: DictConfig) -> None:
         raise FluxtrainError(f"{key} is not a fluxtrain setting{hint}{others}")
 
 
+def check_finite(cfg: DictConfig) -> None:
+    """Refuse a NaN or infinite number in any setting (`train.max_time=inf`, `optim.lr=nan`): range checks such as
+    `lr > 0` cannot see NaN, and an infinite budget or rate would run without an end or a decay."""
+    for key, value in flat_settings(OmegaConf.to_container(cfg, resolve=False)).items():
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                what = "hold finite numbers only" if isinstance(value, list) else "be a finite number"
+                raise FluxtrainError(f"{key}={value} must {what}")
+
+
 def check_overrides(args: list[str]) -> None:
     """Refuse, in one line, a command-line setting the schema does not have or a value of the wrong type, before
     Hydra composes the config (whose own report takes several lines and suggests adding the key with `+`).
 
-    Config groups (`model=small`), Hydra's own settings, `+`/`++`/`~` overrides and anything Hydra cannot parse are
-    left to Hydra; sweeps (`optim.lr=1e-4,1e-3`) are checked value by value.
+    A setting Hydra's grammar cannot read is named with the reason. Config groups (`model=small`), Hydra's own
+    settings and `+`/`++`/`~` overrides are left to Hydra; sweeps (`optim.lr=1e-4,1e-3`) are checked value by value.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     extra = _extra_config_dirs(args)
@@ -83,6 +95,12 @@ def check_overrides(args: list[str]) -> None:
             if key in groups or key.split(".")[0] == "hydra":
                 continue
             values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        except OverrideParseException as e:
+            reason = next(line for line in str(e).splitlines() if not line.startswith("Error parsing override"))
+            raise FluxtrainError(
+                f"cannot read the setting {arg!r} ({reason}); a value with spaces or any of =,[]{{}}()'\" goes in "
+                "quotes: 'key=\"value\"'"
+            ) from None
         except (HydraException, OmegaConfBaseException, ValueError, TypeError):
             continue  # Hydra reports it
         unknown = _unknown_keys(_nested(key.split("."), None), Config())

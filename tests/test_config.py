@@ -83,6 +83,39 @@ def test_command_line_settings_are_checked_in_one_line_before_hydra(override, me
 
 
 @pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ("hydra.run.dir=/tmp/a b/lr=1e-3,bs=8", "mismatched input '=' expecting <EOF>"),
+        ("train.max_iters=[1", "no viable alternative at input '[1'"),
+        ("optim.lr=1e-3)", "extraneous input ')' expecting <EOF>"),
+    ],
+)
+def test_a_setting_hydra_cannot_parse_is_named_with_the_reason(override, reason):
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides(["model=small", override])
+    assert str(info.value).startswith(f"cannot read the setting {override!r} ({reason}); ")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.max_time=inf"], "train.max_time=inf must be a finite number"),
+        (["train.max_time=nan"], "train.max_time=nan must be a finite number"),
+        (["optim.lr=nan"], "optim.lr=nan must be a finite number"),
+        (["optim.weight_decay=-inf"], "optim.weight_decay=-inf must be a finite number"),
+        (["optim.betas=[0.9,nan]"], "optim.betas=[0.9, nan] must hold finite numbers only"),
+    ],
+)
+def test_nan_and_infinite_settings_are_refused_before_the_task_runs(overrides, message, tmp_path):
+    cfg = compose_config(overrides)
+    with pytest.raises(FluxtrainError) as info:
+        run_task(cfg, tmp_path)
+    assert str(info.value) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     "override",
     [
         "model=small",
