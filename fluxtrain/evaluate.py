@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -169,11 +170,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+FIGURE_KEYS = {"model", "data", "loss"}  # in every --json file this command writes
+
+
+def check_json_target(path: str) -> None:
+    """`--json PATH` may replace an earlier evaluation's JSON, never another file (the model, the text, ...)."""
+    check_writable(path, "--json")
+    target = Path(path).expanduser()
+    if not target.exists():
+        return
+    try:
+        earlier = json.loads(target.read_bytes())
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and FIGURE_KEYS <= earlier.keys()):
+        raise FluxtrainError(
+            f"--json {path} is a file that no evaluation wrote: not replaced (give a new file, or remove it first)"
+        )
+
+
 def run(args: argparse.Namespace) -> EvalResult:
     if args.batch_size <= 0:
         raise FluxtrainError(f"--batch-size={args.batch_size} must be a positive integer")
     if args.json and args.json != "-":
-        check_writable(args.json, "--json")
+        check_json_target(args.json)
     device = resolve_device(args.device, "--device")
     model, tokenizer = load_model(resolve_model_path(args.model), device)
     check_stride(args.stride, model.cfg.seq_len)

@@ -281,6 +281,26 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_evaluating(model_f
         assert one_line_error(capsys, model_file, text_file, "--json", str(target)).startswith(f"error: {message}")
 
 
+def test_json_replaces_an_earlier_evaluations_file_but_no_other_file(model_file, tmp_path, capsys):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(make_text(200), encoding="utf-8")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    model_bytes, text_bytes = model_file.read_bytes(), text_file.read_bytes()
+    for target in (model_file, text_file, notes):
+        err = one_line_error(capsys, model_file, text_file, "--json", str(target))
+        expected = (
+            f"--json {target} is a file that no evaluation wrote: not replaced (give a new file, or remove it first)"
+        )
+        assert err == f"error: {expected}\n"
+    assert model_file.read_bytes() == model_bytes and text_file.read_bytes() == text_bytes
+    assert notes.read_text() == '{"mine": 1}\n'
+    out = tmp_path / "figures.json"
+    for _ in range(2):  # the second run replaces the first one's figures
+        main([str(model_file), "--data", str(text_file), "--device", "cpu", "--json", str(out)])
+        assert json.loads(out.read_text())["n_tokens"] == 200
+
+
 def test_ctrl_c_is_one_line_and_exit_code_130(model_file, tmp_path, capsys, monkeypatch):
     text_file = tmp_path / "t.txt"
     text_file.write_text(make_text(200), encoding="utf-8")
