@@ -17,8 +17,9 @@ from fluxtrain.config import check_finite, check_known_keys, check_overrides, co
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
 from fluxtrain.files import WriteError
 from fluxtrain.lr_find import lr_find
+from fluxtrain.overrides import check_commands
 from fluxtrain.resume import write_failed
-from fluxtrain.run_folder import check_output_dir, restore_run_config
+from fluxtrain.run_folder import check_output_dir, expand_home, restore_run_config
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.train import train
 
@@ -81,13 +82,18 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
     if cfg is not None:
         return hydra_main(cfg)
     try:
+        check_commands(sys.argv[1:])
         check_overrides(sys.argv[1:])
-        sys.argv[1:] = distributed.follow_main_run_dir(sys.argv[1:])  # all torchrun ranks share rank 0's run folder
+        sys.argv[1:] = distributed.follow_main_run_dir(expand_home(sys.argv[1:]))  # torchrun: rank 0's run folder
         check_output_dir(sys.argv[1:])
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    entry()
+    try:
+        entry()
+    except KeyboardInterrupt:  # while Hydra composes the config; the run itself reports its own stop
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     distributed.close_world()
     return None
 

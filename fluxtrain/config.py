@@ -72,7 +72,8 @@ def check_overrides(args: list[str]) -> None:
     Hydra composes the config (whose own report takes several lines and suggests adding the key with `+`).
 
     A setting Hydra's grammar cannot read is named with the reason. Config groups (`model=small`), Hydra's own
-    settings and `+`/`++`/`~` overrides are left to Hydra; sweeps (`optim.lr=1e-4,1e-3`) are checked value by value.
+    settings and `~` overrides are left to Hydra; a key added with `+` must be a setting too; sweeps
+    (`optim.lr=1e-4,1e-3`) are checked value by value.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, OverrideParseException
@@ -90,7 +91,7 @@ def check_overrides(args: list[str]) -> None:
         try:
             (override,) = parser.parse_overrides([arg])
             key = override.key_or_group
-            if override.is_add() or override.is_delete() or override.is_force_add() or "/" in key or "@" in key:
+            if override.is_delete() or "/" in key or "@" in key:
                 continue
             if key in groups or key.split(".")[0] == "hydra":
                 continue

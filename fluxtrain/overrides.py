@@ -1,4 +1,5 @@
-"""Hydra command-line overrides: reading one's value, and writing a path as an override Hydra reads back as it is."""
+"""Hydra's command line: its commands, reading an override's value, and writing a path as an override Hydra reads back
+as it is."""
 
 from __future__ import annotations
 
@@ -7,8 +8,25 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from fluxtrain.errors import FluxtrainError
+
 # Hydra's options that print or describe the config instead of running a job
 NO_RUN_FLAGS = ("-c", "--cfg", "-h", "--help", "--hydra-help", "-i", "--info", "--resolve", "--shell-completion")
+
+
+# Hydra's commands, of which a command line gives one at most: flag -> its long name
+COMMANDS = {"-r": "--run", "-m": "--multirun", "-c": "--cfg", "-i": "--info", "-sc": "--shell-completion"}
+COMMANDS |= {name: name for name in COMMANDS.values()}
+
+
+def check_commands(args: list[str]) -> None:
+    """Refuse two of Hydra's commands on one command line (`--cfg job -m`), which Hydra reports with a traceback."""
+    given = list(dict.fromkeys(COMMANDS[arg.split("=")[0]] for arg in args if arg.split("=")[0] in COMMANDS))
+    if len(given) > 1:
+        raise FluxtrainError(
+            f"{given[0]} and {given[1]} cannot go together: give one of --run, --multirun (-m), --cfg, --info and "
+            "--shell-completion"
+        )
 
 
 def hydra_value(override: str) -> Any:

@@ -4,10 +4,11 @@ it, and Hydra's config files there are kept, so that a run refused at setup leav
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from fluxtrain.files import atomic_write, check_writable
-from fluxtrain.overrides import NO_RUN_FLAGS, hydra_value
+from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override, hydra_value
 
 log = logging.getLogger("fluxtrain")
 
@@ -66,6 +67,19 @@ def given_output_dir(args: list[str]) -> tuple[str, str] | None:
         return None
     value = hydra_value(given[-1])
     return None if value is None else (setting, str(value))  # None: Hydra reports it
+
+
+def expand_home(args: list[str]) -> list[str]:
+    """`args` with a `~` at the start of `hydra.run.dir` or `hydra.sweep.dir` expanded to the home folder, as the
+    other path settings read it (Hydra would make a folder named `~`)."""
+    expanded = []
+    for arg in args:
+        key = arg.split("=")[0]
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and isinstance(value := hydra_value(arg), str):
+            if value.startswith("~") and (home := os.path.expanduser(value)) != value:  # an unknown ~user stays
+                arg = hydra_override(key, home)
+        expanded.append(arg)
+    return expanded
 
 
 def check_output_dir(args: list[str]) -> None:

@@ -139,3 +139,30 @@ def test_a_read_only_run_or_sweep_folder_is_refused_before_hydra_starts(tmp_path
         main(entry=lambda: pytest.fail("Hydra started"))
     assert info.value.code == 1
     assert capsys.readouterr().err == f"error: {setting}={folder} cannot be written: {folder}: Read-only file system\n"
+
+
+def test_ctrl_c_while_hydra_composes_the_config_is_one_line(monkeypatch, capsys):
+    from fluxtrain.__main__ import main
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["fluxtrain", "model=small"])
+    with pytest.raises(SystemExit) as info:
+        main(entry=interrupted)
+    assert info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_run_or_sweep_folder_under_home_is_read_as_the_other_path_settings_read_it(tmp_path, monkeypatch):
+    from fluxtrain.overrides import hydra_value
+    from fluxtrain.run_folder import expand_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = ['hydra.run.dir="~/runs/a b"', "hydra.sweep.dir='~/sweeps'", "data.path=notes.txt", "-m"]
+    expanded = expand_home(args)
+    assert hydra_value(expanded[0]) == f"{tmp_path}/runs/a b" and hydra_value(expanded[1]) == f"{tmp_path}/sweeps"
+    assert expanded[2:] == args[2:]
+    assert expand_home(["hydra.run.dir=/x/~y", 'hydra.run.dir="~nosuchuser9/x"']) == [
+        "hydra.run.dir=/x/~y",
+        'hydra.run.dir="~nosuchuser9/x"',
+    ]

@@ -12,6 +12,7 @@ from fluxtrain.__main__ import run_task
 from fluxtrain.config import check_overrides
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
+from fluxtrain.overrides import check_commands
 from fluxtrain.train import TrainConfig, validate
 
 from .conftest import REPO_ROOT, compose_config, run_fluxtrain
@@ -75,6 +76,8 @@ def test_wrong_type_fails(override):
         ("model.d_model=wide", r"^model.d_model: Value 'wide' of type 'str' could not be converted to Integer$"),
         ("optim.lr=1e-3,fast", r"^optim.lr: Value 'fast' of type 'str' could not be converted to Float$"),
         ("model.bias=maybe", r"^model.bias: Value 'maybe' is not a valid bool"),
+        ("+model.d_modl=64", r"^model.d_modl is not a fluxtrain setting \(did you mean model.d_model\?\)$"),
+        ("+new.key=1", r"^new is not a fluxtrain setting$"),
     ],
 )
 def test_command_line_settings_are_checked_in_one_line_before_hydra(override, message):
@@ -126,12 +129,30 @@ def test_nan_and_infinite_settings_are_refused_before_the_task_runs(overrides, m
         "optim.betas=[0.9,0.95]",
         "hydra.run.dir=x",
         "hydra/launcher=basic",
-        "+model.d_modl=1",
+        "++model.d_model=64",
+        "+experiment=shakespeare_cpu",
         "experiment=nope",
     ],
 )
 def test_valid_settings_and_what_hydra_checks_pass_the_precheck(override):
     check_overrides([override, "-m", "--cfg", "job"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cfg", "job", "-m", "optim.lr=1e-3,2e-3"], "--cfg and --multirun cannot go together"),
+        (["-m", "--info"], "--multirun and --info cannot go together"),
+        (["--cfg=hydra", "--shell-completion"], "--cfg and --shell-completion cannot go together"),
+        (["-r", "-m"], "--run and --multirun cannot go together"),
+    ],
+)
+def test_two_hydra_commands_on_one_line_are_one_line_error(args, message):
+    with pytest.raises(FluxtrainError) as info:
+        check_commands(args)
+    assert str(info.value).startswith(f"{message}: give one of --run, --multirun (-m), --cfg, --info")
+    for one in (["--cfg", "job", "model=small"], ["-m", "optim.lr=1e-3,2e-3"], ["--info"], []):
+        check_commands(one)
 
 
 def test_config_groups_of_a_config_dir_pass_the_precheck(tmp_path):
