@@ -19,7 +19,7 @@ from fluxtrain.files import WriteError
 from fluxtrain.lr_find import lr_find
 from fluxtrain.overrides import check_commands
 from fluxtrain.resume import write_failed
-from fluxtrain.run_folder import check_output_dir, expand_home, restore_run_config
+from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home, restore_run_config
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.train import train
 
@@ -47,6 +47,13 @@ def run_task(cfg: DictConfig, run_dir: Path) -> float:
         raise
 
 
+def discard_refused_run(run_dir: Path, world: distributed.World, mode: RunMode) -> None:
+    """A single run refused before it claimed its folder leaves no folder behind (a sweep's failed job keeps its
+    failed.json); under torchrun, rank 0 removes it."""
+    if mode == RunMode.RUN and world.is_main:
+        discard_refused(run_dir)
+
+
 def run(cfg: DictConfig) -> float:
     """Run `cfg.task` in Hydra's output folder; returns the best val loss when training, for sweepers."""
     world = distributed.init_world()  # a no-op when main() joined already; SLURM tasks join here
@@ -61,9 +68,11 @@ def run(cfg: DictConfig) -> float:
         return run_task(cfg, run_dir)
     except FluxtrainError as e:
         logging.getLogger("fluxtrain").error(f"error: {e}")
+        discard_refused_run(run_dir, world, hydra_cfg.mode)
         sys.exit(getattr(e, "exit_code", 1))  # 130/143 after a stop on SIGINT/SIGTERM
     except KeyboardInterrupt:
         logging.getLogger("fluxtrain").error("interrupted")
+        discard_refused_run(run_dir, world, hydra_cfg.mode)
         sys.exit(130)
     except RuntimeError as e:
         if not is_out_of_memory(e):

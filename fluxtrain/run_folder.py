@@ -13,9 +13,12 @@ from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override, hydra_value
 log = logging.getLogger("fluxtrain")
 
 # A run refused at setup leaves its folder as it was, Hydra's saved config included: Hydra writes `.hydra/` before
-# the run starts, so the command line keeps the earlier files here and puts them back unless the run claims the folder.
+# the run starts, so the command line keeps the earlier files here and puts them back unless the run claims the folder;
+# a folder made for the refused run is removed.
 HYDRA_OUTPUT_DIR = ".hydra"
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra saves in HYDRA_OUTPUT_DIR
 _earlier_run_configs: dict[Path, dict[str, bytes]] = {}
+_claimed: set[Path] = set()
 
 
 def remember_run_configs(folder: str | Path, sweep: bool = False) -> None:
@@ -34,13 +37,14 @@ def remember_run_configs(folder: str | Path, sweep: bool = False) -> None:
 def claim_run_config(run_dir: str | Path) -> None:
     """The run has claimed `run_dir`: the Hydra config files it saved there are the folder's now."""
     _earlier_run_configs.pop(Path(run_dir).resolve(), None)
+    _claimed.add(Path(run_dir).resolve())
 
 
 def restore_run_config(run_dir: str | Path) -> None:
     """Put back the Hydra config files `run_dir` had before this run, which Hydra replaced before the run was refused;
     nothing once the run has claimed the folder."""
-    saved = _earlier_run_configs.pop(Path(run_dir).resolve(), None)
-    if saved is None:
+    saved = _earlier_run_configs.get(Path(run_dir).resolve())
+    if saved is None or Path(run_dir).resolve() in _claimed:
         return
     hydra_dir = Path(run_dir) / HYDRA_OUTPUT_DIR
     try:
@@ -67,6 +71,41 @@ def given_output_dir(args: list[str]) -> tuple[str, str] | None:
         return None
     value = hydra_value(given[-1])
     return None if value is None else (setting, str(value))  # None: Hydra reports it
+
+
+def discard_refused(run_dir: str | Path) -> None:
+    """Remove the folder Hydra made for a run refused before it claimed it (a mistyped setting, an impossible shape),
+    so that a refused command leaves no run folder behind: only where it holds nothing but Hydra's config files and
+    this process's log, and was not there before (a folder given on the command line that was is left as it was,
+    `restore_run_config`). Its parents that were left empty go too, up to the working folder."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _claimed or run_dir in _earlier_run_configs or not run_dir.is_dir():
+        return
+    root = logging.getLogger()
+    handlers = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    logs = {h: Path(h.baseFilename) for h in handlers if Path(h.baseFilename).parent.resolve() == run_dir}
+    hydra_dir = run_dir / HYDRA_OUTPUT_DIR
+    if any(p != hydra_dir and p not in logs.values() for p in run_dir.iterdir()):
+        return
+    if hydra_dir.exists() and (not hydra_dir.is_dir() or any(p.name not in HYDRA_FILES for p in hydra_dir.iterdir())):
+        return
+    try:
+        for handler, path in logs.items():
+            root.removeHandler(handler)
+            handler.close()
+            path.unlink(missing_ok=True)
+        for name in HYDRA_FILES:
+            (hydra_dir / name).unlink(missing_ok=True)
+        if hydra_dir.exists():
+            hydra_dir.rmdir()
+        run_dir.rmdir()
+        cwd = Path.cwd().resolve()
+        for parent in run_dir.parents:
+            if cwd not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    except OSError as e:
+        log.warning(f"could not remove the folder made for this refused run, {run_dir}: {e}")
 
 
 def expand_home(args: list[str]) -> list[str]:

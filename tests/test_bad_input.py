@@ -166,3 +166,24 @@ def test_a_run_or_sweep_folder_under_home_is_read_as_the_other_path_settings_rea
         "hydra.run.dir=/x/~y",
         'hydra.run.dir="~nosuchuser9/x"',
     ]
+
+
+def test_a_run_refused_at_setup_leaves_no_folder_behind(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's\n")
+    for where in ([], ["hydra.run.dir=new/run 1"], ["hydra.run.dir=mine"]):  # Hydra's own folder, a new one, one there
+        proc = subprocess.run(
+            [sys.executable, "-m", "fluxtrain", "model=small", "model.n_heads=3", *where],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 1 and "error: model.n_heads=3 must divide model.d_model=128" in proc.stdout
+        assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+            "mine",
+            "mine/notes.txt",
+            *(["mine/train.log"] if where == ["hydra.run.dir=mine"] else []),
+        ], where
