@@ -128,25 +128,30 @@ def set_aside_later(run_dir: str | Path, iteration: int, results: list[Path] | N
     return moved
 
 
-def set_aside_earlier_run(run_dir: str | Path, outputs: tuple[str, ...], resume: Path | None = None) -> list[Path]:
+def set_aside_earlier_run(
+    run_dir: str | Path, outputs: tuple[str, ...], resume: Path | None = None, inputs: tuple[Path, ...] = ()
+) -> list[Path]:
     """Move an earlier run's checkpoints, tokenizer, TensorBoard events and `outputs` (file name patterns: its model
     files, its metrics), which a fresh run in the same folder replaces, or a run that continues the checkpoint
     `resume` of another run there, into checkpoints/superseded/NNN/, so none of them passes for the new run's and
-    its curves stay apart from the new ones."""
+    its curves stay apart from the new ones. `inputs`, files this run reads (its tokenizer.path), stay."""
     checkpoints = [p for _, p in list_checkpoints(run_dir)]
     patterns = (*outputs, TOKENIZER_FILE, EVENT_FILES)
-    moved = move_to_superseded(run_dir, checkpoints + [p for pat in patterns for p in sorted(Path(run_dir).glob(pat))])
+    kept = {p.resolve() for p in inputs}
+    others = [p for pat in patterns for p in sorted(Path(run_dir).glob(pat)) if p.resolve() not in kept]
+    moved = move_to_superseded(run_dir, checkpoints + others)
     if moved:
-        folder, n_other = moved[0].parent, len(moved) - len(checkpoints)
+        folder = moved[0].parent
+        then = f"continuing {resume} in it" if resume else "starting afresh"
+        if not checkpoints:
+            names = ", ".join(p.name for p in others)
+            log.warning(f"{run_dir} holds an earlier run's files: moved {names} to {folder} and {then}")
+            return moved
         # Not here: continued in this folder, its checkpoints and curves would mix with the new run's.
-        where = (
-            f"{path_override('resume', folder / checkpoints[-1].name)} and another hydra.run.dir" if checkpoints else ""
-        )
+        where = f"{path_override('resume', folder / checkpoints[-1].name)} and another hydra.run.dir"
         log.warning(
-            f"{run_dir} holds an earlier run: moved its {len(checkpoints)} checkpoint(s) and {n_other} result, "
-            f"tokenizer and event file(s) to {folder} and "
-            + (f"continuing {resume} in it" if resume else "starting afresh")
-            + (f" (to continue that run instead, add {where})" if where else "")
+            f"{run_dir} holds an earlier run: moved its {len(checkpoints)} checkpoint(s) and {len(others)} result, "
+            f"tokenizer and event file(s) to {folder} and {then} (to continue that run instead, add {where})"
         )
     return moved
 

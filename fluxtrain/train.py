@@ -227,17 +227,22 @@ def sample_text(model: GPT, tokenizer, length: int, seed: int) -> str:
     return tokenizer.decode(ids)
 
 
-def claim_run_dir(run_dir: Path, tokenizer: Tokenizer, resume: Checkpoint | None) -> SummaryWriter:
+def claim_run_dir(
+    run_dir: Path, tokenizer: Tokenizer, resume: Checkpoint | None, tokenizer_path: str | None = None
+) -> SummaryWriter:
     """Set aside what this run replaces in `run_dir` (what was written after the resume point and the results the
     resumed run writes again, or an earlier run's files when the run starts afresh or continues another run's
-    checkpoint), save the tokenizer and open the TensorBoard writer; call it once nothing can fail a setting check."""
+    checkpoint), save the tokenizer and open the TensorBoard writer; call it once nothing can fail a setting check.
+    The tokenizer file the run was given (`tokenizer_path`) is never moved or rewritten, in the folder or not."""
     claim_run_config(run_dir)  # the Hydra config files saved for this run stay
+    given = (Path(tokenizer_path).expanduser(),) if tokenizer_path else ()
     if resume and checkpoint_run_dir(resume.path) == run_dir.resolve():
         at = resume.progress.iteration
         set_aside_later(run_dir, at, results_after(run_dir, at, resume.path))
     else:
-        set_aside_earlier_run(run_dir, RUN_OUTPUTS, resume.path if resume else None)
-    tokenizer.save(run_dir / TOKENIZER_FILE)
+        set_aside_earlier_run(run_dir, RUN_OUTPUTS, resume.path if resume else None, inputs=given)
+    if (run_dir / TOKENIZER_FILE).resolve() not in {p.resolve() for p in given}:
+        tokenizer.save(run_dir / TOKENIZER_FILE)
     if resume:  # a fresh run moved the earlier run's event files away
         wait_for_a_later_event_file_name(run_dir)
     # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
@@ -388,7 +393,9 @@ def run_training(
             "to train on)"
         )
     # Every check has passed: only now does the run move or write files in its folder.
-    writer = claim_run_dir(run_dir, tokenizer, resume) if world.is_main else distributed.NullWriter()
+    writer = (
+        claim_run_dir(run_dir, tokenizer, resume, cfg.tokenizer.path) if world.is_main else distributed.NullWriter()
+    )
     t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
     last_ckpt = resume.path if resume else None

@@ -180,3 +180,19 @@ def test_a_file_named_checkpoints_beside_finished_results_does_not_stop_the_list
     (run / "checkpoints").write_text("my notes")
     [found] = find_runs(tmp_path)
     assert found.metrics["best_val_loss"] == 2.5 and found.unfinished_at is None
+
+
+def test_the_tokenizer_file_a_run_is_given_in_its_folder_is_neither_moved_nor_rewritten(tiny_cfg, tmp_path, caplog):
+    first, run = tmp_path / "first", tmp_path / "project"
+    train(tiny_cfg("train.max_iters=2", "train.eval_iters=1"), first)
+    run.mkdir()
+    given = run / "tokenizer.json"
+    given.write_text((first / "tokenizer.json").read_text() + "\n")  # the user's own copy, byte for byte
+    (run / "metrics.json").write_text((first / "metrics.json").read_text())  # an earlier run's result
+    content = given.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        train(tiny_cfg("train.max_iters=2", "train.eval_iters=1", f"tokenizer.path={given}"), run)
+    assert given.read_bytes() == content
+    superseded = run / "checkpoints" / "superseded" / "001"
+    assert names(superseded) == ["metrics.json"]
+    assert f"{run} holds an earlier run's files: moved metrics.json to {superseded} and starting afresh" in caplog.text
