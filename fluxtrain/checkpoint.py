@@ -253,6 +253,7 @@ class Progress:
     train_time: float = 0.0  # seconds of the training loop so far: the spent part of train.max_time
     warmup_done_at: float | None = None  # train_time when the warm-up ended (the time-budget schedule needs it)
     window_losses: list[float] = field(default_factory=list)  # losses since the last logged iteration
+    wall_time: float = 0.0  # seconds of the sessions so far, each from its start to its last checkpoint
 
 
 @dataclass

@@ -447,7 +447,8 @@ def run_training(
         nonlocal last_ckpt
         collect_losses()
         writer.flush()  # the events up to `it` reach the disk before the checkpoint that resumes after them
-        state = Progress(it, best_val, time.perf_counter() - t_loop, warmup_done_at, list(losses_window))
+        wall_time = progress.wall_time + time.perf_counter() - t_start
+        state = Progress(it, best_val, time.perf_counter() - t_loop, warmup_done_at, list(losses_window), wall_time)
         path = checkpoint_path(run_dir, it)
         config = OmegaConf.to_container(cfg, resolve=True)
         try:
@@ -530,7 +531,7 @@ def run_training(
     if last_ckpt != checkpoint_path(run_dir, it):
         write_checkpoint()
     save_model_file(run_dir / FINAL_MODEL_FILE, model, tokenizer)
-    wall_time = time.perf_counter() - t_start
+    wall_time = progress.wall_time + time.perf_counter() - t_start  # of every session, for a resumed run
     metrics = {
         "iters": it,
         "final_train_loss": last_losses.get("train"),  # None with train.eval_train=false

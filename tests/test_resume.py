@@ -596,3 +596,12 @@ def test_a_model_file_that_cannot_be_written_is_named(tiny_cfg, tmp_path, monkey
         f"cannot write {tmp_path / 'best.safetensors'}: Read-only file system; stopped: no checkpoint was written "
         "before it"
     )
+
+
+def test_a_resumed_runs_wall_time_counts_its_earlier_sessions(tiny_cfg, tmp_path):
+    run = ["train.max_iters=10", "train.eval_interval=5", "train.eval_iters=2"]
+    first = train(tiny_cfg(*run), tmp_path)
+    saved = load_checkpoint(find_latest(tmp_path)).progress.wall_time
+    assert 0 < saved <= first["wall_time_sec"]
+    again = train(tiny_cfg(*run, "resume=auto"), tmp_path)  # nothing left to train: it evaluates
+    assert again["iters"] == 10 and again["wall_time_sec"] > saved
