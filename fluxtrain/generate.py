@@ -6,7 +6,7 @@ import argparse
 import os
 import random
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TextIO
 
@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The option that sets each SamplingConfig field (`top_k`: `--top-k`), so that an error names what the user typed.
+SAMPLING_OPTIONS = {f.name: "--" + f.name.replace("_", "-") for f in fields(SamplingConfig)}
+
+
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     return SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -203,7 +207,7 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = sampling_config(args)
-    cfg.validate()  # everything but the context shift, which needs the model, before loading it
+    cfg.validate(names=SAMPLING_OPTIONS)  # all but the context shift's bound, which needs the model, before loading it
     if args.quantize not in QUANTIZE_CHOICES:
         raise FluxtrainError(f"--quantize {args.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     if args.seed is not None:
@@ -217,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, path = load_for_generation(args.model, args.tokenizer, device)
     n_params = model.num_params()
     apply_quantization(model, args.quantize)
-    cfg.validate(model.cfg.seq_len)
+    cfg.validate(model.cfg.seq_len, SAMPLING_OPTIONS)
     if args.compile:
         print("compiling the decoding step...", file=sys.stderr, flush=True)
         failure = compile_decoding(model)

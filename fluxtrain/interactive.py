@@ -23,7 +23,7 @@ SETTINGS = {
     "/temp": ("temperature", float, "temperature", "a temperature from 0 to 2 (0 = greedy)"),
     "/topk": ("top_k", int, "top-k", "an integer top-k >= 0 (0 = off)"),
     "/topp": ("top_p", float, "top-p", "a top-p in (0, 1] (1 = off)"),
-    "/rep": ("repetition_penalty", float, "repetition penalty", "a repetition penalty >= 1 (1 = off)"),
+    "/rep": ("repetition_penalty", float, "repetition penalty", "a finite repetition penalty >= 1 (1 = off)"),
     "/len": ("max_new_tokens", int, "length", "a number of new tokens >= 1"),
     "/beams": ("beams", int, "beams", f"a number of beams from 1 to {MAX_BEAMS} (1 = sampling, no beam search)"),
 }
@@ -46,6 +46,7 @@ class Session:
     def __init__(
         self, model: GPT, tokenizer: Tokenizer, cfg: SamplingConfig, seed: int, drop_unknown: bool, stream: bool
     ):
+        cfg.validate(model.cfg.seq_len)  # each command then changes one setting of a valid config
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -116,9 +117,8 @@ class Session:
             parsed = kind(value)
             cfg = replace(self.cfg, **{field: parsed})
             cfg.validate(self.model.cfg.seq_len)
-        except ValueError as e:  # a bad number, or FluxtrainError from validate
-            reason = str(e) if isinstance(e, FluxtrainError) else f"got {value!r}"
-            self.say(f"{name} needs {allowed}: {reason}")
+        except ValueError:  # not a number, or one `field` does not allow (FluxtrainError from validate)
+            self.say(f"{name} needs {allowed}: got {value!r}")
             return
         self.cfg = cfg
         self.say(f"{shown} {parsed}")

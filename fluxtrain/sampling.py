@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +21,16 @@ MAX_BEAMS = 100  # beam search holds beams x vocabulary scores and a KV cache pe
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator takes
 
 
+def _given(setting: str, value: object) -> str:
+    """A setting and its value as the user gave them: `--seed 5` for a flag, `/beams 0` for a session command,
+    `train.seed=5` for a config key or a field."""
+    return f"{setting} {value}" if setting.startswith(("-", "/")) else f"{setting}={value}"
+
+
 def check_seed(seed: int, setting: str) -> None:
     """A seed torch.Generator takes; `setting` is a flag (`--seed`) or a config key (`train.seed`)."""
     if not 0 <= seed <= MAX_SEED:
-        given = f"{setting} {seed}" if setting.startswith("-") else f"{setting}={seed}"
-        raise FluxtrainError(f"{given} must be an integer from 0 to 2**64 - 1")
+        raise FluxtrainError(f"{_given(setting, seed)} must be an integer from 0 to 2**64 - 1")
 
 
 @dataclass
@@ -38,27 +45,33 @@ class SamplingConfig:
     beams: int = 1  # > 1: beam search (deterministic; temperature, top-k and top-p do not apply)
     context_shift: int | None = None  # tokens dropped when the window is full; None = seq_len // 4
 
-    def validate(self, seq_len: int | None = None) -> None:
-        """Raise FluxtrainError naming the setting and its allowed values."""
+    def validate(self, seq_len: int | None = None, names: Mapping[str, str] | None = None) -> None:
+        """Raise FluxtrainError naming the setting and its allowed values; the context shift is checked against
+        `seq_len` when given. `names` says how the user set a field (`{"top_k": "--top-k"}` gives `--top-k -1 must
+        be ...`); a field not in it is named as itself (`top_k=-1 must be ...`)."""
+
+        def fail(field: str, requirement: str) -> NoReturn:
+            setting = names.get(field, field) if names else field
+            raise FluxtrainError(f"{_given(setting, getattr(self, field))} {requirement}")
+
+        # Written so that NaN fails each check: every comparison with NaN is false.
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise FluxtrainError(f"max new tokens {self.max_new_tokens} must be a positive integer")
+            fail("max_new_tokens", "must be a positive integer")
         if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
-            raise FluxtrainError(f"temperature {self.temperature} must be between 0 and 2 (0 = greedy)")
+            fail("temperature", "must be between 0 and 2 (0 = greedy)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise FluxtrainError(f"top-k {self.top_k} must be an integer >= 0 (0 = off)")
+            fail("top_k", "must be an integer >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise FluxtrainError(f"top-p {self.top_p} must be in (0, 1] (1 = off)")
-        if not self.repetition_penalty >= 1.0:
-            raise FluxtrainError(f"repetition penalty {self.repetition_penalty} must be >= 1 (1 = off)")
+            fail("top_p", "must be in (0, 1] (1 = off)")
+        if not (self.repetition_penalty >= 1.0 and math.isfinite(self.repetition_penalty)):
+            fail("repetition_penalty", "must be a finite number >= 1 (1 = off)")
         if not isinstance(self.beams, int) or not 1 <= self.beams <= MAX_BEAMS:
-            raise FluxtrainError(f"beams {self.beams} must be an integer from 1 to {MAX_BEAMS} (1 = no beam search)")
+            fail("beams", f"must be an integer from 1 to {MAX_BEAMS} (1 = no beam search)")
         if self.context_shift is not None:
             if not isinstance(self.context_shift, int) or self.context_shift < 1:
-                raise FluxtrainError(f"context shift {self.context_shift} must be a positive integer")
+                fail("context_shift", "must be a positive integer")
             if seq_len is not None and self.context_shift > seq_len:
-                raise FluxtrainError(
-                    f"context shift {self.context_shift} must be between 1 and model.seq_len={seq_len}"
-                )
+                fail("context_shift", f"must be between 1 and model.seq_len={seq_len}")
 
     def shift_for(self, seq_len: int) -> int:
         return self.context_shift if self.context_shift is not None else max(1, seq_len // 4)

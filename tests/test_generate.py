@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -12,7 +13,15 @@ import torch
 
 from fluxtrain import GPT, ModelConfig, load_model, sampling, save_model_file
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.generate import TextStream, encode_prompt, load_for_generation, main, start_ids
+from fluxtrain.generate import (
+    SAMPLING_OPTIONS,
+    TextStream,
+    build_parser,
+    encode_prompt,
+    load_for_generation,
+    main,
+    start_ids,
+)
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.sampling import (
     ContextWindow,
@@ -172,11 +181,30 @@ def test_sampling_settings_are_validated():
         dict(beams=0),
         dict(max_new_tokens=0),
         dict(context_shift=0),
+        dict(temperature=math.nan),
+        dict(top_p=math.nan),
+        dict(top_p=math.inf),
+        dict(repetition_penalty=math.nan),
+        dict(repetition_penalty=math.inf),
     ):
         with pytest.raises(FluxtrainError):
             SamplingConfig(**bad).validate(SEQ_LEN)
-    with pytest.raises(FluxtrainError, match="context shift 17"):
+    with pytest.raises(FluxtrainError, match=r"^context_shift=17 must be between 1 and model.seq_len=16$"):
         SamplingConfig(context_shift=SEQ_LEN + 1).validate(SEQ_LEN)
+
+
+def test_sampling_errors_name_the_field_or_the_name_given_for_it(model):
+    """From Python an error names the field; `names` shows it as the user set it (a flag, a session command)."""
+    with pytest.raises(FluxtrainError, match=r"^beams=0 must be an integer from 1 to 100 \(1 = no beam search\)$"):
+        SamplingConfig(beams=0).validate()
+    with pytest.raises(FluxtrainError, match=r"^--beams 0 must be an integer from 1 to 100"):
+        SamplingConfig(beams=0).validate(names={"beams": "--beams"})
+    with pytest.raises(FluxtrainError, match=r"^/topk -1 must be an integer >= 0"):
+        SamplingConfig(top_k=-1).validate(names={"top_k": "/topk"})
+    with pytest.raises(FluxtrainError, match=r"^top_k=-1 must be"):  # a field missing from `names` keeps its own
+        SamplingConfig(top_k=-1).validate(names={"beams": "--beams"})
+    with pytest.raises(FluxtrainError, match=r"^temperature=3.0 must be between 0 and 2"):
+        generate_ids(model, [0], 5, temperature=3.0)  # the trainer's samples
 
 
 # Beam search
@@ -489,16 +517,23 @@ def test_an_empty_prompt_starts_from_id_0_without_a_newline_in_the_vocabulary(ca
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--temperature", "3"], "temperature 3.0 must be between 0 and 2"),
-        (["--top-k", "-2"], "top-k -2"),
-        (["--top-p", "0"], "top-p 0.0"),
-        (["--repetition-penalty", "0.5"], "repetition penalty 0.5"),
-        (["--beams", "0"], "beams 0 must be an integer from 1 to 100"),
-        (["--beams", "10000000000"], "beams 10000000000 must be an integer from 1 to 100"),
-        (["--max-new-tokens", "0"], "max new tokens 0"),
+        (["--temperature", "3"], "--temperature 3.0 must be between 0 and 2 (0 = greedy)"),
+        (["--temperature", "nan"], "--temperature nan must be between 0 and 2"),
+        (["--temperature=-inf"], "--temperature -inf must be between 0 and 2"),
+        (["--top-k", "-2"], "--top-k -2 must be an integer >= 0 (0 = off)"),
+        (["--top-p", "0"], "--top-p 0.0 must be in (0, 1] (1 = off)"),
+        (["--top-p", "inf"], "--top-p inf must be in (0, 1]"),
+        (["--top-p", "nan"], "--top-p nan must be in (0, 1]"),
+        (["--repetition-penalty", "0.5"], "--repetition-penalty 0.5 must be a finite number >= 1 (1 = off)"),
+        (["--repetition-penalty", "inf"], "--repetition-penalty inf must be a finite number >= 1"),
+        (["--repetition-penalty", "nan"], "--repetition-penalty nan must be a finite number >= 1"),
+        (["--beams", "0"], "--beams 0 must be an integer from 1 to 100 (1 = no beam search)"),
+        (["--beams", "10000000000"], "--beams 10000000000 must be an integer from 1 to 100"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0 must be a positive integer"),
         (["--seed", "-1"], "--seed -1 must be an integer from 0 to 2**64 - 1"),
         (["--seed", str(2**64)], f"--seed {2**64} must be"),
-        (["--context-shift", "99"], "context shift 99 must be between 1 and model.seq_len=16"),
+        (["--context-shift", "0"], "--context-shift 0 must be a positive integer"),
+        (["--context-shift", "99"], "--context-shift 99 must be between 1 and model.seq_len=16"),
         (["--device", "tpu"], "--device='tpu'"),
         (["--threads", "0"], "--threads 0 must be from 1 to"),
         (["--threads", "100000"], "--threads 100000 must be from 1 to"),
@@ -510,7 +545,15 @@ def test_an_empty_prompt_starts_from_id_0_without_a_newline_in_the_vocabulary(ca
 def test_bad_values_are_one_line_errors(capsys, model_file, argv, message):
     code, out, err = run_main(capsys, str(model_file), "--prompt", "the", *argv)
     assert code == 1 and out == ""
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1  # the option first, as the user typed it
+
+
+def test_each_sampling_setting_is_named_by_its_option():
+    """The names errors show for the SamplingConfig fields are the command line's own options."""
+    usage = build_parser().format_help()
+    assert set(SAMPLING_OPTIONS) == {f.name for f in dataclasses.fields(SamplingConfig)}
+    assert all(f" {option} " in usage for option in SAMPLING_OPTIONS.values())
+    assert SAMPLING_OPTIONS["top_k"] == "--top-k" and SAMPLING_OPTIONS["max_new_tokens"] == "--max-new-tokens"
 
 
 def test_bad_model_files_are_one_line_errors(capsys, tmp_path):
@@ -536,7 +579,8 @@ def test_module_runs_as_a_command(tmp_path, model_file):
     )
     assert ok.returncode == 0 and ok.stdout.startswith("JULIET:") and len(ok.stdout) == len("JULIET:") + 8 + 1
     bad = subprocess.run([*cmd, "--prompt", "x", "--top-p", "2"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "top-p 2.0" in bad.stderr
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0
+    assert bad.stderr.startswith("error: --top-p 2.0 must be in (0, 1] (1 = off)")
     assert "Traceback" not in bad.stderr
 
 

@@ -1,4 +1,4 @@
-"""The interactive session, driven through a real pseudo-terminal: commands, prompts, Ctrl-C, history and exit."""
+"""The interactive session: commands and their errors, prompts, Ctrl-C, history and exit (in a pseudo-terminal)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fluxtrain import GPT, ModelConfig, load_model, save_model_file
+from fluxtrain.interactive import Session
 from fluxtrain.sampling import SamplingConfig, beam_search, generate
 from fluxtrain.tokenizer import CharTokenizer
 
@@ -93,9 +94,12 @@ def test_commands_change_settings_and_prompts_follow_them(model_file, tmp_path):
         "now: temperature 0.0, top-k 5, top-p 0.5, repetition penalty 1.5, length 24, beams 3, seed 9",
     )
     # Bad commands and values say what is allowed and leave the settings as they were.
-    command(child, "/temp 5", "/temp needs a temperature from 0 to 2")
-    command(child, "/topk many", "/topk needs an integer top-k >= 0 (0 = off): got 'many'")
-    command(child, "/beams 0", "/beams needs a number of beams from 1 to 100")
+    command(child, "/temp 5", "/temp needs a temperature from 0 to 2 (0 = greedy): got '5'\r\n")
+    command(child, "/temp nan", "/temp needs a temperature from 0 to 2 (0 = greedy): got 'nan'\r\n")
+    command(child, "/topk many", "/topk needs an integer top-k >= 0 (0 = off): got 'many'\r\n")
+    command(
+        child, "/beams 0", "/beams needs a number of beams from 1 to 100 (1 = sampling, no beam search): got '0'\r\n"
+    )
     command(child, "/beams 10000000000", "/beams needs a number of beams from 1 to 100")
     command(child, "/seed -4", "/seed needs an integer from 0 to 2**64 - 1")
     command(child, "/seed 18446744073709551616", "/seed needs an integer from 0 to 2**64 - 1")
@@ -116,6 +120,35 @@ def test_commands_change_settings_and_prompts_follow_them(model_file, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("/temp 2.5", "/temp needs a temperature from 0 to 2 (0 = greedy): got '2.5'"),
+        ("/temp nan", "/temp needs a temperature from 0 to 2 (0 = greedy): got 'nan'"),
+        ("/temp inf", "/temp needs a temperature from 0 to 2 (0 = greedy): got 'inf'"),
+        ("/topk -1", "/topk needs an integer top-k >= 0 (0 = off): got '-1'"),
+        ("/topk 1.5", "/topk needs an integer top-k >= 0 (0 = off): got '1.5'"),
+        ("/topp 0", "/topp needs a top-p in (0, 1] (1 = off): got '0'"),
+        ("/topp nan", "/topp needs a top-p in (0, 1] (1 = off): got 'nan'"),
+        ("/topp inf", "/topp needs a top-p in (0, 1] (1 = off): got 'inf'"),
+        ("/rep 0.5", "/rep needs a finite repetition penalty >= 1 (1 = off): got '0.5'"),
+        ("/rep inf", "/rep needs a finite repetition penalty >= 1 (1 = off): got 'inf'"),
+        ("/rep nan", "/rep needs a finite repetition penalty >= 1 (1 = off): got 'nan'"),
+        ("/len 0", "/len needs a number of new tokens >= 1: got '0'"),
+        ("/len", "/len needs a number of new tokens >= 1: got ''"),
+        ("/beams 0", "/beams needs a number of beams from 1 to 100 (1 = sampling, no beam search): got '0'"),
+        ("/beams 101", "/beams needs a number of beams from 1 to 100 (1 = sampling, no beam search): got '101'"),
+    ],
+)
+def test_a_bad_value_names_the_command_and_changes_nothing(capsys, model_file, line, message):
+    model, tokenizer = load_model(model_file)
+    cfg = SamplingConfig(max_new_tokens=24, temperature=0.5, top_k=5, top_p=0.9, repetition_penalty=1.5, beams=2)
+    session = Session(model, tokenizer, cfg, seed=1, drop_unknown=False, stream=True)
+    assert session.command(line)
+    assert capsys.readouterr().err == message + "\n"
+    assert session.cfg == cfg
 
 
 def test_sampling_is_reproducible_with_seed(model_file, tmp_path):
