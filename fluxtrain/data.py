@@ -127,8 +127,12 @@ def corpus_sources(cfg: DataConfig, run_dir: str | Path | None = None) -> tuple[
     if cfg.path:
         train = sources(cfg.path, "data.path")
     else:
-        train = resolve_sources(str(resolve_text_path(cfg)), setting="data.url")
+        downloaded = resolve_text_path(cfg)
+        train = resolve_sources(str(downloaded), setting="data.url")
+        train.setting = f"data.url={cfg.url} (cached as {downloaded})"  # the address given, and the file read
     val = sources(cfg.val_path, "data.val_path") if cfg.val_path else None
+    if val is not None:
+        val.not_utf8 = train.not_utf8  # a file in both is warned about once
     return train, val
 
 
@@ -228,10 +232,14 @@ def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fing
     ids_path, meta_path = folder / f"{key}.bin", folder / f"{key}.json"
     if meta_path.is_file() and ids_path.is_file():
         try:
-            n_tokens = _check_entry(ids_path, meta_path, dtype, tokenizer.vocab_size)
+            n_tokens, not_utf8 = _check_entry(
+                ids_path, meta_path, dtype, tokenizer.vocab_size, cfg.encoding_errors, len(sources.files)
+            )
         except (OSError, ValueError) as e:
             log.warning(f"{sources.setting}: discarding the token cache entry {ids_path} ({e}); encoding again")
         else:
+            for i, offset in not_utf8:  # the files are not read, but the warning is still due
+                sources.note_not_utf8(sources.files[i], offset)
             log.info(f"{sources.setting}: {n_tokens:,} token ids from the cache {ids_path}")
             return _open_ids(ids_path, dtype, n_tokens)
     n_tokens, digest = 0, hashlib.blake2b()
@@ -253,22 +261,34 @@ def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fing
         "dtype": np.dtype(dtype).name,
         "blake2b": digest.hexdigest(),
         "source": sources.setting,
+        # (index in the files, offset of the first bad byte) of each file read with U+FFFD, to warn on a cache hit
+        "not_utf8": [[i, sources.not_utf8[p]] for i, p in enumerate(sources.files) if p in sources.not_utf8],
     }
     atomic_write_text(meta_path, json.dumps(meta))
     log.info(f"{sources.setting}: encoded {n_tokens:,} tokens into {ids_path}")
     return _open_ids(ids_path, dtype, n_tokens)
 
 
-def _check_entry(ids_path: Path, meta_path: Path, dtype, vocab_size: int) -> int:
-    """The number of ids in a cache entry, after checking them against its size and digest and the vocabulary;
-    ValueError (or OSError) says what is wrong."""
+def _check_entry(
+    ids_path: Path, meta_path: Path, dtype, vocab_size: int, encoding_errors: str, n_files: int
+) -> tuple[int, list[tuple[int, int]]]:
+    """The number of ids in a cache entry and its files read with U+FFFD ((index, offset of the first bad byte)),
+    after checking the ids against its size and digest and the vocabulary; ValueError (or OSError) says what is
+    wrong."""
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         n_tokens, expected = int(meta["n_tokens"]), meta.get("blake2b")
+        not_utf8 = meta.get("not_utf8")
+        if not_utf8 is not None:
+            not_utf8 = [(int(i), int(offset)) for i, offset in not_utf8]
+            if any(not 0 <= i < n_files for i, _ in not_utf8):
+                raise ValueError(f"not_utf8 names a file outside the {n_files} read")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{meta_path.name} is not a valid entry: {describe_failure(e)}") from None
     if expected is None:
         raise ValueError(f"{meta_path.name} has no digest of the ids (an older fluxtrain wrote it)")
+    if not_utf8 is None and encoding_errors == "replace":
+        raise ValueError(f"{meta_path.name} does not say which files are not valid UTF-8 (an older fluxtrain wrote it)")
     if ids_path.stat().st_size != n_tokens * np.dtype(dtype).itemsize:
         raise ValueError(f"{ids_path.name} does not hold {n_tokens:,} ids")
     digest, max_id = hashlib.blake2b(), 0
@@ -280,7 +300,7 @@ def _check_entry(ids_path: Path, meta_path: Path, dtype, vocab_size: int) -> int
         raise ValueError(f"{ids_path.name} does not match the blake2b digest in {meta_path.name}")
     if max_id >= vocab_size:
         raise ValueError(f"{ids_path.name} holds id {max_id}, outside the vocabulary of {vocab_size}")
-    return n_tokens
+    return n_tokens, not_utf8 or []
 
 
 def _open_ids(path: Path, dtype, n_tokens: int) -> np.ndarray:

@@ -71,4 +71,7 @@ def check_writable(path: str | Path, setting: str, folder: bool = False) -> None
     try:
         tempfile.TemporaryFile(dir=parent).close()  # a real write: permissions, read-only mounts, /proc
     except OSError as e:
-        raise FluxtrainError(f"{given} cannot be written: {parent}: {e.strerror or e}") from None
+        # The error is about the probe file, not `parent` (which exists): /proc, say, refuses it with ENOENT.
+        raise FluxtrainError(
+            f"{given} cannot be written: cannot create a file in {parent} ({e.strerror or e})"
+        ) from None

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch, fnmatchcase
 from pathlib import Path
@@ -64,17 +64,27 @@ def _download_failure(e: requests.RequestException) -> str:
 def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
     """Download `url` to `dest` unless a verified copy is there already.
 
-    Bytes go to `dest.part` first and are renamed into place only once complete and verified, so an interrupted
-    download never leaves a file that looks complete; a later call resumes the partial file with an HTTP Range request.
+    Bytes go to `dest.part` first and are renamed into place only once complete, not empty and verified, so an
+    interrupted download never leaves a file that looks complete; a later call resumes the partial file with an HTTP
+    Range request. An empty file at `dest` (which no download leaves) is fetched again.
     """
     dest = Path(dest)
     sha256 = check_sha256(sha256)
+    old: str | None = None  # the sha256 of a file already at dest, when one is expected
     wrong_copy = ""  # said if the download fails: a file at dest that is not the expected one
+    if dest.is_file() and dest.stat().st_size == 0:
+        dest.unlink()
     if dest.is_file():
-        got = sha256_file(dest) if sha256 is not None else None
-        if got == sha256:
+        old = sha256_file(dest) if sha256 is not None else None
+        if old == sha256:
             return dest
-        wrong_copy = f"; the file already at {dest} has sha256 {got}, not data.sha256={sha256}"
+        wrong_copy = f"; the file already at {dest} has sha256 {old}, not data.sha256={sha256}"
+
+    def failed(why: str) -> FluxtrainError:
+        return FluxtrainError(
+            f"could not download data.url={url} ({why}); download it by hand to {dest}, or set data.path{wrong_copy}"
+        )
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
@@ -100,17 +110,23 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
                     f.flush()
                     os.fsync(f.fileno())
     except requests.RequestException as e:
-        raise FluxtrainError(
-            f"could not download data.url={url} ({_download_failure(e)}); download it by hand to {dest}, "
-            "or set data.path"
-            f"{wrong_copy}"
-        ) from None
+        raise failed(_download_failure(e)) from None
+    if not part.is_file() or part.stat().st_size == 0:  # kept, it would pass for the corpus on every later run
+        part.unlink(missing_ok=True)
+        raise failed("the server sent an empty file")
     if sha256 is not None:
         got = sha256_file(part)
         if got != sha256:
             part.unlink()
+            kept = (
+                f", and the file already at {dest} (sha256 {old}) does not match either: correct data.sha256, "
+                "or put the right file there by hand"
+                if wrong_copy
+                else ""
+            )
             raise FluxtrainError(
-                f"checksum mismatch for {url}: expected sha256 {sha256}, got {got} (data.sha256); the file was removed"
+                f"checksum mismatch for data.url={url}: expected sha256 {sha256} (data.sha256), got {got}; "
+                f"the download was discarded{kept}"
             )
     os.replace(part, dest)
     return dest
@@ -129,6 +145,7 @@ class Sources:
     n_duplicates: int = 0  # further names (through links) of a file already read
     n_loops: int = 0  # links to a folder they are inside, not followed
     left_out: dict[str, int] = field(default_factory=dict)  # why -> files left out ("data.cache_dir": 3)
+    not_utf8: dict[Path, int] = field(default_factory=dict)  # files read with U+FFFD -> offset of the first bad byte
 
     @property
     def n_bytes(self) -> int:
@@ -148,6 +165,13 @@ class Sources:
         notes = self.notes()
         extra = f" ({'; '.join(notes)})" if notes else ""
         return f"{self.setting}: {len(self.files)} file(s), {self.n_bytes:,} bytes{extra}"
+
+    def note_not_utf8(self, path: Path, offset: int) -> None:
+        """Record that `path` is read with U+FFFD for its invalid bytes, with a warning the first time: a run may
+        read a file several times (tokenizer, then encoding), or not at all (the token cache), and warns once."""
+        if path not in self.not_utf8:
+            self.not_utf8[path] = offset
+            warn_not_utf8(path, offset)
 
 
 def _matches(rel: str, patterns: Iterable[str]) -> bool:
@@ -349,9 +373,19 @@ def resolve_sources(
     return sources
 
 
-def iter_file_text(path: Path, encoding_errors: str = "strict", setting: str = "data.path") -> Iterator[str]:
+def warn_not_utf8(path: Path, offset: int) -> None:
+    log.warning(f"{path} is not valid UTF-8 (first bad byte at offset {offset}); read with U+FFFD for them")
+
+
+def iter_file_text(
+    path: Path,
+    encoding_errors: str = "strict",
+    setting: str = "data.path",
+    on_invalid: Callable[[Path, int], None] = warn_not_utf8,
+) -> Iterator[str]:
     """The text of a UTF-8 file in pieces of at most a few MiB; invalid bytes are an error naming the byte offset,
-    or with `encoding_errors="replace"` become U+FFFD with a warning."""
+    or with `encoding_errors="replace"` become U+FFFD, and `on_invalid(path, offset of the first bad byte)` is called
+    (by default, a warning)."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
     with open(path, "rb") as f:
@@ -374,7 +408,7 @@ def iter_file_text(path: Path, encoding_errors: str = "strict", setting: str = "
                         f"{setting}: {path} is not valid UTF-8 (byte offset {bad}); "
                         f"{option} to read it with replacement characters"
                     ) from None
-                log.warning(f"{path} is not valid UTF-8 (first bad byte at offset {bad}); read with U+FFFD for them")
+                on_invalid(path, bad)
                 decoder = codecs.getincrementaldecoder("utf-8")("replace")
                 text = decoder.decode(pending + block, final=final)
             offset += len(block)
@@ -385,12 +419,13 @@ def iter_file_text(path: Path, encoding_errors: str = "strict", setting: str = "
 
 
 def iter_text(sources: Sources, separator: str = "\n", encoding_errors: str = "strict") -> Iterator[str]:
-    """The corpus as a stream of text pieces: each file in order, with `separator` between files."""
+    """The corpus as a stream of text pieces: each file in order, with `separator` between files. A file that is not
+    valid UTF-8 is warned about once per `sources`, however often it is read."""
     setting = sources.setting.split("=", 1)[0]
     for i, path in enumerate(sources.files):
         if i and separator:
             yield separator
-        yield from iter_file_text(path, encoding_errors, setting)
+        yield from iter_file_text(path, encoding_errors, setting, sources.note_not_utf8)
 
 
 def read_corpus(sources: Sources, separator: str = "\n", encoding_errors: str = "strict") -> str:

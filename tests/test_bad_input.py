@@ -138,7 +138,9 @@ def test_a_read_only_run_or_sweep_folder_is_refused_before_hydra_starts(tmp_path
     with pytest.raises(SystemExit) as info:
         main(entry=lambda: pytest.fail("Hydra started"))
     assert info.value.code == 1
-    assert capsys.readouterr().err == f"error: {setting}={folder} cannot be written: {folder}: Read-only file system\n"
+    assert capsys.readouterr().err == (
+        f"error: {setting}={folder} cannot be written: cannot create a file in {folder} (Read-only file system)\n"
+    )
 
 
 def test_ctrl_c_while_hydra_composes_the_config_is_one_line(monkeypatch, capsys):

@@ -1,14 +1,25 @@
 """Downloading the corpus against a local HTTP server: success, checksum mismatch, server down, resume, one file per
-URL, data.sha256's form, errors that say why."""
+URL, data.sha256's form, empty downloads, errors that say why, and the log line naming the URL and the file."""
 
 import hashlib
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fluxtrain.data import SHAKESPEARE_URL, DataConfig, download, download_path, resolve_text_path, validate
+from fluxtrain.data import (
+    SHAKESPEARE_URL,
+    DataConfig,
+    download,
+    download_path,
+    load_corpus,
+    resolve_text_path,
+    validate,
+)
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.tokenizer import TokenizerConfig
+from fluxtrain.train import train
 
 BODY = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 400).encode()
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -82,9 +93,56 @@ def test_download_verifies_and_is_reused(server, tmp_path):
 
 def test_checksum_mismatch_leaves_no_file(server, tmp_path):
     dest = tmp_path / "corpus.txt"
-    with pytest.raises(FluxtrainError, match="checksum mismatch.*data.sha256"):
+    with pytest.raises(FluxtrainError) as e:
         download(server.url, dest, sha256="0" * 64)
+    assert str(e.value) == (
+        f"checksum mismatch for data.url={server.url}: expected sha256 {'0' * 64} (data.sha256), got {SHA}; "
+        "the download was discarded"
+    )
     assert not dest.exists() and not list(tmp_path.iterdir())
+
+
+def test_checksum_mismatch_says_an_earlier_copy_is_kept_and_does_not_match_either(server, tmp_path):
+    cache = tmp_path / "cache"
+    unchecked = DataConfig(path=None, url=server.url, sha256=None, cache_dir=str(cache))
+    dest = resolve_text_path(unchecked)
+    wrong = DataConfig(path=None, url=server.url, sha256="0" * 64, cache_dir=str(cache))
+    with pytest.raises(FluxtrainError) as e:
+        resolve_text_path(wrong)
+    assert str(e.value) == (
+        f"checksum mismatch for data.url={server.url}: expected sha256 {'0' * 64} (data.sha256), got {SHA}; "
+        f"the download was discarded, and the file already at {dest} (sha256 {SHA}) does not match either: "
+        "correct data.sha256, or put the right file there by hand"
+    )
+    assert len(server.requests) == 2  # the copy was not trusted: the file was fetched again
+    assert [p.name for p in cache.iterdir()] == [dest.name] and dest.read_bytes() == BODY  # as the message says
+
+
+def test_an_empty_download_is_not_kept_and_an_empty_cached_file_is_fetched_again(server, tmp_path):
+    server.files["/empty.txt"] = b""
+    cache = tmp_path / "cache"
+    empty = DataConfig(path=None, url=server.url.replace("corpus", "empty"), sha256=None, cache_dir=str(cache))
+    dest = download_path(empty)
+    for _ in range(2):  # each run asks the server again: nothing was kept to trust
+        with pytest.raises(FluxtrainError) as e:
+            load_corpus(empty, TokenizerConfig(), 16)
+        assert str(e.value) == (
+            f"could not download data.url={empty.url} (the server sent an empty file); download it by hand to "
+            f"{dest}, or set data.path"
+        )
+        assert list(cache.iterdir()) == []
+    assert len(server.requests) == 2
+    # A 0-byte file left in the cache by an earlier version is fetched again, not trusted.
+    corpus = DataConfig(path=None, url=server.url, sha256=None, cache_dir=str(cache))
+    download_path(corpus).write_bytes(b"")
+    assert resolve_text_path(corpus).read_bytes() == BODY
+    assert len(server.requests) == 3
+    # With the server down, the empty file is removed and the error is the download's, not "is empty".
+    download_path(corpus).write_bytes(b"")
+    server.close()
+    with pytest.raises(FluxtrainError, match=r"^could not download data\.url=.* \(Connection refused\); download it"):
+        resolve_text_path(corpus)
+    assert list(cache.iterdir()) == []
 
 
 def test_server_down_names_url_and_destination(tmp_path):
@@ -161,3 +219,15 @@ def test_http_errors_give_status_and_reason(server, tmp_path):
     message = str(e.value)
     assert message.startswith(f"could not download data.url={url} (HTTP 404 Not Found); download it by hand to ")
     assert "\n" not in message and not list(tmp_path.iterdir())
+
+
+def test_the_data_log_lines_name_the_url_and_the_cached_file(server, tiny_cfg, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    cfg = tiny_cfg("data.path=null", f"data.url={server.url}", "data.sha256=null", f"data.cache_dir={cache}")
+    dest = download_path(DataConfig(path=None, url=server.url, cache_dir=str(cache)))
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        train(cfg, tmp_path / "run")
+    named = f"data.url={server.url} (cached as {dest})"
+    lines = [r.message for r in caplog.records if r.message.startswith("data: ")]
+    assert lines[0] == f"data: {named}: 1 file(s), {len(BODY):,} bytes"
+    assert lines[1].startswith(f"data: {named} | ") and " train / " in lines[1]

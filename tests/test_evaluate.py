@@ -276,7 +276,7 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_evaluating(model_f
     for target, message in (
         (tmp_path, f"--json {tmp_path} is a folder, not a file"),
         (tmp_path / "a_file" / "x.json", f"--json {tmp_path / 'a_file' / 'x.json'} cannot be written: "),
-        ("/proc/x.json", "--json /proc/x.json cannot be written: /proc: "),
+        ("/proc/x.json", "--json /proc/x.json cannot be written: cannot create a file in /proc ("),
     ):
         assert one_line_error(capsys, model_file, text_file, "--json", str(target)).startswith(f"error: {message}")
 

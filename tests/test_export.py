@@ -279,7 +279,10 @@ def test_an_out_dir_that_cannot_be_written_or_is_a_run_folder_is_refused_before_
             tmp_path / "a_file" / "hf",
             f"OUT_DIR {tmp_path / 'a_file' / 'hf'} cannot be written: {tmp_path / 'a_file'} is a file",
         ),
-        (Path("/proc/nope/hf"), "OUT_DIR /proc/nope/hf cannot be written: /proc: No such file or directory"),
+        (
+            Path("/proc/nope/hf"),
+            "OUT_DIR /proc/nope/hf cannot be written: cannot create a file in /proc (No such file or directory)",
+        ),
         (
             tmp_path / "run",
             f"OUT_DIR {tmp_path / 'run'} is a run folder (it holds fluxtrain model files or checkpoints)",
