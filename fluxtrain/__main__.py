@@ -17,7 +17,7 @@ from fluxtrain.config import check_finite, check_known_keys, check_overrides, co
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
 from fluxtrain.files import WriteError
 from fluxtrain.lr_find import lr_find
-from fluxtrain.overrides import check_commands
+from fluxtrain.overrides import check_commands, flags_first
 from fluxtrain.resume import write_failed
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home, restore_run_config
 from fluxtrain.sweep import run_sweep_job
@@ -91,6 +91,7 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
     if cfg is not None:
         return hydra_main(cfg)
     try:
+        sys.argv[1:] = flags_first(sys.argv[1:])
         check_commands(sys.argv[1:])
         check_overrides(sys.argv[1:])
         sys.argv[1:] = distributed.follow_main_run_dir(expand_home(sys.argv[1:]))  # torchrun: rank 0's run folder

@@ -19,6 +19,13 @@ COMMANDS = {"-r": "--run", "-m": "--multirun", "-c": "--cfg", "-i": "--info", "-
 COMMANDS |= {name: name for name in COMMANDS.values()}
 
 
+def flags_first(args: list[str]) -> list[str]:
+    """`args` with Hydra's options that take no value (`-m`, `--run`) moved in front of the settings: Hydra's parser
+    reads no setting after an option, so `model=small -m optim.lr=1e-3,3e-3` would stop at `optim.lr`."""
+    flags = ("-m", "--multirun", "-r", "--run")
+    return [a for a in args if a in flags] + [a for a in args if a not in flags]
+
+
 def check_commands(args: list[str]) -> None:
     """Refuse two of Hydra's commands on one command line (`--cfg job -m`), which Hydra reports with a traceback."""
     given = list(dict.fromkeys(COMMANDS[arg.split("=")[0]] for arg in args if arg.split("=")[0] in COMMANDS))

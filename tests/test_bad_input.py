@@ -189,3 +189,13 @@ def test_a_run_refused_at_setup_leaves_no_folder_behind(tmp_path):
             "mine/notes.txt",
             *(["mine/train.log"] if where == ["hydra.run.dir=mine"] else []),
         ], where
+
+
+def test_hydras_bare_options_may_come_after_the_settings(monkeypatch):
+    from fluxtrain.__main__ import main
+
+    seen = []
+    argv = ["fluxtrain", "model=small", "-m", "optim.lr=1e-3,3e-3", "--multirun", "hydra.sweep.dir=x"]
+    monkeypatch.setattr(sys, "argv", argv)
+    main(entry=lambda: seen.append(list(sys.argv[1:])))
+    assert seen == [["-m", "--multirun", "model=small", "optim.lr=1e-3,3e-3", "hydra.sweep.dir=x"]]
