@@ -47,10 +47,11 @@ def run_task(cfg: DictConfig, run_dir: Path) -> float:
         raise
 
 
-def discard_refused_run(run_dir: Path, world: distributed.World, mode: RunMode) -> None:
+def discard_refused_run(run_dir: Path, mode: RunMode) -> None:
     """A single run refused before it claimed its folder leaves no folder behind (a sweep's failed job keeps its
-    failed.json); under torchrun, rank 0 removes it."""
-    if mode == RunMode.RUN and world.is_main:
+    failed.json). Under torchrun every rank tries: rank 0 removes its config files and log, a later rank the folder
+    its Hydra made again once rank 0's was gone (the folder is removed only where it holds nothing else)."""
+    if mode == RunMode.RUN:
         discard_refused(run_dir)
 
 
@@ -68,11 +69,11 @@ def run(cfg: DictConfig) -> float:
         return run_task(cfg, run_dir)
     except FluxtrainError as e:
         logging.getLogger("fluxtrain").error(f"error: {e}")
-        discard_refused_run(run_dir, world, hydra_cfg.mode)
+        discard_refused_run(run_dir, hydra_cfg.mode)
         sys.exit(getattr(e, "exit_code", 1))  # 130/143 after a stop on SIGINT/SIGTERM
     except KeyboardInterrupt:
         logging.getLogger("fluxtrain").error("interrupted")
-        discard_refused_run(run_dir, world, hydra_cfg.mode)
+        discard_refused_run(run_dir, hydra_cfg.mode)
         sys.exit(130)
     except RuntimeError as e:
         if not is_out_of_memory(e):

@@ -173,6 +173,13 @@ def test_crashing_rank_ends_the_job_with_an_error(corpus, tmp_path):
     assert elapsed < 180  # torchrun stops rank 0, which would otherwise wait for rank 1 forever
 
 
+def test_a_torchrun_job_refused_at_setup_leaves_no_folder_behind(corpus, tmp_path):
+    result = torchrun(tmp_path, [*TINY_OVERRIDES, f"data.path={corpus}", "train.strategy=zero"], timeout=240)
+    assert result.returncode != 0
+    assert "error: train.strategy='zero' is not one of ddp, fsdp" in result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>/, not even from the later rank's Hydra
+
+
 def test_device_rules_under_torchrun():
     world = distributed.World(rank=1, local_rank=1, world_size=2)
     with pytest.raises(FluxtrainError, match="train.device=mps"):
