@@ -22,6 +22,8 @@ from fluxtrain.files import atomic_write, atomic_write_text
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, set_lr
 from fluxtrain.optim import validate as validate_optim
+from fluxtrain.resume import list_checkpoints
+from fluxtrain.runs import RUN_OUTPUTS
 from fluxtrain.train import grad_scaler, train_step
 from fluxtrain.train import validate as validate_train
 
@@ -145,6 +147,13 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
         raise FluxtrainError("task=lr_find runs in one process: start it with python, not torchrun")
     device = host.resolve_device(tcfg.device)
     run_dir = Path(run_dir)
+    if list_checkpoints(run_dir) or any(next(run_dir.glob(pattern), None) for pattern in RUN_OUTPUTS):
+        raise FluxtrainError(
+            f"{run_dir} holds a training run, and task=lr_find writes its config, curve and events into its folder: "
+            "give it a folder of its own (hydra.run.dir)"
+        )
+    if tcfg.batch_threads > 1:
+        log.info(f"lr_find: train.batch_threads={tcfg.batch_threads} is for training; the test runs on torch's threads")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     host.configure(tcfg.threads, tcfg.keep_cpu_memory)

@@ -322,8 +322,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"no runs under {args.folder} (a run folder holds {METRICS_FILE}, {FAILED_FILE} "
                 f"or {CHECKPOINT_DIR}/{CHECKPOINT_FILES})"
             )
-        keys = args.keys.split(",") if args.keys else varying_keys(runs)
+        keys = [key.strip() for key in args.keys.split(",")] if args.keys else varying_keys(runs)
         if args.keys:
+            if "" in keys:
+                raise FluxtrainError(f"--keys {args.keys!r} has an empty name; separate settings by single commas")
             known = {key for run in runs for key in flat_settings(run.config)}
             unknown = [key for key in keys if key not in known]
             if unknown:

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fluxtrain.__main__ import lr_find_main
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.lr_find import MIN_DROP, ema, lr_find, relative_drop, suggest_lr, zero_lag_smooth
+from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, run_fluxtrain
 
@@ -188,3 +189,15 @@ def test_lr_find_under_torchrun_is_refused(tiny_cfg, tmp_path, monkeypatch):
     with pytest.raises(FluxtrainError, match="^task=lr_find runs in one process: start it with python, not torchrun$"):
         lr_find(tiny_cfg("task=lr_find"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_holding_a_training_run_is_refused_before_any_work(tiny_cfg, tmp_path):
+    train(tiny_cfg("train.max_iters=2", "train.eval_iters=1"), tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FluxtrainError) as info:
+        lr_find(tiny_cfg("task=lr_find", "lr_find.num_steps=20"), tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path} holds a training run, and task=lr_find writes its config, curve and events into its folder: "
+        "give it a folder of its own (hydra.run.dir)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -93,12 +93,24 @@ def test_notebook_says_when_no_run_finished(tmp_path, monkeypatch):
         (sweep / job).mkdir(parents=True)
         report = {"error": f"loss became nan at iteration {job}", "type": "FluxtrainError", "overrides": []}
         (sweep / job / "failed.json").write_text(json.dumps(report))
+    (sweep / "2" / "checkpoints").mkdir(parents=True)  # stopped before it finished: unfinished, not failed
+    (sweep / "2" / "checkpoints" / "iter_000005.ckpt").write_bytes(b"")
 
     code = execute_notebook(sweep, monkeypatch)
-    assert "2 runs under" in outputs_text(code[1]) and "failed: loss became nan at iteration 1" in outputs_text(code[1])
-    assert outputs_text(code[2]) == f"no finished run under {sweep}: 2 failed (see the table); no curves to plot\n"
+    assert "3 runs under" in outputs_text(code[1]) and "failed: loss became nan at iteration 1" in outputs_text(code[1])
+    assert "unfinished (iter 5)" in outputs_text(code[1])
+    counts = "2 failed, 1 unfinished (see the table)"
+    assert outputs_text(code[2]) == f"no finished run under {sweep}: {counts}; no curves to plot\n"
     assert not [o for o in code[2].outputs if "image/png" in o.get("data", {})]
-    assert outputs_text(code[3]) == f"no run with a finished model under {sweep}: 2 failed (see the table); no sample\n"
+    assert outputs_text(code[3]) == f"no finished run under {sweep}: {counts}; no sample\n"
+
+    missing = tmp_path / "no outputs yet"
+    code = execute_notebook(missing, monkeypatch)
+    assert outputs_text(code[1]).startswith(
+        f"{missing} is not a folder: train a run first (python -m fluxtrain) or set OUTPUTS above\n0 runs under"
+    )
+    none = "0 failed, 0 unfinished (see the table)"
+    assert outputs_text(code[3]) == f"no finished run under {missing}: {none}; no sample\n"
 
 
 @pytest.mark.slow

@@ -93,6 +93,11 @@ def test_the_runs_command_ranks_runs_by_best_val_loss_showing_the_settings_that_
     code, out, err = compare(capsys, str(sweep), "--keys", "optim.lr,model.d_modle")
     assert (code, out) == (1, "")
     assert err == "error: --keys: no run has the setting model.d_modle (did you mean model.d_model?)\n"
+    code, out, err = compare(capsys, str(sweep), "--keys", "optim.lr,")
+    assert (code, out) == (1, "")
+    assert err == "error: --keys 'optim.lr,' has an empty name; separate settings by single commas\n"
+    code, out, _ = compare(capsys, str(sweep), "--keys", "optim.lr, model.d_model")
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["run", "optim.lr", "model.d_model"]
 
 
 def test_the_runs_command_names_a_missing_empty_or_damaged_folder(tmp_path, capsys):
