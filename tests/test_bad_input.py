@@ -174,7 +174,7 @@ def test_a_run_refused_at_setup_leaves_no_folder_behind(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("the user's\n")
-    for where in ([], ["hydra.run.dir=new/run 1"], ["hydra.run.dir=mine"]):  # Hydra's own folder, a new one, one there
+    for where in ([], ["hydra.run.dir=mine"]):  # Hydra's own outputs/<date>/<time>/, and a folder that was there
         proc = subprocess.run(
             [sys.executable, "-m", "fluxtrain", "model=small", "model.n_heads=3", *where],
             cwd=tmp_path,
