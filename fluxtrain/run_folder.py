@@ -36,7 +36,6 @@ def remember_run_configs(folder: str | Path, sweep: bool = False) -> None:
 
 def claim_run_config(run_dir: str | Path) -> None:
     """The run has claimed `run_dir`: the Hydra config files it saved there are the folder's now."""
-    _earlier_run_configs.pop(Path(run_dir).resolve(), None)
     _claimed.add(Path(run_dir).resolve())
 
 
