@@ -166,7 +166,8 @@ def test_throughput_after_a_resume_counts_only_the_steps_trained_since(tiny_cfg,
         train(tiny_cfg(*RUN, "resume=auto"), tmp_path)
     per_step = int(re.search(r"tokens per optimizer step: ([\d,]+)", caplog.text)[1].replace(",", ""))
     its, toks = re.search(r"iter +6/20 .*\| ([\d.]+) it/s \| ([\d,]+) tok/s", caplog.text).groups()
-    assert float(its) * per_step == pytest.approx(float(toks.replace(",", "")), rel=0.01, abs=per_step * 0.05)
+    # it/s is printed to 0.1 and tok/s to 1: the two agree within those roundings, whatever the machine's speed
+    assert float(its) * per_step == pytest.approx(float(toks.replace(",", "")), rel=0, abs=per_step * 0.05 + 0.5 + 1e-6)
 
 
 def test_a_fresh_run_in_the_folder_of_an_earlier_one_sets_that_runs_checkpoints_results_and_curves_aside(
