@@ -13,46 +13,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain import distributed
-from fluxtrain.config import check_finite, check_known_keys, check_overrides, config_dir, register_configs
+from fluxtrain.config import check_overrides, config_dir, register_configs
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
-from fluxtrain.files import WriteError
-from fluxtrain.lr_find import lr_find
 from fluxtrain.overrides import check_commands, flags_first
-from fluxtrain.resume import write_failed
-from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home, restore_run_config
+from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home
 from fluxtrain.sweep import run_sweep_job
-from fluxtrain.train import train
+from fluxtrain.tasks import run_task
 
 register_configs()
-
-# task name -> function(cfg, run_dir) returning the value a sweeper minimises
-TASKS: dict[str, Callable[[DictConfig, Path], float]] = {
-    "train": lambda cfg, run_dir: train(cfg, run_dir)["best_val_loss"],
-    "lr_find": lambda cfg, run_dir: lr_find(cfg, run_dir).suggested_lr,
-}
-
-
-def run_task(cfg: DictConfig, run_dir: Path) -> float:
-    try:
-        check_known_keys(cfg)
-        check_finite(cfg)
-        if cfg.task not in TASKS:
-            raise FluxtrainError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
-        return TASKS[cfg.task](cfg, run_dir)
-    except BaseException as e:
-        restore_run_config(run_dir)  # refused before it claimed the folder: Hydra's earlier config files go back
-        if isinstance(e, WriteError) and cfg.task == "train" and run_dir.resolve() in e.path.resolve().parents:
-            world = distributed.current_world()
-            raise write_failed(e, run_dir, world.world_size, distributed.local_world_size(world)) from None
-        raise
-
-
-def discard_refused_run(run_dir: Path, mode: RunMode) -> None:
-    """A single run refused before it claimed its folder leaves no folder behind (a sweep's failed job keeps its
-    failed.json). Under torchrun every rank tries: rank 0 removes its config files and log, a later rank the folder
-    its Hydra made again once rank 0's was gone (the folder is removed only where it holds nothing else)."""
-    if mode == RunMode.RUN:
-        discard_refused(run_dir)
 
 
 def run(cfg: DictConfig) -> float:
@@ -62,6 +30,10 @@ def run(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     distributed.publish_run_dir(str(run_dir))
     distributed.quiet_other_ranks(world)
+    # A single run refused before it claimed its folder leaves no folder behind; a sweep's failed job keeps its
+    # failed.json. Under torchrun every rank discards: rank 0 its config files and log, a later rank the folder its
+    # Hydra made again once rank 0's was gone.
+    single_run = hydra_cfg.mode == RunMode.RUN
     try:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             overrides = OmegaConf.to_container(hydra_cfg.overrides.task)
@@ -69,11 +41,13 @@ def run(cfg: DictConfig) -> float:
         return run_task(cfg, run_dir)
     except FluxtrainError as e:
         logging.getLogger("fluxtrain").error(f"error: {e}")
-        discard_refused_run(run_dir, hydra_cfg.mode)
+        if single_run:
+            discard_refused(run_dir)
         sys.exit(getattr(e, "exit_code", 1))  # 130/143 after a stop on SIGINT/SIGTERM
     except KeyboardInterrupt:
         logging.getLogger("fluxtrain").error("interrupted")
-        discard_refused_run(run_dir, hydra_cfg.mode)
+        if single_run:
+            discard_refused(run_dir)
         sys.exit(130)
     except RuntimeError as e:
         if not is_out_of_memory(e):

@@ -8,11 +8,11 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from fluxtrain.__main__ import run_task
 from fluxtrain.config import check_overrides
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
 from fluxtrain.overrides import check_commands
+from fluxtrain.tasks import run_task
 from fluxtrain.train import TrainConfig, validate
 
 from .conftest import REPO_ROOT, compose_config, run_fluxtrain

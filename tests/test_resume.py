@@ -21,7 +21,6 @@ from tensorboard.summary.writer import event_file_writer
 from torch.utils.tensorboard import SummaryWriter
 
 import fluxtrain.train as train_module
-from fluxtrain.__main__ import run_task
 from fluxtrain.checkpoint import load_checkpoint, read_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.interrupt import TrainingInterrupted
@@ -35,6 +34,7 @@ from fluxtrain.resume import (
     wait_for_a_later_event_file_name,
 )
 from fluxtrain.run_folder import remember_run_configs
+from fluxtrain.tasks import run_task
 from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss, run_fluxtrain

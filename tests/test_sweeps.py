@@ -22,12 +22,13 @@ from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from fluxtrain.__main__ import TASKS, main
+from fluxtrain.__main__ import main
 from fluxtrain.hparams import METRIC_PREFIX
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.resume import resume_command
 from fluxtrain.runs import Run, ranked_table
 from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs, failure_summary, sweep_jobs
+from fluxtrain.tasks import TASKS
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
 
