@@ -31,12 +31,14 @@ from fluxtrain.sources import (
     sha256_file,
 )
 from fluxtrain.tokenizer import (
+    EncodeError,
     Tokenizer,
     TokenizerConfig,
-    UnknownCharactersError,
     build_tokenizer,
+    load_configured,
     load_tokenizer,
 )
+from fluxtrain.tokenizer import validate as validate_tokenizer
 
 __all__ = ["DataConfig", "TokenData", "load_corpus", "read_corpus", "resolve_sources", "corpus_sources", "iter_text"]
 
@@ -46,9 +48,11 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"  # the name SHAKESPEARE_URL is saved under in data.cache_dir
 ENCODING_ERRORS = ("strict", "replace")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a byte order mark at the start of a file is not text
 ENCODE_CHUNK = 1 << 18  # characters per encoded piece; a batch of these is encoded in parallel
 ENCODE_BATCH = 8
+CACHE_FOLDERS = ("tokens", "tokenizers")  # in data.cache_dir: encoded ids, trained tokenizers
+BUILT_FROM_TEXT = "the files as first read; did one change since?"  # where a tokenizer built from the text came from
 VERIFY_BLOCK = 1 << 24  # bytes of cached ids hashed at a time
 TRAIN_PIECE = 1 << 16  # characters per piece of text handed to the BPE trainer
 
@@ -90,6 +94,10 @@ def check_cache_dir(cfg: DataConfig) -> None:
         check_writable(cfg.cache_dir, "data.cache_dir", folder=True)
     except FluxtrainError as e:
         raise FluxtrainError(f"{e}; {fix}") from None
+    for name in CACHE_FOLDERS if cfg.cache else ():
+        folder = Path(cfg.cache_dir).expanduser() / name
+        if folder.exists() and not folder.is_dir():
+            raise FluxtrainError(f"data.cache_dir={cfg.cache_dir} holds a file {folder} where a folder goes; {fix}")
 
 
 def download_path(cfg: DataConfig) -> Path:
@@ -180,7 +188,7 @@ def encode_stream(
     def flush() -> list[np.ndarray]:
         try:
             return tokenizer.encode_batch(batch)
-        except UnknownCharactersError as e:
+        except EncodeError as e:
             raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from {tokenizer_source})") from None
 
     for chunk in safe_chunks(pieces, cuts=tokenizer.cut_rule()):
@@ -208,21 +216,29 @@ def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
 
 
-def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fingerprint: list | None = None):
+def encode_sources(
+    sources: Sources,
+    tokenizer: Tokenizer,
+    cfg: DataConfig,
+    fingerprint: list | None = None,
+    tokenizer_source: str = "tokenizer.path",
+):
     """Token ids of `sources`, from the memmap cache when the same files were encoded with the same tokenizer.
 
     The ids are written to disk as they are encoded (uint16 when the vocabulary fits, else uint32) and read back as
-    a read-only `numpy.memmap`, so memory stays bounded whatever the corpus size.
+    a read-only `numpy.memmap`, so memory stays bounded whatever the corpus size. An entry is kept only if the files
+    still have the content it is keyed by once they are read: a file that changes meanwhile is an error.
     """
     dtype = id_dtype(tokenizer.vocab_size)
     setting = sources.setting.split("=", 1)[0]
     pieces = iter_text(sources, cfg.separator, cfg.encoding_errors)
     if not cfg.cache:
-        return encode_all(pieces, tokenizer, setting, "tokenizer.path")
+        return encode_all(pieces, tokenizer, setting, tokenizer_source)
+    fingerprint = fingerprint or sources_fingerprint(sources)
     key = _key(
         {
             "version": CACHE_VERSION,
-            "sources": fingerprint or sources_fingerprint(sources),
+            "sources": fingerprint,
             "separator": cfg.separator,
             "encoding_errors": cfg.encoding_errors,
             "tokenizer": tokenizer.to_json(),
@@ -247,11 +263,12 @@ def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fing
     def write_ids(tmp: Path) -> None:
         nonlocal n_tokens
         with open(tmp, "wb") as f:
-            for ids in encode_stream(pieces, tokenizer, setting):
+            for ids in encode_stream(pieces, tokenizer, setting, tokenizer_source):
                 raw = ids.astype(dtype).tobytes()
                 f.write(raw)
                 digest.update(raw)
                 n_tokens += len(ids)
+        check_unchanged(sources, fingerprint)
 
     # Each file is written whole or not at all, the ids before the entry that vouches for them with their digest: a
     # crash in between leaves ids that no entry vouches for, which are encoded again.
@@ -267,6 +284,20 @@ def encode_sources(sources: Sources, tokenizer: Tokenizer, cfg: DataConfig, fing
     atomic_write_text(meta_path, json.dumps(meta))
     log.info(f"{sources.setting}: encoded {n_tokens:,} tokens into {ids_path}")
     return _open_ids(ids_path, dtype, n_tokens)
+
+
+def check_unchanged(sources: Sources, fingerprint: list) -> None:
+    """Refuse to keep ids of files that changed since `fingerprint` was taken: the entry would be keyed by content
+    other than the one encoded, and a later run on that content would read these ids."""
+    for path, (_, _, digest) in zip(sources.files, fingerprint, strict=True):
+        try:
+            same = sha256_file(path) == digest
+        except OSError:  # removed, say
+            same = False
+        if not same:
+            raise FluxtrainError(
+                f"{sources.setting}: {path} changed while it was read; run again once it stays the same"
+            )
 
 
 def _check_entry(
@@ -317,11 +348,11 @@ def corpus_tokenizer(
     `data.path` when `data.val_path` is set. The char vocabulary covers validation text too.
     """
     if tok_cfg.path:
-        tokenizer = load_tokenizer(tok_cfg.path)
+        tokenizer = load_configured(tok_cfg)
         sample = next(iter_text(train, cfg.separator, cfg.encoding_errors))[:10_000]
         try:
             exact = tokenizer.decode(tokenizer.encode(sample)) == sample
-        except UnknownCharactersError:
+        except EncodeError:
             exact = True  # reported with the setting when the text is encoded
         if not exact:
             log.warning(f"tokenizer.path={tok_cfg.path} does not reproduce the text exactly; val/bpb is approximate")
@@ -353,6 +384,9 @@ def corpus_tokenizer(
     # Small pieces: the trainer buffers a few hundred pieces ahead, so memory follows the piece size.
     tokenizer = build_tokenizer(tok_cfg, corpus, safe_chunks(train_text, TRAIN_PIECE))
     if cached is not None:
+        for sources, name in ((train, "train"), (val, "val")):  # as for the token ids: no entry for other content
+            if sources is not None:
+                check_unchanged(sources, fingerprint[name])
         atomic_write_text(cached, tokenizer.to_json())
     return tokenizer
 
@@ -397,6 +431,17 @@ class TokenData:
         return window[:, :-1], window[:, 1:]
 
 
+def check_val_split(source: str, n_tokens: int, n_val: int, val_fraction: float, seq_len: int) -> None:
+    """A validation split too short for one window is an error naming data.val_fraction (when the training split
+    is long enough; TokenData says when it is not)."""
+    if n_val < seq_len + 1 <= n_tokens - n_val:
+        raise FluxtrainError(
+            f"{source} is too short: its val split has {n_val} tokens (data.val_fraction={val_fraction} of "
+            f"{n_tokens:,}), fewer than model.seq_len + 1 = {seq_len + 1}; raise data.val_fraction, lower "
+            "model.seq_len or set data.val_path"
+        )
+
+
 def load_corpus(
     cfg: DataConfig, tok_cfg: TokenizerConfig, seq_len: int, run_dir: str | Path | None = None
 ) -> tuple[TokenData, Tokenizer, str]:
@@ -406,6 +451,7 @@ def load_corpus(
     one-line description of the sources for the log.
     """
     validate(cfg)
+    validate_tokenizer(tok_cfg)
     check_cache_dir(cfg)
     train_src, val_src = corpus_sources(cfg, run_dir)
     for sources in (train_src, val_src):
@@ -414,12 +460,14 @@ def load_corpus(
     fingerprint = {"train": sources_fingerprint(train_src) if cfg.cache else None}
     fingerprint["val"] = sources_fingerprint(val_src) if cfg.cache and val_src else None
     tokenizer = corpus_tokenizer(tok_cfg, cfg, train_src, val_src, fingerprint)
-    ids = encode_sources(train_src, tokenizer, cfg, fingerprint["train"])
+    tokenizer_source = "tokenizer.path" if tok_cfg.path else BUILT_FROM_TEXT
+    ids = encode_sources(train_src, tokenizer, cfg, fingerprint["train"], tokenizer_source)
+    source = train_src.setting if val_src is None else f"{train_src.setting} ({val_src.setting})"
     if val_src is not None:
-        train_ids, val_ids = ids, encode_sources(val_src, tokenizer, cfg, fingerprint["val"])
+        train_ids, val_ids = ids, encode_sources(val_src, tokenizer, cfg, fingerprint["val"], tokenizer_source)
     else:
         n_val = int(len(ids) * cfg.val_fraction)
+        check_val_split(source, len(ids), n_val, cfg.val_fraction, seq_len)
         train_ids, val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
-    source = train_src.setting if val_src is None else f"{train_src.setting} ({val_src.setting})"
     data = TokenData(np.asarray(train_ids), np.asarray(val_ids), seq_len, source, count_bytes(val_ids, tokenizer))
     return data, tokenizer, source

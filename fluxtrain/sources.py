@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
+import fcntl
 import glob
 import hashlib
 import logging
@@ -66,10 +68,43 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
 
     Bytes go to `dest.part` first and are renamed into place only once complete, not empty and verified, so an
     interrupted download never leaves a file that looks complete; a later call resumes the partial file with an HTTP
-    Range request. An empty file at `dest` (which no download leaves) is fetched again.
+    Range request. An empty file at `dest` (which no download leaves) is fetched again. Runs sharing the folder
+    fetch one at a time (`dest.lock` is held meanwhile): a second run waits for the first, then finds its file.
     """
     dest = Path(dest)
     sha256 = check_sha256(sha256)
+    if dest.is_file() and dest.stat().st_size and (sha256 is None or sha256_file(dest) == sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(dest.with_name(dest.name + ".lock")):
+        return _fetch(url, dest, sha256, timeout)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` for the block: other processes wait for it. The file exists only
+    while locked; a waiter that gets the lock of a file already removed tries again with the new one."""
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            f.close()
+            raise
+        f.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the lock is let go, so no one locks a file that is going away
+        f.close()
+
+
+def _fetch(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
+    """`download`'s body, run under its lock."""
     old: str | None = None  # the sha256 of a file already at dest, when one is expected
     wrong_copy = ""  # said if the download fails: a file at dest that is not the expected one
     if dest.is_file() and dest.stat().st_size == 0:
@@ -177,6 +212,14 @@ class Sources:
 def _matches(rel: str, patterns: Iterable[str]) -> bool:
     name = rel.rsplit("/", 1)[-1]
     return any(fnmatch(rel, p) or fnmatch(name, p) for p in patterns)
+
+
+def _is_empty(path: Path, size: int) -> bool:
+    """No text: no bytes, or only the byte order mark (which is not read as text)."""
+    if size != len(codecs.BOM_UTF8):
+        return size == 0
+    with open(path, "rb") as f:
+        return f.read() == codecs.BOM_UTF8
 
 
 def _is_binary(path: Path) -> bool:
@@ -297,8 +340,10 @@ def resolve_sources(
     target = Path(path).expanduser()
     leave_out = {os.path.realpath(Path(folder).expanduser()): why for folder, why in (leave_out or {}).items()}
     if target.is_file():
-        if target.stat().st_size == 0:
+        if _is_empty(target, target.stat().st_size):
             raise FluxtrainError(f"{setting}: file {target} is empty")
+        if _is_binary(target):  # what a folder would skip is an error when named
+            raise FluxtrainError(f"{setting}: {target} is a binary file (a NUL byte in its first {BINARY_SNIFF} bytes)")
         return Sources([target], where, [target.stat().st_size])
     if target.is_dir():
         walk = _Walk(str(target), leave_out, run_folders)
@@ -336,7 +381,7 @@ def resolve_sources(
             broken.append(f"{file} -> {os.readlink(file)}")
         elif not stat.S_ISREG((st := file.stat()).st_mode):
             n_special += 1  # a FIFO, socket or device: reading it could block or never end
-        elif st.st_size == 0:
+        elif _is_empty(file, st.st_size):
             sources.n_empty += 1
         elif real in read:
             sources.n_duplicates += 1
@@ -383,7 +428,8 @@ def iter_file_text(
     setting: str = "data.path",
     on_invalid: Callable[[Path, int], None] = warn_not_utf8,
 ) -> Iterator[str]:
-    """The text of a UTF-8 file in pieces of at most a few MiB; invalid bytes are an error naming the byte offset,
+    """The text of a UTF-8 file in pieces of at most a few MiB, without the byte order mark some editors put at its
+    start; invalid bytes are an error naming the byte offset,
     or with `encoding_errors="replace"` become U+FFFD, and `on_invalid(path, offset of the first bad byte)` is called
     (by default, a warning)."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
@@ -392,6 +438,8 @@ def iter_file_text(
         while True:
             block = f.read(READ_BLOCK)
             final = not block
+            if offset == 0 and block.startswith(codecs.BOM_UTF8):  # a signature some editors write, not text
+                block, offset = block[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
             pending = decoder.getstate()[0]  # bytes of a character split across blocks
             try:
                 text = decoder.decode(block, final=final)

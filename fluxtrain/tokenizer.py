@@ -31,7 +31,11 @@ class TokenizerConfig:
     path: str | None = None  # an existing tokenizer file to reuse instead of building one
 
 
-class UnknownCharactersError(FluxtrainError):
+class EncodeError(FluxtrainError):
+    """Text the tokenizer cannot turn into ids."""
+
+
+class UnknownCharactersError(EncodeError):
     """Text holds characters the tokenizer has no id for."""
 
     def __init__(self, chars: list[str]):
@@ -166,15 +170,21 @@ class BPETokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.array(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        return np.array(self.encode(text), dtype=np.int64)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Encode several texts in parallel (Rust threads)."""
-        encodings = self.hf.encode_batch_fast(texts, add_special_tokens=False)
+        try:
+            encodings = self.hf.encode_batch_fast(texts, add_special_tokens=False)
+        except Exception as e:  # the Rust side raises a plain Exception (a WordLevel model without an unknown token)
+            raise EncodeError(f"the tokenizer cannot encode the text: {first_line(e)}") from None
         return [np.array(e.ids, dtype=np.int64) for e in encodings]
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        except Exception as e:
+            raise EncodeError(f"the tokenizer cannot encode the text: {first_line(e)}") from None
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
@@ -238,6 +248,10 @@ def tokenizer_from_json(text: str) -> Tokenizer:
         chars = data.get("chars")
         if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
             raise ValueError("char tokenizer JSON needs 'chars', a list of single characters")
+        if len(set(chars)) != len(chars):
+            raise ValueError("char tokenizer JSON lists a character twice")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in chars):
+            raise ValueError("char tokenizer JSON holds a lone surrogate, which no UTF-8 text contains")
         return CharTokenizer(chars)
     if data.get("type") == "bpe":
         if not isinstance(data.get("tokenizer"), str):
@@ -250,9 +264,18 @@ def tokenizer_from_json(text: str) -> Tokenizer:
 
 def _hf_from_str(text: str) -> HFTokenizer:
     try:
-        return HFTokenizer.from_str(text)
+        hf = HFTokenizer.from_str(text)
     except Exception as e:  # the Rust side raises a plain Exception for malformed files
         raise ValueError(f"not a valid Hugging Face tokenizer ({first_line(e)})") from None
+    ids = hf.get_vocab(with_added_tokens=True).values()
+    size = hf.get_vocab_size(with_added_tokens=True)
+    if not ids:
+        raise ValueError("the Hugging Face tokenizer has an empty vocabulary")
+    if max(ids) >= size:  # the model's embedding has `size` rows: a larger id would index past them
+        raise ValueError(
+            f"the Hugging Face tokenizer has id {max(ids)} in a vocabulary of {size} (ids must be 0..{size - 1})"
+        )
+    return hf
 
 
 def load_tokenizer(path: str | Path, setting: str = "tokenizer.path") -> Tokenizer:
@@ -269,12 +292,22 @@ def load_tokenizer(path: str | Path, setting: str = "tokenizer.path") -> Tokeniz
 
 
 def validate(cfg: TokenizerConfig) -> None:
+    if cfg.path is not None and not str(cfg.path).strip():  # most likely an unset shell variable
+        raise FluxtrainError(f"tokenizer.path={cfg.path!r} is empty; give a tokenizer file, or null to build one")
     if cfg.kind not in KINDS:
         raise FluxtrainError(f"tokenizer.kind={cfg.kind!r} is not one of {', '.join(KINDS)}")
     if cfg.kind == "bpe" and not cfg.path and cfg.vocab_size < MIN_BPE_VOCAB:
         raise FluxtrainError(
             f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte-level BPE (at least {MIN_BPE_VOCAB})"
         )
+
+
+def load_configured(cfg: TokenizerConfig) -> Tokenizer:
+    """`tokenizer.path`'s tokenizer, saying when it is of another kind than `tokenizer=` asks for."""
+    tokenizer = load_tokenizer(cfg.path)
+    if tokenizer.kind != cfg.kind:
+        log.warning(f"tokenizer.path={cfg.path} holds a {tokenizer.kind} tokenizer: tokenizer={cfg.kind} is ignored")
+    return tokenizer
 
 
 def build_tokenizer(cfg: TokenizerConfig, corpus: str | Iterable[str], train_text: str | Iterable[str]) -> Tokenizer:
@@ -285,12 +318,7 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: str | Iterable[str], train_tex
     """
     validate(cfg)
     if cfg.path:
-        tokenizer = load_tokenizer(cfg.path)
-        if tokenizer.kind != cfg.kind:
-            log.warning(
-                f"tokenizer.path={cfg.path} holds a {tokenizer.kind} tokenizer: tokenizer={cfg.kind} is ignored"
-            )
-        return tokenizer
+        return load_configured(cfg)
     if cfg.kind == "char":
         return CharTokenizer.train(corpus)
     tokenizer = BPETokenizer.train(train_text, cfg.vocab_size)

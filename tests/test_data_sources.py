@@ -119,6 +119,14 @@ def test_broken_links_are_skipped_with_a_warning_naming_them(tmp_path, caplog, p
         resolve_sources(str(folder / "broken.txt"))
 
 
+def test_a_binary_file_named_by_itself_is_an_error(tmp_path):
+    """Valid UTF-8 with NUL bytes (UTF-16 text, say) would otherwise be trained on; a folder skips such a file."""
+    path = write(tmp_path / "utf16.txt", "hello world".encode("utf-16-le"))
+    with pytest.raises(FluxtrainError) as e:
+        resolve_sources(str(path), setting="data.val_path")
+    assert str(e.value) == f"data.val_path: {path} is a binary file (a NUL byte in its first 8000 bytes)"
+
+
 def test_what_is_not_a_regular_file_is_named_so(tmp_path):
     fifo = tmp_path / "folder" / "fifo"
     fifo.parent.mkdir()
@@ -170,6 +178,21 @@ def test_replace_mode_reads_with_replacement_characters_and_warns(tmp_path, monk
         text = read_corpus(resolve_sources(str(bad)), encoding_errors="replace")
     assert text == "héllo wörld \ufffd tail"
     assert any("bad.txt is not valid UTF-8 (first bad byte at offset 14)" in r.message for r in caplog.records)
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path, monkeypatch):
+    bom = "\ufeff".encode()
+    write(tmp_path / "corpus" / "a.txt", bom + b"one\r\n")
+    write(tmp_path / "corpus" / "b.txt", bom + b"two \xef\xbb\xbf")  # only a leading one is a signature
+    write(tmp_path / "corpus" / "c.txt", bom)  # no text: skipped as empty, and an error when named
+    sources = resolve_sources(str(tmp_path / "corpus"))
+    assert read_corpus(sources) == "one\r\n\ntwo \ufeff" and sources.n_empty == 1
+    with pytest.raises(FluxtrainError, match="c.txt is empty"):
+        resolve_sources(str(tmp_path / "corpus" / "c.txt"))
+    monkeypatch.setattr(sources_mod, "READ_BLOCK", 4)
+    bad = write(tmp_path / "bad.txt", bom + b"abc\xff")
+    with pytest.raises(FluxtrainError, match=r"bad.txt is not valid UTF-8 \(byte offset 6\)"):  # in the file's bytes
+        read_corpus(resolve_sources(str(bad)))
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -339,6 +362,42 @@ def test_unusable_cache_dir_is_an_error_before_any_work(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_file_in_the_cache_folder_where_a_folder_goes_is_an_error_before_any_work(tmp_path, monkeypatch):
+    path = write(tmp_path / "a.txt", make_text(3_000))
+    write(tmp_path / "cache" / "tokens", "x")
+    calls = count_encodes(monkeypatch)
+    with pytest.raises(FluxtrainError) as e:
+        load_corpus(corpus_cfg(tmp_path, path), TokenizerConfig(), 16)
+    assert str(e.value) == (
+        f"data.cache_dir={tmp_path / 'cache'} holds a file {tmp_path / 'cache' / 'tokens'} where a folder goes; "
+        "set data.cache_dir to a writable folder or data.cache=false"
+    )
+    assert calls == []
+
+
+@pytest.mark.parametrize("step", ["build_tokenizer", "encode_stream"])
+def test_a_file_that_changes_while_it_is_read_leaves_no_cache_entry(tmp_path, monkeypatch, step):
+    """Entries are keyed by the content hashed first: a tokenizer or ids made from other content under that key
+    would be read by a later run on the first content."""
+    first = make_text(3_000, seed=1)
+    path = write(tmp_path / "a.txt", first)
+    cfg = corpus_cfg(tmp_path, path)
+    real = getattr(data_mod, step)
+
+    def changing(*args, **kwargs):
+        write(path, make_text(3_000, seed=2))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, step, changing)
+    with pytest.raises(FluxtrainError, match=f"^data.path={path}: {path} changed while it was read; run again"):
+        load_corpus(cfg, TokenizerConfig(), 16)
+    assert not list((tmp_path / "cache" / ("tokenizers" if step == "build_tokenizer" else "tokens")).glob("*"))
+    write(path, first)  # back to the content the run started from
+    monkeypatch.setattr(data_mod, step, real)
+    data, tok, _ = load_corpus(cfg, TokenizerConfig(), 16)
+    assert tok.decode(np.concatenate([data.train, data.val]).tolist()) == first
+
+
 def damage_json(entry: Path, vocab_size: int) -> None:
     entry.write_text('{"n_tokens": 12')
 
@@ -440,6 +499,16 @@ def test_val_split_is_the_last_fraction_of_the_token_stream(tmp_path):
     data, tok, _ = load_corpus(corpus_cfg(tmp_path, path, val_fraction=0.25), TokenizerConfig(), 16)
     assert len(data.val) == int(len(text) * 0.25)
     assert tok.decode(data.val.tolist()) == text[len(text) - len(data.val) :]
+
+
+def test_a_val_split_too_short_for_one_window_names_val_fraction(tmp_path):
+    path = write(tmp_path / "a.txt", make_text(1_000))
+    with pytest.raises(FluxtrainError) as e:
+        load_corpus(corpus_cfg(tmp_path, path, val_fraction=0.01), TokenizerConfig(), 16)
+    assert str(e.value) == (
+        f"data.path={path} is too short: its val split has 10 tokens (data.val_fraction=0.01 of 1,000), fewer than "
+        "model.seq_len + 1 = 17; raise data.val_fraction, lower model.seq_len or set data.val_path"
+    )
 
 
 def test_val_path_gives_a_separate_validation_text(tmp_path):

@@ -4,6 +4,7 @@ URL, data.sha256's form, empty downloads, errors that say why, and the log line 
 import hashlib
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -28,12 +29,13 @@ OTHER = ("Second text, served at another URL.\n" * 300).encode()
 
 class Server:
     """Serves BODY at /corpus.txt (and OTHER at /other.txt) with HTTP Range support; `cut_after` drops the
-    connection part-way once."""
+    connection part-way once; `chunk_delay` sends the body in pieces of 4 KiB, that many seconds apart."""
 
     def __init__(self):
         self.files = {"/corpus.txt": BODY, "/other.txt": OTHER}
         self.requests: list[dict] = []
         self.cut_after: int | None = None
+        self.chunk_delay = 0.0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,7 +64,10 @@ class Server:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(payload)
+                for i in range(0, len(payload), 4096):
+                    self.wfile.write(payload[i : i + 4096])
+                    self.wfile.flush()
+                    time.sleep(server.chunk_delay)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/corpus.txt"
@@ -143,6 +148,31 @@ def test_an_empty_download_is_not_kept_and_an_empty_cached_file_is_fetched_again
     with pytest.raises(FluxtrainError, match=r"^could not download data\.url=.* \(Connection refused\); download it"):
         resolve_text_path(corpus)
     assert list(cache.iterdir()) == []
+
+
+def test_runs_sharing_the_cache_download_once(server, tmp_path):
+    """A second run waits for the first one's download instead of writing into the same partial file."""
+    server.chunk_delay = 0.02
+    dest = tmp_path / "corpus.txt"
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(download(server.url, dest, SHA))
+        except Exception as e:
+            errors.append(e)
+
+    first, second = threading.Thread(target=fetch), threading.Thread(target=fetch)
+    first.start()
+    part, deadline = dest.with_name(dest.name + ".part"), time.monotonic() + 10
+    while not (part.exists() and part.stat().st_size) and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    second.start()
+    first.join()
+    second.join()
+    assert errors == [] and results == [dest, dest]
+    assert dest.read_bytes() == BODY and len(server.requests) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [dest.name]  # no partial file, no lock file
 
 
 def test_server_down_names_url_and_destination(tmp_path):

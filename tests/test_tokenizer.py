@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import normalizers
+from tokenizers import models, normalizers, pre_tokenizers
 
 from fluxtrain.checkpoint import load_model
 from fluxtrain.data import DataConfig, load_corpus
@@ -99,6 +99,73 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path):
     bad.write_text('{"model": {"type": "nonsense"}}')
     with pytest.raises(FluxtrainError, match="tokenizer.path: .*bad.json is not a tokenizer file"):
         load_tokenizer(bad)
+
+
+def hf_file(path: Path, model) -> Path:
+    hf = HFTokenizer(model)
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"type": "char", "chars": ["a", "b", "a"]}', "char tokenizer JSON lists a character twice"),
+        (
+            '{"type": "char", "chars": ["a", "\\ud800"]}',
+            "char tokenizer JSON holds a lone surrogate, which no UTF-8 text contains",
+        ),
+        (models.WordLevel(vocab={}, unk_token=None), "the Hugging Face tokenizer has an empty vocabulary"),
+        (
+            models.WordLevel(vocab={"a": 0, "b": 7}, unk_token=None),
+            "the Hugging Face tokenizer has id 7 in a vocabulary of 2 (ids must be 0..1)",
+        ),
+    ],
+)
+def test_tokenizer_files_a_model_cannot_use_are_refused(tmp_path, content, problem):
+    """Ids past the vocabulary size index past the model's embedding; a surrogate has no UTF-8 bytes for bpb."""
+    path = tmp_path / "tokenizer.json"
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        hf_file(path, content)
+    with pytest.raises(FluxtrainError) as e:
+        load_tokenizer(path)
+    assert str(e.value) == f"tokenizer.path: {path} is not a tokenizer file: {problem}"
+
+
+def test_a_tokenizer_that_cannot_encode_the_text_is_a_one_line_error(tmp_path):
+    path = hf_file(tmp_path / "words.json", models.WordLevel(vocab={"hello": 0, "world": 1}, unk_token=None))
+    text = tmp_path / "a.txt"
+    text.write_text("hello there world\n" * 50)
+    cfg = DataConfig(path=str(text), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FluxtrainError) as e:
+        load_corpus(cfg, TokenizerConfig(path=str(path)), 16)
+    assert str(e.value) == (
+        "data.path: the tokenizer cannot encode the text: WordLevel error: Missing [UNK] token from the vocabulary "
+        "(the tokenizer comes from tokenizer.path)"
+    )
+
+
+def test_tokenizer_settings_are_checked_first_and_a_file_of_another_kind_is_said(tmp_path, caplog):
+    missing = DataConfig(path=str(tmp_path / "missing.txt"), cache_dir=str(tmp_path / "cache"))
+    char_file = tmp_path / "char.json"
+    CharTokenizer.train(make_text(3_000)).save(char_file)
+    for tok_cfg, message in (
+        (TokenizerConfig(path=""), "tokenizer.path='' is empty; give a tokenizer file, or null to build one"),
+        (TokenizerConfig(kind="word", path=str(char_file)), "tokenizer.kind='word' is not one of char, bpe"),
+    ):
+        with pytest.raises(FluxtrainError) as e:
+            load_corpus(missing, tok_cfg, 16)  # before the data: its error would be "does not exist"
+        assert str(e.value) == message
+    text = tmp_path / "a.txt"
+    text.write_text(make_text(3_000))
+    cfg = DataConfig(path=str(text), cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        _, tok, _ = load_corpus(cfg, TokenizerConfig(kind="bpe", path=str(char_file)), 16)
+    assert tok.kind == "char"
+    assert f"tokenizer.path={char_file} holds a char tokenizer: tokenizer=bpe is ignored" in caplog.text
 
 
 def test_config_validation():
