@@ -28,8 +28,11 @@ def table_peak(device_name: str) -> float | None:
 
 
 @functools.cache
-def probe_peak(device_type: str, dtype: torch.dtype = torch.float32, size: int = 512, reps: int = 8) -> float:
-    """FLOP/s of a square matmul on this device, measured once per process: the best of `reps` timed runs.
+def probe_peak(
+    device_type: str, dtype: torch.dtype = torch.float32, size: int = 512, reps: int = 8, min_seconds: float = 0.2
+) -> float:
+    """FLOP/s of a square matmul on this device, measured once per process: the best of at least `reps` timed runs
+    spread over at least `min_seconds`, so that a burst of other work on the machine does not set the figure.
 
     The operands come from a generator of their own: drawing them from torch's global one would shift the dropout
     masks of the training run that asked, depending on whether this process had measured the peak before.
@@ -37,12 +40,14 @@ def probe_peak(device_type: str, dtype: torch.dtype = torch.float32, size: int =
     device = torch.device(device_type)
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(reps + 1):  # the first run warms up
+    best, runs = float("inf"), 0
+    start = now = time.perf_counter()
+    while runs <= reps or now - start < min_seconds:  # the first run warms up
         _sync(device)
         t0 = time.perf_counter()
         (a @ b).sum().item()
-        best = min(best, time.perf_counter() - t0)
+        now = time.perf_counter()
+        best, runs = min(best, now - t0), runs + 1
     return 2 * size**3 / best
 
 

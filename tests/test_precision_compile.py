@@ -169,6 +169,25 @@ def test_peak_flops_sources():
     assert throughput.mfu(1000.0, 6_000_000, 1e10, world_size=2) == pytest.approx(0.3)
 
 
+def test_the_matmul_probe_outlasts_a_burst_of_other_work(monkeypatch):
+    # A fake clock: the first 9 products (what a fixed count of runs would time) take 15 ms each, as when another
+    # process holds the cores for a moment; after that each takes 2 ms. The probe must report the 2 ms rate.
+    durations = iter([0.015] * 9 + [0.002] * 1000)
+    now = [0.0]
+
+    def perf_counter():
+        return now[0]
+
+    def product(a, b):
+        now[0] += next(durations)
+        return a.new_zeros(())
+
+    monkeypatch.setattr(throughput.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", product)
+    peak = throughput.probe_peak.__wrapped__("cpu", size=8, reps=8, min_seconds=0.2)
+    assert peak == pytest.approx(2 * 8**3 / 0.002)
+
+
 def test_measuring_the_peak_leaves_training_unchanged(tiny_cfg, tmp_path):
     # With dropout the global RNG shapes training; the matmul probe, which runs once per process, must not draw from it.
     run = [*SHORT, "model.dropout=0.1"]
