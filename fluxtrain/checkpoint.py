@@ -30,6 +30,9 @@ CHECKPOINT_FORMAT = "fluxtrain-checkpoint"
 FORMAT_VERSION = "1"
 TIED_KEYS = ("head.weight",)  # tied to tok_emb.weight, so stored once
 DIGEST_KEY = "sha256"
+# What a weight may be stored as (half precision loads into float32 exactly, float64 rounded). Others, such as
+# integers or float8 (which torch cannot even check for NaN), are not fluxtrain weights.
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -103,6 +106,7 @@ def save_model_file(path: str | Path, model: nn.Module, tokenizer: Tokenizer, ex
     Under torch.distributed every rank calls this (FSDP gathers the weights collectively); rank 0 writes the file.
     """
     plain = unwrap(model)
+    check_full_precision(plain, path)
     if not (is_writer() or is_sharded(plain)):
         return
     state = model_state(plain)
@@ -111,6 +115,18 @@ def save_model_file(path: str | Path, model: nn.Module, tokenizer: Tokenizer, ex
     meta = model_metadata(plain, tokenizer, extra)
     meta[DIGEST_KEY] = content_digest(state, meta)
     atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(state, metadata=meta)))
+
+
+def check_full_precision(model: nn.Module, path: str | Path) -> None:
+    """Refuse to write a model whose linear layers hold int8 weights (`fluxtrain.quantize`): no file could
+    rebuild it."""
+    from fluxtrain.quantize import Int8Linear
+
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise FluxtrainError(
+            f"{Path(path).name} was not written: the model has int8 weights (quantize_int8), and model files and "
+            "checkpoints hold full-precision weights; save the model before quantizing it"
+        )
 
 
 def _is(value: Any, hint: Any) -> bool:
@@ -154,6 +170,8 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[
     path = Path(path)
     if path.is_dir():
         raise FluxtrainError(f"{what} {path} is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise FluxtrainError(f"{what} {path} is not a regular file")
     if not path.is_file():
         raise FluxtrainError(f"{what} {path} does not exist")
     if path.stat().st_size == 0:
@@ -199,12 +217,29 @@ def build_from_metadata(meta: dict[str, str], source: str, state: dict[str, torc
         raise FluxtrainError(f"{source}: damaged model metadata ({type(e).__name__}: {e})") from None
     if tokenizer.vocab_size != vocab_size:
         raise FluxtrainError(f"{source}: its tokenizer has {tokenizer.vocab_size} tokens, its model {vocab_size}")
-    with torch.device("meta"):  # shapes only
-        check_weights(GPT(cfg, vocab_size), state, source)
+    check_weights(shapes_only(cfg, vocab_size, source), state, source)
     bad = first_non_finite(state)  # a checkpoint's weights are checked as it is read (load_checkpoint)
     if bad is not None:
         raise FluxtrainError(f"{source}: weight {bad} holds NaN or infinite values")
     return GPT(cfg, vocab_size), tokenizer
+
+
+def shapes_only(cfg: ModelConfig, vocab_size: int, source: str) -> GPT:
+    """The model `cfg` describes, on the meta device: its weights' shapes, with no memory allocated."""
+    try:
+        with torch.device("meta"):
+            return GPT(cfg, vocab_size)
+    except (RuntimeError, TypeError, OverflowError) as e:  # sizes past what torch can hold
+        raise FluxtrainError(f"{source}: its model config describes no buildable model ({first_line(e)})") from None
+
+
+def check_dtypes(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """One-line error naming the first weight stored as anything but a floating-point type torch computes in."""
+    wrong = next((k for k, v in state.items() if v.dtype not in WEIGHT_DTYPES), None)
+    if wrong is not None:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)
+        dtype = str(state[wrong].dtype).removeprefix("torch.")
+        raise FluxtrainError(f"{source}: weight {wrong} is stored as {dtype}; weights are {allowed}")
 
 
 def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
@@ -214,6 +249,7 @@ def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
 
 def check_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """One-line errors naming the file when the weights do not fit the model."""
+    check_dtypes(state, source)
     expected = {k: v.shape for k, v in model.state_dict().items() if k not in TIED_KEYS}
     got = {k: v.shape for k, v in state.items()}
     if expected.keys() != got.keys():
@@ -335,6 +371,7 @@ def save_checkpoint(
 ) -> None:
     """Write a full checkpoint atomically; refuses (NonFiniteWeightsError) when the weights are not finite."""
     plain = unwrap(model)
+    check_full_precision(plain, path)
     if not (is_writer() or is_sharded(plain)):  # FSDP gathers weights and optimizer state with every rank
         return
     weights = model_state(plain)
@@ -382,6 +419,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         progress = Progress(**_typed(json.loads(meta["progress"]), Progress, "progress", str(path)))
         optimizer = _join_optimizer_state(groups["optim"], meta["optimizer"])
         scaler = json.loads(meta["scaler"])
+        if not isinstance(scaler, dict):
+            raise FluxtrainError(f"{path}: its grad-scaler state is not a JSON object")
         config = json.loads(meta["config"])
         if not isinstance(config, dict):
             raise FluxtrainError(f"{path}: its run config is not a JSON object")
@@ -398,6 +437,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 f"{path}: its random-number state rng/{wrong} has {groups['rng'][wrong].numel()} bytes, "
                 f"a CPU generator's has {cpu_state_size}"
             )
+        check_dtypes(groups["model"], path)
         bad = first_non_finite(groups["model"])
         if bad is not None:
             raise FluxtrainError(f"{path}: weight {bad} holds NaN or infinite values")
@@ -437,14 +477,17 @@ def restore(
         load_state_into(unwrap(model), ckpt.model, source)
     configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
-        check_optimizer_shapes(ckpt.optimizer, optimizer)
+        check_optimizer_state(ckpt.optimizer, optimizer)
         optimizer.load_state_dict(shard_optimizer_state(optimizer, ckpt.optimizer))
-    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+    except (ValueError, KeyError, IndexError, RuntimeError, TypeError) as e:
         raise FluxtrainError(f"{source}: optimizer state does not fit this optimizer ({first_line(e)})") from None
     for group, settings in zip(optimizer.param_groups, configured, strict=True):
         group.update(settings)
     if ckpt.scaler and scaler.is_enabled():
-        scaler.load_state_dict(ckpt.scaler)
+        try:
+            scaler.load_state_dict(ckpt.scaler)
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise FluxtrainError(f"{source}: its grad-scaler state cannot be restored ({first_line(e)})") from None
     try:
         set_rng_state(ckpt.rng, batch_gen, model_device(unwrap(model)))
     except (RuntimeError, ValueError, TypeError) as e:
@@ -452,13 +495,33 @@ def restore(
     return ckpt.progress
 
 
-def check_optimizer_shapes(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+def check_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
     """Raise ValueError naming the first saved optimizer tensor (`optim/<index>/<name>`: Adam's moments, a momentum
-    buffer) whose shape is not its parameter's; torch would load it and fail, or broadcast it, at the first step."""
-    for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=False):  # torch checks the counts
-        for index, param in zip(saved["params"], group["params"], strict=False):
-            for name, value in state["state"].get(index, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+    buffer) that does not fit: the state of no parameter, of another shape than its parameter's, stored as no
+    floating-point type, or missing where the other parameters of its group have it. Torch would load such a state
+    and fail, or broadcast it, at the first step."""
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the checkpoint has {len(state['param_groups'])} parameter groups, this optimizer "
+            f"{len(optimizer.param_groups)}"
+        )
+    owned = {index for saved in state["param_groups"] for index in saved["params"]}
+    stray = next((index for index in state["state"] if index not in owned), None)
+    if stray is not None:
+        raise ValueError(f"optim/{stray} is the state of none of the checkpoint's {len(owned)} parameters")
+    for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=True):  # torch checks the sizes
+        states = [state["state"].get(index, {}) for index in saved["params"]]
+        names = set().union(*states)
+        for index, param, param_state in zip(saved["params"], group["params"], states, strict=False):
+            missing = sorted(names - param_state.keys()) if param_state else []
+            if missing:
+                raise ValueError(f"optim/{index}/{missing[0]} is missing (other parameters of its group have it)")
+            for name, value in param_state.items():
+                if not torch.is_tensor(value) or value.dim() == 0:  # Adam's step count
+                    continue
+                if value.shape != param.shape:
                     raise ValueError(
                         f"optim/{index}/{name} has shape {tuple(value.shape)}, its parameter {tuple(param.shape)}"
                     )
+                if value.dtype not in WEIGHT_DTYPES:
+                    raise ValueError(f"optim/{index}/{name} is stored as {str(value.dtype).removeprefix('torch.')}")

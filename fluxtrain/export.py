@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -25,6 +26,20 @@ INSTALL_HINT = "pip install 'fluxtrain[hf]' (or pip install -e \".[hf]\" in a ch
 # GPT-2's MLP takes any activation from transformers' ACT2FN table; these are the exact equivalents of ours.
 HF_ACTIVATIONS = {"gelu": "gelu", "relu2": "relu2"}
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, used by every fluxtrain LayerNorm
+# The files save_pretrained writes for a GPT2LMHeadModel and a fast tokenizer (a large model in shards, transformers
+# 4 also special_tokens_map.json): `--overwrite` replaces a folder holding these alone.
+EXPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def require_transformers():
@@ -47,8 +62,12 @@ def unsupported_blocks(cfg: ModelConfig) -> list[str]:
     return blocks
 
 
-def check_exportable(cfg: ModelConfig, source: str) -> None:
-    blocks = unsupported_blocks(cfg)
+def check_exportable(model: GPT, source: str) -> None:
+    from fluxtrain.quantize import Int8Linear
+
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise FluxtrainError(f"{source}: the model has int8 weights (quantize_int8); export the full-precision model")
+    blocks = unsupported_blocks(model.cfg)
     if blocks:
         raise FluxtrainError(f"{source}: GPT2LMHeadModel has no equivalent for these blocks: {'; '.join(blocks)}")
 
@@ -164,7 +183,7 @@ def hf_tokenizer(tokenizer: Tokenizer, seq_len: int):
 def to_transformers(model: GPT, tokenizer: Tokenizer, source: str = "model"):
     """The equivalent (GPT2LMHeadModel, PreTrainedTokenizerFast) pair, in eval mode on the CPU."""
     transformers = require_transformers()
-    check_exportable(model.cfg, source)
+    check_exportable(model, source)
     hf_tok = hf_tokenizer(tokenizer, model.cfg.seq_len)
     special = {"bos": hf_tok.bos_token_id, "eos": hf_tok.eos_token_id, "pad": hf_tok.pad_token_id}
     hf_model = transformers.GPT2LMHeadModel(gpt2_config(model.cfg, model.vocab_size, special))
@@ -223,12 +242,23 @@ def is_export(folder: Path) -> bool:
     return isinstance(config, dict) and config.get("architectures") == ["GPT2LMHeadModel"]
 
 
+def not_exported(folder: Path) -> list[str]:
+    """The names in `folder` that no export writes (the user's own files, or folders), which `--overwrite` keeps."""
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if not (p.is_file() and any(fnmatch.fnmatchcase(p.name, pattern) for pattern in EXPORT_FILES))
+    )
+
+
 def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a folder that AutoModelForCausalLM and AutoTokenizer load, from a fluxtrain model file."""
     require_transformers()
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise FluxtrainError(f"OUT_DIR {out_dir} is a file, not a folder")
+    if Path.cwd().resolve().is_relative_to(out_dir.resolve()):  # the export takes the folder's place whole
+        raise FluxtrainError(f"OUT_DIR {out_dir} is the current folder or holds it; export into a new folder")
     if out_dir.is_dir() and (run_model_file(out_dir) or find_latest(out_dir)):
         raise FluxtrainError(
             f"OUT_DIR {out_dir} is a run folder (it holds fluxtrain model files or checkpoints); export into a new one"
@@ -240,6 +270,12 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
             raise FluxtrainError(
                 f"OUT_DIR {out_dir} does not hold an earlier export (no GPT2LMHeadModel config.json), so --overwrite "
                 "would delete other files; choose a new folder"
+            )
+        others = not_exported(out_dir)
+        if others:
+            raise FluxtrainError(
+                f"OUT_DIR {out_dir} holds an earlier export and other files ({', '.join(others[:5])}), which "
+                "--overwrite would delete; move them out or choose a new folder"
             )
     check_writable(out_dir, "OUT_DIR", folder=True)
     model_path = resolve_model_path(model_path)

@@ -3,8 +3,8 @@
 Decoding one token at a time reads every weight once per token, so on a CPU its speed is set by how many bytes of
 weights it reads. Storing each linear layer's weight as int8 with one scale per output row (symmetric, round to
 nearest) reads 4x fewer bytes than fp32. Activations stay in the model's dtype; on CPU the matrix product runs in
-torch's int8-weight kernel (`torch._weight_int8pack_mm`, bfloat16 activations); prompts, and other devices,
-use a matmul with the dequantized weight.
+torch's int8-weight kernel (`torch._weight_int8pack_mm`, bfloat16 activations); prompts, other devices, and layers
+whose input width the kernel cannot take use a matmul with the dequantized weight.
 The token embedding (tied to the output head) and the norms keep their full precision.
 """
 
@@ -20,6 +20,9 @@ QUANTIZE_CHOICES = ("none", "int8")
 # From this many input rows on (a prompt rather than one new token), dequantizing the weight and running an fp32
 # matmul beats the int8 kernel on CPU: measured 0.56 vs 1.12 ms at 64 rows, 1.3 vs 3.4 ms at 192 (1536 x 384).
 DEQUANTIZE_ROWS = 64
+# The CPU kernel reads each row of weights and inputs in aligned blocks of 16 values (8 on AVX2 and ARM) and has no
+# code for a remainder: another input width reads past the rows, giving garbage or a segmentation fault.
+KERNEL_WIDTH_MULTIPLE = 16
 
 
 class Int8Linear(nn.Module):
@@ -39,13 +42,20 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        if x.is_cpu and x2d.size(0) < DEQUANTIZE_ROWS:
-            y = torch._weight_int8pack_mm(x2d.to(torch.bfloat16), self.weight, self.scale)
+        if self.kernel_fits(x2d):
+            # A fresh copy: the kernel needs rows that start aligned, which a view into a larger tensor may not.
+            a = x2d.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
+            y = torch._weight_int8pack_mm(a, self.weight, self.scale)
             # Adding the bias (in the input's dtype) also brings the bfloat16 product back to that dtype.
             y = y + self.bias if self.bias is not None else y.to(x.dtype)
         else:
             y = F.linear(x2d, self.dequantized(x.dtype), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def kernel_fits(self, x2d: torch.Tensor) -> bool:
+        """Whether the int8 kernel computes `x2d` (rows, in_features) correctly, and faster than a dequantized
+        matmul: on CPU, for fewer than DEQUANTIZE_ROWS rows, with an input width the kernel reads whole."""
+        return x2d.is_cpu and x2d.size(0) < DEQUANTIZE_ROWS and self.in_features % KERNEL_WIDTH_MULTIPLE == 0
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight (out, in) back in `dtype`, as the int8 values times their row's scale."""

@@ -171,12 +171,15 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     progress = json.loads(meta["progress"])
     nan_weight = tensors["model/blocks.0.mlp.fc.weight"].clone()
     nan_weight[0, 0] = float("nan")
+    float8_weight = tensors["model/blocks.0.mlp.fc.weight"].to(torch.float8_e4m3fn)
     for name, meta_changes, tensor_changes, phrase in (
         ("text_iteration", {"progress": json.dumps({**progress, "iteration": "7"})}, {}, "progress has iteration='7'"),
         ("list_config", {"config": "[1, 2]"}, {}, "its run config is not a JSON object"),
         ("float_rng", {}, {"rng/torch": torch.zeros(8)}, "rng/torch is not a byte vector"),
         ("short_rng", {}, {"rng/batches": torch.zeros(5, dtype=torch.uint8)}, "rng/batches has 5 bytes"),
         ("nan_weights", {}, {"model/blocks.0.mlp.fc.weight": nan_weight}, "holds NaN or infinite values"),
+        ("float8_weights", {}, {"model/blocks.0.mlp.fc.weight": float8_weight}, "is stored as float8_e4m3fn"),
+        ("list_scaler", {"scaler": "[1]"}, {}, "its grad-scaler state is not a JSON object"),
     ):
         crafted_meta, crafted = {**meta, **meta_changes}, {**tensors, **tensor_changes}
         crafted_meta[DIGEST_KEY] = content_digest(crafted, crafted_meta)
@@ -215,6 +218,38 @@ def test_optimizer_state_of_another_shape_than_its_parameter_is_named(tmp_path):
         f"{edited}: optimizer state does not fit this optimizer (optim/0/exp_avg has shape "
         f"({exp_avg.shape[0]}, 3), its parameter {tuple(exp_avg.shape)})"
     )
+
+
+def test_optimizer_state_of_no_parameter_missing_or_of_another_dtype_is_named(tmp_path):
+    """Torch would load each of these and fail at the first step, with a traceback, or not at all."""
+    path = tmp_path / "iter_000002.ckpt"
+    write_checkpoint(path)
+    with safe_open(str(path), framework="pt") as f:
+        exp_avg = f.get_tensor("optim/0/exp_avg")
+    n_params = len(list(make_run_state()[0].parameters()))
+    for changes, removed, problem in (
+        ({"optim/99/exp_avg": torch.zeros(3)}, None, f"optim/99 is the state of none of the checkpoint's {n_params}"),
+        ({}, "optim/0/exp_avg", "optim/0/exp_avg is missing (other parameters of its group have it)"),
+        ({"optim/0/exp_avg": exp_avg.long()}, None, "optim/0/exp_avg is stored as int64"),
+    ):
+        edited = without_checksum(path, changes)
+        if removed:
+            with safe_open(str(edited), framework="pt") as f:
+                meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if k != removed}
+            save_file(tensors, str(edited), metadata=meta)
+        with pytest.raises(FluxtrainError) as info:
+            restore(load_checkpoint(edited), *make_run_state())
+        assert str(info.value).startswith(f"{edited}: optimizer state does not fit this optimizer ({problem}"), problem
+
+
+def test_a_grad_scaler_state_that_does_not_fit_is_named(tmp_path):
+    path = tmp_path / "iter_000002.ckpt"
+    write_checkpoint(path)
+    ckpt = load_checkpoint(path)
+    ckpt.scaler = {"scale": 1024.0}  # a JSON object, but not all of a GradScaler's state
+    model, optimizer, _, batch_gen = make_run_state()
+    with pytest.raises(FluxtrainError, match=re.escape(f"{path}: its grad-scaler state cannot be restored (")):
+        restore(ckpt, model, optimizer, torch.amp.GradScaler("cpu", enabled=True), batch_gen)
 
 
 def test_a_random_number_state_that_does_not_fit_is_named(tmp_path):

@@ -232,6 +232,47 @@ def test_overwrite_replaces_the_whole_earlier_export_and_refuses_other_folders(t
     assert [p.name for p in notes.iterdir()] == ["todo.txt"]
 
 
+def test_overwrite_keeps_an_earlier_export_that_holds_other_files(tmp_path, capsys):
+    """The model file exported from the export's own folder, or notes beside an export, are not the export's: a
+    config.json of GPT-2 does not make them safe to delete."""
+    tokenizer = CharTokenizer.train(TEXT)
+    out = tmp_path / "hf"
+    model_file = out / "model_v2.safetensors"
+    export_and_load(tmp_path, tokenizer)
+    save_model_file(model_file, tiny_model(tokenizer.vocab_size), tokenizer)
+    (out / "plots").mkdir()
+    names = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()  # transformers' progress bars while loading the export
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_file), str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: OUT_DIR {out} holds an earlier export and other files (model_v2.safetensors, plots)")
+    assert sorted(p.name for p in out.iterdir()) == names
+
+
+def test_the_current_folder_is_refused_as_out_dir(tmp_path, capsys, monkeypatch):
+    """An export takes its folder's place whole, which the current folder cannot give up (it failed with 'Device or
+    resource busy')."""
+    tokenizer = CharTokenizer.train(TEXT)
+    model_file = tmp_path / "model.safetensors"
+    save_model_file(model_file, tiny_model(tokenizer.vocab_size), tokenizer)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_file), "."])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "error: OUT_DIR . is the current folder or holds it; export into a new folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "model.safetensors"]
+
+
+def test_a_quantized_model_is_not_exported():
+    from fluxtrain.quantize import quantize_int8
+
+    with pytest.raises(FluxtrainError, match="^model: the model has int8 weights"):
+        to_transformers(quantize_int8(tiny_model(10)), CharTokenizer(list("abcdefghij")))
+
+
 @pytest.mark.parametrize("failing", ["the earlier export aside", "the new export into its place"])
 def test_a_failed_swap_keeps_the_earlier_export_and_leaves_no_temporary_folders(tmp_path, monkeypatch, failing):
     out = tmp_path / "hf"

@@ -1,6 +1,7 @@
 """Model files: a save/load round trip gives identical logits; damaged and foreign files give one-line errors."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -142,3 +143,48 @@ def test_weights_that_are_not_finite_are_refused(saved, tmp_path):
     nan = rewritten(path, tmp_path, "nan.safetensors", tensor_changes={"blocks.1.attn.proj.weight": weight})
     with pytest.raises(FluxtrainError, match=f"^{nan}: weight blocks.1.attn.proj.weight holds NaN or infinite values$"):
         load_model(nan)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "loads"),
+    [
+        (torch.float16, True),
+        (torch.bfloat16, True),
+        (torch.int64, False),
+        (torch.bool, False),
+        (torch.float8_e4m3fn, False),
+    ],
+)
+def test_weights_stored_as_another_dtype_load_exactly_or_are_named(saved, tmp_path, dtype, loads):
+    """Half-precision weights load as the float32 values they hold; integers, booleans and float8 (whose NaNs torch
+    cannot even look for) are no fluxtrain weights, whatever the metadata says."""
+    model, _, path = saved
+    name = "blocks.0.mlp.fc.weight"
+    stored = model.state_dict()[name].to(dtype)
+    changed = rewritten(path, tmp_path, "dtype.safetensors", tensor_changes={name: stored})
+    if loads:
+        assert torch.equal(load_model(changed)[0].state_dict()[name], stored.float())
+        return
+    with pytest.raises(FluxtrainError) as info:
+        load_model(changed)
+    assert str(info.value) == (
+        f"{changed}: weight {name} is stored as {str(dtype).removeprefix('torch.')}; "
+        "weights are float32, bfloat16, float16, float64"
+    )
+
+
+def test_a_model_config_too_large_for_torch_is_a_one_line_error(saved, tmp_path):
+    _, _, path = saved
+    config = json.loads(safe_open(str(path), framework="pt").metadata()["model_config"])
+    huge = rewritten(path, tmp_path, "huge.safetensors", {"model_config": json.dumps({**config, "d_model": 10**30})})
+    with pytest.raises(FluxtrainError) as info:
+        load_model(huge)
+    message = str(info.value)
+    assert message.startswith(f"{huge}: its model config describes no buildable model (") and "\n" not in message
+
+
+def test_a_path_that_is_no_regular_file_is_named_as_such(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(FluxtrainError, match=f"^model file {fifo} is not a regular file$"):
+        load_model(fifo)

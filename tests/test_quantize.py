@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 
 from fluxtrain import save_model_file
+from fluxtrain.errors import FluxtrainError
 from fluxtrain.generate import main
-from fluxtrain.quantize import DEQUANTIZE_ROWS, Int8Linear, quantize_int8
+from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.quantize import DEQUANTIZE_ROWS, KERNEL_WIDTH_MULTIPLE, Int8Linear, quantize_int8
 from fluxtrain.sampling import SamplingConfig, generate
 from fluxtrain.tokenizer import CharTokenizer
 from tests.test_generate import SEQ_LEN, TEXT, tiny_model
@@ -73,3 +75,42 @@ def test_generate_command_with_int8_weights(tmp_path, capsys, decoded_models):
     assert any(isinstance(m, Int8Linear) for m in decoded_models[0].modules())
     expected = generate(quantize_int8(copy.deepcopy(model)), tokenizer.encode("ROMEO:"), SamplingConfig(30, 0.0))
     assert out == "ROMEO:" + tokenizer.decode(expected) + "\n"
+
+
+def test_input_widths_the_int8_kernel_cannot_read_take_the_dequantized_weight(monkeypatch):
+    """The CPU kernel reads rows in blocks of 16 and has no remainder code: a layer 40 wide (say `model.d_model=40`)
+    read past its rows, giving garbage logits or a segmentation fault. Such layers use the dequantized weight."""
+    widths = []
+    kernel = torch._weight_int8pack_mm
+
+    def checked_kernel(x, weight, scale):
+        widths.append(x.size(1))
+        assert x.size(1) % KERNEL_WIDTH_MULTIPLE == 0, f"the int8 kernel was given rows of {x.size(1)} values"
+        return kernel(x, weight, scale)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", checked_kernel)
+    torch.manual_seed(2)
+    for width in (8, 24, 40, 50, 64):
+        linear = nn.Linear(width, 30)
+        x = torch.randn(1, 1, width)
+        with torch.no_grad():
+            exact, approx = linear(x), Int8Linear(linear)(x)
+        assert float((approx - exact).abs().max()) < 0.02 * float(exact.abs().max()), width
+    assert widths == [64]  # the kernel still serves the widths it reads whole
+
+    torch.manual_seed(3)
+    model = GPT(ModelConfig(d_model=40, n_heads=2, n_layers=2, ff_dim=72, seq_len=SEQ_LEN), 30).eval()
+    cfg = SamplingConfig(max_new_tokens=SEQ_LEN, temperature=0.0)
+    q = quantize_int8(copy.deepcopy(model))
+    assert generate(q, [1, 2, 3], cfg) == generate(q, [1, 2, 3], cfg, use_cache=False)
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        exact, approx = model(idx)[0], q(idx)[0]
+    assert float((approx - exact).abs().max()) < 0.03 * float(exact.abs().max())
+
+
+def test_a_quantized_model_is_not_saved_as_a_model_file(tmp_path):
+    q = quantize_int8(tiny_model())
+    with pytest.raises(FluxtrainError, match=r"^model\.safetensors was not written: the model has int8 weights"):
+        save_model_file(tmp_path / "model.safetensors", q, CharTokenizer.train(TEXT))
+    assert list(tmp_path.iterdir()) == []
