@@ -186,7 +186,6 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
         best = min(best, smoothed)
         writer.add_scalar("lr_find/lr", lr, step)
         writer.add_scalar("lr_find/loss", loss_value, step)
-        writer.add_scalar("lr_find/smoothed_loss", smoothed, step)
         if (step + 1) % max(fcfg.num_steps // 10, 1) == 0:
             log.info(f"lr_find: step {step + 1:>4}/{fcfg.num_steps} | lr {lr:.2e} | loss {loss_value:.4f}")
         if smoothed > fcfg.stop_factor * best:
@@ -205,6 +204,8 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
         rule=fcfg.rule,
         stopped_early=stopped_early,
     )
+    for step, value in enumerate(result.smoothed):  # the curve the suggestion is read from, as in the PNG and JSON
+        writer.add_scalar("lr_find/smoothed_loss", value, step)
     fig = plot(result)
     atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, format="png"))
     atomic_write_text(run_dir / "lr_find.json", json.dumps(asdict(result), indent=1) + "\n")

@@ -69,11 +69,29 @@ class Run:
             node = node[part]
         return node
 
+    def setting(self, key: str) -> Any:
+        """`key` as a table shows it: the config value, or for a config group (`model`, `experiment`) the option the
+        run's command line chose (`small`); None when neither."""
+        value = self.get(key)
+        if isinstance(value, dict) or (value is None and key not in flat_settings(self.config)):
+            return override_value(self.overrides, key)
+        return value
+
     def model_file(self) -> Path:
         path = run_model_file(self.path)
         if path is None:
             raise FileNotFoundError(f"{self.path} holds no model file ({', '.join(MODEL_FILES)})")
         return path
+
+
+def override_value(overrides: list[str], key: str) -> str | None:
+    """The value the last of `overrides` naming `key` gives it (`model=small`, `++optim.lr=1e-3`,
+    `model@pkg=small`), as written; None when none names it."""
+    for override in reversed(overrides):
+        name, sep, value = override.partition("=")
+        if sep and name.lstrip("+~").partition("@")[0] == key:
+            return value
+    return None
 
 
 def run_model_file(run_dir: Path) -> Path | None:
@@ -110,6 +128,9 @@ def load_metrics(file: Path) -> dict[str, Any]:
         value = metrics.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"{key}={json.dumps(value)} is not a number")
+    iters = metrics.get("iters")
+    if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 0):
+        raise ValueError(f"iters={json.dumps(iters)} is not an iteration count")
     return metrics
 
 
@@ -176,9 +197,25 @@ def read_run(path: Path, root: Path) -> Run:
     unfinished_at = None
     if error is None and (checkpoints := list_checkpoints(path)):
         at = checkpoints[-1][0]  # the newest checkpoint's iteration, from its name
-        if metrics is None or at > metrics.get("iters", at):  # no results yet, or those of an earlier session
+        if metrics is None or not latest_results(metrics, at, config):  # no results yet, or an earlier session's
             unfinished_at, metrics = at, None
     return Run(path, name, config, overrides, metrics, error, unfinished_at)
+
+
+def latest_results(metrics: dict[str, Any], newest: int, config: dict[str, Any]) -> bool:
+    """Whether a run folder's metrics.json holds the results of its latest session, whose config Hydra saved: not
+    when a checkpoint after them exists, nor when that session was resumed with a larger train.max_iters and no time
+    budget and has not ended (it is still training, or was killed before its first checkpoint)."""
+    ended_at = metrics.get("iters")
+    if ended_at is None:  # nothing says where the run ended
+        return True
+    if newest > ended_at:
+        return False
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    max_iters = train.get("max_iters")
+    if train.get("max_time") is not None or not isinstance(max_iters, int) or isinstance(max_iters, bool):
+        return True  # a time budget may end a run before its max_iters
+    return ended_at >= max_iters
 
 
 def run_folders(root: Path, since: float = 0.0) -> list[Path]:
@@ -232,7 +269,7 @@ def runs_table(
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run": run.name}
-        row.update({key: run.get(key) for key in keys})
+        row.update({key: run.setting(key) for key in keys})
         row.update({m: (run.metrics or {}).get(m) for m in metrics})
         if run.error:
             row["status"] = "failed: " + run.error
@@ -250,8 +287,13 @@ def ranked_table(runs: list[Run], keys: list[str], metrics: tuple[str, ...] = RA
     """`runs` as a table: their `keys` settings and `metrics`, lowest best val loss first, failed and unfinished runs
     last."""
     rows = runs_table(runs, keys=tuple(keys), metrics=metrics)
-    rows.sort(key=lambda row: math.inf if row.get("best_val_loss") is None else row["best_val_loss"])
+    rows.sort(key=lambda row: rank_value(row.get("best_val_loss")))
     return format_table(rows)
+
+
+def rank_value(loss: float | None) -> float:
+    """A loss as a sort key: a missing or NaN one ranks last, with the failed and unfinished runs."""
+    return math.inf if loss is None or math.isnan(loss) else loss
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -262,7 +304,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
-            return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+            short = f"{value:.4g}"
+            return f"{value:,.0f}" if abs(value) >= 1e4 or "e+" in short else short
         return "-" if value is None else str(value)
 
     columns = list(rows[0])
@@ -322,8 +365,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"no runs under {args.folder} (a run folder holds {METRICS_FILE}, {FAILED_FILE} "
                 f"or {CHECKPOINT_DIR}/{CHECKPOINT_FILES})"
             )
-        keys = [key.strip() for key in args.keys.split(",")] if args.keys else varying_keys(runs)
-        if args.keys:
+        keys = [key.strip() for key in args.keys.split(",")] if args.keys is not None else varying_keys(runs)
+        if args.keys is not None:
+            if not args.keys.strip():
+                raise FluxtrainError(
+                    "--keys is empty: name settings separated by commas, e.g. optim.lr,model.d_model (leave it out "
+                    "for those that differ between runs)"
+                )
             if "" in keys:
                 raise FluxtrainError(f"--keys {args.keys!r} has an empty name; separate settings by single commas")
             known = {key for run in runs for key in flat_settings(run.config)}

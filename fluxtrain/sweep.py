@@ -75,9 +75,10 @@ def sweep_jobs(sweep_dir: Path, since: float, output_subdir: str | None) -> list
 
 
 def swept_keys(config: DictConfig) -> set[str]:
-    """The keys a multirun varies: sweep overrides (`a=1,2`) and the sweeper's own search space (Optuna's params)."""
+    """The keys a multirun varies: sweep overrides (`a=1,2`, `++a=1,2`, `model=small,medium`) and the sweeper's own
+    search space (Optuna's params), without Hydra's `+`/`++` prefixes and `@package` suffixes."""
     overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    keys = {o.get_key_element() for o in overrides if o.is_sweep_override()}
+    keys = {o.key_or_group for o in overrides if o.is_sweep_override()}
     return keys | set(config.hydra.sweeper.get("params") or {})
 
 
@@ -104,7 +105,7 @@ class SweepReport(Callback):
         outcome = failure_summary(len(failed), sweep_dir, self.started, config.hydra.output_subdir)
         lines = [f"{outcome} (see {FAILED_FILE} in the job folders):"]
         for job_dir, report in failed:
-            values = [o.input_line for o in parser.parse_overrides(report["overrides"]) if o.get_key_element() in swept]
+            values = [o.input_line for o in parser.parse_overrides(report["overrides"]) if o.key_or_group in swept]
             lines.append(f"  {job_dir}: {' '.join(values or report['overrides'])}: {report['error']}")
         print("\n".join(lines), file=sys.stderr)
         sys.exit(1)

@@ -205,3 +205,17 @@ def test_a_folder_holding_a_training_run_is_refused_before_any_work(tiny_cfg, tm
         "give it a folder of its own (hydra.run.dir)"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_tensorboard_logs_the_smoothed_curve_the_suggestion_is_read_from(tiny_cfg, tmp_path):
+    """lr_find/smoothed_loss in TensorBoard is the zero-lag curve of lr_find.json and the PNG, whose steepest
+    descent is the suggestion; a forward EMA would lag behind it, towards higher learning rates."""
+    cfg = tiny_cfg("lr_find.num_steps=30", "lr_find.start_lr=1e-4", "lr_find.end_lr=10", "lr_find.smoothing=0.7")
+    result = lr_find(cfg, tmp_path)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = np.array([e.value for e in events.Scalars("lr_find/smoothed_loss")])
+    assert [e.step for e in events.Scalars("lr_find/smoothed_loss")] == list(range(len(result.lrs)))
+    assert logged == pytest.approx(result.smoothed, rel=1e-6)
+    assert logged != pytest.approx(ema(np.array(result.losses), 0.7), rel=1e-6)
+    assert suggest_lr(np.array(result.lrs), logged, "steepest") == pytest.approx(result.suggested_lr, rel=1e-6)

@@ -128,6 +128,8 @@ def test_varying_keys_compares_nested_settings_lists_and_missing_keys(tmp_path):
         ("metrics.json", "[1, 2]", "not a JSON object but list"),
         ("metrics.json", '{"best_val_loss": "abc"}', 'best_val_loss="abc" is not a number'),
         ("metrics.json", '{"best_val_loss": 1.9, "tokens_per_sec": true}', "tokens_per_sec=true is not a number"),
+        ("metrics.json", '{"best_val_loss": 1.9, "iters": "300"}', 'iters="300" is not an iteration count'),
+        ("metrics.json", '{"best_val_loss": 1.9, "iters": 2.5}', "iters=2.5 is not an iteration count"),
         ("failed.json", '{"error": 5}', 'no "error" message'),
     ],
 )
@@ -187,3 +189,79 @@ def test_a_run_with_checkpoints_but_no_results_is_listed_unfinished_after_the_ot
     # live run prunes meanwhile does not stop it.
     (tmp_path / "stopped" / "checkpoints" / "iter_000030.ckpt").write_text("damaged")
     assert [r.unfinished_at for r in find_runs(tmp_path)] == [None, None, 5, 30]
+
+
+def test_a_results_file_without_an_iteration_count_is_read_as_the_newest_checkpoint_s(tmp_path, capsys):
+    """`"iters": null` reads like a metrics.json without the key, not as a traceback; a damaged one is named."""
+    make_run(tmp_path / "run", 1e-3, metrics={"best_val_loss": 1.9, "iters": None})
+    write_checkpoint(tmp_path / "run" / "checkpoints", 50)
+    assert [(r.unfinished_at, r.metrics["best_val_loss"]) for r in find_runs(tmp_path)] == [(None, 1.9)]
+    (tmp_path / "run" / "metrics.json").write_text('{"best_val_loss": 1.9, "iters": "50"}')
+    code, out, err = compare(capsys, str(tmp_path))
+    assert (code, out) == (1, "")
+    assert err == f'error: {tmp_path / "run" / "metrics.json"} is not readable: iters="50" is not an iteration count\n'
+
+
+def test_a_nan_loss_ranks_after_the_numbers_and_no_number_reads_as_an_exponent(tmp_path, capsys):
+    make_run(tmp_path / "a", 1e-3, metrics={"best_val_loss": float("nan"), "tokens_per_sec": 9999.7})
+    make_run(tmp_path / "b", 3e-3, metrics={"best_val_loss": 2.5, "tokens_per_sec": 9999.4})
+    make_run(tmp_path / "c", 1e-2, metrics={"best_val_loss": 1.5, "tokens_per_sec": 12345.6})
+    make_run(tmp_path / "d", 3e-2, error="loss became nan at iteration 7")
+    code, out, err = compare(capsys, str(tmp_path))
+    assert code == 0 and err == ""
+    rows = [line.split()[:5] for line in out.splitlines()[1:]]
+    assert rows == [
+        ["c", "0.01", "1.5", "-", "12,346"],
+        ["b", "0.003", "2.5", "-", "9999"],
+        ["a", "0.001", "nan", "-", "10,000"],
+        ["d", "0.03", "-", "-", "-"],
+    ]
+
+
+def test_an_empty_keys_option_is_an_error_not_the_default(tmp_path, capsys):
+    make_run(tmp_path / "run", 1e-3, metrics={"best_val_loss": 1.9})
+    code, out, err = compare(capsys, str(tmp_path), "--keys=")
+    assert (code, out) == (1, "")
+    assert err.startswith("error: --keys is empty: name settings separated by commas") and len(err.splitlines()) == 1
+
+
+def test_a_config_group_chosen_on_the_command_line_shows_its_option(tmp_path):
+    """A swept config group (`model=small,medium`) is a column of option names, not of the group's settings; a
+    setting given with `++` shows its value."""
+    config = {"model": {"d_model": 128, "n_layers": 2}, "optim": {"lr": 1e-3}}
+    overrides = ["model=small", "experiment@_global_=shakespeare_cpu", "++optim.lr=0.003"]
+    run = Run(tmp_path, "0", config, overrides, {"best_val_loss": 1.9}, None)
+    (row,) = runs_table([run], keys=("model", "experiment", "optim.lr", "train.seed"), metrics=())
+    assert row == {
+        "run": "0",
+        "model": "small",
+        "experiment": "shakespeare_cpu",
+        "optim.lr": 1e-3,
+        "train.seed": None,
+        "status": "ok",
+    }
+    # A setting set to null shows as null, not as the text of its override.
+    null_setting = Run(tmp_path, "1", {"train": {"max_time": None}}, ["train.max_time=null"], None, None)
+    assert runs_table([null_setting], keys=("train.max_time",), metrics=())[0]["train.max_time"] is None
+
+
+@pytest.mark.parametrize(
+    "train_settings, status",
+    [
+        ({"max_iters": 1000, "max_time": None}, "unfinished (iter 200)"),  # resumed to train on: not ended yet
+        ({"max_iters": 200, "max_time": None}, "ok"),
+        ({"max_iters": 100, "max_time": None}, "ok"),  # resumed past its max_iters: evaluated only
+        ({"max_iters": 1000, "max_time": 60.0}, "ok"),  # a time budget ends a run before its max_iters
+    ],
+)
+def test_a_finished_run_resumed_to_train_longer_reads_as_unfinished(tmp_path, train_settings, status):
+    """A finished run resumed with a larger train.max_iters keeps its results of iteration 200 until it ends: while
+    it trains towards its first checkpoint, or once killed before it, they are not the run's (its saved config
+    asks for more iterations)."""
+    make_run(tmp_path / "run", 1e-3, metrics={"best_val_loss": 1.9, "iters": 200})
+    config = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
+    config.train = train_settings
+    OmegaConf.save(config, tmp_path / "run" / ".hydra" / "config.yaml")
+    write_checkpoint(tmp_path / "run" / "checkpoints", 200)
+    (run,) = find_runs(tmp_path)
+    assert runs_table([run], keys=())[0]["status"] == status

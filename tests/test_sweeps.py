@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from tensorboard import context
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -27,7 +27,7 @@ from fluxtrain.hparams import METRIC_PREFIX
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.resume import resume_command
 from fluxtrain.runs import Run, ranked_table
-from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs, failure_summary, sweep_jobs
+from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs, failure_summary, sweep_jobs, swept_keys
 from fluxtrain.tasks import TASKS
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
@@ -347,3 +347,11 @@ def test_the_results_table_lists_this_sweeps_jobs_best_first(tmp_path):
         ["10", "0.0003", "2.75"],
         ["1", "0.01", "-"],
     ]
+
+
+def test_swept_keys_are_the_settings_and_groups_without_hydra_s_prefixes():
+    """`++optim.lr=1e-3,3e-3` sweeps optim.lr, `model=small,medium` the model group: the results table's columns,
+    which name the settings the jobs' configs hold and the options the jobs chose."""
+    task = ["++optim.lr=1e-3,3e-3", "model=small,medium", "train.max_iters=20", "+model@extra=a,b"]
+    config = OmegaConf.create({"hydra": {"overrides": {"task": task}, "sweeper": {"params": {"model.dropout": "x"}}}})
+    assert swept_keys(config) == {"optim.lr", "model", "model.dropout"}
