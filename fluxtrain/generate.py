@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import random
 import sys
@@ -69,31 +70,32 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[
 class TextStream:
     """Turns token ids, one at a time, into printable pieces of text.
 
-    It decodes the ids since the last newline together (a token can be part of a character or change how the
-    previous one decodes) and holds back a piece that ends in an incomplete character.
+    A token can be part of a character, or change how the token before it decodes (a decoder that drops a leading
+    space at the start of the text), so each piece is the text of the ids not yet printed decoded together with
+    the last printed piece's ids, less that piece's text; a piece that ends in an incomplete character is held back.
+    Each token costs the decoding of a few ids, however long the line.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.n_printed = 0
+        self.context: list[int] = []  # the ids of the last printed piece
+        self.context_text = ""  # their text, decoded alone
+        self.pending: list[int] = []  # ids not printed yet
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.context + self.pending)
+        if text.endswith("\ufffd") or len(text) <= len(self.context_text):
             return ""
-        piece = text[self.n_printed :]
-        if text.endswith("\n"):
-            self.ids, self.n_printed = [], 0
-        else:
-            self.n_printed = len(text)
+        piece = text[len(self.context_text) :]
+        self.context, self.pending = self.pending, []
+        self.context_text = self.tokenizer.decode(self.context)
         return piece
 
     def flush(self) -> str:
         """What is still held back, at the end of the text."""
-        piece = self.tokenizer.decode(self.ids)[self.n_printed :]
-        self.ids, self.n_printed = [], 0
+        piece = self.tokenizer.decode(self.context + self.pending)[len(self.context_text) :]
+        self.context, self.context_text, self.pending = [], "", []
         return piece
 
 
@@ -139,6 +141,8 @@ def describe(
 
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str):
+        if message == "argument --prompt: expected one argument":  # also `--prompt -x`: -x looks like an option
+            message += "; a prompt that starts with '-' goes as --prompt=-..."
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -214,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
         check_seed(args.seed, "--seed")
     if args.prompt is not None and args.interactive:
         raise FluxtrainError("--prompt and --interactive exclude each other")
+    if sys.stdout is None:
+        raise FluxtrainError("stdout is closed: there is nowhere to write the text")
+    if args.interactive and sys.stdin is None:
+        raise FluxtrainError("--interactive reads prompts from stdin, which is closed")
     if args.threads is not None:
         check_threads(args.threads, "--threads", allow_zero=False)
         torch.set_num_threads(args.threads)
@@ -229,31 +237,78 @@ def run(args: argparse.Namespace) -> int:
             print(f"--compile: torch.compile failed ({failure}); decoding eagerly", file=sys.stderr)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     generator = torch.Generator().manual_seed(seed)
-    if args.prompt is None and (args.interactive or sys.stdin.isatty()):
+    if args.prompt is None and (args.interactive or stdin_is_terminal()):
         from fluxtrain.interactive import Session
 
         print(describe(path, model, device, cfg, seed, n_params, args.quantize), file=sys.stderr)
         return Session(model, tokenizer, cfg, seed, args.drop_unknown, args.stream).run()
 
-    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    text = args.prompt if args.prompt is not None else read_stdin()
     text, ids, dropped = encode_prompt(tokenizer, text, args.drop_unknown)
     print(describe(path, model, device, cfg, seed, n_params, args.quantize), file=sys.stderr)
     if dropped:
         print(f"left out of the prompt: {', '.join(repr(c) for c in dropped)}", file=sys.stderr)
     if not ids:
         ids = start_ids(tokenizer)
-    sys.stdout.write(text)
+    return print_continuation(text, model, tokenizer, ids, cfg, generator, args.stream)
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def read_stdin() -> str:
+    """The prompt piped on stdin; a closed stdin, like an empty one, gives an empty prompt."""
+    return sys.stdin.read() if sys.stdin is not None else ""
+
+
+class OutputError(Exception):
+    """stdout refused the text (a full disk, a terminal gone)."""
+
+
+def print_continuation(
+    text: str,
+    model: GPT,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    cfg: SamplingConfig,
+    generator: torch.Generator,
+    stream: bool,
+) -> int:
+    """Write the prompt `text` and its continuation to stdout; the exit status (130: stopped by Ctrl-C)."""
     try:
-        write_continuation(model, tokenizer, ids, cfg, generator, sys.stdout, args.stream)
+        sys.stdout.write(text)
+        write_continuation(model, tokenizer, ids, cfg, generator, sys.stdout, stream)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         return 130
-    sys.stdout.write("\n")
+    except BrokenPipeError:  # the reader left: main stops quietly
+        raise
+    except OSError as e:
+        raise OutputError(f"cannot write the text to stdout: {e.strerror or e}") from None
     return 0
+
+
+def show_unencodable_characters() -> None:
+    """Write characters that stdout's encoding lacks (an ASCII or Latin-1 locale) as escapes such as `\\u65e5`,
+    as Python does on stderr, instead of stopping at the first one."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
+def discard_stdout() -> None:
+    """Send what stdout still holds to /dev/null, so that the flush at exit neither fails nor reports it again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured in a test)
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_unencodable_characters()
     try:
         return run(args)
     except FluxtrainError as e:
@@ -263,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        discard_stdout()
+        return 1
+    except OutputError as e:
+        discard_stdout()
+        print(f"error: {e}", file=sys.stderr)
         return 1
 
 

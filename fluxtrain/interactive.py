@@ -12,7 +12,7 @@ import torch
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.generate import encode_prompt, start_ids, write_continuation
 from fluxtrain.model import GPT
-from fluxtrain.sampling import MAX_BEAMS, MAX_SEED, SamplingConfig
+from fluxtrain.sampling import MAX_BEAMS, MAX_REPETITION_PENALTY, MAX_SEED, SamplingConfig
 from fluxtrain.tokenizer import Tokenizer
 
 HISTORY_FILE = Path("~/.fluxtrain_generate_history")
@@ -23,7 +23,12 @@ SETTINGS = {
     "/temp": ("temperature", float, "temperature", "a temperature from 0 to 2 (0 = greedy)"),
     "/topk": ("top_k", int, "top-k", "an integer top-k >= 0 (0 = off)"),
     "/topp": ("top_p", float, "top-p", "a top-p in (0, 1] (1 = off)"),
-    "/rep": ("repetition_penalty", float, "repetition penalty", "a finite repetition penalty >= 1 (1 = off)"),
+    "/rep": (
+        "repetition_penalty",
+        float,
+        "repetition penalty",
+        f"a repetition penalty from 1 to {MAX_REPETITION_PENALTY:g} (1 = off)",
+    ),
     "/len": ("max_new_tokens", int, "length", "a number of new tokens >= 1"),
     "/beams": ("beams", int, "beams", f"a number of beams from 1 to {MAX_BEAMS} (1 = sampling, no beam search)"),
 }
@@ -31,7 +36,7 @@ HELP = f"""commands:
   /temp V    temperature, 0-2 (0 = greedy)
   /topk K    keep the K most likely tokens (0 = off)
   /topp P    keep the most likely tokens up to probability mass P (1 = off)
-  /rep R     repetition penalty, >= 1 (1 = off)
+  /rep R     repetition penalty, 1 to {MAX_REPETITION_PENALTY:g} (1 = off)
   /len N     new tokens per prompt
   /seed S    restart the sampler from seed S (an integer from 0 to 2**64 - 1)
   /beams B   beam search with B beams (1 = off, at most {MAX_BEAMS})
@@ -92,11 +97,13 @@ class Session:
 
     def command(self, line: str) -> bool:
         """Apply one /command; False means leave the session."""
-        name, _, value = line.partition(" ")
-        value = value.strip()
-        if name == "/quit":
+        name, *rest = line.split(maxsplit=1)
+        value = rest[0] if rest else ""
+        if name in ("/quit", "/help") and value:
+            self.say(f"{name} takes no value: got {value!r}")
+        elif name == "/quit":
             return False
-        if name == "/help":
+        elif name == "/help":
             self.say(f"{HELP}\nnow: {self.settings()}")
         elif name == "/seed":
             if not (value.isascii() and value.isdigit()) or int(value) > MAX_SEED:
@@ -131,8 +138,8 @@ class Session:
             return
         if dropped:
             self.say(f"left out of the prompt: {', '.join(repr(c) for c in dropped)}")
-        sys.stdout.write(text)
         try:
+            sys.stdout.write(text)
             ids = ids or start_ids(self.tokenizer)
             write_continuation(self.model, self.tokenizer, ids, self.cfg, self.generator, sys.stdout, self.stream)
             sys.stdout.write("\n")

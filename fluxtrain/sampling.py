@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,6 +16,10 @@ from fluxtrain.model import GPT, eval_mode
 from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError
 
 MAX_TEMPERATURE = 2.0
+# Far above any useful penalty (a seen token's logit of -1 becomes -10,000), and small enough that penalized logits
+# stay finite in float32: a huge penalty overflows them to +-inf, sampling then draws from NaN, and greedy decoding
+# and beam search no longer pick the most likely tokens.
+MAX_REPETITION_PENALTY = 1e4
 MAX_BEAMS = 100  # beam search holds beams x vocabulary scores and a KV cache per beam: a bound far above any use
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator takes
 
@@ -63,8 +66,8 @@ class SamplingConfig:
             fail("top_k", "must be an integer >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", "must be in (0, 1] (1 = off)")
-        if not (self.repetition_penalty >= 1.0 and math.isfinite(self.repetition_penalty)):
-            fail("repetition_penalty", "must be a finite number >= 1 (1 = off)")
+        if not 1.0 <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            fail("repetition_penalty", f"must be a number from 1 to {MAX_REPETITION_PENALTY:g} (1 = off)")
         if not isinstance(self.beams, int) or not 1 <= self.beams <= MAX_BEAMS:
             fail("beams", f"must be an integer from 1 to {MAX_BEAMS} (1 = no beam search)")
         if self.context_shift is not None:
@@ -165,9 +168,9 @@ def compile_decoding(model: GPT) -> str | None:
     a step of bench/generate.py's model (6 layers, width 384) with int8 weights takes about 2.2 instead of 3.3 ms on 2
     CPU cores. fp32 weights gain nothing there: reading them is what takes the time.
     """
-    compiled = torch.compile(model.decode_step, dynamic=True)
     device = model.tok_emb.weight.device
     try:
+        compiled = torch.compile(model.decode_step, dynamic=True)  # can fail at once: a backend that will not import
         with torch.inference_mode(), onednn_disabled():  # the tensors decoding passes are inference tensors too
             cache = model.new_cache(1)
             token = torch.zeros(1, dtype=torch.long, device=device)
@@ -217,8 +220,10 @@ def next_token_probs(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tens
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf (greedy in
-    # the limit) instead of every logit to +-inf and the probabilities to nan.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / cfg.temperature
+    # the limit) instead of every logit to +-inf and the probabilities to nan. A temperature below the smallest normal
+    # float would be 0 in the logits' precision (0 / 0 = nan): it divides as that float, which gives the same limit.
+    temperature = max(cfg.temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     return torch.softmax(filter_logits(logits, cfg.top_k, cfg.top_p), dim=-1)
 
 

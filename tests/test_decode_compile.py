@@ -47,6 +47,19 @@ def test_a_failed_compilation_keeps_the_eager_step(monkeypatch):
     assert len(generate(model, [1, 2], greedy)) == 10
 
 
+def test_a_compiler_that_fails_at_once_keeps_the_eager_step(monkeypatch):
+    """torch.compile itself can raise before any graph is built (a backend whose imports fail)."""
+
+    def broken(fn, **kwargs):
+        raise ImportError("cannot import name '_read_lock_file' from 'filelock._soft'")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = tiny_model()
+    assert compile_decoding(model) == "ImportError: cannot import name '_read_lock_file' from 'filelock._soft'"
+    assert "decode_step" not in vars(model)
+    assert len(generate(model, [1, 2], SamplingConfig(max_new_tokens=10, temperature=0.0))) == 10
+
+
 def test_compile_flag_of_the_generate_command(tmp_path, capsys, monkeypatch, decoded_models):
     # The eager backend runs the real torch.compile wrapper without a C compiler.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))

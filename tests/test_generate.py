@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import subprocess
 import sys
@@ -114,11 +115,12 @@ def test_temperature_scales_logits():
 
 def test_a_tiny_temperature_samples_the_argmax_instead_of_nan(model):
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 3.0, 3.0, -7.0]])
-    for t in (1e-45, 1e-30, 1e-8):
+    for t in (5e-324, 1e-46, 1e-45, 1e-30, 1e-8):  # below 1e-45 the temperature is 0 in float32
         probs = next_token_probs(logits, SamplingConfig(temperature=t, top_k=0))
         assert torch.equal(probs, torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]]))
-    tiny = SamplingConfig(max_new_tokens=30, temperature=1e-40, top_k=0)
-    assert generate(model, [4, 5], tiny, seeded(3)) == generate(model, [4, 5], greedy(30))
+    for t in (1e-40, 1e-50):
+        tiny = SamplingConfig(max_new_tokens=30, temperature=t, top_k=0)
+        assert generate(model, [4, 5], tiny, seeded(3)) == generate(model, [4, 5], greedy(30))
 
 
 def test_top_k_keeps_the_k_most_likely_in_proportion():
@@ -163,6 +165,20 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
     assert penalized[1] / penalized[3] == pytest.approx(math.exp(-1.0 * r + 1.0))
 
 
+def test_the_largest_repetition_penalty_still_picks_the_most_likely_token():
+    """Every token seen, every logit negative: the least negative is still the most likely. A penalty past float32's
+    range (1e39) made all of them -inf, so sampling drew from NaN and greedy took id 0; it is refused."""
+    logits = torch.tensor([[-2.0, -0.5, -1.0, -3.0]])
+    seen = torch.ones_like(logits, dtype=torch.bool)
+    cfg = SamplingConfig(temperature=1.0, top_k=0, repetition_penalty=sampling.MAX_REPETITION_PENALTY)
+    assert pick_next(logits, dataclasses.replace(cfg, temperature=0.0), None, seen).tolist() == [1]
+    assert next_token_probs(logits, cfg, seen)[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    with pytest.raises(
+        FluxtrainError, match=r"^repetition_penalty=1e\+39 must be a number from 1 to 10000 \(1 = off\)$"
+    ):
+        dataclasses.replace(cfg, repetition_penalty=1e39).validate()
+
+
 def test_repetition_penalty_reduces_repeats_in_generated_text(model):
     plain = generate(model, [1], greedy(30))
     penalized = generate(model, [1], greedy(30, repetition_penalty=5.0))
@@ -186,6 +202,7 @@ def test_sampling_settings_are_validated():
         dict(top_p=math.inf),
         dict(repetition_penalty=math.nan),
         dict(repetition_penalty=math.inf),
+        dict(repetition_penalty=1e300),
     ):
         with pytest.raises(FluxtrainError):
             SamplingConfig(**bad).validate(SEQ_LEN)
@@ -391,6 +408,70 @@ def test_text_stream_holds_back_incomplete_characters():
     assert [stream.push(b) for b in b"x\xe2"] == ["x", ""] and stream.flush() == "\ufffd"
 
 
+def test_text_stream_decodes_a_few_ids_per_token_however_long_the_line():
+    """A line of 3,000 tokens decodes a few ids per token, not the whole line each time (30 s for 20,000 BPE tokens
+    without a newline), and a decoder that drops the text's leading space still gives the text of one decode."""
+
+    class WordTokenizer:  # "▁word" pieces, decoded like sentencepiece's Metaspace: no space at the very start
+        pieces = ["▁the", "▁king", "ly", "▁lord"]
+        decoded_ids = 0
+
+        def decode(self, ids: list[int]) -> str:
+            self.decoded_ids += len(ids)
+            return "".join(self.pieces[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+    tokenizer = WordTokenizer()
+    ids = [i % 4 for i in range(3000)]
+    stream = TextStream(tokenizer)
+    text = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert tokenizer.decoded_ids < 10 * len(ids)
+    assert text == tokenizer.decode(ids) and text.startswith("the kingly lord the")
+
+
+def test_closed_stdin_or_stdout(capsys, monkeypatch, model_file):
+    """`<&-` is an empty prompt (as /dev/null is), `>&-` a one-line error, not a traceback."""
+    n = ["--max-new-tokens", "6", "--temperature", "0"]
+    empty = run_main(capsys, str(model_file), "--prompt", "", *n)
+    monkeypatch.setattr(sys, "stdin", None)
+    assert run_main(capsys, str(model_file), *n)[:2] == empty[:2]
+    assert run_main(capsys, str(model_file), "--interactive", *n) == (
+        1,
+        "",
+        "error: --interactive reads prompts from stdin, which is closed\n",
+    )
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main([str(model_file), "--prompt", "the", *n]) == 1
+    assert capsys.readouterr().err == "error: stdout is closed: there is nowhere to write the text\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_a_full_disk_is_a_one_line_error(capsys, monkeypatch, model_file, stream):
+    with open("/dev/full", "w") as full:  # every write fails with ENOSPC
+        monkeypatch.setattr(sys, "stdout", full)
+        code = main([str(model_file), "--prompt", "the", "--max-new-tokens", "5", stream])
+        assert code == 1 and capsys.readouterr().err.endswith(
+            "\nerror: cannot write the text to stdout: No space left on device\n"
+        )
+
+
+def test_characters_stdout_cannot_encode_are_escaped(monkeypatch, tmp_path):
+    """Under an ASCII locale (`PYTHONIOENCODING=ascii`), a non-ASCII prompt or continuation is written as escapes."""
+    text = TEXT + "é日"
+    tokenizer = CharTokenizer.train(text)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=SEQ_LEN), tokenizer.vocab_size)
+    save_model_file(tmp_path / "model.safetensors", model, tokenizer)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", out)
+    args = [str(tmp_path / "model.safetensors"), "--prompt", "é日", "--max-new-tokens", "200", "--seed", "1"]
+    assert main(args) == 0
+    new = generate(model, tokenizer.encode("é日"), SamplingConfig(max_new_tokens=200), seeded(1))
+    expected = "é日" + tokenizer.decode(new) + "\n"
+    assert "é" in expected[2:] or "日" in expected[2:]  # the continuation has some too
+    assert out.buffer.getvalue().decode("ascii") == expected.encode("ascii", "backslashreplace").decode("ascii")
+
+
 # MODEL and TOKENIZER on the command line
 
 
@@ -524,9 +605,10 @@ def test_an_empty_prompt_starts_from_id_0_without_a_newline_in_the_vocabulary(ca
         (["--top-p", "0"], "--top-p 0.0 must be in (0, 1] (1 = off)"),
         (["--top-p", "inf"], "--top-p inf must be in (0, 1]"),
         (["--top-p", "nan"], "--top-p nan must be in (0, 1]"),
-        (["--repetition-penalty", "0.5"], "--repetition-penalty 0.5 must be a finite number >= 1 (1 = off)"),
-        (["--repetition-penalty", "inf"], "--repetition-penalty inf must be a finite number >= 1"),
-        (["--repetition-penalty", "nan"], "--repetition-penalty nan must be a finite number >= 1"),
+        (["--repetition-penalty", "0.5"], "--repetition-penalty 0.5 must be a number from 1 to 10000 (1 = off)"),
+        (["--repetition-penalty", "1e300"], "--repetition-penalty 1e+300 must be a number from 1 to 10000"),
+        (["--repetition-penalty", "inf"], "--repetition-penalty inf must be a number from 1 to 10000"),
+        (["--repetition-penalty", "nan"], "--repetition-penalty nan must be a number from 1 to 10000"),
         (["--beams", "0"], "--beams 0 must be an integer from 1 to 100 (1 = no beam search)"),
         (["--beams", "10000000000"], "--beams 10000000000 must be an integer from 1 to 100"),
         (["--max-new-tokens", "0"], "--max-new-tokens 0 must be a positive integer"),
@@ -569,6 +651,16 @@ def test_bad_flags_are_one_line_usage_errors(capsys, model_file):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--temperature" in err and "'warm'" in err
+
+
+def test_a_prompt_that_starts_with_a_dash_is_shown_how(capsys, model_file):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_file), "--prompt", "-hello"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a prompt that starts with '-' goes as --prompt=-..." in err
+    code, out, err = run_main(capsys, str(model_file), "--prompt=-the", "--drop-unknown", "--max-new-tokens", "3")
+    assert code == 0 and "left out of the prompt: '-'" in err and out.startswith("the") and len(out) == 3 + 3 + 1
 
 
 def test_module_runs_as_a_command(tmp_path, model_file):

@@ -133,13 +133,16 @@ def test_commands_change_settings_and_prompts_follow_them(model_file, tmp_path):
         ("/topp 0", "/topp needs a top-p in (0, 1] (1 = off): got '0'"),
         ("/topp nan", "/topp needs a top-p in (0, 1] (1 = off): got 'nan'"),
         ("/topp inf", "/topp needs a top-p in (0, 1] (1 = off): got 'inf'"),
-        ("/rep 0.5", "/rep needs a finite repetition penalty >= 1 (1 = off): got '0.5'"),
-        ("/rep inf", "/rep needs a finite repetition penalty >= 1 (1 = off): got 'inf'"),
-        ("/rep nan", "/rep needs a finite repetition penalty >= 1 (1 = off): got 'nan'"),
+        ("/rep 0.5", "/rep needs a repetition penalty from 1 to 10000 (1 = off): got '0.5'"),
+        ("/rep inf", "/rep needs a repetition penalty from 1 to 10000 (1 = off): got 'inf'"),
+        ("/rep nan", "/rep needs a repetition penalty from 1 to 10000 (1 = off): got 'nan'"),
+        ("/rep 1e300", "/rep needs a repetition penalty from 1 to 10000 (1 = off): got '1e300'"),
         ("/len 0", "/len needs a number of new tokens >= 1: got '0'"),
         ("/len", "/len needs a number of new tokens >= 1: got ''"),
         ("/beams 0", "/beams needs a number of beams from 1 to 100 (1 = sampling, no beam search): got '0'"),
         ("/beams 101", "/beams needs a number of beams from 1 to 100 (1 = sampling, no beam search): got '101'"),
+        ("/help me", "/help takes no value: got 'me'"),
+        ("/quit now", "/quit takes no value: got 'now'"),  # a mistyped command does not end the session
     ],
 )
 def test_a_bad_value_names_the_command_and_changes_nothing(capsys, model_file, line, message):
@@ -149,6 +152,29 @@ def test_a_bad_value_names_the_command_and_changes_nothing(capsys, model_file, l
     assert session.command(line)
     assert capsys.readouterr().err == message + "\n"
     assert session.cfg == cfg
+
+
+def test_a_tab_parts_a_command_from_its_value(capsys, model_file):
+    model, tokenizer = load_model(model_file)
+    session = Session(model, tokenizer, SamplingConfig(), seed=1, drop_unknown=False, stream=True)
+    assert session.command("/len\t7") and session.cfg.max_new_tokens == 7
+    assert capsys.readouterr().err == "length 7\n"
+
+
+def test_ctrl_c_as_the_prompt_is_echoed_stops_only_that_prompt(capsys, monkeypatch, model_file):
+    model, tokenizer = load_model(model_file)
+    session = Session(model, tokenizer, SamplingConfig(max_new_tokens=5), seed=1, drop_unknown=False, stream=True)
+    writes = []
+
+    def write(text: str) -> int:
+        writes.append(text)
+        if len(writes) == 1:
+            raise KeyboardInterrupt
+        return len(text)
+
+    monkeypatch.setattr(sys.stdout, "write", write)
+    session.generate("ROMEO:")
+    assert capsys.readouterr().err == "[stopped]\n"
 
 
 def test_sampling_is_reproducible_with_seed(model_file, tmp_path):
