@@ -466,14 +466,14 @@ def run_training(
             elapsed = distributed.main_rank_value(elapsed, device)
         if it >= tcfg.max_iters or (loop_time is not None and elapsed >= loop_time):
             break
-        # Learning rate: warm-up in iterations, then optim.schedule over the rest of the iteration or time budget.
+        # Learning rate: warm-up in iterations, then optim.schedule over the rest of the budget. With a time budget
+        # too, the schedule follows whichever budget is further spent, so it ends where the run does.
+        schedule_progress = decay_progress(it, cfg.optim.warmup_iters, tcfg.max_iters)
         if loop_time is not None:
             if warmup_done_at is None and it >= cfg.optim.warmup_iters:
                 warmup_done_at = elapsed
             start = warmup_done_at or 0.0
-            schedule_progress = (elapsed - start) / max(loop_time - start, 1e-9)
-        else:
-            schedule_progress = decay_progress(it, cfg.optim.warmup_iters, tcfg.max_iters)
+            schedule_progress = max(schedule_progress, (elapsed - start) / max(loop_time - start, 1e-9))
         lr = lr_at(it, schedule_progress, cfg.optim)
         set_lr(optimizer, lr)
 

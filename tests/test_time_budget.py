@@ -62,3 +62,23 @@ def test_a_budget_spent_before_training_starts_is_an_error_naming_it(tiny_cfg, t
     assert message.startswith("train.max_time=0.001 leaves no time to train after setup (")
     assert "and the final evaluation (~" in message and "with train.eval_iters=4)" in message
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "checkpoints").exists()
+
+
+def test_an_iteration_budget_that_ends_first_still_runs_the_schedule_down(tiny_cfg, tmp_path):
+    # 12 iterations end the run long before its 600 s: the linear decay follows the iterations, as without a time
+    # budget, and reaches min_lr (0) at the last one.
+    cfg = tiny_cfg(
+        "train.max_iters=12",
+        "train.max_time=600",
+        "train.log_interval=1",
+        "optim.warmup_iters=2",
+        "optim.schedule=linear",
+        "optim.lr=1e-3",
+        "optim.min_lr=0",
+    )
+    assert train(cfg, tmp_path)["iters"] == 12
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    lrs = [e.value for e in events.Scalars("lr")]
+    # the lr logged at iteration i is that of step i - 1: warm-up 1/3, 2/3 of the peak, then (12 - i) / 10 of it
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3] + [1e-3 * (12 - i) / 10 for i in range(2, 12)], rel=1e-5)
