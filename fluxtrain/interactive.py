@@ -38,7 +38,7 @@ HELP = f"""commands:
   /topp P    keep the most likely tokens up to probability mass P (1 = off)
   /rep R     repetition penalty, 1 to {MAX_REPETITION_PENALTY:g} (1 = off)
   /len N     new tokens per prompt
-  /seed S    restart the sampler from seed S (an integer from 0 to 2**64 - 1)
+  /seed S    restart the sampler from seed S (an integer from 0 to 2**32 - 1)
   /beams B   beam search with B beams (1 = off, at most {MAX_BEAMS})
   /help      this help and the current settings
   /quit      leave (Ctrl-D does too)
@@ -107,7 +107,7 @@ class Session:
             self.say(f"{HELP}\nnow: {self.settings()}")
         elif name == "/seed":
             if not (value.isascii() and value.isdigit()) or int(value) > MAX_SEED:
-                self.say(f"/seed needs an integer from 0 to 2**64 - 1, got {value!r}")
+                self.say(f"/seed needs an integer from 0 to 2**32 - 1, got {value!r}")
             else:
                 self.seed = int(value)
                 self.generator.manual_seed(self.seed)

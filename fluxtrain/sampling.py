@@ -21,7 +21,9 @@ MAX_TEMPERATURE = 2.0
 # and beam search no longer pick the most likely tokens.
 MAX_REPETITION_PENALTY = 1e4
 MAX_BEAMS = 100  # beam search holds beams x vocabulary scores and a KV cache per beam: a bound far above any use
-MAX_SEED = 2**64 - 1  # the largest seed torch.Generator takes
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: a larger one would repeat a smaller one's
+# numbers (2**32 and 0 draw the same), so the seeds offered stop there.
+MAX_SEED = 2**32 - 1
 
 
 def _given(setting: str, value: object) -> str:
@@ -33,7 +35,7 @@ def _given(setting: str, value: object) -> str:
 def check_seed(seed: int, setting: str) -> None:
     """A seed torch.Generator takes; `setting` is a flag (`--seed`) or a config key (`train.seed`)."""
     if not 0 <= seed <= MAX_SEED:
-        raise FluxtrainError(f"{_given(setting, seed)} must be an integer from 0 to 2**64 - 1")
+        raise FluxtrainError(f"{_given(setting, seed)} must be an integer from 0 to 2**32 - 1")
 
 
 @dataclass

@@ -125,7 +125,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def offset_seed(seed: int, offset: int) -> int:
-    """`seed + offset` for a generator of its own, wrapped into the seeds torch takes (0 to 2**64 - 1)."""
+    """`seed + offset` for a generator of its own, wrapped into the seeds fluxtrain takes (0 to 2**32 - 1)."""
     return (seed + offset) % (MAX_SEED + 1)
 
 

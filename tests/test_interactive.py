@@ -101,9 +101,9 @@ def test_commands_change_settings_and_prompts_follow_them(model_file, tmp_path):
         child, "/beams 0", "/beams needs a number of beams from 1 to 100 (1 = sampling, no beam search): got '0'\r\n"
     )
     command(child, "/beams 10000000000", "/beams needs a number of beams from 1 to 100")
-    command(child, "/seed -4", "/seed needs an integer from 0 to 2**64 - 1")
-    command(child, "/seed 18446744073709551616", "/seed needs an integer from 0 to 2**64 - 1")
-    command(child, "/seed ²", "/seed needs an integer from 0 to 2**64 - 1")
+    command(child, "/seed -4", "/seed needs an integer from 0 to 2**32 - 1")
+    command(child, "/seed 4294967296", "/seed needs an integer from 0 to 2**32 - 1")
+    command(child, "/seed ²", "/seed needs an integer from 0 to 2**32 - 1")
     command(child, "/volume 11", "unknown command /volume; commands: /temp, /topk")
 
     beams = SamplingConfig(max_new_tokens=24, temperature=0.0, repetition_penalty=1.5, beams=3)

@@ -285,8 +285,8 @@ def test_resuming_with_another_optimizer_names_optim_name(tiny_cfg, tmp_path):
 
 
 def test_the_largest_seed_trains_evaluates_samples_and_resumes(tiny_cfg, tmp_path):
-    """Each evaluation and sample draws from a seed offset from train.seed: near 2**64 - 1 they wrap around."""
-    run = ["train.seed=18446744073709551615", "train.eval_interval=2", "train.eval_iters=2", "train.log_interval=2"]
+    """Each evaluation and sample draws from a seed offset from train.seed: near 2**32 - 1 they wrap around."""
+    run = ["train.seed=4294967295", "train.eval_interval=2", "train.eval_iters=2", "train.log_interval=2"]
     run += ["train.sample_interval=2", "train.sample_len=4", "train.ckpt_interval=2"]
     train(tiny_cfg(*run, "train.max_iters=2"), tmp_path)
     assert train(tiny_cfg(*run, "train.max_iters=4", "resume=auto"), tmp_path)["iters"] == 4
