@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,19 +39,30 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise FluxtrainError naming the setting when the shape, a limit or a block variant is impossible."""
         for name in ("d_model", "n_heads", "n_layers", "ff_dim", "seq_len"):
-            if getattr(self, name) <= 0:
-                raise FluxtrainError(f"model.{name}={getattr(self, name)} must be a positive integer")
+            value = getattr(self, name)
+            if not (_is_a(value, numbers.Integral) and value > 0):
+                raise FluxtrainError(f"model.{name}={value} must be a positive integer")
         if self.seq_len > MAX_SEQ_LEN:
             raise FluxtrainError(f"model.seq_len={self.seq_len} must be at most {MAX_SEQ_LEN:,}")
         if self.d_model % self.n_heads:
             raise FluxtrainError(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
         if self.pos_emb == "rope" and (self.d_model // self.n_heads) % 2:
-            raise FluxtrainError(f"model.pos_emb=rope needs an even head size, got {self.d_model // self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise FluxtrainError(f"model.dropout={self.dropout} must be in [0, 1)")
+            raise FluxtrainError(
+                f"model.pos_emb=rope needs an even head size; model.d_model / model.n_heads = "
+                f"{self.d_model} / {self.n_heads} = {self.d_model // self.n_heads}"
+            )
+        if not (_is_a(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0):
+            raise FluxtrainError(f"model.dropout={self.dropout!r} must be in [0, 1)")
+        if not isinstance(self.bias, bool):
+            raise FluxtrainError(f"model.bias={self.bias!r} must be true or false")
         for name, allowed in (("norm", NORMS), ("pos_emb", POSITIONS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise FluxtrainError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+
+def _is_a(value, kind: type) -> bool:
+    """Whether `value` is a number of `kind` (numbers.Integral, numbers.Real); a bool is not a number here."""
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 class KVCache:
@@ -213,7 +225,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight
+        self.tie_weights()
+        self.register_load_state_dict_post_hook(_tie_after_load)
         if cfg.pos_emb == "rope":
             cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.seq_len)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -224,6 +237,16 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def tie_weights(self) -> None:
+        """Make the head use the token embedding's weight (again): `to_empty` and `load_state_dict(assign=True)`
+        give each module a tensor of its own."""
+        self.head.weight = self.tok_emb.weight
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.tie_weights()
+        return self
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -296,6 +319,10 @@ class GPT(nn.Module):
             x = x + block.mlp.decode(block.ln2.forward(x))
         cache.length = pos + 1
         return self.head.forward(self.ln_f.forward(x))
+
+
+def _tie_after_load(model: GPT, incompatible_keys) -> None:
+    model.tie_weights()
 
 
 @contextmanager

@@ -30,6 +30,9 @@ class OptimConfig:
 
 
 def validate(cfg: OptimConfig) -> None:
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "muon_lr", "muon_momentum", "decay_frac"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise FluxtrainError(f"optim.{name}={getattr(cfg, name)} must be a finite number")
     if cfg.name not in OPTIMIZERS:
         raise FluxtrainError(f"optim.name={cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
     if cfg.name == "muon" and not hasattr(torch.optim, "Muon"):

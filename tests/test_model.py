@@ -1,10 +1,13 @@
 """The model: parameter counts against the formula, shapes, causality and the KV cache."""
 
+import math
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.model import GPT, ModelConfig, param_count_formula
+from fluxtrain.model import GPT, ModelConfig, flops_per_token, param_count_formula
 
 from .conftest import compose_config
 
@@ -64,3 +67,81 @@ def test_kv_cache_matches_full_forward(variant):
 def test_longer_than_context_is_a_clear_error():
     with pytest.raises(FluxtrainError, match="longer than model.seq_len=16"):
         tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_tied_head_stays_tied_after_to_empty_and_assign_load():
+    source = tiny()
+    cfg = source.cfg
+    with torch.device("meta"):
+        empty = GPT(cfg, vocab_size=11)
+    empty.to_empty(device="cpu")  # gives each module a tensor of its own
+    assert empty.head.weight is empty.tok_emb.weight
+    # Model files store the tied weight once (no head.weight): an assigning load must not leave the head behind.
+    state = {k: v for k, v in source.state_dict().items() if k != "head.weight"}
+    with torch.device("meta"):
+        loaded = GPT(cfg, vocab_size=11).eval()
+    assert loaded.load_state_dict(state, strict=False, assign=True).missing_keys == ["head.weight"]
+    assert loaded.head.weight is loaded.tok_emb.weight
+    x = torch.randint(0, 11, (2, 16))
+    torch.testing.assert_close(loaded(x)[0], source(x)[0])
+    converted = loaded.to(torch.float64)
+    assert converted.head.weight is converted.tok_emb.weight and converted.head.weight.dtype == torch.float64
+
+
+def test_attention_matches_a_hand_written_masked_softmax():
+    model = tiny()
+    attn, H, hd = model.blocks[0].attn, 4, 8
+    x = torch.randn(2, 16, 32)
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).split(32, dim=-1)
+    q, k, v = (t.view(2, 16, H, hd).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(2, 16, 32)
+    torch.testing.assert_close(attn(x), y @ attn.proj.weight.T + attn.proj.bias)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_cache_refilled_past_the_context_matches_a_full_forward(pos_emb):
+    """Past the context the window slides: the cache is refilled from position 0 (its stale entries beyond the new
+    length must not count) and each decoding step must give the logits of one full pass over the window."""
+    model = tiny(pos_emb=pos_emb)
+    tokens = torch.randint(0, 11, (2, 40))
+    cache = model.new_cache(2)
+    with torch.inference_mode():
+        for end in range(17, 40, 5):  # windows ending past the context: refill with 11 tokens, then decode the rest
+            start = end - 16
+            cache.length = 0
+            model(tokens[:, start : start + 11], cache=cache)
+            for t in range(start + 11, end):
+                step = model.decode_step(tokens[:, t], cache)
+                torch.testing.assert_close(step, model(tokens[:, start : t + 1])[0][:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_init_stds_follow_gpt2():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(d_model=128, n_heads=4, n_layers=8, ff_dim=512, seq_len=64), vocab_size=300)
+    for name, p in model.named_parameters():
+        if name.endswith("proj.weight"):  # residual projections: 0.02 / sqrt(2 * n_layers)
+            assert p.std().item() == pytest.approx(0.005, rel=0.03), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.03), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:  # norm gains
+            assert torch.equal(p, torch.ones_like(p)), name
+
+
+def test_flops_per_token_against_a_hand_count():
+    """6 FLOPs per parameter per token (2 forward, 4 backward) plus the attention scores: per layer and token,
+    q.k over the whole context and the weighted sum of values, 2 * 2 * width * context forward, tripled."""
+    cfg = ModelConfig(d_model=32, n_heads=4, n_layers=2, ff_dim=64, seq_len=16)
+    model = GPT(cfg, vocab_size=11)
+    idx = torch.randint(0, 11, (3, 16))
+    with FlopCounterMode(display=False) as counter:  # counts the linear layers' products (not attention's on CPU)
+        model(idx, idx)[1].backward()
+    in_products = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "pos_emb.weight")
+    assert counter.get_total_flops() == 6 * in_products * idx.numel()
+    n_layers, forward = 2, 2 * 2 * 32 * 16
+    attention = n_layers * 3 * forward
+    # The formula's 6N also counts the parameters in no product (positions, biases, norms): 6 FLOPs each.
+    assert flops_per_token(cfg, model.num_params()) == 6 * model.num_params() + attention

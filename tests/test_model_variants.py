@@ -1,6 +1,7 @@
 """Block variants (RMSNorm, rotary positions, relu2/SwiGLU MLPs, no bias): numerics, causality and KV-cache decoding."""
 
 import itertools
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -44,6 +45,20 @@ def test_rope_scores_depend_only_on_relative_position():
     torch.testing.assert_close(score(5, 2), score(20, 17))
     torch.testing.assert_close(score(3, 3), (q * k).sum())  # equal positions: the rotation cancels
     assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_rope_matches_the_complex_rotation():
+    """Each pair (x_i, x_{i + hd/2}) read as x_i + i x_{i + hd/2} is multiplied by e^(i m theta_i) at position m,
+    with theta_i = 10000 ** (-2i / hd)."""
+    torch.manual_seed(0)
+    hd, length = 16, 40
+    x = torch.randn(2, 3, length, hd)
+    theta = 10000.0 ** (-torch.arange(hd // 2, dtype=torch.float64) * 2 / hd)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * theta
+    x64 = x.double()
+    z = torch.complex(x64[..., : hd // 2], x64[..., hd // 2 :]) * torch.polar(torch.ones_like(angles), angles)
+    want = torch.cat((z.real, z.imag), dim=-1).float()
+    torch.testing.assert_close(apply_rope(x, *rope_tables(hd, length)), want, atol=1e-5, rtol=1e-5)
 
 
 def test_rope_keeps_vector_norms():
@@ -125,3 +140,22 @@ def test_unknown_variant_names_the_setting(kw, setting):
 def test_rope_needs_an_even_head_size():
     with pytest.raises(FluxtrainError, match="model.pos_emb=rope"):
         ModelConfig(d_model=12, n_heads=4, pos_emb="rope").validate()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(d_model=float("nan")), "model.d_model=nan must be a positive integer"),
+        (dict(n_heads=2.0), "model.n_heads=2.0 must be a positive integer"),
+        (dict(n_layers=-1), "model.n_layers=-1 must be a positive integer"),
+        (dict(ff_dim=0), "model.ff_dim=0 must be a positive integer"),
+        (dict(d_model=None), "model.d_model=None must be a positive integer"),
+        (dict(dropout=float("nan")), r"model.dropout=nan must be in \[0, 1\)"),
+        (dict(dropout="0.1"), r"model.dropout='0.1' must be in \[0, 1\)"),
+        (dict(bias="no"), "model.bias='no' must be true or false"),
+        (dict(d_model=36, n_heads=4, pos_emb="rope"), "rope needs an even head size; model.d_model / model.n_heads"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_setting(kw, message):
+    with pytest.raises(FluxtrainError, match=message):
+        GPT(ModelConfig(**{**asdict(tiny()), **kw}), vocab_size=11)

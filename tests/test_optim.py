@@ -71,6 +71,12 @@ def test_linear_and_wsd_schedules():
         ({"decay_frac": 1.5}, r"optim.decay_frac=1.5 must be in \(0, 1\]"),
         ({"weight_decay": -0.5}, r"optim.weight_decay=-0.5 must be >= 0"),
         ({"grad_clip": -1.0}, r"optim.grad_clip=-1.0 must be >= 0 \(0 turns clipping off\)"),
+        # NaN passes every range check: each non-finite value is refused by its own name.
+        ({"lr": math.nan}, "optim.lr=nan must be a finite number"),
+        ({"lr": math.inf}, "optim.lr=inf must be a finite number"),
+        ({"weight_decay": math.nan}, "optim.weight_decay=nan must be a finite number"),
+        ({"grad_clip": math.nan}, "optim.grad_clip=nan must be a finite number"),
+        ({"name": "muon", "muon_lr": math.nan}, "optim.muon_lr=nan must be a finite number"),
     ],
 )
 def test_bad_optimizer_settings_are_named(overrides, message):
