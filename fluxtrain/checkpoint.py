@@ -471,10 +471,12 @@ def restore(
     The optimizer's hyperparameters (betas, weight decay...) stay as the current config sets them.
     """
     source = str(ckpt.path)
-    if is_sharded(unwrap(model)):
-        load_full_weights(unwrap(model), ckpt.model)
+    plain = unwrap(model)
+    if is_sharded(plain):
+        check_weights(plain, ckpt.model, source)  # a sharded model's state_dict holds the whole weights' shapes
+        load_full_weights(plain, ckpt.model)
     else:
-        load_state_into(unwrap(model), ckpt.model, source)
+        load_state_into(plain, ckpt.model, source)
     configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         check_optimizer_state(ckpt.optimizer, optimizer)

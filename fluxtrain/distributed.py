@@ -351,11 +351,16 @@ def main_rank_value(value: float, device: torch.device) -> float:
 
 def mean_over_ranks(value: float, device: torch.device) -> float:
     """The mean of a number over all ranks (the number itself in one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+    return means_over_ranks([value], device)[0]
+
+
+def means_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each number's mean over all ranks (the numbers themselves in one process); every rank passes as many."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
+    return (t / dist.get_world_size()).tolist()
 
 
 class NullWriter:

@@ -63,6 +63,7 @@ log = logging.getLogger("fluxtrain")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_SCOPES = ("model", "blocks")
+WARMUP_CHECK_STEPS = 10  # steps timed under train.max_time before judging whether the warm-up can finish
 
 
 @dataclass
@@ -265,7 +266,7 @@ def check_settings(cfg: DictConfig) -> ModelConfig:
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
     model_cfg.validate()
     validate_optim(cfg.optim)  # before the data is loaded (a BPE tokenizer may be trained there)
-    if tcfg.max_time is None and cfg.optim.warmup_iters >= tcfg.max_iters:
+    if cfg.optim.warmup_iters >= tcfg.max_iters:
         log.warning(
             f"optim.warmup_iters={cfg.optim.warmup_iters} >= train.max_iters={tcfg.max_iters}: "
             f"the learning rate stays below optim.lr={cfg.optim.lr} for the whole run"
@@ -295,19 +296,20 @@ def wrap_for_training(model: GPT, data: TokenData, world: World, device: torch.d
 
 def plan_time_budget(
     tcfg: TrainConfig,
-    setup: float,
+    t_start: float,
     model: GPT,
     data: TokenData,
     device: torch.device,
     progress: Progress,
     resume: Checkpoint | None,
 ) -> float | None:
-    """Seconds the training loop may take under train.max_time (None without one): the budget less the `setup`
-    seconds spent so far and the final evaluation, timed now. Under torchrun, rank 0's figures hold for every rank."""
+    """Seconds the training loop may take under train.max_time (None without one): the budget less the setup (the
+    seconds since `t_start`, the timing of the final evaluation included) and the final evaluation, timed now.
+    Under torchrun, rank 0's figures hold for every rank."""
     if tcfg.max_time is None:
         return None
-    setup = distributed.main_rank_value(setup, device)
     final_eval = distributed.main_rank_value(eval_seconds(model, data, tcfg, device), device)
+    setup = distributed.main_rank_value(time.perf_counter() - t_start, device)
     loop_time = tcfg.max_time - setup - final_eval
     if loop_time <= 0:
         raise FluxtrainError(
@@ -320,6 +322,40 @@ def plan_time_budget(
         f"~{final_eval:.1f}s kept for the final evaluation, {loop_time:.1f}s to train{spent}"
     )
     return loop_time
+
+
+class WarmupCheck:
+    """Under train.max_time: whether the warm-up ends before the time does, judged once from the pace of this
+    session's first steps (the very first one, which warms up the kernels, not counted) or when the time runs out.
+    When it cannot, a warning says so: the learning rate would never reach optim.lr. An iteration budget too short for
+    the warm-up is warned about at setup."""
+
+    def __init__(self, cfg: DictConfig, it: int):
+        self.cfg, self.first_it, self.paced_from = cfg, it, None
+        warmup = cfg.optim.warmup_iters
+        self.done = it >= warmup or warmup >= cfg.train.max_iters
+
+    def before_step(self, it: int, elapsed: float, left: float) -> None:
+        """Called before each step with the loop's seconds so far and the seconds left to train."""
+        if self.done or it == self.first_it:  # a resumed run out of time before its first step was told at setup
+            return
+        if it == self.first_it + 1:
+            self.paced_from = elapsed
+        timed = it - self.first_it - 1
+        if left <= 0:
+            reachable = it
+        elif timed >= WARMUP_CHECK_STEPS:
+            reachable = it + int(left * timed / max(elapsed - self.paced_from, 1e-9))
+        else:
+            return
+        self.done = True
+        warmup = self.cfg.optim.warmup_iters
+        if reachable < warmup:
+            log.warning(
+                f"train.max_time={self.cfg.train.max_time:g} leaves time for about {reachable:,} iterations, fewer "
+                f"than optim.warmup_iters={warmup}: the learning rate stays below optim.lr={self.cfg.optim.lr} for "
+                "the whole run (lower optim.warmup_iters, or raise train.max_time)"
+            )
 
 
 def run_training(
@@ -378,9 +414,9 @@ def run_training(
     last_losses: dict[str, float] = {}
     it = progress.iteration
     warmup_done_at: float | None = progress.warmup_done_at
+    # seconds the loop may take: the budget less the setup so far and the final eval; the loop's clock starts now
+    loop_time = plan_time_budget(tcfg, t_start, model, data, device, progress, resume)
     t_loop = time.perf_counter() - progress.train_time
-    # seconds the loop may take: the budget less the setup so far and the final eval
-    loop_time = plan_time_budget(tcfg, time.perf_counter() - t_start, model, data, device, progress, resume)
     if it >= tcfg.max_iters:
         log.warning(
             f"the checkpoint is at iteration {it}, which reaches train.max_iters={tcfg.max_iters}: evaluating "
@@ -447,8 +483,11 @@ def run_training(
         nonlocal last_ckpt
         collect_losses()
         writer.flush()  # the events up to `it` reach the disk before the checkpoint that resumes after them
+        # The window's losses averaged over the ranks, as the log line counts them, so that a resume on any number
+        # of ranks logs what the run would have logged (a collective: every rank writes the checkpoint).
+        window = distributed.means_over_ranks(losses_window, device)
         wall_time = progress.wall_time + time.perf_counter() - t_start
-        state = Progress(it, best_val, time.perf_counter() - t_loop, warmup_done_at, list(losses_window), wall_time)
+        state = Progress(it, best_val, time.perf_counter() - t_loop, warmup_done_at, window, wall_time)
         path = checkpoint_path(run_dir, it)
         config = OmegaConf.to_container(cfg, resolve=True)
         try:
@@ -460,10 +499,13 @@ def run_training(
             prune(run_dir, tcfg.keep_last, RUN_OUTPUTS)
 
     stop.install()
+    warmup_check = WarmupCheck(cfg, it)
     while True:
         elapsed = time.perf_counter() - t_loop
         if loop_time is not None and world.is_distributed:  # all ranks stop at one step, with one lr schedule
             elapsed = distributed.main_rank_value(elapsed, device)
+        if loop_time is not None:
+            warmup_check.before_step(it, elapsed, loop_time - elapsed)
         if it >= tcfg.max_iters or (loop_time is not None and elapsed >= loop_time):
             break
         # Learning rate: warm-up in iterations, then optim.schedule over the rest of the budget. With a time budget

@@ -11,13 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from fluxtrain import distributed
-from fluxtrain.checkpoint import load_checkpoint, load_model
+from fluxtrain.checkpoint import (
+    Progress,
+    is_sharded,
+    load_checkpoint,
+    load_model,
+    model_state,
+    restore,
+    rng_state,
+    save_checkpoint,
+)
 from fluxtrain.data import TokenData
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.optim import OptimConfig, build_optimizer
 from fluxtrain.resume import checkpoint_path
+from fluxtrain.tokenizer import CharTokenizer
 from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, make_text, tb_scalars
@@ -129,15 +142,23 @@ def test_fsdp_with_grad_accum_resumes_and_matches_one_process(reference_run, ddp
     overrides = [*RUN_OVERRIDES, f"data.path={corpus}", "train.strategy=fsdp", "train.batch_size=2"]
     resume = f"resume={checkpoint_path(ddp_dir, 4)}"
     sample = "train.sample_interval=8"  # after the last step: decoding a sharded model, on every rank
-    # A checkpoint mid-run (iteration 6) gathers the optimizer's shards; training then goes on with them.
-    mid_ckpt = "train.ckpt_interval=6"
-    result = torchrun(tmp_path, [*overrides, "train.grad_accum=2", sample, mid_ckpt, resume, "hydra.run.dir=run"])
+    # A checkpoint mid-run (iteration 7) gathers the optimizer's shards; training then goes on with them. Logged
+    # every 3 iterations, it holds the loss of iteration 7, not logged yet.
+    mid_ckpt, logs = "train.ckpt_interval=7", "train.log_interval=3"
+    result = torchrun(tmp_path, [*overrides, "train.grad_accum=2", sample, mid_ckpt, logs, resume, "hydra.run.dir=run"])
     assert result.returncode == 0, result.stderr[-12000:]
     run_dir = tmp_path / "run"
     assert "sample at iteration 8:" in (run_dir / "train.log").read_text()
-    fsdp, single = tb_scalars(run_dir, "train/loss"), tb_scalars(reference_run, "train/loss")
-    assert sorted(fsdp) == [5, 6, 7, 8]
-    assert max(abs(fsdp[step] - single[step]) for step in fsdp) < 1e-5, (fsdp, single)
+    # The reference logged every step; a logged loss is the mean of the steps since the last log line.
+    single = tb_scalars(reference_run, "train/loss")
+    fsdp, expected = tb_scalars(run_dir, "train/loss"), {6: (single[5] + single[6]) / 2, 8: (single[7] + single[8]) / 2}
+    assert sorted(fsdp) == [6, 8]
+    assert max(abs(fsdp[step] - expected[step]) for step in fsdp) < 1e-5, (fsdp, expected)
+    # The checkpoint at 7 holds the loss of iteration 7 over both ranks' windows, not rank 0's half of them: resumed
+    # in one process, the log line at 8 is that of the reference.
+    overrides = [*RUN_OVERRIDES, f"data.path={corpus}", "train.batch_size=8", logs]
+    train(compose_config([*overrides, f"resume={checkpoint_path(run_dir, 7)}"]), tmp_path / "one")
+    assert tb_scalars(tmp_path / "one", "train/loss")[8] == pytest.approx(expected[8], abs=1e-5)
 
     # Model files and checkpoints hold the whole, gathered weights and optimizer state, loadable in one process.
     model, _ = load_model(run_dir / "model_final.safetensors")
@@ -150,6 +171,46 @@ def test_fsdp_with_grad_accum_resumes_and_matches_one_process(reference_run, ddp
         for name in ("exp_avg", "exp_avg_sq"):
             assert ckpt.optimizer["state"][index][name].shape == state[name].shape
             assert (ckpt.optimizer["state"][index][name] - state[name]).abs().max().item() < 1e-4
+
+
+@pytest.fixture
+def sharded_in_one_process(tmp_path):
+    """A process group of one rank (gloo), in which fully_shard shards a model as it would over several."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_a_sharded_model_is_refused_naming_them(tmp_path, sharded_in_one_process):
+    from torch.distributed.fsdp import fully_shard
+
+    tokenizer = CharTokenizer(list("abcdefghij"))
+    cfg = ModelConfig(d_model=16, n_heads=2, n_layers=1, ff_dim=32, seq_len=8)
+    path = tmp_path / "iter_000001.ckpt"
+    saved = GPT(cfg, tokenizer.vocab_size)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    optimizer = build_optimizer(saved, OptimConfig())
+    save_checkpoint(path, saved, optimizer, scaler, rng_state(torch.Generator()), tokenizer, {}, Progress())
+
+    def restore_sharded(ckpt):
+        model = GPT(cfg, tokenizer.vocab_size)
+        fully_shard(model)
+        assert is_sharded(model)
+        restore(ckpt, model, build_optimizer(model, OptimConfig()), scaler, torch.Generator())
+        return model
+
+    missing = load_checkpoint(path)
+    del missing.model["blocks.0.ln1.weight"]
+    with pytest.raises(FluxtrainError, match=r"weights do not fit the model \(missing \['blocks\.0\.ln1\.weight'\]"):
+        restore_sharded(missing)
+    reshaped = load_checkpoint(path)
+    reshaped.model["pos_emb.weight"] = reshaped.model["pos_emb.weight"][:4]
+    with pytest.raises(FluxtrainError, match=r"weight pos_emb\.weight has shape \(4, 16\), the model needs \(8, 16\)"):
+        restore_sharded(reshaped)
+    restored = model_state(restore_sharded(load_checkpoint(path)))  # a checkpoint that fits still loads
+    assert all(torch.equal(restored[k], v) for k, v in model_state(saved).items())
 
 
 @pytest.mark.slow

@@ -1,11 +1,14 @@
 """train.max_time: the run ends within its budget, final eval included, with the cosine laid over the time."""
 
 import logging
+import re
+import time
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import fluxtrain.train as train_module
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.train import train
 
@@ -64,6 +67,28 @@ def test_a_budget_spent_before_training_starts_is_an_error_naming_it(tiny_cfg, t
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "checkpoints").exists()
 
 
+def test_the_time_spent_timing_the_final_evaluation_is_setup_not_training_time(tiny_cfg, tmp_path, monkeypatch):
+    """Timing the final evaluation takes 0.3 s here, and the budget leaves 0.1 s after the setup before it: no time
+    to train, so the run is refused at setup rather than run for 0 iterations."""
+    started = []
+    real_load_resume = train_module.load_resume
+
+    def load_resume(*args):  # called as the setup that train.max_time counts starts
+        started.append(time.perf_counter())
+        return real_load_resume(*args)
+
+    def eval_seconds(*args):
+        final_eval = 60 - (time.perf_counter() - started[0]) - 0.1
+        time.sleep(0.3)
+        return final_eval
+
+    monkeypatch.setattr(train_module, "load_resume", load_resume)
+    monkeypatch.setattr(train_module, "eval_seconds", eval_seconds)
+    with pytest.raises(FluxtrainError, match=r"^train.max_time=60.0 leaves no time to train after setup \("):
+        train(tiny_cfg("train.max_time=60"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_an_iteration_budget_that_ends_first_still_runs_the_schedule_down(tiny_cfg, tmp_path):
     # 12 iterations end the run long before its 600 s: the linear decay follows the iterations, as without a time
     # budget, and reaches min_lr (0) at the last one.
@@ -82,3 +107,28 @@ def test_an_iteration_budget_that_ends_first_still_runs_the_schedule_down(tiny_c
     lrs = [e.value for e in events.Scalars("lr")]
     # the lr logged at iteration i is that of step i - 1: warm-up 1/3, 2/3 of the peak, then (12 - i) / 10 of it
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3] + [1e-3 * (12 - i) / 10 for i in range(2, 12)], rel=1e-5)
+
+
+def test_a_warm_up_the_time_budget_cannot_finish_is_warned_about(tiny_cfg, tmp_path, monkeypatch, caplog):
+    # Half a second to train, whatever the setup took: the warm-up of 100,000 iterations cannot end in it.
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 0.5)
+    cfg = tiny_cfg("train.max_iters=1000000", "train.max_time=600", "optim.warmup_iters=100000")
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        metrics = train(cfg, tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "fewer than optim.warmup_iters=100000" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert warned[0].startswith("train.max_time=600 leaves time for about ")
+    advice = "(lower optim.warmup_iters, or raise train.max_time)"
+    assert warned[0].endswith(f"the learning rate stays below optim.lr=0.003 for the whole run {advice}")
+    # Judged from the pace of the first steps: of the order of the iterations the half second gave (loosely: a busy
+    # machine may slow some steps down several times).
+    reachable = int(re.search(r"about ([\d,]+) iterations", warned[0])[1].replace(",", ""))
+    assert metrics["iters"] / 10 <= reachable <= 10 * metrics["iters"]
+
+
+def test_an_iteration_budget_shorter_than_the_warm_up_is_warned_about_with_a_time_budget_too(
+    tiny_cfg, tmp_path, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        train(tiny_cfg("train.max_iters=4", "train.max_time=600", "optim.warmup_iters=5"), tmp_path)
+    assert "optim.warmup_iters=5 >= train.max_iters=4: the learning rate stays below optim.lr=0.003" in caplog.text
