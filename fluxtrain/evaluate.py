@@ -143,8 +143,15 @@ def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, **kwargs) -> Eval
     return evaluate_ids(model, tokenizer.encode(text), len(text.encode("utf-8")), **kwargs)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A mistake on the command line is one line naming the option, not the usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python -m fluxtrain.evaluate",
         description="Loss (nats/token), perplexity and bits per byte of a model file on a text file or folder.",
     )
@@ -192,6 +199,10 @@ def check_json_target(path: str) -> None:
 def run(args: argparse.Namespace) -> EvalResult:
     if args.batch_size <= 0:
         raise FluxtrainError(f"--batch-size={args.batch_size} must be a positive integer")
+    if not args.data.strip():
+        raise FluxtrainError("--data is empty; give a text file, a folder or a glob")
+    if args.json is not None and not args.json.strip():
+        raise FluxtrainError("--json is empty; give a file to write the figures to, or - for stdout")
     if args.json and args.json != "-":
         check_json_target(args.json)
     device = resolve_device(args.device, "--device")

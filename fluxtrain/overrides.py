@@ -26,6 +26,11 @@ def flags_first(args: list[str]) -> list[str]:
     return [a for a in args if a in flags] + [a for a in args if a not in flags]
 
 
+def is_multirun(args: list[str]) -> bool:
+    """Whether the command line runs Hydra in multirun mode (`-m`, `--multirun` or `hydra.mode=MULTIRUN`)."""
+    return any(arg in ("-m", "--multirun") or arg.replace(" ", "") == "hydra.mode=MULTIRUN" for arg in args)
+
+
 def check_commands(args: list[str]) -> None:
     """Refuse two of Hydra's commands on one command line (`--cfg job -m`), which Hydra reports with a traceback."""
     given = list(dict.fromkeys(COMMANDS[arg.split("=")[0]] for arg in args if arg.split("=")[0] in COMMANDS))

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from fluxtrain.files import atomic_write, check_writable
-from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override, hydra_value
+from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override, hydra_value, is_multirun
 
 log = logging.getLogger("fluxtrain")
 
@@ -64,7 +64,7 @@ def given_output_dir(args: list[str]) -> tuple[str, str] | None:
     `hydra.run.dir`), or None where Hydra chooses it or does not run."""
     if any(arg in NO_RUN_FLAGS for arg in args):  # they write nothing
         return None
-    setting = "hydra.sweep.dir" if "-m" in args or "--multirun" in args else "hydra.run.dir"
+    setting = "hydra.sweep.dir" if is_multirun(args) else "hydra.run.dir"
     given = [arg for arg in args if arg.startswith(f"{setting}=")]
     if not given:
         return None

@@ -328,17 +328,36 @@ def read_scalars(run_dir: str | Path, tag: str) -> tuple[list[int], list[float]]
 def resolve_model_path(name: str | Path) -> Path:
     """MODEL on a command line (generate, evaluate, export): a model file, a checkpoint, or a run folder (its best
     model, else its final one, else its newest checkpoint)."""
+    if not str(name).strip():
+        raise FluxtrainError("MODEL is empty (give a model file, a checkpoint or a run folder)")
     path = Path(name).expanduser()
     if path.is_dir():
         found = run_model_file(path) or find_latest(path)
         if found is None:
-            raise FluxtrainError(
-                f"run folder {path} holds no model file ({' or '.join(MODEL_FILES)}) and no checkpoints/iter_*.ckpt"
-            )
+            raise FluxtrainError(not_a_run_folder(path))
         return found
     if not path.exists():
         raise FluxtrainError(f"MODEL {path} does not exist (give a model file, a checkpoint or a run folder)")
     return path
+
+
+def not_a_run_folder(path: Path) -> str:
+    """Why the folder `path` names no model: a folder of checkpoints (named with its newest one), or no run folder."""
+    try:
+        entries = list(path.iterdir())
+    except OSError:
+        entries = []
+    checkpoints = sorted((int(m.group(1)), p) for p in entries if (m := CHECKPOINT_NAME.fullmatch(p.name)))
+    if checkpoints:
+        run = f" or the run folder {path.parent}" if path.name == CHECKPOINT_DIR else ""
+        return (
+            f"MODEL {path} is a folder of checkpoints, not a run folder: give one of its checkpoints (the newest is "
+            f"{checkpoints[-1][1]}){run}"
+        )
+    return (
+        f"MODEL {path} is a folder that holds no model file ({' or '.join(MODEL_FILES)}) and no "
+        f"{CHECKPOINT_DIR}/{CHECKPOINT_FILES}: give a model file, a checkpoint or a run folder"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from fluxtrain.config import check_overrides
+from fluxtrain.config import check_overrides, config_dir
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
 from fluxtrain.overrides import check_commands
@@ -82,7 +82,7 @@ def test_wrong_type_fails(override):
 )
 def test_command_line_settings_are_checked_in_one_line_before_hydra(override, message):
     with pytest.raises(FluxtrainError, match=message):
-        check_overrides(["model=small", override, "hydra.run.dir=x"])
+        check_overrides(["-m", "model=small", override, "hydra.sweep.dir=x"])
 
 
 @pytest.mark.parametrize(
@@ -130,12 +130,118 @@ def test_nan_and_infinite_settings_are_refused_before_the_task_runs(overrides, m
         "hydra.run.dir=x",
         "hydra/launcher=basic",
         "++model.d_model=64",
-        "+experiment=shakespeare_cpu",
-        "experiment=nope",
+        "experiment=shakespeare_cpu",
+        "model=small,medium",
+        "~experiment",
+        "hydra.run.dir=runs/${model.d_model}-${now:%H-%M-%S}",
+        "optim.min_lr=${optim.lr}",
+        "data.path=${oc.env:HOME}/notes.txt",
+        "data.separator='\\${not} an interpolation'",
     ],
 )
 def test_valid_settings_and_what_hydra_checks_pass_the_precheck(override):
     check_overrides([override, "-m", "--cfg", "job"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model=huge"], "model=huge is not an option of model; its options: gpt2, gpt2-large, gpt2-medium, large, "),
+        (
+            ["experiment=shakespeare_cpux"],
+            "experiment=shakespeare_cpux is not an option of experiment (did you mean experiment=shakespeare_cpu?); "
+            "its options: shakespeare_cpu, shakespeare_gpu",
+        ),
+        (["-m", "tokenizer=char,bpee"], "tokenizer=bpee is not an option of tokenizer (did you mean tokenizer=bpe?)"),
+        (["model=[small,larg]"], "model=larg is not an option of model (did you mean model=large?)"),
+        (["experiment=null"], "experiment=null is not an option of experiment; choose one of shakespeare_cpu, "),
+        (["+experiment=shakespeare_cpu"], "+experiment=shakespeare_cpu: experiment is chosen in the defaults already"),
+        (["++model=small"], "++model=small: model is chosen in the defaults already; give model=small without ++"),
+    ],
+)
+def test_a_config_group_takes_one_of_its_options_in_one_line(args, message):
+    """Hydra reports these in a dozen lines (an unknown option) or with a traceback (`null`)."""
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides(args)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_config_dirs_options_count_for_the_groups_of_conf(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tiny.yaml").write_text("d_model: 48\nn_heads: 3\n")
+    with pytest.raises(FluxtrainError, match="^model=tiny is not an option of model"):
+        check_overrides(["model=tiny"])
+    check_overrides(["--config-dir", str(tmp_path), "model=tiny"])
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\n")
+    check_overrides(["--config-dir", str(tmp_path), "--config-name", "mine", "model=tiny"])
+    check_overrides(["--config-name", "lr_find", "model=small"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["optim.lr=1e-3,3e-3"], "optim.lr=1e-3,3e-3 is a sweep: add -m to run one job per value"),
+        (["--config-dir", "no/such/folder", "model=small"], "--config-dir no/such/folder does not exist"),
+        (["--config-name", "nope"], "--config-name nope: there is no nope.yaml in "),
+        (["model=small,medium", "--cfg", "job"], "model=small,medium is a sweep: add -m"),
+        (["train.seed=range(1,4)"], "train.seed=range(1,4) is a sweep: add -m"),
+        (["~model.d_model"], "~model.d_model: a fluxtrain setting cannot be removed; give it a value instead"),
+        (["~train.max_time"], "~train.max_time: a fluxtrain setting cannot be removed"),
+        (["~optim.learning_rate"], "optim.learning_rate is not a fluxtrain setting"),
+        (["hydra.run.dir="], "hydra.run.dir= is empty; give a folder (hydra.run.dir=. for the working folder)"),
+        (["-m", "hydra.sweep.dir=''"], "hydra.sweep.dir='' is empty; give a folder"),
+        (["hydra.run.dir=null"], "hydra.run.dir=null is not a folder; give a path"),
+        (["hydra.job.chdir=true"], "hydra.job.chdir=true is not supported: a run reads data.path, resume and "),
+        (
+            ["hydra.run.dir=runs/${model.d_modl}"],
+            "hydra.run.dir=runs/${model.d_modl}: ${model.d_modl} refers to model.d_modl, which is not a fluxtrain "
+            "setting (did you mean model.d_model?)",
+        ),
+        (["optim.min_lr=${optim.nope}"], "optim.min_lr=${optim.nope}: ${optim.nope} refers to optim.nope, which is"),
+        (["data.path=${nowx:%H}"], "data.path=${nowx:%H}: ${nowx:%H} uses 'nowx', which is no resolver"),
+        (
+            ["data.path=${oc.env:FLUXTRAIN_UNSET_VARIABLE}/a.txt"],
+            "data.path=${oc.env:FLUXTRAIN_UNSET_VARIABLE}/a.txt: ${oc.env:FLUXTRAIN_UNSET_VARIABLE} reads the "
+            "environment variable FLUXTRAIN_UNSET_VARIABLE, which is not set",
+        ),
+    ],
+)
+def test_what_hydra_reports_in_many_lines_or_a_traceback_is_one_line_before_it_starts(args, message):
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides(args)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_preset_that_an_experiment_overrides_is_refused():
+    """The experiment sets the model's shape after the preset: `model=small` would be silently ignored."""
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides(["experiment=shakespeare_gpu", "model=small"])
+    assert str(info.value) == (
+        "model=small would not apply: experiment=shakespeare_gpu sets model.d_model=384, model.n_heads=6, "
+        "model.n_layers=6, model.ff_dim=1536, model.seq_len=256, model.dropout=0.2; change those settings instead "
+        "(e.g. model.d_model=128)"
+    )
+    with pytest.raises(FluxtrainError, match="^model=medium would not apply: experiment=shakespeare_cpu sets"):
+        check_overrides(["-m", "model=small,medium", "experiment=shakespeare_cpu"])
+    check_overrides(["experiment=shakespeare_cpu", "model=small"])  # the preset it builds on
+    check_overrides(["experiment=shakespeare_gpu", "model.d_model=192", "model.n_heads=3"])
+    assert compose_config(["experiment=shakespeare_gpu", "model=small"]).model.d_model == 384  # what Hydra would do
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=${train.device}", "optim.lr: While dereferencing interpolation '${train.device}': Value 'auto' "),
+        ("data.path=${oc.env:FLUXTRAIN_UNSET_VARIABLE}", "data.path: KeyError raised while resolving interpolation"),
+        ("resume=", "resume='' is empty; give a checkpoint file, auto (the newest in the run folder), or null to "),
+    ],
+)
+def test_settings_that_do_not_resolve_or_are_empty_are_refused_before_the_task_runs(override, message, tmp_path):
+    cfg = compose_config([override])
+    with pytest.raises(FluxtrainError) as info:
+        run_task(cfg, tmp_path)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -267,3 +373,14 @@ def test_help_says_what_the_command_does_and_lists_the_groups():
     assert "model: gpt2, gpt2-large, gpt2-medium, large, medium, small" in proc.stdout
     assert "  d_model: 256" in proc.stdout  # the composed config
     assert proc.stdout.rstrip().endswith("Hydra's own\noptions: --hydra-help.")
+
+
+def test_lr_find_help_describes_the_range_test():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        lr_find = compose(config_name="lr_find", return_hydra_config=True)
+        train = compose(config_name="config", return_hydra_config=True)
+    assert lr_find.task == "lr_find" and lr_find.hydra.help.app_name == "fluxtrain-lr-find"
+    assert lr_find.hydra.help.header.startswith("fluxtrain-lr-find: the learning-rate range test")
+    assert train.hydra.help.header.startswith("fluxtrain: train a GPT-style language model")

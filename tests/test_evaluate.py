@@ -312,3 +312,52 @@ def test_ctrl_c_is_one_line_and_exit_code_130(model_file, tmp_path, capsys, monk
     with pytest.raises(SystemExit) as exit_info:
         main([str(model_file), "--data", str(text_file), "--device", "cpu"])
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "t.txt", "--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+        (["--data", "t.txt", "--batches", "3"], "unrecognized arguments: --batches 3"),
+        (["--data", "t.txt", "--encoding-errors", "ignore"], "argument --encoding-errors: invalid choice: 'ignore'"),
+        ([], "the following arguments are required: --data"),
+    ],
+)
+def test_options_the_parser_refuses_are_one_line_too(model_file, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_file), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m fluxtrain.evaluate: error: {message}") and err.endswith(" (see --help)\n")
+    assert err.count("\n") == 1
+
+
+def test_empty_data_json_or_model_is_an_error_not_the_working_folder(model_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the working folder holds a text and the model: "" must not read either
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(make_text(200), encoding="utf-8")
+    assert one_line_error(capsys, model_file, "") == "error: --data is empty; give a text file, a folder or a glob\n"
+    err = one_line_error(capsys, model_file, text_file, "--json", "")
+    assert err == "error: --json is empty; give a file to write the figures to, or - for stdout\n"
+    err = one_line_error(capsys, "", text_file)
+    assert err == "error: MODEL is empty (give a model file, a checkpoint or a run folder)\n"
+
+
+def test_a_checkpoints_folder_is_named_as_such_with_its_newest_checkpoint(tmp_path, capsys):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(make_text(200), encoding="utf-8")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for iteration in (900, 1000):
+        (checkpoints / f"iter_{iteration:06d}.ckpt").write_bytes(b"")
+    assert one_line_error(capsys, checkpoints, text_file) == (
+        f"error: MODEL {checkpoints} is a folder of checkpoints, not a run folder: give one of its checkpoints (the "
+        f"newest is {checkpoints / 'iter_001000.ckpt'}) or the run folder {tmp_path / 'run'}\n"
+    )
+    err = one_line_error(capsys, tmp_path / "run", text_file)  # the run folder: its newest checkpoint is the model
+    assert err == f"error: model file {checkpoints / 'iter_001000.ckpt'} is empty\n"
+    (tmp_path / "empty").mkdir()
+    assert one_line_error(capsys, tmp_path / "empty", text_file) == (
+        f"error: MODEL {tmp_path / 'empty'} is a folder that holds no model file (best.safetensors or "
+        "model_final.safetensors) and no checkpoints/iter_*.ckpt: give a model file, a checkpoint or a run folder\n"
+    )

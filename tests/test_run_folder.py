@@ -196,3 +196,12 @@ def test_the_tokenizer_file_a_run_is_given_in_its_folder_is_neither_moved_nor_re
     superseded = run / "checkpoints" / "superseded" / "001"
     assert names(superseded) == ["metrics.json"]
     assert f"{run} holds an earlier run's files: moved metrics.json to {superseded} and starting afresh" in caplog.text
+
+
+def test_hydra_mode_multirun_writes_into_the_sweep_folder_so_that_is_the_one_checked():
+    from fluxtrain.run_folder import given_output_dir
+
+    args = ["hydra.mode=MULTIRUN", "hydra.sweep.dir=sweep", "hydra.run.dir=run"]
+    assert given_output_dir(args) == ("hydra.sweep.dir", "sweep")
+    assert given_output_dir(args[1:]) == ("hydra.run.dir", "run")
+    assert given_output_dir(["-m", *args[1:]]) == ("hydra.sweep.dir", "sweep")
