@@ -14,15 +14,14 @@ from typing import TextIO
 import torch
 
 from fluxtrain.checkpoint import load_model
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, first_line
 from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.model import GPT
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.sampling import (
+    BeamStream,
     SamplingConfig,
-    beam_search,
-    beam_stream,
     check_seed,
     compile_decoding,
     sample_stream,
@@ -36,7 +35,10 @@ def load_for_generation(
     name: str | Path, tokenizer_path: str | Path | None = None, device: str | torch.device = "cpu"
 ) -> tuple[GPT, Tokenizer, Path]:
     """The model and tokenizer named on the command line, and the file they came from."""
-    path = resolve_model_path(name)
+    try:
+        path = resolve_model_path(name)
+    except OSError as e:  # a name too long, a folder that cannot be listed
+        raise FluxtrainError(f"MODEL {name} cannot be read: {e.strerror or first_line(e)}") from None
     model, tokenizer = load_model(path, device)
     if tokenizer_path is not None:
         tokenizer = load_tokenizer(tokenizer_path, setting="TOKENIZER")
@@ -99,6 +101,33 @@ class TextStream:
         return piece
 
 
+class ContinuationWriter:
+    """Writes new token ids to `out` as text: each as it comes when streaming, else all at the end."""
+
+    def __init__(self, tokenizer: Tokenizer, out: TextIO, stream: bool):
+        self.tokenizer = tokenizer
+        self.out = out
+        self.stream = stream
+        self.text = TextStream(tokenizer)
+        self.ids: list[int] = []  # those added so far
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        if self.stream:
+            self.out.write(self.text.push(token))
+            self.out.flush()
+
+    def finish(self, ids: list[int]) -> None:
+        """Write the rest of the continuation `ids`: the ids added and any after them."""
+        if self.stream:
+            for token in ids[len(self.ids) :]:
+                self.out.write(self.text.push(token))
+            self.out.write(self.text.flush())
+        else:
+            self.out.write(self.tokenizer.decode(ids))
+        self.out.flush()
+
+
 def write_continuation(
     model: GPT,
     tokenizer: Tokenizer,
@@ -109,22 +138,46 @@ def write_continuation(
     stream: bool,
 ) -> None:
     """Generate after `prompt_ids` and write the new text to `out`: token by token when streaming (with beams, each
-    token once every beam holds it)."""
-    if stream:
-        if cfg.beams > 1:
-            tokens = beam_stream(model, prompt_ids, cfg)
-        else:
-            tokens = sample_stream(model, prompt_ids, cfg, generator)
-        text = TextStream(tokenizer)
+    token once every beam holds it), else at the end. Ctrl-C (KeyboardInterrupt) stops generating: the text so far
+    (with beams, the best beam so far) is written, and the KeyboardInterrupt goes on."""
+    beams = BeamStream(model, prompt_ids, cfg) if cfg.beams > 1 else None
+    tokens = beams if beams is not None else sample_stream(model, prompt_ids, cfg, generator)
+    writer = ContinuationWriter(tokenizer, out, stream)
+    try:
         for token in tokens:
-            out.write(text.push(token))
-            out.flush()
-        out.write(text.flush())
-    elif cfg.beams > 1:
-        out.write(tokenizer.decode(beam_search(model, prompt_ids, cfg)[0]))
-    else:
-        out.write(tokenizer.decode(list(sample_stream(model, prompt_ids, cfg, generator))))
-    out.flush()
+            writer.add(token)
+    except KeyboardInterrupt:
+        writer.finish(beams.best if beams is not None else writer.ids)
+        raise
+    writer.finish(writer.ids)
+
+
+# The characters a terminal acts on instead of showing them: the C0 controls but newline and tab (ESC starts the
+# sequences that move the cursor, recolour, retitle the window or remap keys), DEL and the C1 controls.
+CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\n\t"}
+
+
+class EscapedControls:
+    """A text stream that writes control characters as escapes (ESC as `\\x1b`), so that text from a model cannot
+    change the state of the terminal that shows it."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+
+    def write(self, text: str) -> int:
+        return self.out.write(text.translate(CONTROL_ESCAPES))
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def for_display(out: TextIO) -> TextIO:
+    """`out` for the text: with control characters escaped on a terminal, as it is in a pipe or file."""
+    try:
+        terminal = out.isatty()
+    except ValueError:  # closed
+        terminal = False
+    return EscapedControls(out) if terminal else out
 
 
 def describe(
@@ -277,12 +330,14 @@ def print_continuation(
 ) -> int:
     """Write the prompt `text` and its continuation to stdout; the exit status (130: stopped by Ctrl-C)."""
     try:
-        sys.stdout.write(text)
-        write_continuation(model, tokenizer, ids, cfg, generator, sys.stdout, stream)
+        out = for_display(sys.stdout)
+        out.write(text)
+        write_continuation(model, tokenizer, ids, cfg, generator, out, stream)
         sys.stdout.write("\n")
         sys.stdout.flush()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the text so far is written
         sys.stdout.write("\n")
+        print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left: main stops quietly
         raise
@@ -306,7 +361,15 @@ def discard_stdout() -> None:
         pass
 
 
+def keep_messages_off_stdout() -> None:
+    """With stderr closed (`2>&-`) Python's `sys.stderr` is None, which sends `print(..., file=sys.stderr)` to stdout,
+    into the text, and leaves descriptor 2 to the next file opened: /dev/null takes its place."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
+    keep_messages_off_stdout()
     args = build_parser().parse_args(argv)
     show_unencodable_characters()
     try:

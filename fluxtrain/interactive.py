@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.generate import encode_prompt, start_ids, write_continuation
+from fluxtrain.generate import encode_prompt, for_display, start_ids, write_continuation
 from fluxtrain.model import GPT
 from fluxtrain.sampling import MAX_BEAMS, MAX_REPETITION_PENALTY, MAX_SEED, SamplingConfig
 from fluxtrain.tokenizer import Tokenizer
@@ -42,7 +42,9 @@ HELP = f"""commands:
   /beams B   beam search with B beams (1 = off, at most {MAX_BEAMS})
   /help      this help and the current settings
   /quit      leave (Ctrl-D does too)
-Anything else is a prompt. Ctrl-C stops a generation and comes back here."""
+  //text     the prompt /text (a prompt that starts with /)
+Anything else is a prompt. Ctrl-C stops a generation, shows the text so far and comes back here."""
+PROMPT_ESCAPE = "//"  # a line that starts with it is a prompt, less its first /
 
 
 class Session:
@@ -77,7 +79,9 @@ class Session:
                 except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
                     print()
                     continue
-                if line.strip().startswith("/"):
+                if line.lstrip().startswith(PROMPT_ESCAPE):
+                    self.generate(line.replace("/", "", 1))
+                elif line.lstrip().startswith("/"):
                     if not self.command(line.strip()):
                         return 0
                 elif line.strip():
@@ -139,11 +143,12 @@ class Session:
         if dropped:
             self.say(f"left out of the prompt: {', '.join(repr(c) for c in dropped)}")
         try:
-            sys.stdout.write(text)
+            out = for_display(sys.stdout)
+            out.write(text)
             ids = ids or start_ids(self.tokenizer)
-            write_continuation(self.model, self.tokenizer, ids, self.cfg, self.generator, sys.stdout, self.stream)
+            write_continuation(self.model, self.tokenizer, ids, self.cfg, self.generator, out, self.stream)
             sys.stdout.write("\n")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # the text so far is written
             sys.stdout.write("\n")
             self.say("[stopped]")
         sys.stdout.flush()

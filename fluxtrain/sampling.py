@@ -335,19 +335,36 @@ def beam_search(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: b
     return state.tokens[0].tolist(), float(state.scores[0])
 
 
-def beam_stream(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True) -> Iterator[int]:
-    """The ids of `beam_search`'s continuation, each as soon as every beam holds it.
+class BeamStream:
+    """`beam_search`'s continuation, iterated: the ids of the best beam, each as soon as every beam holds it.
+    `best` is the best beam so far (the whole continuation once the iteration has ended).
 
     Each step's beams grow from the beams before it, so a token that all beams share at a position is in the final
     best beam too: it can be shown while the search goes on. The rest comes when the search ends.
     """
-    shown = 0
-    for state in _beam_steps(model, prompt, cfg, use_cache):
-        differs = (state.tokens[:, shown:] != state.tokens[:1, shown:]).any(dim=0)
-        agreed = int(differs.int().argmax()) if bool(differs.any()) else differs.numel()
-        yield from state.tokens[0, shown : shown + agreed].tolist()
-        shown += agreed
-    yield from state.tokens[0, shown:].tolist()
+
+    def __init__(self, model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True):
+        self._steps = _beam_steps(model, prompt, cfg, use_cache)
+        self._best = torch.zeros(0, dtype=torch.long)
+
+    @property
+    def best(self) -> list[int]:
+        return self._best.tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        shown = 0
+        for state in self._steps:
+            self._best = state.tokens[0]
+            differs = (state.tokens[:, shown:] != state.tokens[:1, shown:]).any(dim=0)
+            agreed = int(differs.int().argmax()) if bool(differs.any()) else differs.numel()
+            yield from self._best[shown : shown + agreed].tolist()
+            shown += agreed
+        yield from self._best[shown:].tolist()
+
+
+def beam_stream(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True) -> Iterator[int]:
+    """The ids of `beam_search`'s continuation, each as soon as every beam holds it (see `BeamStream`)."""
+    return iter(BeamStream(model, prompt, cfg, use_cache))
 
 
 def generate(

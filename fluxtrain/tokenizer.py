@@ -281,14 +281,27 @@ def _hf_from_str(text: str) -> HFTokenizer:
 def load_tokenizer(path: str | Path, setting: str = "tokenizer.path") -> Tokenizer:
     """A tokenizer file: fluxtrain's char format or a Hugging Face tokenizer.json."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise FluxtrainError(f"{setting}: {path} is a folder; give its tokenizer file (e.g. {path / 'tokenizer.json'})")
-    if not path.is_file():
-        raise FluxtrainError(f"{setting}: tokenizer file {path} does not exist")
+    data = _read_tokenizer_file(path, setting)
     try:
-        return tokenizer_from_json(path.read_text(encoding="utf-8"))
+        return tokenizer_from_json(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise FluxtrainError(f"{setting}: {path} is not a tokenizer file: {e}") from None
+
+
+def _read_tokenizer_file(path: Path, setting: str) -> bytes:
+    """The bytes of the tokenizer file `path`, or a one-line error naming `setting`."""
+    try:
+        if path.is_dir():
+            raise FluxtrainError(
+                f"{setting}: {path} is a folder; give its tokenizer file (e.g. {path / 'tokenizer.json'})"
+            )
+        if path.exists() and not path.is_file():  # reading a FIFO waits for a writer, a device may never end
+            raise FluxtrainError(f"{setting}: {path} is not a regular file")
+        if not path.is_file():
+            raise FluxtrainError(f"{setting}: tokenizer file {path} does not exist")
+        return path.read_bytes()
+    except OSError as e:  # no permission, a name too long, a file that refuses reads (/proc/self/mem)
+        raise FluxtrainError(f"{setting}: {path} cannot be read: {e.strerror or first_line(e)}") from None
 
 
 def validate(cfg: TokenizerConfig) -> None:

@@ -712,3 +712,71 @@ def test_ctrl_c_while_loading_exits_130_with_one_line(capsys, monkeypatch, model
     monkeypatch.setattr(generate_module, "load_for_generation", interrupted)
     code, out, err = run_main(capsys, str(model_file), "--prompt", "the")
     assert code == 130 and out == "" and err == "interrupted\n"
+
+
+def test_a_model_name_too_long_is_a_one_line_error(capsys, tmp_path):
+    name = str(tmp_path / ("m" * 300))
+    code, out, err = run_main(capsys, name, "--prompt", "the")
+    assert (code, out, err) == (1, "", f"error: MODEL {name} cannot be read: File name too long\n")
+
+
+def interrupt_after(tokens, n: int):
+    """`tokens` until `n` have come, then Ctrl-C (KeyboardInterrupt)."""
+    for i, token in enumerate(tokens):
+        if i == n:
+            raise KeyboardInterrupt
+        yield token
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_ctrl_c_prints_the_text_so_far_and_exits_130(capsys, monkeypatch, model, model_file, stream, beams):
+    """Stopped after 7 steps, the text is that of 7 new tokens: sampled ones, or with beams the best beam so far."""
+    import fluxtrain.generate as generate_module
+
+    if beams > 1:
+        beam_steps = sampling._beam_steps
+        monkeypatch.setattr(sampling, "_beam_steps", lambda *args: interrupt_after(beam_steps(*args), 7))
+    else:
+        real_stream = generate_module.sample_stream
+        monkeypatch.setattr(generate_module, "sample_stream", lambda *args: interrupt_after(real_stream(*args), 7))
+    argv = ["--prompt", "the", "--temperature", "0", "--beams", str(beams), "--max-new-tokens", "40", stream]
+    code, out, err = run_main(capsys, str(model_file), *argv)
+    monkeypatch.undo()
+    tokenizer = CharTokenizer.train(TEXT)
+    cfg = SamplingConfig(max_new_tokens=7, temperature=0.0, beams=beams)
+    new = generate(model, tokenizer.encode("the"), cfg)  # beam search with beams > 1
+    assert (code, out) == (130, "the" + tokenizer.decode(new) + "\n") and err.endswith("\ninterrupted\n")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_control_characters_are_escaped_on_a_terminal_only(monkeypatch, model, stream):
+    """ESC and the other controls a terminal acts on are shown as escapes there; a pipe or file gets the text as is."""
+    import fluxtrain.generate as generate_module
+
+    generated = "\x1b[2J\x1b]0;title\x07ok\tgo\r\n\x7f\x9b\x00"
+    tokenizer = CharTokenizer.train(TEXT + generated)
+    monkeypatch.setattr(generate_module, "sample_stream", lambda *args: iter(tokenizer.encode(generated)))
+    escaped = "\\x1b[2J\\x1b]0;title\\x07ok\tgo\\x0d\n\\x7f\\x9b\\x00"
+    for out, expected in ((Terminal(), escaped), (io.StringIO(), generated)):
+        monkeypatch.setattr(sys, "stdout", out)
+        code = generate_module.print_continuation("\x1b[1m", model, tokenizer, [0], greedy(5), seeded(0), stream)
+        assert code == 0
+        prompt = "\\x1b[1m" if out.isatty() else "\x1b[1m"
+        assert out.getvalue() == prompt + expected + "\n"
+
+
+def test_messages_stay_out_of_stdout_when_stderr_is_closed(capsys, monkeypatch, model_file):
+    """With `2>&-` Python's sys.stderr is None, and print(file=None) would write to stdout."""
+    monkeypatch.setattr(sys, "stderr", None)
+    code = main([str(model_file), "--prompt", "the", "--max-new-tokens", "5", "--temperature", "0"])
+    try:
+        assert code == 0 and len(capsys.readouterr().out) == len("the") + 5 + 1
+    finally:
+        if sys.stderr is not None:
+            sys.stderr.close()

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import sys
+from itertools import islice
 from pathlib import Path
 
 import pexpect
@@ -228,3 +229,41 @@ def test_line_editing_history_and_unknown_characters(model_file, tmp_path):
     # The history is kept for the next session.
     history = (tmp_path / ".fluxtrain_generate_history").read_text()
     assert "/temp 0.5" in history and "/len 3" in history
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ctrl_c_without_streaming_shows_the_text_so_far(capsys, monkeypatch, model_file):
+    import fluxtrain.generate as generate_module
+
+    model, tokenizer = load_model(model_file)
+    real_stream = generate_module.sample_stream
+
+    def interrupted(*args):
+        yield from islice(real_stream(*args), 6)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_module, "sample_stream", interrupted)
+    cfg = SamplingConfig(max_new_tokens=50, temperature=0.0)
+    session = Session(model, tokenizer, cfg, seed=1, drop_unknown=False, stream=False)
+    session.generate("ROMEO:")
+    six = generate(model, tokenizer.encode("ROMEO:"), SamplingConfig(max_new_tokens=6, temperature=0.0))
+    assert capsys.readouterr() == ("ROMEO:" + tokenizer.decode(six) + "\n", "[stopped]\n")
+
+
+def test_a_line_that_starts_with_two_slashes_is_a_prompt_less_one_slash(capsys, monkeypatch, model_file):
+    model, tokenizer = load_model(model_file)
+    session = Session(model, tokenizer, SamplingConfig(), seed=1, drop_unknown=False, stream=True)
+    lines = ["//temp 0", "/len 4", " ///", "/help"]
+
+    def read_line(prompt: str) -> str:
+        if not lines:
+            raise EOFError  # Ctrl-D
+        return lines.pop(0)
+
+    prompts = []
+    monkeypatch.setattr(Session, "_start_readline", lambda self: None)
+    monkeypatch.setattr("builtins.input", read_line)
+    monkeypatch.setattr(session, "generate", prompts.append)
+    assert session.run() == 0
+    assert prompts == ["/temp 0", " //"] and session.cfg.max_new_tokens == 4
+    assert "  //text     the prompt /text (a prompt that starts with /)\n" in capsys.readouterr().err

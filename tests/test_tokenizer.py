@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,23 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path):
     bad.write_text('{"model": {"type": "nonsense"}}')
     with pytest.raises(FluxtrainError, match="tokenizer.path: .*bad.json is not a tokenizer file"):
         load_tokenizer(bad)
+
+
+def test_tokenizer_files_that_are_no_regular_file_or_cannot_be_read_are_one_line_errors(tmp_path):
+    """A FIFO would wait for a writer and a device may never end: neither is opened; a read that fails is named."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, Path(os.devnull)):
+        with pytest.raises(FluxtrainError) as e:
+            load_tokenizer(path, setting="TOKENIZER")
+        assert str(e.value) == f"TOKENIZER: {path} is not a regular file"
+    long_name = tmp_path / ("t" * 300)
+    with pytest.raises(FluxtrainError) as e:
+        load_tokenizer(long_name, setting="TOKENIZER")
+    assert str(e.value) == f"TOKENIZER: {long_name} cannot be read: File name too long"
+    if Path("/proc/self/mem").is_file():  # a regular file whose reads fail (Linux)
+        with pytest.raises(FluxtrainError, match="^TOKENIZER: /proc/self/mem cannot be read: Input/output error$"):
+            load_tokenizer("/proc/self/mem", setting="TOKENIZER")
 
 
 def hf_file(path: Path, model) -> Path:
