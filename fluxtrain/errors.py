@@ -1,5 +1,7 @@
 """The one exception type for user mistakes: the command line prints it as a single line, without a traceback."""
 
+import argparse
+
 
 class FluxtrainError(ValueError):
     """Bad input from the user (a setting, a file or a prompt), or a run that cannot go on (a diverged loss, a stop
@@ -28,3 +30,15 @@ def out_of_memory_message(e: BaseException) -> str:
         f"out of memory ({describe_failure(e)}); lower train.batch_size or model.seq_len, use a smaller model, or "
         "train.grad_accum / train.activation_checkpointing=true"
     )
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A command line's parser whose mistakes (a missing argument, a bad choice) are one line naming the option,
+    without the usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {self.explain(message)} (see --help)\n")
+
+    def explain(self, message: str) -> str:
+        """argparse's message, with a hint where one helps."""
+        return message

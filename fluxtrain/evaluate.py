@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from fluxtrain.checkpoint import load_model
 from fluxtrain.data import ENCODING_ERRORS, count_bytes, encode_all
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser
 from fluxtrain.files import atomic_write_text, check_writable
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, eval_mode
@@ -141,13 +141,6 @@ def evaluate_ids(
 def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, **kwargs) -> EvalResult:
     """`evaluate_ids` on a string, encoded with the model's tokenizer; keyword arguments go to `evaluate_ids`."""
     return evaluate_ids(model, tokenizer.encode(text), len(text.encode("utf-8")), **kwargs)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """A mistake on the command line is one line naming the option, not the usage text."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fluxtrain.checkpoint import load_model
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser
 from fluxtrain.files import check_writable
 from fluxtrain.model import GPT, ModelConfig, eval_mode
 from fluxtrain.resume import find_latest
@@ -307,7 +306,7 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python -m fluxtrain.export",
         description="Write a Hugging Face transformers folder (GPT2LMHeadModel + fast tokenizer) from a model file.",
     )

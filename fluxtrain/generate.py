@@ -14,7 +14,7 @@ from typing import TextIO
 import torch
 
 from fluxtrain.checkpoint import load_model
-from fluxtrain.errors import FluxtrainError, first_line
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line
 from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.model import GPT
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
@@ -192,16 +192,16 @@ def describe(
     )
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str):
+class GenerateParser(OneLineErrorParser):
+    def explain(self, message: str) -> str:
         if message == "argument --prompt: expected one argument":  # also `--prompt -x`: -x looks like an option
             message += "; a prompt that starts with '-' goes as --prompt=-..."
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        return message
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = SamplingConfig()
-    p = OneLineErrorParser(
+    p = GenerateParser(
         prog="fluxtrain-generate",
         description="Write text with a trained model: once from a prompt, from stdin, or in an interactive session.",
     )

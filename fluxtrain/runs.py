@@ -5,7 +5,6 @@ python -m fluxtrain.runs outputs/multirun/2026-11-27/10-00-00     # one row per 
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import math
@@ -20,7 +19,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fluxtrain.errors import FluxtrainError, first_line
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line
 from fluxtrain.resume import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILES,
@@ -361,7 +360,7 @@ def not_a_run_folder(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python -m fluxtrain.runs",
         description="Compare runs: one row per run folder under FOLDER, lowest best val loss first.",
     )

@@ -199,3 +199,21 @@ def test_hydras_bare_options_may_come_after_the_settings(monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     main(entry=lambda: seen.append(list(sys.argv[1:])))
     assert seen == [["-m", "--multirun", "model=small", "optim.lr=1e-3,3e-3", "hydra.sweep.dir=x"]]
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "expected"),
+    [
+        ("fluxtrain.runs", ["--keys"], "python -m fluxtrain.runs: error: argument --keys: expected one argument"),
+        ("fluxtrain.export", [], "python -m fluxtrain.export: error: the following arguments are required: model"),
+        ("fluxtrain.evaluate", ["m", "--batch-size", "x"], "error: argument --batch-size: invalid int value: 'x'"),
+    ],
+)
+def test_a_command_line_mistake_is_one_line_not_the_usage_text(module, argv, expected, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and expected in err and err.endswith("(see --help)\n")
+    assert len(err.splitlines()) == 1
