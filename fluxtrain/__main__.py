@@ -13,7 +13,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain import distributed
-from fluxtrain.config import check_overrides, config_dir, register_configs
+from fluxtrain.command_line import check_overrides
+from fluxtrain.config import config_dir, register_configs
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
 from fluxtrain.overrides import check_commands, flags_first
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home

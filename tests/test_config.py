@@ -8,7 +8,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from fluxtrain.config import check_overrides, config_dir
+from fluxtrain.command_line import check_overrides
+from fluxtrain.config import config_dir
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
 from fluxtrain.overrides import check_commands

@@ -1,0 +1,288 @@
+"""Checks of the `python -m fluxtrain` command line before Hydra composes the config: every setting the schema
+lacks, every value of the wrong type or group option that does not exist is one line naming it, where Hydra's own
+reports take several lines or a traceback."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fluxtrain.config import Config, config_dir, nested, unknown_keys
+from fluxtrain.errors import FluxtrainError, describe_failure, first_line
+from fluxtrain.overrides import is_multirun
+
+
+def check_overrides(args: list[str]) -> None:
+    """Refuse, in one line, a command-line setting the schema does not have or a value of the wrong type, before
+    Hydra composes the config (whose own report takes several lines and suggests adding the key with `+`).
+
+    A setting Hydra's grammar cannot read is named with the reason, and so is a sweep without `-m`, an interpolation
+    of a setting that does not exist, and an empty or null `hydra.run.dir`. A config group takes one of its options
+    (`model=small`); one that an experiment on the same command line would override is refused. Hydra's own settings
+    and groups of `--config-dir` are left to Hydra; a key added with `+` must be a setting too; sweeps
+    (`optim.lr=1e-4,1e-3`) are checked value by value.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.utils import setup_globals
+    from hydra.errors import HydraException, OverrideParseException
+
+    extra = _extra_config_dirs(args)
+    for folder in extra:  # Hydra reports a YAML syntax error in a user's config with a long traceback
+        for path in sorted(folder.rglob("*.yaml")):
+            check_yaml(path)
+    folders = (config_dir(), *extra)
+    _check_config_name(args, folders)
+    groups = {p.name for folder in folders for p in folder.iterdir() if p.is_dir()}
+    # Options found elsewhere too (another primary config folder, a search path) are left to Hydra.
+    elsewhere = _option_values(args, ("--config-path", "-cp")) or any(
+        arg.lstrip("+~").startswith("hydra.searchpath") for arg in args
+    )
+    options = {} if elsewhere else group_options(folders)
+    own_primary = bool(_option_values(args, ("--config-name", "-cn")))  # whose defaults may lack a group
+    multirun = is_multirun(args)
+    setup_globals()  # Hydra's resolvers (`${now:...}`), for the interpolation check
+    schema, parser = OmegaConf.structured(Config), OverridesParser.create()
+    chosen: dict[str, list[str]] = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
+            continue
+        if i > 0 and args[i - 1] in VALUE_OPTIONS:  # `--config-dir ~/conf`: a folder, not a setting
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException as e:
+            reason = next(line for line in str(e).splitlines() if not line.startswith("Error parsing override"))
+            raise FluxtrainError(
+                f"cannot read the setting {arg!r} ({reason}); a value with spaces or any of =,[]{{}}()'\" goes in "
+                "quotes: 'key=\"value\"'"
+            ) from None
+        if override.is_sweep_override() and not multirun:
+            raise FluxtrainError(
+                f"{arg} is a sweep: add -m to run one job per value (a list goes in brackets, key=[a,b], and a text "
+                "with commas in quotes, key='a,b')"
+            )
+        key = override.key_or_group
+        if "/" in key or "@" in key:
+            continue
+        try:
+            values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        except (HydraException, OmegaConfBaseException, ValueError, TypeError):
+            continue  # Hydra reports it
+        _check_interpolations(arg, values)
+        if key.split(".")[0] == "hydra":
+            _check_hydra_setting(arg, key, values)
+        elif key in options and not override.is_delete():
+            chosen[key] = _check_group_choice(arg, override, values, options[key], own_primary)
+        elif key not in groups:
+            _check_setting(override, key, values, schema)
+    _check_experiment_presets(chosen, folders)
+
+
+def group_options(folders: tuple[Path, ...]) -> dict[str, list[str]]:
+    """Each config group of conf/ (Hydra's own `hydra/` aside) and its options in `folders` (conf/ and any
+    `--config-dir`), sorted: {"model": ["gpt2", ..., "small"], ...}."""
+    groups = sorted(p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra")
+    return {
+        group: sorted(
+            {p.relative_to(f / group).with_suffix("").as_posix() for f in folders for p in (f / group).rglob("*.yaml")}
+        )
+        for group in groups
+    }
+
+
+def _check_setting(override, key: str, values: list[Any], schema: DictConfig) -> None:
+    """A fluxtrain setting on the command line: one the schema has, given a value of its type."""
+    unknown = unknown_keys(nested(key.split("."), None), Config())
+    if unknown:
+        name, close = unknown[0]
+        hint = f" (did you mean {close}?)" if close else ""
+        raise FluxtrainError(f"{name} is not a fluxtrain setting{hint}")
+    if override.is_delete():
+        raise FluxtrainError(f"~{key}: a fluxtrain setting cannot be removed; give it a value instead ({key}=...)")
+    for value in values:
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: resolved later
+        try:
+            OmegaConf.update(schema.copy(), key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise FluxtrainError(f"{key}: {first_line(e)}") from None
+
+
+def _check_group_choice(arg: str, override, values: list[Any], options: list[str], own_defaults: bool) -> list[str]:
+    """The options a `group=option` override chooses (several for a sweep or a list), each one of `options`."""
+    key = override.key_or_group
+    if override.is_force_add() or (override.is_add() and not own_defaults):
+        sign = "++" if override.is_force_add() else "+"
+        raise FluxtrainError(f"{arg}: {key} is chosen in the defaults already; give {arg[len(sign) :]} without {sign}")
+    chosen = []
+    for value in values:
+        for option in value if isinstance(value, list) else [value]:
+            if option is None:
+                raise FluxtrainError(
+                    f"{key}=null is not an option of {key}; choose one of {', '.join(options)}, or leave the group "
+                    f"out with ~{key}"
+                )
+            if str(option) not in options:
+                close = difflib.get_close_matches(str(option), options, n=1)
+                hint = f" (did you mean {key}={close[0]}?)" if close else ""
+                listed = ", ".join(options)
+                raise FluxtrainError(f"{key}={option} is not an option of {key}{hint}; its options: {listed}")
+            chosen.append(str(option))
+    return chosen
+
+
+def _check_experiment_presets(chosen: dict[str, list[str]], folders: tuple[Path, ...]) -> None:
+    """Refuse a group option that an experiment on the same command line overrides: `experiment=shakespeare_gpu
+    model=small` would train the experiment's own model shape, not the small preset's."""
+    for experiment in chosen.get("experiment", []):
+        recipe = _option_config(folders, "experiment", experiment)
+        for group, options in chosen.items():
+            settings = recipe.get(group) if group != "experiment" else None
+            if not isinstance(settings, dict):
+                continue
+            for option in options:
+                preset = _option_config(folders, group, option)
+                replaced = [k for k, v in settings.items() if k in preset and preset[k] != v]
+                if replaced:
+                    listed = ", ".join(f"{group}.{k}={settings[k]}" for k in replaced)
+                    raise FluxtrainError(
+                        f"{group}={option} would not apply: experiment={experiment} sets {listed}; change those "
+                        f"settings instead (e.g. {group}.{replaced[0]}={preset[replaced[0]]})"
+                    )
+
+
+def _option_config(folders: tuple[Path, ...], group: str, option: str) -> dict[str, Any]:
+    """The settings `group/option.yaml` sets at its own level: a global experiment's whole body, a preset's keys."""
+    path = next((f / group / f"{option}.yaml" for f in folders if (f / group / f"{option}.yaml").is_file()), None)
+    if path is None:
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+        body = OmegaConf.to_container(OmegaConf.create(text)) if text.strip() else {}
+    except (OSError, UnicodeDecodeError, ValueError, OmegaConfBaseException):
+        return {}
+    if not isinstance(body, dict) or (group == "experiment" and "@package _global_" not in text):
+        return {}
+    return body
+
+
+# `${key}` or `${resolver:arguments}` in a value, not escaped as `\${`; the innermost of nested ones
+INTERPOLATION = re.compile(r"(?<!\\)\$\{([^${}]*)\}")
+
+
+def _check_interpolations(arg: str, values: list[Any]) -> None:
+    """Refuse an interpolation that names no setting (`${optim.nope}`), an unknown resolver or an environment variable
+    that is not set, which Hydra would report with a traceback once the run starts."""
+    for value in values:
+        for text in _strings(value):
+            for body in INTERPOLATION.findall(text):
+                problem = _interpolation_problem(body.strip())
+                if problem:
+                    raise FluxtrainError(f"{arg}: ${{{body}}} {problem}")
+
+
+def _interpolation_problem(body: str) -> str | None:
+    if ":" in body:
+        name, _, argument = body.partition(":")
+        if not OmegaConf.has_resolver(name.strip()):
+            return f"uses {name.strip()!r}, which is no resolver (e.g. now, oc.env)"
+        variable = argument.strip()
+        if name.strip() == "oc.env" and "," not in variable and variable not in os.environ:
+            return f"reads the environment variable {variable}, which is not set (a default: ${{oc.env:{variable},x}})"
+        return None
+    if body.startswith(".") or body.split(".")[0] == "hydra":
+        return None
+    unknown = unknown_keys(nested(body.split("."), None), Config())
+    if not unknown:
+        return None
+    name, close = unknown[0]
+    return f"refers to {name}, which is not a fluxtrain setting" + (f" (did you mean {close}?)" if close else "")
+
+
+def _strings(value: Any) -> list[str]:
+    """The strings in an override's value, also inside lists and dicts."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    return []
+
+
+def _check_hydra_setting(arg: str, key: str, values: list[Any]) -> None:
+    """`hydra.run.dir` and `hydra.sweep.dir` name a folder: empty, Hydra would write into the working folder. A run
+    reads its paths (`data.path`, `resume`, ...) from the working folder, which `hydra.job.chdir=true` would change."""
+    if key == "hydra.job.chdir" and any(value is True for value in values):
+        raise FluxtrainError(
+            f"{arg} is not supported: a run reads data.path, resume and tokenizer.path from the folder it starts in "
+            "and writes into hydra.run.dir without changing into it"
+        )
+    if key not in ("hydra.run.dir", "hydra.sweep.dir"):
+        return
+    for value in values:
+        if not isinstance(value, str):
+            raise FluxtrainError(f"{arg} is not a folder; give a path ({key}=. for the working folder)")
+        if not value.strip():
+            raise FluxtrainError(f"{arg} is empty; give a folder ({key}=. for the working folder)")
+
+
+def check_yaml(path: Path) -> None:
+    """A one-line error naming the file, line and column when `path` is not valid YAML."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            yaml.compose(f, Loader=yaml.SafeLoader)  # syntax only: nothing is constructed
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise FluxtrainError(f"--config-dir: {path}{where} is not valid YAML ({problem})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FluxtrainError(f"--config-dir: {path} cannot be read ({describe_failure(e)})") from None
+
+
+# Hydra's options that take a path or a name as the next argument, which is not a setting
+VALUE_OPTIONS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--package", "-p")
+VALUE_OPTIONS += ("--experimental-rerun",)
+
+
+def _option_values(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """The values of the option `names` (`--config-dir DIR`, `-cd DIR` or `--config-dir=DIR`), in order."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg in names and i + 1 < len(args):
+            found.append(args[i + 1])
+        elif arg.startswith(tuple(f"{name}=" for name in names)):
+            found.append(arg.partition("=")[2])
+    return found
+
+
+def _extra_config_dirs(args: list[str]) -> list[Path]:
+    """The folders given with `--config-dir DIR` (or `-cd DIR`, `--config-dir=DIR`): their config groups count too.
+    One that is not a folder is an error (Hydra's own report takes three lines)."""
+    found = [Path(f).expanduser() for f in _option_values(args, ("--config-dir", "-cd"))]
+    for folder in found:
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise FluxtrainError(f"--config-dir {folder} {what}")
+    return found
+
+
+def _check_config_name(args: list[str], folders: tuple[Path, ...]) -> None:
+    """`--config-name NAME` names a primary config: NAME.yaml in conf/ or the `--config-dir`."""
+    if _option_values(args, ("--config-path", "-cp")):
+        return  # another primary config folder: Hydra looks there
+    for name in _option_values(args, ("--config-name", "-cn")):
+        stem = name.removesuffix(".yaml")
+        stored = f"{stem}.yaml" in ConfigStore.instance().repo  # a structured config (base_config)
+        if not stored and not any((folder / f"{stem}.yaml").is_file() for folder in folders):
+            where = " or ".join(str(folder) for folder in folders)
+            raise FluxtrainError(f"--config-name {name}: there is no {stem}.yaml in {where}")
