@@ -20,6 +20,7 @@ from fluxtrain.model import GPT
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.sampling import (
+    MAX_REPETITION_PENALTY,
     BeamStream,
     SamplingConfig,
     check_seed,
@@ -218,10 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=defaults.top_k, metavar="K", help="0 = off (default: 40)")
     p.add_argument("--top-p", type=float, default=defaults.top_p, metavar="P", help="nucleus mass, 1 = off")
     p.add_argument(
-        "--repetition-penalty", type=float, default=defaults.repetition_penalty, metavar="R", help=">= 1, 1 = off"
+        "--repetition-penalty",
+        type=float,
+        default=defaults.repetition_penalty,
+        metavar="R",
+        help=f"1 to {MAX_REPETITION_PENALTY:g}, 1 = off",
     )
     p.add_argument("--beams", type=int, default=defaults.beams, metavar="B", help="beam search width, 1 = off")
-    p.add_argument("--seed", type=int, metavar="S", help="makes sampling reproducible (default: a random seed)")
+    p.add_argument(
+        "--seed", type=int, metavar="S", help="0 to 2**32 - 1, makes sampling reproducible (default: a random seed)"
+    )
     p.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's; 1 is best on a busy CPU)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print tokens as they come")
