@@ -23,6 +23,7 @@ from fluxtrain.distributed import full_optimizer_state, load_full_weights, model
 from fluxtrain.errors import FluxtrainError, first_line
 from fluxtrain.files import atomic_write
 from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.quantize import is_quantized
 from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
 
 MODEL_FORMAT = "fluxtrain-model"
@@ -120,9 +121,7 @@ def save_model_file(path: str | Path, model: nn.Module, tokenizer: Tokenizer, ex
 def check_full_precision(model: nn.Module, path: str | Path) -> None:
     """Refuse to write a model whose linear layers hold int8 weights (`fluxtrain.quantize`): no file could
     rebuild it."""
-    from fluxtrain.quantize import Int8Linear
-
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
+    if is_quantized(model):
         raise FluxtrainError(
             f"{Path(path).name} was not written: the model has int8 weights (quantize_int8), and model files and "
             "checkpoints hold full-precision weights; save the model before quantizing it"

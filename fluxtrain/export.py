@@ -17,6 +17,7 @@ from fluxtrain.checkpoint import load_model
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser
 from fluxtrain.files import check_writable
 from fluxtrain.model import GPT, ModelConfig, eval_mode
+from fluxtrain.quantize import is_quantized
 from fluxtrain.resume import find_latest
 from fluxtrain.runs import resolve_model_path, run_model_file
 from fluxtrain.tokenizer import Tokenizer
@@ -62,9 +63,7 @@ def unsupported_blocks(cfg: ModelConfig) -> list[str]:
 
 
 def check_exportable(model: GPT, source: str) -> None:
-    from fluxtrain.quantize import Int8Linear
-
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
+    if is_quantized(model):
         raise FluxtrainError(f"{source}: the model has int8 weights (quantize_int8); export the full-precision model")
     blocks = unsupported_blocks(model.cfg)
     if blocks:

@@ -79,6 +79,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether `quantize_int8` replaced any of the model's linear layers."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
 def apply_quantization(model: nn.Module, mode: str, setting: str = "--quantize") -> nn.Module:
     """`mode` none | int8, named by `setting` in the error for any other value."""
     if mode not in QUANTIZE_CHOICES:
