@@ -362,11 +362,6 @@ class BeamStream:
         yield from self._best[shown:].tolist()
 
 
-def beam_stream(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True) -> Iterator[int]:
-    """The ids of `beam_search`'s continuation, each as soon as every beam holds it (see `BeamStream`)."""
-    return iter(BeamStream(model, prompt, cfg, use_cache))
-
-
 def generate(
     model: GPT,
     prompt: list[int],

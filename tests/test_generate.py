@@ -25,11 +25,11 @@ from fluxtrain.generate import (
 )
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.sampling import (
+    BeamStream,
     ContextWindow,
     SamplingConfig,
     apply_repetition_penalty,
     beam_search,
-    beam_stream,
     filter_logits,
     generate,
     generate_ids,
@@ -262,7 +262,7 @@ def test_beam_stream_gives_each_token_of_the_best_beam_once_every_beam_holds_it(
             steps.clear()
             shown_at = []  # how many steps had run when each token came
             ids = []
-            for token in beam_stream(model, prompt, cfg):
+            for token in BeamStream(model, prompt, cfg):
                 shown_at.append(len(steps))
                 ids.append(token)
             assert ids == beam_search(model, prompt, cfg)[0], (prompt, beams)
