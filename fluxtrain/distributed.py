@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory
-from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override
+from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override, is_multirun
 
 log = logging.getLogger("fluxtrain")
 
@@ -99,7 +99,7 @@ def follow_main_run_dir(argv: list[str]) -> list[str]:
     world = init_world()
     if not world.is_distributed or "RANK" not in os.environ or "SUBMITIT_EXECUTOR" in os.environ:
         return argv
-    if "-m" in argv or "--multirun" in argv:
+    if is_multirun(argv):
         raise FluxtrainError("a torchrun job runs one training; sweep with hydra/launcher=slurm instead of -m")
     if any(arg in NO_RUN_FLAGS for arg in argv):
         return argv

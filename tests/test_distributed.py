@@ -298,3 +298,11 @@ def test_submitit_launcher_runs_the_tasks_as_one_ddp_job(reference_run, corpus, 
     )
     submitted, single = loss_curve(run_dir), loss_curve(reference_run)
     assert max(abs(a - b) for a, b in zip(submitted, single, strict=True)) < 1e-5, (submitted, single)
+
+
+@pytest.mark.parametrize("flag", ["-m", "--multirun", "hydra.mode=MULTIRUN"])
+def test_a_sweep_under_torchrun_is_refused_however_it_is_asked_for(flag, monkeypatch):
+    monkeypatch.setattr(distributed, "init_world", lambda: distributed.World(rank=1, local_rank=1, world_size=2))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(FluxtrainError, match="a torchrun job runs one training; sweep with hydra/launcher=slurm"):
+        distributed.follow_main_run_dir([flag, "optim.lr=1e-3,3e-3"])
