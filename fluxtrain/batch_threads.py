@@ -95,15 +95,25 @@ class BatchThreads:
                 raise value
         return [first, *(value for _, value in outcomes)]
 
-    def forward_backward(self, model: torch.nn.Module, params: list[torch.nn.Parameter], x, y, scale: float):
+    def forward_backward(
+        self,
+        model: torch.nn.Module,
+        params: list[torch.nn.Parameter],
+        x,
+        y,
+        scale: float,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
         """Forward and backward of `model` on (x, y) split into `n` equal parts; adds `scale` times the gradient of
-        the mean loss to `params`' .grad and returns that mean loss (detached)."""
+        the mean loss to `params`' .grad and returns that mean loss (detached). Each part's forward runs inside
+        `autocast()`, entered on the part's own thread: autocast holds for the thread that enters it."""
         if len(x) % self.n:
             raise FluxtrainError(f"a batch of {len(x)} sequences does not split into train.batch_threads={self.n}")
         parts = list(zip(x.chunk(self.n), y.chunk(self.n), strict=True))
 
         def part(xy):
-            _, loss = model(*xy)
+            with autocast():
+                _, loss = model(*xy)
             grads = torch.autograd.grad(loss * (scale / self.n), params, allow_unused=True)
             return loss.detach(), grads
 

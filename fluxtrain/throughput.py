@@ -62,7 +62,7 @@ def peak_flops(device: torch.device, configured: float | None, precision: str) -
     """Peak FLOP/s of one device and where the number comes from.
 
     `train.peak_flops` when given; for a known GPU the bf16 table entry; otherwise a matmul probe on the device
-    (in the training dtype on CUDA, fp32 elsewhere).
+    (in the training dtype on CUDA, and on CPU under bf16 autocast; fp32 elsewhere).
     """
     if configured is not None:
         return float(configured), "train.peak_flops"
@@ -73,7 +73,23 @@ def peak_flops(device: torch.device, configured: float | None, precision: str) -
             return peak, f"{name} bf16 table"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         return probe_peak("cuda", dtype, 4096), f"{name} matmul probe"
+    if device.type == "cpu" and precision == "bf16":
+        return probe_peak("cpu", torch.bfloat16), "cpu bf16 matmul probe"
     return probe_peak(device.type), f"{device.type} matmul probe"
+
+
+def slow_bf16_warning(device: torch.device, precision: str) -> str | None:
+    """A warning when bf16 autocast on this CPU is slower than fp32: CPUs without bf16 matrix instructions
+    (AVX512-BF16, AMX) convert every operand and multiply in fp32. None elsewhere. Measured, not looked up."""
+    if device.type != "cpu" or precision != "bf16":
+        return None
+    bf16, fp32 = probe_peak("cpu", torch.bfloat16), probe_peak("cpu")
+    if bf16 >= fp32:
+        return None
+    return (
+        f"train.precision=bf16: this CPU multiplies bf16 matrices at {format_flops(bf16)}, slower than "
+        f"{format_flops(fp32)} in fp32; train.precision=fp32 trains faster here"
+    )
 
 
 def mfu(tokens_per_sec: float, flops_per_token: int, peak_per_device: float, world_size: int = 1) -> float:

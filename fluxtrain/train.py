@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -84,7 +85,7 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast; bf16 on CUDA and CPU, fp16 on CUDA only
     compile: bool = False  # torch.compile; falls back to eager with a warning where it fails
     compile_scope: str = "model"  # model: compile it whole | blocks: one compiled block for all (faster to compile)
     # Inductor writes the compiled graph's calling code in C++ instead of Python: less overhead per kernel call, which
@@ -130,10 +131,15 @@ def offset_seed(seed: int, offset: int) -> int:
     return (seed + offset) % (MAX_SEED + 1)
 
 
+def autocasts(device: torch.device, precision: str) -> bool:
+    """Whether `precision` trains under autocast on `device`: bf16 and fp16 on CUDA, bf16 on CPU."""
+    return precision != "fp32" and (device.type == "cuda" or (device.type == "cpu" and precision == "bf16"))
+
+
 def autocast_context(device: torch.device, precision: str):
-    """Autocast for bf16/fp16 on CUDA; elsewhere training stays fp32."""
-    if device.type == "cuda" and precision != "fp32":
-        return torch.autocast("cuda", dtype=PRECISIONS[precision])
+    """Autocast to `precision` where the device has it (`autocasts`); elsewhere training stays fp32."""
+    if autocasts(device, precision):
+        return torch.autocast(device.type, dtype=PRECISIONS[precision])
     return contextlib.nullcontext()
 
 
@@ -200,7 +206,8 @@ def train_step(
     for micro in range(tcfg.grad_accum):
         x, y = distributed.rank_batch(data, tcfg.batch_size, batch_gen, world)
         if threads:
-            loss = threads.forward_backward(model, params, x, y, 1 / tcfg.grad_accum)
+            autocast = functools.partial(autocast_context, device, tcfg.precision)
+            loss = threads.forward_backward(model, params, x, y, 1 / tcfg.grad_accum, autocast)
         else:
             with distributed.grad_sync(model, micro == tcfg.grad_accum - 1):
                 with autocast_context(device, tcfg.precision):
@@ -369,8 +376,9 @@ def run_training(
     distributed.check_sharded_optimizer(world, tcfg.strategy, cfg.optim.name)  # before the data is read
     device = distributed.training_device(world, host.resolve_device(tcfg.device))
     batch_threads.check(tcfg.batch_threads, device, world.is_distributed, model_cfg.dropout)
-    if tcfg.precision != "fp32" and device.type != "cuda":
-        log.warning(f"train.precision={tcfg.precision} needs CUDA; training in fp32 on {device.type}")
+    if tcfg.precision != "fp32" and not autocasts(device, tcfg.precision):
+        where = "CUDA" if tcfg.precision == "fp16" else "CUDA or CPU"
+        log.warning(f"train.precision={tcfg.precision} needs {where}; training in fp32 on {device.type}")
     t_start = time.perf_counter()
 
     resume = load_resume(cfg, run_dir)
@@ -396,6 +404,8 @@ def run_training(
 
     tokens_per_iter = tcfg.batch_size * tcfg.grad_accum * world.world_size * model_cfg.seq_len
     peak, peak_source = throughput.peak_flops(device, tcfg.peak_flops, tcfg.precision)
+    if warning := throughput.slow_bf16_warning(device, tcfg.precision):
+        log.warning(warning)
     model_flops = flops_per_token(model_cfg, n_params)
     log.info(
         f"tokens per optimizer step: {tokens_per_iter:,} (batch {tcfg.batch_size} x accum {tcfg.grad_accum} "

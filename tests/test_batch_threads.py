@@ -52,6 +52,20 @@ def test_parts_give_the_gradient_and_loss_of_the_whole_batch(n):
         assert torch.allclose(g, 2 * whole[name], atol=1e-6), name
 
 
+def test_each_part_runs_under_the_autocast_it_is_given_on_its_own_thread():
+    model, x, y = model_and_batch()
+    seen = []
+    model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: seen.append((threading.get_ident(), out.dtype)))
+    with BatchThreads(2) as threads:
+        threads.forward_backward(model, list(model.parameters()), x, y, 1.0)
+        assert {dtype for _, dtype in seen} == {torch.float32}  # none given: fp32
+        seen.clear()
+        bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+        threads.forward_backward(model, list(model.parameters()), x, y, 1.0, bf16)
+    assert len({ident for ident, _ in seen}) == 2 and {dtype for _, dtype in seen} == {torch.bfloat16}
+    assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_the_parts_run_on_threads_of_one_torch_thread_each_and_the_caller_gets_its_threads_back():
     seen = []
 

@@ -39,13 +39,42 @@ def test_grad_accum_4_matches_4x_batch(tiny_cfg, tmp_path):
     assert accum[-1] < accum[0]  # and it trains
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_on_cpu_stays_fp32_with_a_notice(tiny_cfg, tmp_path, caplog, precision):
+def test_fp16_on_cpu_stays_fp32_with_a_notice(tiny_cfg, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fluxtrain"):
-        low = run_curve(tiny_cfg, tmp_path / "low", f"train.precision={precision}")
+        low = run_curve(tiny_cfg, tmp_path / "low", "train.precision=fp16")
     notices = [r.getMessage() for r in caplog.records if "needs CUDA" in r.getMessage()]
-    assert notices == [f"train.precision={precision} needs CUDA; training in fp32 on cpu"]
+    assert notices == ["train.precision=fp16 needs CUDA; training in fp32 on cpu"]
     assert low == run_curve(tiny_cfg, tmp_path / "fp32", "train.precision=fp32")  # bit for bit: no autocast, no scaling
+
+
+@pytest.mark.parametrize("batch_threads", [1, 2])
+def test_bf16_on_cpu_trains_under_autocast(tiny_cfg, tmp_path, caplog, batch_threads):
+    # fp32 runs repeat bit for bit (above); bf16 products round to 8 significant bits, so the curve moves off fp32's,
+    # by little. On the batch threads too, where autocast must be entered on each part's own thread.
+    threads = f"train.batch_threads={batch_threads}"
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        bf16 = run_curve(tiny_cfg, tmp_path / "bf16", "train.precision=bf16", threads)
+    fp32 = run_curve(tiny_cfg, tmp_path / "fp32", "train.precision=fp32", threads)
+    assert not any("needs" in r.getMessage() for r in caplog.records)
+    assert any("(cpu bf16 matmul probe)" in r.getMessage() for r in caplog.records)
+    assert 1e-6 < max(abs(a - b) for a, b in zip(bf16, fp32, strict=True)) < 0.05, (bf16, fp32)
+    assert bf16[-1] < bf16[0]
+    weights = load_file(tmp_path / "bf16" / "model_final.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # autocast: the weights stay fp32
+
+
+def test_bf16_slower_than_fp32_on_this_cpu_gets_a_warning(monkeypatch):
+    cpu = torch.device("cpu")
+    rates = {torch.float32: 200e9, torch.bfloat16: 700e9}
+    monkeypatch.setattr(throughput, "probe_peak", lambda device_type, dtype=torch.float32: rates[dtype])
+    assert throughput.slow_bf16_warning(cpu, "bf16") is None  # bf16 matrix instructions: faster
+    rates[torch.bfloat16] = 40e9  # converted to fp32 operand by operand
+    assert throughput.slow_bf16_warning(cpu, "bf16") == (
+        "train.precision=bf16: this CPU multiplies bf16 matrices at 40.0 GFLOP/s, slower than 200.0 GFLOP/s in fp32; "
+        "train.precision=fp32 trains faster here"
+    )
+    assert throughput.slow_bf16_warning(cpu, "fp32") is None
+    assert throughput.peak_flops(cpu, None, "bf16") == (40e9, "cpu bf16 matmul probe")
 
 
 def test_unknown_precision_is_an_error(tiny_cfg, tmp_path):
