@@ -13,7 +13,8 @@ process of its own: the plain baseline with the process defaults a plain PyTorch
 its trainer sets itself up (`fluxtrain.host.configure`). Windows of the variants are interleaved (round robin, one
 process running at a time), so a load change on a shared machine hits all of them alike. tokens/s is the median
 over windows, after warm-up; the ratio to the baseline is the median over rounds of the ratio within the round.
-MFU is measured tokens/s x training FLOPs per token / the fp32 matmul rate measured in the same run.
+MFU is measured tokens/s x training FLOPs per token / the matmul rate measured in the same run, in the variant's
+precision: the rows "bf16 autocast" (`train.precision=bf16`) against the bf16 rate, the others against fp32's.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from fluxtrain.data import TokenData  # noqa: E402
 from fluxtrain.distributed import World  # noqa: E402
 from fluxtrain.model import GPT, ModelConfig, flops_per_token  # noqa: E402
 from fluxtrain.optim import OptimConfig, build_optimizer  # noqa: E402
-from fluxtrain.train import TrainConfig, grad_scaler, train_step  # noqa: E402
+from fluxtrain.train import TrainConfig, autocast_context, grad_scaler, train_step  # noqa: E402
 
 VOCAB = 65  # Tiny Shakespeare, character level
 REFERENCE = dict(d_model=128, n_heads=4, n_layers=4, ff_dim=512, seq_len=64)
@@ -116,9 +117,11 @@ def mini_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def matmul_peak_flops(size: int = 1024, reps: int = 5, seconds: float = 1.0) -> float:
-    """The fp32 matmul rate (FLOP/s) of this machine now: best of `reps` timed runs of size x size matmuls."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_flops(
+    size: int = 1024, reps: int = 5, seconds: float = 1.0, dtype: torch.dtype = torch.float32
+) -> float:
+    """The matmul rate (FLOP/s) of this machine now in `dtype`: best of `reps` timed runs of size x size matmuls."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
     best = 0.0
     for _ in range(reps):
@@ -144,6 +147,7 @@ class Spec:
     cpp_wrapper: bool = True  # compiled only: train.compile_cpp_wrapper, on by default for CPU
     trainer_step: bool = False  # fluxtrain only: the trainer's own `train_step` instead of the shared step below
     batch_threads: int = 1  # fluxtrain only: train.batch_threads, the batch split over threads of one torch thread
+    precision: str = "fp32"  # train.precision; bf16 runs the forward under CPU autocast, the trainer's
 
 
 @dataclass
@@ -173,20 +177,24 @@ def make_step(
     batch: int,
     seq_len: int,
     threads: BatchThreads | None = None,
+    precision: str = "fp32",
 ):
     """One training step as the trainer runs it: batch, forward, backward, clip, step, zero_grad, loss.item().
-    With `threads`, the forward and backward of the batch's parts run on them (train.batch_threads)."""
+    With `threads`, the forward and backward of the batch's parts run on them (train.batch_threads); the forward
+    runs under the trainer's autocast for `precision`."""
     generator = torch.Generator().manual_seed(0)
     params = [p for p in model.parameters()]
+    autocast = functools.partial(autocast_context, torch.device("cpu"), precision)
 
     def step() -> float:
         starts = torch.randint(len(data) - seq_len, (batch,), generator=generator)
         window = data[starts[:, None] + torch.arange(seq_len + 1)]
         x, y = window[:, :-1], window[:, 1:]
         if threads:
-            loss = threads.forward_backward(model, params, x, y, 1.0)
+            loss = threads.forward_backward(model, params, x, y, 1.0, autocast)
         else:
-            _, loss = model(x, y)
+            with autocast():
+                _, loss = model(x, y)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -197,13 +205,20 @@ def make_step(
 
 
 def make_trainer_step(
-    model: nn.Module, optimizer, data: torch.Tensor, batch: int, seq_len: int, threads: BatchThreads | None = None
+    model: nn.Module,
+    optimizer,
+    data: torch.Tensor,
+    batch: int,
+    seq_len: int,
+    threads: BatchThreads | None = None,
+    precision: str = "fp32",
 ):
-    """The step of `fluxtrain.train`: its batches (`TokenData.get_batch`), `train_step` (autocast and loss scaling
-    that are no-ops in fp32 on CPU, clipping at 1.0) and the loss read back after each step, as its loop does on CPU."""
+    """The step of `fluxtrain.train`: its batches (`TokenData.get_batch`), `train_step` (autocast, a no-op in fp32,
+    loss scaling, a no-op on CPU, clipping at 1.0) and the loss read back after each step, as its loop does on CPU."""
     ids = data.numpy().astype("uint16")
     token_data = TokenData(ids, ids[:1000], seq_len, "bench", 1000)
-    tcfg, cpu = TrainConfig(batch_size=batch, batch_threads=threads.n if threads else 1), torch.device("cpu")
+    n_threads, cpu = threads.n if threads else 1, torch.device("cpu")
+    tcfg = TrainConfig(batch_size=batch, batch_threads=n_threads, precision=precision)
     scaler, generator = grad_scaler(cpu, tcfg.precision), torch.Generator().manual_seed(0)
 
     def step() -> float:
@@ -218,7 +233,7 @@ def build(spec: Spec, data: torch.Tensor):
         s = spec.shape
         model = MiniGPT(VOCAB, s["d_model"], s["n_heads"], s["n_layers"], s["ff_dim"], s["seq_len"])
         n = sum(p.numel() for p in model.parameters())
-        step = make_step(model, mini_optimizer(model), data, spec.batch, s["seq_len"])
+        step = make_step(model, mini_optimizer(model), data, spec.batch, s["seq_len"], precision=spec.precision)
         cfg = ModelConfig(**s)
     else:
         cfg = ModelConfig(dropout=0.0, **spec.shape, **spec.model_kw)
@@ -229,9 +244,9 @@ def build(spec: Spec, data: torch.Tensor):
             model = torch.compile(model, options={"cpp_wrapper": True} if spec.cpp_wrapper else None)
         threads = BatchThreads(spec.batch_threads) if spec.batch_threads > 1 else None
         if spec.trainer_step:
-            step = make_trainer_step(model, optimizer, data, spec.batch, cfg.seq_len, threads)
+            step = make_trainer_step(model, optimizer, data, spec.batch, cfg.seq_len, threads, spec.precision)
         else:
-            step = make_step(model, optimizer, data, spec.batch, cfg.seq_len, threads)
+            step = make_step(model, optimizer, data, spec.batch, cfg.seq_len, threads, spec.precision)
     return step, spec.batch * cfg.seq_len, flops_per_token(cfg, n), n
 
 
@@ -288,16 +303,17 @@ def measure(variants: list[Variant], windows: int, window_steps: int, warmup_ste
             v.rates.append(window_steps * v.tokens_per_step / v.run(window_steps))
 
 
-def print_table(title: str, variants: list[Variant], peak: float, baseline: Variant | None) -> None:
-    """tokens/s: the median over windows. vs baseline: the median over rounds of the ratio within each round, which
-    a drift of the machine's speed between rounds does not move."""
+def print_table(title: str, variants: list[Variant], peaks: dict[str, float], baseline: Variant | None) -> None:
+    """tokens/s: the median over windows. MFU: against the matmul peak of the variant's precision (`peaks`).
+    vs baseline: the median over rounds of the ratio within each round, which a drift of the machine's speed between
+    rounds does not move."""
     width = max(len(v.name) for v in variants)
     print(f"\n{title}")
     print(f"| {'variant':<{width}} | params | tokens/s (median) | spread (min-max) | MFU | vs baseline |")
     print(f"|{'-' * (width + 2)}|-------:|------------------:|-----------------:|----:|------------:|")
     for v in variants:
         med = statistics.median(v.rates)
-        mfu = med * v.flops_per_token / peak
+        mfu = med * v.flops_per_token / peaks[v.spec.precision]
         ratio = "-"
         if baseline:
             ratio = f"{statistics.median(r / b for r, b in zip(v.rates, baseline.rates, strict=True)):.2f}x"
@@ -316,6 +332,7 @@ def main() -> None:
     parser.add_argument("--preset-windows", type=int, default=3, help="timed windows per preset variant")
     parser.add_argument("--preset-window-steps", type=int, default=5, help="training steps per preset window")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variants")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
         "--batch-threads", type=int, default=host.max_threads(), help="train.batch_threads of its rows (1: no rows)"
@@ -325,7 +342,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     peak = matmul_peak_flops()
-    print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    peaks = {"fp32": peak, "bf16": matmul_peak_flops(dtype=torch.bfloat16)}
+    print(
+        f"torch {torch.__version__} | {torch.get_num_threads()} threads | matmul peak {peak / 1e9:.1f} GFLOP/s fp32, "
+        f"{peaks['bf16'] / 1e9:.1f} GFLOP/s bf16"
+    )
 
     shape, batch = REFERENCE, REFERENCE_BATCH
     # The reference recipe's model has no biases, as the plain baseline; fluxtrain's default blocks have them.
@@ -348,6 +369,22 @@ def main() -> None:
             flux("fluxtrain, rope, no bias, compiled", compile=True, model_kw=rope),
             flux("fluxtrain, no bias, compiled, the trainer's step", compile=True, model_kw=no_bias, trainer_step=True),
         ]
+    if not args.no_bf16:
+        bf16 = dict(model_kw=no_bias, precision="bf16")
+        specs += [
+            Spec("plain PyTorch minimal GPT, eager, bf16 autocast", "plain", shape, batch, precision="bf16"),
+            flux("fluxtrain, no bias, eager, bf16 autocast", **bf16),
+        ]
+        if not args.no_compile:
+            specs += [
+                flux("fluxtrain, no bias, compiled, bf16 autocast", compile=True, **bf16),
+                flux(
+                    "fluxtrain, no bias, compiled, the trainer's step, bf16 autocast",
+                    compile=True,
+                    trainer_step=True,
+                    **bf16,
+                ),
+            ]
     bt = args.batch_threads
     if bt > 1:
         specs += [flux(f"fluxtrain, no bias, eager, {bt} batch threads", model_kw=no_bias, batch_threads=bt)]
@@ -371,7 +408,7 @@ def main() -> None:
     ref = start(specs, args.threads)
     measure(ref, args.windows, args.window_steps, args.warmup_steps)
     stop(ref)
-    print_table(f"Reference shape (batch {batch})", ref, peak, ref[0])
+    print_table(f"Reference shape (batch {batch})", ref, peaks, ref[0])
 
     presets = [] if args.presets == "none" else args.presets.split(",")
     rows = []
@@ -382,13 +419,16 @@ def main() -> None:
             if bt > 1:
                 name = f"{preset}, compiled, {bt} batch threads"
                 specs.append(Spec(name, "fluxtrain", PRESETS[preset], PRESET_BATCH, compile=True, batch_threads=bt))
+            if not args.no_bf16:
+                name = f"{preset}, compiled, bf16 autocast"
+                specs.append(Spec(name, "fluxtrain", PRESETS[preset], PRESET_BATCH, compile=True, precision="bf16"))
         print(f"preset {preset}:", flush=True)
         variants = start(specs, args.threads)
         measure(variants, args.preset_windows, args.preset_window_steps, 3)
         stop(variants)
         rows += variants
     if rows:
-        print_table(f"Presets (batch {PRESET_BATCH})", rows, peak, None)
+        print_table(f"Presets (batch {PRESET_BATCH})", rows, peaks, None)
     peak_after = matmul_peak_flops()
     drift = abs(peak_after - peak) / peak
     print(f"\nmatmul peak after: {peak_after / 1e9:.1f} GFLOP/s ({100 * drift:.0f}% drift during the run)")
