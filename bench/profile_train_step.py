@@ -2,6 +2,7 @@
 
 python bench/profile_train_step.py                       # reference shape, default blocks, AdamW
 python bench/profile_train_step.py model.activation=relu2 optim.name=muon --steps 30
+python bench/profile_train_step.py precision=bf16 model.bias=false  # the forward under CPU bf16 autocast
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fluxtrain.model import GPT, ModelConfig  # noqa: E402
 from fluxtrain.optim import OptimConfig, build_optimizer  # noqa: E402
+from fluxtrain.train import autocast_context  # noqa: E402
 
 VOCAB = 65
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="model.* / optim.* / batch_size=N settings")
+    parser.add_argument("overrides", nargs="*", help="model.* / optim.* / batch_size=N / precision=P settings")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
@@ -33,6 +35,7 @@ def main() -> None:
             "model": dict(d_model=128, n_heads=4, n_layers=4, ff_dim=512, seq_len=64, dropout=0.0),
             "optim": dict(name="adamw", lr=1e-3, betas=[0.9, 0.99], weight_decay=0.1),
             "batch_size": 12,
+            "precision": "fp32",
         },
         OmegaConf.from_dotlist(args.overrides),
     )
@@ -47,7 +50,7 @@ def main() -> None:
         with record_function("batch"):
             starts = torch.randint(len(data) - T, (cfg.batch_size,), generator=generator)
             window = data[starts[:, None] + torch.arange(T + 1)]
-        with record_function("forward"):
+        with record_function("forward"), autocast_context(torch.device("cpu"), cfg.precision):
             _, loss = model(window[:, :-1], window[:, 1:])
         with record_function("backward"):
             loss.backward()
