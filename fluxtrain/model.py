@@ -123,6 +123,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, computed in fp32 for bf16 inputs on CPU, where autocast would cast them back:
+    torch's CPU flash-attention kernel ran forward and backward several times slower in bf16 than in fp32 at these
+    widths (`bench/attention_precision.py`). The result comes back in the inputs' dtype."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,10 +157,10 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if past == 0 or T == 1:
             # T == 1 attends to every cached position, so it needs no mask.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=past == 0 and T > 1)
+            y = attention(q, k, v, dropout_p=dropout_p, is_causal=past == 0 and T > 1)
         else:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         y = self.proj(y)
         return self.resid_dropout(y) if self.training else y  # (skipping the call saves time when decoding)
@@ -165,7 +175,7 @@ class CausalSelfAttention(nn.Module):
             qk = apply_rope(qkv[:2], *rope)  # q and k rotated together
             q, kv = qk[0], torch.stack((qk[1], qkv[2]))
         k, v = cache.update(layer, kv).unbind(0)  # (B, H, length + 1, hd) each
-        y = F.scaled_dot_product_attention(q, k, v)  # one query attends to every cached position: no mask
+        y = attention(q, k, v)  # one query attends to every cached position: no mask
         return self.proj.forward(y.view(B, C))
 
 

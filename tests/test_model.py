@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.model import GPT, ModelConfig, flops_per_token, param_count_formula
+from fluxtrain.model import GPT, ModelConfig, attention, flops_per_token, param_count_formula
 
 from .conftest import compose_config
 
@@ -98,6 +99,34 @@ def test_attention_matches_a_hand_written_masked_softmax():
     scores = scores.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
     y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(2, 16, 32)
     torch.testing.assert_close(attn(x), y @ attn.proj.weight.T + attn.proj.bias)
+
+
+def test_attention_of_bf16_on_cpu_is_computed_in_fp32_even_under_autocast():
+    q, k, v = (torch.randn(2, 4, 16, 8).bfloat16().requires_grad_() for _ in range(3))
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
+    in_bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # which casts the inputs of a plain SDPA call back to bf16
+        y = attention(q, k, v, is_causal=True)
+        assert F.scaled_dot_product_attention(q.float(), k.float(), v.float()).dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, exact) and not torch.equal(in_bf16, exact)
+    y.sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+    x = torch.randn(2, 4, 16, 8)  # fp32 is left to SDPA as it is
+    assert torch.equal(attention(x, x, x, is_causal=True), F.scaled_dot_product_attention(x, x, x, is_causal=True))
+
+
+def test_a_training_step_under_cpu_autocast_tracks_fp32():
+    torch.manual_seed(0)
+    model = tiny()
+    x, y = torch.randint(0, 11, (2, 16)), torch.randint(0, 11, (2, 16))
+    _, loss = model(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, low = model(x, y)
+    assert logits.dtype == torch.bfloat16 and low.dtype == torch.float32
+    assert abs(low.item() - loss.item()) < 0.02 and low.item() != loss.item()
+    low.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
