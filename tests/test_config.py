@@ -151,7 +151,7 @@ def test_valid_settings_and_what_hydra_checks_pass_the_precheck(override):
         (
             ["experiment=shakespeare_cpux"],
             "experiment=shakespeare_cpux is not an option of experiment (did you mean experiment=shakespeare_cpu?); "
-            "its options: shakespeare_cpu, shakespeare_gpu",
+            "its options: shakespeare_cpu, shakespeare_cpu_bf16, shakespeare_gpu",
         ),
         (["-m", "tokenizer=char,bpee"], "tokenizer=bpee is not an option of tokenizer (did you mean tokenizer=bpe?)"),
         (["model=[small,larg]"], "model=larg is not an option of model (did you mean model=large?)"),
@@ -370,7 +370,7 @@ def test_help_says_what_the_command_does_and_lists_the_groups():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("fluxtrain: train a GPT-style language model")
     assert "python -m fluxtrain -m optim.lr=1e-3,3e-3" in proc.stdout
-    assert "experiment: shakespeare_cpu, shakespeare_gpu" in proc.stdout
+    assert "experiment: shakespeare_cpu, shakespeare_cpu_bf16, shakespeare_gpu" in proc.stdout
     assert "model: gpt2, gpt2-large, gpt2-medium, large, medium, small" in proc.stdout
     assert "  d_model: 256" in proc.stdout  # the composed config
     assert proc.stdout.rstrip().endswith("Hydra's own\noptions: --hydra-help.")
