@@ -1,8 +1,9 @@
 """Causal attention forward + backward on CPU: torch's SDPA in bf16 (what CPU autocast runs), in fp32, and
-`fluxtrain.model.attention` on bf16 inputs under autocast (computed in fp32, returned in bf16).
+`fluxtrain.model.attention` on bf16 inputs under autocast (computed in fp32 over at most `CPU_FP32_ATTENTION_KEYS`
+keys, in bf16 beyond; returned in bf16).
 
     python bench/attention_precision.py
-    python bench/attention_precision.py --shapes 12x4x64x32 --reps 50
+    python bench/attention_precision.py --shapes 12x4x64x32 32x4x256x32 16x12x1024x64 --reps 100
 
 q, k and v are strided views of one qkv projection output and the gradient arrives through the output's transpose,
 as in `fluxtrain.model.CausalSelfAttention`. Each figure is the median of `--reps` timed calls after warm-up, the
@@ -23,11 +24,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fluxtrain.model import attention  # noqa: E402
+from fluxtrain.model import CPU_FP32_ATTENTION_KEYS, attention  # noqa: E402
 
 # batch x heads x context x head size: the reference recipe's shape (batch 12), the CPU recipe's and model=small's
 # (batch 32), model=medium's (8 heads), the GPU recipe's (6 heads of 64, context 256, batch 64)
-SHAPES = ("12x4x64x32", "32x4x64x32", "32x8x64x32", "64x6x256x64")
+SHAPES = ("12x4x64x32", "32x4x64x32", "32x8x64x32", "32x4x128x32", "32x4x256x32", "64x6x256x64")
 
 
 def variant(name: str, B: int, H: int, T: int, D: int):
@@ -59,8 +60,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = ("SDPA bf16 (autocast)", "SDPA fp32", "fluxtrain attention, bf16 in fp32")
-    print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | forward + backward, median ms")
+    names = ("SDPA bf16 (autocast)", "SDPA fp32", "fluxtrain attention (bf16 inputs)")
+    print(
+        f"torch {torch.__version__} | {torch.get_num_threads()} threads | forward + backward, median ms | fluxtrain "
+        f"computes in fp32 over at most {CPU_FP32_ATTENTION_KEYS} keys"
+    )
     print(f"| shape (BxHxTxD) | {' | '.join(names)} | bf16 / fluxtrain |")
     print(f"|---|{'--:|' * (len(names) + 1)}")
     for shape in args.shapes:

@@ -123,11 +123,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
+# Keys up to which attention of bf16 inputs on CPU is computed in fp32: torch's CPU flash-attention kernel ran forward
+# and backward 2.0x-3.2x slower in bf16 than in fp32 over 64 and 128 keys, about as fast over 256 (0.83x-1.13x), and
+# faster over 1024 (bench/attention_precision.py, 2-core AMD EPYC).
+CPU_FP32_ATTENTION_KEYS = 128
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """`F.scaled_dot_product_attention`, computed in fp32 for bf16 inputs on CPU, where autocast would cast them back:
-    torch's CPU flash-attention kernel ran forward and backward several times slower in bf16 than in fp32 at these
-    widths (`bench/attention_precision.py`). The result comes back in the inputs' dtype."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    """`F.scaled_dot_product_attention`; for bf16 inputs on CPU over at most `CPU_FP32_ATTENTION_KEYS` keys, computed
+    in fp32 out of autocast's reach (which would cast the inputs back) and returned in bf16."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= CPU_FP32_ATTENTION_KEYS:
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)

@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.model import GPT, ModelConfig, attention, flops_per_token, param_count_formula
+from fluxtrain.model import (
+    CPU_FP32_ATTENTION_KEYS,
+    GPT,
+    ModelConfig,
+    attention,
+    flops_per_token,
+    param_count_formula,
+)
 
 from .conftest import compose_config
 
@@ -114,6 +121,8 @@ def test_attention_of_bf16_on_cpu_is_computed_in_fp32_even_under_autocast():
     assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
     x = torch.randn(2, 4, 16, 8)  # fp32 is left to SDPA as it is
     assert torch.equal(attention(x, x, x, is_causal=True), F.scaled_dot_product_attention(x, x, x, is_causal=True))
+    long = torch.randn(1, 1, CPU_FP32_ATTENTION_KEYS + 1, 8).bfloat16()  # where bf16's own kernel is as fast
+    assert torch.equal(attention(long, long, long), F.scaled_dot_product_attention(long, long, long))
 
 
 def test_a_training_step_under_cpu_autocast_tracks_fp32():
