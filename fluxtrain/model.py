@@ -124,8 +124,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # Keys up to which attention of bf16 inputs on CPU is computed in fp32: torch's CPU flash-attention kernel ran forward
-# and backward 2.0x-3.2x slower in bf16 than in fp32 over 64 and 128 keys, about as fast over 256 (0.83x-1.13x), and
-# faster over 1024 (bench/attention_precision.py, 2-core AMD EPYC).
+# and backward 2.0x-3.2x slower in bf16 than in fp32 over 64 and 128 keys, 0.81x-1.18x over 256, and faster over 1024
+# (bench/attention_precision.py, 2-core AMD EPYC).
 CPU_FP32_ATTENTION_KEYS = 128
 
 

@@ -79,8 +79,8 @@ def peak_flops(device: torch.device, configured: float | None, precision: str) -
 
 
 def slow_bf16_warning(device: torch.device, precision: str) -> str | None:
-    """A warning when bf16 autocast on this CPU is slower than fp32: CPUs without bf16 matrix instructions
-    (AVX512-BF16, AMX) convert every operand and multiply in fp32. None elsewhere. Measured, not looked up."""
+    """A warning when this CPU multiplies bf16 matrices more slowly than fp32 ones, as CPUs without bf16 matrix
+    instructions (AVX512-BF16, AMX) may; None elsewhere. Both rates are measured, not looked up."""
     if device.type != "cpu" or precision != "bf16":
         return None
     bf16, fp32 = probe_peak("cpu", torch.bfloat16), probe_peak("cpu")
