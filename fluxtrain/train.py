@@ -203,14 +203,14 @@ def train_step(
     With `threads` (train.batch_threads, CPU only) each micro-batch is split over them."""
     loss_sum = None
     params = [p for p in model.parameters() if p.requires_grad] if threads else []
+    autocast = functools.partial(autocast_context, device, tcfg.precision)
     for micro in range(tcfg.grad_accum):
         x, y = distributed.rank_batch(data, tcfg.batch_size, batch_gen, world)
         if threads:
-            autocast = functools.partial(autocast_context, device, tcfg.precision)
             loss = threads.forward_backward(model, params, x, y, 1 / tcfg.grad_accum, autocast)
         else:
             with distributed.grad_sync(model, micro == tcfg.grad_accum - 1):
-                with autocast_context(device, tcfg.precision):
+                with autocast():
                     _, loss = model(to_device(x, device), to_device(y, device))
                 scaler.scale(loss / tcfg.grad_accum).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()  # no kernel for one micro-batch
