@@ -58,6 +58,9 @@ class Run:
     error: str | None  # the error of a failed sweep job (failed.json)
     # With neither: the iteration of its newest checkpoint (a run stopped, killed or still training), else None.
     unfinished_at: int | None = None
+    # A file of the run that is damaged or was edited by hand, and why it cannot be read: "metrics.json: not a JSON
+    # object but list". The run is still listed, with what could be read.
+    unreadable: str | None = None
 
     def get(self, key: str) -> Any:
         """A config value by dotted key, e.g. `optim.lr`; None when absent."""
@@ -179,6 +182,8 @@ def results_after(run_dir: Path, iteration: int, checkpoint: Path) -> list[Path]
 
 
 def read_run(path: Path, root: Path) -> Run:
+    unreadable: list[str] = []
+
     def read(name: str, load):
         file = path / name
         if not file.is_file():
@@ -186,7 +191,8 @@ def read_run(path: Path, root: Path) -> Run:
         try:
             return load(file)
         except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:  # damaged or edited by hand
-            raise FluxtrainError(f"{file} is not readable: {first_line(e)}") from None
+            unreadable.append(f"{name}: {first_line(e)}")
+            return None
 
     config = read(f"{HYDRA_OUTPUT_DIR}/config.yaml", lambda f: OmegaConf.to_container(OmegaConf.load(f))) or {}
     overrides = read(f"{HYDRA_OUTPUT_DIR}/overrides.yaml", lambda f: list(OmegaConf.load(f))) or []
@@ -198,7 +204,7 @@ def read_run(path: Path, root: Path) -> Run:
         at = checkpoints[-1][0]  # the newest checkpoint's iteration, from its name
         if metrics is None or not latest_results(metrics, at, config):  # no results yet, or an earlier session's
             unfinished_at, metrics = at, None
-    return Run(path, name, config, overrides, metrics, error, unfinished_at)
+    return Run(path, name, config, overrides, metrics, error, unfinished_at, unreadable[0] if unreadable else None)
 
 
 def latest_results(metrics: dict[str, Any], newest: int, config: dict[str, Any]) -> bool:
@@ -270,7 +276,9 @@ def runs_table(
         row: dict[str, Any] = {"run": run.name}
         row.update({key: run.setting(key) for key in keys})
         row.update({m: (run.metrics or {}).get(m) for m in metrics})
-        if run.error:
+        if run.unreadable:
+            row["status"] = "unreadable " + run.unreadable
+        elif run.error:
             row["status"] = "failed: " + run.error
         elif run.metrics:
             row["status"] = "ok"

@@ -107,9 +107,9 @@ def test_the_runs_command_names_a_missing_empty_or_damaged_folder(tmp_path, caps
     assert code == 1 and err == f"error: no runs under {tmp_path} (a run folder holds {holds})\n"
     make_run(tmp_path / "run", 1e-3, metrics={"best_val_loss": 1.9})
     (tmp_path / "run" / "metrics.json").write_text("{ not json")
-    code, _, err = compare(capsys, str(tmp_path))
-    assert code == 1 and err.startswith(f"error: {tmp_path / 'run' / 'metrics.json'} is not readable: ")
-    assert len(err.splitlines()) == 1
+    code, out, err = compare(capsys, str(tmp_path))
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1].startswith("run") and "unreadable metrics.json: Expecting property name" in out
 
 
 def test_varying_keys_compares_nested_settings_lists_and_missing_keys(tmp_path):
@@ -133,12 +133,28 @@ def test_varying_keys_compares_nested_settings_lists_and_missing_keys(tmp_path):
         ("failed.json", '{"error": 5}', 'no "error" message'),
     ],
 )
-def test_the_runs_command_names_a_damaged_file_and_key(tmp_path, capsys, name, text, reason):
-    make_run(tmp_path / "ok", 1e-3, metrics={"best_val_loss": 1.9, "tokens_per_sec": None})
+def test_a_damaged_file_is_named_in_its_runs_row_and_the_other_runs_are_compared(tmp_path, capsys, name, text, reason):
+    make_run(tmp_path / "ok", 3e-3, metrics={"best_val_loss": 1.9, "tokens_per_sec": None})
     make_run(tmp_path / "run", 1e-3)
     (tmp_path / "run" / name).write_text(text)
+    runs = find_runs(tmp_path)
+    assert [(r.name, r.unreadable) for r in runs] == [("ok", None), ("run", f"{name}: {reason}")]
+    assert runs[1].metrics is None and runs[1].error is None and runs[1].get("optim.lr") == 1e-3
     code, out, err = compare(capsys, str(tmp_path))
-    assert (code, out, err) == (1, "", f"error: {tmp_path / 'run' / name} is not readable: {reason}\n")
+    assert (code, err) == (0, "")
+    header, ok, damaged = out.splitlines()
+    assert header.split()[:2] == ["run", "optim.lr"] and ok.split()[:3] == ["ok", "0.003", "1.9"]
+    assert damaged.split()[:2] == ["run", "0.001"] and damaged.endswith(f"unreadable {name}: {reason}")
+
+
+def test_a_damaged_config_is_named_and_the_runs_results_still_shown(tmp_path, capsys):
+    make_run(tmp_path / "run", 1e-3, metrics={"best_val_loss": 1.9})
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("model: [unclosed")
+    [run] = find_runs(tmp_path)
+    assert run.config == {} and run.metrics == {"best_val_loss": 1.9}
+    assert run.unreadable.startswith(".hydra/config.yaml: ")
+    code, out, _ = compare(capsys, str(tmp_path))
+    assert code == 0 and "unreadable .hydra/config.yaml: " in out.splitlines()[1]
 
 
 def test_an_earlier_run_set_aside_in_a_run_folder_is_not_a_run(tmp_path):
@@ -197,9 +213,8 @@ def test_a_results_file_without_an_iteration_count_is_read_as_the_newest_checkpo
     write_checkpoint(tmp_path / "run" / "checkpoints", 50)
     assert [(r.unfinished_at, r.metrics["best_val_loss"]) for r in find_runs(tmp_path)] == [(None, 1.9)]
     (tmp_path / "run" / "metrics.json").write_text('{"best_val_loss": 1.9, "iters": "50"}')
-    code, out, err = compare(capsys, str(tmp_path))
-    assert (code, out) == (1, "")
-    assert err == f'error: {tmp_path / "run" / "metrics.json"} is not readable: iters="50" is not an iteration count\n'
+    [run] = find_runs(tmp_path)
+    assert (run.unreadable, run.metrics) == ('metrics.json: iters="50" is not an iteration count', None)
 
 
 def test_a_nan_loss_ranks_after_the_numbers_and_no_number_reads_as_an_exponent(tmp_path, capsys):
