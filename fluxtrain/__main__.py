@@ -41,7 +41,8 @@ def run(cfg: DictConfig) -> float:
             return run_sweep_job(lambda: run_task(cfg, run_dir), run_dir, overrides)
         return run_task(cfg, run_dir)
     except FluxtrainError as e:
-        logging.getLogger("fluxtrain").error(f"error: {e}")
+        if not e.reported:
+            logging.getLogger("fluxtrain").error(f"error: {e}")
         if single_run:
             discard_refused(run_dir)
         sys.exit(getattr(e, "exit_code", 1))  # 130/143 after a stop on SIGINT/SIGTERM

@@ -131,21 +131,38 @@ def quiet_other_ranks(world: World) -> None:
     logging.getLogger("fluxtrain").setLevel(logging.ERROR)
 
 
+class ReportedByAnotherRank(FluxtrainError):
+    """This rank stops on an error that another rank printed."""
+
+    reported = True
+
+
 @contextlib.contextmanager
-def main_first(world: World) -> Iterator[None]:
+def main_first(world: World, device: torch.device) -> Iterator[None]:
     """Rank 0 runs the block first, then one rank per other node, then the rest.
 
     For downloads, tokenizer training and token caches: the later ranks find the files the first ones wrote
     (on a shared or a node-local disk) instead of writing the same files at the same time.
+
+    When the block fails on a rank (a missing data file), that rank prints its error and then tells the others,
+    which stop with `ReportedByAnotherRank`: one error, and no rank left waiting for one that has gone.
     """
     if not world.is_distributed:
         yield
         return
     stage = 0 if world.is_main else 1 if world.local_rank == 0 else 2
+    error: FluxtrainError | None = None
     for turn in range(3):
         if turn == stage:
-            yield
-        dist.barrier()
+            try:
+                yield
+            except FluxtrainError as e:
+                log.error(f"error: {e}")  # now: torchrun may end this process once the others have stopped
+                e.reported, error = True, e
+        if any_rank(error is not None, device):
+            if error is not None:
+                raise error
+            raise ReportedByAnotherRank("another rank stopped on an error while reading the data, and printed it")
 
 
 def training_device(world: World, device: torch.device) -> torch.device:

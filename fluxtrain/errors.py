@@ -7,6 +7,8 @@ class FluxtrainError(ValueError):
     """Bad input from the user (a setting, a file or a prompt), or a run that cannot go on (a diverged loss, a stop
     on a signal): the message names the problem and what to change."""
 
+    reported = False  # printed already (by this rank before it told the others, or by another rank)
+
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name when the message is empty."""

@@ -80,6 +80,16 @@ def discard_refused(run_dir: str | Path) -> None:
     run_dir = Path(run_dir).resolve()
     if run_dir in _claimed or run_dir in _earlier_run_configs or not run_dir.is_dir():
         return
+    try:
+        _discard(run_dir)
+    except FileNotFoundError:  # removed meanwhile by another rank of a torchrun job
+        pass
+    except OSError as e:
+        log.warning(f"could not remove the folder made for this refused run, {run_dir}: {e}")
+
+
+def _discard(run_dir: Path) -> None:
+    """`discard_refused` once it knows the folder is not to be kept."""
     root = logging.getLogger()
     handlers = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
     logs = {h: Path(h.baseFilename) for h in handlers if Path(h.baseFilename).parent.resolve() == run_dir}
@@ -88,23 +98,20 @@ def discard_refused(run_dir: str | Path) -> None:
         return
     if hydra_dir.exists() and (not hydra_dir.is_dir() or any(p.name not in HYDRA_FILES for p in hydra_dir.iterdir())):
         return
-    try:
-        for handler, path in logs.items():
-            root.removeHandler(handler)
-            handler.close()
-            path.unlink(missing_ok=True)
-        for name in HYDRA_FILES:
-            (hydra_dir / name).unlink(missing_ok=True)
-        if hydra_dir.exists():
-            hydra_dir.rmdir()
-        run_dir.rmdir()
-        cwd = Path.cwd().resolve()
-        for parent in run_dir.parents:
-            if cwd not in parent.parents or any(parent.iterdir()):
-                break
-            parent.rmdir()
-    except OSError as e:
-        log.warning(f"could not remove the folder made for this refused run, {run_dir}: {e}")
+    for handler, path in logs.items():
+        root.removeHandler(handler)
+        handler.close()
+        path.unlink(missing_ok=True)
+    for name in HYDRA_FILES:
+        (hydra_dir / name).unlink(missing_ok=True)
+    if hydra_dir.exists():
+        hydra_dir.rmdir()
+    run_dir.rmdir()
+    cwd = Path.cwd().resolve()
+    for parent in run_dir.parents:
+        if cwd not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def expand_home(args: list[str]) -> list[str]:

@@ -385,7 +385,7 @@ def run_training(
     host.configure(tcfg.threads, tcfg.keep_cpu_memory)
     threads = resources.enter_context(BatchThreads(tcfg.batch_threads)) if tcfg.batch_threads > 1 else None
     torch.manual_seed(tcfg.seed)
-    with distributed.main_first(world):  # rank 0 downloads, trains the tokenizer and fills the cache
+    with distributed.main_first(world, device):  # rank 0 downloads, trains the tokenizer and fills the cache
         data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir)
     if resume:
         check_tokenizer(resume, tokenizer)

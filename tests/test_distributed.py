@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -239,6 +240,46 @@ def test_a_torchrun_job_refused_at_setup_leaves_no_folder_behind(corpus, tmp_pat
     assert result.returncode != 0
     assert "error: train.strategy='zero' is not one of ddp, fsdp" in result.stdout + result.stderr
     assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>/, not even from the later rank's Hydra
+
+
+def test_a_missing_data_file_under_torchrun_is_one_error_and_no_rank_is_left_waiting(tmp_path):
+    missing = tmp_path / "missing.txt"
+    result = torchrun(tmp_path, [*TINY_OVERRIDES, f"data.path={missing}"], timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count(f"error: data.path: file {missing} does not exist") == 1
+    # rank 1 stopped on its own, not on a lost connection while it waited for rank 0 (Hydra: "Error executing job")
+    assert "Error executing job" not in output and "Connection closed" not in output
+    assert list(tmp_path.iterdir()) == []
+
+
+def _main_first_rank(rank: int, init_method: str, failing_rank: int, out: str) -> None:
+    """One of two gloo ranks: reads "the data" in `main_first`, where it fails on `failing_rank`; writes what it
+    raised to `out`/RANK."""
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    world = distributed.World(rank=rank, local_rank=rank, world_size=2)
+    outcome = "no error"
+    try:
+        with distributed.main_first(world, torch.device("cpu")):
+            if rank == failing_rank:
+                raise FluxtrainError(f"data.path: rank {rank} cannot read it")
+    except FluxtrainError as e:
+        outcome = f"{type(e).__name__} reported={e.reported}: {e}"
+    Path(out, str(rank)).write_text(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_main_first_ends_every_rank_when_one_fails_and_only_that_one_prints(tmp_path, failing_rank):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_method = f"tcp://127.0.0.1:{port}"
+    torch.multiprocessing.spawn(_main_first_rank, args=(init_method, failing_rank, str(tmp_path)), nprocs=2, join=True)
+    outcomes = {rank: (tmp_path / str(rank)).read_text() for rank in (0, 1)}
+    other = 1 - failing_rank
+    assert outcomes[failing_rank] == f"FluxtrainError reported=True: data.path: rank {failing_rank} cannot read it"
+    assert outcomes[other].startswith("ReportedByAnotherRank reported=True: another rank stopped on an error")
 
 
 def test_device_rules_under_torchrun():
