@@ -16,6 +16,7 @@ from fluxtrain import distributed
 from fluxtrain.command_line import check_overrides
 from fluxtrain.config import config_dir, register_configs
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
+from fluxtrain.interrupt import StoppedInSetup
 from fluxtrain.overrides import check_commands, flags_first
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home
 from fluxtrain.sweep import run_sweep_job
@@ -51,6 +52,11 @@ def run(cfg: DictConfig) -> float:
         if single_run:
             discard_refused(run_dir)
         sys.exit(130)
+    except StoppedInSetup as e:  # a warning: under torchrun, the ranks stopped after another one failed stay quiet
+        logging.getLogger("fluxtrain").warning("stopped by SIGTERM before training began")
+        if single_run:
+            discard_refused(run_dir)
+        sys.exit(e.code)
     except RuntimeError as e:
         if not is_out_of_memory(e):
             raise

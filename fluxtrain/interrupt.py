@@ -21,16 +21,27 @@ class TrainingInterrupted(FluxtrainError):
         self.exit_code = 128 + signum
 
 
+class StoppedInSetup(SystemExit):
+    """SIGTERM before the training loop: raised at once, as SIGINT raises KeyboardInterrupt, so that the run stops
+    before it has written anything and the command can leave its folder as it was. A SystemExit with the status of a
+    process ended by SIGTERM, so that no `except Exception` on the way (a torch.compile fallback) takes it for a
+    failure, and a script that does not catch it ends as SIGTERM would have ended it."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
 class GracefulStop:
     """Signal handlers that only ask the loop to stop; used as a context manager that restores the previous ones.
 
-    `install()` is called just before the loop, so an interrupt during set-up still stops at once. Handlers are
-    installed only from the main thread (Python allows no other).
+    `install()` is called just before the loop. Until then an interrupt stops at once: SIGINT raises
+    KeyboardInterrupt and SIGTERM `StoppedInSetup`. Handlers are installed only from the main thread (Python allows
+    no other).
     """
 
     def __init__(self):
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, object] = {}  # the handlers before this one, put back by `restore`
 
     @property
     def requested(self) -> bool:
@@ -41,10 +52,17 @@ class GracefulStop:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def install(self) -> None:
+        """From here on a signal only asks the loop to stop."""
+        self._set(STOP_SIGNALS, self._handle)
+
+    def _set(self, signums, handler) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+        for signum in signums:
+            self._previous.setdefault(signum, signal.signal(signum, handler))
+
+    def _stop_setup(self, signum: int, frame) -> None:
+        raise StoppedInSetup
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -66,6 +84,7 @@ class GracefulStop:
         )
 
     def __enter__(self) -> GracefulStop:
+        self._set((signal.SIGTERM,), self._stop_setup)
         return self
 
     def __exit__(self, *exc) -> None:

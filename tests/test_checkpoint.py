@@ -32,7 +32,7 @@ from fluxtrain.checkpoint import (
     set_rng_state,
 )
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.interrupt import GracefulStop
+from fluxtrain.interrupt import GracefulStop, StoppedInSetup
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import OptimConfig, build_optimizer
 from fluxtrain.resume import checkpoint_path, find_latest, prune, resolve_resume
@@ -413,3 +413,18 @@ def test_first_signal_asks_to_stop_second_stops_at_once():
         stop.install()
         assert signal.getsignal(signal.SIGTERM) == stop._handle
     assert signal.getsignal(signal.SIGINT) is previous and signal.getsignal(signal.SIGTERM) is previous_term
+
+
+def test_sigterm_before_the_loop_stops_at_once_with_the_status_of_sigterm():
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(StoppedInSetup) as info, GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs here at the latest
+    assert info.value.code == 128 + signal.SIGTERM and not stop.requested
+    assert not isinstance(info.value, Exception)  # no `except Exception` on the way takes it for a failure
+    assert signal.getsignal(signal.SIGTERM) is previous
+    with GracefulStop() as stop:  # once the loop's handler is in, SIGTERM only asks the loop to stop
+        stop.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) is previous

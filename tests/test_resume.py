@@ -435,6 +435,38 @@ def test_sigterm_to_a_training_process_writes_a_checkpoint_that_resumes(tiny_tex
     assert steps == sorted(set(steps)) and steps[-1] == iteration + 3
 
 
+@pytest.mark.slow
+def test_sigterm_during_setup_leaves_an_earlier_runs_folder_as_it_was(tiny_text_file, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    earlier = {".hydra/config.yaml": "model:\n  n_layers: 6\n", ".hydra/overrides.yaml": "- model.n_layers=6\n"}
+    earlier["metrics.json"] = '{"best_val_loss": 1.9, "iters": 300}\n'
+    for name, text in earlier.items():
+        (run_dir / name).write_text(text)
+    overrides = [f"data.path={tiny_text_file}", f"data.cache_dir={tmp_path / 'cache'}", "train.compile=true"]
+    cmd = [sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:  # the model is built: compiling it (seconds) is still to come
+            lines.append(line)
+            if "model: " in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    output = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM before training began" in output and "Traceback" not in output
+    assert "torch.compile failed" not in output and "iter " not in output
+    for name, text in earlier.items():
+        assert (run_dir / name).read_text() == text, name
+    assert not (run_dir / "checkpoints").exists() and not list(run_dir.glob("events.*"))
+
+
 def test_the_resume_command_relaunches_as_many_processes(tmp_path):
     run = tmp_path / "run"
     assert resume_command(run) == f"python -m fluxtrain hydra.run.dir={run.resolve()} resume=auto"
