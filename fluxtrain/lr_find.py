@@ -24,7 +24,7 @@ from fluxtrain.optim import build_optimizer, set_lr
 from fluxtrain.optim import validate as validate_optim
 from fluxtrain.resume import list_checkpoints
 from fluxtrain.runs import RUN_OUTPUTS
-from fluxtrain.train import grad_scaler, train_step
+from fluxtrain.train import grad_scaler, train_step, warn_without_autocast
 from fluxtrain.train import validate as validate_train
 
 log = logging.getLogger("fluxtrain")
@@ -154,6 +154,11 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
         )
     if tcfg.batch_threads > 1:
         log.info(f"lr_find: train.batch_threads={tcfg.batch_threads} is for training; the test runs on torch's threads")
+    if tcfg.compile:
+        log.info("lr_find: train.compile=true is for training; the test runs eagerly")
+    if tcfg.max_time is not None:
+        log.info(f"lr_find: train.max_time={tcfg.max_time:g} is for training; the test runs lr_find.num_steps steps")
+    warn_without_autocast(device, tcfg.precision, "the test runs")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     host.configure(tcfg.threads, tcfg.keep_cpu_memory)

@@ -136,6 +136,13 @@ def autocasts(device: torch.device, precision: str) -> bool:
     return precision != "fp32" and (device.type == "cuda" or (device.type == "cpu" and precision == "bf16"))
 
 
+def warn_without_autocast(device: torch.device, precision: str, what: str = "training") -> None:
+    """One line where `precision` asks for autocast that `device` does not have, so the work runs in fp32."""
+    if precision != "fp32" and not autocasts(device, precision):
+        where = "CUDA" if precision == "fp16" else "CUDA or CPU"
+        log.warning(f"train.precision={precision} needs {where}; {what} in fp32 on {device.type}")
+
+
 def autocast_context(device: torch.device, precision: str):
     """Autocast to `precision` where the device has it (`autocasts`); elsewhere training stays fp32."""
     if autocasts(device, precision):
@@ -376,9 +383,7 @@ def run_training(
     distributed.check_sharded_optimizer(world, tcfg.strategy, cfg.optim.name)  # before the data is read
     device = distributed.training_device(world, host.resolve_device(tcfg.device))
     batch_threads.check(tcfg.batch_threads, device, world.is_distributed, model_cfg.dropout)
-    if tcfg.precision != "fp32" and not autocasts(device, tcfg.precision):
-        where = "CUDA" if tcfg.precision == "fp16" else "CUDA or CPU"
-        log.warning(f"train.precision={tcfg.precision} needs {where}; training in fp32 on {device.type}")
+    warn_without_autocast(device, tcfg.precision)
     t_start = time.perf_counter()
 
     resume = load_resume(cfg, run_dir)

@@ -103,11 +103,15 @@ def test_bad_settings_name_the_setting(tiny_cfg, tmp_path, override, message):
 @pytest.mark.slow
 def test_lr_find_on_a_tiny_model(tiny_cfg, tmp_path, caplog):
     # 100 steps over 6 decades instead of 300 over 7, to keep the test short; the loss explodes before 10.
-    cfg = tiny_cfg("lr_find.num_steps=100", "lr_find.start_lr=1e-5", "lr_find.end_lr=10", "train.batch_threads=2")
+    # With a recipe's training-only settings, each of which is said not to apply here, not silently dropped.
+    recipe = ["train.batch_threads=2", "train.compile=true", "train.max_time=60", "train.precision=fp16"]
+    cfg = tiny_cfg("lr_find.num_steps=100", "lr_find.start_lr=1e-5", "lr_find.end_lr=10", *recipe)
     with caplog.at_level(logging.INFO, logger="fluxtrain"):
         result = lr_find(cfg, tmp_path)
-    # A recipe's batch threads (train.batch_threads=2) are said not to apply here, not silently dropped.
     assert "lr_find: train.batch_threads=2 is for training; the test runs on torch's threads" in caplog.text
+    assert "lr_find: train.compile=true is for training; the test runs eagerly" in caplog.text
+    assert "lr_find: train.max_time=60 is for training; the test runs lr_find.num_steps steps" in caplog.text
+    assert "train.precision=fp16 needs CUDA; the test runs in fp32 on cpu" in caplog.text
     assert 1e-4 <= result.suggested_lr <= 1e-1
     # The loss fell well below the uniform guess (ln 39 = 3.66) and the test stopped once it exploded.
     assert min(result.smoothed) < 3.3
