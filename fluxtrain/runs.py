@@ -5,6 +5,7 @@ python -m fluxtrain.runs outputs/multirun/2026-11-27/10-00-00     # one row per 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import math
@@ -136,12 +137,39 @@ def load_metrics(file: Path) -> dict[str, Any]:
     return metrics
 
 
-def load_error(file: Path) -> str:
-    """The error message in a failed.json (ValueError if it has none)."""
+def load_failure(file: Path) -> tuple[str, list[str] | None]:
+    """The error message in a failed.json and the job's overrides (None where it lacks them); ValueError if it has
+    no message."""
     report = json.loads(file.read_text())
     if not isinstance(report, dict) or not isinstance(report.get("error"), str):
         raise ValueError('no "error" message')
-    return report["error"]
+    overrides = report.get("overrides")
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        overrides = None
+    return report["error"], overrides
+
+
+def with_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`config` with the values that `overrides` give its settings (`optim.lr=1e-3`); group choices (`model=small`)
+    and keys it lacks are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    config = copy.deepcopy(config)
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            (override,) = parser.parse_overrides([line])
+            value = override.value()
+        except (HydraException, ValueError):
+            continue
+        *parents, leaf = override.key_or_group.split(".")
+        node: Any = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and not isinstance(node[leaf], dict):
+            node[leaf] = value
+    return config
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -197,7 +225,14 @@ def read_run(path: Path, root: Path) -> Run:
     config = read(f"{HYDRA_OUTPUT_DIR}/config.yaml", lambda f: OmegaConf.to_container(OmegaConf.load(f))) or {}
     overrides = read(f"{HYDRA_OUTPUT_DIR}/overrides.yaml", lambda f: list(OmegaConf.load(f))) or []
     metrics = read(METRICS_FILE, load_metrics)
-    error = read(FAILED_FILE, load_error)
+    error, failed_overrides = read(FAILED_FILE, load_failure) or (None, None)
+    if error is not None:
+        # A sweep job removes its failed.json when it starts: the failure is newer than any results of an earlier
+        # sweep in the folder, and a job refused at setup put that sweep's config back, so the job's own overrides
+        # name its settings.
+        metrics = None
+        if failed_overrides is not None:
+            overrides, config = failed_overrides, with_overrides(config, failed_overrides)
     name = str(path.relative_to(root)) if path != root else path.name
     unfinished_at = None
     if error is None and (checkpoints := list_checkpoints(path)):

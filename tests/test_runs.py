@@ -50,6 +50,25 @@ def test_finished_failed_and_unfinished_runs_in_one_table(tmp_path):
     ]
 
 
+def test_a_job_that_failed_where_an_earlier_sweeps_job_finished_shows_its_own_settings_and_no_results(tmp_path):
+    # The earlier sweep's job 0 finished at lr 1e-3; this sweep's job 0 (lr 3e-2) was refused at setup, which put the
+    # earlier job's config back beside its metrics.json.
+    make_run(tmp_path / "0", 1e-3, metrics={"best_val_loss": 1.9, "iters": 300})
+    report = {"error": "model.n_heads=3 must divide model.d_model=32", "type": "FluxtrainError"}
+    report["overrides"] = ["optim.lr=3e-2", "model=small", "+extra=1"]
+    (tmp_path / "0" / "failed.json").write_text(json.dumps(report))
+    make_run(tmp_path / "1", 3e-3, metrics={"best_val_loss": 2.1})
+    runs = find_runs(tmp_path)
+    assert runs[0].metrics is None and runs[0].error == report["error"]
+    assert runs[0].get("optim.lr") == 3e-2 and runs[0].get("model.d_model") == 32 and runs[0].get("extra") is None
+    assert runs[0].overrides == report["overrides"] and runs[0].setting("model") == "small"
+    rows = runs_table(runs, keys=("optim.lr",), metrics=("best_val_loss",))
+    assert [(r["run"], r["optim.lr"], r["best_val_loss"], r["status"]) for r in rows] == [
+        ("0", 3e-2, None, "failed: model.n_heads=3 must divide model.d_model=32"),
+        ("1", 3e-3, 2.1, "ok"),
+    ]
+
+
 def test_an_empty_folder_has_no_runs_and_a_missing_one_is_an_error(tmp_path):
     assert find_runs(tmp_path) == [] and format_table(runs_table([])) == "(no runs)"
     with pytest.raises(FileNotFoundError, match="is not a folder"):
