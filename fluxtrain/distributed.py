@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -364,6 +365,15 @@ def main_rank_value(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return t.item()
+
+
+def main_rank_object(obj: Any) -> Any:
+    """Rank 0's picklable object on every rank (the object itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    received = [obj]
+    dist.broadcast_object_list(received, src=0)
+    return received[0]
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:

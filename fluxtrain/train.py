@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -55,8 +56,16 @@ from fluxtrain.resume import (
     set_aside_later,
     wait_for_a_later_event_file_name,
 )
-from fluxtrain.run_folder import claim_run_config
-from fluxtrain.runs import BEST_MODEL_FILE, FINAL_MODEL_FILE, ITERATION_KEY, METRICS_FILE, RUN_OUTPUTS, results_after
+from fluxtrain.run_folder import claim_run_config, restore_run_config
+from fluxtrain.runs import (
+    BEST_MODEL_FILE,
+    FINAL_MODEL_FILE,
+    ITERATION_KEY,
+    METRICS_FILE,
+    RUN_OUTPUTS,
+    load_metrics,
+    results_after,
+)
 from fluxtrain.sampling import MAX_SEED, check_seed, generate_ids, start_ids
 from fluxtrain.tokenizer import Tokenizer
 
@@ -372,6 +381,21 @@ class WarmupCheck:
             )
 
 
+def finished_results(run_dir: Path, resume: Checkpoint | None) -> dict[str, Any] | None:
+    """The results of a run that ended at `resume`, the newest checkpoint in its folder, from its metrics.json; None
+    when the run has not ended there. A finished run resumed again (a requeued job, a sweep run again with
+    resume=auto) has nothing left to do. Rank 0 reads the file and tells the others."""
+    results = None
+    if resume and distributed.current_world().is_main and checkpoint_run_dir(resume.path) == run_dir.resolve():
+        try:
+            metrics = load_metrics(run_dir / METRICS_FILE)
+        except (OSError, ValueError):  # none, or damaged: evaluate again and write it anew
+            metrics = None
+        if metrics is not None and metrics.get("iters") == resume.progress.iteration:
+            results = metrics
+    return distributed.main_rank_object(results)
+
+
 def run_training(
     cfg: DictConfig, run_dir: Path, stop: GracefulStop, resources: contextlib.ExitStack
 ) -> dict[str, float]:
@@ -432,6 +456,15 @@ def run_training(
     # seconds the loop may take: the budget less the setup so far and the final eval; the loop's clock starts now
     loop_time = plan_time_budget(tcfg, t_start, model, data, device, progress, resume)
     t_loop = time.perf_counter() - progress.train_time
+    no_steps_left = it >= tcfg.max_iters or (loop_time is not None and progress.train_time >= loop_time)
+    if no_steps_left and (results := finished_results(run_dir, resume)) is not None:
+        more = "train.max_iters" if tcfg.max_time is None else "train.max_iters or train.max_time"
+        log.warning(
+            f"the run finished at iteration {it}, the checkpoint's: its results in {run_dir / METRICS_FILE} stand, "
+            f"with nothing to train or evaluate (raise {more} to train on)"
+        )
+        restore_run_config(run_dir)  # the folder is left as it was, the run's own settings included
+        return results
     if it >= tcfg.max_iters:
         log.warning(
             f"the checkpoint is at iteration {it}, which reaches train.max_iters={tcfg.max_iters}: evaluating "

@@ -142,9 +142,25 @@ def test_a_run_extended_with_a_larger_max_iters_matches_a_longer_run(tiny_cfg, t
     assert not (tmp_path / "short" / "checkpoints" / "superseded").exists()
 
 
-def test_resuming_a_finished_run_evaluates_it_again_without_training(tiny_cfg, tmp_path, caplog):
+def test_resuming_a_finished_run_leaves_it_and_its_results_as_they_were(tiny_cfg, tmp_path, caplog):
     cfg = ["train.max_iters=10", "train.eval_interval=5", "train.eval_iters=2"]
     first = train(tiny_cfg(*cfg), tmp_path)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "train.log"}
+    curves = scalars(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        again = train(tiny_cfg(*cfg, "optim.lr=1e-2", "resume=auto"), tmp_path)  # as a requeued job would
+    assert f"the run finished at iteration 10, the checkpoint's: its results in {tmp_path / 'metrics.json'}" in (
+        caplog.text
+    )
+    assert again == first  # nothing trained or evaluated: throughput and wall time included
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "train.log"} == files
+    assert scalars(tmp_path) == curves  # no point logged twice at the last step
+
+
+def test_a_finished_run_without_its_results_is_evaluated_again_without_training(tiny_cfg, tmp_path, caplog):
+    cfg = ["train.max_iters=10", "train.eval_interval=5", "train.eval_iters=2"]
+    first = train(tiny_cfg(*cfg), tmp_path)
+    (tmp_path / "metrics.json").unlink()  # e.g. killed after its last checkpoint
     ckpt = checkpoint_path(tmp_path, 10)
     written = ckpt.stat().st_mtime_ns
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
@@ -153,8 +169,7 @@ def test_resuming_a_finished_run_evaluates_it_again_without_training(tiny_cfg, t
     assert again["iters"] == 10 and again["tokens_per_sec"] is None  # no step, so no throughput
     assert again["final_val_loss"] == first["final_val_loss"] and again["best_val_loss"] == first["best_val_loss"]
     assert ckpt.stat().st_mtime_ns == written  # the checkpoint of the finished run is kept as it was
-    train(tiny_cfg(*cfg, "resume=auto"), tmp_path)  # as a requeued job would, again
-    assert not (tmp_path / "checkpoints" / "superseded").exists()  # no copies of its results pile up
+    assert json.loads((tmp_path / "metrics.json").read_text())["final_val_loss"] == first["final_val_loss"]
 
 
 def test_throughput_after_a_resume_counts_only_the_steps_trained_since(tiny_cfg, tmp_path, monkeypatch, caplog):
