@@ -31,6 +31,7 @@ def check_overrides(args: list[str]) -> None:
     (`optim.lr=1e-4,1e-3`) are checked value by value.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
     from hydra.core.utils import setup_globals
     from hydra.errors import HydraException, OverrideParseException
 
@@ -72,10 +73,22 @@ def check_overrides(args: list[str]) -> None:
         key = override.key_or_group
         if "/" in key or "@" in key:
             continue
+        if key == "hparams_search" and not multirun:
+            raise FluxtrainError(
+                f"{arg} is a search: add -m to run its trials (without -m it would train one run with the search's "
+                "settings)"
+            )
         try:
             values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         except (HydraException, OmegaConfBaseException, ValueError, TypeError):
+            if isinstance(override.value(), Glob) and key not in groups:  # Hydra would launch no job
+                raise FluxtrainError(
+                    f"{arg}: glob() picks options of a config group, and {key} is not one; list the values instead "
+                    f"({key}=a,b)"
+                ) from None
             continue  # Hydra reports it
+        if override.is_sweep_override() and not values:
+            raise FluxtrainError(f"{arg} sweeps over no values: give at least one")
         _check_interpolations(arg, values)
         if key.split(".")[0] == "hydra":
             _check_hydra_setting(arg, key, values)
@@ -225,6 +238,15 @@ def _check_hydra_setting(arg: str, key: str, values: list[Any]) -> None:
         raise FluxtrainError(
             f"{arg} is not supported: a run reads data.path, resume and tokenizer.path from the folder it starts in "
             "and writes into hydra.run.dir without changing into it"
+        )
+    if key == "hydra.sweeper.n_trials" and any(
+        isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values
+    ):
+        raise FluxtrainError(f"{arg}: a search runs at least one trial (hydra.sweeper.n_trials >= 1)")
+    if key == "hydra.sweep.subdir" and any(isinstance(v, str) and "${" not in v for v in values):
+        raise FluxtrainError(
+            f"{arg} names one folder for every job, so each job would set the one before aside; use an interpolation "
+            "that differs between jobs, e.g. hydra.sweep.subdir='${hydra.job.num}' (the default)"
         )
     if key not in ("hydra.run.dir", "hydra.sweep.dir"):
         return

@@ -186,6 +186,12 @@ def test_a_config_dirs_options_count_for_the_groups_of_conf(tmp_path):
         (["--config-name", "nope"], "--config-name nope: there is no nope.yaml in "),
         (["model=small,medium", "--cfg", "job"], "model=small,medium is a sweep: add -m"),
         (["train.seed=range(1,4)"], "train.seed=range(1,4) is a sweep: add -m"),
+        (["hparams_search=lr_optuna"], "hparams_search=lr_optuna is a search: add -m to run its trials"),
+        (["-m", "optim.lr=range(0)"], "optim.lr=range(0) sweeps over no values: give at least one"),
+        (["-m", "optim.lr=glob(*)"], "optim.lr=glob(*): glob() picks options of a config group, and optim.lr is not"),
+        (["-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0: a search runs at"),
+        (["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=x"], "hydra.sweep.subdir=x names one folder for every job"),
+        (["-m", "hydra.sweep.subdir="], "hydra.sweep.subdir= names one folder for every job"),
         (["~model.d_model"], "~model.d_model: a fluxtrain setting cannot be removed; give it a value instead"),
         (["~train.max_time"], "~train.max_time: a fluxtrain setting cannot be removed"),
         (["~optim.learning_rate"], "optim.learning_rate is not a fluxtrain setting"),
@@ -211,6 +217,11 @@ def test_what_hydra_reports_in_many_lines_or_a_traceback_is_one_line_before_it_s
     with pytest.raises(FluxtrainError) as info:
         check_overrides(args)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_sweeps_that_name_a_folder_per_job_and_group_globs_pass_the_checks():
+    check_overrides(["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=${hydra.job.override_dirname}"])
+    check_overrides(["-m", "model=glob(sm*)", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=1"])
 
 
 def test_a_preset_that_an_experiment_overrides_is_refused():
