@@ -294,10 +294,19 @@ def flat_settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
-    """The settings whose values are not the same in every one of `runs` (a key some runs lack counts), sorted."""
-    settings = [flat_settings(run.config) for run in runs]
+    """The config groups chosen differently on the runs' command lines (`model=small` against `model=medium`), then
+    the settings whose values are not the same in every one of `runs` (a key some runs lack counts), sorted. Runs
+    without a readable config (damaged, or a sweep with hydra.output_subdir=null) are left out of the comparison."""
+    groups = sorted({key for run in runs for key in override_keys(run.overrides) if "." not in key})
+    varying = [g for g in groups if len({override_value(run.overrides, g) for run in runs}) > 1]
+    settings = [flat_settings(run.config) for run in runs if run.config]
     keys = sorted({key for s in settings for key in s})
-    return [key for key in keys if len({repr(s.get(key)) for s in settings}) > 1]
+    return varying + [key for key in keys if len({repr(s.get(key)) for s in settings}) > 1]
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """The settings and groups that `overrides` name (`model=small` -> model, `++optim.lr=1e-3` -> optim.lr)."""
+    return {o.partition("=")[0].lstrip("+~").partition("@")[0] for o in overrides if "=" in o}
 
 
 def runs_table(
@@ -346,9 +355,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
-            short = f"{value:.4g}"
-            return f"{value:,.0f}" if abs(value) >= 1e4 or "e+" in short else short
-        return "-" if value is None else str(value)
+            short = f"{value:.4g}"  # 9999.7 -> 1e+04: a whole number then, unless too large to read as one (1e+30)
+            return f"{value:,.0f}" if (abs(value) >= 1e4 or "e+" in short) and abs(value) < 1e15 else short
+        text = "-" if value is None else str(value)
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # a newline as \\n: one line per row
 
     columns = list(rows[0])
     cells = [[cell(row.get(c)) for c in columns] for row in rows]
@@ -359,6 +369,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def read_scalars(run_dir: str | Path, tag: str) -> tuple[list[int], list[float]]:
     """Steps and values of one scalar curve from a run's TensorBoard event files; empty if the tag is absent."""
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a folder")
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     if tag not in events.Tags()["scalars"]:
@@ -435,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             if "" in keys:
                 raise FluxtrainError(f"--keys {args.keys!r} has an empty name; separate settings by single commas")
-            known = {key for run in runs for key in flat_settings(run.config)}
+            known = {key for run in runs for key in (*flat_settings(run.config), *override_keys(run.overrides))}
             unknown = [key for key in keys if key not in known]
             if unknown:
                 close = difflib.get_close_matches(unknown[0], known, n=1)

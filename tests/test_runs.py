@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from fluxtrain.runs import Run, find_runs, format_table, main, runs_table, varying_keys
+from fluxtrain.runs import Run, find_runs, format_table, main, read_scalars, runs_table, varying_keys
 
 
 def make_run(folder, lr: float, metrics: dict | None = None, error: str | None = None, n_layers: int = 2) -> None:
@@ -73,6 +73,8 @@ def test_an_empty_folder_has_no_runs_and_a_missing_one_is_an_error(tmp_path):
     assert find_runs(tmp_path) == [] and format_table(runs_table([])) == "(no runs)"
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         find_runs(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="missing is not a folder"):
+        read_scalars(tmp_path / "missing", "val/loss")
 
 
 def compare(capsys, *args: str) -> tuple[int, str, str]:
@@ -234,6 +236,27 @@ def test_a_results_file_without_an_iteration_count_is_read_as_the_newest_checkpo
     (tmp_path / "run" / "metrics.json").write_text('{"best_val_loss": 1.9, "iters": "50"}')
     [run] = find_runs(tmp_path)
     assert (run.unreadable, run.metrics) == ('metrics.json: iters="50" is not an iteration count', None)
+
+
+def test_huge_values_read_as_exponents_and_text_keeps_each_row_on_one_line():
+    table = format_table([{"optim.lr": 1e30, "data.separator": "\n\t", "tokens_per_sec": 123456.7}])
+    assert table.splitlines()[1].split() == ["1e+30", "\\n\\t", "123,457"]
+
+
+def test_the_runs_command_shows_a_swept_config_group_and_takes_it_in_keys(tmp_path, capsys):
+    for name, preset, ff_dim in (("0", "small", 512), ("1", "medium", 1024)):
+        make_run(tmp_path / name, 1e-3, metrics={"best_val_loss": 2.0 + int(name)})
+        OmegaConf.save({"model": {"ff_dim": ff_dim}, "optim": {"lr": 1e-3}}, tmp_path / name / ".hydra" / "config.yaml")
+        OmegaConf.save([f"model={preset}", "optim.lr=1e-3"], tmp_path / name / ".hydra" / "overrides.yaml")
+    (tmp_path / "2" / ".hydra").mkdir(parents=True)  # a job without a readable config: left out of the comparison
+    (tmp_path / "2" / "failed.json").write_text(json.dumps({"error": "boom", "type": "FluxtrainError"}))
+    code, out, _ = compare(capsys, str(tmp_path))
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["run", "model", "model.ff_dim"]
+    assert [line.split()[:3] for line in out.splitlines()[1:3]] == [["0", "small", "512"], ["1", "medium", "1024"]]
+    code, out, _ = compare(capsys, str(tmp_path), "--keys", "model")
+    assert code == 0 and [line.split()[:2] for line in out.splitlines()] == [
+        ["run", "model"], ["0", "small"], ["1", "medium"], ["2", "-"]
+    ]  # fmt: skip
 
 
 def test_a_nan_loss_ranks_after_the_numbers_and_no_number_reads_as_an_exponent(tmp_path, capsys):
