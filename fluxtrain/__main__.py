@@ -47,15 +47,13 @@ def run(cfg: DictConfig) -> float:
         if single_run:
             discard_refused(run_dir)
         sys.exit(getattr(e, "exit_code", 1))  # 130/143 after a stop on SIGINT/SIGTERM
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a sweep's job too leaves no folder when stopped before it began
         logging.getLogger("fluxtrain").error("interrupted")
-        if single_run:
-            discard_refused(run_dir)
+        discard_refused(run_dir)
         sys.exit(130)
     except StoppedInSetup as e:  # a warning: under torchrun, the ranks stopped after another one failed stay quiet
         logging.getLogger("fluxtrain").warning("stopped by SIGTERM before training began")
-        if single_run:
-            discard_refused(run_dir)
+        discard_refused(run_dir)
         sys.exit(e.code)
     except RuntimeError as e:
         if not is_out_of_memory(e):

@@ -91,6 +91,10 @@ def check_overrides(args: list[str]) -> None:
             raise FluxtrainError(f"{arg} sweeps over no values: give at least one")
         _check_interpolations(arg, values)
         if key.split(".")[0] == "hydra":
+            if override.is_sweep_override():
+                raise FluxtrainError(
+                    f"{arg}: Hydra's own settings cannot be swept; sweep fluxtrain's settings, once per {key}"
+                )
             _check_hydra_setting(arg, key, values)
         elif key in options and not override.is_delete():
             chosen[key] = _check_group_choice(arg, override, values, options[key], own_primary)

@@ -192,6 +192,7 @@ def test_a_config_dirs_options_count_for_the_groups_of_conf(tmp_path):
         (["-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0: a search runs at"),
         (["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=x"], "hydra.sweep.subdir=x names one folder for every job"),
         (["-m", "hydra.sweep.subdir="], "hydra.sweep.subdir= names one folder for every job"),
+        (["-m", "hydra.sweep.dir=a,b"], "hydra.sweep.dir=a,b: Hydra's own settings cannot be swept"),
         (["~model.d_model"], "~model.d_model: a fluxtrain setting cannot be removed; give it a value instead"),
         (["~train.max_time"], "~train.max_time: a fluxtrain setting cannot be removed"),
         (["~optim.learning_rate"], "optim.learning_rate is not a fluxtrain setting"),
