@@ -173,14 +173,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 FIGURE_KEYS = {"model", "data", "loss"}  # in every --json file this command writes
 
 
+MAX_JSON_BYTES = 1 << 20
+
+
 def check_json_target(path: str) -> None:
     """`--json PATH` may replace an earlier evaluation's JSON, never another file (the model, the text, ...)."""
     check_writable(path, "--json")
     target = Path(path).expanduser()
     if not target.exists():
         return
+    if not target.is_file():  # a device or a pipe: reading it to check could take forever, or all the memory
+        raise FluxtrainError(f"--json {path} is not a regular file: give a file to write the figures to, or -")
     try:
-        earlier = json.loads(target.read_bytes())
+        # An evaluation's JSON is a few hundred bytes: a large file is another one, and is not read whole to see that.
+        earlier = json.loads(target.read_bytes()) if target.stat().st_size <= MAX_JSON_BYTES else None
     except (OSError, ValueError):
         earlier = None
     if not (isinstance(earlier, dict) and FIGURE_KEYS <= earlier.keys()):

@@ -301,6 +301,19 @@ def test_json_replaces_an_earlier_evaluations_file_but_no_other_file(model_file,
         assert json.loads(out.read_text())["n_tokens"] == 200
 
 
+def test_json_to_a_device_or_a_pipe_is_refused_without_reading_it(model_file, tmp_path, capsys):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(make_text(200), encoding="utf-8")
+    fifo = tmp_path / "figures.json"
+    os.mkfifo(fifo)  # reading it would wait for a writer for ever
+    for target in (fifo, Path("/dev/zero")):  # reading /dev/zero whole would take all the memory
+        err = one_line_error(capsys, model_file, text_file, "--json", str(target))
+        assert err == f"error: --json {target} is not a regular file: give a file to write the figures to, or -\n"
+    big = tmp_path / "big.json"
+    big.write_text('{"n_tokens": 1, "pad": "' + "x" * (2 << 20) + '"}')
+    assert "is a file that no evaluation wrote" in one_line_error(capsys, model_file, text_file, "--json", str(big))
+
+
 def test_ctrl_c_is_one_line_and_exit_code_130(model_file, tmp_path, capsys, monkeypatch):
     text_file = tmp_path / "t.txt"
     text_file.write_text(make_text(200), encoding="utf-8")
