@@ -210,6 +210,7 @@ def write_folder(out_dir: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         write(tmp)
+        usual_permissions(tmp)
         if not out_dir.exists():
             os.replace(tmp, out_dir)
             return
@@ -229,6 +230,16 @@ def write_folder(out_dir: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old)  # the earlier export, once the new one is in its place
+
+
+def usual_permissions(folder: Path) -> None:
+    """The permissions the umask gives new folders and files, for `folder` (made private by mkdtemp) and the files in
+    it (some writers make theirs private too), so that others can read the export as they can a run folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def is_export(folder: Path) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,10 @@ def test_cli_writes_a_folder_and_refuses_to_mix_into_a_non_empty_one(tmp_path, c
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # readable by others as the umask allows, not private
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == dict.fromkeys(names, 0o666 & ~umask)
     with pytest.raises(SystemExit):
         main([str(model_file), str(out)])
     err = capsys.readouterr().err
