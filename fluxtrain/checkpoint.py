@@ -22,6 +22,7 @@ from safetensors.torch import save as safetensors_bytes
 from fluxtrain.distributed import full_optimizer_state, load_full_weights, model_device, shard_optimizer_state
 from fluxtrain.errors import FluxtrainError, first_line
 from fluxtrain.files import atomic_write
+from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.quantize import is_quantized
 from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
@@ -269,7 +270,9 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """Rebuild a model and its tokenizer from a model file or checkpoint; the model is in eval mode on `device`."""
+    """Rebuild a model and its tokenizer from a model file or checkpoint; the model is in eval mode on `device`
+    (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`; one that is not there is an error naming it)."""
+    device = resolve_device(str(device), "device")
     meta, state = read_model_file(path)
     model, tokenizer = build_from_metadata(meta, str(path), state)
     model.load_state_dict(state, strict=False)

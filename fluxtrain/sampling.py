@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,11 @@ def _given(setting: str, value: object) -> str:
     """A setting and its value as the user gave them: `--seed 5` for a flag, `/beams 0` for a session command,
     `train.seed=5` for a config key or a field."""
     return f"{setting} {value}" if setting.startswith(("-", "/")) else f"{setting}={value}"
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float, not a bool (True would read as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_seed(seed: int, setting: str) -> None:
@@ -57,23 +63,31 @@ class SamplingConfig:
 
         def fail(field: str, requirement: str) -> NoReturn:
             setting = names.get(field, field) if names else field
-            raise FluxtrainError(f"{_given(setting, getattr(self, field))} {requirement}")
+            value = getattr(self, field)
+            shown = value if _is_number(value) else repr(value)  # max_new_tokens='5': a text, not the number 5
+            raise FluxtrainError(f"{_given(setting, shown)} {requirement}")
+
+        def integer(field: str) -> bool:
+            return _is_number(getattr(self, field)) and isinstance(getattr(self, field), int)
+
+        def number(field: str) -> bool:
+            return _is_number(getattr(self, field))
 
         # Written so that NaN fails each check: every comparison with NaN is false.
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not integer("max_new_tokens") or self.max_new_tokens < 1:
             fail("max_new_tokens", "must be a positive integer")
-        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+        if not number("temperature") or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
             fail("temperature", "must be between 0 and 2 (0 = greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not integer("top_k") or self.top_k < 0:
             fail("top_k", "must be an integer >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
+        if not number("top_p") or not 0.0 < self.top_p <= 1.0:
             fail("top_p", "must be in (0, 1] (1 = off)")
-        if not 1.0 <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+        if not number("repetition_penalty") or not 1.0 <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
             fail("repetition_penalty", f"must be a number from 1 to {MAX_REPETITION_PENALTY:g} (1 = off)")
-        if not isinstance(self.beams, int) or not 1 <= self.beams <= MAX_BEAMS:
+        if not integer("beams") or not 1 <= self.beams <= MAX_BEAMS:
             fail("beams", f"must be an integer from 1 to {MAX_BEAMS} (1 = no beam search)")
         if self.context_shift is not None:
-            if not isinstance(self.context_shift, int) or self.context_shift < 1:
+            if not integer("context_shift") or self.context_shift < 1:
                 fail("context_shift", "must be a positive integer")
             if seq_len is not None and self.context_shift > seq_len:
                 fail("context_shift", f"must be between 1 and model.seq_len={seq_len}")
@@ -248,12 +262,22 @@ def _seen_mask(prompt: list[int], batch: int, vocab_size: int, device: torch.dev
     return seen
 
 
-def _check_prompt(model: GPT, prompt: list[int]) -> None:
+def _check_prompt(model: GPT, prompt: list[int] | torch.Tensor) -> list[int]:
+    """The prompt as a list of token ids of the model's vocabulary (a 1-D tensor of them will do)."""
+    if isinstance(prompt, torch.Tensor) and prompt.dim() == 1 and not prompt.is_floating_point():
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)):
+        raise FluxtrainError(f"the prompt must be a list of token ids, not {type(prompt).__name__}")
     if not prompt:
         raise FluxtrainError("the prompt is empty: decoding needs at least one token")
-    bad = [i for i in prompt if not 0 <= i < model.vocab_size]
-    if bad:
-        raise FluxtrainError(f"prompt token id {bad[0]} is outside the model's vocabulary of {model.vocab_size}")
+    for i in prompt:
+        try:
+            inside = 0 <= operator.index(i) < model.vocab_size
+        except TypeError:
+            inside = False
+        if not inside:
+            raise FluxtrainError(f"prompt token id {i!r} is outside the model's vocabulary of {model.vocab_size}")
+    return [operator.index(i) for i in prompt]
 
 
 @torch.inference_mode()
@@ -266,7 +290,7 @@ def sample_stream(
 ) -> Iterator[int]:
     """Yield `cfg.max_new_tokens` new token ids one at a time (temperature, top-k, top-p, repetition penalty)."""
     cfg.validate(model.cfg.seq_len)
-    _check_prompt(model, prompt)
+    prompt = _check_prompt(model, prompt)
     device = model.tok_emb.weight.device
     shift = cfg.shift_for(model.cfg.seq_len)
     window = ContextWindow(model, 1, shift, use_cache)
@@ -297,7 +321,7 @@ def _beam_steps(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: b
     """The beams after each of `cfg.max_new_tokens` steps: their new tokens (beams, step + 1) and total
     log-probabilities (beams,), best first."""
     cfg.validate(model.cfg.seq_len)
-    _check_prompt(model, prompt)
+    prompt = _check_prompt(model, prompt)
     with eval_mode(model):
         device = model.tok_emb.weight.device
         n_beams, vocab = cfg.beams, model.vocab_size
@@ -369,7 +393,8 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> list[int]:
-    """The new token ids: beam search when `cfg.beams > 1`, else sampling (greedy at temperature 0)."""
+    """The new token ids: beam search when `cfg.beams > 1`, else sampling (greedy at temperature 0). `prompt` is a
+    list of token ids (a 1-D tensor of them will do)."""
     if cfg.beams > 1:
         return beam_search(model, prompt, cfg, use_cache)[0]
     with eval_mode(model):  # once for the whole stream, so its per-token entries find eval mode and do nothing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,17 @@ class Tokenizer(Protocol):
     def save(self, path: str | Path) -> None: ...
 
 
+def check_ids(ids, vocab_size: int) -> None:
+    """Token ids a tokenizer of `vocab_size` can decode: integers from 0 to vocab_size - 1."""
+    for i in ids:
+        try:
+            inside = 0 <= operator.index(i) < vocab_size  # numpy and torch integers too
+        except TypeError:
+            inside = False
+        if not inside:
+            raise FluxtrainError(f"token id {i!r} is not in the vocabulary (ids 0 to {vocab_size - 1})")
+
+
 class CharTokenizer:
     """One id per distinct character of the training text, in sorted order."""
 
@@ -115,6 +127,7 @@ class CharTokenizer:
         return self.encode_array(text).tolist()
 
     def decode(self, ids: list[int]) -> str:
+        check_ids(ids, self.vocab_size)
         return "".join(self.chars[i] for i in ids)
 
     def token_bytes(self) -> np.ndarray:
@@ -187,6 +200,7 @@ class BPETokenizer:
             raise EncodeError(f"the tokenizer cannot encode the text: {first_line(e)}") from None
 
     def decode(self, ids: list[int]) -> str:
+        check_ids(ids, self.vocab_size)
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def token_bytes(self) -> np.ndarray:

@@ -210,6 +210,40 @@ def test_sampling_settings_are_validated():
         SamplingConfig(context_shift=SEQ_LEN + 1).validate(SEQ_LEN)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(temperature="hot"), "temperature='hot' must be between 0 and 2 (0 = greedy)"),
+        (dict(max_new_tokens="5"), "max_new_tokens='5' must be a positive integer"),  # a text, not the number 5
+        (dict(top_k=2.5), "top_k=2.5 must be an integer >= 0 (0 = off)"),
+        (dict(beams=True), "beams=True must be an integer from 1 to 100 (1 = no beam search)"),
+        (dict(top_p=None), "top_p=None must be in (0, 1] (1 = off)"),
+    ],
+)
+def test_a_sampling_setting_of_the_wrong_type_is_named_not_a_type_error(settings, message):
+    with pytest.raises(FluxtrainError) as info:
+        SamplingConfig(**settings).validate(SEQ_LEN)
+    assert str(info.value) == message
+
+
+def test_the_python_api_names_a_bad_prompt_token_id_or_device(model, tmp_path):
+    cfg, g = SamplingConfig(max_new_tokens=3, temperature=0), torch.Generator().manual_seed(0)
+    as_list = generate(model, [1, 2], cfg, g)
+    assert generate(model, torch.tensor([1, 2]), cfg, g) == as_list  # a 1-D tensor of ids will do
+    with pytest.raises(FluxtrainError, match="^prompt token id 'a' is outside the model's vocabulary"):
+        generate(model, [1, "a"], cfg, g)
+    with pytest.raises(FluxtrainError, match="^the prompt must be a list of token ids, not str$"):
+        generate(model, "ab", cfg, g)
+    tokenizer = CharTokenizer.train("abcdef")
+    assert tokenizer.decode([0, 5]) == "af"
+    for bad in (6, -1, "a"):
+        with pytest.raises(FluxtrainError, match=r"is not in the vocabulary \(ids 0 to 5\)$"):
+            tokenizer.decode([0, bad])
+    if not torch.cuda.is_available():
+        with pytest.raises(FluxtrainError, match="^device=cuda: CUDA is not available on this machine$"):
+            load_model(tmp_path / "any.safetensors", "cuda")
+
+
 def test_sampling_errors_name_the_field_or_the_name_given_for_it(model):
     """From Python an error names the field; `names` shows it as the user set it (a flag, a session command)."""
     with pytest.raises(FluxtrainError, match=r"^beams=0 must be an integer from 1 to 100 \(1 = no beam search\)$"):
