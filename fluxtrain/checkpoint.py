@@ -152,8 +152,18 @@ def _typed(data: Any, cls: type, what: str, source: str) -> dict[str, Any]:
         raise FluxtrainError(f"{source}: {what} has unknown keys {sorted(unknown)}")
     for key, value in data.items():
         if not _is(value, hints[key]):
-            raise FluxtrainError(f"{source}: {what} has {key}={value!r}, which is not {hints[key]}")
+            raise FluxtrainError(f"{source}: {what} has {key}={value!r}, which is not {_kind(hints[key])}")
     return data
+
+
+def _kind(hint: Any) -> str:
+    """A type annotation in words: `int | None` -> "an integer or null"."""
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_kind(arg) for arg in get_args(hint))
+    if get_origin(hint) is list:
+        return f"a list of {_kind(get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def model_config_from_json(text: str, source: str) -> ModelConfig:
@@ -207,14 +217,19 @@ def read_model_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.T
 def build_from_metadata(meta: dict[str, str], source: str, state: dict[str, torch.Tensor]) -> tuple[GPT, Tokenizer]:
     """The model and tokenizer the metadata describes, checked against the weights `state` before anything is
     allocated: a file whose metadata claims a model other than its weights is refused, not built."""
+    missing = [key for key in ("model_config", "tokenizer", "vocab_size") if key not in meta]
+    if missing:
+        raise FluxtrainError(f"{source}: damaged model metadata: it has no {missing[0]!r} entry")
+    if not meta["vocab_size"].isdigit():
+        raise FluxtrainError(f"{source}: damaged model metadata: vocab_size={meta['vocab_size']!r} is not a count")
+    vocab_size = int(meta["vocab_size"])
     try:
         cfg = model_config_from_json(meta["model_config"], source)
         tokenizer = tokenizer_from_json(meta["tokenizer"])
-        vocab_size = int(meta["vocab_size"])
     except FluxtrainError:
         raise
     except (KeyError, ValueError, TypeError) as e:
-        raise FluxtrainError(f"{source}: damaged model metadata ({type(e).__name__}: {e})") from None
+        raise FluxtrainError(f"{source}: damaged model metadata ({type(e).__name__}: {first_line(e)})") from None
     if tokenizer.vocab_size != vocab_size:
         raise FluxtrainError(f"{source}: its tokenizer has {tokenizer.vocab_size} tokens, its model {vocab_size}")
     check_weights(shapes_only(cfg, vocab_size, source), state, source)
