@@ -263,6 +263,8 @@ def not_exported(folder: Path) -> list[str]:
 def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a folder that AutoModelForCausalLM and AutoTokenizer load, from a fluxtrain model file."""
     require_transformers()
+    if not str(out_dir).strip():
+        raise FluxtrainError("OUT_DIR is empty; give a new folder to export into")
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise FluxtrainError(f"OUT_DIR {out_dir} is a file, not a folder")

@@ -268,6 +268,9 @@ def test_the_current_folder_is_refused_as_out_dir(tmp_path, capsys, monkeypatch)
         main([str(model_file), "."])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == "error: OUT_DIR . is the current folder or holds it; export into a new folder\n"
+    with pytest.raises(SystemExit):
+        main([str(model_file), " "])
+    assert capsys.readouterr().err == "error: OUT_DIR is empty; give a new folder to export into\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "model.safetensors"]
 
 
