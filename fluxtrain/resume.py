@@ -211,7 +211,10 @@ def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:
     current = OmegaConf.to_container(cfg, resolve=True)
     diffs = _differences(asdict(ckpt.model_config), current["model"], "model", MODEL_KEYS_FREE_ON_RESUME)
     # tokenizer.path may name the run's own tokenizer file: check_tokenizer compares what it holds.
-    diffs += _differences(ckpt.config.get("tokenizer", {}), current["tokenizer"], "tokenizer", ("path",))
+    saved_tokenizer, tokenizer = ckpt.config.get("tokenizer", {}), current["tokenizer"]
+    # tokenizer.vocab_size applies to BPE only: between a character and a BPE tokenizer, the kinds differ and say it
+    both_bpe = saved_tokenizer.get("kind") == tokenizer.get("kind") == "bpe"
+    diffs += _differences(saved_tokenizer, tokenizer, "tokenizer", ("path",) if both_bpe else ("path", "vocab_size"))
     if diffs:
         raise FluxtrainError(
             f"cannot resume from {ckpt.path}: model shape or tokenizer differ: {'; '.join(diffs)} "

@@ -321,8 +321,10 @@ def test_resume_refuses_a_different_model_shape_or_tokenizer_naming_the_keys(tin
     message = str(info.value)
     assert "model.d_model=64 (checkpoint: 32)" in message and "model.n_layers=3 (checkpoint: 2)" in message
     assert "max_iters" not in message and "optim.lr" not in message and str(checkpoint_path(tmp_path, 2)) in message
-    with pytest.raises(FluxtrainError, match=r"tokenizer\.vocab_size=99 \(checkpoint: 1024\)"):
-        train(tiny_cfg("resume=auto", "tokenizer.vocab_size=99"), tmp_path)
+    with pytest.raises(FluxtrainError) as info:
+        train(tiny_cfg("resume=auto", "tokenizer.kind=bpe", "tokenizer.vocab_size=300"), tmp_path)
+    # tokenizer.vocab_size applies to BPE alone: the kind is the difference
+    assert "tokenizer.kind=bpe (checkpoint: char)" in str(info.value) and "vocab_size" not in str(info.value)
     # Length, logging and dropout may change.
     metrics = train(tiny_cfg("resume=auto", "train.max_iters=4", "train.log_interval=1", "model.dropout=0.1"), tmp_path)
     assert metrics["iters"] == 4
