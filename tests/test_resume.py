@@ -410,6 +410,25 @@ def test_huge_learning_rate_stops_without_saving_non_finite_weights(tiny_cfg, tm
         assert all(torch.isfinite(t).all() for t in load_checkpoint(path).model.values()), path
 
 
+def sigterm_on(cmd: list[str], env: dict[str, str], marker: str) -> tuple[int, str]:
+    """Run `cmd`, send it SIGTERM once a line of its output holds `marker` (or after 240 s); its exit status and
+    whole output."""
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(lines)
+
+
 @pytest.mark.slow
 def test_sigterm_to_a_training_process_writes_a_checkpoint_that_resumes(tiny_text_file, tmp_path):
     run_dir = tmp_path / "run"
@@ -418,21 +437,8 @@ def test_sigterm_to_a_training_process_writes_a_checkpoint_that_resumes(tiny_tex
     overrides += ["train.max_iters=100000", "train.log_interval=5"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, "-m", "fluxtrain", *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        deadline = time.monotonic() + 240
-        for line in proc.stdout:
-            lines.append(line)
-            if "iter      5/100000" in line or time.monotonic() > deadline:
-                break
-        proc.send_signal(signal.SIGTERM)
-        lines += proc.stdout.readlines()
-        proc.wait(timeout=120)
-    finally:
-        proc.kill()
-    output = "".join(lines)
-    assert proc.returncode == 128 + signal.SIGTERM, output
+    returncode, output = sigterm_on(cmd, env, "iter      5/100000")
+    assert returncode == 128 + signal.SIGTERM, output
     stopped = re.search(r"stopped by SIGTERM after iteration (\d+); checkpoint: (\S+)", output)
     assert stopped, output
     iteration, ckpt = int(stopped.group(1)), Path(stopped.group(2))
@@ -463,20 +469,8 @@ def test_sigterm_during_setup_leaves_an_earlier_runs_folder_as_it_was(tiny_text_
     overrides = [f"data.path={tiny_text_file}", f"data.cache_dir={tmp_path / 'cache'}", "train.compile=true"]
     cmd = [sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in proc.stdout:  # the model is built: compiling it (seconds) is still to come
-            lines.append(line)
-            if "model: " in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        lines += proc.stdout.readlines()
-        proc.wait(timeout=120)
-    finally:
-        proc.kill()
-    output = "".join(lines)
-    assert proc.returncode == 128 + signal.SIGTERM, output
+    returncode, output = sigterm_on(cmd, env, "model: ")  # the model is built: compiling it (seconds) is to come
+    assert returncode == 128 + signal.SIGTERM, output
     assert "stopped by SIGTERM before training began" in output and "Traceback" not in output
     assert "torch.compile failed" not in output and "iter " not in output
     for name, text in earlier.items():
