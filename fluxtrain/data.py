@@ -78,6 +78,10 @@ def validate(cfg: DataConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not str(value).strip():
             raise FluxtrainError(f"data.{name}={value!r} is empty; give a file, folder or glob, or null to {null}")
+    if not str(cfg.cache_dir).strip():
+        raise FluxtrainError(f"data.cache_dir={cfg.cache_dir!r} is empty; give a folder (default ~/.cache/fluxtrain)")
+    if not cfg.path and not str(cfg.url).strip():
+        raise FluxtrainError(f"data.url={cfg.url!r} is empty; give the URL of a text file, or a data.path")
     check_sha256(cfg.sha256)
     if cfg.encoding_errors not in ENCODING_ERRORS:
         raise FluxtrainError(f"data.encoding_errors={cfg.encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")

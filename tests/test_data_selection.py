@@ -39,6 +39,22 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("data.cache_dir", "data.cache_dir='' is empty; give a folder (default ~/.cache/fluxtrain)"),
+        ("data.url", "data.url='' is empty; give the URL of a text file, or a data.path"),
+    ],
+)
+def test_an_empty_cache_folder_or_url_is_an_error_not_the_working_folder(tmp_path, monkeypatch, setting, message):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config([f"{setting}="])  # as from an unset shell variable
+    with pytest.raises(FluxtrainError) as info:
+        load_corpus(cfg.data, cfg.tokenizer, 16)
+    assert str(info.value) == message
+    assert not list(tmp_path.iterdir())  # nothing cached or downloaded into the working folder
+
+
 def names(sources, root: Path) -> list[str]:
     return [os.path.relpath(p, root) for p in sources.files]
 
