@@ -53,7 +53,7 @@ def _download_failure(e: requests.RequestException) -> str:
     """Why a download failed, in a few words: the HTTP status, or the network error."""
     if isinstance(e, requests.HTTPError) and e.response is not None:
         return f"HTTP {e.response.status_code} {e.response.reason or ''}".strip()
-    if isinstance(e, requests.Timeout):
+    if isinstance(e, requests.Timeout) or "Read timed out" in str(e):  # a stall in the body: a ConnectionError
         return "timed out"
     if isinstance(e, requests.exceptions.ChunkedEncodingError):
         return "the connection broke off"
@@ -126,10 +126,14 @@ def _fetch(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     try:
         with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
-            if r.status_code == 416:  # the partial file is already complete
-                pass
+            if r.status_code == 416:  # no bytes from `offset` on: complete, if the file is as long as the partial one
+                if r.headers.get("Content-Range", "").strip() != f"bytes */{offset}":  # else it changed meanwhile
+                    part.unlink()
+                    return _fetch(url, dest, sha256, timeout)  # from the start, without a Range
             else:
                 r.raise_for_status()
+                if r.headers.get("Content-Type", "").lower().startswith("text/html"):
+                    raise failed("the server sent an HTML page, not a text file: check the URL")
                 if offset and r.status_code != 206:  # the server ignored the Range header: start over
                     offset = 0
                 total = int(r.headers.get("Content-Length", 0)) + offset or None
@@ -145,6 +149,8 @@ def _fetch(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
                     f.flush()
                     os.fsync(f.fileno())
     except requests.RequestException as e:
+        if part.is_file() and part.stat().st_size == 0:  # nothing to resume from
+            part.unlink()
         raise failed(_download_failure(e)) from None
     if not part.is_file() or part.stat().st_size == 0:  # kept, it would pass for the corpus on every later run
         part.unlink(missing_ok=True)
@@ -161,7 +167,8 @@ def _fetch(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
             )
             raise FluxtrainError(
                 f"checksum mismatch for data.url={url}: expected sha256 {sha256} (data.sha256), got {got}; "
-                f"the download was discarded{kept}"
+                f"the download was discarded{kept} (data.sha256 names the file data.url should hold, by default Tiny "
+                "Shakespeare: for another file give its sha256, or data.sha256=null)"
             )
     os.replace(part, dest)
     return dest

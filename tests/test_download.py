@@ -33,9 +33,12 @@ class Server:
 
     def __init__(self):
         self.files = {"/corpus.txt": BODY, "/other.txt": OTHER}
+        self.content_types: dict[str, str] = {}  # a Content-Type header per path
         self.requests: list[dict] = []
         self.cut_after: int | None = None
         self.chunk_delay = 0.0
+        self.refuse_ranges = False  # answer a Range request with 416 and no Content-Range (the file changed)
+        self.stall_after: int | None = None  # send this many bytes, then nothing for 3 s
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +52,11 @@ class Server:
                     self.send_error(404)
                     return
                 start = 0
+                if self.headers.get("Range") and server.refuse_ranges:
+                    self.send_response(416)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if rng := self.headers.get("Range"):
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     self.send_response(206)
@@ -56,8 +64,15 @@ class Server:
                 else:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body) - start))
+                if self.path in server.content_types:
+                    self.send_header("Content-Type", server.content_types[self.path])
                 self.end_headers()
                 payload = body[start:]
+                if server.stall_after is not None:
+                    self.wfile.write(payload[: server.stall_after])
+                    self.wfile.flush()
+                    time.sleep(3)
+                    return
                 if server.cut_after is not None:
                     payload, server.cut_after = payload[: server.cut_after], None
                     self.wfile.write(payload)
@@ -102,7 +117,8 @@ def test_checksum_mismatch_leaves_no_file(server, tmp_path):
         download(server.url, dest, sha256="0" * 64)
     assert str(e.value) == (
         f"checksum mismatch for data.url={server.url}: expected sha256 {'0' * 64} (data.sha256), got {SHA}; "
-        "the download was discarded"
+        "the download was discarded (data.sha256 names the file data.url should hold, by default Tiny Shakespeare: "
+        "for another file give its sha256, or data.sha256=null)"
     )
     assert not dest.exists() and not list(tmp_path.iterdir())
 
@@ -117,7 +133,8 @@ def test_checksum_mismatch_says_an_earlier_copy_is_kept_and_does_not_match_eithe
     assert str(e.value) == (
         f"checksum mismatch for data.url={server.url}: expected sha256 {'0' * 64} (data.sha256), got {SHA}; "
         f"the download was discarded, and the file already at {dest} (sha256 {SHA}) does not match either: "
-        "correct data.sha256, or put the right file there by hand"
+        "correct data.sha256, or put the right file there by hand (data.sha256 names the file data.url should hold, "
+        "by default Tiny Shakespeare: for another file give its sha256, or data.sha256=null)"
     )
     assert len(server.requests) == 2  # the copy was not trusted: the file was fetched again
     assert [p.name for p in cache.iterdir()] == [dest.name] and dest.read_bytes() == BODY  # as the message says
@@ -206,17 +223,48 @@ def test_interrupted_download_resumes_with_range(server, tmp_path):
     assert not part.exists()
 
 
+def test_a_partial_download_whose_file_changed_is_fetched_again_whole(server, tmp_path):
+    dest = tmp_path / "corpus.txt"
+    server.cut_after = 20_000
+    with pytest.raises(FluxtrainError):
+        download(server.url, dest, timeout=5)
+    server.refuse_ranges = True  # 416 without "bytes */<size of the partial file>": not the file the part began
+    assert download(server.url, dest, timeout=5).read_bytes() == BODY
+    assert [r.get("Range") is not None for r in server.requests] == [False, True, False]
+
+
+def test_an_html_page_is_not_taken_for_the_text(server, tmp_path):
+    server.content_types["/corpus.txt"] = "text/html; charset=utf-8"
+    with pytest.raises(FluxtrainError) as e:
+        download(server.url, tmp_path / "corpus.txt", timeout=5)
+    assert str(e.value).startswith(
+        f"could not download data.url={server.url} (the server sent an HTML page, not a text file: check the URL)"
+    )
+    assert not list(tmp_path.iterdir())
+    server.content_types["/corpus.txt"] = "text/plain; charset=utf-8"
+    assert download(server.url, tmp_path / "corpus.txt", timeout=5).read_bytes() == BODY
+
+
+def test_a_stalled_download_says_it_timed_out_and_leaves_no_empty_part(server, tmp_path):
+    server.stall_after = 0
+    with pytest.raises(FluxtrainError) as e:
+        download(server.url, tmp_path / "corpus.txt", timeout=1)
+    assert str(e.value).startswith(f"could not download data.url={server.url} (timed out); download it by hand")
+    assert not list(tmp_path.iterdir())
+
+
 def test_each_url_gets_its_own_file_and_partial_download(server, tmp_path):
     cache = tmp_path / "cache"
     default = DataConfig(path=None, url=SHAKESPEARE_URL, cache_dir=str(cache))
     assert download_path(default) == cache / "tinyshakespeare.txt"  # where earlier versions saved it
     corpus = DataConfig(path=None, url=server.url, sha256=SHA, cache_dir=str(cache))
     other = DataConfig(path=None, url=server.url.replace("corpus", "other"), sha256=None, cache_dir=str(cache))
-    server.cut_after = 5000
+    server.cut_after = 20_000
     with pytest.raises(FluxtrainError):
         resolve_text_path(corpus)  # leaves a partial download of corpus.txt
     part = download_path(corpus).with_name(download_path(corpus).name + ".part")
     kept = part.read_bytes()
+    assert kept
     assert resolve_text_path(other).read_bytes() == OTHER  # not appended to corpus.txt's partial file
     assert part.read_bytes() == kept
     assert resolve_text_path(corpus).read_bytes() == BODY  # resumed, not overwritten by other.txt
