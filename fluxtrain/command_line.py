@@ -101,6 +101,9 @@ def check_overrides(args: list[str]) -> None:
         elif key not in groups:
             _check_setting(override, key, values, schema)
     _check_experiment_presets(chosen, folders)
+    for group, chosen_options in chosen.items():
+        for option in chosen_options:
+            _check_option_file(group, option, folders, extra, options, schema)
 
 
 def group_options(folders: tuple[Path, ...]) -> dict[str, list[str]]:
@@ -174,6 +177,64 @@ def _check_experiment_presets(chosen: dict[str, list[str]], folders: tuple[Path,
                         f"{group}={option} would not apply: experiment={experiment} sets {listed}; change those "
                         f"settings instead (e.g. {group}.{replaced[0]}={preset[replaced[0]]})"
                     )
+
+
+def _check_option_file(
+    group: str,
+    option: str,
+    folders: tuple[Path, ...],
+    extra: list[Path],
+    options: dict[str, list[str]],
+    schema: DictConfig,
+) -> None:
+    """A group option the command line chooses from a `--config-dir`, read as Hydra would merge it: each setting one
+    the schema has, with a value of its type, and each option its defaults list names one that exists; Hydra's own
+    reports of these take several lines."""
+    path = next((f / group / f"{option}.yaml" for f in folders if (f / group / f"{option}.yaml").is_file()), None)
+    if path is None or not any(path.is_relative_to(folder) for folder in extra):
+        return  # conf/'s own options are tested with the project
+    try:
+        text = path.read_text(encoding="utf-8")
+        body = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # check_yaml names it
+    if body is None:
+        return
+    if not isinstance(body, dict):
+        raise FluxtrainError(f"--config-dir: {path} holds a {type(body).__name__}, not settings (key: value lines)")
+    for entry in body.get("defaults") or []:
+        for key, value in entry.items() if isinstance(entry, dict) else ():
+            name = str(key).removeprefix("override ").strip().lstrip("/")
+            if name in options and value is not None and str(value) not in options[name]:
+                listed = ", ".join(options[name])
+                raise FluxtrainError(f"--config-dir: {path} chooses {name}={value}, not an option of {name}: {listed}")
+    global_package = "@package _global_" in text
+    if not global_package and group not in Config.__dataclass_fields__:
+        return  # a group of the user's own, which Hydra merges where its package says
+    settings = {k: v for k, v in body.items() if k not in ("defaults", "hydra")} if global_package else {group: body}
+    for key, value in _dotted(settings):
+        unknown = unknown_keys(nested(key.split("."), None), Config())
+        if unknown:
+            name, close = unknown[0]
+            hint = f" (did you mean {close}?)" if close else ""
+            raise FluxtrainError(f"--config-dir: {path} sets {name}, which is not a fluxtrain setting{hint}")
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: resolved later
+        try:
+            OmegaConf.update(schema.copy(), key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise FluxtrainError(f"--config-dir: {path} sets {key}={value!r}: {first_line(e)}") from None
+
+
+def _dotted(settings: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of each leaf of nested settings; a dict under a dataclass-typed key is walked into."""
+    out = []
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def _option_config(folders: tuple[Path, ...], group: str, option: str) -> dict[str, Any]:

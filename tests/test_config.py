@@ -179,6 +179,27 @@ def test_a_config_dirs_options_count_for_the_groups_of_conf(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("group", "text", "message"),
+    [
+        ("model", "d_model: big\n", "sets model.d_model='big': Value 'big' of type 'str' could not be converted"),
+        ("model", "d_modl: 32\n", "sets model.d_modl, which is not a fluxtrain setting (did you mean model.d_model?)"),
+        ("model", "- 1\n- 2\n", "holds a list, not settings (key: value lines)"),
+        ("experiment", "# @package _global_\ndefaults:\n  - override /model: nosuch\n", "chooses model=nosuch, not"),
+        ("experiment", "# @package _global_\noptim:\n  lrr: 2\n", "sets optim.lrr, which is not a fluxtrain setting"),
+    ],
+)
+def test_a_config_dir_option_with_a_typo_or_a_wrong_type_is_one_line_naming_the_file(tmp_path, group, text, message):
+    (tmp_path / group).mkdir()
+    (tmp_path / group / "mine.yaml").write_text(text)
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides(["--config-dir", str(tmp_path), f"{group}=mine"])
+    assert str(info.value).startswith(f"--config-dir: {tmp_path / group / 'mine.yaml'} {message}")
+    (tmp_path / group / "mine.yaml").write_text("# @package _global_\ntrain:\n  max_iters: 3\n" if group == "experiment"
+                                              else "d_model: 48\nn_heads: 3\n")  # fmt: skip
+    check_overrides(["--config-dir", str(tmp_path), f"{group}=mine"])
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["optim.lr=1e-3,3e-3"], "optim.lr=1e-3,3e-3 is a sweep: add -m to run one job per value"),
