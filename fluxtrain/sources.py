@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -370,6 +371,11 @@ def resolve_sources(
         if not candidates:
             raise FluxtrainError(f"{where}: the glob matches no files")
     elif _is_broken_link(target):
+        try:
+            os.stat(target)
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # links that lead back to each other, not to a missing file
+                raise FluxtrainError(f"{setting}: {target} is a link in a loop of links") from None
         raise FluxtrainError(f"{setting}: {target} is a broken link to {os.readlink(target)}")
     elif path.endswith("/"):
         raise FluxtrainError(f"{setting}: folder {target} does not exist")

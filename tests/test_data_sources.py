@@ -117,6 +117,10 @@ def test_broken_links_are_skipped_with_a_warning_naming_them(tmp_path, caplog, p
         resolve_sources(pattern.format(folder=folder))
     with pytest.raises(FluxtrainError, match=r"data.path: .*broken.txt is a broken link to .*nowhere$"):
         resolve_sources(str(folder / "broken.txt"))
+    (folder / "x1").symlink_to(folder / "x2")
+    (folder / "x2").symlink_to(folder / "x1")
+    with pytest.raises(FluxtrainError, match=r"^data.path: .*x1 is a link in a loop of links$"):
+        resolve_sources(str(folder / "x1"))
 
 
 def test_a_binary_file_named_by_itself_is_an_error(tmp_path):
