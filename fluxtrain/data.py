@@ -145,6 +145,12 @@ def corpus_sources(cfg: DataConfig, run_dir: str | Path | None = None) -> tuple[
     val = sources(cfg.val_path, "data.val_path") if cfg.val_path else None
     if val is not None:
         val.not_utf8 = train.not_utf8  # a file in both is warned about once
+        shared = {f.resolve() for f in train.files} & {f.resolve() for f in val.files}
+        if shared:
+            log.warning(
+                f"data.val_path and data.path share {len(shared)} file(s) (e.g. {min(shared)}): the validation loss "
+                "is then measured on text the model trains on"
+            )
     return train, val
 
 

@@ -525,6 +525,14 @@ def test_val_path_gives_a_separate_validation_text(tmp_path):
     assert data.val_bytes == len(val_text.encode("utf-8"))
 
 
+def test_a_val_path_that_shares_files_with_the_training_data_is_warned_about(tmp_path, caplog):
+    train_path = write(tmp_path / "texts" / "a.txt", make_text(5_000, seed=1))
+    write(tmp_path / "texts" / "b.txt", make_text(2_000, seed=2))
+    with caplog.at_level(logging.WARNING):
+        load_corpus(corpus_cfg(tmp_path, tmp_path / "texts", val_path=str(train_path)), TokenizerConfig(), 16)
+    assert f"data.val_path and data.path share 1 file(s) (e.g. {train_path.resolve()})" in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_bytes_per_token_is_measured_on_the_val_split(tmp_path, kind):
     # ASCII training text, then a validation tail full of 2- and 3-byte characters: a corpus-wide average
