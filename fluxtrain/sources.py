@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch, fnmatchcase
@@ -141,7 +142,12 @@ def _fetch(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
                 with (
                     open(part, "ab" if offset else "wb") as f,
                     tqdm(
-                        total=total, initial=offset, unit="B", unit_scale=True, desc=f"downloading {dest.name}"
+                        total=total,
+                        initial=offset,
+                        unit="B",
+                        unit_scale=True,
+                        desc=f"downloading {dest.name}",
+                        disable=not sys.stderr.isatty(),  # a log file gets no lines of carriage returns
                     ) as bar,
                 ):
                     for chunk in r.iter_content(chunk_size=1 << 13):
