@@ -357,6 +357,9 @@ def resolve_sources(
         if _is_empty(target, target.stat().st_size):
             raise FluxtrainError(f"{setting}: file {target} is empty")
         if _is_binary(target):  # what a folder would skip is an error when named
+            with open(target, "rb") as f:
+                if f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+                    raise FluxtrainError(f"{setting}: {target} is UTF-16 text; convert it to UTF-8 (e.g. with iconv)")
             raise FluxtrainError(f"{setting}: {target} is a binary file (a NUL byte in its first {BINARY_SNIFF} bytes)")
         return Sources([target], where, [target.stat().st_size])
     if target.is_dir():

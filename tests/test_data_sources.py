@@ -129,6 +129,10 @@ def test_a_binary_file_named_by_itself_is_an_error(tmp_path):
     with pytest.raises(FluxtrainError) as e:
         resolve_sources(str(path), setting="data.val_path")
     assert str(e.value) == f"data.val_path: {path} is a binary file (a NUL byte in its first 8000 bytes)"
+    marked = write(tmp_path / "bom.txt", "hello world".encode("utf-16"))  # with its byte-order mark
+    with pytest.raises(FluxtrainError) as e:
+        resolve_sources(str(marked))
+    assert str(e.value) == f"data.path: {marked} is UTF-16 text; convert it to UTF-8 (e.g. with iconv)"
 
 
 def test_what_is_not_a_regular_file_is_named_so(tmp_path):
