@@ -120,20 +120,34 @@ def group_options(folders: tuple[Path, ...]) -> dict[str, list[str]]:
 
 def _check_setting(override, key: str, values: list[Any], schema: DictConfig) -> None:
     """A fluxtrain setting on the command line: one the schema has, given a value of its type."""
-    unknown = unknown_keys(nested(key.split("."), None), Config())
-    if unknown:
-        name, close = unknown[0]
-        hint = f" (did you mean {close}?)" if close else ""
-        raise FluxtrainError(f"{name} is not a fluxtrain setting{hint}")
+    if problem := _unknown_setting(key):
+        raise FluxtrainError(problem)
     if override.is_delete():
         raise FluxtrainError(f"~{key}: a fluxtrain setting cannot be removed; give it a value instead ({key}=...)")
     for value in values:
-        if isinstance(value, str) and "${" in value:
-            continue  # an interpolation: resolved later
-        try:
-            OmegaConf.update(schema.copy(), key, value, merge=True)
-        except OmegaConfBaseException as e:
-            raise FluxtrainError(f"{key}: {first_line(e)}") from None
+        if problem := _type_problem(key, value, schema):
+            raise FluxtrainError(f"{key}: {problem}")
+
+
+def _unknown_setting(key: str) -> str | None:
+    """`model.d_modl is not a fluxtrain setting (did you mean model.d_model?)`, or None for a setting."""
+    unknown = unknown_keys(nested(key.split("."), None), Config())
+    if not unknown:
+        return None
+    name, close = unknown[0]
+    return f"{name} is not a fluxtrain setting" + (f" (did you mean {close}?)" if close else "")
+
+
+def _type_problem(key: str, value: Any, schema: DictConfig) -> str | None:
+    """Why `value` does not fit the setting `key` (a text for an integer, say), or None; interpolations are resolved
+    later."""
+    if isinstance(value, str) and "${" in value:
+        return None
+    try:
+        OmegaConf.update(schema.copy(), key, value, merge=True)
+    except OmegaConfBaseException as e:
+        return first_line(e)
+    return None
 
 
 def _check_group_choice(arg: str, override, values: list[Any], options: list[str], own_defaults: bool) -> list[str]:
@@ -213,21 +227,14 @@ def _check_option_file(
         return  # a group of the user's own, which Hydra merges where its package says
     settings = {k: v for k, v in body.items() if k not in ("defaults", "hydra")} if global_package else {group: body}
     for key, value in _dotted(settings):
-        unknown = unknown_keys(nested(key.split("."), None), Config())
-        if unknown:
-            name, close = unknown[0]
-            hint = f" (did you mean {close}?)" if close else ""
-            raise FluxtrainError(f"--config-dir: {path} sets {name}, which is not a fluxtrain setting{hint}")
-        if isinstance(value, str) and "${" in value:
-            continue  # an interpolation: resolved later
-        try:
-            OmegaConf.update(schema.copy(), key, value, merge=True)
-        except OmegaConfBaseException as e:
-            raise FluxtrainError(f"--config-dir: {path} sets {key}={value!r}: {first_line(e)}") from None
+        if problem := _unknown_setting(key):
+            raise FluxtrainError(f"--config-dir: {path}: {problem}")
+        if problem := _type_problem(key, value, schema):
+            raise FluxtrainError(f"--config-dir: {path}: {key}={value!r}: {problem}")
 
 
 def _dotted(settings: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of each leaf of nested settings; a dict under a dataclass-typed key is walked into."""
+    """(dotted key, value) of each leaf of nested settings."""
     out = []
     for key, value in settings.items():
         if isinstance(value, dict) and value:

@@ -181,11 +181,11 @@ def test_a_config_dirs_options_count_for_the_groups_of_conf(tmp_path):
 @pytest.mark.parametrize(
     ("group", "text", "message"),
     [
-        ("model", "d_model: big\n", "sets model.d_model='big': Value 'big' of type 'str' could not be converted"),
-        ("model", "d_modl: 32\n", "sets model.d_modl, which is not a fluxtrain setting (did you mean model.d_model?)"),
-        ("model", "- 1\n- 2\n", "holds a list, not settings (key: value lines)"),
-        ("experiment", "# @package _global_\ndefaults:\n  - override /model: nosuch\n", "chooses model=nosuch, not"),
-        ("experiment", "# @package _global_\noptim:\n  lrr: 2\n", "sets optim.lrr, which is not a fluxtrain setting"),
+        ("model", "d_model: big\n", ": model.d_model='big': Value 'big' of type 'str' could not be converted"),
+        ("model", "d_modl: 32\n", ": model.d_modl is not a fluxtrain setting (did you mean model.d_model?)"),
+        ("model", "- 1\n- 2\n", " holds a list, not settings (key: value lines)"),
+        ("experiment", "# @package _global_\ndefaults:\n  - override /model: nosuch\n", " chooses model=nosuch, not"),
+        ("experiment", "# @package _global_\noptim:\n  lrr: 2\n", ": optim.lrr is not a fluxtrain setting"),
     ],
 )
 def test_a_config_dir_option_with_a_typo_or_a_wrong_type_is_one_line_naming_the_file(tmp_path, group, text, message):
@@ -193,7 +193,7 @@ def test_a_config_dir_option_with_a_typo_or_a_wrong_type_is_one_line_naming_the_
     (tmp_path / group / "mine.yaml").write_text(text)
     with pytest.raises(FluxtrainError) as info:
         check_overrides(["--config-dir", str(tmp_path), f"{group}=mine"])
-    assert str(info.value).startswith(f"--config-dir: {tmp_path / group / 'mine.yaml'} {message}")
+    assert str(info.value).startswith(f"--config-dir: {tmp_path / group / 'mine.yaml'}{message}")
     (tmp_path / group / "mine.yaml").write_text("# @package _global_\ntrain:\n  max_iters: 3\n" if group == "experiment"
                                               else "d_model: 48\nn_heads: 3\n")  # fmt: skip
     check_overrides(["--config-dir", str(tmp_path), f"{group}=mine"])
