@@ -48,6 +48,7 @@ from fluxtrain.resume import (
     checkpoint_path,
     checkpoint_run_dir,
     divergence_error,
+    find_latest,
     load_resume,
     optimizer_changed,
     prune,
@@ -383,10 +384,12 @@ class WarmupCheck:
 
 def finished_results(run_dir: Path, resume: Checkpoint | None) -> dict[str, Any] | None:
     """The results of a run that ended at `resume`, the newest checkpoint in its folder, from its metrics.json; None
-    when the run has not ended there. A finished run resumed again (a requeued job, a sweep run again with
-    resume=auto) has nothing left to do. Rank 0 reads the file and tells the others."""
+    when the run has not ended there, or went on past it. A finished run resumed again (a requeued job, a sweep run
+    again with resume=auto) has nothing left to do. Rank 0 reads the file and tells the others."""
     results = None
-    if resume and distributed.current_world().is_main and checkpoint_run_dir(resume.path) == run_dir.resolve():
+    latest = find_latest(run_dir) if resume is not None else None
+    newest = latest is not None and latest.resolve() == resume.path.resolve()
+    if newest and distributed.current_world().is_main and checkpoint_run_dir(resume.path) == run_dir.resolve():
         try:
             metrics = load_metrics(run_dir / METRICS_FILE)
         except (OSError, ValueError):  # none, or damaged: evaluate again and write it anew
