@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory
 from fluxtrain.model import GPT, eval_mode
-from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError
+from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, first_id_outside
 
 MAX_TEMPERATURE = 2.0
 # Far above any useful penalty (a seen token's logit of -1 becomes -10,000), and small enough that penalized logits
@@ -270,13 +270,8 @@ def _check_prompt(model: GPT, prompt: list[int] | torch.Tensor) -> list[int]:
         raise FluxtrainError(f"the prompt must be a list of token ids, not {type(prompt).__name__}")
     if not prompt:
         raise FluxtrainError("the prompt is empty: decoding needs at least one token")
-    for i in prompt:
-        try:
-            inside = 0 <= operator.index(i) < model.vocab_size
-        except TypeError:
-            inside = False
-        if not inside:
-            raise FluxtrainError(f"prompt token id {i!r} is outside the model's vocabulary of {model.vocab_size}")
+    if (bad := first_id_outside(prompt, model.vocab_size)) is not None:
+        raise FluxtrainError(f"prompt token id {prompt[bad]!r} is outside the model's vocabulary of {model.vocab_size}")
     return [operator.index(i) for i in prompt]
 
 

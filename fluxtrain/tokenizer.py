@@ -68,13 +68,20 @@ class Tokenizer(Protocol):
 
 def check_ids(ids, vocab_size: int) -> None:
     """Token ids a tokenizer of `vocab_size` can decode: integers from 0 to vocab_size - 1."""
-    for i in ids:
+    if (bad := first_id_outside(ids, vocab_size)) is not None:
+        raise FluxtrainError(f"token id {ids[bad]!r} is not in the vocabulary (ids 0 to {vocab_size - 1})")
+
+
+def first_id_outside(ids, vocab_size: int) -> int | None:
+    """The position of the first of `ids` that is no token id of a `vocab_size` vocabulary (an integer, numpy and
+    torch ones too, from 0 to vocab_size - 1); None when every one is."""
+    for position, i in enumerate(ids):
         try:
-            inside = 0 <= operator.index(i) < vocab_size  # numpy and torch integers too
+            if not 0 <= operator.index(i) < vocab_size:
+                return position
         except TypeError:
-            inside = False
-        if not inside:
-            raise FluxtrainError(f"token id {i!r} is not in the vocabulary (ids 0 to {vocab_size - 1})")
+            return position
+    return None
 
 
 class CharTokenizer:
@@ -127,6 +134,7 @@ class CharTokenizer:
         return self.encode_array(text).tolist()
 
     def decode(self, ids: list[int]) -> str:
+        ids = list(ids)  # any iterable, read once
         check_ids(ids, self.vocab_size)
         return "".join(self.chars[i] for i in ids)
 
@@ -200,8 +208,9 @@ class BPETokenizer:
             raise EncodeError(f"the tokenizer cannot encode the text: {first_line(e)}") from None
 
     def decode(self, ids: list[int]) -> str:
+        ids = list(ids)  # any iterable, read once
         check_ids(ids, self.vocab_size)
-        return self.hf.decode(list(ids), skip_special_tokens=False)
+        return self.hf.decode(ids, skip_special_tokens=False)
 
     def token_bytes(self) -> np.ndarray:
         """Length in bytes of the text each token stands for, by id."""
