@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fluxtrain.config import Config, config_dir, nested, unknown_keys
 from fluxtrain.errors import FluxtrainError, describe_failure, first_line
 from fluxtrain.overrides import is_multirun
+from fluxtrain.runs import flat_settings
 
 
 def check_overrides(args: list[str]) -> None:
@@ -226,22 +227,11 @@ def _check_option_file(
     if not global_package and group not in Config.__dataclass_fields__:
         return  # a group of the user's own, which Hydra merges where its package says
     settings = {k: v for k, v in body.items() if k not in ("defaults", "hydra")} if global_package else {group: body}
-    for key, value in _dotted(settings):
+    for key, value in flat_settings(settings).items():
         if problem := _unknown_setting(key):
             raise FluxtrainError(f"--config-dir: {path}: {problem}")
         if problem := _type_problem(key, value, schema):
             raise FluxtrainError(f"--config-dir: {path}: {key}={value!r}: {problem}")
-
-
-def _dotted(settings: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of each leaf of nested settings."""
-    out = []
-    for key, value in settings.items():
-        if isinstance(value, dict) and value:
-            out += _dotted(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
 
 
 def _option_config(folders: tuple[Path, ...], group: str, option: str) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def override_value(overrides: list[str], key: str) -> str | None:
     `model@pkg=small`), as written; None when none names it."""
     for override in reversed(overrides):
         name, sep, value = override.partition("=")
-        if sep and name.lstrip("+~").partition("@")[0] == key:
+        if sep and override_key(name) == key:
             return value
     return None
 
@@ -306,7 +306,12 @@ def varying_keys(runs: list[Run]) -> list[str]:
 
 def override_keys(overrides: list[str]) -> set[str]:
     """The settings and groups that `overrides` name (`model=small` -> model, `++optim.lr=1e-3` -> optim.lr)."""
-    return {o.partition("=")[0].lstrip("+~").partition("@")[0] for o in overrides if "=" in o}
+    return {override_key(o.partition("=")[0]) for o in overrides if "=" in o}
+
+
+def override_key(name: str) -> str:
+    """The setting or group an override's left side names: `++optim.lr` -> optim.lr, `model@pkg` -> model."""
+    return name.lstrip("+~").partition("@")[0]
 
 
 def runs_table(
