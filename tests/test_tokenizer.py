@@ -273,6 +273,15 @@ def test_what_the_tokenizer_settings_cannot_give_is_said(tmp_path, caplog):
         loaded = build_tokenizer(TokenizerConfig(kind="bpe", path=str(char_file)), text, text)
     assert loaded.kind == "char"
     assert f"tokenizer.path={char_file} holds a char tokenizer: tokenizer=bpe is ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxtrain.tokenizer"):
+        char = build_tokenizer(TokenizerConfig(kind="char", vocab_size=500), text, text)
+    assert char.vocab_size == len(set(text))
+    assert "tokenizer.vocab_size=500 is for tokenizer=bpe and is ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxtrain.tokenizer"):
+        build_tokenizer(TokenizerConfig(kind="char"), text, text)
+    assert not caplog.records
 
 
 def test_a_huge_vocab_size_is_lowered_to_what_the_text_allows(caplog):
