@@ -143,6 +143,10 @@ def corpus_sources(cfg: DataConfig, run_dir: str | Path | None = None) -> tuple[
         train = resolve_sources(str(downloaded), setting="data.url")
         train.setting = f"data.url={cfg.url} (cached as {downloaded})"  # the address given, and the file read
     val = sources(cfg.val_path, "data.val_path") if cfg.val_path else None
+    if (cfg.include or cfg.exclude) and all(Path(p).expanduser().is_file() for p in (cfg.path, cfg.val_path) if p):
+        log.warning(
+            "data.include and data.exclude choose files in a folder or glob: with one file to read, they are ignored"
+        )
     if val is not None:
         val.not_utf8 = train.not_utf8  # a file in both is warned about once
         shared = {f.resolve() for f in train.files} & {f.resolve() for f in val.files}

@@ -178,3 +178,21 @@ def test_training_on_the_project_folder_never_reads_its_own_output(project, tmp_
         f"data.cache_dir left out; {n_run_files} file(s) in fluxtrain run folders left out; 1 file(s) in this run's "
         "folder left out)"
     ), line
+
+
+def test_include_and_exclude_with_only_single_files_are_said_to_be_ignored(tmp_path, caplog):
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "b.txt").write_text("more text\n")
+    (tmp_path / "val" / "c.md").write_text("notes\n")
+    single = DataConfig(path=str(tmp_path / "a.txt"), include=["*.md"], cache_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        train_sources, _ = corpus_sources(single)
+    assert train_sources.files == [tmp_path / "a.txt"]
+    assert "data.include and data.exclude choose files in a folder or glob" in caplog.text
+    caplog.clear()
+    with_folder = DataConfig(path=str(tmp_path / "a.txt"), val_path=str(tmp_path / "val"), include=["*.md"])
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        _, val_sources = corpus_sources(with_folder)
+    assert val_sources.files == [tmp_path / "val" / "c.md"]  # the filter did apply, to the folder
+    assert "choose files in a folder or glob" not in caplog.text
