@@ -187,9 +187,10 @@ def describe(
     settings = asdict(cfg) | {"context_shift": cfg.shift_for(model.cfg.seq_len)}
     shown = ", ".join(f"{k.replace('top_', 'top-').replace('_', ' ')} {v}" for k, v in settings.items())
     weights = " (int8 weights)" if quantize == "int8" else ""
+    seed_text = "no seed (deterministic)" if cfg.deterministic else f"seed {seed}"
     return (
         f"model {path}: {n_params:,} parameters{weights}, context {model.cfg.seq_len}, vocab {model.vocab_size}"
-        f" | device {device} | {shown} | seed {seed}"
+        f" | device {device} | {shown} | {seed_text}"
     )
 
 

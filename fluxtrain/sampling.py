@@ -92,6 +92,11 @@ class SamplingConfig:
             if seq_len is not None and self.context_shift > seq_len:
                 fail("context_shift", f"must be between 1 and model.seq_len={seq_len}")
 
+    @property
+    def deterministic(self) -> bool:
+        """Greedy decoding or beam search: the text does not depend on the random seed."""
+        return self.temperature == 0 or self.beams > 1
+
     def shift_for(self, seq_len: int) -> int:
         return self.context_shift if self.context_shift is not None else max(1, seq_len // 4)
 

@@ -576,6 +576,7 @@ def test_prompt_mode_prints_prompt_and_greedy_continuation(capsys, model, model_
     expected = tokenizer.decode(generate(model, tokenizer.encode("ROMEO:"), greedy(40)))
     assert out == "ROMEO:" + expected + "\n"
     assert "temperature 0.0" in err and "ROMEO" not in err
+    assert err.rstrip().endswith("| no seed (deterministic)")  # a seed would change nothing
     code, out_no_stream, _ = run_main(
         capsys, str(model_file), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "40", "--no-stream"
     )
@@ -584,10 +585,11 @@ def test_prompt_mode_prints_prompt_and_greedy_continuation(capsys, model, model_
 
 def test_prompt_mode_seed_and_beams(capsys, model_file, model):
     args = [str(model_file.parent), "--prompt", "the", "--max-new-tokens", "30", "--seed", "5", "--top-p", "0.9"]
-    first, second = run_main(capsys, *args)[1], run_main(capsys, *args)[1]
-    assert first == second
+    (_, first, err), second = run_main(capsys, *args), run_main(capsys, *args)[1]
+    assert first == second and err.rstrip().endswith("| seed 5")
     assert first != run_main(capsys, *args[:-4], "--seed", "6", "--top-p", "0.9")[1]
-    code, out, _ = run_main(capsys, str(model_file), "--prompt", "the", "--max-new-tokens", "12", "--beams", "3")
+    code, out, err = run_main(capsys, str(model_file), "--prompt", "the", "--max-new-tokens", "12", "--beams", "3")
+    assert err.rstrip().endswith("| no seed (deterministic)")
     tokenizer = CharTokenizer.train(TEXT)
     beam = beam_search(model, tokenizer.encode("the"), SamplingConfig(max_new_tokens=12, beams=3))[0]
     assert code == 0 and out == "the" + tokenizer.decode(beam) + "\n"
