@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fluxtrain.checkpoint import load_model
 from fluxtrain.data import ENCODING_ERRORS, count_bytes, encode_all
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser
 from fluxtrain.files import atomic_write_text, check_writable
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, eval_mode
+from fluxtrain.model_file import load_model
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.sources import iter_text, resolve_sources
 from fluxtrain.tokenizer import Tokenizer

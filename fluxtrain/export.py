@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from fluxtrain.checkpoint import load_model
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser
 from fluxtrain.files import check_writable
 from fluxtrain.model import GPT, ModelConfig, eval_mode
+from fluxtrain.model_file import load_model
 from fluxtrain.quantize import is_quantized
 from fluxtrain.resume import find_latest
 from fluxtrain.runs import resolve_model_path, run_model_file

@@ -13,10 +13,10 @@ from typing import TextIO
 
 import torch
 
-from fluxtrain.checkpoint import load_model
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line
 from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.model import GPT
+from fluxtrain.model_file import load_model
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.sampling import (

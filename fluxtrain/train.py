@@ -22,16 +22,7 @@ from tqdm import tqdm
 
 from fluxtrain import batch_threads, distributed, host, throughput
 from fluxtrain.batch_threads import BatchThreads, single_threaded
-from fluxtrain.checkpoint import (
-    Checkpoint,
-    NonFiniteWeightsError,
-    Progress,
-    is_sharded,
-    restore,
-    rng_state,
-    save_checkpoint,
-    save_model_file,
-)
+from fluxtrain.checkpoint import Checkpoint, NonFiniteWeightsError, Progress, restore, rng_state, save_checkpoint
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.distributed import World
 from fluxtrain.errors import FluxtrainError
@@ -40,6 +31,7 @@ from fluxtrain.files import atomic_write_text
 from fluxtrain.hparams import log_hparams
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
 from fluxtrain.model import GPT, ModelConfig, eval_mode, flops_per_token
+from fluxtrain.model_file import is_sharded, save_model_file
 from fluxtrain.optim import build_optimizer, decay_progress, lr_at, set_lr
 from fluxtrain.optim import validate as validate_optim
 from fluxtrain.resume import (

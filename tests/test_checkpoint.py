@@ -18,22 +18,11 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fluxtrain.checkpoint import (
-    CHECKPOINT_FORMAT,
-    DIGEST_KEY,
-    Progress,
-    content_digest,
-    load_checkpoint,
-    load_model,
-    restore,
-    rng_state,
-    save_checkpoint,
-    save_model_file,
-    set_rng_state,
-)
+from fluxtrain.checkpoint import Progress, load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.interrupt import GracefulStop, StoppedInSetup
 from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.model_file import CHECKPOINT_FORMAT, DIGEST_KEY, content_digest, load_model, save_model_file
 from fluxtrain.optim import OptimConfig, build_optimizer
 from fluxtrain.resume import checkpoint_path, find_latest, prune, resolve_resume
 from fluxtrain.tokenizer import CharTokenizer

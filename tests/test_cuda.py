@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxtrain.checkpoint import load_checkpoint, load_model
+from fluxtrain.checkpoint import load_checkpoint
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.model_file import load_model
 from fluxtrain.quantize import quantize_int8
 from fluxtrain.resume import checkpoint_path
 from fluxtrain.sampling import SamplingConfig, generate

@@ -8,8 +8,8 @@ import functools
 import pytest
 import torch
 
-from fluxtrain.checkpoint import save_model_file
 from fluxtrain.generate import main
+from fluxtrain.model_file import save_model_file
 from fluxtrain.quantize import quantize_int8
 from fluxtrain.sampling import SamplingConfig, compile_decoding, generate
 from fluxtrain.tokenizer import CharTokenizer

@@ -16,19 +16,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from fluxtrain import distributed
-from fluxtrain.checkpoint import (
-    Progress,
-    is_sharded,
-    load_checkpoint,
-    load_model,
-    model_state,
-    restore,
-    rng_state,
-    save_checkpoint,
-)
+from fluxtrain.checkpoint import Progress, load_checkpoint, restore, rng_state, save_checkpoint
 from fluxtrain.data import TokenData
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.model_file import is_sharded, load_model, model_state
 from fluxtrain.optim import OptimConfig, build_optimizer
 from fluxtrain.resume import checkpoint_path
 from fluxtrain.tokenizer import CharTokenizer

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fluxtrain.checkpoint import load_model, save_model_file
 from fluxtrain.data import load_corpus
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.evaluate import evaluate_text, main, plan_windows
 from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.model_file import load_model, save_model_file
 from fluxtrain.tokenizer import CharTokenizer
 from fluxtrain.train import estimate_loss, train
 

@@ -14,11 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fluxtrain.checkpoint import save_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.export import export, main, to_transformers, write_folder
 from fluxtrain.generate import generate_ids
 from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.model_file import save_model_file
 from fluxtrain.tokenizer import BPETokenizer, CharTokenizer
 
 from .conftest import REPO_ROOT, make_text

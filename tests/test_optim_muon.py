@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from fluxtrain.checkpoint import read_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.model_file import read_model_file
 from fluxtrain.optim import MultiOptimizer, OptimConfig, build_optimizer, set_lr
 from fluxtrain.train import train
 

@@ -21,9 +21,10 @@ from tensorboard.summary.writer import event_file_writer
 from torch.utils.tensorboard import SummaryWriter
 
 import fluxtrain.train as train_module
-from fluxtrain.checkpoint import load_checkpoint, read_model_file
+from fluxtrain.checkpoint import load_checkpoint
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.interrupt import TrainingInterrupted
+from fluxtrain.model_file import read_model_file
 from fluxtrain.resume import (
     checkpoint_path,
     divergence_error,

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import fluxtrain.train as train_module
-from fluxtrain.checkpoint import read_model_file, save_model_file
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.model_file import read_model_file, save_model_file
 from fluxtrain.resume import checkpoint_path, list_checkpoints, prune
 from fluxtrain.runs import RUN_OUTPUTS, find_runs, read_metadata, results_after, runs_table
 from fluxtrain.tokenizer import CharTokenizer

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
-from fluxtrain.checkpoint import load_model
 from fluxtrain.data import DataConfig, load_corpus
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.model_file import load_model
 from fluxtrain.tokenizer import (
     BPETokenizer,
     CharTokenizer,

@@ -9,7 +9,7 @@ import torch
 
 import fluxtrain.train as train_module
 from fluxtrain import load_model
-from fluxtrain.checkpoint import read_model_file
+from fluxtrain.model_file import read_model_file
 from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES
