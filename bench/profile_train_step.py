@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fluxtrain.model import GPT, ModelConfig  # noqa: E402
 from fluxtrain.optim import OptimConfig, build_optimizer  # noqa: E402
-from fluxtrain.train import autocast_context  # noqa: E402
+from fluxtrain.precision import autocast_context  # noqa: E402
 
 VOCAB = 65
 

@@ -42,7 +42,8 @@ from fluxtrain.data import TokenData  # noqa: E402
 from fluxtrain.distributed import World  # noqa: E402
 from fluxtrain.model import GPT, ModelConfig, flops_per_token  # noqa: E402
 from fluxtrain.optim import OptimConfig, build_optimizer  # noqa: E402
-from fluxtrain.train import TrainConfig, autocast_context, grad_scaler, train_step  # noqa: E402
+from fluxtrain.precision import autocast_context, grad_scaler  # noqa: E402
+from fluxtrain.train import TrainConfig, train_step  # noqa: E402
 
 VOCAB = 65  # Tiny Shakespeare, character level
 REFERENCE = dict(d_model=128, n_heads=4, n_layers=4, ff_dim=512, seq_len=64)

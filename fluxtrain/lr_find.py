@@ -22,9 +22,10 @@ from fluxtrain.files import atomic_write, atomic_write_text
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.optim import build_optimizer, set_lr
 from fluxtrain.optim import validate as validate_optim
+from fluxtrain.precision import grad_scaler, warn_without_autocast
 from fluxtrain.resume import list_checkpoints
 from fluxtrain.runs import RUN_OUTPUTS
-from fluxtrain.train import grad_scaler, train_step, warn_without_autocast
+from fluxtrain.train import train_step
 from fluxtrain.train import validate as validate_train
 
 log = logging.getLogger("fluxtrain")

@@ -34,6 +34,7 @@ from fluxtrain.model import GPT, ModelConfig, eval_mode, flops_per_token
 from fluxtrain.model_file import is_sharded, save_model_file
 from fluxtrain.optim import build_optimizer, decay_progress, lr_at, set_lr
 from fluxtrain.optim import validate as validate_optim
+from fluxtrain.precision import PRECISIONS, autocast_context, grad_scaler, warn_without_autocast
 from fluxtrain.resume import (
     TOKENIZER_FILE,
     check_tokenizer,
@@ -60,13 +61,12 @@ from fluxtrain.runs import (
     results_after,
 )
 from fluxtrain.sampling import MAX_SEED, check_seed, generate_ids, start_ids
+from fluxtrain.time_budget import WarmupCheck, plan_time_budget
 from fluxtrain.tokenizer import Tokenizer
 
 log = logging.getLogger("fluxtrain")
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_SCOPES = ("model", "blocks")
-WARMUP_CHECK_STEPS = 10  # steps timed under train.max_time before judging whether the warm-up can finish
 
 
 @dataclass
@@ -133,25 +133,6 @@ def offset_seed(seed: int, offset: int) -> int:
     return (seed + offset) % (MAX_SEED + 1)
 
 
-def autocasts(device: torch.device, precision: str) -> bool:
-    """Whether `precision` trains under autocast on `device`: bf16 and fp16 on CUDA, bf16 on CPU."""
-    return precision != "fp32" and (device.type == "cuda" or (device.type == "cpu" and precision == "bf16"))
-
-
-def warn_without_autocast(device: torch.device, precision: str, what: str = "training") -> None:
-    """One line where `precision` asks for autocast that `device` does not have, so the work runs in fp32."""
-    if precision != "fp32" and not autocasts(device, precision):
-        where = "CUDA" if precision == "fp16" else "CUDA or CPU"
-        log.warning(f"train.precision={precision} needs {where}; {what} in fp32 on {device.type}")
-
-
-def autocast_context(device: torch.device, precision: str):
-    """Autocast to `precision` where the device has it (`autocasts`); elsewhere training stays fp32."""
-    if autocasts(device, precision):
-        return torch.autocast(device.type, dtype=PRECISIONS[precision])
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, seed: int) -> dict[str, float]:
     """Mean loss over `eval_iters` batches of the validation split, and of the training split unless
@@ -170,29 +151,11 @@ def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, seed: int) -
     return out
 
 
-@torch.no_grad()
-def eval_seconds(model, data: TokenData, cfg: TrainConfig, device) -> float:
-    """One `estimate_loss` call's wall time with 10% to spare, from the fastest of a few timed forward passes."""
-    x, y = (t.to(device) for t in data.get_batch("val", cfg.batch_size, torch.Generator().manual_seed(0)))
-    times = []
-    with eval_mode(model), autocast_context(device, cfg.precision):
-        for _ in range(4):  # the first is a warm-up
-            t0 = time.perf_counter()
-            model(x, y)[1].item()
-            times.append(time.perf_counter() - t0)
-    return 1.1 * (2 if cfg.eval_train else 1) * cfg.eval_iters * min(times[1:])
-
-
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a batch to the device; to CUDA through pinned memory, so the copy does not wait for queued work."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
-    """Loss scaling for fp16 autocast on CUDA, so small gradients do not underflow; a no-op otherwise."""
-    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
 
 
 def train_step(
@@ -308,70 +271,6 @@ def wrap_for_training(model: GPT, data: TokenData, world: World, device: torch.d
             device.type == "cpu" if tcfg.compile_cpp_wrapper is None else tcfg.compile_cpp_wrapper,
             tcfg.activation_checkpointing,
         )
-
-
-def plan_time_budget(
-    tcfg: TrainConfig,
-    t_start: float,
-    model: GPT,
-    data: TokenData,
-    device: torch.device,
-    progress: Progress,
-    resume: Checkpoint | None,
-) -> float | None:
-    """Seconds the training loop may take under train.max_time (None without one): the budget less the setup (the
-    seconds since `t_start`, the timing of the final evaluation included) and the final evaluation, timed now.
-    Under torchrun, rank 0's figures hold for every rank."""
-    if tcfg.max_time is None:
-        return None
-    final_eval = distributed.main_rank_value(eval_seconds(model, data, tcfg, device), device)
-    setup = distributed.main_rank_value(time.perf_counter() - t_start, device)
-    loop_time = tcfg.max_time - setup - final_eval
-    if loop_time <= 0:
-        raise FluxtrainError(
-            f"train.max_time={tcfg.max_time} leaves no time to train after setup ({setup:.1f}s) "
-            f"and the final evaluation (~{final_eval:.1f}s with train.eval_iters={tcfg.eval_iters})"
-        )
-    spent = f" (it trained {progress.train_time:.1f}s before the checkpoint)" if resume else ""
-    log.info(
-        f"time budget {tcfg.max_time:g}s: {setup:.1f}s of setup (data, model, compilation), "
-        f"~{final_eval:.1f}s kept for the final evaluation, {loop_time:.1f}s to train{spent}"
-    )
-    return loop_time
-
-
-class WarmupCheck:
-    """Under train.max_time: whether the warm-up ends before the time does, judged once from the pace of this
-    session's first steps (the very first one, which warms up the kernels, not counted) or when the time runs out.
-    When it cannot, a warning says so: the learning rate would never reach optim.lr. An iteration budget too short for
-    the warm-up is warned about at setup."""
-
-    def __init__(self, cfg: DictConfig, it: int):
-        self.cfg, self.first_it, self.paced_from = cfg, it, None
-        warmup = cfg.optim.warmup_iters
-        self.done = it >= warmup or warmup >= cfg.train.max_iters
-
-    def before_step(self, it: int, elapsed: float, left: float) -> None:
-        """Called before each step with the loop's seconds so far and the seconds left to train."""
-        if self.done or it == self.first_it:  # a resumed run out of time before its first step was told at setup
-            return
-        if it == self.first_it + 1:
-            self.paced_from = elapsed
-        timed = it - self.first_it - 1
-        if left <= 0:
-            reachable = it
-        elif timed >= WARMUP_CHECK_STEPS:
-            reachable = it + int(left * timed / max(elapsed - self.paced_from, 1e-9))
-        else:
-            return
-        self.done = True
-        warmup = self.cfg.optim.warmup_iters
-        if reachable < warmup:
-            log.warning(
-                f"train.max_time={self.cfg.train.max_time:g} leaves time for about {reachable:,} iterations, fewer "
-                f"than optim.warmup_iters={warmup}: the learning rate stays below optim.lr={self.cfg.optim.lr} for "
-                "the whole run (lower optim.warmup_iters, or raise train.max_time)"
-            )
 
 
 def finished_results(run_dir: Path, resume: Checkpoint | None) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fluxtrain.train as train_module
+from fluxtrain import time_budget
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.train import train
 
@@ -83,7 +84,7 @@ def test_the_time_spent_timing_the_final_evaluation_is_setup_not_training_time(t
         return final_eval
 
     monkeypatch.setattr(train_module, "load_resume", load_resume)
-    monkeypatch.setattr(train_module, "eval_seconds", eval_seconds)
+    monkeypatch.setattr(time_budget, "eval_seconds", eval_seconds)
     with pytest.raises(FluxtrainError, match=r"^train.max_time=60.0 leaves no time to train after setup \("):
         train(tiny_cfg("train.max_time=60"), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
