@@ -404,6 +404,9 @@ def run_training(
         t_eval = time.perf_counter()
         last_losses = estimate_loss(model, data, tcfg, device, offset_seed(tcfg.seed, 1))
         eval_time = time.perf_counter() - t_eval
+        for split, value in last_losses.items():  # weights can be finite yet overflow: nothing is saved after it
+            if not math.isfinite(value):
+                raise divergence_error(f"the {split} loss became {value} when evaluated", step, last_ckpt, cfg.optim.lr)
         val_ppl = perplexity(last_losses["val"])
         val_bpb = bits_per_byte(last_losses["val"], data.bytes_per_token)
         writer.add_scalar("val/loss", last_losses["val"], step)

@@ -396,6 +396,35 @@ def test_injected_inf_loss_stops_naming_the_iteration_and_last_good_checkpoint(t
     assert load_checkpoint(good).progress.iteration == 10
 
 
+def test_a_non_finite_evaluation_stops_the_run_before_anything_is_saved(tiny_cfg, tmp_path, monkeypatch):
+    """Weights can stay finite while the losses they give overflow: the evaluation is checked like the steps."""
+    real_estimate = train_module.estimate_loss
+    evaluations = []
+
+    def estimate_loss(*args):
+        losses = real_estimate(*args)
+        evaluations.append(losses)
+        return {**losses, "val": float("nan")} if len(evaluations) == 2 else losses
+
+    monkeypatch.setattr(train_module, "estimate_loss", estimate_loss)
+    cfg = tiny_cfg("train.eval_interval=5", "train.ckpt_interval=5", "train.keep_last=0", "train.max_iters=20")
+    with pytest.raises(FluxtrainError) as info:
+        train(cfg, tmp_path)
+    good = checkpoint_path(tmp_path, 5)
+    assert str(info.value).startswith("the val loss became nan when evaluated at iteration 10;")
+    assert f"the last good checkpoint is {good}" in str(info.value)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["iter_000005.ckpt"]
+    assert not (tmp_path / "model_final.safetensors").exists() and not (tmp_path / "metrics.json").exists()
+    # A step so large that the weights stay finite (about 1e30) but every loss overflows: no results, no files.
+    monkeypatch.undo()
+    run = tmp_path / "huge"
+    cfg = tiny_cfg("optim.lr=1e30", "optim.warmup_iters=0", "train.max_iters=1")
+    with pytest.raises(FluxtrainError, match=r"^the (train|val) loss became nan when evaluated at iteration 1; "):
+        train(cfg, run)
+    assert not list(run.glob("*.safetensors")) and not (run / "metrics.json").exists()
+    assert not (run / "checkpoints").exists()
+
+
 def test_huge_learning_rate_stops_without_saving_non_finite_weights(tiny_cfg, tmp_path):
     # The warm-up starts at lr 0, so the first checkpoints hold good weights before the run blows up.
     cfg = tiny_cfg("optim.lr=1e6", "optim.warmup_iters=10", "optim.grad_clip=0", "train.ckpt_interval=1")
