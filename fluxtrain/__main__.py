@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> float:
         logging.getLogger("fluxtrain").warning("stopped by SIGTERM before training began")
         discard_refused(run_dir)
         sys.exit(e.code)
-    except RuntimeError as e:
+    except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
         logging.getLogger("fluxtrain").error(f"error: {out_of_memory_message(e)}")

@@ -21,9 +21,10 @@ def describe_failure(e: BaseException) -> str:
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """Whether `e` is torch running out of device or host memory (CUDA, MPS or the CPU allocator)."""
-    return isinstance(e, RuntimeError) and any(
-        phrase in str(e) for phrase in ("can't allocate memory", "out of memory")
+    """Whether `e` is running out of device or host memory: torch's (CUDA, MPS or the CPU allocator) or Python's and
+    numpy's MemoryError."""
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and any(phrase in str(e) for phrase in ("can't allocate memory", "out of memory"))
     )
 
 

@@ -1,6 +1,7 @@
 """Bad input fails early with one line naming the problem: corpus files, devices, and the command line."""
 
 import os
+import resource
 import subprocess
 import sys
 
@@ -109,6 +110,27 @@ def test_running_out_of_memory_is_one_line_naming_what_to_lower(tmp_path):
     (line,) = [line for line in output.splitlines() if "error:" in line]
     assert "error: out of memory (RuntimeError: " in line and line.endswith("train.activation_checkpointing=true")
     assert "lower train.batch_size" in line
+
+
+def test_running_out_of_host_memory_in_numpy_is_the_same_one_line(tmp_path):
+    """A batch of 10**8 windows: numpy's MemoryError (26 GB of int64 ids, under a 6 GB address-space limit)."""
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question\n" * 200)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    limit = 6 * 2**30
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, "train.batch_size=100000000",
+            f"data.path={text}", f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]
+    (line,) = [line for line in output.splitlines() if "error:" in line]
+    assert "error: out of memory (" in line and "MemoryError" in line and "lower train.batch_size" in line
+    assert line in (tmp_path / "run" / "train.log").read_text()  # the run's log says why it ended
 
 
 def test_a_run_folder_that_cannot_be_written_is_one_line_before_hydra_logs_into_it(tmp_path):
