@@ -26,16 +26,21 @@ WARMUP_CHECK_STEPS = 10  # steps timed under train.max_time before judging wheth
 
 
 @torch.no_grad()
-def eval_seconds(model, data: TokenData, cfg: TrainConfig, device) -> float:
-    """One `estimate_loss` call's wall time with 10% to spare, from the fastest of a few timed forward passes."""
+def forward_seconds(model, data: TokenData, cfg: TrainConfig, device) -> float:
+    """The fastest of a few timed forward passes over one batch (the first, a warm-up, not counted)."""
     x, y = (t.to(device) for t in data.get_batch("val", cfg.batch_size, torch.Generator().manual_seed(0)))
     times = []
     with eval_mode(model), autocast_context(device, cfg.precision):
-        for _ in range(4):  # the first is a warm-up
+        for _ in range(4):
             t0 = time.perf_counter()
             model(x, y)[1].item()
             times.append(time.perf_counter() - t0)
-    return 1.1 * (2 if cfg.eval_train else 1) * cfg.eval_iters * min(times[1:])
+    return min(times[1:])
+
+
+def eval_seconds(forward: float, cfg: TrainConfig) -> float:
+    """One `estimate_loss` call's wall time with 10% to spare, from one batch's `forward` seconds."""
+    return 1.1 * (2 if cfg.eval_train else 1) * cfg.eval_iters * forward
 
 
 def plan_time_budget(
@@ -48,16 +53,20 @@ def plan_time_budget(
     resume: Checkpoint | None,
 ) -> float | None:
     """Seconds the training loop may take under train.max_time (None without one): the budget less the setup (the
-    seconds since `t_start`, the timing of the final evaluation included) and the final evaluation, timed now.
-    Under torchrun, rank 0's figures hold for every rank."""
+    seconds since `t_start`, the timing of the final evaluation included) and the final evaluation, timed now. A
+    budget that leaves less than about one training step is refused. Under torchrun, rank 0's figures hold for every
+    rank."""
     if tcfg.max_time is None:
         return None
-    final_eval = distributed.main_rank_value(eval_seconds(model, data, tcfg, device), device)
+    forward = forward_seconds(model, data, tcfg, device)
+    final_eval = distributed.main_rank_value(eval_seconds(forward, tcfg), device)
+    one_step = distributed.main_rank_value(3 * tcfg.grad_accum * forward, device)  # the backward: about 2 forwards
     setup = distributed.main_rank_value(time.perf_counter() - t_start, device)
     loop_time = tcfg.max_time - setup - final_eval
-    if loop_time <= 0:
+    if loop_time < one_step:
+        left = "no time" if loop_time <= 0 else f"{loop_time:.2f}s, less than one training step (~{one_step:.2f}s),"
         raise FluxtrainError(
-            f"train.max_time={tcfg.max_time} leaves no time to train after setup ({setup:.1f}s) "
+            f"train.max_time={tcfg.max_time} leaves {left} to train after setup ({setup:.1f}s) "
             f"and the final evaluation (~{final_eval:.1f}s with train.eval_iters={tcfg.eval_iters})"
         )
     spent = f" (it trained {progress.train_time:.1f}s before the checkpoint)" if resume else ""

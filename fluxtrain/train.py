@@ -444,14 +444,17 @@ def run_training(
             prune(run_dir, tcfg.keep_last, RUN_OUTPUTS)
 
     stop.install()
-    warmup_check = WarmupCheck(cfg, it)
+    warmup_check, first_it = WarmupCheck(cfg, it), it
     while True:
         elapsed = time.perf_counter() - t_loop
         if loop_time is not None and world.is_distributed:  # all ranks stop at one step, with one lr schedule
             elapsed = distributed.main_rank_value(elapsed, device)
         if loop_time is not None:
             warmup_check.before_step(it, elapsed, loop_time - elapsed)
-        if it >= tcfg.max_iters or (loop_time is not None and elapsed >= loop_time):
+        # Out of time: a session with time left at setup still takes its first step, which the folder's setup after
+        # the plan may have used up the last of.
+        out_of_time = loop_time is not None and elapsed >= loop_time and (it > first_it or no_steps_left)
+        if it >= tcfg.max_iters or out_of_time:
             break
         # Learning rate: warm-up in iterations, then optim.schedule over the rest of the budget. With a time budget
         # too, the schedule follows whichever budget is further spent, so it ends where the run does.

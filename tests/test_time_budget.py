@@ -90,6 +90,31 @@ def test_the_time_spent_timing_the_final_evaluation_is_setup_not_training_time(t
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_budget_that_leaves_less_than_one_step_is_refused_and_one_step_is_always_taken(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    # A forward pass "takes" 1 s, so a step about 3 s; the budget leaves about 2 s after the setup and final evaluation.
+    started = []
+    real_load_resume = train_module.load_resume
+
+    def load_resume(*args):
+        started.append(time.perf_counter())
+        return real_load_resume(*args)
+
+    monkeypatch.setattr(train_module, "load_resume", load_resume)
+    monkeypatch.setattr(time_budget, "forward_seconds", lambda *args: 1.0)
+    monkeypatch.setattr(time_budget, "eval_seconds", lambda *args: 60 - (time.perf_counter() - started[0]) - 2.0)
+    with pytest.raises(FluxtrainError) as info:
+        train(tiny_cfg("train.max_time=60"), tmp_path / "refused")
+    assert re.match(
+        r"train.max_time=60.0 leaves [12]\.\d\ds, less than one training step \(~3\.00s\), to train", str(info.value)
+    )
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+    # Time that the plan found but the folder's setup used up: the session still takes its first step, then stops.
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 1e-9)
+    assert train(tiny_cfg("train.max_time=60", "train.max_iters=1000"), tmp_path / "sliver")["iters"] == 1
+
+
 def test_an_iteration_budget_that_ends_first_still_runs_the_schedule_down(tiny_cfg, tmp_path):
     # 12 iterations end the run long before its 600 s: the linear decay follows the iterations, as without a time
     # budget, and reaches min_lr (0) at the last one.
