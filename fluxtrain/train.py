@@ -113,9 +113,15 @@ def validate(cfg: TrainConfig) -> None:
         raise FluxtrainError(
             f"train.batch_size={cfg.batch_size} does not split into train.batch_threads={cfg.batch_threads} equal parts"
         )
-    for name in ("sample_interval", "sample_len", "ckpt_interval", "keep_last"):
+    zero_means = {"sample_interval": "no samples", "ckpt_interval": "only at the end", "keep_last": "keep all"}
+    for name, meaning in zero_means.items():
         if getattr(cfg, name) < 0:
-            raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be >= 0 (0 turns it off)")
+            raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be >= 0 (0 = {meaning})")
+    if cfg.sample_len <= 0:
+        raise FluxtrainError(
+            f"train.sample_len={cfg.sample_len} must be a positive number of tokens (train.sample_interval=0 turns "
+            "samples off)"
+        )
     if cfg.max_time is not None and cfg.max_time <= 0:
         raise FluxtrainError(f"train.max_time={cfg.max_time} must be a positive number of seconds")
     if cfg.precision not in PRECISIONS:

@@ -361,6 +361,10 @@ def test_impossible_model_shapes_are_named(changes, message):
         ({"threads": 100000}, r"train.threads=100000 must be from 0 to \d+"),
         ({"seed": 2**32}, r"train.seed=4294967296 must be an integer from 0 to 2\*\*32 - 1"),
         ({"seed": -1}, r"train.seed=-1 must be an integer from 0 to 2\*\*32 - 1"),
+        ({"keep_last": -1}, r"^train.keep_last=-1 must be >= 0 \(0 = keep all\)$"),
+        ({"ckpt_interval": -1}, r"^train.ckpt_interval=-1 must be >= 0 \(0 = only at the end\)$"),
+        ({"sample_interval": -1}, r"^train.sample_interval=-1 must be >= 0 \(0 = no samples\)$"),
+        ({"sample_len": 0}, r"^train.sample_len=0 must be a positive number of tokens \(train.sample_interval=0 turns"),
     ],
 )
 def test_bad_train_settings_are_named(changes, message):
