@@ -15,6 +15,7 @@ import torch
 
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line
 from fluxtrain.host import check_threads, resolve_device
+from fluxtrain.logs import CONTROL_ESCAPES
 from fluxtrain.model import GPT
 from fluxtrain.model_file import load_model
 from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
@@ -155,9 +156,6 @@ def write_continuation(
 
 # The characters a terminal acts on instead of showing them: the C0 controls but newline and tab (ESC starts the
 # sequences that move the cursor, recolour, retitle the window or remap keys), DEL and the C1 controls.
-CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\n\t"}
-
-
 class EscapedControls:
     """A text stream that writes control characters as escapes (ESC as `\\x1b`), so that text from a model cannot
     change the state of the terminal that shows it."""

@@ -6,22 +6,27 @@ import logging
 import re
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Control characters but newline and tab, as `\\x1b`: text from a model or a file name cannot change the state of
+# the terminal that shows it (clear the screen, retitle the window, ring the bell).
+CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\n\t"}
 
 
 def printable(text: str) -> str:
-    """`text` with its lone surrogates as backslash escapes: a byte of a file name that is not UTF-8 (which Python
-    keeps as U+DC80..U+DCFF) as `\\xff`, any other as `\\udxxx`; they cannot be written as UTF-8."""
+    """`text` with its control characters (but newline and tab) and its lone surrogates as backslash escapes: a byte
+    of a file name that is not UTF-8 (which Python keeps as U+DC80..U+DCFF) as `\\xff`, any other surrogate as
+    `\\udxxx`; they cannot be written as UTF-8."""
 
     def escape(m: re.Match) -> str:
         point = ord(m.group())
         return f"\\x{point - 0xDC00:02x}" if 0xDC80 <= point <= 0xDCFF else f"\\u{point:04x}"
 
-    return _SURROGATE.sub(escape, text)
+    return _SURROGATE.sub(escape, text.translate(CONTROL_ESCAPES))
 
 
 class SafeFormatter(logging.Formatter):
-    """A `logging.Formatter` whose lines can always be written as UTF-8: a file name that is not UTF-8 shows with
-    backslash escapes instead of a "--- Logging error ---" traceback in place of the line."""
+    """A `logging.Formatter` whose lines can always be written as UTF-8 and shown safely: a file name that is not UTF-8
+    shows with backslash escapes instead of a "--- Logging error ---" traceback in place of the line, and so do control
+    characters in a sample of generated text."""
 
     def format(self, record: logging.LogRecord) -> str:
         return printable(super().format(record))

@@ -4,13 +4,15 @@ import io
 import logging
 import logging.config
 import os
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
 
 from fluxtrain.logs import printable
 
-from .conftest import compose_config
+from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config
 
 
 @pytest.fixture
@@ -44,6 +46,27 @@ def test_undecodable_file_names_are_logged_with_escapes(tmp_path, monkeypatch, r
     assert "Logging error" not in capsys.readouterr().err
 
 
-def test_printable_escapes_only_lone_surrogates():
-    assert printable("plain é 雷 🌩") == "plain é 雷 🌩"
+def test_printable_escapes_only_lone_surrogates_and_control_characters():
+    assert printable("plain é 雷 🌩\n\tindented") == "plain é 雷 🌩\n\tindented"
     assert printable("a\udcffb\ud800c") == "a\\xffb\\ud800c"
+    assert printable("\x1b[2J\x1b]0;title\x07 \r\x7f\x9b") == "\\x1b[2J\\x1b]0;title\\x07 \\x0d\\x7f\\x9b"
+
+
+def test_a_sample_of_text_with_terminal_escapes_is_logged_escaped(tmp_path):
+    """A model trained on text with ANSI escapes writes them in its samples: the console and train.log show them as
+    `\\x1b`, never as the bytes that would clear the screen or retitle the terminal."""
+    text = tmp_path / "ansi.txt"
+    text.write_text("\x1b[2J\x1b]0;title\x07 hello\n" * 300)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    run = tmp_path / "run"
+    overrides = ["train.max_iters=2", "train.sample_interval=2", "train.sample_len=200", "train.eval_iters=1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, *overrides, f"data.path={text}", f"hydra.run.dir={run}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    sample = log.split("sample at iteration 2:\n", 1)[1]
+    assert "\\x1b" in sample or "\\x07" in sample  # 200 tokens drawn from a vocabulary of 13 characters
+    for shown in (log, proc.stdout, proc.stderr):
+        assert not set(shown) & {"\x1b", "\x07"}
