@@ -192,6 +192,7 @@ class Sources:
     n_empty: int = 0  # empty files skipped
     n_broken: int = 0  # broken symbolic links skipped
     n_duplicates: int = 0  # further names (through links) of a file already read
+    n_filtered: int = 0  # files left out by include/exclude
     n_loops: int = 0  # links to a folder they are inside, not followed
     left_out: dict[str, int] = field(default_factory=dict)  # why -> files left out ("data.cache_dir": 3)
     not_utf8: dict[Path, int] = field(default_factory=dict)  # files read with U+FFFD -> offset of the first bad byte
@@ -207,6 +208,7 @@ class Sources:
         notes += [f"{self.n_broken} broken link(s) skipped"] if self.n_broken else []
         notes += [f"{self.n_duplicates} duplicate(s) of a file already read skipped"] if self.n_duplicates else []
         notes += [f"{self.n_loops} link loop(s) not followed"] if self.n_loops else []
+        notes += [f"{self.n_filtered} file(s) left out by include/exclude"] if self.n_filtered else []
         notes += [f"{n} file(s) in {why} left out" for why, n in self.left_out.items()]
         return notes
 
@@ -224,8 +226,19 @@ class Sources:
 
 
 def _matches(rel: str, patterns: Iterable[str]) -> bool:
+    """Whether the path `rel` or its file name matches one of the globs, where `**/` stands for any number of folders,
+    none included, as in a recursive glob (fnmatch's `*` matches `/` already, but `**/` alone would need one)."""
     name = rel.rsplit("/", 1)[-1]
-    return any(fnmatch(rel, p) or fnmatch(name, p) for p in patterns)
+    return any(fnmatch(rel, v) or fnmatch(name, v) for p in patterns for v in _without_some_double_stars(p))
+
+
+def _without_some_double_stars(pattern: str) -> set[str]:
+    """`pattern` with each of its `**/` kept or dropped, every combination: `a/**/b/**/c` gives four patterns."""
+    parts = pattern.split("**/")
+    variants = {parts[0]}
+    for part in parts[1:]:
+        variants = {v + kept + part for v in variants for kept in ("**/", "")}
+    return variants
 
 
 def _is_empty(path: Path, size: int) -> bool:
@@ -390,7 +403,7 @@ def resolve_sources(
         raise FluxtrainError(f"{setting}: folder {target} does not exist")
     else:
         raise FluxtrainError(f"{setting}: file {target} does not exist")
-    sources, broken, n_filtered, n_special = Sources([], where, n_loops=walk.n_loops), [], 0, 0
+    sources, broken, n_special = Sources([], where, n_loops=walk.n_loops), [], 0
     read: set[str] = set()  # real paths of the files kept
     for rel, file, why in sorted(candidates, key=lambda c: c[0]):
         real = os.path.realpath(file)
@@ -398,7 +411,7 @@ def resolve_sources(
         if why:
             sources.left_out[why] = sources.left_out.get(why, 0) + 1
         elif (include and not _matches(rel, include)) or _matches(rel, exclude):
-            n_filtered += 1
+            sources.n_filtered += 1
         elif _is_broken_link(file):
             broken.append(f"{file} -> {os.readlink(file)}")
         elif not stat.S_ISREG((st := file.stat()).st_mode):
@@ -426,7 +439,7 @@ def resolve_sources(
             f"{n} {what}"
             for n, what in (
                 (walk.n_hidden, "hidden file(s) or folder(s)"),
-                (n_filtered, "file(s) left out by include/exclude"),
+                (sources.n_filtered, "file(s) left out by include/exclude"),
                 (sources.n_binary, "binary file(s)"),
                 (sources.n_empty, "empty file(s)"),
                 (sources.n_broken, "broken link(s)"),

@@ -81,6 +81,18 @@ def test_include_and_exclude(tree):
         "pkg/mod.py",
     ]
     assert rel(resolve_sources(str(tree), include=["pkg/*.md"]), tree) == ["pkg/notes.md"]
+    kept = resolve_sources(str(tree), include=["*.py"], exclude=["pkg/tests/*"])
+    # notes.md, test_mod.py, and logo.png and empty.txt, which include/exclude drop before they are looked into
+    assert kept.describe().endswith("3 file(s), 34 bytes (4 file(s) left out by include/exclude)")
+
+
+def test_a_double_star_folder_in_include_or_exclude_also_stands_for_no_folder(tree):
+    """As in a recursive glob: `**/*.py` matches a.py at the top too, `pkg/**/*.py` matches pkg/mod.py."""
+    every_py = ["a.py", "b.py", "pkg/mod.py", "pkg/tests/test_mod.py"]
+    assert rel(resolve_sources(str(tree), include=["**/*.py"]), tree) == every_py
+    assert rel(resolve_sources(str(tree), include=["pkg/**/*.py"]), tree) == ["pkg/mod.py", "pkg/tests/test_mod.py"]
+    assert rel(resolve_sources(str(tree), include=["**/pkg/**/test_*.py"]), tree) == ["pkg/tests/test_mod.py"]
+    assert rel(resolve_sources(str(tree), exclude=["pkg/**/*"]), tree) == ["a.py", "b.py"]
 
 
 def test_glob(tree):
