@@ -37,6 +37,7 @@ from fluxtrain.tokenizer import (
     build_tokenizer,
     load_configured,
     load_tokenizer,
+    warn_unused,
 )
 from fluxtrain.tokenizer import validate as validate_tokenizer
 
@@ -87,6 +88,8 @@ def validate(cfg: DataConfig) -> None:
         raise FluxtrainError(f"data.encoding_errors={cfg.encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
     if not cfg.val_path and not 0.0 < cfg.val_fraction < 1.0:
         raise FluxtrainError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1 (or set data.val_path)")
+    if cfg.val_path and not 0.0 <= cfg.val_fraction < 1.0:  # unused, but a sweep may switch data.val_path off
+        raise FluxtrainError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1")
 
 
 def check_cache_dir(cfg: DataConfig) -> None:
@@ -446,13 +449,19 @@ class TokenData:
 
 
 def check_val_split(source: str, n_tokens: int, n_val: int, val_fraction: float, seq_len: int) -> None:
-    """A validation split too short for one window is an error naming data.val_fraction (when the training split
-    is long enough; TokenData says when it is not)."""
+    """A split too short for one window, where the other has tokens to spare, is an error naming data.val_fraction
+    (TokenData says when neither is long enough)."""
     if n_val < seq_len + 1 <= n_tokens - n_val:
         raise FluxtrainError(
             f"{source} is too short: its val split has {n_val} tokens (data.val_fraction={val_fraction} of "
             f"{n_tokens:,}), fewer than model.seq_len + 1 = {seq_len + 1}; raise data.val_fraction, lower "
             "model.seq_len or set data.val_path"
+        )
+    if n_tokens - n_val < seq_len + 1 <= n_val:
+        raise FluxtrainError(
+            f"{source} is too short: its train split has {n_tokens - n_val} tokens (all but data.val_fraction="
+            f"{val_fraction} of {n_tokens:,}), fewer than model.seq_len + 1 = {seq_len + 1}; lower data.val_fraction "
+            "or model.seq_len"
         )
 
 
@@ -466,6 +475,7 @@ def load_corpus(
     """
     validate(cfg)
     validate_tokenizer(tok_cfg)
+    warn_unused(tok_cfg)
     check_cache_dir(cfg)
     train_src, val_src = corpus_sources(cfg, run_dir)
     for sources in (train_src, val_src):

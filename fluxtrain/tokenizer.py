@@ -332,14 +332,18 @@ def validate(cfg: TokenizerConfig) -> None:
         raise FluxtrainError(f"tokenizer.path={cfg.path!r} is empty; give a tokenizer file, or null to build one")
     if cfg.kind not in KINDS:
         raise FluxtrainError(f"tokenizer.kind={cfg.kind!r} is not one of {', '.join(KINDS)}")
+    if cfg.kind == "bpe" and not cfg.path and cfg.vocab_size < MIN_BPE_VOCAB:
+        raise FluxtrainError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte-level BPE (at least {MIN_BPE_VOCAB})"
+        )
+
+
+def warn_unused(cfg: TokenizerConfig) -> None:
+    """A warning for a setting the chosen tokenizer does not use."""
     if cfg.kind == "char" and not cfg.path and cfg.vocab_size != TokenizerConfig.vocab_size:
         log.warning(
             f"tokenizer.vocab_size={cfg.vocab_size} is for tokenizer=bpe and is ignored: the char tokenizer has one "
             "token per character of the corpus"
-        )
-    if cfg.kind == "bpe" and not cfg.path and cfg.vocab_size < MIN_BPE_VOCAB:
-        raise FluxtrainError(
-            f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte-level BPE (at least {MIN_BPE_VOCAB})"
         )
 
 

@@ -529,6 +529,14 @@ def test_a_val_split_too_short_for_one_window_names_val_fraction(tmp_path):
         f"data.path={path} is too short: its val split has 10 tokens (data.val_fraction=0.01 of 1,000), fewer than "
         "model.seq_len + 1 = 17; raise data.val_fraction, lower model.seq_len or set data.val_path"
     )
+    with pytest.raises(FluxtrainError) as e:
+        load_corpus(corpus_cfg(tmp_path, path, val_fraction=0.99), TokenizerConfig(), 16)
+    assert str(e.value) == (
+        f"data.path={path} is too short: its train split has 10 tokens (all but data.val_fraction=0.99 of 1,000), "
+        "fewer than model.seq_len + 1 = 17; lower data.val_fraction or model.seq_len"
+    )
+    with pytest.raises(FluxtrainError, match=r"^data.val_fraction=5.0 must be between 0 and 1$"):
+        load_corpus(corpus_cfg(tmp_path, path, val_fraction=5.0, val_path=str(path)), TokenizerConfig(), 16)
 
 
 def test_val_path_gives_a_separate_validation_text(tmp_path):

@@ -273,15 +273,6 @@ def test_what_the_tokenizer_settings_cannot_give_is_said(tmp_path, caplog):
         loaded = build_tokenizer(TokenizerConfig(kind="bpe", path=str(char_file)), text, text)
     assert loaded.kind == "char"
     assert f"tokenizer.path={char_file} holds a char tokenizer: tokenizer=bpe is ignored" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fluxtrain.tokenizer"):
-        char = build_tokenizer(TokenizerConfig(kind="char", vocab_size=500), text, text)
-    assert char.vocab_size == len(set(text))
-    assert "tokenizer.vocab_size=500 is for tokenizer=bpe and is ignored" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fluxtrain.tokenizer"):
-        build_tokenizer(TokenizerConfig(kind="char"), text, text)
-    assert not caplog.records
 
 
 def test_a_huge_vocab_size_is_lowered_to_what_the_text_allows(caplog):
@@ -299,3 +290,23 @@ def test_a_huge_vocab_size_is_lowered_to_what_the_text_allows(caplog):
     with caplog.at_level(logging.WARNING, logger="fluxtrain.tokenizer"):
         bpe = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=100_000_000), ["ab"] * 10, ["ab"] * 10)
     assert bpe.vocab_size == 257 and "vocab_size=100000000: the training text gave only 257 tokens" in caplog.text
+
+
+def test_a_vocab_size_with_the_char_tokenizer_is_said_to_be_ignored_once_a_run(tmp_path, caplog):
+    text = tmp_path / "a.txt"
+    text.write_text(make_text(3_000))
+    cfg = DataConfig(path=str(text), cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):  # built, then from the cache
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+            _, tok, _ = load_corpus(cfg, TokenizerConfig(kind="char", vocab_size=500), 16)
+        assert tok.vocab_size == len(set(text.read_text()))
+        warned = [r.getMessage() for r in caplog.records]
+        assert warned == [
+            "tokenizer.vocab_size=500 is for tokenizer=bpe and is ignored: the char tokenizer has one token per "
+            "character of the corpus"
+        ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        load_corpus(cfg, TokenizerConfig(kind="char"), 16)
+    assert not caplog.records
