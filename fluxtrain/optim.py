@@ -39,9 +39,9 @@ def validate(cfg: OptimConfig) -> None:
         raise FluxtrainError(
             f"optim.name=muon needs torch.optim.Muon (torch 2.9 or newer); this is torch {torch.__version__}"
         )
-    if cfg.name == "muon" and cfg.muon_lr <= 0:
+    if cfg.muon_lr <= 0:  # checked with any optimizer: a sweep over optim.name uses them for one of its jobs
         raise FluxtrainError(f"optim.muon_lr={cfg.muon_lr} must be positive")
-    if cfg.name == "muon" and not 0.0 <= cfg.muon_momentum < 1.0:
+    if not 0.0 <= cfg.muon_momentum < 1.0:
         raise FluxtrainError(f"optim.muon_momentum={cfg.muon_momentum} must be in [0, 1)")
     if cfg.lr <= 0:
         raise FluxtrainError(f"optim.lr={cfg.lr} must be positive")

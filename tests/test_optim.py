@@ -77,6 +77,9 @@ def test_linear_and_wsd_schedules():
         ({"weight_decay": math.nan}, "optim.weight_decay=nan must be a finite number"),
         ({"grad_clip": math.nan}, "optim.grad_clip=nan must be a finite number"),
         ({"name": "muon", "muon_lr": math.nan}, "optim.muon_lr=nan must be a finite number"),
+        # Unused by adamw, but a sweep over optim.name would reach them: checked with any optimizer.
+        ({"muon_lr": -1.0}, r"optim.muon_lr=-1.0 must be positive"),
+        ({"muon_momentum": 5.0}, r"optim.muon_momentum=5.0 must be in \[0, 1\)"),
     ],
 )
 def test_bad_optimizer_settings_are_named(overrides, message):
