@@ -147,13 +147,13 @@ def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, seed: int) -
     with eval_mode(model):
         for split in ("train", "val") if cfg.eval_train else ("val",):
             generator = torch.Generator().manual_seed(seed)
-            losses = torch.zeros(cfg.eval_iters)
-            for i in range(cfg.eval_iters):
+            total = 0.0
+            for _ in range(cfg.eval_iters):
                 x, y = data.get_batch(split, cfg.batch_size, generator)
                 with autocast_context(device, cfg.precision):
                     _, loss = model(x.to(device), y.to(device))
-                losses[i] = loss.item()
-            out[split] = losses.mean().item()
+                total += loss.item()
+            out[split] = total / cfg.eval_iters
     return out
 
 
