@@ -37,7 +37,7 @@ def check(n: int, device: torch.device, distributed: bool, dropout: float) -> No
     if dropout > 0:
         raise FluxtrainError(
             f"train.batch_threads={n} needs model.dropout=0: dropout masks drawn by several threads at once would "
-            "differ from run to run"
+            "differ from run to run (train.batch_threads=1 trains with dropout)"
         )
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -25,6 +26,7 @@ log = logging.getLogger("fluxtrain")
 
 # What a failed job returns to the sweeper: the worst value when minimising (Optuna rejects NaN as a trial value).
 FAILED_VALUE = math.inf
+SEARCH_RESULTS_FILE = "optimization_results.yaml"  # the Optuna sweeper's best_params and best_value
 
 
 def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]) -> float:
@@ -82,6 +84,22 @@ def swept_keys(config: DictConfig) -> set[str]:
     return keys | set(config.hydra.sweeper.get("params") or {})
 
 
+def drop_search_results_without_a_best(sweep_dir: Path, since: float) -> bool:
+    """Remove the search results this sweep wrote when every trial failed: their best_params would name a failed
+    trial, with best_value .inf. Whether it removed them."""
+    results = sweep_dir / SEARCH_RESULTS_FILE
+    try:
+        if results.stat().st_mtime < since:  # an earlier search's
+            return False
+        content = yaml.safe_load(results.read_text())
+    except (OSError, yaml.YAMLError):  # none: no search, or not one that writes them
+        return False
+    if not isinstance(content, dict) or content.get("best_value") != FAILED_VALUE:
+        return False
+    results.unlink()
+    return True
+
+
 class SweepReport(Callback):
     """When a multirun ends: prints its jobs' results, best first, lists the failed jobs and exits non-zero if there
     were any (configured in conf/hydra/)."""
@@ -107,5 +125,7 @@ class SweepReport(Callback):
         for job_dir, report in failed:
             values = [o.input_line for o in parser.parse_overrides(report["overrides"]) if o.key_or_group in swept]
             lines.append(f"  {job_dir}: {' '.join(values or report['overrides'])}: {report['error']}")
+        if drop_search_results_without_a_best(sweep_dir, self.started):
+            lines.append(f"no trial finished, so there is no best: {SEARCH_RESULTS_FILE} was removed")
         print("\n".join(lines), file=sys.stderr)
         sys.exit(1)
