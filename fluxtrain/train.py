@@ -19,6 +19,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fluxtrain import batch_threads, distributed, host, throughput
 from fluxtrain.batch_threads import BatchThreads, single_threaded
@@ -384,6 +385,8 @@ def run_training(
     tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
     last_ckpt = resume.path if resume else None
     show_bar = sys.stdout.isatty() and world.is_main
+    if show_bar:  # log lines go above the bar, not onto the end of its line
+        resources.enter_context(logging_redirect_tqdm())
     bar = tqdm(total=tcfg.max_iters, initial=it, disable=not show_bar, desc="train", leave=False)
 
     pending: list[torch.Tensor] = []  # the losses of the steps since the last collect_losses(), still on the device

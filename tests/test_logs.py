@@ -70,3 +70,21 @@ def test_a_sample_of_text_with_terminal_escapes_is_logged_escaped(tmp_path):
     assert "\\x1b" in sample or "\\x07" in sample  # 200 tokens drawn from a vocabulary of 13 characters
     for shown in (log, proc.stdout, proc.stderr):
         assert not set(shown) & {"\x1b", "\x07"}
+
+
+def test_on_a_terminal_log_lines_go_above_the_progress_bar(tiny_text_file, tmp_path):
+    """The bar (tqdm, shown on a terminal only) is cleared before each log line and drawn again below it: a log line
+    never starts at the end of the bar's line."""
+    pexpect = pytest.importorskip("pexpect")
+    overrides = ["train.max_iters=300", "train.log_interval=100", "train.eval_interval=100", "train.eval_iters=1"]
+    args = ["-m", "fluxtrain", *TINY_OVERRIDES, *overrides, f"data.path={tiny_text_file}"]
+    args += [f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = pexpect.spawn(sys.executable, args, cwd=str(REPO_ROOT), env=env, encoding="utf-8", timeout=120)
+    child.expect(pexpect.EOF)
+    child.close()
+    shown = child.before
+    assert child.exitstatus == 0, shown[-2000:]
+    assert "it/s]" in shown and "train: " in shown  # the bar was drawn
+    assert "iter    300/300 | loss" in shown and "done: 300 iterations" in shown
+    assert "it/s][" not in shown  # e.g. "| 92/300 [00:00<00:00, 346.09it/s][2026-11-28 ...][fluxtrain][INFO] - iter"
