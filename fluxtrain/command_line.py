@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fluxtrain.config import Config, config_dir, nested, unknown_keys
 from fluxtrain.errors import FluxtrainError, describe_failure, first_line
-from fluxtrain.overrides import is_multirun
+from fluxtrain.overrides import NO_RUN_FLAGS, is_multirun
 from fluxtrain.runs import flat_settings
 
 
@@ -50,6 +50,7 @@ def check_overrides(args: list[str]) -> None:
     options = {} if elsewhere else group_options(folders)
     own_primary = bool(_option_values(args, ("--config-name", "-cn")))  # whose defaults may lack a group
     multirun = is_multirun(args)
+    prints_only = any(arg in NO_RUN_FLAGS for arg in args)  # --cfg, --info, --help: the search's config, no trials
     setup_globals()  # Hydra's resolvers (`${now:...}`), for the interpolation check
     schema, parser = OmegaConf.structured(Config), OverridesParser.create()
     chosen: dict[str, list[str]] = {}
@@ -74,7 +75,7 @@ def check_overrides(args: list[str]) -> None:
         key = override.key_or_group
         if "/" in key or "@" in key:
             continue
-        if key == "hparams_search" and not multirun:
+        if key == "hparams_search" and not multirun and not prints_only:
             raise FluxtrainError(
                 f"{arg} is a search: add -m to run its trials (without -m it would train one run with the search's "
                 "settings)"

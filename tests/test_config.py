@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -244,6 +245,19 @@ def test_what_hydra_reports_in_many_lines_or_a_traceback_is_one_line_before_it_s
 def test_sweeps_that_name_a_folder_per_job_and_group_globs_pass_the_checks():
     check_overrides(["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=${hydra.job.override_dirname}"])
     check_overrides(["-m", "model=glob(sm*)", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=1"])
+
+
+def test_a_search_can_print_its_config_without_running_trials():
+    """`--cfg` cannot go with -m, so a search without -m is allowed there: it prints and runs nothing."""
+    for flag in ("--cfg", "-c", "--info"):
+        check_overrides(["experiment=shakespeare_cpu", "hparams_search=lr_optuna", flag, "job"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", "experiment=shakespeare_cpu", "hparams_search=lr_optuna", "--cfg", "hydra"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    sweeper = yaml.safe_load(proc.stdout)["hydra"]["sweeper"]
+    assert sweeper["params"] == {"optim.lr": "tag(log, interval(1e-4, 1e-2))", "model.dropout": "interval(0.0, 0.3)"}
 
 
 def test_a_preset_that_an_experiment_overrides_is_refused():
