@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fluxtrain.config import Config, config_dir, nested, unknown_keys
@@ -128,6 +128,8 @@ def _check_setting(override, key: str, values: list[Any], schema: DictConfig) ->
         raise FluxtrainError(f"~{key}: a fluxtrain setting cannot be removed; give it a value instead ({key}=...)")
     for value in values:
         if problem := _type_problem(key, value, schema):
+            if isinstance(OmegaConf.select(schema, key), ListConfig) and isinstance(value, (str, int, float)):
+                problem = f"takes a list, in brackets and quoted for the shell, e.g. {key}='[{value}]'"
             raise FluxtrainError(f"{key}: {problem}")
 
 

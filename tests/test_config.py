@@ -209,6 +209,10 @@ def test_a_config_dir_option_with_a_typo_or_a_wrong_type_is_one_line_naming_the_
         (["model=small,medium", "--cfg", "job"], "model=small,medium is a sweep: add -m"),
         (["train.seed=range(1,4)"], "train.seed=range(1,4) is a sweep: add -m"),
         (["hparams_search=lr_optuna"], "hparams_search=lr_optuna is a search: add -m to run its trials"),
+        (
+            ["data.include=*.py"],
+            "data.include: takes a list, in brackets and quoted for the shell, e.g. data.include='[*.py]'",
+        ),
         (["-m", "optim.lr=range(0)"], "optim.lr=range(0) sweeps over no values: give at least one"),
         (["-m", "optim.lr=glob(*)"], "optim.lr=glob(*): glob() picks options of a config group, and optim.lr is not"),
         (["-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0: a search runs at"),
