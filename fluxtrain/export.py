@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser
-from fluxtrain.files import check_writable
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line
+from fluxtrain.files import check_writable, parse_json
 from fluxtrain.model import GPT, ModelConfig, eval_mode
 from fluxtrain.model_file import load_model
 from fluxtrain.quantize import is_quantized
@@ -245,7 +246,7 @@ def usual_permissions(folder: Path) -> None:
 def is_export(folder: Path) -> bool:
     """Whether `folder` holds a transformers export of a GPT2LMHeadModel (what `--overwrite` may replace)."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = parse_json((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("architectures") == ["GPT2LMHeadModel"]
@@ -306,14 +307,20 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
         hf_tok.save_pretrained(tmp)
         # Name the class both transformers 4 and 5 know (5 would write its new name, TokenizersBackend).
         config_path = tmp / "tokenizer_config.json"
-        config = json.loads(config_path.read_text())
+        config = parse_json(config_path.read_text())
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     try:
         write_folder(out_dir, write)
-    except OSError as e:
-        raise FluxtrainError(f"OUT_DIR {out_dir} cannot be written: {e.strerror or e}") from None
+    except FluxtrainError:
+        raise
+    except Exception as e:
+        # safetensors and tokenizers write from Rust: a full disk is their own error type, "... (os error 28)"
+        if not (isinstance(e, (OSError, SafetensorError)) or "(os error " in str(e)):
+            raise
+        problem = getattr(e, "strerror", None) or first_line(e)
+        raise FluxtrainError(f"OUT_DIR {out_dir} cannot be written: {problem}") from None
     return out_dir
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import stat
 import subprocess
 import sys
@@ -357,3 +358,26 @@ def test_ctrl_c_writes_nothing_and_exits_130(tmp_path, capsys, monkeypatch):
         main([str(tmp_path / "model.safetensors"), str(tmp_path / "hf")])
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted: nothing was written\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("limit", "shape"),
+    [(6_000, {}), (9_000, {"d_model": 4, "ff_dim": 8, "n_layers": 1})],
+    ids=["weights", "tokenizer"],
+)
+def test_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path, limit, shape):
+    """A file-size limit stands in for a full disk: safetensors (the weights, 117 kB or 8 kB here) and tokenizers
+    (tokenizer.json, 11 kB) write from Rust and report it as errors of their own, not as OSError."""
+    tokenizer = BPETokenizer.train(make_text(20_000), vocab_size=600)
+    model_file = tmp_path / "model.safetensors"
+    save_model_file(model_file, tiny_model(tokenizer.vocab_size, **shape), tokenizer)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxtrain.export", str(model_file), str(tmp_path / "hf")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: OUT_DIR {tmp_path / 'hf'} cannot be written: ")
+    assert "too large" in proc.stderr.lower() and proc.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no folder, no temporary one
