@@ -15,7 +15,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from fluxtrain.distributed import full_optimizer_state, load_full_weights, model_device, shard_optimizer_state
 from fluxtrain.errors import FluxtrainError, first_line
-from fluxtrain.files import atomic_write
+from fluxtrain.files import atomic_write, parse_json
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.model_file import (
     CHECKPOINT_FORMAT,
@@ -110,7 +110,7 @@ def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tenso
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], text: str) -> dict[str, Any]:
-    data = json.loads(text)
+    data = parse_json(text)
     state = {int(index): dict(values) for index, values in data["state"].items()}
     for key, value in tensors.items():
         index, name = key.split("/", 1)
@@ -175,12 +175,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         model_config = model_config_from_json(meta["model_config"], str(path))
         vocab_size = int(meta["vocab_size"])
         tokenizer_from_json(meta["tokenizer"])
-        progress = Progress(**json_fields(json.loads(meta["progress"]), Progress, "progress", str(path)))
+        progress = Progress(**json_fields(parse_json(meta["progress"]), Progress, "progress", str(path)))
         optimizer = _join_optimizer_state(groups["optim"], meta["optimizer"])
-        scaler = json.loads(meta["scaler"])
+        scaler = parse_json(meta["scaler"])
         if not isinstance(scaler, dict):
             raise FluxtrainError(f"{path}: its grad-scaler state is not a JSON object")
-        config = json.loads(meta["config"])
+        config = parse_json(meta["config"])
         if not isinstance(config, dict):
             raise FluxtrainError(f"{path}: its run config is not a JSON object")
         missing = {"torch", "batches"} - groups["rng"].keys()

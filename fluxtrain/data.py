@@ -19,7 +19,7 @@ import torch
 
 from fluxtrain.cuts import BYTE_LEVEL_CUTS, CutRule
 from fluxtrain.errors import FluxtrainError, describe_failure
-from fluxtrain.files import atomic_write, atomic_write_text, check_writable
+from fluxtrain.files import atomic_write, atomic_write_text, check_writable, parse_json
 from fluxtrain.sources import (
     Sources,
     check_sha256,
@@ -324,7 +324,7 @@ def _check_entry(
     after checking the ids against its size and digest and the vocabulary; ValueError (or OSError) says what is
     wrong."""
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = parse_json(meta_path.read_text(encoding="utf-8"))
         n_tokens, expected = int(meta["n_tokens"]), meta.get("blake2b")
         not_utf8 = meta.get("not_utf8")
         if not_utf8 is not None:

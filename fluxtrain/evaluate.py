@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from fluxtrain.data import ENCODING_ERRORS, count_bytes, encode_all
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser
-from fluxtrain.files import atomic_write_text, check_writable
+from fluxtrain.files import atomic_write_text, check_writable, parse_json
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, eval_mode
 from fluxtrain.model_file import load_model
@@ -186,7 +186,7 @@ def check_json_target(path: str) -> None:
         raise FluxtrainError(f"--json {path} is not a regular file: give a file to write the figures to, or -")
     try:
         # An evaluation's JSON is a few hundred bytes: a large file is another one, and is not read whole to see that.
-        earlier = json.loads(target.read_bytes()) if target.stat().st_size <= MAX_JSON_BYTES else None
+        earlier = parse_json(target.read_bytes()) if target.stat().st_size <= MAX_JSON_BYTES else None
     except (OSError, ValueError):
         earlier = None
     if not (isinstance(earlier, dict) and FIGURE_KEYS <= earlier.keys()):

@@ -1,12 +1,15 @@
-"""Writing files atomically: a crash or an error leaves the old file or the complete new one, never a part."""
+"""Files on disk: written atomically (a crash or an error leaves the old file or the complete new one, never a part),
+and JSON read from them without a crash on any content."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fluxtrain.errors import FluxtrainError, first_line
 
@@ -75,3 +78,12 @@ def check_writable(path: str | Path, setting: str, folder: bool = False) -> None
         raise FluxtrainError(
             f"{given} cannot be written: cannot create a file in {parent} ({e.strerror or e})"
         ) from None
+
+
+def parse_json(text: str | bytes) -> Any:
+    """`json.loads`, where JSON nested too deeply for Python's recursion limit (`[[[[...]]]]`) is a ValueError like
+    any other malformed JSON, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

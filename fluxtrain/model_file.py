@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from fluxtrain.errors import FluxtrainError, first_line
-from fluxtrain.files import atomic_write
+from fluxtrain.files import atomic_write, parse_json
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.quantize import is_quantized
@@ -161,8 +161,16 @@ def _kind(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
+# What every model config fluxtrain wrote holds: the block variants came later and default to GPT-2's blocks.
+SHAPE_KEYS = ("d_model", "n_heads", "n_layers", "ff_dim", "seq_len")
+
+
 def model_config_from_json(text: str, source: str) -> ModelConfig:
-    cfg = ModelConfig(**json_fields(json.loads(text), ModelConfig, "model config", source))
+    fields = json_fields(parse_json(text), ModelConfig, "model config", source)
+    missing = [key for key in SHAPE_KEYS if key not in fields]
+    if missing:
+        raise FluxtrainError(f"{source}: its model config has no {missing[0]}")
+    cfg = ModelConfig(**fields)
     try:
         cfg.validate()
     except FluxtrainError as e:
@@ -227,6 +235,10 @@ def build_from_metadata(meta: dict[str, str], source: str, state: dict[str, torc
         raise FluxtrainError(f"{source}: damaged model metadata ({type(e).__name__}: {first_line(e)})") from None
     if tokenizer.vocab_size != vocab_size:
         raise FluxtrainError(f"{source}: its tokenizer has {tokenizer.vocab_size} tokens, its model {vocab_size}")
+    # Counted from the names first: even on the meta device, a billion claimed blocks would take hours to build.
+    n_blocks = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    if cfg.n_layers != n_blocks:
+        raise FluxtrainError(f"{source}: its model config has n_layers={cfg.n_layers}, its weights {n_blocks} blocks")
     check_weights(shapes_only(cfg, vocab_size, source), state, source)
     bad = first_non_finite(state)  # a checkpoint's weights are checked as it is read (load_checkpoint)
     if bad is not None:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line
+from fluxtrain.files import parse_json
 from fluxtrain.resume import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILES,
@@ -124,7 +125,7 @@ def written_since(root: Path, pattern: str, since: float) -> list[Path]:
 
 def load_metrics(file: Path) -> dict[str, Any]:
     """A metrics.json: an object whose table columns are numbers or null (ValueError if not)."""
-    metrics = json.loads(file.read_text())
+    metrics = parse_json(file.read_text())
     if not isinstance(metrics, dict):
         raise ValueError(f"not a JSON object but {type(metrics).__name__}")
     for key in dict.fromkeys((*TABLE_METRICS, *RANKED_METRICS)):
@@ -140,7 +141,7 @@ def load_metrics(file: Path) -> dict[str, Any]:
 def load_failure(file: Path) -> tuple[str, list[str] | None]:
     """The error message in a failed.json and the job's overrides (None where it lacks them); ValueError if it has
     no message."""
-    report = json.loads(file.read_text())
+    report = parse_json(file.read_text())
     if not isinstance(report, dict) or not isinstance(report.get("error"), str):
         raise ValueError('no "error" message')
     overrides = report.get("overrides")

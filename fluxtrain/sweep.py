@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
-from fluxtrain.files import atomic_write_text
+from fluxtrain.files import atomic_write_text, parse_json
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.runs import FAILED_FILE, ranked_table, read_run, run_folders, written_since
 
@@ -55,7 +55,7 @@ def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]
 
 def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, dict]]:
     """(job folder, failed.json contents) of every job under `sweep_dir` that failed at or after time `since`."""
-    return [(path.parent, json.loads(path.read_text())) for path in written_since(sweep_dir, FAILED_FILE, since)]
+    return [(path.parent, parse_json(path.read_text())) for path in written_since(sweep_dir, FAILED_FILE, since)]
 
 
 def failure_summary(n_failed: int, sweep_dir: Path, since: float, output_subdir: str | None) -> str:

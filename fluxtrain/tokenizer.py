@@ -17,7 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from fluxtrain.cuts import ANYWHERE, CutRule, hf_cut_rule
 from fluxtrain.errors import FluxtrainError, first_line
-from fluxtrain.files import atomic_write, atomic_write_text
+from fluxtrain.files import atomic_write, atomic_write_text, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def _merges_the_text_allows(pieces: Iterable[str], vocab_size: int) -> tuple[Ite
 
 def tokenizer_from_json(text: str) -> Tokenizer:
     """Rebuild a tokenizer from its JSON form (as written by `to_json` or a Hugging Face tokenizer.json)."""
-    data = json.loads(text)
+    data = parse_json(text)
     if not isinstance(data, dict):
         raise ValueError("tokenizer JSON is not an object")
     if data.get("type") == "char":

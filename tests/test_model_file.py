@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -105,12 +106,14 @@ def test_newer_format_wrong_shapes_and_unknown_config_keys_are_named(saved, tmp_
         ({"bias": 1}, r"model config has bias=1, which is not true or false"),
         ({"n_heads": 3}, r"model.n_heads=3 must divide model.d_model=32"),
         ({"seq_len": 10**9, "pos_emb": "rope"}, r"model.seq_len=1000000000 must be at most 1,048,576"),
+        ({"n_layers": None}, r"its model config has no n_layers"),
     ],
 )
 def test_damaged_model_configs_are_named_with_the_file(saved, tmp_path, changes, message):
     _, _, path = saved
     config = json.loads(safe_open(str(path), framework="pt").metadata()["model_config"])
-    bad = rewritten(path, tmp_path, "bad.safetensors", {"model_config": json.dumps({**config, **changes})})
+    config = {k: v for k, v in {**config, **changes}.items() if v is not None}  # None: the key is gone
+    bad = rewritten(path, tmp_path, "bad.safetensors", {"model_config": json.dumps(config)})
     with pytest.raises(FluxtrainError, match=f"^{bad}: {message}$"):
         load_model(bad)
 
@@ -122,6 +125,9 @@ def test_damaged_model_configs_are_named_with_the_file(saved, tmp_path, changes,
         ({"model_config": None}, "damaged model metadata: it has no 'model_config' entry"),
         ({"vocab_size": "abc"}, "damaged model metadata: vocab_size='abc' is not a count"),
         ({"model_config": "{not json"}, r"damaged model metadata \(JSONDecodeError: Expecting property name"),
+        # Deeper than Python's recursion limit: json.loads raised RecursionError, which no reader expected.
+        ({"model_config": "[" * 100_000 + "]" * 100_000}, r"damaged model metadata \(ValueError: JSON nested too deep"),
+        ({"tokenizer": "[" * 100_000 + "]" * 100_000}, r"damaged model metadata \(ValueError: JSON nested too deeply"),
     ],
 )
 def test_damaged_metadata_entries_are_named_in_words(saved, tmp_path, changes, message):
@@ -139,8 +145,17 @@ def test_metadata_that_claims_another_model_than_the_weights_is_refused_before_b
     huge = rewritten(
         path, tmp_path, "huge.safetensors", {"model_config": json.dumps({**config, "n_layers": 48, "d_model": 4096})}
     )
-    with pytest.raises(FluxtrainError, match=f"^{huge}: weights do not fit the model"):
+    with pytest.raises(FluxtrainError, match=f"^{huge}: its model config has n_layers=48, its weights 2 blocks$"):
         load_model(huge)
+    wider = rewritten(path, tmp_path, "wide.safetensors", {"model_config": json.dumps({**config, "d_model": 4096})})
+    with pytest.raises(FluxtrainError, match=f"^{wider}: weight tok_emb.weight has shape"):
+        load_model(wider)
+    # A billion blocks took minutes and gigabytes to lay out on the meta device before the weights were compared.
+    deep = rewritten(path, tmp_path, "deep.safetensors", {"model_config": json.dumps({**config, "n_layers": 10**9})})
+    started = time.perf_counter()
+    with pytest.raises(FluxtrainError, match=f"^{deep}: its model config has n_layers=1000000000, its weights 2"):
+        load_model(deep)
+    assert time.perf_counter() - started < 10
     wide = rewritten(path, tmp_path, "vocab.safetensors", {"vocab_size": str(10**8)})
     with pytest.raises(FluxtrainError, match=f"^{wide}: its tokenizer has {tokenizer.vocab_size} tokens, its model"):
         load_model(wide)
