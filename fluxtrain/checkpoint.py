@@ -67,6 +67,31 @@ class Checkpoint:
     rng: dict[str, torch.Tensor]
 
 
+RUN_CONFIG_SECTIONS = ("model", "data", "tokenizer", "optim", "train")  # compared with the resuming run's
+
+
+def checked_progress(data: Any, source: str) -> Progress:
+    """The progress a checkpoint records, every value of its type and in its range (a count from 0, seconds from 0,
+    losses finite; the best validation loss may be infinite, before the first evaluation)."""
+    fields = json_fields(data, Progress, "progress", source)
+    if "iteration" not in fields:
+        raise FluxtrainError(f"{source}: its progress has no iteration")
+    progress = Progress(**fields)
+    times = {"train_time": progress.train_time, "wall_time": progress.wall_time}
+    if progress.warmup_done_at is not None:
+        times["warmup_done_at"] = progress.warmup_done_at
+    problems = [
+        (progress.iteration < 0, f"iteration={progress.iteration} is negative"),
+        *((not 0 <= value < math.inf, f"{key}={value} is not a number of seconds") for key, value in times.items()),
+        (not 0 <= progress.best_val_loss, f"best_val_loss={progress.best_val_loss} is not a loss"),
+        (not all(math.isfinite(v) for v in progress.window_losses), "window_losses holds NaN or infinite values"),
+    ]
+    problem = next((text for wrong, text in problems if wrong), None)
+    if problem is not None:
+        raise FluxtrainError(f"{source}: its progress is damaged: {problem}")
+    return progress
+
+
 class NonFiniteWeightsError(FluxtrainError):
     """The weights hold NaN or infinite values; such a model is never written to a checkpoint."""
 
@@ -175,7 +200,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         model_config = model_config_from_json(meta["model_config"], str(path))
         vocab_size = int(meta["vocab_size"])
         tokenizer_from_json(meta["tokenizer"])
-        progress = Progress(**json_fields(parse_json(meta["progress"]), Progress, "progress", str(path)))
+        progress = checked_progress(parse_json(meta["progress"]), str(path))
         optimizer = _join_optimizer_state(groups["optim"], meta["optimizer"])
         scaler = parse_json(meta["scaler"])
         if not isinstance(scaler, dict):
@@ -183,6 +208,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         config = parse_json(meta["config"])
         if not isinstance(config, dict):
             raise FluxtrainError(f"{path}: its run config is not a JSON object")
+        section = next((k for k in RUN_CONFIG_SECTIONS if not isinstance(config.get(k, {}), dict)), None)
+        if section is not None:
+            raise FluxtrainError(f"{path}: its run config's {section} section is not a JSON object")
         missing = {"torch", "batches"} - groups["rng"].keys()
         if missing:
             raise KeyError(f"rng/{sorted(missing)[0]}")
@@ -197,6 +225,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 f"a CPU generator's has {cpu_state_size}"
             )
         check_dtypes(groups["model"], path)
+        bad = first_non_finite(groups["optim"])
+        if bad is not None:
+            raise FluxtrainError(f"{path}: its optimizer state optim/{bad} holds NaN or infinite values")
+        bad = next((k for k, v in groups["optim"].items() if k.endswith("exp_avg_sq") and (v < 0).any()), None)
+        if bad is not None:
+            raise FluxtrainError(f"{path}: its optimizer state optim/{bad} (a mean of squares) holds negative values")
         bad = first_non_finite(groups["model"])
         if bad is not None:
             raise FluxtrainError(f"{path}: weight {bad} holds NaN or infinite values")

@@ -266,6 +266,11 @@ def load_resume(cfg: DictConfig, run_dir: str | Path) -> Checkpoint | None:
         return None
     try:
         ckpt = load_checkpoint(path)
+        named = CHECKPOINT_NAME.fullmatch(Path(path).name)
+        if named and int(named[1]) != ckpt.progress.iteration:  # resume=auto and pruning go by the name
+            raise FluxtrainError(
+                f"{path} is damaged: its name says iteration {int(named[1])}, its progress {ckpt.progress.iteration}"
+            )
     except FluxtrainError as e:
         older = [p for _, p in list_checkpoints(run_dir) if p != path]
         if cfg.get("resume") == "auto" and older:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -229,6 +230,56 @@ def test_optimizer_state_of_no_parameter_missing_or_of_another_dtype_is_named(tm
         with pytest.raises(FluxtrainError) as info:
             restore(load_checkpoint(edited), *make_run_state())
         assert str(info.value).startswith(f"{edited}: optimizer state does not fit this optimizer ({problem}"), problem
+
+
+def test_optimizer_state_that_is_not_finite_or_a_negative_mean_of_squares_is_named(tmp_path):
+    """Such a state loads into torch and turns the first step's weights into NaN: a divergence blamed on the lr."""
+    path = tmp_path / "iter_000002.ckpt"
+    write_checkpoint(path)
+    with safe_open(str(path), framework="pt") as f:
+        exp_avg, exp_avg_sq = f.get_tensor("optim/0/exp_avg"), f.get_tensor("optim/0/exp_avg_sq")
+    for changes, problem in (
+        ({"optim/0/exp_avg": torch.full_like(exp_avg, float("nan"))}, "optim/0/exp_avg holds NaN or infinite values"),
+        ({"optim/0/exp_avg_sq": -exp_avg_sq - 1}, "optim/0/exp_avg_sq (a mean of squares) holds negative values"),
+    ):
+        edited = without_checksum(path, changes)
+        with pytest.raises(FluxtrainError) as info:
+            load_checkpoint(edited)
+        assert str(info.value) == f"{edited}: its optimizer state {problem}"
+
+
+def with_metadata(path: Path, name: str, **changes: str) -> Path:
+    """A copy of the checkpoint at `path` with some metadata entries replaced, and no checksum."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edited = path.with_name(name)
+    save_file(tensors, str(edited), metadata={**{k: v for k, v in meta.items() if k != DIGEST_KEY}, **changes})
+    return edited
+
+
+def test_progress_and_run_config_that_do_not_hold_up_are_named(tmp_path):
+    path = tmp_path / "iter_000002.ckpt"
+    write_checkpoint(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    progress, config = json.loads(meta["progress"]), json.loads(meta["config"])
+    deep = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion limit
+    for changes, problem in (
+        ({"progress": json.dumps({**progress, "iteration": -5})}, "its progress is damaged: iteration=-5 is negative"),
+        ({"progress": json.dumps({**progress, "train_time": -3.0})}, "train_time=-3.0 is not a number of seconds"),
+        ({"progress": json.dumps({**progress, "wall_time": math.inf})}, "wall_time=inf is not a number of seconds"),
+        ({"progress": json.dumps({**progress, "best_val_loss": math.nan})}, "best_val_loss=nan is not a loss"),
+        ({"progress": json.dumps({**progress, "window_losses": [1.0, math.nan]})}, "window_losses holds NaN"),
+        ({"progress": "{}"}, "its progress has no iteration"),
+        ({"progress": deep}, "damaged checkpoint metadata (ValueError: JSON nested too deeply)"),
+        ({"config": json.dumps({**config, "train": "x"})}, "its run config's train section is not a JSON object"),
+        ({"config": json.dumps({**config, "tokenizer": [1]})}, "its run config's tokenizer section is not a JSON"),
+    ):
+        edited = with_metadata(path, "edited.ckpt", **changes)
+        with pytest.raises(FluxtrainError) as info:
+            load_checkpoint(edited)
+        assert str(info.value).startswith(f"{edited}: ") and problem in str(info.value), str(info.value)
+    assert load_checkpoint(with_metadata(path, "fine.ckpt", progress=json.dumps(progress))).progress.iteration == 2
 
 
 def test_a_grad_scaler_state_that_does_not_fit_is_named(tmp_path):

@@ -359,6 +359,19 @@ def test_auto_resume_from_a_damaged_newest_checkpoint_names_the_one_before(tiny_
     assert str(info.value) == f"checkpoint {newest} is empty; {hint}"
 
 
+def test_a_checkpoint_whose_name_and_progress_disagree_is_refused(tiny_cfg, tmp_path):
+    """resume=auto, pruning and the moving aside of later files go by the names: a checkpoint at iteration 10 under
+    the name of iteration 20 would have the run set aside the very file it resumes from."""
+    train(tiny_cfg("train.max_iters=10", "train.ckpt_interval=5", "train.keep_last=0"), tmp_path)
+    renamed = checkpoint_path(tmp_path, 20)
+    checkpoint_path(tmp_path, 10).rename(renamed)
+    with pytest.raises(FluxtrainError) as info:
+        train(tiny_cfg("train.max_iters=30", "resume=auto"), tmp_path)
+    assert str(info.value).startswith(f"{renamed} is damaged: its name says iteration 20, its progress 10; ")
+    assert "to continue from the checkpoint before it, use resume=" in str(info.value)
+    assert renamed.exists()
+
+
 def test_time_budget_carries_over_on_resume(tiny_cfg, tmp_path, monkeypatch, caplog):
     interrupt_at(monkeypatch, 3)
     t0 = time.perf_counter()
