@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from fluxtrain import distributed
 from fluxtrain.command_line import check_overrides
 from fluxtrain.config import config_dir, register_configs
-from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
+from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message, path_error
 from fluxtrain.interrupt import StoppedInSetup
 from fluxtrain.overrides import check_commands, flags_first
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home
@@ -51,6 +51,13 @@ def run(cfg: DictConfig) -> float:
         logging.getLogger("fluxtrain").error("interrupted")
         discard_refused(run_dir)
         sys.exit(130)
+    except OSError as e:  # about a path that no closer check named: a name too long, a folder without permission
+        if (message := path_error(e)) is None:
+            raise
+        logging.getLogger("fluxtrain").error(f"error: {message}")
+        if single_run:
+            discard_refused(run_dir)
+        sys.exit(1)
     except StoppedInSetup as e:  # a warning: under torchrun, the ranks stopped after another one failed stay quiet
         logging.getLogger("fluxtrain").warning("stopped by SIGTERM before training began")
         discard_refused(run_dir)

@@ -20,6 +20,14 @@ def describe_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {first_line(e)[:160]}"
 
 
+def path_error(e: BaseException) -> str | None:
+    """The one line for an OSError about a path the user gave that no closer check named (a name too long, a folder
+    without permission): `path: reason`; None for any other error."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return None
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """Whether `e` is running out of device or host memory: torch's (CUDA, MPS or the CPU allocator) or Python's and
     numpy's MemoryError."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, path_error
 from fluxtrain.files import check_writable, parse_json
 from fluxtrain.model import GPT, ModelConfig, eval_mode
 from fluxtrain.model_file import load_model
@@ -341,6 +341,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # write_folder leaves OUT_DIR as it was
         print("interrupted: nothing was written", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # about a path that no closer check named: a name too long, a folder without permission
+        if (message := path_error(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
     print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained")
 
 

@@ -13,7 +13,7 @@ from typing import TextIO
 
 import torch
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, path_error
 from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.logs import CONTROL_ESCAPES
 from fluxtrain.model import GPT
@@ -392,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as e:
         discard_stdout()
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # about a path that no closer check named: a name too long, a folder without permission
+        if (message := path_error(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
 
 

@@ -190,6 +190,11 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[
     if path.stat().st_size == 0:
         raise FluxtrainError(f"{what} {path} is empty")
     try:
+        with open(path, "rb"):  # safetensors reports a file it may not read as one that does not exist
+            pass
+    except OSError as e:
+        raise FluxtrainError(f"{what} {path} cannot be read: {e.strerror or first_line(e)}") from None
+    try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, path_error
 from fluxtrain.files import parse_json
 from fluxtrain.resume import (
     CHECKPOINT_DIR,
@@ -462,6 +462,11 @@ def main(argv: list[str] | None = None) -> None:
         print(ranked_table(runs, keys))
     except (FluxtrainError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # about a path that no closer check named: a name too long, a folder without permission
+        if (message := path_error(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -239,3 +239,42 @@ def test_a_command_line_mistake_is_one_line_not_the_usage_text(module, argv, exp
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and expected in err and err.endswith("(see --help)\n")
     assert len(err.splitlines()) == 1
+
+
+def test_a_file_name_too_long_is_one_line_in_every_command(tiny_cfg, tiny_text_file, tmp_path, capsys):
+    """A path the OS refuses (here a name over 255 bytes) where no closer check looked: `path: reason`."""
+    from fluxtrain import evaluate, export, generate, runs
+    from fluxtrain.model import GPT, ModelConfig
+    from fluxtrain.model_file import save_model_file
+    from fluxtrain.tokenizer import CharTokenizer
+
+    long = tmp_path / ("a" * 300)
+    tokenizer = CharTokenizer.train(tiny_text_file.read_text())
+    model_file = tmp_path / "model.safetensors"
+    save_model_file(
+        model_file, GPT(ModelConfig(d_model=16, n_heads=2, n_layers=1, ff_dim=32), tokenizer.vocab_size), tokenizer
+    )
+    text = str(tiny_text_file)
+    for main, argv in (
+        (evaluate.main, [str(long), "--data", text]),
+        (evaluate.main, [str(model_file), "--data", str(long)]),
+        (evaluate.main, [str(model_file), "--data", text, "--json", str(long)]),
+        (export.main, [str(long), str(tmp_path / "hf")]),
+        (export.main, [str(model_file), str(long)]),
+        (runs.main, [str(long)]),
+        (generate.main, [str(long), "--prompt", "a"]),
+    ):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert "File name too long" in err and "Traceback" not in err, (argv, err)
+    for setting in ("data.path", "resume"):
+        proc = run_fluxtrain(
+            *TINY_OVERRIDES, f"data.path={text}", f"{setting}={long}", f"hydra.run.dir={tmp_path / 'run'}"
+        )
+        (line,) = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if "error:" in line]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and "File name too long" in line, proc.stderr
+        assert not (tmp_path / "run").exists()

@@ -219,3 +219,19 @@ def test_a_path_that_is_no_regular_file_is_named_as_such(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(FluxtrainError, match=f"^model file {fifo} is not a regular file$"):
         load_model(fifo)
+
+
+def test_a_file_it_may_not_read_is_named_as_such(saved, monkeypatch):
+    """safetensors reports EACCES as "No such file or directory"; the file is opened first to say what is wrong (root
+    reads any file, so the refusal is simulated)."""
+    _, _, path = saved
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("fluxtrain.model_file.open", refusing_open, raising=False)
+    with pytest.raises(FluxtrainError, match=f"^model file {path} cannot be read: Permission denied$"):
+        load_model(path)
