@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -210,6 +211,22 @@ def results_after(run_dir: Path, iteration: int, checkpoint: Path) -> list[Path]
     return results
 
 
+def load_saved_config(file: Path) -> dict[str, Any]:
+    """A run's .hydra/config.yaml: a mapping of its settings (ValueError if not)."""
+    config = OmegaConf.to_container(OmegaConf.load(file))
+    if not isinstance(config, dict):
+        raise ValueError(f"not a mapping of settings but {type(config).__name__}")
+    return config
+
+
+def load_saved_overrides(file: Path) -> list[str]:
+    """A run's .hydra/overrides.yaml: the overrides of its command line, a list of texts (ValueError if not)."""
+    overrides = OmegaConf.to_container(OmegaConf.load(file))
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ValueError("not a list of overrides such as optim.lr=1e-3")
+    return overrides
+
+
 def read_run(path: Path, root: Path) -> Run:
     unreadable: list[str] = []
 
@@ -219,12 +236,12 @@ def read_run(path: Path, root: Path) -> Run:
             return None
         try:
             return load(file)
-        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:  # damaged or edited by hand
-            unreadable.append(f"{name}: {first_line(e)}")
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, yaml.YAMLError, OmegaConfBaseException) as e:
+            unreadable.append(f"{name}: {first_line(e)}")  # damaged or edited by hand
             return None
 
-    config = read(f"{HYDRA_OUTPUT_DIR}/config.yaml", lambda f: OmegaConf.to_container(OmegaConf.load(f))) or {}
-    overrides = read(f"{HYDRA_OUTPUT_DIR}/overrides.yaml", lambda f: list(OmegaConf.load(f))) or []
+    config = read(f"{HYDRA_OUTPUT_DIR}/config.yaml", load_saved_config) or {}
+    overrides = read(f"{HYDRA_OUTPUT_DIR}/overrides.yaml", load_saved_overrides) or []
     metrics = read(METRICS_FILE, load_metrics)
     error, failed_overrides = read(FAILED_FILE, load_failure) or (None, None)
     if error is not None:

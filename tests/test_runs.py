@@ -152,6 +152,8 @@ def test_varying_keys_compares_nested_settings_lists_and_missing_keys(tmp_path):
         ("metrics.json", '{"best_val_loss": 1.9, "iters": "300"}', 'iters="300" is not an iteration count'),
         ("metrics.json", '{"best_val_loss": 1.9, "iters": 2.5}', "iters=2.5 is not an iteration count"),
         ("failed.json", '{"error": 5}', 'no "error" message'),
+        ("metrics.json", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+        ("failed.json", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
     ],
 )
 def test_a_damaged_file_is_named_in_its_runs_row_and_the_other_runs_are_compared(tmp_path, capsys, name, text, reason):
@@ -166,6 +168,23 @@ def test_a_damaged_file_is_named_in_its_runs_row_and_the_other_runs_are_compared
     header, ok, damaged = out.splitlines()
     assert header.split()[:2] == ["run", "optim.lr"] and ok.split()[:3] == ["ok", "0.003", "1.9"]
     assert damaged.split()[:2] == ["run", "0.001"] and damaged.endswith(f"unreadable {name}: {reason}")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reason"),
+    [
+        ("config.yaml", "- 1\n", "not a mapping of settings but list"),
+        ("overrides.yaml", "- 1\n- [a]\n", "not a list of overrides such as optim.lr=1e-3"),
+        ("overrides.yaml", "optim.lr: 1e-3\n", "not a list of overrides such as optim.lr=1e-3"),
+    ],
+)
+def test_saved_hydra_files_of_the_wrong_shape_are_named_in_the_runs_row(tmp_path, capsys, name, text, reason):
+    make_run(tmp_path / "ok", 3e-3, metrics={"best_val_loss": 1.9})
+    make_run(tmp_path / "run", 1e-3, metrics={"best_val_loss": 2.1})
+    (tmp_path / "run" / ".hydra" / name).write_text(text)
+    code, out, err = compare(capsys, str(tmp_path))
+    assert (code, err) == (0, "")
+    assert out.splitlines()[2].endswith(f"unreadable .hydra/{name}: {reason}")
 
 
 def test_a_damaged_config_is_named_and_the_runs_results_still_shown(tmp_path, capsys):
