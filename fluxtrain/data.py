@@ -382,6 +382,8 @@ def corpus_tokenizer(
         if cached.is_file():
             try:
                 tokenizer = load_tokenizer(cached, "data.cache_dir")
+                if tokenizer.kind != tok_cfg.kind:  # its name is a hash of the settings, the kind among them
+                    raise FluxtrainError(f"{cached} holds a {tokenizer.kind} tokenizer, not a {tok_cfg.kind} one")
             except FluxtrainError as e:
                 log.warning(f"tokenizer: discarding the cached tokenizer ({e}); building it again")
             else:

@@ -445,6 +445,10 @@ def damage_truncated(entry: Path, vocab_size: int) -> None:
     ids.write_bytes(ids.read_bytes()[:-2])
 
 
+def damage_deep_json(entry: Path, vocab_size: int) -> None:
+    entry.write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's recursion limit
+
+
 def damage_no_digest(entry: Path, vocab_size: int) -> None:
     meta = json.loads(entry.read_text())
     del meta["blake2b"]
@@ -460,6 +464,7 @@ def damage_no_digest(entry: Path, vocab_size: int) -> None:
         (damage_in_range_with_matching_digest, "bin holds id 65000, outside the vocabulary of"),
         (damage_truncated, "bin does not hold"),
         (damage_no_digest, "json has no digest of the ids"),
+        (damage_deep_json, "json is not a valid entry: ValueError: JSON nested too deeply"),
     ],
 )
 def test_a_damaged_cache_entry_is_discarded_and_encoded_again(tmp_path, monkeypatch, caplog, damage, reason):
@@ -481,15 +486,23 @@ def test_a_damaged_cache_entry_is_discarded_and_encoded_again(tmp_path, monkeypa
     assert len(calls) == 1 and not caplog.records
 
 
-def test_a_damaged_cached_tokenizer_is_built_again(tmp_path, caplog):
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("{", "is not a tokenizer file"),
+        ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+        (CharTokenizer(list("ab")).to_json(), "holds a char tokenizer, not a bpe one"),
+    ],
+)
+def test_a_damaged_cached_tokenizer_is_built_again(tmp_path, caplog, content, reason):
     path = write(tmp_path / "a.txt", make_text(3_000))
     cfg, tok_cfg = corpus_cfg(tmp_path, path), TokenizerConfig(kind="bpe", vocab_size=300)
     first, tok1, _ = load_corpus(cfg, tok_cfg, 16)
     (cached,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
-    cached.write_text("{")
+    cached.write_text(content)
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         second, tok2, _ = load_corpus(cfg, tok_cfg, 16)
-    assert any("discarding the cached tokenizer" in r.message for r in caplog.records)
+    assert any("discarding the cached tokenizer" in r.message and reason in r.message for r in caplog.records)
     assert tok2.to_json() == tok1.to_json() and np.array_equal(second.train, first.train)
 
 
