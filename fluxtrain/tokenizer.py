@@ -212,6 +212,20 @@ class BPETokenizer:
         check_ids(ids, self.vocab_size)
         return self.hf.decode(ids, skip_special_tokens=False)
 
+    def dropped_characters(self, text: str) -> list[str]:
+        """The characters of `text`, whitespace aside, that the tokenizer leaves out without a word: those of a model
+        with no unknown token and no byte fallback whose vocabulary lacks them. Sorted, each once. Characters its
+        normalizer changes (an uncased tokenizer's capitals) are compared as it changes them."""
+        model = json.loads(self.hf.to_str()).get("model", {})
+        if model.get("unk_token") is not None or model.get("unk_id") is not None or model.get("byte_fallback"):
+            return []  # an unknown character becomes a token that says so
+        try:
+            decoded = self.hf.decode(self.hf.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
+        except Exception:  # the Rust side's plain Exception: it cannot encode at all, which encoding reports
+            return []
+        normalized = self.hf.normalizer.normalize_str(text) if self.hf.normalizer is not None else text
+        return sorted({c for c in normalized if not c.isspace()} - set(decoded))
+
     def token_bytes(self) -> np.ndarray:
         """Length in bytes of the text each token stands for, by id."""
         byte_level = type(self.hf.decoder).__name__ == "ByteLevel"

@@ -310,3 +310,26 @@ def test_a_vocab_size_with_the_char_tokenizer_is_said_to_be_ignored_once_a_run(t
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         load_corpus(cfg, TokenizerConfig(kind="char"), 16)
     assert not caplog.records
+
+
+def test_a_tokenizer_file_that_would_leave_characters_out_is_refused(tmp_path):
+    """A Hugging Face BPE with no unknown token and no byte fallback drops what its vocabulary lacks, silently: the
+    model would train on what is left. One with an unknown token keeps a token for each, and is used."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    text = tmp_path / "a.txt"
+    text.write_text("abc de\nfab " * 300)
+    cfg = DataConfig(path=str(text), cache_dir=str(tmp_path / "cache"))
+    lossy = tmp_path / "lossy.json"
+    HFTokenizer(models.BPE({"a": 0, "b": 1, "e": 2}, [])).save(str(lossy))
+    with pytest.raises(FluxtrainError) as e:
+        load_corpus(cfg, TokenizerConfig(kind="bpe", path=str(lossy)), 16)
+    assert str(e.value) == (
+        f"tokenizer.path={lossy} has no token for 3 character(s) of the text, which it would leave out: 'c', 'd', 'f'; "
+        "use a tokenizer with an unknown token or byte fallback"
+    )
+    with_unknown = tmp_path / "unk.json"
+    HFTokenizer(models.BPE({"a": 0, "b": 1, "e": 2, "<unk>": 3}, [], unk_token="<unk>")).save(str(with_unknown))
+    data, tokenizer, _ = load_corpus(cfg, TokenizerConfig(kind="bpe", path=str(with_unknown)), 16)
+    assert tokenizer.vocab_size == 4 and len(data.train) + len(data.val) == len(text.read_text())  # one token each
