@@ -12,15 +12,15 @@ CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) 
 
 
 def printable(text: str) -> str:
-    """`text` with its control characters (but newline and tab) and its lone surrogates as backslash escapes: a byte
-    of a file name that is not UTF-8 (which Python keeps as U+DC80..U+DCFF) as `\\xff`, any other surrogate as
-    `\\udxxx`; they cannot be written as UTF-8."""
+    """`text` with its control characters (but newline, tab and the CR of a CRLF line end, which is dropped) and its
+    lone surrogates as backslash escapes: a byte of a file name that is not UTF-8 (which Python keeps as
+    U+DC80..U+DCFF) as `\\xff`, any other surrogate as `\\udxxx`; they cannot be written as UTF-8."""
 
     def escape(m: re.Match) -> str:
         point = ord(m.group())
         return f"\\x{point - 0xDC00:02x}" if 0xDC80 <= point <= 0xDCFF else f"\\u{point:04x}"
 
-    return _SURROGATE.sub(escape, text.translate(CONTROL_ESCAPES))
+    return _SURROGATE.sub(escape, text.replace("\r\n", "\n").translate(CONTROL_ESCAPES))  # a CRLF line ends a line
 
 
 class SafeFormatter(logging.Formatter):

@@ -50,6 +50,7 @@ def test_printable_escapes_only_lone_surrogates_and_control_characters():
     assert printable("plain é 雷 🌩\n\tindented") == "plain é 雷 🌩\n\tindented"
     assert printable("a\udcffb\ud800c") == "a\\xffb\\ud800c"
     assert printable("\x1b[2J\x1b]0;title\x07 \r\x7f\x9b") == "\\x1b[2J\\x1b]0;title\\x07 \\x0d\\x7f\\x9b"
+    assert printable("a sample of CRLF text\r\nits next line\r\n") == "a sample of CRLF text\nits next line\n"
 
 
 def test_a_sample_of_text_with_terminal_escapes_is_logged_escaped(tmp_path):
