@@ -31,7 +31,6 @@ from fluxtrain.sources import (
     sha256_file,
 )
 from fluxtrain.tokenizer import (
-    BPETokenizer,
     EncodeError,
     Tokenizer,
     TokenizerConfig,
@@ -368,12 +367,6 @@ def corpus_tokenizer(
     if tok_cfg.path:
         tokenizer = load_configured(tok_cfg)
         sample = next(iter_text(train, cfg.separator, cfg.encoding_errors))[:10_000]
-        if isinstance(tokenizer, BPETokenizer) and (dropped := tokenizer.dropped_characters(sample)):
-            shown = ", ".join(repr(c) for c in dropped[:10])
-            raise FluxtrainError(
-                f"tokenizer.path={tok_cfg.path} has no token for {len(dropped)} character(s) of the text, which it "
-                f"would leave out: {shown}; use a tokenizer with an unknown token or byte fallback"
-            )
         try:
             exact = tokenizer.decode(tokenizer.encode(sample)) == sample
         except EncodeError:

@@ -161,6 +161,12 @@ class BPETokenizer:
     def __init__(self, hf: HFTokenizer):
         self.hf = hf
         self._cuts: CutRule | None = None
+        # A model with no unknown token and no byte fallback leaves a character its vocabulary lacks out of the ids,
+        # without a word: such characters are refused as the char tokenizer refuses them (`_check_kept`).
+        model = json.loads(hf.to_str()).get("model", {})
+        unknown = model.get("unk_token") is not None or model.get("unk_id") is not None or model.get("byte_fallback")
+        self._may_drop = not unknown
+        self._kept: dict[str, bool] = {}  # character -> whether it gets a token, for those seen so far
 
     @classmethod
     def train(cls, text: str | Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -195,6 +201,8 @@ class BPETokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Encode several texts in parallel (Rust threads)."""
+        for text in texts:
+            self._check_kept(text)
         try:
             encodings = self.hf.encode_batch_fast(texts, add_special_tokens=False)
         except Exception as e:  # the Rust side raises a plain Exception (a WordLevel model without an unknown token)
@@ -202,29 +210,33 @@ class BPETokenizer:
         return [np.array(e.ids, dtype=np.int64) for e in encodings]
 
     def encode(self, text: str) -> list[int]:
+        self._check_kept(text)
         try:
             return self.hf.encode(text, add_special_tokens=False).ids
         except Exception as e:
             raise EncodeError(f"the tokenizer cannot encode the text: {first_line(e)}") from None
 
+    def _check_kept(self, text: str) -> None:
+        """UnknownCharactersError for the characters of `text` that the tokenizer would leave out. A character is
+        kept when it gets a token of its own, or is whitespace or something the normalizer removes (a pre-tokenizer
+        or normalizer may drop those by design); each distinct character is tried once."""
+        if not self._may_drop:
+            return
+        for c in set(text).difference(self._kept):
+            try:
+                normalized = self.hf.normalizer.normalize_str(c) if self.hf.normalizer is not None else c
+                ids = self.hf.encode(c, add_special_tokens=False).ids
+            except Exception:  # the Rust side's plain Exception: the encoding itself reports it
+                continue
+            self._kept[c] = bool(ids) or c.isspace() or not normalized.strip()
+        dropped = sorted(c for c in set(text) if not self._kept.get(c, True))
+        if dropped:
+            raise UnknownCharactersError(dropped)
+
     def decode(self, ids: list[int]) -> str:
         ids = list(ids)  # any iterable, read once
         check_ids(ids, self.vocab_size)
         return self.hf.decode(ids, skip_special_tokens=False)
-
-    def dropped_characters(self, text: str) -> list[str]:
-        """The characters of `text`, whitespace aside, that the tokenizer leaves out without a word: those of a model
-        with no unknown token and no byte fallback whose vocabulary lacks them. Sorted, each once. Characters its
-        normalizer changes (an uncased tokenizer's capitals) are compared as it changes them."""
-        model = json.loads(self.hf.to_str()).get("model", {})
-        if model.get("unk_token") is not None or model.get("unk_id") is not None or model.get("byte_fallback"):
-            return []  # an unknown character becomes a token that says so
-        try:
-            decoded = self.hf.decode(self.hf.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
-        except Exception:  # the Rust side's plain Exception: it cannot encode at all, which encoding reports
-            return []
-        normalized = self.hf.normalizer.normalize_str(text) if self.hf.normalizer is not None else text
-        return sorted({c for c in normalized if not c.isspace()} - set(decoded))
 
     def token_bytes(self) -> np.ndarray:
         """Length in bytes of the text each token stands for, by id."""

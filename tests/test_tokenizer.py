@@ -326,10 +326,18 @@ def test_a_tokenizer_file_that_would_leave_characters_out_is_refused(tmp_path):
     with pytest.raises(FluxtrainError) as e:
         load_corpus(cfg, TokenizerConfig(kind="bpe", path=str(lossy)), 16)
     assert str(e.value) == (
-        f"tokenizer.path={lossy} has no token for 3 character(s) of the text, which it would leave out: 'c', 'd', 'f'; "
-        "use a tokenizer with an unknown token or byte fallback"
+        "data.path: 3 character(s) not in the tokenizer's vocabulary: 'c', 'd', 'f' (the tokenizer comes from "
+        "tokenizer.path)"
     )
+    # Anywhere in the text, not only at its start: a corpus whose first 20,000 characters the vocabulary covers.
+    text.write_text("abe " * 5_000 + "abc" * 10)
+    with pytest.raises(FluxtrainError, match=r"^data.path: 1 character\(s\) not in the tokenizer's vocabulary: 'c' "):
+        load_corpus(cfg, TokenizerConfig(kind="bpe", path=str(lossy)), 16)
+    with pytest.raises(UnknownCharactersError):
+        load_tokenizer(lossy).encode("a cab")  # a prompt, as fluxtrain-generate encodes it
+
     with_unknown = tmp_path / "unk.json"
     HFTokenizer(models.BPE({"a": 0, "b": 1, "e": 2, "<unk>": 3}, [], unk_token="<unk>")).save(str(with_unknown))
+    text.write_text("abc de\nfab " * 300)
     data, tokenizer, _ = load_corpus(cfg, TokenizerConfig(kind="bpe", path=str(with_unknown)), 16)
     assert tokenizer.vocab_size == 4 and len(data.train) + len(data.val) == len(text.read_text())  # one token each
