@@ -16,7 +16,19 @@ from fluxtrain.errors import FluxtrainError
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-ACTIVATIONS = ("gelu", "relu2", "swiglu")
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def relu2(h: torch.Tensor) -> torch.Tensor:
+    return F.relu(h).square()
+
+
+# The MLP's activation by model.activation: (..., ff_dim), or (..., 2 * ff_dim) for swiglu -> (..., ff_dim).
+ACTIVATIONS = {"gelu": F.gelu, "relu2": relu2, "swiglu": swiglu}
 
 
 MAX_SEQ_LEN = 1 << 20  # far past any context this trains; bounds the rotary tables and caches a config can ask for
@@ -80,6 +92,8 @@ class KVCache:
     def update(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
         """Store kv (2, B, H, T, hd) after the cached positions; return all keys and values so far (2, B, H, L, hd)."""
         start, end = self.length, self.length + kv.size(3)
+        if end > self.max_len:  # the callers keep to the context; one that does not gets this, not a copy error
+            raise ValueError(f"{end} positions do not fit a KV cache of {self.max_len}")
         cached = self.kv[layer]
         cached.narrow(3, start, end - start).copy_(kv)
         return cached.narrow(3, 0, end)
@@ -187,7 +201,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.activation = cfg.activation
+        self.activate = ACTIVATIONS[cfg.activation]
         n_in = 2 * cfg.ff_dim if cfg.activation == "swiglu" else cfg.ff_dim
         self.fc = nn.Linear(cfg.d_model, n_in, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
@@ -200,15 +214,6 @@ class MLP(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` for inference, calling the layers' `forward` directly (no module-call overhead)."""
         return self.proj.forward(self.activate(self.fc.forward(x)))
-
-    def activate(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., ff_dim), or (..., 2 * ff_dim) for swiglu -> (..., ff_dim)."""
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        if self.activation == "relu2":
-            return F.relu(h).square()
-        return F.gelu(h)
 
 
 class Block(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -160,7 +161,12 @@ class MultiOptimizer:
 
 
 OPTIMIZERS = {"adam": adam, "adamw": adamw, "muon": muon}
-SCHEDULES = ("cosine", "linear", "wsd")
+# After the warm-up, the fraction of (lr - min_lr) left at `progress` through the rest of the budget.
+SCHEDULES: dict[str, Callable[[float, OptimConfig], float]] = {
+    "cosine": lambda progress, cfg: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "linear": lambda progress, cfg: 1.0 - progress,
+    "wsd": lambda progress, cfg: min(1.0, (1.0 - progress) / cfg.decay_frac),  # held, then straight down
+}
 
 
 def _betas(cfg: OptimConfig) -> tuple[float, float]:
@@ -180,13 +186,7 @@ def lr_at(it: int, progress: float, cfg: OptimConfig) -> float:
     """
     if it < cfg.warmup_iters:
         return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)  # the first step already learns
-    progress = min(max(progress, 0.0), 1.0)
-    if cfg.schedule == "cosine":
-        left = 0.5 * (1.0 + math.cos(math.pi * progress))
-    elif cfg.schedule == "linear":
-        left = 1.0 - progress
-    else:  # wsd
-        left = min(1.0, (1.0 - progress) / cfg.decay_frac)
+    left = SCHEDULES[cfg.schedule](min(max(progress, 0.0), 1.0), cfg)
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * left
 
 
