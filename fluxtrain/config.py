@@ -68,7 +68,15 @@ def check_finite(cfg: DictConfig) -> None:
                 raise FluxtrainError(f"{key}={value} must {what}")
 
 
-def check_settings(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig) -> None:
+    """The checks of a composed config that need nothing else, each a one-line error naming the setting: keys the
+    schema lacks, interpolations that do not resolve, an empty `resume`, numbers that are not finite."""
+    check_known_keys(cfg)
+    check_values(cfg)
+    check_finite(cfg)
+
+
+def check_values(cfg: DictConfig) -> None:
     """Refuse, in one line naming the setting, an interpolation that does not resolve (`optim.lr=${optim.nope}`,
     `${oc.env:UNSET}`, a value of the wrong type) and an empty `resume`, which would start afresh without a word."""
     try:

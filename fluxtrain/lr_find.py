@@ -19,14 +19,12 @@ from fluxtrain.data import load_corpus
 from fluxtrain.distributed import World
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write, atomic_write_text
-from fluxtrain.model import GPT, ModelConfig
+from fluxtrain.model import GPT
 from fluxtrain.optim import build_optimizer, set_lr
-from fluxtrain.optim import validate as validate_optim
 from fluxtrain.precision import grad_scaler, warn_without_autocast
 from fluxtrain.resume import list_checkpoints
 from fluxtrain.runs import RUN_OUTPUTS
-from fluxtrain.train import train_step
-from fluxtrain.train import validate as validate_train
+from fluxtrain.train import check_settings, train_step
 
 log = logging.getLogger("fluxtrain")
 
@@ -140,10 +138,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     fcfg = LRFindConfig(**OmegaConf.to_container(cfg.lr_find))
     validate(fcfg)
     tcfg = cfg.train
-    validate_train(tcfg)
-    model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
-    model_cfg.validate()
-    validate_optim(cfg.optim)  # before the data is loaded (a BPE tokenizer may be trained there)
+    model_cfg = check_settings(cfg)
     if distributed.current_world().is_distributed:
         raise FluxtrainError("task=lr_find runs in one process: start it with python, not torchrun")
     device = host.resolve_device(tcfg.device)

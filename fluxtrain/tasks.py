@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fluxtrain import distributed
-from fluxtrain.config import check_finite, check_known_keys, check_settings
+from fluxtrain.config import check_config
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import WriteError
 from fluxtrain.lr_find import lr_find
@@ -27,9 +27,7 @@ def run_task(cfg: DictConfig, run_dir: Path) -> float:
     """Check `cfg` and run `cfg.task` in `run_dir`; a file of a training run that cannot be written stops it with
     the last good checkpoint and the command that resumes from it."""
     try:
-        check_known_keys(cfg)
-        check_settings(cfg)
-        check_finite(cfg)
+        check_config(cfg)
         if cfg.task not in TASKS:
             raise FluxtrainError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
         return TASKS[cfg.task](cfg, run_dir)

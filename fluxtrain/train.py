@@ -25,6 +25,7 @@ from fluxtrain import batch_threads, distributed, host, throughput
 from fluxtrain.batch_threads import BatchThreads, single_threaded
 from fluxtrain.checkpoint import Checkpoint, NonFiniteWeightsError, Progress, restore, rng_state, save_checkpoint
 from fluxtrain.data import TokenData, load_corpus
+from fluxtrain.data import validate as validate_data
 from fluxtrain.distributed import World
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.evaluate import bits_per_byte, perplexity
@@ -64,6 +65,7 @@ from fluxtrain.runs import (
 from fluxtrain.sampling import MAX_SEED, check_seed, generate_ids, start_ids
 from fluxtrain.time_budget import WarmupCheck, plan_time_budget
 from fluxtrain.tokenizer import Tokenizer
+from fluxtrain.tokenizer import validate as validate_tokenizer
 
 log = logging.getLogger("fluxtrain")
 
@@ -237,7 +239,8 @@ def claim_run_dir(
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
-    """Train the model described by `cfg`, writing logs, TensorBoard events, checkpoints and model files into `run_dir`.
+    """Train the model described by `cfg`, writing TensorBoard events, checkpoints, model files and metrics.json into
+    `run_dir` (its log lines go to the `fluxtrain` logger; the command line also writes them to `train.log` there).
 
     SIGINT/SIGTERM stop the run after the current iteration with a checkpoint (raising TrainingInterrupted).
     """
@@ -246,17 +249,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
 
 
 def check_settings(cfg: DictConfig) -> ModelConfig:
-    """Every setting check that needs no data or device: a one-line error before any work."""
-    tcfg: TrainConfig = cfg.train
-    validate(tcfg)
+    """Every setting check that needs no data or device, each a one-line error before any work (a BPE tokenizer may
+    be trained, a checkpoint read, before the first one that does); returns the model's config."""
+    from fluxtrain.config import check_config  # config.py imports this module, for TrainConfig
+
+    check_config(cfg)
+    validate(cfg.train)
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
     model_cfg.validate()
-    validate_optim(cfg.optim)  # before the data is loaded (a BPE tokenizer may be trained there)
-    if cfg.optim.warmup_iters >= tcfg.max_iters:
-        log.warning(
-            f"optim.warmup_iters={cfg.optim.warmup_iters} >= train.max_iters={tcfg.max_iters}: "
-            f"the learning rate stays below optim.lr={cfg.optim.lr} for the whole run"
-        )
+    validate_optim(cfg.optim)
+    validate_data(cfg.data)
+    validate_tokenizer(cfg.tokenizer)
     return model_cfg
 
 
@@ -300,10 +303,16 @@ def finished_results(run_dir: Path, resume: Checkpoint | None) -> dict[str, Any]
 def run_training(
     cfg: DictConfig, run_dir: Path, stop: GracefulStop, resources: contextlib.ExitStack
 ) -> dict[str, float]:
-    """`train`'s body; what must be closed at its end (the batch threads) goes on `resources`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """`train`'s body; what must be closed at its end (the batch threads, the TensorBoard writer) goes on
+    `resources`."""
     tcfg: TrainConfig = cfg.train
     model_cfg = check_settings(cfg)
+    if cfg.optim.warmup_iters >= tcfg.max_iters:
+        log.warning(
+            f"optim.warmup_iters={cfg.optim.warmup_iters} >= train.max_iters={tcfg.max_iters}: "
+            f"the learning rate stays below optim.lr={cfg.optim.lr} for the whole run"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
     world = distributed.current_world()
     distributed.check_sharded_optimizer(world, tcfg.strategy, cfg.optim.name)  # before the data is read
     device = distributed.training_device(world, host.resolve_device(tcfg.device))
@@ -312,6 +321,7 @@ def run_training(
     t_start = time.perf_counter()
 
     resume = load_resume(cfg, run_dir)
+    resources.callback(torch.set_num_threads, torch.get_num_threads())  # a caller's own threads, after the run
     host.configure(tcfg.threads, tcfg.keep_cpu_memory)
     threads = resources.enter_context(BatchThreads(tcfg.batch_threads)) if tcfg.batch_threads > 1 else None
     torch.manual_seed(tcfg.seed)
@@ -381,6 +391,7 @@ def run_training(
     writer = (
         claim_run_dir(run_dir, tokenizer, resume, cfg.tokenizer.path) if world.is_main else distributed.NullWriter()
     )
+    resources.callback(writer.close)  # also when the run fails: its writer thread ends with it
     t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
     last_ckpt = resume.path if resume else None

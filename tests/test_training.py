@@ -12,7 +12,7 @@ from fluxtrain import load_model
 from fluxtrain.model_file import read_model_file
 from fluxtrain.train import train
 
-from .conftest import REPO_ROOT, TINY_OVERRIDES
+from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss
 
 
 def test_same_seed_gives_same_losses_and_weights(tiny_cfg, tmp_path):
@@ -67,3 +67,39 @@ def test_the_best_model_is_the_one_with_the_lowest_val_loss_not_the_last(tiny_cf
     assert not all(torch.equal(best[k], final[k]) for k in best)
     with pytest.raises(StopIteration):
         next(scripted)  # exactly three evaluations: at 10, 20 and 30
+
+
+def test_train_from_python_checks_the_config_as_the_command_line_does(tiny_cfg, tmp_path):
+    """A config composed or edited in Python gets the command line's checks, and a refused one leaves no folder."""
+    from omegaconf import OmegaConf
+
+    from fluxtrain.errors import FluxtrainError
+
+    cases = [
+        ({"resume": ""}, "resume='' is empty"),
+        ({"optim.lr": "${optim.nope}"}, "optim.lr: "),
+        ({"train.max_time": float("inf")}, "train.max_time"),
+        ({"model.n_heads": 3}, "model.n_heads=3 must divide model.d_model=32"),
+        ({"data.encoding_errors": "bogus"}, "data.encoding_errors='bogus' is not one of"),
+    ]
+    for changes, message in cases:
+        cfg = tiny_cfg()
+        for key, value in changes.items():
+            OmegaConf.update(cfg, key, value)
+        run = tmp_path / "refused"
+        with pytest.raises(FluxtrainError, match=message.replace("$", r"\$").replace("{", r"\{")):
+            train(cfg, run)
+        assert not run.exists(), changes
+
+
+def test_train_leaves_torch_threads_as_it_found_them_and_closes_its_writer_on_failure(tiny_cfg, tmp_path, monkeypatch):
+    import threading
+
+    before = torch.get_num_threads()
+    train(tiny_cfg("train.threads=1"), tmp_path / "ok")
+    assert torch.get_num_threads() == before
+    threads = {t.name for t in threading.enumerate()}
+    poison_training_loss(monkeypatch, 3, float("nan"))
+    with pytest.raises(Exception, match="loss became nan"):
+        train(tiny_cfg(), tmp_path / "diverged")
+    assert {t.name for t in threading.enumerate()} <= threads  # no TensorBoard writer thread left running
