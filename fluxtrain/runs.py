@@ -37,8 +37,9 @@ BEST_MODEL_FILE, FINAL_MODEL_FILE = "best.safetensors", "model_final.safetensors
 MODEL_FILES = (BEST_MODEL_FILE, FINAL_MODEL_FILE)  # a run folder's model, in order of preference
 METRICS_FILE = "metrics.json"  # written when a run finishes
 FAILED_FILE = "failed.json"  # written when a sweep job fails (fluxtrain.sweep)
-RUN_OUTPUTS = (*MODEL_FILES, "model_iter_*.safetensors", METRICS_FILE)  # what a run leaves beside its checkpoints
+MODEL_ITER_FILES = "model_iter_*.safetensors"  # the model at each checkpoint: model_iter_000500.safetensors
 MODEL_ITER_FILE = re.compile(r"model_iter_(\d+)\.safetensors")
+RUN_OUTPUTS = (*MODEL_FILES, MODEL_ITER_FILES, METRICS_FILE)  # what a run leaves beside its checkpoints
 ITERATION_KEY = "iteration"  # in the best model file's metadata: the iteration it was saved at
 RANKED_METRICS = ("best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")  # a comparison's columns
 TABLE_METRICS = (
@@ -124,6 +125,11 @@ def written_since(root: Path, pattern: str, since: float) -> list[Path]:
     return in_job_order((p for p in root.rglob(pattern) if recent(p)), root)
 
 
+def model_iter_file(iteration: int) -> str:
+    """The name of the model file written with the checkpoint of `iteration`."""
+    return f"model_iter_{iteration:06d}.safetensors"
+
+
 def load_metrics(file: Path) -> dict[str, Any]:
     """A metrics.json: an object whose table columns are numbers or null (ValueError if not)."""
     metrics = parse_json(file.read_text())
@@ -196,7 +202,7 @@ def results_after(run_dir: Path, iteration: int, checkpoint: Path) -> list[Path]
             results = [run_dir / name for name in (FINAL_MODEL_FILE, METRICS_FILE) if (run_dir / name).is_file()]
     results += [
         p
-        for p in sorted(run_dir.glob("model_iter_*.safetensors"))
+        for p in sorted(run_dir.glob(MODEL_ITER_FILES))
         if (m := MODEL_ITER_FILE.fullmatch(p.name)) and int(m[1]) > iteration
     ]
     best = run_dir / BEST_MODEL_FILE

@@ -61,14 +61,15 @@ def _sync(device: torch.device) -> None:
 def peak_flops(device: torch.device, configured: float | None, precision: str) -> tuple[float, str]:
     """Peak FLOP/s of one device and where the number comes from.
 
-    `train.peak_flops` when given; for a known GPU the bf16 table entry; otherwise a matmul probe on the device
-    (in the training dtype on CUDA, and on CPU under bf16 autocast; fp32 elsewhere).
+    `train.peak_flops` when given; for a known GPU training in bf16 or fp16, the table entry; otherwise a matmul
+    probe on the device (in the training dtype on CUDA, and on CPU under bf16 autocast; fp32 elsewhere), so that fp32
+    training is not measured against tensor-core peaks it cannot use.
     """
     if configured is not None:
         return float(configured), "train.peak_flops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = table_peak(name)
+        peak = table_peak(name) if precision in ("bf16", "fp16") else None
         if peak is not None:
             return peak, f"{name} bf16 table"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

@@ -8,7 +8,6 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 
 from fluxtrain import distributed
 from fluxtrain.checkpoint import Checkpoint, Progress
@@ -18,6 +17,7 @@ from fluxtrain.model import GPT, eval_mode
 from fluxtrain.precision import autocast_context
 
 if TYPE_CHECKING:  # train.py imports this module
+    from fluxtrain.optim import OptimConfig
     from fluxtrain.train import TrainConfig
 
 log = logging.getLogger("fluxtrain")
@@ -83,10 +83,9 @@ class WarmupCheck:
     When it cannot, a warning says so: the learning rate would never reach optim.lr. An iteration budget too short for
     the warm-up is warned about at setup."""
 
-    def __init__(self, cfg: DictConfig, it: int):
-        self.cfg, self.first_it, self.paced_from = cfg, it, None
-        warmup = cfg.optim.warmup_iters
-        self.done = it >= warmup or warmup >= cfg.train.max_iters
+    def __init__(self, optim: OptimConfig, tcfg: TrainConfig, it: int):
+        self.optim, self.tcfg, self.first_it, self.paced_from = optim, tcfg, it, None
+        self.done = it >= optim.warmup_iters or optim.warmup_iters >= tcfg.max_iters
 
     def before_step(self, it: int, elapsed: float, left: float) -> None:
         """Called before each step with the loop's seconds so far and the seconds left to train."""
@@ -102,10 +101,10 @@ class WarmupCheck:
         else:
             return
         self.done = True
-        warmup = self.cfg.optim.warmup_iters
+        warmup = self.optim.warmup_iters
         if reachable < warmup:
             log.warning(
-                f"train.max_time={self.cfg.train.max_time:g} leaves time for about {reachable:,} iterations, fewer "
-                f"than optim.warmup_iters={warmup}: the learning rate stays below optim.lr={self.cfg.optim.lr} for "
+                f"train.max_time={self.tcfg.max_time:g} leaves time for about {reachable:,} iterations, fewer "
+                f"than optim.warmup_iters={warmup}: the learning rate stays below optim.lr={self.optim.lr} for "
                 "the whole run (lower optim.warmup_iters, or raise train.max_time)"
             )

@@ -60,6 +60,7 @@ from fluxtrain.runs import (
     METRICS_FILE,
     RUN_OUTPUTS,
     load_metrics,
+    model_iter_file,
     results_after,
 )
 from fluxtrain.sampling import MAX_SEED, check_seed, generate_ids, start_ids
@@ -464,7 +465,7 @@ def run_training(
             prune(run_dir, tcfg.keep_last, RUN_OUTPUTS)
 
     stop.install()
-    warmup_check, first_it = WarmupCheck(cfg, it), it
+    warmup_check, first_it = WarmupCheck(cfg.optim, tcfg, it), it
     while True:
         elapsed = time.perf_counter() - t_loop
         if loop_time is not None and world.is_distributed:  # all ranks stop at one step, with one lr schedule
@@ -522,7 +523,7 @@ def run_training(
             writer.add_text("sample", text, it)
         if tcfg.ckpt_interval and it % tcfg.ckpt_interval == 0:
             write_checkpoint()  # first: it refuses NaN or infinite weights
-            save_model_file(run_dir / f"model_iter_{it:06d}.safetensors", model, tokenizer)
+            save_model_file(run_dir / model_iter_file(it), model, tokenizer)
         if distributed.any_rank(stop.requested, device):  # every rank stops after the same iteration
             if last_ckpt != checkpoint_path(run_dir, it):
                 write_checkpoint()

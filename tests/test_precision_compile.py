@@ -198,6 +198,16 @@ def test_peak_flops_sources():
     assert throughput.mfu(1000.0, 6_000_000, 1e10, world_size=2) == pytest.approx(0.3)
 
 
+def test_a_known_gpu_uses_its_table_peak_only_for_half_precision(monkeypatch):
+    """fp32 matmuls cannot use the tensor-core peak of the table: fp32 runs are measured against a probe."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(throughput, "probe_peak", lambda device_type, dtype=torch.float32, size=512: 5e13)
+    cuda = torch.device("cuda")
+    assert throughput.peak_flops(cuda, None, "bf16") == (989e12, "NVIDIA H100 80GB HBM3 bf16 table")
+    assert throughput.peak_flops(cuda, None, "fp16") == (989e12, "NVIDIA H100 80GB HBM3 bf16 table")
+    assert throughput.peak_flops(cuda, None, "fp32") == (5e13, "NVIDIA H100 80GB HBM3 matmul probe")
+
+
 def test_the_matmul_probe_outlasts_a_burst_of_other_work(monkeypatch):
     # A fake clock: the first 9 products (what a fixed count of runs would time) take 15 ms each, as when another
     # process holds the cores for a moment; after that each takes 2 ms. The probe must report the 2 ms rate.
