@@ -75,7 +75,9 @@ _lr_find_main = hydra.main(version_base="1.3", config_path=str(config_dir()), co
 
 
 def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main) -> float | None:
-    """The `fluxtrain` command (also under torchrun); with a composed `cfg`, runs it as Hydra's job function."""
+    """The `fluxtrain` command (also under torchrun). With a composed `cfg`, runs it as Hydra's job function, which
+    needs Hydra's own config set (`HydraConfig`), as Hydra sets it for a job; from Python, `fluxtrain.train.train`
+    takes a composed config and a folder."""
     if cfg is not None:
         return hydra_main(cfg)
     try:

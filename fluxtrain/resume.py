@@ -171,7 +171,7 @@ def wait_for_a_later_event_file_name(run_dir: str | Path) -> None:
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     """The checkpoint that `resume=` names: None (fresh start), `auto` (newest in the run folder, if any) or a path."""
     check_checkpoint_folder(run_dir)  # every run writes checkpoints there: refused before any work
-    if resume is None or resume == "":
+    if resume is None:
         return None
     if resume == "auto":
         latest = find_latest(run_dir)

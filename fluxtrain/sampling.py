@@ -171,7 +171,8 @@ class ContextWindow:
 @contextmanager
 def onednn_disabled() -> Iterator[None]:
     """Run CPU ops without oneDNN: on the tiny tensors of a decoding step its kernels (GELU's, for one) cost more
-    than torch's own (one int8 step of the 6-layer width-384 model of bench/generate.py: 3.7 vs 4.2 ms)."""
+    than torch's own (one int8 step of the 6-layer width-384 model of bench/generate.py: 3.7 vs 4.2 ms, measured
+    before `GPT.decode_step` took a step below that; bench/README.md has each stage)."""
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:

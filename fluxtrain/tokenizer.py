@@ -106,13 +106,6 @@ class CharTokenizer:
             chars.update(piece)
         return cls(sorted(chars))
 
-    @classmethod
-    def load(cls, path: str | Path) -> CharTokenizer:
-        tokenizer = load_tokenizer(path)
-        if not isinstance(tokenizer, cls):
-            raise FluxtrainError(f"{path} holds a {tokenizer.kind} tokenizer, not a char tokenizer")
-        return tokenizer
-
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
@@ -195,9 +188,6 @@ class BPETokenizer:
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.array(self.encode(text), dtype=np.int64)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Encode several texts in parallel (Rust threads)."""
