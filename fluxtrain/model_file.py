@@ -85,6 +85,9 @@ def content_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> st
     return h.hexdigest()
 
 
+RESERVED_KEYS = ("format", "format_version", "model_config", "vocab_size", "tokenizer")  # what model_metadata writes
+
+
 def model_metadata(model: GPT, tokenizer: Tokenizer, extra: dict[str, str] | None = None) -> dict[str, str]:
     meta = {
         "format": MODEL_FORMAT,
@@ -104,11 +107,25 @@ def save_model_file(path: str | Path, model: nn.Module, tokenizer: Tokenizer, ex
     """
     plain = unwrap(model)
     check_full_precision(plain, path)
+    name = Path(path).name
+    if tokenizer.vocab_size != plain.vocab_size:
+        raise FluxtrainError(
+            f"{name} was not written: the tokenizer has {tokenizer.vocab_size} tokens, the model {plain.vocab_size}"
+        )
+    reserved = sorted((extra or {}).keys() & {*RESERVED_KEYS, DIGEST_KEY})
+    if reserved:
+        raise FluxtrainError(f"{name} was not written: extra may not set {reserved[0]!r}, which the file describes")
+    wrong = next(((k, v) for k, v in (extra or {}).items() if not (isinstance(k, str) and isinstance(v, str))), None)
+    if wrong is not None:
+        raise FluxtrainError(f"{name} was not written: extra[{wrong[0]!r}]={wrong[1]!r}; its keys and values are texts")
     if not (is_writer() or is_sharded(plain)):
         return
     state = model_state(plain)
     if not is_writer():
         return
+    bad = first_non_finite(state)  # no file that loading would refuse
+    if bad is not None:
+        raise FluxtrainError(f"{name} was not written: weight {bad} holds NaN or infinite values")
     meta = model_metadata(plain, tokenizer, extra)
     meta[DIGEST_KEY] = content_digest(state, meta)
     atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(state, metadata=meta)))

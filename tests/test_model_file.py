@@ -1,7 +1,9 @@
 """Model files: a save/load round trip gives identical logits; damaged and foreign files give one-line errors."""
 
+import copy
 import json
 import os
+import re
 import time
 
 import pytest
@@ -235,3 +237,27 @@ def test_a_file_it_may_not_read_is_named_as_such(saved, monkeypatch):
     monkeypatch.setattr("fluxtrain.model_file.open", refusing_open, raising=False)
     with pytest.raises(FluxtrainError, match=f"^model file {path} cannot be read: Permission denied$"):
         load_model(path)
+
+
+def test_saving_refuses_what_loading_would_refuse(saved, tmp_path):
+    model, tokenizer, _ = saved
+    path, refused = tmp_path / "out.safetensors", r"^out.safetensors was not written: "
+    with pytest.raises(FluxtrainError, match=refused + "the tokenizer has 3 tokens, the model"):
+        save_model_file(path, model, CharTokenizer.train("abc"))
+    for extra, problem in (
+        ({"vocab_size": "60"}, "extra may not set 'vocab_size', which the file describes"),
+        ({"format": "mine"}, "extra may not set 'format', which the file describes"),
+        ({"iteration": 5}, "extra['iteration']=5; its keys and values are texts"),
+    ):
+        with pytest.raises(FluxtrainError, match=refused + re.escape(problem) + "$"):
+            save_model_file(path, model, tokenizer, extra)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.blocks[0].mlp.fc.weight[0, 0] = float("nan")
+    with pytest.raises(
+        FluxtrainError, match=r"^out.safetensors was not written: weight blocks.0.mlp.fc.weight holds NaN"
+    ):
+        save_model_file(path, broken, tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # the fixture's; nothing else
+    save_model_file(path, model, tokenizer, {"iteration": "5"})
+    assert load_model(path)[1].vocab_size == tokenizer.vocab_size
