@@ -439,6 +439,9 @@ class TokenData:
         self._window = np.arange(seq_len + 1)
 
     def split(self, name: str) -> np.ndarray:
+        """The token ids of the split `name`: "train" or "val"."""
+        if name not in ("train", "val"):  # anything else read as validation would train a hand-written loop on it
+            raise ValueError(f"split {name!r} is not 'train' or 'val'")
         return self.train if name == "train" else self.val
 
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,6 +478,8 @@ def load_corpus(
     `run_dir`, the folder the run writes into, is never read as data. Returns the data, the tokenizer and a
     one-line description of the sources for the log.
     """
+    if not (isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len >= 1):
+        raise FluxtrainError(f"seq_len={seq_len!r} must be a positive integer (the model's context, model.seq_len)")
     validate(cfg)
     validate_tokenizer(tok_cfg)
     warn_unused(tok_cfg)

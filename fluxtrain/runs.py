@@ -344,6 +344,7 @@ def runs_table(
     metrics: tuple[str, ...] = TABLE_METRICS,
 ) -> list[dict[str, Any]]:
     """One row per run: its name, chosen config values, final metrics, and the error if it failed."""
+    keys, metrics = ((names,) if isinstance(names, str) else names for names in (keys, metrics))  # one, as text
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run": run.name}

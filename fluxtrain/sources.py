@@ -362,7 +362,8 @@ def resolve_sources(
     `leave_out` (folder -> why, e.g. the cache) and, with `run_folders`, inside fluxtrain run folders are left out
     too, unless `path` itself lies in them.
     """
-    include, exclude = list(include), list(exclude)
+    # One glob given as a text, not a list of them: a list of its characters would match nearly anything.
+    include, exclude = ([globs] if isinstance(globs, str) else list(globs) for globs in (include, exclude))
     where = f"{setting}={path}"
     target = Path(path).expanduser()
     leave_out = {os.path.realpath(Path(folder).expanduser()): why for folder, why in (leave_out or {}).items()}

@@ -86,6 +86,22 @@ def test_include_and_exclude(tree):
     assert kept.describe().endswith("3 file(s), 34 bytes (4 file(s) left out by include/exclude)")
 
 
+def test_one_glob_given_as_text_is_one_glob_not_its_characters(tree):
+    """From Python, `include="*.py"` is one pattern: as a list of characters, '*' would keep every file."""
+    assert rel(resolve_sources(str(tree), include="*.md"), tree) == ["pkg/notes.md"]
+    assert rel(resolve_sources(str(tree), include=["*.py"], exclude="pkg/*"), tree) == ["a.py", "b.py"]
+
+
+def test_batches_come_from_a_split_named_train_or_val_and_a_positive_context(tmp_path):
+    path = write(tmp_path / "a.txt", make_text(3_000))
+    data, _, _ = load_corpus(corpus_cfg(tmp_path, path), TokenizerConfig(), 16)
+    with pytest.raises(ValueError, match="split 'training' is not 'train' or 'val'"):
+        data.get_batch("training", 2, torch.Generator().manual_seed(0))
+    for seq_len in (0, -5, "32", True):
+        with pytest.raises(FluxtrainError, match=r"^seq_len=.* must be a positive integer"):
+            load_corpus(corpus_cfg(tmp_path, path), TokenizerConfig(), seq_len)
+
+
 def test_a_double_star_folder_in_include_or_exclude_also_stands_for_no_folder(tree):
     """As in a recursive glob: `**/*.py` matches a.py at the top too, `pkg/**/*.py` matches pkg/mod.py."""
     every_py = ["a.py", "b.py", "pkg/mod.py", "pkg/tests/test_mod.py"]

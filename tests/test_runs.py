@@ -341,3 +341,9 @@ def test_a_finished_run_resumed_to_train_longer_reads_as_unfinished(tmp_path, tr
     write_checkpoint(tmp_path / "run" / "checkpoints", 200)
     (run,) = find_runs(tmp_path)
     assert runs_table([run], keys=())[0]["status"] == status
+
+
+def test_one_key_given_as_text_is_one_column(tmp_path):
+    make_run(tmp_path / "a", 1e-3, metrics={"best_val_loss": 1.9})
+    (row,) = runs_table(find_runs(tmp_path), keys="optim.lr", metrics="best_val_loss")
+    assert row == {"run": "a", "optim.lr": 1e-3, "best_val_loss": 1.9, "status": "ok"}
