@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,8 +36,8 @@ def _given(setting: str, value: object) -> str:
 
 
 def _is_number(value: Any) -> bool:
-    """An int or a float, not a bool (True would read as 1)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number, numpy's and torch's scalars too, not a bool (True would read as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def check_seed(seed: int, setting: str) -> None:
@@ -68,7 +70,7 @@ class SamplingConfig:
             raise FluxtrainError(f"{_given(setting, shown)} {requirement}")
 
         def integer(field: str) -> bool:
-            return _is_number(getattr(self, field)) and isinstance(getattr(self, field), int)
+            return _is_number(getattr(self, field)) and isinstance(getattr(self, field), numbers.Integral)
 
         def number(field: str) -> bool:
             return _is_number(getattr(self, field))
@@ -272,10 +274,15 @@ def _check_prompt(model: GPT, prompt: list[int] | torch.Tensor) -> list[int]:
     """The prompt as a list of token ids of the model's vocabulary (a 1-D tensor of them will do)."""
     if isinstance(prompt, torch.Tensor) and prompt.dim() == 1 and not prompt.is_floating_point():
         prompt = prompt.tolist()
+    if isinstance(prompt, torch.Tensor) and prompt.dim() != 1:
+        shape = tuple(prompt.shape)
+        raise FluxtrainError(f"the prompt is a tensor of shape {shape}: give one sequence, a 1-D tensor or a list")
     if not isinstance(prompt, (list, tuple)):
         raise FluxtrainError(f"the prompt must be a list of token ids, not {type(prompt).__name__}")
     if not prompt:
         raise FluxtrainError("the prompt is empty: decoding needs at least one token")
+    if any(isinstance(i, str) for i in prompt):
+        raise FluxtrainError("the prompt holds text, not token ids: encode it first (tokenizer.encode(text))")
     if (bad := first_id_outside(prompt, model.vocab_size)) is not None:
         raise FluxtrainError(f"prompt token id {prompt[bad]!r} is outside the model's vocabulary of {model.vocab_size}")
     return [operator.index(i) for i in prompt]
@@ -396,6 +403,11 @@ def generate(
 ) -> list[int]:
     """The new token ids: beam search when `cfg.beams > 1`, else sampling (greedy at temperature 0). `prompt` is a
     list of token ids (a 1-D tensor of them will do)."""
+    if not isinstance(cfg, SamplingConfig):
+        raise FluxtrainError(f"the sampling settings must be a SamplingConfig, not {type(cfg).__name__}")
+    cfg.validate(model.cfg.seq_len)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise FluxtrainError(f"generator must be a torch.Generator (or None), not {type(generator).__name__}")
     if cfg.beams > 1:
         return beam_search(model, prompt, cfg, use_cache)[0]
     with eval_mode(model):  # once for the whole stream, so its per-token entries find eval mode and do nothing

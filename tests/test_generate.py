@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,10 +231,23 @@ def test_the_python_api_names_a_bad_prompt_token_id_or_device(model, tmp_path):
     cfg, g = SamplingConfig(max_new_tokens=3, temperature=0), torch.Generator().manual_seed(0)
     as_list = generate(model, [1, 2], cfg, g)
     assert generate(model, torch.tensor([1, 2]), cfg, g) == as_list  # a 1-D tensor of ids will do
-    with pytest.raises(FluxtrainError, match="^prompt token id 'a' is outside the model's vocabulary"):
+    with pytest.raises(FluxtrainError, match=r"^the prompt holds text, not token ids: encode it first"):
         generate(model, [1, "a"], cfg, g)
+    with pytest.raises(FluxtrainError, match=r"^the prompt holds text, not token ids"):
+        generate(model, list("ROMEO:"), cfg, g)
     with pytest.raises(FluxtrainError, match="^the prompt must be a list of token ids, not str$"):
         generate(model, "ab", cfg, g)
+    with pytest.raises(FluxtrainError, match=r"^the prompt is a tensor of shape \(1, 2\): give one sequence"):
+        generate(model, torch.tensor([[1, 2]]), cfg, g)
+    with pytest.raises(FluxtrainError, match=r"^beams='2' must be an integer from 1 to 100"):
+        generate(model, [1, 2], SamplingConfig(beams="2"), g)  # checked before beam search is chosen
+    with pytest.raises(FluxtrainError, match=r"^the sampling settings must be a SamplingConfig, not dict$"):
+        generate(model, [1, 2], {"temperature": 0}, g)
+    with pytest.raises(FluxtrainError, match=r"^generator must be a torch.Generator \(or None\), not int$"):
+        generate(model, [1, 2], SamplingConfig(max_new_tokens=3), 1)
+    # numpy's scalars are numbers like Python's: a setting read from an array works
+    numpy_cfg = SamplingConfig(max_new_tokens=np.int64(3), temperature=np.float32(0.0))
+    assert generate(model, [1, 2], numpy_cfg, g) == as_list
     tokenizer = CharTokenizer.train("abcdef")
     assert tokenizer.decode([0, 5]) == "af"
     for bad in (6, -1, "a"):
