@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from fluxtrain.model import GPT, eval_mode
 from fluxtrain.model_file import load_model
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.sources import iter_text, resolve_sources
-from fluxtrain.tokenizer import Tokenizer
+from fluxtrain.tokenizer import Tokenizer, check_ids
 
 
 @dataclass
@@ -117,11 +118,16 @@ def evaluate_ids(
     n_bytes: int,
     stride: int | None = None,
     batch_size: int = 32,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     progress: bool = False,
 ) -> EvalResult:
-    """Loss, perplexity and bits per byte of `model` on token ids that stand for `n_bytes` bytes of text."""
+    """Loss, perplexity and bits per byte of `model` on token ids that stand for `n_bytes` bytes of text, computed on
+    `device` (by default the model's)."""
+    check_ids(ids, model.vocab_size)
+    if not (isinstance(n_bytes, numbers.Integral) and n_bytes > 0):
+        raise FluxtrainError(f"n_bytes={n_bytes!r} must be the positive number of bytes of text the ids stand for")
     ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+    device = model.tok_emb.weight.device if device is None else device
     seq_len = model.cfg.seq_len
     windows = plan_windows(len(ids), seq_len, stride)
     total, n_scored = window_losses(model, ids, windows, batch_size, device, progress)

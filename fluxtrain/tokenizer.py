@@ -69,12 +69,16 @@ class Tokenizer(Protocol):
 def check_ids(ids, vocab_size: int) -> None:
     """Token ids a tokenizer of `vocab_size` can decode: integers from 0 to vocab_size - 1."""
     if (bad := first_id_outside(ids, vocab_size)) is not None:
-        raise FluxtrainError(f"token id {ids[bad]!r} is not in the vocabulary (ids 0 to {vocab_size - 1})")
+        value = ids[bad].item() if hasattr(ids[bad], "item") else ids[bad]  # numpy's or torch's 39 shown as 39
+        raise FluxtrainError(f"token id {value!r} is not in the vocabulary (ids 0 to {vocab_size - 1})")
 
 
 def first_id_outside(ids, vocab_size: int) -> int | None:
     """The position of the first of `ids` that is no token id of a `vocab_size` vocabulary (an integer, numpy and
     torch ones too, from 0 to vocab_size - 1); None when every one is."""
+    if isinstance(ids, np.ndarray) and ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer):  # a corpus: vectorised
+        outside = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+        return int(outside[0]) if len(outside) else None
     for position, i in enumerate(ids):
         try:
             if not 0 <= operator.index(i) < vocab_size:

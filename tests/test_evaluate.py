@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fluxtrain.data import load_corpus
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.evaluate import evaluate_text, main, plan_windows
+from fluxtrain.evaluate import evaluate_ids, evaluate_text, main, plan_windows
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.model_file import load_model, save_model_file
 from fluxtrain.tokenizer import CharTokenizer
@@ -374,3 +374,16 @@ def test_a_checkpoints_folder_is_named_as_such_with_its_newest_checkpoint(tmp_pa
         f"error: MODEL {tmp_path / 'empty'} is a folder that holds no model file (best.safetensors or "
         "model_final.safetensors) and no checkpoints/iter_*.ckpt: give a model file, a checkpoint or a run folder\n"
     )
+
+
+def test_the_python_api_names_ids_outside_the_vocabulary_and_a_byte_count_that_is_no_count(tiny_model):
+    model, tokenizer = tiny_model
+    ids = tokenizer.encode(make_text(200, seed=3))
+    with pytest.raises(FluxtrainError, match=rf"^token id {model.vocab_size} is not in the vocabulary"):
+        evaluate_ids(model, [*ids, model.vocab_size], 200)
+    with pytest.raises(FluxtrainError, match=rf"^token id {model.vocab_size} is not in the vocabulary"):
+        evaluate_ids(model, np.array([*ids, model.vocab_size], dtype=np.uint32), 200)  # an encoded corpus, vectorised
+    for n_bytes in (0, -1, "200", 2.5):
+        with pytest.raises(FluxtrainError, match=r"^n_bytes=.* must be the positive number of bytes"):
+            evaluate_ids(model, ids, n_bytes)
+    assert evaluate_ids(model, ids, np.int64(200)).n_bytes == 200  # the model's device by default, here the CPU
