@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -53,7 +54,7 @@ class ModelConfig:
         for name in ("d_model", "n_heads", "n_layers", "ff_dim", "seq_len"):
             value = getattr(self, name)
             if not (_is_a(value, numbers.Integral) and value > 0):
-                raise FluxtrainError(f"model.{name}={value} must be a positive integer")
+                raise FluxtrainError(f"model.{name}={value!r} must be a positive integer")
         if self.seq_len > MAX_SEQ_LEN:
             raise FluxtrainError(f"model.seq_len={self.seq_len} must be at most {MAX_SEQ_LEN:,}")
         if self.d_model % self.n_heads:
@@ -232,11 +233,13 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token (+ learned position) embeddings, pre-norm blocks, final norm, head tied to the token embedding."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig | Mapping[str, Any], vocab_size: int):
         super().__init__()
+        if isinstance(cfg, Mapping):  # a composed config's `cfg.model`, or a dict of ModelConfig's fields
+            cfg = ModelConfig(**cfg)
         cfg.validate()
-        if vocab_size <= 0:
-            raise FluxtrainError(f"vocab_size={vocab_size} must be positive")
+        if not (_is_a(vocab_size, numbers.Integral) and vocab_size > 0):
+            raise FluxtrainError(f"vocab_size={vocab_size!r} must be a positive integer")
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
@@ -292,6 +295,8 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the mean cross-entropy."""
+        if idx.dim() != 2:
+            raise FluxtrainError(f"idx must be token ids of shape (batch, time), not {tuple(idx.shape)}")
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.seq_len:

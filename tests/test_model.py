@@ -77,6 +77,19 @@ def test_longer_than_context_is_a_clear_error():
         tiny()(torch.zeros(1, 17, dtype=torch.long))
 
 
+def test_built_from_python_mistakes_are_named():
+    cfg = ModelConfig(d_model=16, n_heads=2, n_layers=1, ff_dim=32, seq_len=16)
+    for vocab_size in ("50", None, 50.0, True, 0):
+        with pytest.raises(FluxtrainError, match=r"^vocab_size=.* must be a positive integer$"):
+            GPT(cfg, vocab_size)
+    with pytest.raises(FluxtrainError, match=r"^model.d_model='32' must be a positive integer$"):  # a text, quoted
+        ModelConfig(d_model="32").validate()
+    with pytest.raises(FluxtrainError, match=r"^idx must be token ids of shape \(batch, time\), not \(3,\)$"):
+        tiny()(torch.tensor([1, 2, 3]))
+    composed = compose_config(["model=small"]).model  # a composed config's slice builds the model too
+    assert GPT(composed, 10).cfg == ModelConfig(**composed)
+
+
 def test_tied_head_stays_tied_after_to_empty_and_assign_load():
     source = tiny()
     cfg = source.cfg
