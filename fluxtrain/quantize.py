@@ -45,9 +45,9 @@ class Int8Linear(nn.Module):
         if self.kernel_fits(x2d):
             # A fresh copy: the kernel needs rows that start aligned, which a view into a larger tensor may not.
             a = x2d.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
-            y = torch._weight_int8pack_mm(a, self.weight, self.scale)
-            # Adding the bias (in the input's dtype) also brings the bfloat16 product back to that dtype.
-            y = y + self.bias if self.bias is not None else y.to(x.dtype)
+            # The kernel takes bfloat16 scales: a model moved to another dtype after quantizing moved them too.
+            y = torch._weight_int8pack_mm(a, self.weight, self.scale.to(torch.bfloat16))
+            y = (y + self.bias if self.bias is not None else y).to(x.dtype)  # the product is bfloat16
         else:
             y = F.linear(x2d, self.dequantized(x.dtype), self.bias)
         return y.view(*x.shape[:-1], self.out_features)

@@ -114,3 +114,17 @@ def test_a_quantized_model_is_not_saved_as_a_model_file(tmp_path):
     with pytest.raises(FluxtrainError, match=r"^model\.safetensors was not written: the model has int8 weights"):
         save_model_file(tmp_path / "model.safetensors", q, CharTokenizer.train(TEXT))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("half_first", [True, False], ids=["half-then-quantize", "quantize-then-half"])
+def test_a_half_precision_model_decodes_in_its_own_dtype(half_first):
+    """The kernel's product is bfloat16 and it takes bfloat16 scales: a float16 model, halved before or after
+    quantizing, gets float16 back from each layer and decodes."""
+    model = tiny_model(weight_std=0.1)
+    q = quantize_int8(copy.deepcopy(model).half()) if half_first else quantize_int8(copy.deepcopy(model)).half()
+    layer = next(m for m in q.modules() if isinstance(m, Int8Linear))
+    x = torch.randn(1, 1, layer.in_features, dtype=torch.float16)
+    with torch.no_grad():
+        assert layer(x).dtype == torch.float16
+    cfg = SamplingConfig(max_new_tokens=2 * SEQ_LEN, temperature=0.0)
+    assert len(generate(q, [1, 2, 3], cfg)) == 2 * SEQ_LEN
