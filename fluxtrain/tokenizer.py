@@ -94,9 +94,16 @@ class CharTokenizer:
     kind = "char"
 
     def __init__(self, chars: list[str]):
+        chars = list(chars)
         if not chars:
             raise ValueError("a character tokenizer needs at least one character")
-        self.chars = list(chars)
+        if not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise ValueError("a character tokenizer's 'chars' must be single characters")
+        if len(set(chars)) != len(chars):
+            raise ValueError("a character tokenizer lists a character twice")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in chars):
+            raise ValueError("a character tokenizer holds a lone surrogate, which no UTF-8 text contains")
+        self.chars = chars
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         # Code points in sorted order and the id of each, for encoding whole arrays at once.
         points = np.array([ord(c) for c in self.chars], dtype=np.uint32)
@@ -289,13 +296,9 @@ def tokenizer_from_json(text: str) -> Tokenizer:
         raise ValueError("tokenizer JSON is not an object")
     if data.get("type") == "char":
         chars = data.get("chars")
-        if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+        if not isinstance(chars, list):
             raise ValueError("char tokenizer JSON needs 'chars', a list of single characters")
-        if len(set(chars)) != len(chars):
-            raise ValueError("char tokenizer JSON lists a character twice")
-        if any(0xD800 <= ord(c) <= 0xDFFF for c in chars):
-            raise ValueError("char tokenizer JSON holds a lone surrogate, which no UTF-8 text contains")
-        return CharTokenizer(chars)
+        return CharTokenizer(chars)  # which checks them
     if data.get("type") == "bpe":
         if not isinstance(data.get("tokenizer"), str):
             raise ValueError("bpe tokenizer JSON needs 'tokenizer', a Hugging Face tokenizer.json string")

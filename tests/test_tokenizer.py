@@ -129,11 +129,12 @@ def hf_file(path: Path, model) -> Path:
 @pytest.mark.parametrize(
     "content, problem",
     [
-        ('{"type": "char", "chars": ["a", "b", "a"]}', "char tokenizer JSON lists a character twice"),
+        ('{"type": "char", "chars": ["a", "b", "a"]}', "a character tokenizer lists a character twice"),
         (
             '{"type": "char", "chars": ["a", "\\ud800"]}',
-            "char tokenizer JSON holds a lone surrogate, which no UTF-8 text contains",
+            "a character tokenizer holds a lone surrogate, which no UTF-8 text contains",
         ),
+        ('{"type": "char", "chars": ["ab", "c"]}', "a character tokenizer's 'chars' must be single characters"),
         (models.WordLevel(vocab={}, unk_token=None), "the Hugging Face tokenizer has an empty vocabulary"),
         (
             models.WordLevel(vocab={"a": 0, "b": 7}, unk_token=None),
