@@ -49,6 +49,10 @@ class Progress:
     warmup_done_at: float | None = None  # train_time when the warm-up ended (the time-budget schedule needs it)
     window_losses: list[float] = field(default_factory=list)  # losses since the last logged iteration
     wall_time: float = 0.0  # seconds of the sessions so far, each from its start to its last checkpoint
+    # The last evaluation, logged before this checkpoint: a run resumed with nothing left to do reports it as it is.
+    eval_at: int | None = None
+    eval_val_loss: float | None = None
+    eval_train_loss: float | None = None  # None with train.eval_train=false
 
 
 @dataclass
@@ -78,6 +82,7 @@ def checked_progress(data: Any, source: str) -> Progress:
         raise FluxtrainError(f"{source}: its progress has no iteration")
     progress = Progress(**fields)
     times = {"train_time": progress.train_time, "wall_time": progress.wall_time}
+    losses = [v for v in (progress.eval_val_loss, progress.eval_train_loss) if v is not None]
     if progress.warmup_done_at is not None:
         times["warmup_done_at"] = progress.warmup_done_at
     problems = [
@@ -85,6 +90,8 @@ def checked_progress(data: Any, source: str) -> Progress:
         *((not 0 <= value < math.inf, f"{key}={value} is not a number of seconds") for key, value in times.items()),
         (not 0 <= progress.best_val_loss, f"best_val_loss={progress.best_val_loss} is not a loss"),
         (not all(math.isfinite(v) for v in progress.window_losses), "window_losses holds NaN or infinite values"),
+        (not all(math.isfinite(v) for v in losses), "its last evaluation's losses are NaN or infinite"),
+        (progress.eval_at is not None and progress.eval_at < 0, f"eval_at={progress.eval_at} is negative"),
     ]
     problem = next((text for wrong, text in problems if wrong), None)
     if problem is not None:

@@ -19,6 +19,7 @@ class TrainingInterrupted(FluxtrainError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+        self.reported = True  # the loop logged the stop, with its checkpoint and the command that resumes
 
 
 class StoppedInSetup(SystemExit):
@@ -41,6 +42,7 @@ class GracefulStop:
 
     def __init__(self):
         self.signum: int | None = None
+        self.finishing = False  # past the loop: a signal now waits for the run's results, then stops it
         self._previous: dict[int, object] = {}  # the handlers before this one, put back by `restore`
 
     @property
@@ -78,10 +80,12 @@ class GracefulStop:
             raise SystemExit(128 + signum)
         self.signum = signum
         again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
-        log.warning(
-            f"{self.signal_name} received: finishing this iteration, then writing a checkpoint "
-            f"({again} to stop at once)"
+        then = (
+            "writing the run's results, then stopping"
+            if self.finishing
+            else ("finishing this iteration, then writing a checkpoint")
         )
+        log.warning(f"{self.signal_name} received: {then} ({again} to stop at once)")
 
     def __enter__(self) -> GracefulStop:
         self._set((signal.SIGTERM,), self._stop_setup)

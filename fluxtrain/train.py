@@ -363,6 +363,11 @@ def run_training(
 
     best_val = progress.best_val_loss
     last_losses: dict[str, float] = {}
+    evaluated_at = progress.eval_at  # the iteration of last_losses
+    if evaluated_at is not None and progress.eval_val_loss is not None:
+        last_losses["val"] = progress.eval_val_loss
+        if progress.eval_train_loss is not None:
+            last_losses["train"] = progress.eval_train_loss
     it = progress.iteration
     warmup_done_at: float | None = progress.warmup_done_at
     # seconds the loop may take: the budget less the setup so far and the final eval; the loop's clock starts now
@@ -420,10 +425,10 @@ def run_training(
         losses_window.extend(values)
 
     def evaluate_and_save_best(step: int) -> None:
-        nonlocal best_val, last_losses
+        nonlocal best_val, last_losses, evaluated_at
         collect_losses()
         t_eval = time.perf_counter()
-        last_losses = estimate_loss(model, data, tcfg, device, offset_seed(tcfg.seed, 1))
+        last_losses, evaluated_at = estimate_loss(model, data, tcfg, device, offset_seed(tcfg.seed, 1)), step
         eval_time = time.perf_counter() - t_eval
         for split, value in last_losses.items():  # weights can be finite yet overflow: nothing is saved after it
             if not math.isfinite(value):
@@ -453,7 +458,17 @@ def run_training(
         # of ranks logs what the run would have logged (a collective: every rank writes the checkpoint).
         window = distributed.means_over_ranks(losses_window, device)
         wall_time = progress.wall_time + time.perf_counter() - t_start
-        state = Progress(it, best_val, time.perf_counter() - t_loop, warmup_done_at, window, wall_time)
+        state = Progress(
+            it,
+            best_val,
+            time.perf_counter() - t_loop,
+            warmup_done_at,
+            window,
+            wall_time,
+            evaluated_at,
+            last_losses.get("val"),
+            last_losses.get("train"),
+        )
         path = checkpoint_path(run_dir, it)
         config = OmegaConf.to_container(cfg, resolve=True)
         try:
@@ -536,8 +551,9 @@ def run_training(
             raise TrainingInterrupted(f"stopped by {by}; checkpoint {last_ckpt}", signum)
         t_window += time.perf_counter() - t_side
     bar.close()
+    stop.finishing = True
 
-    if it % tcfg.eval_interval != 0 or not last_losses:  # not evaluated yet: a resumed run may have had no steps left
+    if evaluated_at != it:  # a run resumed at its end was evaluated there, and logged it, before its checkpoint
         evaluate_and_save_best(it)
     if last_ckpt != checkpoint_path(run_dir, it):
         write_checkpoint()
@@ -556,7 +572,12 @@ def run_training(
     }
     if world.is_main:
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        prune(run_dir, tcfg.keep_last, RUN_OUTPUTS)  # also what a killed session left half-written: its last chance
         log_hparams(writer, cfg, metrics)
     writer.close()
     log.info(f"done: {it} iterations in {wall_time:.1f}s | val loss {metrics['final_val_loss']:.4f} | {run_dir}")
+    if distributed.any_rank(stop.requested, device):  # a signal during the final evaluation or writes: obeyed now
+        by = stop.signal_name or "a signal to another rank"
+        log.warning(f"stopped by {by} as the run finished; its results are written")
+        raise TrainingInterrupted(f"stopped by {by} as the run finished", stop.signum or signal.SIGTERM)
     return metrics

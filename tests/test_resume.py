@@ -348,6 +348,52 @@ def test_new_text_needs_the_runs_own_tokenizer_to_resume(tiny_cfg, tiny_text_fil
     assert metrics["iters"] == 4
 
 
+def signal_during_evaluation(monkeypatch, call: int, signum: int) -> None:
+    """Send this process `signum` during the `call`-th evaluation (counted from 1)."""
+    real_estimate = train_module.estimate_loss
+    calls = 0
+
+    def estimate_loss(*args):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            os.kill(os.getpid(), signum)
+        return real_estimate(*args)
+
+    monkeypatch.setattr(train_module, "estimate_loss", estimate_loss)
+
+
+def test_a_signal_during_the_final_evaluation_stops_the_run_once_its_results_are_written(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """It used to be acknowledged and then ignored: a sweep ran on, and a preempted job was killed in its next run."""
+    signal_during_evaluation(monkeypatch, 3, signal.SIGTERM)  # evaluations at 5, 10 and then the final one at 12
+    cfg = tiny_cfg("train.max_iters=12", "train.eval_interval=5", "train.ckpt_interval=5")
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg, tmp_path)
+    assert info.value.exit_code == 128 + signal.SIGTERM and str(info.value) == "stopped by SIGTERM as the run finished"
+    assert json.loads((tmp_path / "metrics.json").read_text())["iters"] == 12
+    assert (tmp_path / "model_final.safetensors").exists() and checkpoint_path(tmp_path, 12).exists()
+
+
+def test_a_run_stopped_at_its_last_iteration_and_resumed_logs_nothing_twice(tiny_cfg, tmp_path, monkeypatch):
+    """Ctrl-C during the evaluation at max_iters: the checkpoint there follows the evaluation, and the resumed run,
+    with nothing to train, reports that evaluation instead of logging another at the same step."""
+    signal_during_evaluation(monkeypatch, 2, signal.SIGINT)  # the evaluation at iteration 10 = max_iters
+    settings = ("train.max_iters=10", "train.eval_interval=5", "train.ckpt_interval=0")
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_cfg(*settings), tmp_path)
+    assert find_latest(tmp_path) == checkpoint_path(tmp_path, 10) and not (tmp_path / "metrics.json").exists()
+    monkeypatch.undo()
+    logged = scalars(tmp_path)
+    (tmp_path / ".metrics.json.1a2b3c.tmp").write_text('{"iters": ')  # as a process killed while writing it left it
+    metrics = train(tiny_cfg(*settings, "resume=auto"), tmp_path)
+    assert not list(tmp_path.glob(".*.tmp"))  # the session that writes the results removes it; no checkpoint would
+    assert scalars(tmp_path) == logged  # no step twice
+    assert metrics["final_val_loss"] == pytest.approx(logged["val/loss"][-1][1])  # the evaluation at iteration 10
+    assert json.loads((tmp_path / "metrics.json").read_text())["iters"] == 10
+
+
 def test_auto_resume_from_a_damaged_newest_checkpoint_names_the_one_before(tiny_cfg, tmp_path):
     older, newest = checkpoint_path(tmp_path, 5), checkpoint_path(tmp_path, 10)
     newest.parent.mkdir()
