@@ -1,12 +1,15 @@
 """A run's folder before the run claims it: the folder given on the command line is checked before Hydra writes into
-it, and Hydra's config files there are kept, so that a run refused at setup leaves the folder as it was."""
+it, Hydra's config files there are kept, so that a run refused at setup leaves the folder as it was, and a run holds
+a lock on its folder while it runs."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
 
+from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write, check_writable
 from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override, hydra_value, is_multirun
 
@@ -139,3 +142,25 @@ def check_output_dir(args: list[str]) -> None:
         check_writable(fixed, setting, folder=True)
     if fixed == value and "hydra.output_subdir=null" not in args:  # torchrun's ranks > 0 save no config
         remember_run_configs(value, sweep=setting == "hydra.sweep.dir")
+
+
+class FolderInUse(FluxtrainError):
+    """Another fluxtrain process is running in the run folder."""
+
+
+def lock_run_dir(run_dir: str | Path) -> int | None:
+    """Hold an exclusive lock on the run folder for as long as the returned descriptor is open (the kernel lets go of
+    it when the process ends, however it ends): a second run in the folder at the same time, which would move or prune
+    the first one's files as it writes them, is refused in one line. None where the file system has no locks."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderInUse(
+            f"{run_dir} is in use by another fluxtrain run; wait for it to end, or give this run a folder of its own"
+        ) from None
+    except OSError:  # no locks here (some network file systems): run unguarded, as before
+        os.close(fd)
+        return None
+    return fd

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
 from fluxtrain.files import atomic_write_text, parse_json
 from fluxtrain.interrupt import TrainingInterrupted
+from fluxtrain.run_folder import FolderInUse
 from fluxtrain.runs import FAILED_FILE, ranked_table, read_run, run_folders, written_since
 
 log = logging.getLogger("fluxtrain")
@@ -39,8 +40,8 @@ def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]
     failed_file.unlink(missing_ok=True)  # left by an earlier sweep into the same folder
     try:
         return task()
-    except TrainingInterrupted:
-        raise  # a stop on SIGINT/SIGTERM ends the whole sweep, as it ends a single run
+    except (TrainingInterrupted, FolderInUse):
+        raise  # a stop on SIGINT/SIGTERM ends the whole sweep, as it ends a single run; so does a sweep already there
     except Exception as e:
         if isinstance(e, FluxtrainError):
             log.error(f"error: {e}")

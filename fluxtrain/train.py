@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -52,7 +53,7 @@ from fluxtrain.resume import (
     set_aside_later,
     wait_for_a_later_event_file_name,
 )
-from fluxtrain.run_folder import claim_run_config, restore_run_config
+from fluxtrain.run_folder import claim_run_config, lock_run_dir, restore_run_config
 from fluxtrain.runs import (
     BEST_MODEL_FILE,
     FINAL_MODEL_FILE,
@@ -315,6 +316,8 @@ def run_training(
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     world = distributed.current_world()
+    if world.is_main and (lock := lock_run_dir(run_dir)) is not None:  # rank 0 speaks for the run's ranks
+        resources.callback(os.close, lock)
     distributed.check_sharded_optimizer(world, tcfg.strategy, cfg.optim.name)  # before the data is read
     device = distributed.training_device(world, host.resolve_device(tcfg.device))
     batch_threads.check(tcfg.batch_threads, device, world.is_distributed, model_cfg.dropout)

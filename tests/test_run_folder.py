@@ -205,3 +205,21 @@ def test_hydra_mode_multirun_writes_into_the_sweep_folder_so_that_is_the_one_che
     assert given_output_dir(args) == ("hydra.sweep.dir", "sweep")
     assert given_output_dir(args[1:]) == ("hydra.run.dir", "run")
     assert given_output_dir(["-m", *args[1:]]) == ("hydra.sweep.dir", "sweep")
+
+
+def test_a_second_run_in_a_folder_that_a_run_is_using_is_refused(tiny_cfg, tmp_path):
+    """Two runs in one folder at once moved and pruned each other's files; the folder's lock refuses the second."""
+    from fluxtrain.run_folder import FolderInUse, lock_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    held = lock_run_dir(run)  # as the first run holds it while it trains
+    try:
+        for extra in ((), ("resume=auto",)):
+            with pytest.raises(FolderInUse, match=f"^{run} is in use by another fluxtrain run; wait for it to end"):
+                train(tiny_cfg(*RUN, *extra), run)
+        assert list(run.iterdir()) == []
+    finally:
+        os.close(held)
+    assert train(tiny_cfg(*RUN), run)["iters"] == 20  # free again once the first run's process lets go
+    os.close(lock_run_dir(run))  # and the run let go of it when it ended
