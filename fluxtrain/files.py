@@ -58,6 +58,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+PROBE_BYTES = 64 * 1024
+
+
 def check_writable(path: str | Path, setting: str, folder: bool = False) -> None:
     """Raise a one-line error naming `setting` when `path` (a file, or a folder with `folder`) cannot be written:
     checked before any work, so a long job does not fail at its last step."""
@@ -72,7 +75,12 @@ def check_writable(path: str | Path, setting: str, folder: bool = False) -> None
     if not parent.is_dir():
         raise FluxtrainError(f"{given} cannot be written: {parent} is a file, not a folder")
     try:
-        tempfile.TemporaryFile(dir=parent).close()  # a real write: permissions, read-only mounts, /proc
+        # A real write, of as much as Hydra writes first (its config files): permissions, read-only mounts, /proc,
+        # and a disk with no room left, where an empty file can still be made.
+        with tempfile.TemporaryFile(dir=parent) as probe:
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as e:
         # The error is about the probe file, not `parent` (which exists): /proc, say, refuses it with ENOENT.
         raise FluxtrainError(

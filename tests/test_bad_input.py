@@ -141,6 +141,24 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_before_hydra_logs_into_
     assert proc.stderr == f"error: hydra.run.dir={blocker}/run cannot be written: {blocker} is a file, not a folder\n"
 
 
+def test_a_disk_with_no_room_is_one_line_before_hydra_writes_its_config(tmp_path):
+    """An empty file can still be made on a full disk; the check writes what Hydra writes first. A file-size limit
+    of 20,000 bytes (as a nearly full disk) stops the check's 64 KiB, where Hydra's config files would have fitted
+    half-written."""
+    limit = 20_000
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr == (
+        f"error: hydra.run.dir={tmp_path / 'run'} cannot be written: cannot create a file in {tmp_path} "
+        "(File too large)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("sweep", [False, True])
 def test_a_read_only_run_or_sweep_folder_is_refused_before_hydra_starts(tmp_path, monkeypatch, capsys, sweep):
     import errno
