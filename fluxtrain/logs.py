@@ -1,9 +1,20 @@
-"""How log lines are written: the console and train.log (Hydra's `job_logging`) format them with `SafeFormatter`."""
+"""How a run's logs are written: the console and train.log (Hydra's `job_logging`) format lines with `SafeFormatter`;
+TensorBoard's events go through `EventWriter`, whose failures are one line."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fluxtrain.files import WriteError
+
+if TYPE_CHECKING:  # imported by the logging config, and by fluxtrain.generate: no TensorBoard import there
+    from torch.utils.tensorboard import SummaryWriter
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Control characters but newline and tab, as `\\x1b`: text from a model or a file name cannot change the state of
@@ -30,3 +41,49 @@ class SafeFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return printable(super().format(record))
+
+
+class EventWriter:
+    """A TensorBoard `SummaryWriter` (every method passed through) whose failures to write, such as a full disk, are a
+    WriteError naming its event file; the traceback its writer thread prints for them is left out (see
+    `quiet_event_writer_threads`)."""
+
+    def __init__(self, writer: SummaryWriter):
+        self.writer = writer
+        event_writer = getattr(writer.file_writer, "event_writer", None)
+        self.path = Path(getattr(event_writer, "_file_name", writer.get_logdir()))
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.writer, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except OSError as e:
+                raise WriteError(self.path, e) from None
+
+        return call
+
+    def close_after_failure(self) -> None:
+        """Close the writer as a failed run ends: an error in writing its last events would hide the run's own."""
+        with contextlib.suppress(OSError):
+            self.writer.close()
+
+
+@contextlib.contextmanager
+def quiet_event_writer_threads() -> Iterator[None]:
+    """Leave out the traceback that TensorBoard's writer thread prints when a write fails: the next call of the writer
+    in the main thread raises the same error, which `EventWriter` reports in one line."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous

@@ -33,6 +33,7 @@ from fluxtrain.evaluate import bits_per_byte, perplexity
 from fluxtrain.files import atomic_write_text
 from fluxtrain.hparams import log_hparams
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
+from fluxtrain.logs import EventWriter, quiet_event_writer_threads
 from fluxtrain.model import GPT, ModelConfig, eval_mode, flops_per_token
 from fluxtrain.model_file import is_sharded, save_model_file
 from fluxtrain.optim import build_optimizer, decay_progress, lr_at, set_lr
@@ -220,7 +221,7 @@ def sample_text(model: GPT, tokenizer, length: int, seed: int) -> str:
 
 def claim_run_dir(
     run_dir: Path, tokenizer: Tokenizer, resume: Checkpoint | None, tokenizer_path: str | None = None
-) -> SummaryWriter:
+) -> EventWriter:
     """Set aside what this run replaces in `run_dir` (what was written after the resume point and the results the
     resumed run writes again, or an earlier run's files when the run starts afresh or continues another run's
     checkpoint), save the tokenizer and open the TensorBoard writer; call it once nothing can fail a setting check.
@@ -237,7 +238,9 @@ def claim_run_dir(
     if resume:  # a fresh run moved the earlier run's event files away
         wait_for_a_later_event_file_name(run_dir)
     # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
-    return SummaryWriter(log_dir=str(run_dir), purge_step=resume.progress.iteration + 1 if resume else None)
+    return EventWriter(
+        SummaryWriter(log_dir=str(run_dir), purge_step=resume.progress.iteration + 1 if resume else None)
+    )
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
@@ -400,7 +403,8 @@ def run_training(
     writer = (
         claim_run_dir(run_dir, tokenizer, resume, cfg.tokenizer.path) if world.is_main else distributed.NullWriter()
     )
-    resources.callback(writer.close)  # also when the run fails: its writer thread ends with it
+    resources.enter_context(quiet_event_writer_threads())
+    resources.callback(writer.close_after_failure)  # also when the run fails: its writer thread ends with it
     t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
     last_ckpt = resume.path if resume else None

@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fluxtrain.logs import printable
+from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config
 
@@ -89,3 +90,31 @@ def test_on_a_terminal_log_lines_go_above_the_progress_bar(tiny_text_file, tmp_p
     assert "it/s]" in shown and "train: " in shown  # the bar was drawn
     assert "iter    300/300 | loss" in shown and "done: 300 iterations" in shown
     assert "it/s][" not in shown  # e.g. "| 92/300 [00:00<00:00, 346.09it/s][2026-11-28 ...][fluxtrain][INFO] - iter"
+
+
+def test_events_that_cannot_be_written_end_the_run_in_one_line(tiny_cfg, tmp_path, monkeypatch, capfd):
+    """A full disk under TensorBoard's writer thread: its traceback is left out, and the next call of the writer
+    names the event file and the OS error (the command line adds the last good checkpoint)."""
+    import errno
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from fluxtrain.files import WriteError
+
+    real_write, written = RecordWriter.write, []
+
+    def write(self, data):
+        written.append(len(data))
+        if len(written) > 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", write)
+    printed = []  # what the writer thread's error would have printed, as a traceback
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    with pytest.raises(WriteError) as info:
+        train(tiny_cfg("train.max_iters=200", "train.log_interval=1", "train.ckpt_interval=50"), tmp_path)
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    assert str(info.value) == f"cannot write {events}: No space left on device"
+    assert printed == [] and "Traceback" not in capfd.readouterr().err
