@@ -8,26 +8,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from fluxtrain.runs import flat_settings
+
 METRIC_PREFIX = "metrics/"  # scalar tags of the final metrics: metrics/best_val_loss, ...
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, float | int | str]:
-    """Every leaf of the config as `section.key`: numbers and strings as they are, lists and None as text."""
-    flat: dict[str, float | int | str] = {}
-
-    def visit(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                visit(f"{prefix}.{key}" if prefix else str(key), value)
-        elif isinstance(node, bool):
-            flat[prefix] = str(node)
-        elif isinstance(node, int | float | str):
-            flat[prefix] = node
-        else:  # lists and None
-            flat[prefix] = str(node)
-
-    visit("", OmegaConf.to_container(cfg, resolve=True))
-    return flat
+    """Every leaf of the config as `section.key`: numbers and strings as they are, booleans, lists and None as text
+    (what the HParams plugin takes)."""
+    settings = flat_settings(OmegaConf.to_container(cfg, resolve=True))
+    return {
+        key: value if isinstance(value, int | float | str) and not isinstance(value, bool) else str(value)
+        for key, value in settings.items()
+    }
 
 
 def log_hparams(writer: SummaryWriter, cfg: DictConfig, metrics: dict[str, Any]) -> None:
