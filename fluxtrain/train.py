@@ -119,15 +119,15 @@ def validate(cfg: TrainConfig) -> None:
         raise FluxtrainError(
             f"train.batch_size={cfg.batch_size} does not split into train.batch_threads={cfg.batch_threads} equal parts"
         )
-    zero_means = {"sample_interval": "no samples", "ckpt_interval": "only at the end", "keep_last": "keep all"}
+    zero_means = {
+        "sample_interval": "no samples",
+        "sample_len": "no samples",
+        "ckpt_interval": "only at the end",
+        "keep_last": "keep all",
+    }
     for name, meaning in zero_means.items():
         if getattr(cfg, name) < 0:
             raise FluxtrainError(f"train.{name}={getattr(cfg, name)} must be >= 0 (0 = {meaning})")
-    if cfg.sample_len <= 0:
-        raise FluxtrainError(
-            f"train.sample_len={cfg.sample_len} must be a positive number of tokens (train.sample_interval=0 turns "
-            "samples off)"
-        )
     if cfg.max_time is not None and cfg.max_time <= 0:
         raise FluxtrainError(f"train.max_time={cfg.max_time} must be a positive number of seconds")
     if cfg.precision not in PRECISIONS:
@@ -538,7 +538,7 @@ def run_training(
         t_side = time.perf_counter()  # time spent outside training steps is left out of the throughput
         if it % tcfg.eval_interval == 0:
             evaluate_and_save_best(it)
-        if tcfg.sample_interval and it % tcfg.sample_interval == 0:
+        if tcfg.sample_interval and tcfg.sample_len and it % tcfg.sample_interval == 0:
             collect_losses()
             text = sample_text(model, tokenizer, tcfg.sample_len, offset_seed(tcfg.seed, it))
             log.info(f"sample at iteration {it}:\n{text}")

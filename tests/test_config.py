@@ -382,7 +382,7 @@ def test_impossible_model_shapes_are_named(changes, message):
         ({"keep_last": -1}, r"^train.keep_last=-1 must be >= 0 \(0 = keep all\)$"),
         ({"ckpt_interval": -1}, r"^train.ckpt_interval=-1 must be >= 0 \(0 = only at the end\)$"),
         ({"sample_interval": -1}, r"^train.sample_interval=-1 must be >= 0 \(0 = no samples\)$"),
-        ({"sample_len": 0}, r"^train.sample_len=0 must be a positive number of tokens \(train.sample_interval=0 turns"),
+        ({"sample_len": -1}, r"^train.sample_len=-1 must be >= 0 \(0 = no samples\)$"),
     ],
 )
 def test_bad_train_settings_are_named(changes, message):

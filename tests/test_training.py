@@ -103,3 +103,14 @@ def test_train_leaves_torch_threads_as_it_found_them_and_closes_its_writer_on_fa
     with pytest.raises(Exception, match="loss became nan"):
         train(tiny_cfg(), tmp_path / "diverged")
     assert {t.name for t in threading.enumerate()} <= threads  # no TensorBoard writer thread left running
+
+
+def test_a_sample_length_of_zero_turns_samples_off(tiny_cfg, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        train(tiny_cfg("train.sample_interval=5", "train.sample_len=0"), tmp_path / "off")
+    assert "sample at iteration" not in caplog.text
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        train(tiny_cfg("train.sample_interval=15", "train.sample_len=8"), tmp_path / "on")
+    assert caplog.text.count("sample at iteration") == 2  # at 15 and 30
