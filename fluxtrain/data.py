@@ -49,7 +49,8 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"  # the name SHAKESPEARE_URL is saved under in data.cache_dir
 ENCODING_ERRORS = ("strict", "replace")
-CACHE_VERSION = 2  # 2: a byte order mark at the start of a file is not text
+# 2: a byte order mark at the start of a file is not text; 3: a tokenizer that drops characters is refused
+CACHE_VERSION = 3
 ENCODE_CHUNK = 1 << 18  # characters per encoded piece; a batch of these is encoded in parallel
 ENCODE_BATCH = 8
 CACHE_FOLDERS = ("tokens", "tokenizers")  # in data.cache_dir: encoded ids, trained tokenizers
@@ -367,10 +368,11 @@ def corpus_tokenizer(
     if tok_cfg.path:
         tokenizer = load_configured(tok_cfg)
         sample = next(iter_text(train, cfg.separator, cfg.encoding_errors))[:10_000]
-        try:
+        try:  # also on a cache hit, when the text is not encoded again
             exact = tokenizer.decode(tokenizer.encode(sample)) == sample
-        except EncodeError:
-            exact = True  # reported with the setting when the text is encoded
+        except EncodeError as e:
+            setting = train.setting.split("=", 1)[0]  # as encoding names it
+            raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from tokenizer.path)") from None
         if not exact:
             log.warning(f"tokenizer.path={tok_cfg.path} does not reproduce the text exactly; val/bpb is approximate")
         return tokenizer

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("char", "bpe")
 MIN_BPE_VOCAB = 257  # the 256 byte symbols plus at least one merge
+BYTE_SYMBOLS = frozenset(pre_tokenizers.ByteLevel.alphabet())  # the characters a byte-level BPE writes bytes as
 
 
 @dataclass
@@ -167,9 +168,11 @@ class BPETokenizer:
         self._cuts: CutRule | None = None
         # A model with no unknown token and no byte fallback leaves a character its vocabulary lacks out of the ids,
         # without a word: such characters are refused as the char tokenizer refuses them (`_check_kept`).
-        model = json.loads(hf.to_str()).get("model", {})
+        # A byte-level pre-tokenizer over a vocabulary with all 256 byte symbols (fluxtrain's BPE) keeps every one.
+        byte_level = type(hf.pre_tokenizer).__name__ == "ByteLevel" and BYTE_SYMBOLS <= hf.get_vocab().keys()
+        model = json.loads(hf.to_str()).get("model", {}) if not byte_level else {}
         unknown = model.get("unk_token") is not None or model.get("unk_id") is not None or model.get("byte_fallback")
-        self._may_drop = not unknown
+        self._may_drop = not (byte_level or unknown)
         self._kept: dict[str, bool] = {}  # character -> whether it gets a token, for those seen so far
 
     @classmethod
@@ -223,14 +226,15 @@ class BPETokenizer:
         or normalizer may drop those by design); each distinct character is tried once."""
         if not self._may_drop:
             return
-        for c in set(text).difference(self._kept):
+        chars = set(text)
+        for c in chars.difference(self._kept):
             try:
                 normalized = self.hf.normalizer.normalize_str(c) if self.hf.normalizer is not None else c
                 ids = self.hf.encode(c, add_special_tokens=False).ids
             except Exception:  # the Rust side's plain Exception: the encoding itself reports it
                 continue
             self._kept[c] = bool(ids) or c.isspace() or not normalized.strip()
-        dropped = sorted(c for c in set(text) if not self._kept.get(c, True))
+        dropped = sorted(c for c in chars if not self._kept.get(c, True))
         if dropped:
             raise UnknownCharactersError(dropped)
 
