@@ -233,8 +233,9 @@ def _matches(rel: str, patterns: Iterable[str]) -> bool:
 
 
 def _without_some_double_stars(pattern: str) -> set[str]:
-    """`pattern` with each of its `**/` kept or dropped, every combination: `a/**/b/**/c` gives four patterns."""
-    parts = pattern.split("**/")
+    """`pattern` with each of its `**/` folders kept or dropped, every combination: `a/**/b/**/c` gives four
+    patterns. Only a whole `**/` path segment is one (`x**/y` is not: it matches no file named `xy`)."""
+    parts = re.split(r"(?:^|(?<=/))\*\*/", pattern)
     variants = {parts[0]}
     for part in parts[1:]:
         variants = {v + kept + part for v in variants for kept in ("**/", "")}

@@ -312,15 +312,15 @@ def run_training(
     `resources`."""
     tcfg: TrainConfig = cfg.train
     model_cfg = check_settings(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    world = distributed.current_world()
+    if world.is_main and (lock := lock_run_dir(run_dir)) is not None:  # rank 0 speaks for the run's ranks
+        resources.callback(os.close, lock)
     if cfg.optim.warmup_iters >= tcfg.max_iters:
         log.warning(
             f"optim.warmup_iters={cfg.optim.warmup_iters} >= train.max_iters={tcfg.max_iters}: "
             f"the learning rate stays below optim.lr={cfg.optim.lr} for the whole run"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    world = distributed.current_world()
-    if world.is_main and (lock := lock_run_dir(run_dir)) is not None:  # rank 0 speaks for the run's ranks
-        resources.callback(os.close, lock)
     distributed.check_sharded_optimizer(world, tcfg.strategy, cfg.optim.name)  # before the data is read
     device = distributed.training_device(world, host.resolve_device(tcfg.device))
     batch_threads.check(tcfg.batch_threads, device, world.is_distributed, model_cfg.dropout)

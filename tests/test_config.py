@@ -255,6 +255,8 @@ def test_a_search_can_print_its_config_without_running_trials():
     """`--cfg` cannot go with -m, so a search without -m is allowed there: it prints and runs nothing."""
     for flag in ("--cfg", "-c", "--info"):
         check_overrides(["experiment=shakespeare_cpu", "hparams_search=lr_optuna", flag, "job"])
+    with pytest.raises(FluxtrainError, match="is a search: add -m"):  # --resolve alone prints nothing
+        check_overrides(["hparams_search=lr_optuna", "--resolve"])
     proc = subprocess.run(
         [sys.executable, "-m", "fluxtrain", "experiment=shakespeare_cpu", "hparams_search=lr_optuna", "--cfg", "hydra"],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=120,

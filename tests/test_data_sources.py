@@ -109,6 +109,8 @@ def test_a_double_star_folder_in_include_or_exclude_also_stands_for_no_folder(tr
     assert rel(resolve_sources(str(tree), include=["pkg/**/*.py"]), tree) == ["pkg/mod.py", "pkg/tests/test_mod.py"]
     assert rel(resolve_sources(str(tree), include=["**/pkg/**/test_*.py"]), tree) == ["pkg/tests/test_mod.py"]
     assert rel(resolve_sources(str(tree), exclude=["pkg/**/*"]), tree) == ["a.py", "b.py"]
+    write(tree / "sub" / "xy.txt", "text\n")  # `x**/y.txt` is no `**/` folder: dropping it would match xy.txt
+    assert rel(resolve_sources(str(tree), include=["x**/y.txt", "*.md"]), tree) == ["pkg/notes.md"]
 
 
 def test_glob(tree):
