@@ -73,7 +73,7 @@ class ModelConfig:
                 raise FluxtrainError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
 
 
-def _is_a(value, kind: type) -> bool:
+def _is_a(value: Any, kind: type) -> bool:
     """Whether `value` is a number of `kind` (numbers.Integral, numbers.Real); a bool is not a number here."""
     return isinstance(value, kind) and not isinstance(value, bool)
 
@@ -84,7 +84,16 @@ class KVCache:
     Each layer's keys and values share one tensor (2, B, H, max_len, hd), so storing a step is a single copy.
     """
 
-    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         shape = (2, batch, n_heads, max_len, head_dim)
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.length = 0
@@ -118,6 +127,9 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.d_model)
     return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # the cos and sin tables of the positions in view (T, head_dim)
 
 
 def rope_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +175,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         q, k, v = qkv.unbind(0)  # (B, H, T, hd) each; in training, unbind's backward is a single stack
@@ -185,7 +199,7 @@ class CausalSelfAttention(nn.Module):
         y = self.proj(y)
         return self.resid_dropout(y) if self.training else y  # (skipping the call saves time when decoding)
 
-    def decode(self, x: torch.Tensor, rope, cache: KVCache, layer: int) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, rope: Rope | None, cache: KVCache, layer: int) -> torch.Tensor:
         """`forward` for one new position per sequence after the cached ones, for inference: x (B, C) -> (B, C)."""
         B, C = x.shape
         qkv = self.qkv.forward(x).view(B, 3, self.n_heads, 1, self.head_dim).transpose(0, 1)  # (3, B, H, 1, hd)
@@ -225,7 +239,9 @@ class Block(nn.Module):
         self.ln2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), rope, cache, layer)
         return x + self.mlp(self.ln2(x))
 
@@ -284,7 +300,7 @@ class GPT(nn.Module):
         """Number of parameters; the tied head is counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> KVCache:
         p = self.tok_emb.weight
         hd = self.cfg.d_model // self.cfg.n_heads
         return KVCache(

@@ -100,7 +100,9 @@ def model_metadata(model: GPT, tokenizer: Tokenizer, extra: dict[str, str] | Non
     return meta
 
 
-def save_model_file(path: str | Path, model: nn.Module, tokenizer: Tokenizer, extra: dict[str, str] | None = None):
+def save_model_file(
+    path: str | Path, model: nn.Module, tokenizer: Tokenizer, extra: dict[str, str] | None = None
+) -> None:
     """Write a self-describing model file: weights plus model config and tokenizer in the metadata.
 
     Under torch.distributed every rank calls this (FSDP gathers the weights collectively); rank 0 writes the file.

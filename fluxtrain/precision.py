@@ -24,7 +24,7 @@ def warn_without_autocast(device: torch.device, precision: str, what: str = "tra
         log.warning(f"train.precision={precision} needs {where}; {what} in fp32 on {device.type}")
 
 
-def autocast_context(device: torch.device, precision: str):
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast to `precision` where the device has it (`autocasts`); elsewhere training stays fp32."""
     if autocasts(device, precision):
         return torch.autocast(device.type, dtype=PRECISIONS[precision])

@@ -332,7 +332,9 @@ def divergence_error(what: str, iteration: int, last_checkpoint: Path | None, lr
     )
 
 
-def write_failed(error: FluxtrainError, run_dir: str | Path, world_size: int = 1, local_world_size: int = 1):
+def write_failed(
+    error: FluxtrainError, run_dir: str | Path, world_size: int = 1, local_world_size: int = 1
+) -> FluxtrainError:
     """The error for a file of the run that could not be written (a full disk, a read-only folder): the file, the OS
     error, and the last good checkpoint with the command that continues from it."""
     latest = find_latest(run_dir)

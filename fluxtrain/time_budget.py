@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 
 from fluxtrain import distributed
 from fluxtrain.checkpoint import Checkpoint, Progress
@@ -26,7 +27,7 @@ WARMUP_CHECK_STEPS = 10  # steps timed under train.max_time before judging wheth
 
 
 @torch.no_grad()
-def forward_seconds(model, data: TokenData, cfg: TrainConfig, device) -> float:
+def forward_seconds(model: nn.Module, data: TokenData, cfg: TrainConfig, device: torch.device) -> float:
     """The fastest of a few timed forward passes over one batch (the first, a warm-up, not counted)."""
     x, y = (t.to(device) for t in data.get_batch("val", cfg.batch_size, torch.Generator().manual_seed(0)))
     times = []

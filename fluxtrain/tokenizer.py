@@ -6,10 +6,10 @@ import itertools
 import json
 import logging
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
@@ -67,14 +67,14 @@ class Tokenizer(Protocol):
     def save(self, path: str | Path) -> None: ...
 
 
-def check_ids(ids, vocab_size: int) -> None:
+def check_ids(ids: Sequence[Any], vocab_size: int) -> None:
     """Token ids a tokenizer of `vocab_size` can decode: integers from 0 to vocab_size - 1."""
     if (bad := first_id_outside(ids, vocab_size)) is not None:
         value = ids[bad].item() if hasattr(ids[bad], "item") else ids[bad]  # numpy's or torch's 39 shown as 39
         raise FluxtrainError(f"token id {value!r} is not in the vocabulary (ids 0 to {vocab_size - 1})")
 
 
-def first_id_outside(ids, vocab_size: int) -> int | None:
+def first_id_outside(ids: Sequence[Any], vocab_size: int) -> int | None:
     """The position of the first of `ids` that is no token id of a `vocab_size` vocabulary (an integer, numpy and
     torch ones too, from 0 to vocab_size - 1); None when every one is."""
     if isinstance(ids, np.ndarray) and ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer):  # a corpus: vectorised

@@ -146,7 +146,9 @@ def offset_seed(seed: int, offset: int) -> int:
 
 
 @torch.no_grad()
-def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, seed: int) -> dict[str, float]:
+def estimate_loss(
+    model: nn.Module, data: TokenData, cfg: TrainConfig, device: torch.device, seed: int
+) -> dict[str, float]:
     """Mean loss over `eval_iters` batches of the validation split, and of the training split unless
     `cfg.eval_train` is false; the same batches at every evaluation."""
     out = {}
@@ -207,7 +209,7 @@ def train_step(
     return loss_sum / tcfg.grad_accum
 
 
-def sample_text(model: GPT, tokenizer, length: int, seed: int) -> str:
+def sample_text(model: GPT, tokenizer: Tokenizer, length: int, seed: int) -> str:
     prompt = start_ids(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     # A model sharded by fully_shard gathers its weights in each module call, which the cached decoding step skips.
