@@ -89,11 +89,19 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # about a path that no check named: a run folder's name too long
+        if (message := path_error(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
     try:
         entry()
     except KeyboardInterrupt:  # while Hydra composes the config; the run itself reports its own stop
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit:
+        distributed.leave_world_after_error()
+        raise
     distributed.close_world()
     return None
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory
+from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory, path_error
 from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override, is_multirun
 
 log = logging.getLogger("fluxtrain")
@@ -79,6 +79,17 @@ def init_world() -> World:
         torch.cuda.set_device(local_rank)  # before any NCCL call, so each rank talks from its own GPU
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return current_world()
+
+
+def leave_world_after_error() -> None:
+    """Leave the gloo process group as a rank stops on an error, without waiting for the others: a process that
+    exits in it sometimes aborts in gloo's threads (SIGABRT), and torchrun then blames that rank. (NCCL groups are
+    left to the exit: tearing one down while other ranks may still run a collective can hang.)"""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        try:
+            dist.destroy_process_group()
+        except Exception:  # leaving is best effort: the process ends anyway
+            pass
 
 
 def close_world() -> None:
@@ -160,6 +171,12 @@ def main_first(world: World, device: torch.device) -> Iterator[None]:
             except FluxtrainError as e:
                 log.error(f"error: {e}")  # now: torchrun may end this process once the others have stopped
                 e.reported, error = True, e
+            except OSError as e:  # about a path that no check named (a name too long): the same, in one line
+                if (message := path_error(e)) is None:
+                    raise
+                log.error(f"error: {message}")
+                error = FluxtrainError(message)
+                error.reported = True
         if any_rank(error is not None, device):
             if error is not None:
                 raise error

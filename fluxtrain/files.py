@@ -59,6 +59,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 PROBE_BYTES = 64 * 1024
+NAME_MAX = 255  # the longest file or folder name in bytes on Linux and macOS file systems
 
 
 def check_writable(path: str | Path, setting: str, folder: bool = False) -> None:
@@ -66,6 +67,11 @@ def check_writable(path: str | Path, setting: str, folder: bool = False) -> None
     checked before any work, so a long job does not fail at its last step."""
     given = f"{setting}={path}" if "." in setting and not setting.startswith("-") else f"{setting} {path}"
     path = Path(path).expanduser()
+    # A name longer than the file system takes: the OS says "no such file" before "too long" where a folder on the
+    # way is missing, so Hydra would fail making it.
+    too_long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if too_long is not None:
+        raise FluxtrainError(f"{given} cannot be written: the name {too_long[:24]}... is longer than {NAME_MAX} bytes")
     if path.exists() and path.is_dir() != folder:
         kind = "a folder, not a file" if path.is_dir() else "a file, not a folder"
         raise FluxtrainError(f"{given} is {kind}")

@@ -316,8 +316,6 @@ def run_training(
     model_cfg = check_settings(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     world = distributed.current_world()
-    if world.is_main and (lock := lock_run_dir(run_dir)) is not None:  # rank 0 speaks for the run's ranks
-        resources.callback(os.close, lock)
     if cfg.optim.warmup_iters >= tcfg.max_iters:
         log.warning(
             f"optim.warmup_iters={cfg.optim.warmup_iters} >= train.max_iters={tcfg.max_iters}: "
@@ -335,6 +333,8 @@ def run_training(
     threads = resources.enter_context(BatchThreads(tcfg.batch_threads)) if tcfg.batch_threads > 1 else None
     torch.manual_seed(tcfg.seed)
     with distributed.main_first(world, device):  # rank 0 downloads, trains the tokenizer and fills the cache
+        if world.is_main and (lock := lock_run_dir(run_dir)) is not None:  # rank 0 speaks for the run's ranks
+            resources.callback(os.close, lock)
         data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir)
     if resume:
         check_tokenizer(resume, tokenizer)

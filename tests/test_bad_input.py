@@ -141,6 +141,17 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_before_hydra_logs_into_
     assert proc.stderr == f"error: hydra.run.dir={blocker}/run cannot be written: {blocker} is a file, not a folder\n"
 
 
+@pytest.mark.parametrize("parent_exists", [True, False])
+def test_a_run_folder_name_too_long_is_one_line_and_leaves_no_folder(tmp_path, parent_exists):
+    """Over 255 bytes: where a folder on the way is missing, the OS says "no such file" before "too long", and Hydra
+    failed making the folder, with a traceback and the missing folders left behind."""
+    parent = tmp_path if parent_exists else tmp_path / "new"
+    proc = run_fluxtrain(*TINY_OVERRIDES, f"hydra.run.dir={parent / ('a' * 300)}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: hydra.run.dir=") and proc.stderr.count("\n") == 1
+    assert proc.stderr.endswith(" is longer than 255 bytes\n") and list(tmp_path.iterdir()) == []
+
+
 def test_a_disk_with_no_room_is_one_line_before_hydra_writes_its_config(tmp_path):
     """An empty file can still be made on a full disk; the check writes what Hydra writes first. A file-size limit
     of 20,000 bytes (as a nearly full disk) stops the check's 64 KiB, where Hydra's config files would have fitted
@@ -288,7 +299,8 @@ def test_a_file_name_too_long_is_one_line_in_every_command(tiny_cfg, tiny_text_f
             code = e.code
         err = capsys.readouterr().err
         assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
-        assert "File name too long" in err and "Traceback" not in err, (argv, err)
+        too_long = "File name too long" in err or "is longer than 255 bytes" in err  # an output's name, checked first
+        assert too_long and "Traceback" not in err, (argv, err)
     for setting in ("data.path", "resume"):
         proc = run_fluxtrain(
             *TINY_OVERRIDES, f"data.path={text}", f"{setting}={long}", f"hydra.run.dir={tmp_path / 'run'}"
