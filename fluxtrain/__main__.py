@@ -63,6 +63,9 @@ def run(cfg: DictConfig) -> float:
         discard_refused(run_dir)
         sys.exit(e.code)
     except (RuntimeError, MemoryError) as e:
+        if distributed.peer_left(e):  # another rank stopped on an error and printed it: no traceback from this one
+            logging.getLogger("fluxtrain").warning("stopped: another rank ended the run, and printed why")
+            sys.exit(1)
         if not is_out_of_memory(e):
             raise
         logging.getLogger("fluxtrain").error(f"error: {out_of_memory_message(e)}")

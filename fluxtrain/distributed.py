@@ -366,6 +366,14 @@ def local_world_size(world: World) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
 
 
+def peer_left(e: BaseException) -> bool:
+    """Whether `e` is gloo telling this rank that another one closed its connections: a rank that stopped on an error
+    of its own, which it printed, while this one waited for it in a collective."""
+    return isinstance(e, RuntimeError) and any(
+        phrase in str(e) for phrase in ("Connection closed by peer", "Connection reset by peer")
+    )
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether `flag` is true on at least one rank (the flag itself in one process)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -339,3 +339,13 @@ def test_a_sweep_under_torchrun_is_refused_however_it_is_asked_for(flag, monkeyp
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(FluxtrainError, match="a torchrun job runs one training; sweep with hydra/launcher=slurm"):
         distributed.follow_main_run_dir([flag, "optim.lr=1e-3,3e-3"])
+
+
+def test_a_peer_that_left_is_told_apart_from_other_errors():
+    """A rank waiting in a collective when another stops on its own (printed) error gets gloo's RuntimeError: the
+    command then exits quietly on this rank, instead of a second, misleading traceback."""
+    from fluxtrain.distributed import peer_left
+
+    gone = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6847")
+    assert peer_left(gone) and peer_left(RuntimeError("... Connection reset by peer ..."))
+    assert not peer_left(RuntimeError("CUDA out of memory")) and not peer_left(OSError("Connection closed by peer"))
