@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from fluxtrain import distributed
 from fluxtrain.command_line import check_overrides
 from fluxtrain.config import config_dir, register_configs
-from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message, path_error
+from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message, paths_named
 from fluxtrain.interrupt import StoppedInSetup
 from fluxtrain.overrides import check_commands, flags_first
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home
@@ -37,10 +37,11 @@ def run(cfg: DictConfig) -> float:
     # Hydra made again once rank 0's was gone.
     single_run = hydra_cfg.mode == RunMode.RUN
     try:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            overrides = OmegaConf.to_container(hydra_cfg.overrides.task)
-            return run_sweep_job(lambda: run_task(cfg, run_dir), run_dir, overrides)
-        return run_task(cfg, run_dir)
+        with paths_named():
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                overrides = OmegaConf.to_container(hydra_cfg.overrides.task)
+                return run_sweep_job(lambda: run_task(cfg, run_dir), run_dir, overrides)
+            return run_task(cfg, run_dir)
     except FluxtrainError as e:
         if not e.reported:
             logging.getLogger("fluxtrain").error(f"error: {e}")
@@ -51,13 +52,6 @@ def run(cfg: DictConfig) -> float:
         logging.getLogger("fluxtrain").error("interrupted")
         discard_refused(run_dir)
         sys.exit(130)
-    except OSError as e:  # about a path that no closer check named: a name too long, a folder without permission
-        if (message := path_error(e)) is None:
-            raise
-        logging.getLogger("fluxtrain").error(f"error: {message}")
-        if single_run:
-            discard_refused(run_dir)
-        sys.exit(1)
     except StoppedInSetup as e:  # a warning: under torchrun, the ranks stopped after another one failed stay quiet
         logging.getLogger("fluxtrain").warning("stopped by SIGTERM before training began")
         discard_refused(run_dir)
@@ -84,18 +78,14 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
     if cfg is not None:
         return hydra_main(cfg)
     try:
-        sys.argv[1:] = flags_first(sys.argv[1:])
-        check_commands(sys.argv[1:])
-        check_overrides(sys.argv[1:])
-        sys.argv[1:] = distributed.follow_main_run_dir(expand_home(sys.argv[1:]))  # torchrun: rank 0's run folder
-        check_output_dir(sys.argv[1:])
+        with paths_named():
+            sys.argv[1:] = flags_first(sys.argv[1:])
+            check_commands(sys.argv[1:])
+            check_overrides(sys.argv[1:])
+            sys.argv[1:] = distributed.follow_main_run_dir(expand_home(sys.argv[1:]))  # torchrun: rank 0's folder
+            check_output_dir(sys.argv[1:])
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:  # about a path that no check named: a run folder's name too long
-        if (message := path_error(e)) is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     try:
         entry()

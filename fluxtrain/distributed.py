@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory, path_error
+from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory, paths_named
 from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override, is_multirun
 
 log = logging.getLogger("fluxtrain")
@@ -167,16 +167,11 @@ def main_first(world: World, device: torch.device) -> Iterator[None]:
     for turn in range(3):
         if turn == stage:
             try:
-                yield
+                with paths_named():  # a path that no check named (a name too long) is such an error too
+                    yield
             except FluxtrainError as e:
                 log.error(f"error: {e}")  # now: torchrun may end this process once the others have stopped
                 e.reported, error = True, e
-            except OSError as e:  # about a path that no check named (a name too long): the same, in one line
-                if (message := path_error(e)) is None:
-                    raise
-                log.error(f"error: {message}")
-                error = FluxtrainError(message)
-                error.reported = True
         if any_rank(error is not None, device):
             if error is not None:
                 raise error

@@ -1,6 +1,8 @@
 """The one exception type for user mistakes: the command line prints it as a single line, without a traceback."""
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class FluxtrainError(ValueError):
@@ -26,6 +28,18 @@ def path_error(e: BaseException) -> str | None:
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         return f"{e.filename}: {e.strerror}"
     return None
+
+
+@contextmanager
+def paths_named() -> Iterator[None]:
+    """Turn an OSError about a path that no closer check named into a FluxtrainError `path: reason`, which the
+    commands print in one line as they print their own errors; any other error passes as it is."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, FluxtrainError) or (message := path_error(e)) is None:  # a WriteError says it already
+            raise
+        raise FluxtrainError(message) from None
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fluxtrain.data import ENCODING_ERRORS, count_bytes, encode_all
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, path_error
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, paths_named
 from fluxtrain.files import atomic_write_text, check_writable, parse_json
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, eval_mode
@@ -246,18 +246,14 @@ def run(args: argparse.Namespace) -> EvalResult:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        run(parse_args(argv))
+        with paths_named():
+            run(parse_args(argv))
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except OSError as e:  # about a path that no closer check named: a name too long, a folder without permission
-        if (message := path_error(e)) is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

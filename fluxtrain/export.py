@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, path_error
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named
 from fluxtrain.files import check_writable, parse_json
 from fluxtrain.model import GPT, ModelConfig, eval_mode
 from fluxtrain.model_file import load_model
@@ -334,18 +334,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR (the whole folder)")
     args = p.parse_args(argv)
     try:
-        out = export(args.model, args.out_dir, args.overwrite)
+        with paths_named():
+            out = export(args.model, args.out_dir, args.overwrite)
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # write_folder leaves OUT_DIR as it was
         print("interrupted: nothing was written", file=sys.stderr)
         sys.exit(130)
-    except OSError as e:  # about a path that no closer check named: a name too long, a folder without permission
-        if (message := path_error(e)) is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
     print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained")
 
 

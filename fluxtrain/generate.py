@@ -13,7 +13,7 @@ from typing import TextIO
 
 import torch
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, path_error
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named
 from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.logs import CONTROL_ESCAPES
 from fluxtrain.model import GPT
@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     show_unencodable_characters()
     try:
-        return run(args)
+        with paths_named():
+            return run(args)
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -392,11 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as e:
         discard_stdout()
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # about a path that no closer check named: a name too long, a folder without permission
-        if (message := path_error(e)) is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
         return 1
 
 

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, path_error
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named
 from fluxtrain.files import parse_json
 from fluxtrain.resume import (
     CHECKPOINT_DIR,
@@ -444,6 +444,33 @@ def not_a_run_folder(path: Path) -> str:
     )
 
 
+def compare(folder: str, keys_text: str | None = None) -> str:
+    """The comparison table of the runs under `folder`, with the settings `keys_text` names (comma-separated), or
+    those that differ between the runs."""
+    runs = find_runs(folder)
+    if not runs:
+        raise FluxtrainError(
+            f"no runs under {folder} (a run folder holds {METRICS_FILE}, {FAILED_FILE} "
+            f"or {CHECKPOINT_DIR}/{CHECKPOINT_FILES})"
+        )
+    keys = [key.strip() for key in keys_text.split(",")] if keys_text is not None else varying_keys(runs)
+    if keys_text is not None:
+        if not keys_text.strip():
+            raise FluxtrainError(
+                "--keys is empty: name settings separated by commas, e.g. optim.lr,model.d_model (leave it out "
+                "for those that differ between runs)"
+            )
+        if "" in keys:
+            raise FluxtrainError(f"--keys {keys_text!r} has an empty name; separate settings by single commas")
+        known = {key for run in runs for key in (*flat_settings(run.config), *override_keys(run.overrides))}
+        unknown = [key for key in keys if key not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise FluxtrainError(f"--keys: no run has the setting {unknown[0]}{hint}")
+    return ranked_table(runs, keys)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = OneLineErrorParser(
         prog="python -m fluxtrain.runs",
@@ -462,35 +489,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     try:
-        runs = find_runs(args.folder)
-        if not runs:
-            raise FluxtrainError(
-                f"no runs under {args.folder} (a run folder holds {METRICS_FILE}, {FAILED_FILE} "
-                f"or {CHECKPOINT_DIR}/{CHECKPOINT_FILES})"
-            )
-        keys = [key.strip() for key in args.keys.split(",")] if args.keys is not None else varying_keys(runs)
-        if args.keys is not None:
-            if not args.keys.strip():
-                raise FluxtrainError(
-                    "--keys is empty: name settings separated by commas, e.g. optim.lr,model.d_model (leave it out "
-                    "for those that differ between runs)"
-                )
-            if "" in keys:
-                raise FluxtrainError(f"--keys {args.keys!r} has an empty name; separate settings by single commas")
-            known = {key for run in runs for key in (*flat_settings(run.config), *override_keys(run.overrides))}
-            unknown = [key for key in keys if key not in known]
-            if unknown:
-                close = difflib.get_close_matches(unknown[0], known, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise FluxtrainError(f"--keys: no run has the setting {unknown[0]}{hint}")
-        print(ranked_table(runs, keys))
+        with paths_named():
+            print(compare(args.folder, args.keys))
     except (FluxtrainError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:  # about a path that no closer check named: a name too long, a folder without permission
-        if (message := path_error(e)) is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 
 
