@@ -53,11 +53,14 @@ class LRFindResult:
     suggested_lr: float | None  # None: the smoothed loss did not fall by MIN_DROP, so there is no descent to pick
     rule: str
     stopped_early: bool
+    # With optim.name=muon: Muon's lr, which rose with optim.lr at the configured ratio optim.muon_lr / optim.lr.
+    suggested_muon_lr: float | None = None
 
     def summary(self) -> str:
         if self.suggested_lr is None:
             return f"no suggestion: the smoothed loss fell by less than {MIN_DROP:.0%} (lr_find.rule={self.rule})"
-        return f"suggested optim.lr={self.suggested_lr:.2e} (rule: {RULES[self.rule]}; lr_find.rule={self.rule})"
+        muon = "" if self.suggested_muon_lr is None else f" optim.muon_lr={self.suggested_muon_lr:.2e}"
+        return f"suggested optim.lr={self.suggested_lr:.2e}{muon} (rule: {RULES[self.rule]}; lr_find.rule={self.rule})"
 
 
 def validate(cfg: LRFindConfig) -> None:
@@ -168,6 +171,12 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
         f"lr_find: {fcfg.num_steps} steps from lr {fcfg.start_lr:.0e} to {fcfg.end_lr:.0e} | "
         f"{model.num_params():,} parameters | data {source}"
     )
+    muon_ratio = cfg.optim.muon_lr / cfg.optim.lr if cfg.optim.name == "muon" else None
+    if muon_ratio is not None:
+        log.info(
+            f"lr_find: Muon's lr rises with the tested lr at optim.muon_lr / optim.lr = {muon_ratio:.3g}; the "
+            "suggestion names both"
+        )
 
     writer = SummaryWriter(log_dir=str(run_dir))
     lrs, losses, best = [], [], math.inf
@@ -197,13 +206,15 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
         raise FluxtrainError(f"lr_find: the loss diverged after {len(losses)} steps; lower lr_find.start_lr")
 
     lr_arr, smoothed_arr = np.array(lrs), zero_lag_smooth(np.array(losses), fcfg.smoothing)
+    suggested = suggest_lr(lr_arr, smoothed_arr, fcfg.rule)
     result = LRFindResult(
         lrs=lrs,
         losses=losses,
         smoothed=smoothed_arr.tolist(),
-        suggested_lr=suggest_lr(lr_arr, smoothed_arr, fcfg.rule),
+        suggested_lr=suggested,
         rule=fcfg.rule,
         stopped_early=stopped_early,
+        suggested_muon_lr=None if suggested is None or muon_ratio is None else suggested * muon_ratio,
     )
     for step, value in enumerate(result.smoothed):  # the curve the suggestion is read from, as in the PNG and JSON
         writer.add_scalar("lr_find/smoothed_loss", value, step)

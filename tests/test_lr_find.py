@@ -223,3 +223,25 @@ def test_tensorboard_logs_the_smoothed_curve_the_suggestion_is_read_from(tiny_cf
     assert logged == pytest.approx(result.smoothed, rel=1e-6)
     assert logged != pytest.approx(ema(np.array(result.losses), 0.7), rel=1e-6)
     assert suggest_lr(np.array(result.lrs), logged, "steepest") == pytest.approx(result.suggested_lr, rel=1e-6)
+
+
+def test_with_muon_the_suggestion_names_muons_lr_at_the_ratio_it_was_tested(tiny_cfg, tmp_path, caplog):
+    """Muon's lr rises with the tested lr (optim.muon_lr / optim.lr = 20 here), so the loss curve is read at both:
+    the suggestion gives both, or training at the suggested optim.lr would run Muon at another lr than tested."""
+    cfg = tiny_cfg(
+        "optim.name=muon",
+        "optim.lr=1e-3",
+        "optim.muon_lr=0.02",
+        "lr_find.num_steps=30",
+        "lr_find.start_lr=1e-4",
+        "lr_find.end_lr=10",
+        "lr_find.smoothing=0.7",
+    )
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        result = lr_find(cfg, tmp_path)
+    assert "Muon's lr rises with the tested lr at optim.muon_lr / optim.lr = 20" in caplog.text
+    assert result.suggested_lr is not None
+    assert result.suggested_muon_lr == pytest.approx(20 * result.suggested_lr)
+    assert f"optim.lr={result.suggested_lr:.2e} optim.muon_lr={result.suggested_muon_lr:.2e} (rule" in caplog.text
+    saved = json.loads((tmp_path / "lr_find.json").read_text())
+    assert saved["suggested_muon_lr"] == result.suggested_muon_lr
