@@ -22,7 +22,7 @@ class OptimConfig:
     warmup_iters: int = 100
     min_lr: float = 0.0
     # After the warm-up: cosine from lr to min_lr | linear: a straight line to min_lr | wsd (warmup-stable-decay):
-    # lr held, then a straight line to min_lr over the last decay_frac of the budget.
+    # lr held, then a straight line to min_lr over the last decay_frac of the budget after the warm-up.
     schedule: str = "cosine"
     decay_frac: float = 0.2
     # muon only: the hidden 2-D weights follow the same schedule, scaled to start at muon_lr.
@@ -191,10 +191,11 @@ def lr_at(it: int, progress: float, cfg: OptimConfig) -> float:
 
 
 def decay_progress(it: int, warmup_iters: int, max_iters: int) -> float:
-    """Fraction of the post-warm-up iterations done at iteration `it`."""
-    if max_iters <= warmup_iters:
+    """How far iteration `it` is through the post-warm-up iterations: 0 at the first, which runs at the peak lr, and
+    1 at the last (`max_iters - 1`), which runs at min_lr."""
+    if max_iters - 1 <= warmup_iters:
         return 1.0
-    return (it - warmup_iters) / (max_iters - warmup_iters)
+    return (it - warmup_iters) / (max_iters - 1 - warmup_iters)
 
 
 def set_lr(optimizer: torch.optim.Optimizer | MultiOptimizer, lr: float) -> None:

@@ -131,8 +131,8 @@ def test_an_iteration_budget_that_ends_first_still_runs_the_schedule_down(tiny_c
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     lrs = [e.value for e in events.Scalars("lr")]
-    # the lr logged at iteration i is that of step i - 1: warm-up 1/3, 2/3 of the peak, then (12 - i) / 10 of it
-    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3] + [1e-3 * (12 - i) / 10 for i in range(2, 12)], rel=1e-5)
+    # the lr logged at iteration i is that of step i - 1: warm-up 1/3, 2/3 of the peak, then (11 - i) / 9 of it
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3] + [1e-3 * (11 - i) / 9 for i in range(2, 12)], rel=1e-5)
 
 
 def test_a_warm_up_the_time_budget_cannot_finish_is_warned_about(tiny_cfg, tmp_path, monkeypatch, caplog):
