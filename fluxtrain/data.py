@@ -49,8 +49,9 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"  # the name SHAKESPEARE_URL is saved under in data.cache_dir
 ENCODING_ERRORS = ("strict", "replace")
-# 2: a byte order mark at the start of a file is not text; 3: a tokenizer that drops characters is refused
-CACHE_VERSION = 3
+# 2: a byte order mark at the start of a file is not text; 3: a tokenizer that drops characters is refused;
+# 4: the validation split is the last val_fraction of the text's bytes, and a trained BPE sees none of it
+CACHE_VERSION = 4
 ENCODE_CHUNK = 1 << 18  # characters per encoded piece; a batch of these is encoded in parallel
 ENCODE_BATCH = 8
 CACHE_FOLDERS = ("tokens", "tokenizers")  # in data.cache_dir: encoded ids, trained tokenizers
@@ -69,7 +70,7 @@ class DataConfig:
     val_path: str | None = None  # a separate validation text (file, folder or glob) instead of val_fraction
     url: str = SHAKESPEARE_URL
     sha256: str | None = SHAKESPEARE_SHA256
-    val_fraction: float = 0.1  # the last fraction of the token stream, when val_path is not set
+    val_fraction: float = 0.1  # the last fraction of the text (UTF-8 bytes), when val_path is not set
     cache_dir: str = "~/.cache/fluxtrain"  # downloads, trained tokenizers and encoded token ids
     cache: bool = True  # keep the encoded token ids (and trained tokenizer) in cache_dir for the next run
 
@@ -84,6 +85,10 @@ def validate(cfg: DataConfig) -> None:
         raise FluxtrainError(f"data.cache_dir={cfg.cache_dir!r} is empty; give a folder (default ~/.cache/fluxtrain)")
     if not cfg.path and not str(cfg.url).strip():
         raise FluxtrainError(f"data.url={cfg.url!r} is empty; give the URL of a text file, or a data.path")
+    try:
+        urllib.parse.urlsplit(str(cfg.url))  # the download's file name comes from it
+    except ValueError as e:
+        raise FluxtrainError(f"data.url={cfg.url!r} is not a valid URL ({e})") from None
     check_sha256(cfg.sha256)
     if cfg.encoding_errors not in ENCODING_ERRORS:
         raise FluxtrainError(f"data.encoding_errors={cfg.encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
@@ -362,8 +367,8 @@ def corpus_tokenizer(
 ) -> Tokenizer:
     """`tokenizer.path`'s tokenizer, else one built from the corpus (and kept in the cache for the next run).
 
-    A learned tokenizer sees only the training text: the first `1 - val_fraction` of the bytes, or all of
-    `data.path` when `data.val_path` is set. The char vocabulary covers validation text too.
+    A learned tokenizer sees only the training text: the text before `val_start_byte`, where the validation split
+    begins, or all of `data.path` when `data.val_path` is set. The char vocabulary covers validation text too.
     """
     if tok_cfg.path:
         tokenizer = load_configured(tok_cfg)
@@ -383,6 +388,7 @@ def corpus_tokenizer(
         cached = Path(cfg.cache_dir).expanduser() / "tokenizers" / f"{_key(parts)}.json"
         if cached.is_file():
             try:
+                check_tokenizer_digest(cached)
                 tokenizer = load_tokenizer(cached, "data.cache_dir")
                 if tokenizer.kind != tok_cfg.kind:  # its name is a hash of the settings, the kind among them
                     raise FluxtrainError(f"{cached} holds a {tokenizer.kind} tokenizer, not a {tok_cfg.kind} one")
@@ -400,16 +406,38 @@ def corpus_tokenizer(
         train_text = stream(train)
     else:
         corpus = stream(train)
-        n_bytes = train.n_bytes + len(cfg.separator.encode("utf-8")) * (len(train.files) - 1)
-        train_text = head_text(stream(train), int(n_bytes * (1 - cfg.val_fraction)))
+        # Counted on the text as read (without byte order marks, with U+FFFD for bad bytes), as the split is.
+        n_bytes = sum(len(piece.encode("utf-8")) for piece in stream(train))
+        train_text = head_text(stream(train), val_start_byte(n_bytes, cfg.val_fraction))
     # Small pieces: the trainer buffers a few hundred pieces ahead, so memory follows the piece size.
     tokenizer = build_tokenizer(tok_cfg, corpus, safe_chunks(train_text, TRAIN_PIECE))
     if cached is not None:
         for sources, name in ((train, "train"), (val, "val")):  # as for the token ids: no entry for other content
             if sources is not None:
                 check_unchanged(sources, fingerprint[name])
-        atomic_write_text(cached, tokenizer.to_json())
+        text = tokenizer.to_json()
+        # The tokenizer, then the digest that vouches for it: a crash in between leaves one no digest vouches for.
+        atomic_write_text(cached, text)
+        atomic_write_text(digest_path(cached), hashlib.blake2b(text.encode("utf-8")).hexdigest())
     return tokenizer
+
+
+def digest_path(cached: Path) -> Path:
+    return cached.with_suffix(".blake2b")
+
+
+def check_tokenizer_digest(cached: Path) -> None:
+    """A cached tokenizer must be the one written: a damaged file that still parses (a merge lost, a character
+    changed) would otherwise train a run with another tokenizer than its settings ask for."""
+    if not digest_path(cached).is_file():
+        raise FluxtrainError(f"{cached} has no digest {digest_path(cached).name} vouching for it")
+    try:
+        expected = digest_path(cached).read_text(encoding="utf-8").strip()
+        actual = hashlib.blake2b(cached.read_bytes()).hexdigest()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FluxtrainError(f"{digest_path(cached)} cannot be read: {describe_failure(e)}") from None
+    if actual != expected:
+        raise FluxtrainError(f"{cached} does not match the blake2b digest in {digest_path(cached).name}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -420,6 +448,25 @@ def count_bytes(ids: np.ndarray, tokenizer: Tokenizer, chunk: int = 1 << 20) -> 
     """How many bytes of UTF-8 text the token ids stand for."""
     table = tokenizer.token_bytes()
     return int(sum(table[ids[i : i + chunk]].sum() for i in range(0, len(ids), chunk)))
+
+
+def val_start_byte(n_bytes: int, val_fraction: float) -> int:
+    """Where the validation split starts in a text of `n_bytes` bytes (UTF-8): its last `val_fraction`. Measured in
+    text, not tokens, so that every tokenizer validates on the same text, and a trained one sees none of it."""
+    return n_bytes - int(n_bytes * val_fraction)
+
+
+def first_token_from(ids: np.ndarray, tokenizer: Tokenizer, start_byte: int, chunk: int = 1 << 20) -> int:
+    """The index of the first token that starts at or after byte `start_byte` of the text `ids` stand for: a token
+    that straddles it stays with the text before."""
+    table, done = tokenizer.token_bytes(), 0
+    for i in range(0, len(ids), chunk):
+        ends = done + np.cumsum(table[ids[i : i + chunk]])
+        k = int(np.searchsorted(ends, start_byte, side="left"))  # the token that ends at or past start_byte
+        if k < len(ends):
+            return i + k + 1
+        done = int(ends[-1])
+    return len(ids)
 
 
 class TokenData:
@@ -460,15 +507,15 @@ def check_val_split(source: str, n_tokens: int, n_val: int, val_fraction: float,
     (TokenData says when neither is long enough)."""
     if n_val < seq_len + 1 <= n_tokens - n_val:
         raise FluxtrainError(
-            f"{source} is too short: its val split has {n_val} tokens (data.val_fraction={val_fraction} of "
-            f"{n_tokens:,}), fewer than model.seq_len + 1 = {seq_len + 1}; raise data.val_fraction, lower "
-            "model.seq_len or set data.val_path"
+            f"{source} is too short: its val split has {n_val} tokens (the last data.val_fraction={val_fraction} of "
+            f"the text, {n_tokens:,} tokens in all), fewer than model.seq_len + 1 = {seq_len + 1}; raise "
+            "data.val_fraction, lower model.seq_len or set data.val_path"
         )
     if n_tokens - n_val < seq_len + 1 <= n_val:
         raise FluxtrainError(
-            f"{source} is too short: its train split has {n_tokens - n_val} tokens (all but data.val_fraction="
-            f"{val_fraction} of {n_tokens:,}), fewer than model.seq_len + 1 = {seq_len + 1}; lower data.val_fraction "
-            "or model.seq_len"
+            f"{source} is too short: its train split has {n_tokens - n_val} tokens (all but the last "
+            f"data.val_fraction={val_fraction} of the text, {n_tokens:,} tokens in all), fewer than model.seq_len + 1 "
+            f"= {seq_len + 1}; lower data.val_fraction or model.seq_len"
         )
 
 
@@ -499,7 +546,9 @@ def load_corpus(
     if val_src is not None:
         train_ids, val_ids = ids, encode_sources(val_src, tokenizer, cfg, fingerprint["val"], tokenizer_source)
     else:
-        n_val = int(len(ids) * cfg.val_fraction)
+        n_val = len(ids) - first_token_from(
+            ids, tokenizer, val_start_byte(count_bytes(ids, tokenizer), cfg.val_fraction)
+        )
         check_val_split(source, len(ids), n_val, cfg.val_fraction, seq_len)
         train_ids, val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
     data = TokenData(np.asarray(train_ids), np.asarray(val_ids), seq_len, source, count_bytes(val_ids, tokenizer))

@@ -44,11 +44,12 @@ def time_limit(seconds: int):
     [
         ("data.cache_dir", "data.cache_dir='' is empty; give a folder (default ~/.cache/fluxtrain)"),
         ("data.url", "data.url='' is empty; give the URL of a text file, or a data.path"),
+        ("data.url='http://[::1'", "data.url='http://[::1' is not a valid URL (Invalid IPv6 URL)"),
     ],
 )
 def test_an_empty_cache_folder_or_url_is_an_error_not_the_working_folder(tmp_path, monkeypatch, setting, message):
     monkeypatch.chdir(tmp_path)
-    cfg = compose_config([f"{setting}="])  # as from an unset shell variable
+    cfg = compose_config([setting if "=" in setting else f"{setting}="])  # "=": as from an unset shell variable
     with pytest.raises(FluxtrainError) as info:
         load_corpus(cfg.data, cfg.tokenizer, 16)
     assert str(info.value) == message

@@ -504,24 +504,46 @@ def test_a_damaged_cache_entry_is_discarded_and_encoded_again(tmp_path, monkeypa
     assert len(calls) == 1 and not caplog.records
 
 
+def drop_last_merge(text: str) -> str:
+    """A BPE tokenizer file with its last merge and token gone: still a valid tokenizer, with one id fewer."""
+    entry = json.loads(text)
+    tok = json.loads(entry["tokenizer"])
+    merge = tok["model"]["merges"].pop()
+    del tok["model"]["vocab"]["".join(merge.split(" ") if isinstance(merge, str) else merge)]
+    return json.dumps({**entry, "tokenizer": json.dumps(tok)})
+
+
 @pytest.mark.parametrize(
-    ("content", "reason"),
+    ("damage", "reason"),
     [
-        ("{", "is not a tokenizer file"),
-        ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
-        (CharTokenizer(list("ab")).to_json(), "holds a char tokenizer, not a bpe one"),
+        (lambda cached: cached.write_text("{"), "does not match the blake2b digest"),
+        # Still a tokenizer, of 299 ids where tokenizer.vocab_size asks for 300: only the digest shows it.
+        (lambda cached: cached.write_text(drop_last_merge(cached.read_text())), "does not match the blake2b digest"),
+        (lambda cached: cached.with_suffix(".blake2b").unlink(), "has no digest"),
+        # Another kind, with a digest of its own (written by hand, say)
+        (
+            lambda cached: (
+                cached.write_text(CharTokenizer(list("ab")).to_json()),
+                cached.with_suffix(".blake2b").write_text(hashlib.blake2b(cached.read_bytes()).hexdigest()),
+            ),
+            "holds a char tokenizer, not a bpe one",
+        ),
     ],
 )
-def test_a_damaged_cached_tokenizer_is_built_again(tmp_path, caplog, content, reason):
+def test_a_damaged_cached_tokenizer_is_built_again(tmp_path, caplog, damage, reason):
     path = write(tmp_path / "a.txt", make_text(3_000))
     cfg, tok_cfg = corpus_cfg(tmp_path, path), TokenizerConfig(kind="bpe", vocab_size=300)
     first, tok1, _ = load_corpus(cfg, tok_cfg, 16)
     (cached,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
-    cached.write_text(content)
+    damage(cached)
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         second, tok2, _ = load_corpus(cfg, tok_cfg, 16)
     assert any("discarding the cached tokenizer" in r.message and reason in r.message for r in caplog.records)
-    assert tok2.to_json() == tok1.to_json() and np.array_equal(second.train, first.train)
+    assert tok2.to_json() == tok1.to_json() and tok2.vocab_size == 300 and np.array_equal(second.train, first.train)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        load_corpus(cfg, tok_cfg, 16)  # rebuilt with its digest: reused without a word
+    assert not caplog.records
 
 
 def test_id_dtype():
@@ -552,19 +574,60 @@ def test_val_split_is_the_last_fraction_of_the_token_stream(tmp_path):
     assert tok.decode(data.val.tolist()) == text[len(text) - len(data.val) :]
 
 
+def test_the_val_split_is_the_same_text_for_every_tokenizer_and_a_trained_bpe_never_sees_it(tmp_path, monkeypatch):
+    """The split is the last val_fraction of the text's bytes, not of its tokens: a BPE that packs the tail tighter
+    than the head (a repetitive tail here) would otherwise validate on text it was trained on, and the tokenizers
+    would validate on different texts. Files that start with a byte order mark (not text) and hold multi-byte
+    characters are counted as read."""
+    bom = "\ufeff".encode()
+    head = [
+        write(tmp_path / "corpus" / f"{i:03}.txt", bom + (f"Ünïcödé line {i}, " + make_text(300)).encode())
+        for i in range(40)
+    ]
+    write(tmp_path / "corpus" / "zz_tail.txt", " the" * 1_500)
+    text = read_corpus(resolve_sources(str(tmp_path / "corpus")))
+    assert len(head) == 40 and not text.startswith("\ufeff")
+    n_bytes = len(text.encode("utf-8"))
+    start = n_bytes - int(n_bytes * 0.1)  # the byte the validation text starts at
+    trained_on: list[str] = []
+    real_train = BPETokenizer.train.__func__
+
+    def recording_train(cls, pieces, vocab_size):
+        pieces = list(pieces)
+        trained_on.append("".join(pieces))
+        return real_train(cls, pieces, vocab_size)
+
+    monkeypatch.setattr(BPETokenizer, "train", classmethod(recording_train))
+    cfg = corpus_cfg(tmp_path, tmp_path / "corpus", val_fraction=0.1)
+    val_texts = {}
+    for tok_cfg in (TokenizerConfig(), TokenizerConfig(kind="bpe", vocab_size=400)):
+        data, tok, _ = load_corpus(cfg, tok_cfg, 16)
+        train_text, val_text = tok.decode(data.train.tolist()), tok.decode(data.val.tolist())
+        assert train_text + val_text == text
+        val_texts[tok_cfg.kind] = val_text
+    # The char split is at that byte exactly; the BPE's after the token that straddles it, a few bytes on.
+    assert len(val_texts["char"].encode("utf-8")) == n_bytes - start
+    assert val_texts["char"].endswith(val_texts["bpe"]) and len(val_texts["char"]) - len(val_texts["bpe"]) < 8
+    # The BPE trained on the text before that byte, and none of the validation text.
+    (seen,) = trained_on
+    assert seen.encode("utf-8") == text.encode("utf-8")[:start]
+    assert len(seen) + len(val_texts["bpe"]) <= len(text)
+
+
 def test_a_val_split_too_short_for_one_window_names_val_fraction(tmp_path):
     path = write(tmp_path / "a.txt", make_text(1_000))
     with pytest.raises(FluxtrainError) as e:
         load_corpus(corpus_cfg(tmp_path, path, val_fraction=0.01), TokenizerConfig(), 16)
     assert str(e.value) == (
-        f"data.path={path} is too short: its val split has 10 tokens (data.val_fraction=0.01 of 1,000), fewer than "
-        "model.seq_len + 1 = 17; raise data.val_fraction, lower model.seq_len or set data.val_path"
+        f"data.path={path} is too short: its val split has 10 tokens (the last data.val_fraction=0.01 of the text, "
+        "1,000 tokens in all), fewer than model.seq_len + 1 = 17; raise data.val_fraction, lower model.seq_len or set "
+        "data.val_path"
     )
     with pytest.raises(FluxtrainError) as e:
         load_corpus(corpus_cfg(tmp_path, path, val_fraction=0.99), TokenizerConfig(), 16)
     assert str(e.value) == (
-        f"data.path={path} is too short: its train split has 10 tokens (all but data.val_fraction=0.99 of 1,000), "
-        "fewer than model.seq_len + 1 = 17; lower data.val_fraction or model.seq_len"
+        f"data.path={path} is too short: its train split has 10 tokens (all but the last data.val_fraction=0.99 of "
+        "the text, 1,000 tokens in all), fewer than model.seq_len + 1 = 17; lower data.val_fraction or model.seq_len"
     )
     with pytest.raises(FluxtrainError, match=r"^data.val_fraction=5.0 must be between 0 and 1$"):
         load_corpus(corpus_cfg(tmp_path, path, val_fraction=5.0, val_path=str(path)), TokenizerConfig(), 16)
