@@ -192,9 +192,9 @@ def lr_at(it: int, progress: float, cfg: OptimConfig) -> float:
 
 def decay_progress(it: int, warmup_iters: int, max_iters: int) -> float:
     """How far iteration `it` is through the post-warm-up iterations: 0 at the first, which runs at the peak lr, and
-    1 at the last (`max_iters - 1`), which runs at min_lr."""
+    1 at the last (`max_iters - 1`), which runs at min_lr. A single one runs at the peak."""
     if max_iters - 1 <= warmup_iters:
-        return 1.0
+        return 0.0
     return (it - warmup_iters) / (max_iters - 1 - warmup_iters)
 
 
