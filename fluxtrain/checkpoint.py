@@ -53,6 +53,7 @@ class Progress:
     eval_at: int | None = None
     eval_val_loss: float | None = None
     eval_train_loss: float | None = None  # None with train.eval_train=false
+    time_ran_out: bool = False  # the loop ended because train.max_time ran out: a resume has none left to train
 
 
 @dataclass

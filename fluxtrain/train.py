@@ -290,6 +290,12 @@ def wrap_for_training(model: GPT, data: TokenData, world: World, device: torch.d
         )
 
 
+def budget_raised(tcfg: TrainConfig, resume: Checkpoint) -> bool:
+    """Whether `train.max_time` is larger than the one the checkpoint's run had."""
+    before = resume.config.get("train", {}).get("max_time")
+    return isinstance(before, (int, float)) and tcfg.max_time is not None and tcfg.max_time > before
+
+
 def finished_results(run_dir: Path, resume: Checkpoint | None) -> dict[str, Any] | None:
     """The results of a run that ended at `resume`, the newest checkpoint in its folder, from its metrics.json; None
     when the run has not ended there, or went on past it. A finished run resumed again (a requeued job, a sweep run
@@ -380,6 +386,9 @@ def run_training(
     warmup_done_at: float | None = progress.warmup_done_at
     # seconds the loop may take: the budget less the setup so far and the final eval; the loop's clock starts now
     loop_time = plan_time_budget(tcfg, t_start, model, data, device, progress, resume)
+    if loop_time is not None and resume and progress.time_ran_out and not budget_raised(tcfg, resume):
+        # Spent, whatever this session's setup took: a shorter one (a warm cache) must not find time to train on.
+        loop_time = min(loop_time, progress.train_time)
     t_loop = time.perf_counter() - progress.train_time
     no_steps_left = it >= tcfg.max_iters or (loop_time is not None and progress.train_time >= loop_time)
     if no_steps_left and (results := finished_results(run_dir, resume)) is not None:
@@ -477,6 +486,7 @@ def run_training(
             evaluated_at,
             last_losses.get("val"),
             last_losses.get("train"),
+            time_ran_out,
         )
         path = checkpoint_path(run_dir, it)
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -490,6 +500,7 @@ def run_training(
 
     stop.install()
     warmup_check, first_it = WarmupCheck(cfg.optim, tcfg, it), it
+    time_ran_out = False
     while True:
         elapsed = time.perf_counter() - t_loop
         if loop_time is not None and world.is_distributed:  # all ranks stop at one step, with one lr schedule
@@ -500,6 +511,7 @@ def run_training(
         # the plan may have used up the last of.
         out_of_time = loop_time is not None and elapsed >= loop_time and (it > first_it or no_steps_left)
         if it >= tcfg.max_iters or out_of_time:
+            time_ran_out = out_of_time and it < tcfg.max_iters
             break
         # Learning rate: warm-up in iterations, then optim.schedule over the rest of the budget. With a time budget
         # too, the schedule follows whichever budget is further spent, so it ends where the run does.
@@ -564,7 +576,7 @@ def run_training(
 
     if evaluated_at != it:  # a run resumed at its end was evaluated there, and logged it, before its checkpoint
         evaluate_and_save_best(it)
-    if last_ckpt != checkpoint_path(run_dir, it):
+    if last_ckpt != checkpoint_path(run_dir, it) or time_ran_out:  # one written in the loop does not say it ran out
         write_checkpoint()
     save_model_file(run_dir / FINAL_MODEL_FILE, model, tokenizer)
     wall_time = progress.wall_time + time.perf_counter() - t_start  # of every session, for a resumed run

@@ -10,7 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import fluxtrain.train as train_module
 from fluxtrain import time_budget
+from fluxtrain.checkpoint import load_checkpoint
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.resume import checkpoint_path
 from fluxtrain.train import train
 
 
@@ -158,3 +160,31 @@ def test_an_iteration_budget_shorter_than_the_warm_up_is_warned_about_with_a_tim
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         train(tiny_cfg("train.max_iters=4", "train.max_time=600", "optim.warmup_iters=5"), tmp_path)
     assert "optim.warmup_iters=5 >= train.max_iters=4: the learning rate stays below optim.lr=0.003" in caplog.text
+
+
+def test_a_run_whose_time_ran_out_stays_finished_when_a_shorter_setup_leaves_more_time(
+    tiny_cfg, tmp_path, monkeypatch, caplog
+):
+    """The budget's training time is planned anew each session from that session's setup, which a warm cache
+    shortens: a finished run requeued with the same train.max_time must not find time to train on. Raised, it
+    trains on."""
+    run = ["train.max_time=60", "train.max_iters=1000000", "train.eval_interval=1000000", "train.ckpt_interval=5"]
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 0.5)
+    first = train(tiny_cfg(*run), tmp_path)
+    assert 1 < first["iters"] < 1_000_000
+    assert load_checkpoint(checkpoint_path(tmp_path, first["iters"])).progress.time_ran_out
+
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 5.0)  # a faster setup this time
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        again = train(tiny_cfg(*run, "resume=auto"), tmp_path)
+    assert again == first and f"the run finished at iteration {first['iters']}" in caplog.text
+    # Without its results it is evaluated again, and still not trained.
+    (tmp_path / "metrics.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        evaluated = train(tiny_cfg(*run, "resume=auto"), tmp_path)
+    assert evaluated["iters"] == first["iters"] and "evaluating without training" in caplog.text
+    # A larger budget trains on, for the time the new one adds.
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 1.0)
+    longer = train(tiny_cfg(*(s.replace("max_time=60", "max_time=61") for s in run), "resume=auto"), tmp_path)
+    assert longer["iters"] > first["iters"]
