@@ -257,7 +257,7 @@ def read_run(path: Path, root: Path) -> Run:
         metrics = None
         if failed_overrides is not None:
             overrides, config = failed_overrides, with_overrides(config, failed_overrides)
-    name = str(path.relative_to(root)) if path != root else path.name
+    name = str(path.relative_to(root)) if path != root else path.resolve().name  # `.` is named too
     unfinished_at = None
     if error is None and (checkpoints := list_checkpoints(path)):
         at = checkpoints[-1][0]  # the newest checkpoint's iteration, from its name

@@ -1,6 +1,7 @@
 """Reading finished runs from disk: the run folders under an outputs folder, their table, failed jobs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,3 +348,10 @@ def test_one_key_given_as_text_is_one_column(tmp_path):
     make_run(tmp_path / "a", 1e-3, metrics={"best_val_loss": 1.9})
     (row,) = runs_table(find_runs(tmp_path), keys="optim.lr", metrics="best_val_loss")
     assert row == {"run": "a", "optim.lr": 1e-3, "best_val_loss": 1.9, "status": "ok"}
+
+
+def test_a_run_folder_named_as_dot_is_listed_under_its_own_name(tmp_path, monkeypatch):
+    make_run(tmp_path / "7", 1e-3, metrics={"best_val_loss": 1.9})
+    monkeypatch.chdir(tmp_path / "7")
+    assert [r.name for r in find_runs(tmp_path / "7" / ".")] == ["7"]
+    assert [r.name for r in find_runs(Path("."))] == ["7"]
