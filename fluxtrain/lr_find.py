@@ -32,6 +32,7 @@ RULES = {
     "steepest": "steepest descent of the smoothed loss",
     "min_div_10": "a tenth of the LR at the smoothed loss's minimum",
 }
+OUTPUTS = ("lr_find.json", "lr_find.png", "events.out.tfevents.*")  # what a test writes into its folder
 MIN_DROP = 0.05  # the smoothed loss must fall by this fraction of its start before a minimum counts as a descent
 
 
@@ -150,6 +151,11 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
         raise FluxtrainError(
             f"{run_dir} holds a training run, and task=lr_find writes its config, curve and events into its folder: "
             "give it a folder of its own (hydra.run.dir)"
+        )
+    if any(next(run_dir.glob(pattern), None) for pattern in OUTPUTS):  # TensorBoard would show both tests as one
+        raise FluxtrainError(
+            f"{run_dir} holds an earlier lr_find's curve and events: give this one a folder of its own "
+            "(hydra.run.dir), or remove lr_find.json, lr_find.png and the events.out.tfevents.* files there"
         )
     if tcfg.batch_threads > 1:
         log.info(f"lr_find: train.batch_threads={tcfg.batch_threads} is for training; the test runs on torch's threads")

@@ -245,3 +245,15 @@ def test_with_muon_the_suggestion_names_muons_lr_at_the_ratio_it_was_tested(tiny
     assert f"optim.lr={result.suggested_lr:.2e} optim.muon_lr={result.suggested_muon_lr:.2e} (rule" in caplog.text
     saved = json.loads((tmp_path / "lr_find.json").read_text())
     assert saved["suggested_muon_lr"] == result.suggested_muon_lr
+
+
+def test_a_folder_holding_an_earlier_lr_find_is_refused(tiny_cfg, tmp_path):
+    """Its events would stay beside the new ones: TensorBoard would draw one curve from two tests, and show both
+    suggestions."""
+    cfg = tiny_cfg("lr_find.num_steps=30", "lr_find.start_lr=1e-4", "lr_find.end_lr=10", "lr_find.smoothing=0.7")
+    lr_find(cfg, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    with pytest.raises(FluxtrainError) as info:
+        lr_find(cfg, tmp_path)
+    assert str(info.value).startswith(f"{tmp_path} holds an earlier lr_find's curve and events: give this one")
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
