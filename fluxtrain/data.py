@@ -5,6 +5,7 @@ Finding and reading the files is `fluxtrain.sources`; `load_corpus` is what trai
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from fluxtrain.cuts import BYTE_LEVEL_CUTS, CutRule
 from fluxtrain.errors import FluxtrainError, describe_failure
@@ -65,7 +67,7 @@ class DataConfig:
     path: str | None = None  # a file, a folder or a glob ('src/**/*.py'); null: download Tiny Shakespeare from `url`
     include: list[str] = field(default_factory=list)  # for folders and globs: keep only files matching one of these
     exclude: list[str] = field(default_factory=list)  # for folders and globs: drop files matching one of these
-    separator: str = "\n"  # put between consecutive files
+    separator: str = "\n"  # put between consecutive files; \n, \t, \r and \\ in it are read as escapes
     encoding_errors: str = "strict"  # strict: invalid UTF-8 is an error | replace: U+FFFD and a warning
     val_path: str | None = None  # a separate validation text (file, folder or glob) instead of val_fraction
     url: str = SHAKESPEARE_URL
@@ -96,6 +98,15 @@ def validate(cfg: DataConfig) -> None:
         raise FluxtrainError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1 (or set data.val_path)")
     if cfg.val_path and not 0.0 <= cfg.val_fraction < 1.0:  # unused, but a sweep may switch data.val_path off
         raise FluxtrainError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1")
+
+
+SEPARATOR_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def separator_text(value: str) -> str:
+    """`data.separator` with `\\n`, `\\t`, `\\r` and `\\\\` read as a newline, a tab, a carriage return and a backslash:
+    Hydra's command line has no other way to write a newline (`data.separator='\\n\\n'`)."""
+    return re.sub(r"\\([ntr\\])", lambda m: SEPARATOR_ESCAPES[m[1]], value)
 
 
 def check_cache_dir(cfg: DataConfig) -> None:
@@ -533,6 +544,9 @@ def load_corpus(
     validate_tokenizer(tok_cfg)
     warn_unused(tok_cfg)
     check_cache_dir(cfg)
+    if (separator := separator_text(cfg.separator)) != cfg.separator:
+        change = {"separator": separator}
+        cfg = dataclasses.replace(cfg, **change) if dataclasses.is_dataclass(cfg) else OmegaConf.merge(cfg, change)
     train_src, val_src = corpus_sources(cfg, run_dir)
     for sources in (train_src, val_src):
         if sources is not None:

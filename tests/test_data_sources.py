@@ -695,3 +695,21 @@ def test_iter_text_streams_bounded_pieces(tmp_path, monkeypatch):
     path = write(tmp_path / "a.txt", make_text(10_000))
     pieces = list(iter_text(resolve_sources(str(path))))
     assert len(pieces) == 10 and max(len(p) for p in pieces) <= 1000
+
+
+@pytest.mark.parametrize(
+    ("given", "joined"),
+    [("\\n\\n", "\n\n"), ("\\t--\\r\\n", "\t--\r\n"), ("\\\\n", "\\n"), ("\n", "\n"), ("<sep>", "<sep>")],
+)
+def test_the_separator_reads_backslash_escapes_as_the_command_line_can_give_no_newline(tmp_path, given, joined):
+    write(tmp_path / "t" / "a.txt", "first file " * 20)
+    write(tmp_path / "t" / "b.txt", "second file " * 20)
+    text = "first file " * 20 + joined + "second file " * 20
+    for cfg in (
+        corpus_cfg(tmp_path, tmp_path / "t", separator=given, val_fraction=0.5),
+        compose_config(
+            [f"data.path={tmp_path / 't'}", f"data.cache_dir={tmp_path / 'cache'}", f"data.separator='{given}'"]
+        ).data,
+    ):
+        data, tok, _ = load_corpus(cfg, TokenizerConfig(), 4)
+        assert tok.decode(np.concatenate([data.train, data.val]).tolist()) == text
