@@ -7,6 +7,7 @@ import json
 import math
 import numbers
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fluxtrain.data import ENCODING_ERRORS, count_bytes, encode_all
+from fluxtrain.data import ENCODING_ERRORS, encode_all
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, paths_named
 from fluxtrain.files import atomic_write_text, check_writable, parse_json
 from fluxtrain.host import resolve_device
@@ -214,13 +215,23 @@ def run(args: argparse.Namespace) -> EvalResult:
     model, tokenizer = load_model(resolve_model_path(args.model), device)
     check_stride(args.stride, model.cfg.seq_len)
     sources = resolve_sources(args.data, setting="--data")
-    text = iter_text(sources, encoding_errors=args.encoding_errors)
-    ids = encode_all(text, tokenizer, sources.setting, f"the model {args.model}")
+    n_bytes = 0  # of the text as read, as evaluate_text counts them (a normalizing tokenizer's ids stand for others)
+
+    def counted(pieces: Iterator[str]) -> Iterator[str]:
+        nonlocal n_bytes
+        for piece in pieces:
+            n_bytes += len(piece.encode("utf-8"))
+            yield piece
+
+    ids = encode_all(
+        counted(iter_text(sources, encoding_errors=args.encoding_errors)),
+        tokenizer,
+        sources.setting,
+        f"the model {args.model}",
+    )
     if len(ids) < 2:
         raise FluxtrainError(f"{sources.setting}: the text is {len(ids)} token(s); evaluation needs at least 2")
-    result = evaluate_ids(
-        model, ids, count_bytes(ids, tokenizer), args.stride, args.batch_size, device, sys.stderr.isatty()
-    )
+    result = evaluate_ids(model, ids, n_bytes, args.stride, args.batch_size, device, sys.stderr.isatty())
     summary = sys.stderr if args.json == "-" else sys.stdout  # stdout is then the JSON alone, for a pipe
     print(
         f"{args.model} | {sources.describe()} | {result.n_tokens:,} {tokenizer.kind} tokens "
@@ -229,7 +240,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     )
     print(
         f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} "
-        f"| bits per byte {result.bits_per_byte:.4f}",
+        f"| bits per byte {result.bits_per_byte:.4f} (over {result.n_bytes:,} bytes of text as read)",
         file=summary,
     )
     if args.json:

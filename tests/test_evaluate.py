@@ -387,3 +387,31 @@ def test_the_python_api_names_ids_outside_the_vocabulary_and_a_byte_count_that_i
         with pytest.raises(FluxtrainError, match=r"^n_bytes=.* must be the positive number of bytes"):
             evaluate_ids(model, ids, n_bytes)
     assert evaluate_ids(model, ids, np.int64(200)).n_bytes == 200  # the model's device by default, here the CPU
+
+
+def test_bits_per_byte_count_the_bytes_of_the_text_read_not_of_what_a_normalizer_made_of_it(tmp_path, capsys):
+    """An NFKC tokenizer reads full-width letters and ligatures as their plain forms, so its tokens stand for fewer
+    bytes than the text has: bits per byte are over the text as read, on the command line as from Python."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    from fluxtrain.tokenizer import BPETokenizer
+
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.NFKC()
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([make_text(2_000)], trainer)
+    tokenizer = BPETokenizer(hf)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(d_model=32, n_heads=2, n_layers=1, ff_dim=64, seq_len=SEQ_LEN), tokenizer.vocab_size)
+    save_model_file(tmp_path / "m.safetensors", model, tokenizer)
+    text = "ＲＯＭＥＯ： ﬁne ﬁrst ＡＢＣ\n" * 20
+    (tmp_path / "fw.txt").write_text(text, encoding="utf-8")
+    main([str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "fw.txt"), "--device", "cpu", "--json", "-"])
+    out, err = capsys.readouterr()
+    figures = json.loads(out)
+    assert figures["n_bytes"] == len(text.encode("utf-8")) == 840 and "(over 840 bytes of text as read)" in err
+    in_python = evaluate_text(model.eval(), tokenizer, text)
+    assert figures["bits_per_byte"] == pytest.approx(in_python.bits_per_byte, rel=1e-6)
