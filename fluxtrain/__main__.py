@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> float:
         with paths_named():
             if hydra_cfg.mode == RunMode.MULTIRUN:
                 overrides = OmegaConf.to_container(hydra_cfg.overrides.task)
-                return run_sweep_job(lambda: run_task(cfg, run_dir), run_dir, overrides)
+                return run_sweep_job(lambda: run_task(cfg, run_dir), run_dir, overrides, hydra_cfg.job.num)
             return run_task(cfg, run_dir)
     except FluxtrainError as e:
         if not e.reported:

@@ -311,11 +311,8 @@ def _check_hydra_setting(arg: str, key: str, values: list[Any]) -> None:
         isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values
     ):
         raise FluxtrainError(f"{arg}: a search runs at least one trial (hydra.sweeper.n_trials >= 1)")
-    if key == "hydra.sweep.subdir" and any(isinstance(v, str) and "${" not in v for v in values):
-        raise FluxtrainError(
-            f"{arg} names one folder for every job, so each job would set the one before aside; use an interpolation "
-            "that differs between jobs, e.g. hydra.sweep.subdir='${hydra.job.num}' (the default)"
-        )
+    if key == "hydra.sweep.subdir":
+        _check_sweep_subdir(arg, values)
     if key not in ("hydra.run.dir", "hydra.sweep.dir"):
         return
     for value in values:
@@ -323,6 +320,20 @@ def _check_hydra_setting(arg: str, key: str, values: list[Any]) -> None:
             raise FluxtrainError(f"{arg} is not a folder; give a path ({key}=. for the working folder)")
         if not value.strip():
             raise FluxtrainError(f"{arg} is empty; give a folder ({key}=. for the working folder)")
+
+
+def _check_sweep_subdir(arg: str, values: list[Any]) -> None:
+    """`hydra.sweep.subdir` names each job's folder in the sweep folder: an interpolation that differs between jobs.
+    A constant interpolation (`${hydra.job.name}`) is refused once a second job gets the first one's folder
+    (`fluxtrain.sweep.claim_job_folder`)."""
+    hint = "use an interpolation that differs between jobs, e.g. hydra.sweep.subdir='${hydra.job.num}' (the default)"
+    for value in values:
+        if value is None:
+            raise FluxtrainError(f"{arg}: each job of a sweep needs a folder of its own; {hint}")
+        if isinstance(value, str | int | float) and "${" not in str(value):  # bool is an int
+            raise FluxtrainError(
+                f"{arg} names one folder for every job, so each job would set the one before aside; {hint}"
+            )
 
 
 def check_yaml(path: Path) -> None:

@@ -18,9 +18,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
-from fluxtrain.files import atomic_write_text, parse_json
+from fluxtrain.files import atomic_write, atomic_write_text, parse_json
 from fluxtrain.interrupt import TrainingInterrupted
-from fluxtrain.run_folder import FolderInUse
+from fluxtrain.run_folder import HYDRA_OUTPUT_DIR, FolderInUse
 from fluxtrain.runs import FAILED_FILE, ranked_table, read_run, run_folders, written_since
 
 log = logging.getLogger("fluxtrain")
@@ -30,12 +30,46 @@ FAILED_VALUE = math.inf
 SEARCH_RESULTS_FILE = "optimization_results.yaml"  # the Optuna sweeper's best_params and best_value
 
 
-def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]) -> float:
-    """Run one job of a sweep; on an error, log it, write `failed.json` into `run_dir` and return FAILED_VALUE.
+class FolderOfAnEarlierJob(FluxtrainError):
+    """A job of a sweep got the folder of an earlier job of the same sweep (a `hydra.sweep.subdir` the same for
+    every job); it would set that job's results aside."""
+
+
+# The job folders this process's sweep has used: folder -> (job number, the Hydra config files the job saved there).
+# The basic launcher runs a sweep's jobs (the Optuna sweeper's trials too) in this process; submitit's jobs run in
+# processes of their own, which this check does not see.
+_job_folders: dict[Path, tuple[int, dict[str, bytes]]] = {}
+
+
+def claim_job_folder(run_dir: Path, job: int) -> None:
+    """Refuse job number `job` in `run_dir` where an earlier job of this sweep ran, before it writes there: the sweep
+    stops with one line, and the Hydra config files Hydra replaced there go back to the earlier job's."""
+    folder = run_dir.resolve()
+    hydra_dir = folder / HYDRA_OUTPUT_DIR
+    if folder not in _job_folders:
+        _job_folders[folder] = (job, {p.name: p.read_bytes() for p in hydra_dir.glob("*") if p.is_file()})
+        return
+    earlier, saved = _job_folders[folder]
+    for name, content in saved.items():
+        atomic_write(hydra_dir / name, lambda tmp, content=content: tmp.write_bytes(content))
+    error = FolderOfAnEarlierJob(
+        f"hydra.sweep.subdir gives job {job} the folder {run_dir} of job {earlier} of this sweep, whose results it "
+        "would set aside; use an interpolation that differs between jobs, e.g. hydra.sweep.subdir='${hydra.job.num}' "
+        "(the default)"
+    )
+    print(f"error: {error}", file=sys.stderr)  # not logged: the log file there is the earlier job's
+    error.reported = True
+    raise error
+
+
+def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str], job: int) -> float:
+    """Run job number `job` of a sweep; on an error, log it, write `failed.json` into `run_dir` and return
+    FAILED_VALUE. A job given the folder of an earlier one is refused, and ends the sweep (`claim_job_folder`).
 
     An exception would end the sweep with only the first error's traceback (Hydra's basic sweeper after its batch,
     the Optuna sweeper at once) and skip the end-of-sweep report; caught here, every job runs and is reported.
     """
+    claim_job_folder(run_dir, job)
     failed_file = run_dir / FAILED_FILE
     failed_file.unlink(missing_ok=True)  # left by an earlier sweep into the same folder
     try:
@@ -110,6 +144,7 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time() - 1.0  # file times can be coarser than the clock
+        _job_folders.clear()  # a new sweep
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

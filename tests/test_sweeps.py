@@ -23,6 +23,7 @@ from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_g
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from fluxtrain.__main__ import main
+from fluxtrain.errors import FluxtrainError
 from fluxtrain.hparams import METRIC_PREFIX
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.resume import resume_command
@@ -141,11 +142,12 @@ def test_multirun_writes_complete_job_folders_and_hparams(tiny_text_file, tmp_pa
 def job_config():
     """Make a job's config with Hydra's runtime set as in a real job, to call the `@hydra.main` function directly."""
 
-    def make(overrides: list[str], output_dir, mode: RunMode):
+    def make(overrides: list[str], output_dir, mode: RunMode, job_num: int = 0):
         with_hydra = compose_config(overrides, return_hydra_config=True)
         with open_dict(with_hydra):
             with_hydra.hydra.runtime.output_dir = str(output_dir)
             with_hydra.hydra.mode = mode
+            with_hydra.hydra.job.num = job_num
             with_hydra.hydra.overrides.task = overrides
         HydraConfig.instance().set_config(with_hydra)
         cfg = copy.deepcopy(with_hydra)
@@ -191,6 +193,58 @@ def test_a_stopped_sweep_job_points_to_resuming_the_whole_sweep(job_config, tmp_
     assert resume_command(tmp_path / "sweep" / "0") == expected
     job_config(TINY_OVERRIDES, tmp_path / "run", RunMode.RUN)
     assert resume_command(tmp_path / "run").startswith("python -m fluxtrain model.d_model=32 ")
+
+
+def test_a_job_given_an_earlier_jobs_folder_is_refused_before_it_touches_it(job_config, tmp_path, monkeypatch, capsys):
+    """A constant `hydra.sweep.subdir` interpolation gives every job one folder: the second job stops the sweep
+    in one line, and the first job's failure report and Hydra config files stay as that job left them."""
+    from fluxtrain.sweep import SweepReport
+
+    def failing(cfg, run_dir):
+        raise FluxtrainError("job 0 failed")
+
+    monkeypatch.setitem(TASKS, "train", failing)
+    SweepReport().on_multirun_start(OmegaConf.create())  # a new sweep in this process
+    job = tmp_path / "sweep" / "train"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- optim.lr=0.001\n")  # as Hydra saves it before the job
+    assert main(job_config(TINY_OVERRIDES, job, RunMode.MULTIRUN)) == FAILED_VALUE
+    (job / ".hydra" / "overrides.yaml").write_text("- optim.lr=0.003\n")  # Hydra, for the next job
+    with pytest.raises(SystemExit) as e:  # not caught by Hydra's job runner, so no later job starts
+        main(job_config(TINY_OVERRIDES, job, RunMode.MULTIRUN, job_num=1))
+    assert e.value.code == 1
+    assert capsys.readouterr().err == (
+        f"error: hydra.sweep.subdir gives job 1 the folder {job} of job 0 of this sweep, whose results it would set "
+        "aside; use an interpolation that differs between jobs, e.g. hydra.sweep.subdir='${hydra.job.num}' (the "
+        "default)\n"
+    )
+    assert json.loads((job / FAILED_FILE).read_text())["error"] == "job 0 failed"
+    assert (job / ".hydra" / "overrides.yaml").read_text() == "- optim.lr=0.001\n"
+
+
+@pytest.mark.slow
+def test_a_constant_sweep_subdir_interpolation_stops_the_sweep_at_its_second_job(tiny_text_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_fluxtrain(
+        "-m",
+        *tiny_except("optim.lr"),
+        *SHORT,
+        "optim.lr=1e-3,2e-3,3e-3",
+        "hydra.sweep.subdir=${hydra.job.name}",
+        f"data.path={tiny_text_file}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith(
+        f"error: hydra.sweep.subdir gives job 1 the folder {sweep / 'train'} of job 0 of this sweep"
+    )
+    assert "Traceback" not in proc.stderr + proc.stdout and "#2 :" not in proc.stdout  # the third job never ran
+    job = sweep / "train"  # job 0's, as it left it: its overrides, results and log, and nothing set aside
+    assert "optim.lr=0.001" in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+    assert json.loads((job / "metrics.json").read_text())["iters"] == 20
+    assert not (job / "checkpoints" / "superseded").exists() and not (job / FAILED_FILE).exists()
+    assert "error" not in (job / "train.log").read_text()
 
 
 @pytest.mark.slow
