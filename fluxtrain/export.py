@@ -152,7 +152,13 @@ def tokenizers_model(tokenizer: Tokenizer):
     if tokenizer.kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 
-        return HFTokenizer.from_str(tokenizer.hf.to_str())  # already a `tokenizers.Tokenizer`: a copy of it
+        tok = HFTokenizer.from_str(tokenizer.hf.to_str())  # already a `tokenizers.Tokenizer`: a copy of it
+        # fluxtrain encodes without the special tokens a post-processor adds (a bos token, say): left in, it would
+        # make transformers' `tokenizer(text)` give ids the model never read.
+        probe = "a b"
+        if tok.encode(probe).ids != tok.encode(probe, add_special_tokens=False).ids:
+            tok.post_processor = None
+        return tok
     raise FluxtrainError(f"tokenizer kind {tokenizer.kind!r} cannot be exported (char and bpe can)")
 
 

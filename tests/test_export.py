@@ -121,6 +121,24 @@ def test_bpe_end_of_text_token_becomes_bos_and_eos():
     assert hf_tok.decode(ids) == tokenizer.decode(ids)
 
 
+def test_a_post_processor_that_adds_a_bos_token_is_left_out_so_the_ids_are_fluxtrains(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|begin_of_text|>"], initial_alphabet=alphabet)
+    hf.train_from_iterator([TEXT], trainer)
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+    )
+    tokenizer = BPETokenizer(hf)
+    assert hf.encode("ROMEO:\n").ids[0] == 0  # the tokenizer file adds it; fluxtrain does not
+    _, _, _, hf_tok = export_and_load(tmp_path, tokenizer)
+    assert hf_tok("ROMEO:\n")["input_ids"] == tokenizer.encode("ROMEO:\n") and 0 not in tokenizer.encode("ROMEO:\n")
+
+
 @pytest.mark.parametrize("overrides", [{"bias": False}, {"activation": "relu2"}, {"dropout": 0.2, "n_layers": 3}])
 def test_variants_with_a_gpt2_equivalent_give_the_same_logits(overrides):
     tokenizer = CharTokenizer.train(TEXT)
