@@ -311,6 +311,14 @@ def _check_hydra_setting(arg: str, key: str, values: list[Any]) -> None:
         isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values
     ):
         raise FluxtrainError(f"{arg}: a search runs at least one trial (hydra.sweeper.n_trials >= 1)")
+    if key == "hydra.sweeper.n_jobs" and any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values):
+        raise FluxtrainError(f"{arg}: a search asks for at least one trial at a time (hydra.sweeper.n_jobs >= 1)")
+    if key == "hydra.sweeper.max_failure_rate" and any(
+        isinstance(v, int | float) and not isinstance(v, bool) and not 0 <= v <= 1 for v in values
+    ):
+        raise FluxtrainError(f"{arg}: the share of failed trials a search allows is from 0 to 1")
+    if key == "hydra.sweeper.direction":
+        _check_search_direction(arg, values)
     if key == "hydra.sweep.subdir":
         _check_sweep_subdir(arg, values)
     if key not in ("hydra.run.dir", "hydra.sweep.dir"):
@@ -320,6 +328,22 @@ def _check_hydra_setting(arg: str, key: str, values: list[Any]) -> None:
             raise FluxtrainError(f"{arg} is not a folder; give a path ({key}=. for the working folder)")
         if not value.strip():
             raise FluxtrainError(f"{arg} is empty; give a folder ({key}=. for the working folder)")
+
+
+def _check_search_direction(arg: str, values: list[Any]) -> None:
+    """The Optuna sweeper's `direction`: minimize or maximize, also as a list of one. A trial returns one value (the
+    best validation loss), so a list of several, for a study of several objectives, would fail every trial."""
+    for value in values:
+        if isinstance(value, list) and len(value) > 1:
+            raise FluxtrainError(
+                f"{arg}: a trial returns one value, its best validation loss, so a search has one direction: minimize "
+                "or maximize"
+            )
+        direction = value[0] if isinstance(value, list) and value else value
+        if direction not in ("minimize", "maximize"):
+            close = difflib.get_close_matches(str(direction), ["minimize", "maximize"], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise FluxtrainError(f"{arg}: a search's direction is minimize or maximize{hint}")
 
 
 def _check_sweep_subdir(arg: str, values: list[Any]) -> None:

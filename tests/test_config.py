@@ -216,6 +216,22 @@ def test_a_config_dir_option_with_a_typo_or_a_wrong_type_is_one_line_naming_the_
         (["-m", "optim.lr=range(0)"], "optim.lr=range(0) sweeps over no values: give at least one"),
         (["-m", "optim.lr=glob(*)"], "optim.lr=glob(*): glob() picks options of a config group, and optim.lr is not"),
         (["-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0: a search runs at"),
+        (["-m", "hparams_search=lr_optuna", "hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs=0: a search asks for at"),
+        (["-m", "hparams_search=lr_optuna", "hydra.sweeper.n_jobs=-1"], "hydra.sweeper.n_jobs=-1: a search asks for"),
+        (
+            ["-m", "hparams_search=lr_optuna", "hydra.sweeper.direction=maximise"],
+            "hydra.sweeper.direction=maximise: a search's direction is minimize or maximize (did you mean maximize?)",
+        ),
+        (["-m", "hparams_search=lr_optuna", "hydra.sweeper.direction=null"], "hydra.sweeper.direction=null: a search"),
+        (
+            ["-m", "hparams_search=lr_optuna", "hydra.sweeper.direction=[minimize,maximize]"],
+            "hydra.sweeper.direction=[minimize,maximize]: a trial returns one value, its best validation loss, so a "
+            "search has one direction",
+        ),
+        (
+            ["-m", "hparams_search=lr_optuna", "hydra.sweeper.max_failure_rate=2"],
+            "hydra.sweeper.max_failure_rate=2: the share of failed trials a search allows is from 0 to 1",
+        ),
         (["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=x"], "hydra.sweep.subdir=x names one folder for every job"),
         (["-m", "hydra.sweep.subdir="], "hydra.sweep.subdir= names one folder for every job"),
         (["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=5"], "hydra.sweep.subdir=5 names one folder for every"),
@@ -253,6 +269,9 @@ def test_what_hydra_reports_in_many_lines_or_a_traceback_is_one_line_before_it_s
 def test_sweeps_that_name_a_folder_per_job_and_group_globs_pass_the_checks():
     check_overrides(["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=${hydra.job.override_dirname}"])
     check_overrides(["-m", "model=glob(sm*)", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=1"])
+    for direction in ("minimize", "maximize", "[maximize]"):  # as the Optuna sweeper takes them
+        check_overrides(["-m", "hparams_search=lr_optuna", f"hydra.sweeper.direction={direction}"])
+    check_overrides(["-m", "hparams_search=lr_optuna", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failure_rate=1"])
 
 
 def test_a_search_can_print_its_config_without_running_trials():
