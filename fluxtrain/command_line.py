@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from fluxtrain.config import Config, config_dir, nested, unknown_keys
 from fluxtrain.errors import FluxtrainError, describe_failure, first_line
@@ -34,7 +35,7 @@ def check_overrides(args: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
     from hydra.core.utils import setup_globals
-    from hydra.errors import HydraException, OverrideParseException
+    from hydra.errors import OverrideParseException
 
     extra = _extra_config_dirs(args)
     for folder in extra:  # Hydra reports a YAML syntax error in a user's config with a long traceback
@@ -54,6 +55,7 @@ def check_overrides(args: list[str]) -> None:
     setup_globals()  # Hydra's resolvers (`${now:...}`), for the interpolation check
     schema, parser = OmegaConf.structured(Config), OverridesParser.create()
     chosen: dict[str, list[str]] = {}
+    hydra_schema = None  # Hydra's own, made at the first `hydra.` setting
     for i, arg in enumerate(args):
         if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
             continue
@@ -98,6 +100,10 @@ def check_overrides(args: list[str]) -> None:
                     f"{arg}: Hydra's own settings cannot be swept; sweep fluxtrain's settings, once per {key}"
                 )
             _check_hydra_setting(arg, key, values)
+            hydra_schema = hydra_schema if hydra_schema is not None else _hydra_schema(args)
+            for value in [] if override.is_delete() else values:
+                if problem := _hydra_type_problem(key, value, hydra_schema):
+                    raise FluxtrainError(f"{key}: {problem}")
         elif key in options and not override.is_delete():
             chosen[key] = _check_group_choice(arg, override, values, options[key], own_primary)
         elif key not in groups:
@@ -328,6 +334,41 @@ def _check_hydra_setting(arg: str, key: str, values: list[Any]) -> None:
             raise FluxtrainError(f"{arg} is not a folder; give a path ({key}=. for the working folder)")
         if not value.strip():
             raise FluxtrainError(f"{arg} is empty; give a folder ({key}=. for the working folder)")
+
+
+def _hydra_schema(args: list[str]) -> DictConfig:
+    """Hydra's own settings, typed as Hydra types them (`HydraConf`); for a search (`hparams_search=` or
+    `hydra/sweeper=optuna` on the command line) `hydra.sweeper` is the Optuna sweeper's, with the sampler the command
+    line chooses (`hydra/sweeper/sampler=...`; TPE, as conf/hparams_search/ does, without one)."""
+    from hydra.conf import HydraConf
+
+    schema = OmegaConf.structured(HydraConf)
+    groups = {arg.partition("=")[0].lstrip("+"): arg.partition("=")[2] for arg in args}
+    if "hparams_search" not in groups and groups.get("hydra/sweeper") != "optuna":
+        return schema
+    try:
+        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+
+        schema.sweeper = OmegaConf.structured(OptunaSweeperConf)
+        sampler = groups.get("hydra/sweeper/sampler", "tpe")
+        schema.sweeper.sampler = ConfigStore.instance().load(f"hydra/sweeper/sampler/{sampler}.yaml").node
+    except (ImportError, HydraException):  # no Optuna sweeper (Hydra names the missing option), or no such sampler
+        pass
+    return schema
+
+
+def _hydra_type_problem(key: str, value: Any, schema: DictConfig) -> str | None:
+    """Why `value` does not fit Hydra's own setting `key` (a text for an integer, say), or None. A key the schema
+    lacks is left to Hydra: the sweeper's `params` and a launcher's settings are open."""
+    if isinstance(value, str) and "${" in value:
+        return None
+    try:
+        OmegaConf.update(schema.copy(), key.removeprefix("hydra."), value, merge=True)
+    except ValidationError as e:
+        return first_line(e)
+    except Exception:  # an unknown key, or one of an open dict that is not set yet
+        return None
+    return None
 
 
 def _check_search_direction(arg: str, values: list[Any]) -> None:

@@ -266,6 +266,37 @@ def test_what_hydra_reports_in_many_lines_or_a_traceback_is_one_line_before_it_s
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["hparams_search=lr_optuna", "hydra.sweeper.n_trials=abc"], "Value 'abc' of type 'str' could not be conv"),
+        (["hparams_search=lr_optuna", "hydra.sweeper.n_trials=1.5"], "Value '1.5' of type 'float' could not be conv"),
+        (["hparams_search=lr_optuna", "hydra.sweeper.sampler.seed=x"], "Value 'x' of type 'str' could not be conv"),
+        (["hydra/sweeper=optuna", "hydra.sweeper.max_failure_rate=abc"], "Value 'abc' of type 'str' could not be conv"),
+        (
+            ["hparams_search=lr_optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=[1]"],
+            "Value '[1]' of type 'list' could not be converted to Integer",
+        ),
+        (["hydra.job.env_set=3"], "Cannot assign int to Dict[str, str]"),
+        (["hydra.sweep.subdir=[a]"], "Cannot convert 'list' to string"),
+    ],
+)
+def test_a_wrong_type_for_hydras_own_settings_is_one_line_before_hydra_runs(args, message):
+    key = args[-1].split("=")[0]
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides(["-m", *args])
+    assert str(info.value).startswith(f"{key}: {message}") and "\n" not in str(info.value)
+
+
+def test_hydras_own_settings_of_the_right_type_and_open_ones_are_left_to_hydra():
+    search = ["-m", "hparams_search=lr_optuna"]
+    check_overrides([*search, "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=null", "hydra.sweeper.storage=x"])
+    check_overrides([*search, "+hydra.sweeper.params.a='interval(0, 1)'", "hydra.sweeper.study_name=s"])
+    check_overrides([*search, "hydra/sweeper/sampler=grid", "hydra.sweeper.sampler.seed=x"])  # Hydra: no such key
+    check_overrides(["-m", "hydra.sweeper.max_batch_size=2", "+hydra.job.env_set.A=1"])
+    check_overrides(["hydra.output_subdir=null", "hydra.verbose=true", "hydra.job_logging.root.level=DEBUG"])
+
+
 def test_sweeps_that_name_a_folder_per_job_and_group_globs_pass_the_checks():
     check_overrides(["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=${hydra.job.override_dirname}"])
     check_overrides(["-m", "model=glob(sm*)", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=1"])
