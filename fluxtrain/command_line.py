@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ def check_overrides(args: list[str]) -> None:
                 "with commas in quotes, key='a,b')"
             )
         key = override.key_or_group
+        if key == "hydra/launcher" and not prints_only and not override.is_delete():
+            _check_launcher(arg, override.value(), multirun)
         if "/" in key or "@" in key:
             continue
         if key == "hparams_search" and not multirun and not prints_only:
@@ -399,6 +402,26 @@ def _check_sweep_subdir(arg: str, values: list[Any]) -> None:
             raise FluxtrainError(
                 f"{arg} names one folder for every job, so each job would set the one before aside; {hint}"
             )
+
+
+SLURM_LAUNCHERS = ("slurm", "submitit_slurm")  # conf/hydra/launcher/slurm.yaml and the submitit plugin's own
+
+
+def _check_launcher(arg: str, option: Any, multirun: bool) -> None:
+    """A launcher runs the jobs of a multirun: without -m, Hydra would train here, on this machine (a cluster's login
+    node). SLURM's submits with sbatch and srun, which a machine outside the cluster lacks (submitit's traceback)."""
+    if option == "basic":  # Hydra's own, which runs the jobs here anyway
+        return
+    if not multirun:
+        raise FluxtrainError(
+            f"{arg} is a launcher: add -m to submit the run through it (without -m it would train here, on this "
+            "machine)"
+        )
+    if option in SLURM_LAUNCHERS and shutil.which("srun") is None:
+        raise FluxtrainError(
+            f"{arg}: srun is not on PATH, so this machine cannot submit SLURM jobs; run the command on the cluster's "
+            "login node (with its SLURM tools loaded)"
+        )
 
 
 def check_yaml(path: Path) -> None:

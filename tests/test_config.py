@@ -297,6 +297,29 @@ def test_hydras_own_settings_of_the_right_type_and_open_ones_are_left_to_hydra()
     check_overrides(["hydra.output_subdir=null", "hydra.verbose=true", "hydra.job_logging.root.level=DEBUG"])
 
 
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm", "submitit_local"])
+def test_a_launcher_without_m_is_refused_as_it_would_train_here(launcher, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides([f"hydra/launcher={launcher}", "model=small"])
+    assert str(info.value) == (
+        f"hydra/launcher={launcher} is a launcher: add -m to submit the run through it (without -m it would train "
+        "here, on this machine)"
+    )
+    check_overrides(["-m", f"hydra/launcher={launcher}", "model=small"])
+    check_overrides([f"hydra/launcher={launcher}", "model=small", "--cfg", "hydra"])  # prints, runs nothing
+    check_overrides(["hydra/launcher=basic", "model=small"])  # Hydra's own runs here either way
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
+def test_a_slurm_launcher_without_srun_is_one_line_before_hydra_runs(launcher, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides(["-m", f"hydra/launcher={launcher}", "model=small"])
+    assert str(info.value).startswith(f"hydra/launcher={launcher}: srun is not on PATH, so this machine cannot submit")
+    check_overrides(["-m", "hydra/launcher=submitit_local", "model=small"])  # runs here, without SLURM
+
+
 def test_sweeps_that_name_a_folder_per_job_and_group_globs_pass_the_checks():
     check_overrides(["-m", "optim.lr=1e-3,2e-3", "hydra.sweep.subdir=${hydra.job.override_dirname}"])
     check_overrides(["-m", "model=glob(sm*)", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=1"])
