@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import hydra
@@ -15,9 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from fluxtrain import distributed
 from fluxtrain.command_line import check_overrides
 from fluxtrain.config import config_dir, register_configs
-from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message, paths_named
+from fluxtrain.errors import (
+    FluxtrainError,
+    is_out_of_memory,
+    out_of_memory_message,
+    paths_named,
+    quiet_when_stdout_closes,
+)
 from fluxtrain.interrupt import StoppedInSetup
-from fluxtrain.overrides import check_commands, flags_first
+from fluxtrain.overrides import NO_RUN_FLAGS, check_commands, flags_first
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.tasks import run_task
@@ -88,7 +96,8 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     try:
-        entry()
+        with quiet_when_stdout_closes(), _held_stdout(any(a.split("=")[0] in NO_RUN_FLAGS for a in sys.argv[1:])):
+            entry()
     except KeyboardInterrupt:  # while Hydra composes the config; the run itself reports its own stop
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -97,6 +106,22 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
         raise
     distributed.close_world()
     return None
+
+
+@contextmanager
+def _held_stdout(hold: bool) -> Iterator[None]:
+    """With `hold`, what Hydra prints (`--cfg`, `--help`, `--info`) is written after it returns, where a reader of
+    stdout that has left ends the command quietly (`quiet_when_stdout_closes`): Hydra would report it with a
+    traceback."""
+    if not hold:
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with redirect_stdout(held):
+            yield
+    finally:
+        sys.stdout.write(held.getvalue())
 
 
 def lr_find_main() -> None:

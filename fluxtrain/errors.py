@@ -1,6 +1,8 @@
 """The one exception type for user mistakes: the command line prints it as a single line, without a traceback."""
 
 import argparse
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,6 +42,27 @@ def paths_named() -> Iterator[None]:
         if isinstance(e, FluxtrainError) or (message := path_error(e)) is None:  # a WriteError says it already
             raise
         raise FluxtrainError(message) from None
+
+
+def discard_stdout() -> None:
+    """Send what stdout still holds to /dev/null, so that the flush at exit neither fails nor reports it again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured in a test)
+        pass
+
+
+@contextmanager
+def quiet_when_stdout_closes() -> Iterator[None]:
+    """Exit with status 1 and no traceback when the reader of stdout has left (`| head`, `| true`), as `python -m
+    fluxtrain.generate` does; what stdout still holds is written here, so that the flush at exit cannot fail."""
+    try:
+        yield
+        if sys.stdout is not None:  # None when the command started with stdout closed (`>&-`)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
+        sys.exit(1)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fluxtrain.data import ENCODING_ERRORS, encode_all
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, paths_named
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, paths_named, quiet_when_stdout_closes
 from fluxtrain.files import atomic_write_text, check_writable, parse_json
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, eval_mode
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> EvalResult:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        with paths_named():
+        with paths_named(), quiet_when_stdout_closes():
             run(parse_args(argv))
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)

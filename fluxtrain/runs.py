@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named, quiet_when_stdout_closes
 from fluxtrain.files import parse_json
 from fluxtrain.resume import (
     CHECKPOINT_DIR,
@@ -487,13 +487,14 @@ def main(argv: list[str] | None = None) -> None:
         "--keys",
         help="comma-separated settings to show, e.g. optim.lr,model.d_model (default: those that differ between runs)",
     )
-    args = p.parse_args(argv)
-    try:
-        with paths_named():
-            print(compare(args.folder, args.keys))
-    except (FluxtrainError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    with quiet_when_stdout_closes():
+        args = p.parse_args(argv)
+        try:
+            with paths_named():
+                print(compare(args.folder, args.keys))
+        except (FluxtrainError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":
