@@ -30,8 +30,9 @@ def check_overrides(args: list[str]) -> None:
     A setting Hydra's grammar cannot read is named with the reason, and so is a sweep without `-m`, an interpolation
     of a setting that does not exist, and an empty or null `hydra.run.dir`. A config group takes one of its options
     (`model=small`); one that an experiment on the same command line would override is refused. Hydra's own settings
-    and groups of `--config-dir` are left to Hydra; a key added with `+` must be a setting too; sweeps
-    (`optim.lr=1e-4,1e-3`) are checked value by value.
+    are checked for their type (Hydra's schema, the Optuna sweeper's for a search) and a few for their value, a key
+    Hydra's schema lacks and groups of `--config-dir` are left to Hydra; a launcher needs `-m`; a key added with `+`
+    must be a setting too; sweeps (`optim.lr=1e-4,1e-3`) are checked value by value.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
