@@ -13,7 +13,7 @@ from typing import TextIO
 
 import torch
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named
+from fluxtrain.errors import FluxtrainError, OneLineErrorParser, discard_stdout, first_line, paths_named
 from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.logs import CONTROL_ESCAPES
 from fluxtrain.model import GPT
@@ -357,14 +357,6 @@ def show_unencodable_characters() -> None:
     as Python does on stderr, instead of stopping at the first one."""
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="backslashreplace")
-
-
-def discard_stdout() -> None:
-    """Send what stdout still holds to /dev/null, so that the flush at exit neither fails nor reports it again."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout is no file (captured in a test)
-        pass
 
 
 def keep_messages_off_stdout() -> None:
