@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch, fnmatchcase
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK = 1 << 22  # bytes read from a file at a time
 BINARY_SNIFF = 8000  # a NUL byte in the first this many bytes marks a binary file (as git decides)
+STALL_BYTES = 1 << 10  # a download that gets fewer bytes than this in `timeout` seconds is stopped
 
 
 def sha256_file(path: Path) -> str:
@@ -69,9 +71,15 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
     """Download `url` to `dest` unless a verified copy is there already.
 
     Bytes go to `dest.part` first and are renamed into place only once complete, not empty and verified, so an
-    interrupted download never leaves a file that looks complete; a later call resumes the partial file with an HTTP
-    Range request. An empty file at `dest` (which no download leaves) is fetched again. Runs sharing the folder
-    fetch one at a time (`dest.lock` is held meanwhile): a second run waits for the first, then finds its file.
+    interrupted download never leaves a file that looks complete. A later call resumes the partial file with an HTTP
+    Range request, but only if the server named the version of its file when the download began (a strong ETag, else
+    Last-Modified, kept in `dest.part.validator`) and still has that version (If-Range); otherwise it starts over
+    from byte 0. An empty file at `dest` (which no download leaves) is fetched again. Runs sharing the folder fetch
+    one at a time (`dest.lock` is held meanwhile): a second run waits for the first, then finds its file.
+
+    `timeout` (seconds) bounds the wait for the server to answer, and a download that gets fewer than `STALL_BYTES`
+    in that long is stopped (a server trickling bytes would otherwise hold the run for ever); the bytes that did
+    arrive are kept, for the next call to resume. A download logs one line as it starts.
     """
     dest = Path(dest)
     sha256 = check_sha256(sha256)
@@ -105,6 +113,65 @@ def _locked(path: Path) -> Iterator[None]:
         f.close()
 
 
+def _validator(r: requests.Response) -> str | None:
+    """What names the version of the file a response is about, for If-Range: a strong ETag, else Last-Modified (a
+    weak ETag, `W/"..."`, may not be used for ranges)."""
+    etag = r.headers.get("ETag", "").strip()
+    if etag and not etag.startswith("W/"):
+        return etag
+    return r.headers.get("Last-Modified", "").strip() or None
+
+
+def _validator_path(part: Path) -> Path:
+    return part.with_name(part.name + ".validator")
+
+
+def _discard(part: Path) -> None:
+    """Remove a partial download and the validator saved with it."""
+    part.unlink(missing_ok=True)
+    _validator_path(part).unlink(missing_ok=True)
+
+
+class _Stall:
+    """Stops a download that makes too little progress: a server that trickles a byte now and then answers each read
+    within requests' timeout, which bounds one read from the socket, not the time a chunk takes to fill. While
+    `watching` a response, a thread checks that `received` (counted by the reader) grows by at least STALL_BYTES in
+    each `window` seconds; if not, it shuts the connection down, so that the read waiting on it ends."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self.received = 0  # bytes of the body so far
+        self.reading = False  # whether the body is being read: a timeout then is a stall too
+        self.stopped = False  # whether the thread shut the connection down
+        self.why = f"the download stalled: less than {STALL_BYTES // 1024} KiB arrived in the last {window:g} s"
+
+    @contextlib.contextmanager
+    def watching(self, r: requests.Response) -> Iterator[None]:
+        done = threading.Event()
+
+        def watch() -> None:
+            seen = self.received
+            while not done.wait(self.window):
+                if self.received - seen < STALL_BYTES:
+                    self.stopped = True
+                    # The read waiting on the socket then sees the connection end. It fails if the response was
+                    # read to its end and closed meanwhile, or with urllib3 < 2.3 (no shutdown): the reader then
+                    # stops at its next chunk.
+                    with contextlib.suppress(AttributeError, OSError, RuntimeError, ValueError):
+                        r.raw.shutdown()
+                    return
+                seen = self.received
+
+        thread = threading.Thread(target=watch, name="download-stall-watch", daemon=True)
+        self.reading = True
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+
 def _fetch(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
     """`download`'s body, run under its lock."""
     old: str | None = None  # the sha256 of a file already at dest, when one is expected
@@ -124,48 +191,78 @@ def _fetch(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    offset = part.stat().st_size if part.is_file() else 0
+    validator_file = _validator_path(part)  # latin-1: the header's bytes as the server sent them
+    validator = validator_file.read_text(encoding="latin-1").strip() if offset and validator_file.is_file() else ""
+    # A partial file whose version is not known (left by an older fluxtrain, or from a server that names none) may
+    # be of another version of the file than the server's now: start from byte 0 rather than append to it.
+    if not validator:
+        _discard(part)
+        offset = 0
+    # If-Range: the bytes from `offset` on if the file is still the version the partial one holds, else all of it.
+    headers = {"Range": f"bytes={offset}-", "If-Range": validator} if offset else {}
+    stall = _Stall(timeout)
     try:
         with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
-            if r.status_code == 416:  # no bytes from `offset` on: complete, if the file is as long as the partial one
+            if offset and r.status_code in (206, 416) and _validator(r) not in (None, validator):
+                _discard(part)  # a server that ignores If-Range, answering about another version: start over
+                return _fetch(url, dest, sha256, timeout)
+            if offset and r.status_code == 416:  # no bytes from `offset` on: complete, if as long as the partial file
                 if r.headers.get("Content-Range", "").strip() != f"bytes */{offset}":  # else it changed meanwhile
-                    part.unlink()
+                    _discard(part)
                     return _fetch(url, dest, sha256, timeout)  # from the start, without a Range
             else:
                 r.raise_for_status()
                 if r.headers.get("Content-Type", "").lower().startswith("text/html"):
                     raise failed("the server sent an HTML page, not a text file: check the URL")
-                if offset and r.status_code != 206:  # the server ignored the Range header: start over
+                if offset and r.status_code != 206:  # the file changed (If-Range), or Range is not supported
                     offset = 0
                 total = int(r.headers.get("Content-Length", 0)) + offset or None
-                with (
-                    open(part, "ab" if offset else "wb") as f,
-                    tqdm(
-                        total=total,
-                        initial=offset,
-                        unit="B",
-                        unit_scale=True,
-                        desc=f"downloading {dest.name}",
-                        disable=not sys.stderr.isatty(),  # a log file gets no lines of carriage returns
-                    ) as bar,
-                ):
-                    for chunk in r.iter_content(chunk_size=1 << 13):
-                        f.write(chunk)
-                        bar.update(len(chunk))
+                about = [f"{total:,} bytes"] if total else []
+                about += [f"resuming at byte {offset:,}"] if offset else []
+                log.info(f"downloading data.url={url} to {dest}" + (f" ({', '.join(about)})" if about else ""))
+                with open(part, "ab" if offset else "wb") as f:
+                    if not offset:  # which version of the file the bytes are, saved before them: what resumes it
+                        if new := _validator(r):
+                            validator_file.write_text(new + "\n", encoding="latin-1")
+                        else:
+                            validator_file.unlink(missing_ok=True)
+                    with (
+                        tqdm(
+                            total=total,
+                            initial=offset,
+                            unit="B",
+                            unit_scale=True,
+                            desc=f"downloading {dest.name}",
+                            disable=not sys.stderr.isatty(),  # a log file gets no lines of carriage returns
+                        ) as bar,
+                        stall.watching(r),
+                    ):
+                        # Chunks no larger than STALL_BYTES: `stall` sees the bytes of a slow server as they come.
+                        for chunk in r.iter_content(chunk_size=STALL_BYTES):
+                            f.write(chunk)
+                            bar.update(len(chunk))
+                            stall.received += len(chunk)
+                            if stall.stopped:
+                                break
+                    if stall.stopped:  # a connection shut down may read as the end of a body of unknown length
+                        raise requests.ConnectionError(stall.why)
                     f.flush()
                     os.fsync(f.fileno())
     except requests.RequestException as e:
         if part.is_file() and part.stat().st_size == 0:  # nothing to resume from
-            part.unlink()
-        raise failed(_download_failure(e)) from None
+            _discard(part)
+        why = _download_failure(e)
+        if stall.stopped or (stall.reading and why == "timed out"):  # a silent server trips either, whichever first
+            why = stall.why
+        raise failed(why) from None
     if not part.is_file() or part.stat().st_size == 0:  # kept, it would pass for the corpus on every later run
-        part.unlink(missing_ok=True)
+        _discard(part)
         raise failed("the server sent an empty file")
     if sha256 is not None:
         got = sha256_file(part)
         if got != sha256:
-            part.unlink()
+            _discard(part)
             kept = (
                 f", and the file already at {dest} (sha256 {old}) does not match either: correct data.sha256, "
                 "or put the right file there by hand"
@@ -178,6 +275,7 @@ def _fetch(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
                 "Shakespeare: for another file give its sha256, or data.sha256=null)"
             )
     os.replace(part, dest)
+    _validator_path(part).unlink(missing_ok=True)
     return dest
 
 
