@@ -201,6 +201,7 @@ def _fetch(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
         offset = 0
     # If-Range: the bytes from `offset` on if the file is still the version the partial one holds, else all of it.
     headers = {"Range": f"bytes={offset}-", "If-Range": validator} if offset else {}
+    headers["Accept-Encoding"] = "identity"  # a compressed body's ranges would count other bytes than the file's
     stall = _Stall(timeout)
     try:
         with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
