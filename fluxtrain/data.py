@@ -31,6 +31,8 @@ from fluxtrain.sources import (
     read_corpus,
     resolve_sources,
     sha256_file,
+    tail_text,
+    text_bytes,
 )
 from fluxtrain.tokenizer import (
     EncodeError,
@@ -250,14 +252,32 @@ def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
 
 
+class ByteCount:
+    """Counts the bytes (UTF-8) of the text pieces passed `through` it."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def through(self, pieces: Iterable[str]) -> Iterator[str]:
+        for piece in pieces:
+            self.n += len(piece.encode("utf-8"))
+            yield piece
+
+
+SPLITS = {"train": head_text, "val": tail_text}  # a split of one text: the part before a byte, or from it on
+
+
 def encode_sources(
     sources: Sources,
     tokenizer: Tokenizer,
     cfg: DataConfig,
     fingerprint: list | None = None,
     tokenizer_source: str = "tokenizer.path",
-):
-    """Token ids of `sources`, from the memmap cache when the same files were encoded with the same tokenizer.
+    split: tuple[str, int] | None = None,
+) -> tuple[np.ndarray, int]:
+    """Token ids of `sources`, and the bytes of text they stand for (as read, before any normalizer), from the memmap
+    cache when the same files were encoded with the same tokenizer. `split` ("train" or "val", a byte) encodes only
+    the text before that byte, or from it on.
 
     The ids are written to disk as they are encoded (uint16 when the vocabulary fits, else uint32) and read back as
     a read-only `numpy.memmap`, so memory stays bounded whatever the corpus size. An entry is kept only if the files
@@ -265,9 +285,11 @@ def encode_sources(
     """
     dtype = id_dtype(tokenizer.vocab_size)
     setting = sources.setting.split("=", 1)[0]
+    counted = ByteCount()
     pieces = iter_text(sources, cfg.separator, cfg.encoding_errors)
+    pieces = counted.through(SPLITS[split[0]](pieces, split[1]) if split else pieces)
     if not cfg.cache:
-        return encode_all(pieces, tokenizer, setting, tokenizer_source)
+        return encode_all(pieces, tokenizer, setting, tokenizer_source), counted.n
     fingerprint = fingerprint or sources_fingerprint(sources)
     key = _key(
         {
@@ -276,13 +298,14 @@ def encode_sources(
             "separator": cfg.separator,
             "encoding_errors": cfg.encoding_errors,
             "tokenizer": tokenizer.to_json(),
+            "split": split,
         }
     )
     folder = Path(cfg.cache_dir).expanduser() / "tokens"
     ids_path, meta_path = folder / f"{key}.bin", folder / f"{key}.json"
     if meta_path.is_file() and ids_path.is_file():
         try:
-            n_tokens, not_utf8 = _check_entry(
+            n_tokens, n_bytes, not_utf8 = _check_entry(
                 ids_path, meta_path, dtype, tokenizer.vocab_size, cfg.encoding_errors, len(sources.files)
             )
         except (OSError, ValueError) as e:
@@ -291,7 +314,7 @@ def encode_sources(
             for i, offset in not_utf8:  # the files are not read, but the warning is still due
                 sources.note_not_utf8(sources.files[i], offset)
             log.info(f"{sources.setting}: {n_tokens:,} token ids from the cache {ids_path}")
-            return _open_ids(ids_path, dtype, n_tokens)
+            return _open_ids(ids_path, dtype, n_tokens), n_bytes
     n_tokens, digest = 0, hashlib.blake2b()
 
     def write_ids(tmp: Path) -> None:
@@ -309,15 +332,17 @@ def encode_sources(
     atomic_write(ids_path, write_ids)
     meta = {
         "n_tokens": n_tokens,
+        "n_bytes": counted.n,
         "dtype": np.dtype(dtype).name,
         "blake2b": digest.hexdigest(),
         "source": sources.setting,
+        "split": split,  # the part of the text: ["train", byte] before that byte, ["val", byte] from it on; or null
         # (index in the files, offset of the first bad byte) of each file read with U+FFFD, to warn on a cache hit
         "not_utf8": [[i, sources.not_utf8[p]] for i, p in enumerate(sources.files) if p in sources.not_utf8],
     }
     atomic_write_text(meta_path, json.dumps(meta))
     log.info(f"{sources.setting}: encoded {n_tokens:,} tokens into {ids_path}")
-    return _open_ids(ids_path, dtype, n_tokens)
+    return _open_ids(ids_path, dtype, n_tokens), counted.n
 
 
 def check_unchanged(sources: Sources, fingerprint: list) -> None:
@@ -336,13 +361,16 @@ def check_unchanged(sources: Sources, fingerprint: list) -> None:
 
 def _check_entry(
     ids_path: Path, meta_path: Path, dtype, vocab_size: int, encoding_errors: str, n_files: int
-) -> tuple[int, list[tuple[int, int]]]:
-    """The number of ids in a cache entry and its files read with U+FFFD ((index, offset of the first bad byte)),
-    after checking the ids against its size and digest and the vocabulary; ValueError (or OSError) says what is
-    wrong."""
+) -> tuple[int, int, list[tuple[int, int]]]:
+    """The number of ids in a cache entry, the bytes of text they stand for and its files read with U+FFFD ((index,
+    offset of the first bad byte)), after checking the ids against its size and digest and the vocabulary;
+    ValueError (or OSError) says what is wrong."""
     try:
         meta = parse_json(meta_path.read_text(encoding="utf-8"))
         n_tokens, expected = int(meta["n_tokens"]), meta.get("blake2b")
+        n_bytes = int(meta["n_bytes"]) if "n_bytes" in meta else None
+        if n_bytes is not None and n_bytes < 0:
+            raise ValueError(f"n_bytes={n_bytes} is negative")
         not_utf8 = meta.get("not_utf8")
         if not_utf8 is not None:
             not_utf8 = [(int(i), int(offset)) for i, offset in not_utf8]
@@ -352,6 +380,10 @@ def _check_entry(
         raise ValueError(f"{meta_path.name} is not a valid entry: {describe_failure(e)}") from None
     if expected is None:
         raise ValueError(f"{meta_path.name} has no digest of the ids (an older fluxtrain wrote it)")
+    if n_bytes is None:
+        raise ValueError(
+            f"{meta_path.name} does not say how many bytes of text the ids stand for (an older fluxtrain wrote it)"
+        )
     if not_utf8 is None and encoding_errors == "replace":
         raise ValueError(f"{meta_path.name} does not say which files are not valid UTF-8 (an older fluxtrain wrote it)")
     if ids_path.stat().st_size != n_tokens * np.dtype(dtype).itemsize:
@@ -365,7 +397,7 @@ def _check_entry(
         raise ValueError(f"{ids_path.name} does not match the blake2b digest in {meta_path.name}")
     if max_id >= vocab_size:
         raise ValueError(f"{ids_path.name} holds id {max_id}, outside the vocabulary of {vocab_size}")
-    return n_tokens, not_utf8 or []
+    return n_tokens, n_bytes, not_utf8 or []
 
 
 def _open_ids(path: Path, dtype, n_tokens: int) -> np.ndarray:
@@ -374,11 +406,16 @@ def _open_ids(path: Path, dtype, n_tokens: int) -> np.ndarray:
 
 
 def corpus_tokenizer(
-    tok_cfg: TokenizerConfig, cfg: DataConfig, train: Sources, val: Sources | None, fingerprint: dict
+    tok_cfg: TokenizerConfig,
+    cfg: DataConfig,
+    train: Sources,
+    val: Sources | None,
+    fingerprint: dict,
+    val_start: int | None = None,
 ) -> Tokenizer:
     """`tokenizer.path`'s tokenizer, else one built from the corpus (and kept in the cache for the next run).
 
-    A learned tokenizer sees only the training text: the text before `val_start_byte`, where the validation split
+    A learned tokenizer sees only the training text: the text before byte `val_start`, where the validation split
     begins, or all of `data.path` when `data.val_path` is set. The char vocabulary covers validation text too.
     """
     if tok_cfg.path:
@@ -390,7 +427,10 @@ def corpus_tokenizer(
             setting = train.setting.split("=", 1)[0]  # as encoding names it
             raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from tokenizer.path)") from None
         if not exact:
-            log.warning(f"tokenizer.path={tok_cfg.path} does not reproduce the text exactly; val/bpb is approximate")
+            log.warning(
+                f"tokenizer.path={tok_cfg.path} does not reproduce the text exactly (it normalizes it): decoded "
+                "text and samples differ from it"
+            )
         return tokenizer
     cached = None
     if cfg.cache:
@@ -417,9 +457,7 @@ def corpus_tokenizer(
         train_text = stream(train)
     else:
         corpus = stream(train)
-        # Counted on the text as read (without byte order marks, with U+FFFD for bad bytes), as the split is.
-        n_bytes = sum(len(piece.encode("utf-8")) for piece in stream(train))
-        train_text = head_text(stream(train), val_start_byte(n_bytes, cfg.val_fraction))
+        train_text = head_text(stream(train), val_start)
     # Small pieces: the trainer buffers a few hundred pieces ahead, so memory follows the piece size.
     tokenizer = build_tokenizer(tok_cfg, corpus, safe_chunks(train_text, TRAIN_PIECE))
     if cached is not None:
@@ -455,29 +493,10 @@ def check_tokenizer_digest(cached: Path) -> None:
 # Batches
 
 
-def count_bytes(ids: np.ndarray, tokenizer: Tokenizer, chunk: int = 1 << 20) -> int:
-    """How many bytes of UTF-8 text the token ids stand for."""
-    table = tokenizer.token_bytes()
-    return int(sum(table[ids[i : i + chunk]].sum() for i in range(0, len(ids), chunk)))
-
-
 def val_start_byte(n_bytes: int, val_fraction: float) -> int:
     """Where the validation split starts in a text of `n_bytes` bytes (UTF-8): its last `val_fraction`. Measured in
     text, not tokens, so that every tokenizer validates on the same text, and a trained one sees none of it."""
     return n_bytes - int(n_bytes * val_fraction)
-
-
-def first_token_from(ids: np.ndarray, tokenizer: Tokenizer, start_byte: int, chunk: int = 1 << 20) -> int:
-    """The index of the first token that starts at or after byte `start_byte` of the text `ids` stand for: a token
-    that straddles it stays with the text before."""
-    table, done = tokenizer.token_bytes(), 0
-    for i in range(0, len(ids), chunk):
-        ends = done + np.cumsum(table[ids[i : i + chunk]])
-        k = int(np.searchsorted(ends, start_byte, side="left"))  # the token that ends at or past start_byte
-        if k < len(ends):
-            return i + k + 1
-        done = int(ends[-1])
-    return len(ids)
 
 
 class TokenData:
@@ -553,17 +572,23 @@ def load_corpus(
             log.info(f"data: {sources.describe()}")
     fingerprint = {"train": sources_fingerprint(train_src) if cfg.cache else None}
     fingerprint["val"] = sources_fingerprint(val_src) if cfg.cache and val_src else None
-    tokenizer = corpus_tokenizer(tok_cfg, cfg, train_src, val_src, fingerprint)
+    # Without data.val_path, the validation text is the last val_fraction of the text: the same text whatever the
+    # tokenizer, and none of it seen by a trained one. The two parts are encoded apart, each a cache entry.
+    val_start = None
+    if val_src is None:
+        val_start = val_start_byte(text_bytes(train_src, cfg.separator, cfg.encoding_errors), cfg.val_fraction)
+    tokenizer = corpus_tokenizer(tok_cfg, cfg, train_src, val_src, fingerprint, val_start)
     tokenizer_source = "tokenizer.path" if tok_cfg.path else BUILT_FROM_TEXT
-    ids = encode_sources(train_src, tokenizer, cfg, fingerprint["train"], tokenizer_source)
     source = train_src.setting if val_src is None else f"{train_src.setting} ({val_src.setting})"
     if val_src is not None:
-        train_ids, val_ids = ids, encode_sources(val_src, tokenizer, cfg, fingerprint["val"], tokenizer_source)
+        train_ids, _ = encode_sources(train_src, tokenizer, cfg, fingerprint["train"], tokenizer_source)
+        val_ids, val_bytes = encode_sources(val_src, tokenizer, cfg, fingerprint["val"], tokenizer_source)
     else:
-        n_val = len(ids) - first_token_from(
-            ids, tokenizer, val_start_byte(count_bytes(ids, tokenizer), cfg.val_fraction)
-        )
-        check_val_split(source, len(ids), n_val, cfg.val_fraction, seq_len)
-        train_ids, val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
-    data = TokenData(np.asarray(train_ids), np.asarray(val_ids), seq_len, source, count_bytes(val_ids, tokenizer))
+        parts = [
+            encode_sources(train_src, tokenizer, cfg, fingerprint["train"], tokenizer_source, (name, val_start))
+            for name in ("train", "val")
+        ]
+        (train_ids, _), (val_ids, val_bytes) = parts
+        check_val_split(source, len(train_ids) + len(val_ids), len(val_ids), cfg.val_fraction, seq_len)
+    data = TokenData(np.asarray(train_ids), np.asarray(val_ids), seq_len, source, val_bytes)
     return data, tokenizer, source

@@ -7,7 +7,6 @@ import json
 import math
 import numbers
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fluxtrain.data import ENCODING_ERRORS, encode_all
+from fluxtrain.data import ENCODING_ERRORS, ByteCount, encode_all
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, paths_named, quiet_when_stdout_closes
 from fluxtrain.files import atomic_write_text, check_writable, parse_json
 from fluxtrain.host import resolve_device
@@ -215,23 +214,16 @@ def run(args: argparse.Namespace) -> EvalResult:
     model, tokenizer = load_model(resolve_model_path(args.model), device)
     check_stride(args.stride, model.cfg.seq_len)
     sources = resolve_sources(args.data, setting="--data")
-    n_bytes = 0  # of the text as read, as evaluate_text counts them (a normalizing tokenizer's ids stand for others)
-
-    def counted(pieces: Iterator[str]) -> Iterator[str]:
-        nonlocal n_bytes
-        for piece in pieces:
-            n_bytes += len(piece.encode("utf-8"))
-            yield piece
-
+    text = ByteCount()  # the bytes of the text as read, as evaluate_text counts them (not a normalizer's output)
     ids = encode_all(
-        counted(iter_text(sources, encoding_errors=args.encoding_errors)),
+        text.through(iter_text(sources, encoding_errors=args.encoding_errors)),
         tokenizer,
         sources.setting,
         f"the model {args.model}",
     )
     if len(ids) < 2:
         raise FluxtrainError(f"{sources.setting}: the text is {len(ids)} token(s); evaluation needs at least 2")
-    result = evaluate_ids(model, ids, n_bytes, args.stride, args.batch_size, device, sys.stderr.isatty())
+    result = evaluate_ids(model, ids, text.n, args.stride, args.batch_size, device, sys.stderr.isatty())
     summary = sys.stderr if args.json == "-" else sys.stdout  # stdout is then the JSON alone, for a pipe
     print(
         f"{args.model} | {sources.describe()} | {result.n_tokens:,} {tokenizer.kind} tokens "

@@ -617,14 +617,47 @@ def read_corpus(sources: Sources, separator: str = "\n", encoding_errors: str = 
     return "".join(iter_text(sources, separator, encoding_errors))
 
 
+def text_bytes(sources: Sources, separator: str = "\n", encoding_errors: str = "strict") -> int:
+    """How many bytes (UTF-8) the text `iter_text` gives has: valid UTF-8 reads back as the same bytes, less a
+    byte order mark at the start of a file, so only files read with replacement characters are read to count."""
+    if encoding_errors == "replace":
+        return sum(len(piece.encode("utf-8")) for piece in iter_text(sources, separator, encoding_errors))
+    boms = 0
+    for path in sources.files:
+        with open(path, "rb") as f:
+            boms += f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+    n_separators = max(len(sources.files) - 1, 0) if separator else 0
+    return sources.n_bytes - boms * len(codecs.BOM_UTF8) + n_separators * len(separator.encode("utf-8"))
+
+
+def _char_start(raw: bytes, i: int) -> int:
+    """The start of the character that byte `i` of the UTF-8 `raw` belongs to."""
+    while 0 < i < len(raw) and raw[i] & 0xC0 == 0x80:  # a continuation byte
+        i -= 1
+    return i
+
+
 def head_text(pieces: Iterable[str], n_bytes: int) -> Iterator[str]:
-    """The first `n_bytes` bytes (UTF-8) of a stream of pieces, cut at a character boundary."""
+    """The text before byte `n_bytes` (UTF-8) of a stream of pieces, cut at the start of the character that byte is
+    in; `tail_text` gives the rest."""
     for piece in pieces:
         if n_bytes <= 0:
             return
         raw = piece.encode("utf-8")
         if len(raw) > n_bytes:
-            yield raw[:n_bytes].decode("utf-8", errors="ignore")
+            yield raw[: _char_start(raw, n_bytes)].decode("utf-8")
             return
         n_bytes -= len(raw)
         yield piece
+
+
+def tail_text(pieces: Iterable[str], n_bytes: int) -> Iterator[str]:
+    """The text from byte `n_bytes` (UTF-8) of a stream of pieces on: what `head_text` leaves."""
+    for piece in pieces:
+        if n_bytes <= 0:
+            yield piece
+            continue
+        raw = piece.encode("utf-8")
+        if len(raw) > n_bytes:
+            yield raw[_char_start(raw, n_bytes) :].decode("utf-8")
+        n_bytes -= len(raw)

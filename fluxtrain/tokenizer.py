@@ -58,8 +58,6 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def token_bytes(self) -> np.ndarray: ...
-
     def cut_rule(self) -> CutRule: ...
 
     def to_json(self) -> str: ...
@@ -142,10 +140,6 @@ class CharTokenizer:
         ids = list(ids)  # any iterable, read once
         check_ids(ids, self.vocab_size)
         return "".join(self.chars[i] for i in ids)
-
-    def token_bytes(self) -> np.ndarray:
-        """UTF-8 length in bytes of each token, by id."""
-        return np.array([len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)
 
     def cut_rule(self) -> CutRule:
         """Text can be encoded in pieces cut anywhere: one id per character."""
@@ -242,19 +236,6 @@ class BPETokenizer:
         ids = list(ids)  # any iterable, read once
         check_ids(ids, self.vocab_size)
         return self.hf.decode(ids, skip_special_tokens=False)
-
-    def token_bytes(self) -> np.ndarray:
-        """Length in bytes of the text each token stands for, by id."""
-        byte_level = type(self.hf.decoder).__name__ == "ByteLevel"
-        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        for i in range(self.vocab_size):
-            token = self.hf.id_to_token(i) or ""
-            if byte_level and set(token) <= alphabet:
-                out[i] = len(token)  # each symbol of a byte-level token is one byte
-            else:
-                out[i] = len(self.hf.decode([i], skip_special_tokens=False).encode("utf-8"))
-        return out
 
     def cut_rule(self) -> CutRule:
         """Where text can be cut into pieces encoded apart (read from the tokenizer's parts; said once when

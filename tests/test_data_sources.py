@@ -18,7 +18,6 @@ import fluxtrain.data as data_mod
 import fluxtrain.sources as sources_mod
 from fluxtrain.data import (
     DataConfig,
-    count_bytes,
     id_dtype,
     iter_text,
     load_corpus,
@@ -243,7 +242,7 @@ def test_replace_mode_warns_once_a_run_cached_or_not(tmp_path, monkeypatch, capl
     tok_cfg = TokenizerConfig(kind=kind, vocab_size=300)
     calls = count_encodes(monkeypatch)
     expected = [f"{bad} is not valid UTF-8 (first bad byte at offset 3); read with U+FFFD for them"]
-    for cache, n_encodes in ((False, 1), (True, 2), (True, 2)):  # no cache, a fresh cache, then a cache hit
+    for cache, n_encodes in ((False, 2), (True, 4), (True, 4)):  # no cache, a fresh cache, then a cache hit
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="fluxtrain.sources"):
             load_corpus(corpus_cfg(tmp_path, path, encoding_errors="replace", cache=cache), tok_cfg, 16)
@@ -255,7 +254,7 @@ def test_a_cache_entry_that_does_not_record_invalid_utf8_is_encoded_again_in_rep
     bad = write(tmp_path / "bad.txt", b"abc\xff" + make_text(3_000).encode())
     cfg = corpus_cfg(tmp_path, bad, encoding_errors="replace")
     load_corpus(cfg, TokenizerConfig(), 16)
-    (entry,) = (tmp_path / "cache" / "tokens").glob("*.json")
+    entry = token_entry(tmp_path)
     meta = json.loads(entry.read_text())
     assert meta["not_utf8"] == [[0, 3]]
     del meta["not_utf8"]  # as an entry written before the key existed
@@ -264,9 +263,9 @@ def test_a_cache_entry_that_does_not_record_invalid_utf8_is_encoded_again_in_rep
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         load_corpus(cfg, TokenizerConfig(), 16)
     assert [r.message for r in caplog.records] == [
+        f"{bad} is not valid UTF-8 (first bad byte at offset 3); read with U+FFFD for them",  # as its size is counted
         f"data.path={bad}: discarding the token cache entry {entry.with_suffix('.bin')} ({entry.name} does not say "
         "which files are not valid UTF-8 (an older fluxtrain wrote it)); encoding again",
-        f"{bad} is not valid UTF-8 (first bad byte at offset 3); read with U+FFFD for them",
     ]
     assert json.loads(entry.read_text())["not_utf8"] == [[0, 3]]
 
@@ -330,7 +329,16 @@ def corpus_cfg(tmp_path: Path, path: Path, **overrides) -> DataConfig:
     return DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), **overrides)
 
 
+def token_entry(tmp_path: Path, split: str = "train") -> Path:
+    """The token cache entry (its .json) of one split of the text."""
+    (entry,) = (
+        p for p in (tmp_path / "cache" / "tokens").glob("*.json") if json.loads(p.read_text())["split"][0] == split
+    )
+    return entry
+
+
 def count_encodes(monkeypatch) -> list[int]:
+    """The calls that encode text: two for each corpus without data.val_path (its train and val splits)."""
     calls: list[int] = []
     real = data_mod.encode_stream
 
@@ -351,19 +359,19 @@ def test_second_run_reuses_the_cache_and_a_changed_file_invalidates_it(tmp_path,
     calls = count_encodes(monkeypatch)
 
     first, tok1, _ = load_corpus(cfg, tok_cfg, 16)
-    assert len(calls) == 1
+    assert len(calls) == 2
     assert isinstance(first.train.base, np.memmap) and first.train.dtype == np.uint16
     ids = np.concatenate([first.train, first.val])
     assert tok1.decode(ids.tolist()) == read_corpus(resolve_sources(str(folder)))
 
     second, tok2, _ = load_corpus(cfg, tok_cfg, 16)
-    assert len(calls) == 1  # nothing re-encoded (and the BPE not retrained: same ids)
+    assert len(calls) == 2  # nothing re-encoded (and the BPE not retrained: same ids)
     assert tok2.to_json() == tok1.to_json()
     assert np.array_equal(np.concatenate([second.train, second.val]), ids)
 
     write(folder / "two.txt", make_text(6_000, seed=3))  # same size, other content
     third, _, _ = load_corpus(cfg, tok_cfg, 16)
-    assert len(calls) == 2
+    assert len(calls) == 4
     assert not np.array_equal(np.concatenate([third.train, third.val]), ids)
 
 
@@ -372,7 +380,7 @@ def test_cache_off_encodes_in_memory(tmp_path, monkeypatch):
     calls = count_encodes(monkeypatch)
     for _ in range(2):
         data, _, _ = load_corpus(corpus_cfg(tmp_path, path, cache=False), TokenizerConfig(), 16)
-    assert len(calls) == 2 and not (tmp_path / "cache").exists()
+    assert len(calls) == 4 and not (tmp_path / "cache").exists()
     assert not isinstance(data.train.base, np.memmap)
 
 
@@ -397,7 +405,7 @@ def test_unusable_cache_dir_is_an_error_before_any_work(tmp_path, monkeypatch):
     assert calls == []
     cfg = DataConfig(path=str(path), cache_dir=str(a_file / "sub"), cache=False)  # the folder is not needed
     load_corpus(cfg, TokenizerConfig(), 16)
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_a_file_in_the_cache_folder_where_a_folder_goes_is_an_error_before_any_work(tmp_path, monkeypatch):
@@ -490,7 +498,7 @@ def test_a_damaged_cache_entry_is_discarded_and_encoded_again(tmp_path, monkeypa
     cfg = corpus_cfg(tmp_path, path)
     first, tok, _ = load_corpus(cfg, TokenizerConfig(), 16)
     expected = np.concatenate([first.train, first.val])  # a copy: damaging the file in place changes the memmap
-    (entry,) = (tmp_path / "cache" / "tokens").glob("*.json")
+    entry = token_entry(tmp_path)
     damage(entry, tok.vocab_size)
     calls = count_encodes(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
@@ -566,7 +574,7 @@ def test_get_batch_windows(tmp_path):
 # Splits and bits per byte
 
 
-def test_val_split_is_the_last_fraction_of_the_token_stream(tmp_path):
+def test_val_split_is_the_last_fraction_of_the_text(tmp_path):
     text = make_text(10_000)
     path = write(tmp_path / "a.txt", text)
     data, tok, _ = load_corpus(corpus_cfg(tmp_path, path, val_fraction=0.25), TokenizerConfig(), 16)
@@ -605,13 +613,10 @@ def test_the_val_split_is_the_same_text_for_every_tokenizer_and_a_trained_bpe_ne
         train_text, val_text = tok.decode(data.train.tolist()), tok.decode(data.val.tolist())
         assert train_text + val_text == text
         val_texts[tok_cfg.kind] = val_text
-    # The char split is at that byte exactly; the BPE's after the token that straddles it, a few bytes on.
-    assert len(val_texts["char"].encode("utf-8")) == n_bytes - start
-    assert val_texts["char"].endswith(val_texts["bpe"]) and len(val_texts["char"]) - len(val_texts["bpe"]) < 8
-    # The BPE trained on the text before that byte, and none of the validation text.
+    # Both validate on the text from that byte on, and the BPE trained on the text before it.
+    assert val_texts["char"] == val_texts["bpe"] and len(val_texts["bpe"].encode("utf-8")) == n_bytes - start
     (seen,) = trained_on
-    assert seen.encode("utf-8") == text.encode("utf-8")[:start]
-    assert len(seen) + len(val_texts["bpe"]) <= len(text)
+    assert seen + val_texts["bpe"] == text
 
 
 def test_a_val_split_too_short_for_one_window_names_val_fraction(tmp_path):
@@ -662,7 +667,7 @@ def test_bytes_per_token_is_measured_on_the_val_split(tmp_path, kind):
     data, tok, _ = load_corpus(cfg, TokenizerConfig(kind=kind, vocab_size=300), 16)
     val_text = tok.decode(data.val.tolist())
     assert (head + tail).endswith(val_text) and "€" in val_text
-    assert data.val_bytes == len(val_text.encode("utf-8")) == count_bytes(data.val, tok)
+    assert data.val_bytes == len(val_text.encode("utf-8"))
     assert data.bytes_per_token == pytest.approx(len(val_text.encode("utf-8")) / len(data.val))
     corpus_average = len((head + tail).encode("utf-8")) / (len(data.train) + len(data.val))
     assert abs(data.bytes_per_token - corpus_average) > 0.2 * corpus_average  # the average would be off
@@ -713,3 +718,26 @@ def test_the_separator_reads_backslash_escapes_as_the_command_line_can_give_no_n
     ):
         data, tok, _ = load_corpus(cfg, TokenizerConfig(), 4)
         assert tok.decode(np.concatenate([data.train, data.val]).tolist()) == text
+
+
+def test_a_normalizing_tokenizer_validates_on_the_same_text_counted_as_read(tmp_path):
+    """A tokenizer that strips accents stands for fewer bytes than the text has: the split and the bytes behind
+    val/bpb are measured on the text as read, as for every other tokenizer."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents()])
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(
+        [make_text(3_000)], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    hf.save(str(tmp_path / "strip.json"))
+    text = make_text(4_000) + "\n" + "résumé naïve élève café déjà " * 60
+    path = write(tmp_path / "a.txt", text)
+    cfg = corpus_cfg(tmp_path, path, val_fraction=0.3)
+    char, _, _ = load_corpus(cfg, TokenizerConfig(), 16)
+    stripping, _, _ = load_corpus(cfg, TokenizerConfig(kind="bpe", path=str(tmp_path / "strip.json")), 16)
+    n_bytes = len(text.encode("utf-8"))
+    assert char.val_bytes == stripping.val_bytes == int(n_bytes * 0.3)  # the last 30% of the text, as read
