@@ -392,7 +392,9 @@ def run_training(
     t_loop = time.perf_counter() - progress.train_time
     no_steps_left = it >= tcfg.max_iters or (loop_time is not None and progress.train_time >= loop_time)
     if no_steps_left and (results := finished_results(run_dir, resume)) is not None:
-        more = "train.max_iters" if tcfg.max_time is None else "train.max_iters or train.max_time"
+        time_spent = loop_time is not None and progress.train_time >= loop_time
+        ended = {"train.max_iters": it >= tcfg.max_iters, "train.max_time": time_spent}
+        more = " and ".join(name for name, out in ended.items() if out)  # what to raise: what ended the run
         log.warning(
             f"the run finished at iteration {it}, the checkpoint's: its results in {run_dir / METRICS_FILE} stand, "
             f"with nothing to train or evaluate (raise {more} to train on)"

@@ -178,6 +178,7 @@ def test_a_run_whose_time_ran_out_stays_finished_when_a_shorter_setup_leaves_mor
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         again = train(tiny_cfg(*run, "resume=auto"), tmp_path)
     assert again == first and f"the run finished at iteration {first['iters']}" in caplog.text
+    assert "(raise train.max_time to train on)" in caplog.text  # a larger max_iters would not
     # Without its results it is evaluated again, and still not trained.
     (tmp_path / "metrics.json").unlink()
     caplog.clear()
