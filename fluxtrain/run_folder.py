@@ -33,8 +33,28 @@ def remember_run_configs(folder: str | Path, sweep: bool = False) -> None:
     else:
         run_dirs = [folder] if folder.is_dir() else []
     for run_dir in run_dirs:
-        files = (run_dir / HYDRA_OUTPUT_DIR).glob("*")
-        _earlier_run_configs[run_dir] = {p.name: p.read_bytes() for p in files if p.is_file()}
+        _earlier_run_configs[run_dir] = hydra_files(run_dir)
+
+
+def hydra_files(run_dir: Path) -> dict[str, bytes]:
+    """The Hydra config files in the run folder `run_dir` (`.hydra/`), by name."""
+    return {p.name: p.read_bytes() for p in (run_dir / HYDRA_OUTPUT_DIR).glob("*") if p.is_file()}
+
+
+def put_back_hydra_files(run_dir: Path, saved: dict[str, bytes]) -> None:
+    """Make `run_dir`'s Hydra config files `saved` (`hydra_files`) again: Hydra replaces them before a run starts."""
+    hydra_dir = run_dir / HYDRA_OUTPUT_DIR
+    try:
+        for path in hydra_dir.glob("*"):
+            if path.name not in saved and path.is_file():
+                path.unlink()  # saved by this run alone
+        for name, content in saved.items():
+            if not (hydra_dir / name).is_file() or (hydra_dir / name).read_bytes() != content:
+                atomic_write(hydra_dir / name, lambda tmp, content=content: tmp.write_bytes(content))
+        if not saved and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()
+    except OSError as e:
+        log.warning(f"could not put back the earlier config files in {hydra_dir}: {e}")
 
 
 def claim_run_config(run_dir: str | Path) -> None:
@@ -48,18 +68,7 @@ def restore_run_config(run_dir: str | Path) -> None:
     saved = _earlier_run_configs.get(Path(run_dir).resolve())
     if saved is None or Path(run_dir).resolve() in _claimed:
         return
-    hydra_dir = Path(run_dir) / HYDRA_OUTPUT_DIR
-    try:
-        for path in hydra_dir.glob("*"):
-            if path.name not in saved and path.is_file():
-                path.unlink()  # saved by this run alone
-        for name, content in saved.items():
-            if not (hydra_dir / name).is_file() or (hydra_dir / name).read_bytes() != content:
-                atomic_write(hydra_dir / name, lambda tmp, content=content: tmp.write_bytes(content))
-        if not saved and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
-            hydra_dir.rmdir()
-    except OSError as e:
-        log.warning(f"could not put back the earlier config files in {hydra_dir}: {e}")
+    put_back_hydra_files(Path(run_dir), saved)
 
 
 def given_output_dir(args: list[str]) -> tuple[str, str] | None:

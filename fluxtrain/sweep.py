@@ -18,9 +18,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
-from fluxtrain.files import atomic_write, atomic_write_text, parse_json
+from fluxtrain.files import atomic_write_text, parse_json
 from fluxtrain.interrupt import TrainingInterrupted
-from fluxtrain.run_folder import HYDRA_OUTPUT_DIR, FolderInUse
+from fluxtrain.run_folder import FolderInUse, hydra_files, put_back_hydra_files
 from fluxtrain.runs import FAILED_FILE, ranked_table, read_run, run_folders, written_since
 
 log = logging.getLogger("fluxtrain")
@@ -45,13 +45,11 @@ def claim_job_folder(run_dir: Path, job: int) -> None:
     """Refuse job number `job` in `run_dir` where an earlier job of this sweep ran, before it writes there: the sweep
     stops with one line, and the Hydra config files Hydra replaced there go back to the earlier job's."""
     folder = run_dir.resolve()
-    hydra_dir = folder / HYDRA_OUTPUT_DIR
     if folder not in _job_folders:
-        _job_folders[folder] = (job, {p.name: p.read_bytes() for p in hydra_dir.glob("*") if p.is_file()})
+        _job_folders[folder] = (job, hydra_files(folder))
         return
     earlier, saved = _job_folders[folder]
-    for name, content in saved.items():
-        atomic_write(hydra_dir / name, lambda tmp, content=content: tmp.write_bytes(content))
+    put_back_hydra_files(folder, saved)
     error = FolderOfAnEarlierJob(
         f"hydra.sweep.subdir gives job {job} the folder {run_dir} of job {earlier} of this sweep, whose results it "
         "would set aside; use an interpolation that differs between jobs, e.g. hydra.sweep.subdir='${hydra.job.num}' "
