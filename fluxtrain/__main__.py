@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stdout
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -19,6 +17,7 @@ from fluxtrain.command_line import check_overrides
 from fluxtrain.config import config_dir, register_configs
 from fluxtrain.errors import (
     FluxtrainError,
+    held_stdout,
     is_out_of_memory,
     out_of_memory_message,
     paths_named,
@@ -96,7 +95,7 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     try:
-        with quiet_when_stdout_closes(), _held_stdout(any(a.split("=")[0] in NO_RUN_FLAGS for a in sys.argv[1:])):
+        with quiet_when_stdout_closes(), held_stdout(any(a.split("=")[0] in NO_RUN_FLAGS for a in sys.argv[1:])):
             entry()
     except KeyboardInterrupt:  # while Hydra composes the config; the run itself reports its own stop
         print("interrupted", file=sys.stderr)
@@ -106,22 +105,6 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
         raise
     distributed.close_world()
     return None
-
-
-@contextmanager
-def _held_stdout(hold: bool) -> Iterator[None]:
-    """With `hold`, what Hydra prints (`--cfg`, `--help`, `--info`) is written after it returns, where a reader of
-    stdout that has left ends the command quietly (`quiet_when_stdout_closes`): Hydra would report it with a
-    traceback."""
-    if not hold:
-        yield
-        return
-    held = io.StringIO()
-    try:
-        with redirect_stdout(held):
-            yield
-    finally:
-        sys.stdout.write(held.getvalue())
 
 
 def lr_find_main() -> None:

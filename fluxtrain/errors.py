@@ -1,10 +1,11 @@
 """The one exception type for user mistakes: the command line prints it as a single line, without a traceback."""
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 
 
 class FluxtrainError(ValueError):
@@ -63,6 +64,22 @@ def quiet_when_stdout_closes() -> Iterator[None]:
     except BrokenPipeError:
         discard_stdout()
         sys.exit(1)
+
+
+@contextmanager
+def held_stdout(hold: bool) -> Iterator[None]:
+    """With `hold`, what Hydra prints (`--cfg`, `--help`, `--info`) is written after it returns, where a reader of
+    stdout that has left ends the command quietly (`quiet_when_stdout_closes`): Hydra would report it with a
+    traceback."""
+    if not hold:
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with redirect_stdout(held):
+            yield
+    finally:
+        sys.stdout.write(held.getvalue())
 
 
 def is_out_of_memory(e: BaseException) -> bool:

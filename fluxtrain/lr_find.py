@@ -177,7 +177,8 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
         f"lr_find: {fcfg.num_steps} steps from lr {fcfg.start_lr:.0e} to {fcfg.end_lr:.0e} | "
         f"{model.num_params():,} parameters | data {source}"
     )
-    muon_ratio = cfg.optim.muon_lr / cfg.optim.lr if cfg.optim.name == "muon" else None
+    # Muon's lr follows optim.lr scaled by its group's lr_scale (optim.muon_lr / optim.lr), as set_lr applies it
+    muon_ratio = next((group["lr_scale"] for group in optimizer.param_groups if "lr_scale" in group), None)
     if muon_ratio is not None:
         log.info(
             f"lr_find: Muon's lr rises with the tested lr at optim.muon_lr / optim.lr = {muon_ratio:.3g}; the "
