@@ -102,15 +102,21 @@ def test_bpe_export_gives_the_same_logits(bpe_export):
     assert max_logit_difference(model, hf_model) < 1e-4
 
 
-def test_bpe_end_of_text_token_becomes_bos_and_eos():
+def byte_level_bpe(special_token: str):
+    """A `tokenizers` byte-level BPE of 300 ids trained on TEXT, with one special token (id 0)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[special_token], initial_alphabet=alphabet)
     hf.train_from_iterator([TEXT], trainer)
+    return hf
+
+
+def test_bpe_end_of_text_token_becomes_bos_and_eos():
+    hf = byte_level_bpe("<|endoftext|>")
     tokenizer = BPETokenizer(hf)
     hf_model, hf_tok = to_transformers(tiny_model(tokenizer.vocab_size), tokenizer)
     eot = hf.token_to_id("<|endoftext|>")
@@ -122,14 +128,9 @@ def test_bpe_end_of_text_token_becomes_bos_and_eos():
 
 
 def test_a_post_processor_that_adds_a_bos_token_is_left_out_so_the_ids_are_fluxtrains(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|begin_of_text|>"], initial_alphabet=alphabet)
-    hf.train_from_iterator([TEXT], trainer)
+    hf = byte_level_bpe("<|begin_of_text|>")
     hf.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
     )
