@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,43 @@ class SafeFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return printable(super().format(record))
+
+
+class _StopsOnFailure:
+    """For a logging handler: a write that fails (a full disk, a console whose reader left) stops the handler after
+    one line on stderr, instead of Python's "--- Logging error ---" traceback for every line that follows."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+        error = sys.exc_info()[1]
+        if isinstance(error, BrokenPipeError) or sys.stderr is None:  # the reader of the console left: nothing to say
+            return
+        reason = getattr(error, "strerror", None) or error
+        with contextlib.suppress(Exception):
+            print(f"warning: {self.target()} cannot be written ({reason}); its log lines stop here", file=sys.stderr)
+
+    def target(self) -> str:
+        return "the log"
+
+
+class ConsoleHandler(_StopsOnFailure, logging.StreamHandler):
+    """The console's log handler (Hydra's `job_logging.handlers.console`)."""
+
+    def target(self) -> str:
+        return "the console"
+
+
+class LogFileHandler(_StopsOnFailure, logging.FileHandler):
+    """The run's log file, train.log (Hydra's `job_logging.handlers.file`)."""
+
+    def target(self) -> str:
+        return self.baseFilename
 
 
 class EventWriter:

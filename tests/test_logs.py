@@ -10,7 +10,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from fluxtrain.logs import printable
+from fluxtrain.logs import LogFileHandler, printable
 from fluxtrain.train import train
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config
@@ -118,3 +118,38 @@ def test_events_that_cannot_be_written_end_the_run_in_one_line(tiny_cfg, tmp_pat
     (events,) = tmp_path.glob("events.out.tfevents.*")
     assert str(info.value) == f"cannot write {events}: No space left on device"
     assert printed == [] and "Traceback" not in capfd.readouterr().err
+
+
+class FullDisk(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once_and_stops(tmp_path, capsys):
+    handler = LogFileHandler(tmp_path / "train.log", delay=True)
+    handler.stream = FullDisk()
+    logger = logging.getLogger("fluxtrain.test_full_disk")
+    logger.addHandler(handler)
+    try:
+        for i in range(5):
+            logger.warning(f"line {i}")
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"warning: {tmp_path / 'train.log'} cannot be written (No space left on device); its log lines stop here\n"
+    )
+
+
+def test_training_goes_on_quietly_when_the_reader_of_its_console_leaves(tiny_text_file, tmp_path):
+    """`python -m fluxtrain ... | head`: the console's lines stop, the run and train.log go on, with no logging error
+    for every line."""
+    from .test_command_line import run_with_stdout_closed
+
+    run = tmp_path / "run"
+    proc = run_with_stdout_closed(
+        "-m", "fluxtrain", *TINY_OVERRIDES, f"data.path={tiny_text_file}", f"hydra.run.dir={run}"
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "done: 30 iterations" in (run / "train.log").read_text() and (run / "metrics.json").is_file()
