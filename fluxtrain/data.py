@@ -326,6 +326,7 @@ def encode_sources(
                 digest.update(raw)
                 n_tokens += len(ids)
         check_unchanged(sources, fingerprint)
+        digest.update(byte_count_record(counted.n))  # val/bpb divides by it: vouched for with the ids
 
     # Each file is written whole or not at all, the ids before the entry that vouches for them with their digest: a
     # crash in between leaves ids that no entry vouches for, which are encoded again.
@@ -393,11 +394,17 @@ def _check_entry(
         for block in iter(lambda: f.read(VERIFY_BLOCK), b""):
             digest.update(block)
             max_id = max(max_id, int(np.frombuffer(block, dtype).max()))
+    digest.update(byte_count_record(n_bytes))
     if digest.hexdigest() != expected:
-        raise ValueError(f"{ids_path.name} does not match the blake2b digest in {meta_path.name}")
+        raise ValueError(f"{ids_path.name} and its byte count do not match the blake2b digest in {meta_path.name}")
     if max_id >= vocab_size:
         raise ValueError(f"{ids_path.name} holds id {max_id}, outside the vocabulary of {vocab_size}")
     return n_tokens, n_bytes, not_utf8 or []
+
+
+def byte_count_record(n_bytes: int) -> bytes:
+    """What a cache entry's digest covers besides its ids: the bytes of text they stand for."""
+    return f"n_bytes={n_bytes}".encode()
 
 
 def _open_ids(path: Path, dtype, n_tokens: int) -> np.ndarray:
@@ -549,6 +556,19 @@ def check_val_split(source: str, n_tokens: int, n_val: int, val_fraction: float,
         )
 
 
+def check_separator(cfg: DataConfig, tokenizer: Tokenizer, sources: list[Sources], tokenizer_source: str) -> None:
+    """`data.separator`, put between files, must encode: a character of it the tokenizer lacks is named as the
+    separator's, not as one of the files'."""
+    if not cfg.separator or all(len(s.files) < 2 for s in sources):
+        return
+    try:
+        tokenizer.encode(cfg.separator)
+    except EncodeError as e:
+        raise FluxtrainError(
+            f"data.separator={cfg.separator!r}, put between files: {e} (the tokenizer comes from {tokenizer_source})"
+        ) from None
+
+
 def load_corpus(
     cfg: DataConfig, tok_cfg: TokenizerConfig, seq_len: int, run_dir: str | Path | None = None
 ) -> tuple[TokenData, Tokenizer, str]:
@@ -579,6 +599,7 @@ def load_corpus(
         val_start = val_start_byte(text_bytes(train_src, cfg.separator, cfg.encoding_errors), cfg.val_fraction)
     tokenizer = corpus_tokenizer(tok_cfg, cfg, train_src, val_src, fingerprint, val_start)
     tokenizer_source = "tokenizer.path" if tok_cfg.path else BUILT_FROM_TEXT
+    check_separator(cfg, tokenizer, [s for s in (train_src, val_src) if s is not None], tokenizer_source)
     source = train_src.setting if val_src is None else f"{train_src.setting} ({val_src.setting})"
     if val_src is not None:
         train_ids, _ = encode_sources(train_src, tokenizer, cfg, fingerprint["train"], tokenizer_source)

@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     device = resolve_device(args.device, "--device")
     model, tokenizer = load_model(resolve_model_path(args.model), device)
     check_stride(args.stride, model.cfg.seq_len)
-    sources = resolve_sources(args.data, setting="--data")
+    sources = resolve_sources(args.data, setting="--data", run_folders=True)  # as data.path: no run's logs
     text = ByteCount()  # the bytes of the text as read, as evaluate_text counts them (not a normalizer's output)
     ids = encode_all(
         text.through(iter_text(sources, encoding_errors=args.encoding_errors)),

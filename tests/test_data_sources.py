@@ -462,7 +462,15 @@ def damage_in_range(entry: Path, vocab_size: int) -> None:
 def damage_in_range_with_matching_digest(entry: Path, vocab_size: int) -> None:
     damage_random_bytes(entry, vocab_size)
     meta = json.loads(entry.read_text())
-    meta["blake2b"] = hashlib.blake2b(entry.with_suffix(".bin").read_bytes()).hexdigest()
+    digest = hashlib.blake2b(entry.with_suffix(".bin").read_bytes())
+    digest.update(data_mod.byte_count_record(meta["n_bytes"]))
+    meta["blake2b"] = digest.hexdigest()
+    entry.write_text(json.dumps(meta))
+
+
+def damage_byte_count(entry: Path, vocab_size: int) -> None:
+    meta = json.loads(entry.read_text())
+    meta["n_bytes"] = 0  # val/bpb would divide by it
     entry.write_text(json.dumps(meta))
 
 
@@ -485,8 +493,9 @@ def damage_no_digest(entry: Path, vocab_size: int) -> None:
     "damage, reason",
     [
         (damage_json, "json is not a valid entry: JSONDecodeError"),
-        (damage_random_bytes, "bin does not match the blake2b digest"),
-        (damage_in_range, "bin does not match the blake2b digest"),
+        (damage_random_bytes, "bin and its byte count do not match the blake2b digest"),
+        (damage_in_range, "bin and its byte count do not match the blake2b digest"),
+        (damage_byte_count, "bin and its byte count do not match the blake2b digest"),
         (damage_in_range_with_matching_digest, "bin holds id 65000, outside the vocabulary of"),
         (damage_truncated, "bin does not hold"),
         (damage_no_digest, "json has no digest of the ids"),
@@ -741,3 +750,18 @@ def test_a_normalizing_tokenizer_validates_on_the_same_text_counted_as_read(tmp_
     stripping, _, _ = load_corpus(cfg, TokenizerConfig(kind="bpe", path=str(tmp_path / "strip.json")), 16)
     n_bytes = len(text.encode("utf-8"))
     assert char.val_bytes == stripping.val_bytes == int(n_bytes * 0.3)  # the last 30% of the text, as read
+
+
+def test_a_separator_character_the_tokenizer_lacks_is_named_as_the_separators(tmp_path):
+    write(tmp_path / "t" / "1.txt", "abcabcabcabcabcabc" * 3)
+    write(tmp_path / "t" / "2.txt", "cbacbacbacbacba" * 3)
+    CharTokenizer(list("abc")).save(tmp_path / "abc.json")
+    tok_cfg = TokenizerConfig(path=str(tmp_path / "abc.json"))
+    with pytest.raises(FluxtrainError) as info:
+        load_corpus(corpus_cfg(tmp_path, tmp_path / "t"), tok_cfg, 2)
+    assert str(info.value) == (
+        "data.separator='\\n', put between files: 1 character(s) not in the tokenizer's vocabulary: '\\n' (the "
+        "tokenizer comes from tokenizer.path)"
+    )
+    data, _, _ = load_corpus(corpus_cfg(tmp_path, tmp_path / "t", separator="c"), tok_cfg, 2)  # one it has
+    assert len(data.train) + len(data.val) == 18 * 3 + 1 + 15 * 3

@@ -199,6 +199,12 @@ def test_folder_is_read_as_all_its_files(model_file, tmp_path, capsys):
     assert f"loss {figures['loss']:.4f} nats/token" in err
     main([str(model_file), "--data", str(folder / "**" / "*.txt"), "--device", "cpu", "--json", "-"])
     assert json.loads(capsys.readouterr().out)["n_tokens"] == 601  # a glob
+    # A fluxtrain run folder among the texts is left out, as data.path leaves it out: its log is no text to score.
+    (folder / "run" / ".hydra").mkdir(parents=True)
+    (folder / "run" / "train.log").write_text(make_text(300, seed=3), encoding="utf-8")
+    main([str(model_file), "--data", str(folder), "--device", "cpu", "--json", "-"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["n_tokens"] == 601 and "1 file(s) in fluxtrain run folders left out" in err
 
 
 def test_a_run_folder_names_its_best_model_and_a_folder_is_no_model_file(model_file, tmp_path, capsys):
