@@ -359,6 +359,13 @@ def show_unencodable_characters() -> None:
         sys.stdout.reconfigure(errors="backslashreplace")
 
 
+def read_bad_bytes_as_escapes() -> None:
+    """Read bytes on stdin that are not valid UTF-8 as lone surrogates, as Python hands them over from the command
+    line, so that `encode_prompt` names them in one line (and a session goes on) instead of a UnicodeDecodeError."""
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
 def keep_messages_off_stdout() -> None:
     """With stderr closed (`2>&-`) Python's `sys.stderr` is None, which sends `print(..., file=sys.stderr)` to stdout,
     into the text, and leaves descriptor 2 to the next file opened: /dev/null takes its place."""
@@ -370,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_messages_off_stdout()
     args = build_parser().parse_args(argv)
     show_unencodable_characters()
+    read_bad_bytes_as_escapes()
     try:
         with paths_named():
             return run(args)

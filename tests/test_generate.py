@@ -434,12 +434,15 @@ def test_unknown_characters_are_named_or_dropped():
     assert text == "ROMEO  " and tokenizer.decode(ids) == text and dropped == ["é", "ü"]
 
 
-def test_a_prompt_that_is_not_utf8_is_named(capsys, model_file):
+def test_a_prompt_that_is_not_utf8_is_named(capsys, monkeypatch, model_file):
     bad = b"AB\xffC".decode("utf-8", "surrogateescape")  # how Python hands undecodable argv and stdin bytes over
     with pytest.raises(FluxtrainError, match=r"^the prompt is not valid UTF-8 \(character 3 is a bad byte\)$"):
         encode_prompt(CharTokenizer.train(TEXT), bad, drop_unknown=True)
     code, out, err = run_main(capsys, str(model_file), "--prompt", bad, "--max-new-tokens", "5")
     assert (code, out) == (1, "") and err == "error: the prompt is not valid UTF-8 (character 3 is a bad byte)\n"
+    # On stdin too, where a UTF-8 locale's strict decoding would stop with a UnicodeDecodeError.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"AB\xffC"), encoding="utf-8"))
+    assert run_main(capsys, str(model_file), "--max-new-tokens", "5") == (1, out, err)
 
 
 def test_text_stream_holds_back_incomplete_characters():

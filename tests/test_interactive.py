@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from fluxtrain import GPT, ModelConfig, load_model, save_model_file
+from fluxtrain.generate import main
 from fluxtrain.interactive import Session
 from fluxtrain.sampling import SamplingConfig, beam_search, generate
 from fluxtrain.tokenizer import CharTokenizer
@@ -267,3 +269,13 @@ def test_a_line_that_starts_with_two_slashes_is_a_prompt_less_one_slash(capsys, 
     assert session.run() == 0
     assert prompts == ["/temp 0", " //"] and session.cfg.max_new_tokens == 4
     assert "  //text     the prompt /text (a prompt that starts with /)\n" in capsys.readouterr().err
+
+
+def test_a_line_that_is_not_utf8_is_named_and_the_session_goes_on(capsys, monkeypatch, model_file):
+    lines = io.TextIOWrapper(io.BytesIO(b"RO\xffMEO\n/len 3\nthe\n"), encoding="utf-8")  # strict, as in a UTF-8 locale
+    monkeypatch.setattr(sys, "stdin", lines)
+    monkeypatch.setattr(Session, "_start_readline", lambda self: None)
+    assert main([str(model_file), "--interactive", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "\nthe prompt is not valid UTF-8 (character 3 is a bad byte)\nlength 3\n" in err
+    assert expected_text(model_file, "the", SamplingConfig(max_new_tokens=3, temperature=0.0)) + "\n" in out
