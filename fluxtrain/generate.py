@@ -77,13 +77,14 @@ class TextStream:
     A token can be part of a character, or change how the token before it decodes (a decoder that drops a leading
     space at the start of the text), so each piece is the text of the ids not yet printed decoded together with
     the last printed piece's ids, less that piece's text; a piece that ends in an incomplete character is held back.
-    Each token costs the decoding of a few ids, however long the line.
+    Each token costs the decoding of a few ids, however long the line. `context`: ids printed before the first
+    token (the prompt's last ones), that it is decoded after.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, context: list[int] | None = None):
         self.tokenizer = tokenizer
-        self.context: list[int] = []  # the ids of the last printed piece
-        self.context_text = ""  # their text, decoded alone
+        self.context = list(context or [])  # the ids of the last printed piece
+        self.context_text = tokenizer.decode(self.context) if self.context else ""  # their text, decoded alone
         self.pending: list[int] = []  # ids not printed yet
 
     def push(self, token: int) -> str:
@@ -103,14 +104,25 @@ class TextStream:
         return piece
 
 
-class ContinuationWriter:
-    """Writes new token ids to `out` as text: each as it comes when streaming, else all at the end."""
+def printed_context(tokenizer: Tokenizer, text: str, ids: list[int]) -> list[int]:
+    """The prompt's last ids, as few as decode to the end of its printed `text` (whole characters), else all of them:
+    the new text is decoded after them, as after the whole prompt (a SentencePiece-style decoder drops the space
+    before a text's first word, which the first new word has after a prompt)."""
+    for n in range(1, min(len(ids), 8) + 1):  # a character is at most 4 byte tokens
+        end = tokenizer.decode(ids[-n:])
+        if end and text.endswith(end):
+            return ids[-n:]
+    return ids
 
-    def __init__(self, tokenizer: Tokenizer, out: TextIO, stream: bool):
-        self.tokenizer = tokenizer
+
+class ContinuationWriter:
+    """Writes new token ids to `out` as text, decoded after the printed `context` ids: each as it comes when
+    streaming, else all at the end."""
+
+    def __init__(self, tokenizer: Tokenizer, out: TextIO, stream: bool, context: list[int]):
         self.out = out
         self.stream = stream
-        self.text = TextStream(tokenizer)
+        self.text = TextStream(tokenizer, context)
         self.ids: list[int] = []  # those added so far
 
     def add(self, token: int) -> None:
@@ -121,12 +133,8 @@ class ContinuationWriter:
 
     def finish(self, ids: list[int]) -> None:
         """Write the rest of the continuation `ids`: the ids added and any after them."""
-        if self.stream:
-            for token in ids[len(self.ids) :]:
-                self.out.write(self.text.push(token))
-            self.out.write(self.text.flush())
-        else:
-            self.out.write(self.tokenizer.decode(ids))
+        start = len(self.ids) if self.stream else 0  # those written so far
+        self.out.write("".join(self.text.push(token) for token in ids[start:]) + self.text.flush())
         self.out.flush()
 
 
@@ -138,13 +146,17 @@ def write_continuation(
     generator: torch.Generator,
     out: TextIO,
     stream: bool,
+    prompt_text: str,
 ) -> None:
-    """Generate after `prompt_ids` and write the new text to `out`: token by token when streaming (with beams, each
-    token once every beam holds it), else at the end. Ctrl-C (KeyboardInterrupt) stops generating: the text so far
-    (with beams, the best beam so far) is written, and the KeyboardInterrupt goes on."""
+    """Generate after `prompt_ids` (after `start_ids` where there are none) and write the new text to `out`, as it
+    reads after `prompt_text`, printed already: token by token when streaming (with beams, each token once every beam
+    holds it), else at the end. Ctrl-C (KeyboardInterrupt) stops generating: the text so far (with beams, the best
+    beam so far) is written, and the KeyboardInterrupt goes on."""
+    context = printed_context(tokenizer, prompt_text, prompt_ids)
+    prompt_ids = prompt_ids or start_ids(tokenizer)
     beams = BeamStream(model, prompt_ids, cfg) if cfg.beams > 1 else None
     tokens = beams if beams is not None else sample_stream(model, prompt_ids, cfg, generator)
-    writer = ContinuationWriter(tokenizer, out, stream)
+    writer = ContinuationWriter(tokenizer, out, stream, context)
     try:
         for token in tokens:
             writer.add(token)
@@ -307,8 +319,6 @@ def run(args: argparse.Namespace) -> int:
     print(describe(path, model, device, cfg, seed, n_params, args.quantize), file=sys.stderr)
     if dropped:
         print(f"left out of the prompt: {', '.join(repr(c) for c in dropped)}", file=sys.stderr)
-    if not ids:
-        ids = start_ids(tokenizer)
     return print_continuation(text, model, tokenizer, ids, cfg, generator, args.stream)
 
 
@@ -338,7 +348,7 @@ def print_continuation(
     try:
         out = for_display(sys.stdout)
         out.write(text)
-        write_continuation(model, tokenizer, ids, cfg, generator, out, stream)
+        write_continuation(model, tokenizer, ids, cfg, generator, out, stream, text)
         sys.stdout.write("\n")
         sys.stdout.flush()
     except KeyboardInterrupt:  # the text so far is written

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.generate import encode_prompt, for_display, start_ids, write_continuation
+from fluxtrain.generate import encode_prompt, for_display, write_continuation
 from fluxtrain.model import GPT
 from fluxtrain.sampling import MAX_BEAMS, MAX_REPETITION_PENALTY, MAX_SEED, SamplingConfig
 from fluxtrain.tokenizer import Tokenizer
@@ -145,8 +145,7 @@ class Session:
         try:
             out = for_display(sys.stdout)
             out.write(text)
-            ids = ids or start_ids(self.tokenizer)
-            write_continuation(self.model, self.tokenizer, ids, self.cfg, self.generator, out, self.stream)
+            write_continuation(self.model, self.tokenizer, ids, self.cfg, self.generator, out, self.stream, text)
             sys.stdout.write("\n")
         except KeyboardInterrupt:  # the text so far is written
             sys.stdout.write("\n")

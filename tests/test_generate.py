@@ -22,6 +22,7 @@ from fluxtrain.generate import (
     encode_prompt,
     load_for_generation,
     main,
+    printed_context,
     start_ids,
 )
 from fluxtrain.runs import resolve_model_path
@@ -39,7 +40,7 @@ from fluxtrain.sampling import (
     sample_stream,
     sequence_logprob,
 )
-from fluxtrain.tokenizer import CharTokenizer
+from fluxtrain.tokenizer import BPETokenizer, CharTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -457,6 +458,10 @@ def test_text_stream_holds_back_incomplete_characters():
     assert pieces == ["a", "", "é", "\n", "z", "", "", "€"]
     # A byte that never completes a character is printed (as U+FFFD) at the end, as a single decode would.
     assert [stream.push(b) for b in b"x\xe2"] == ["x", ""] and stream.flush() == "\ufffd"
+    # A continuation is decoded after the prompt's last ids that make whole characters.
+    assert printed_context(ByteTokenizer(), "aé", list("aé".encode())) == list("é".encode())
+    stream = TextStream(ByteTokenizer(), list("é".encode()))
+    assert [stream.push(b) for b in "€".encode()] == ["", "", "€"]
 
 
 def test_text_stream_decodes_a_few_ids_per_token_however_long_the_line():
@@ -731,8 +736,6 @@ def test_module_runs_as_a_command(tmp_path, model_file):
 
 def test_bpe_model_streams_the_same_text_as_one_decode(capsys, tmp_path):
     """Byte-level BPE tokens can end inside a character: the stream holds them back and prints the same text."""
-    from fluxtrain.tokenizer import BPETokenizer
-
     tokenizer = BPETokenizer.train(TEXT + "é€ naïve café — ünïcödé\n" * 3, vocab_size=300)
     torch.manual_seed(0)
     model = GPT(ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=SEQ_LEN), tokenizer.vocab_size)
@@ -745,6 +748,49 @@ def test_bpe_model_streams_the_same_text_as_one_decode(capsys, tmp_path):
     loaded, _ = load_model(tmp_path / "bpe.safetensors")
     cfg = SamplingConfig(max_new_tokens=60)
     assert whole == "café " + tokenizer.decode(generate(loaded, tokenizer.encode("café "), cfg, seeded(2))) + "\n"
+
+
+def metaspace_tokenizer() -> BPETokenizer:
+    """A SentencePiece-style BPE: words start with "▁", which decodes to a space but at the start of the text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>"], show_progress=False))
+    return BPETokenizer(hf)
+
+
+def model_file_for(tokenizer, path: Path) -> tuple[GPT, Path]:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(d_model=32, n_heads=2, n_layers=2, ff_dim=64, seq_len=SEQ_LEN), tokenizer.vocab_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    save_model_file(path, model, tokenizer)
+    return model.eval(), path
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "metaspace"])
+@pytest.mark.parametrize("argv", [[], ["--no-stream"], ["--beams", "3"], ["--beams", "3", "--no-stream"]])
+def test_the_continuation_reads_as_it_does_after_the_prompt(capsys, tmp_path, kind, argv):
+    """The new text is decoded after the prompt's last ids: a Metaspace decoder would drop the space before the first
+    new word at the start of a text of its own (`whyth` for `why th`)."""
+    tokenizers = {
+        "char": lambda: CharTokenizer.train(TEXT),
+        "bpe": lambda: BPETokenizer.train(TEXT, vocab_size=300),
+        "metaspace": metaspace_tokenizer,
+    }
+    tokenizer = tokenizers[kind]()
+    model, path = model_file_for(tokenizer, tmp_path / "model.safetensors")
+    code, out, _ = run_main(capsys, str(path), "--prompt", "why", "--max-new-tokens", "12", "--seed", "1", *argv)
+    ids = tokenizer.encode("why")
+    cfg = SamplingConfig(max_new_tokens=12, beams=3 if "--beams" in argv else 1)
+    new = generate(model, ids, cfg, seeded(1))  # beam search with beams > 1
+    assert tokenizer.decode(ids) == "why" and (code, out) == (0, tokenizer.decode(ids + new) + "\n")
+    if kind == "metaspace":  # the case it is about: the first new token starts a word
+        assert out.startswith("why ") and not tokenizer.decode(new).startswith(" ")
 
 
 def test_an_empty_prompt_or_an_id_outside_the_vocabulary_is_named(model):

@@ -19,6 +19,7 @@ from fluxtrain.generate import main
 from fluxtrain.interactive import Session
 from fluxtrain.sampling import SamplingConfig, beam_search, generate
 from fluxtrain.tokenizer import CharTokenizer
+from tests.test_generate import metaspace_tokenizer, model_file_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXT = "ROMEO:\nthe king my lord, good sir; love death night sweet heart.\nJULIET:\nwhy come go speak hear thou art!\n"
@@ -279,3 +280,15 @@ def test_a_line_that_is_not_utf8_is_named_and_the_session_goes_on(capsys, monkey
     out, err = capsys.readouterr()
     assert "\nthe prompt is not valid UTF-8 (character 3 is a bad byte)\nlength 3\n" in err
     assert expected_text(model_file, "the", SamplingConfig(max_new_tokens=3, temperature=0.0)) + "\n" in out
+
+
+@pytest.mark.parametrize(("stream", "beams"), [(True, 1), (False, 1), (True, 3)])
+def test_the_continuation_reads_as_it_does_after_the_prompt(capsys, tmp_path, stream, beams):
+    """With a Metaspace tokenizer the first new word keeps its space after the prompt (`why th`, not `whyth`)."""
+    tokenizer = metaspace_tokenizer()
+    model, _ = model_file_for(tokenizer, tmp_path / "model.safetensors")
+    cfg = SamplingConfig(max_new_tokens=12, beams=beams)
+    Session(model, tokenizer, cfg, seed=1, drop_unknown=False, stream=stream).generate("why")
+    new = generate(model, tokenizer.encode("why"), cfg, torch.Generator().manual_seed(1))
+    out = capsys.readouterr().out
+    assert out == tokenizer.decode(tokenizer.encode("why") + new) + "\n" and out.startswith("why ")
