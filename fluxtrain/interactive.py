@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +48,7 @@ HELP = f"""commands:
   //text     the prompt /text (a prompt that starts with /)
 Anything else is a prompt. Ctrl-C stops a generation, shows the text so far and comes back here."""
 PROMPT_ESCAPE = "//"  # a line that starts with it is a prompt, less its first /
+PROMPT = "> "
 
 
 class Session:
@@ -72,12 +76,12 @@ class Session:
         try:
             while True:
                 try:
-                    line = input("> ")
+                    line = read_line()
                 except EOFError:  # Ctrl-D
-                    print()
+                    print(file=sys.stderr)
                     return 0
                 except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
-                    print()
+                    print(file=sys.stderr)
                     continue
                 if line.lstrip().startswith(PROMPT_ESCAPE):
                     self.generate(line.replace("/", "", 1))
@@ -175,3 +179,46 @@ class Session:
             readline.write_history_file(path)
         except OSError:
             pass
+
+
+def read_line() -> str:
+    """A line of input after the prompt, which goes to stderr, as Python's own does, so that stdout holds only the
+    text. input() edits the line with readline, and shows the prompt, only where stdout is a terminal: while the
+    line is typed on a terminal, stdout is stderr's (`> file` still has line editing and history)."""
+    if not (_terminal(sys.stdin) and _terminal(sys.stderr) and _descriptor(sys.stdout) == 1):
+        sys.stderr.write(PROMPT)
+        sys.stderr.flush()
+        return input()
+    with _stdout_on_stderr():
+        return input(PROMPT)
+
+
+@contextmanager
+def _stdout_on_stderr() -> Iterator[None]:
+    """Descriptor 1 writes where stderr does (unless it is that terminal already), and then back where it did."""
+    stdout, stderr = os.fstat(1), os.fstat(sys.stderr.fileno())
+    if os.path.samestat(stdout, stderr):
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(sys.stderr.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # None, or closed
+        return False
+
+
+def _descriptor(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # None, closed, or no file (captured in a test)
+        return None

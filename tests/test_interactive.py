@@ -234,6 +234,38 @@ def test_line_editing_history_and_unknown_characters(model_file, tmp_path):
     assert "/temp 0.5" in history and "/len 3" in history
 
 
+def test_stdout_in_a_file_gets_the_text_alone_and_the_terminal_keeps_line_editing(model_file, tmp_path):
+    """The `> ` prompt goes to stderr, as Python's does; readline edits a line only where stdout is a terminal, so
+    while a line is typed stdout is stderr's terminal."""
+    out = tmp_path / "out.txt"
+
+    def stdout_to_file():
+        os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT, 0o600), 1)
+
+    child = spawn(model_file, tmp_path, "--temperature", "0", preexec_fn=stdout_to_file)
+    command(child, "/len 5", "length 5")
+    child.send("/len 6\r\x10\x10\r")  # Ctrl-P twice: back to "/len 5"
+    child.expect_exact("length 5")
+    child.expect_exact("> ")
+    child.send("OMEO:\x01R\r")  # type "OMEO:", Ctrl-A to the start of the line, insert "R"
+    command(child, "/len 2", "length 2")  # the reply comes once the text is written
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert (
+        out.read_text() == expected_text(model_file, "ROMEO:", SamplingConfig(max_new_tokens=5, temperature=0.0)) + "\n"
+    )
+    assert (tmp_path / ".fluxtrain_generate_history").read_text().splitlines() == [
+        "/len 5",
+        "/len 6",
+        "/len 5",
+        "ROMEO:",
+        "/len 2",
+        "/quit",
+    ]
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_ctrl_c_without_streaming_shows_the_text_so_far(capsys, monkeypatch, model_file):
     import fluxtrain.generate as generate_module
@@ -258,7 +290,7 @@ def test_a_line_that_starts_with_two_slashes_is_a_prompt_less_one_slash(capsys, 
     session = Session(model, tokenizer, SamplingConfig(), seed=1, drop_unknown=False, stream=True)
     lines = ["//temp 0", "/len 4", " ///", "/help"]
 
-    def read_line(prompt: str) -> str:
+    def read_line(prompt: str = "") -> str:
         if not lines:
             raise EOFError  # Ctrl-D
         return lines.pop(0)
@@ -278,8 +310,8 @@ def test_a_line_that_is_not_utf8_is_named_and_the_session_goes_on(capsys, monkey
     monkeypatch.setattr(Session, "_start_readline", lambda self: None)
     assert main([str(model_file), "--interactive", "--temperature", "0"]) == 0
     out, err = capsys.readouterr()
-    assert "\nthe prompt is not valid UTF-8 (character 3 is a bad byte)\nlength 3\n" in err
-    assert expected_text(model_file, "the", SamplingConfig(max_new_tokens=3, temperature=0.0)) + "\n" in out
+    assert "\n> the prompt is not valid UTF-8 (character 3 is a bad byte)\n> length 3\n> > \n" in err
+    assert out == expected_text(model_file, "the", SamplingConfig(max_new_tokens=3, temperature=0.0)) + "\n"
 
 
 @pytest.mark.parametrize(("stream", "beams"), [(True, 1), (False, 1), (True, 3)])
