@@ -15,6 +15,11 @@ class FluxtrainError(ValueError):
     reported = False  # printed already (by this rank before it told the others, or by another rank)
 
 
+class OutputError(Exception):
+    """stdout refused the text (a full disk, a terminal gone). Here, not in fluxtrain.generate, which runs as
+    `__main__` under `python -m` and would then define a second class that the session's errors are not of."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name when the message is empty."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -7,13 +7,22 @@ import io
 import os
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, discard_stdout, first_line, paths_named
+from fluxtrain.errors import (
+    FluxtrainError,
+    OneLineErrorParser,
+    OutputError,
+    discard_stdout,
+    first_line,
+    paths_named,
+)
 from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.logs import CONTROL_ESCAPES
 from fluxtrain.model import GPT
@@ -331,8 +340,16 @@ def read_stdin() -> str:
     return sys.stdin.read() if sys.stdin is not None else ""
 
 
-class OutputError(Exception):
-    """stdout refused the text (a full disk, a terminal gone)."""
+@contextmanager
+def writing_text() -> Iterator[None]:
+    """An OSError from writing the text to stdout is an OutputError; a reader that has left (BrokenPipeError) stops
+    the command quietly, in `main`."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputError(f"cannot write the text to stdout: {e.strerror or e}") from None
 
 
 def print_continuation(
@@ -345,20 +362,17 @@ def print_continuation(
     stream: bool,
 ) -> int:
     """Write the prompt `text` and its continuation to stdout; the exit status (130: stopped by Ctrl-C)."""
-    try:
-        out = for_display(sys.stdout)
-        out.write(text)
-        write_continuation(model, tokenizer, ids, cfg, generator, out, stream, text)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    except KeyboardInterrupt:  # the text so far is written
-        sys.stdout.write("\n")
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # the reader left: main stops quietly
-        raise
-    except OSError as e:
-        raise OutputError(f"cannot write the text to stdout: {e.strerror or e}") from None
+    with writing_text():
+        try:
+            out = for_display(sys.stdout)
+            out.write(text)
+            write_continuation(model, tokenizer, ids, cfg, generator, out, stream, text)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except KeyboardInterrupt:  # the text so far is written
+            sys.stdout.write("\n")
+            print("interrupted", file=sys.stderr)
+            return 130
     return 0
 
 

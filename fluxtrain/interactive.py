@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.generate import encode_prompt, for_display, write_continuation
+from fluxtrain.generate import encode_prompt, for_display, write_continuation, writing_text
 from fluxtrain.model import GPT
 from fluxtrain.sampling import MAX_BEAMS, MAX_REPETITION_PENALTY, MAX_SEED, SamplingConfig
 from fluxtrain.tokenizer import Tokenizer
@@ -146,15 +146,16 @@ class Session:
             return
         if dropped:
             self.say(f"left out of the prompt: {', '.join(repr(c) for c in dropped)}")
-        try:
-            out = for_display(sys.stdout)
-            out.write(text)
-            write_continuation(self.model, self.tokenizer, ids, self.cfg, self.generator, out, self.stream, text)
-            sys.stdout.write("\n")
-        except KeyboardInterrupt:  # the text so far is written
-            sys.stdout.write("\n")
-            self.say("[stopped]")
-        sys.stdout.flush()
+        with writing_text():  # a failed write ends the session with a one-line error
+            try:
+                out = for_display(sys.stdout)
+                out.write(text)
+                write_continuation(self.model, self.tokenizer, ids, self.cfg, self.generator, out, self.stream, text)
+                sys.stdout.write("\n")
+            except KeyboardInterrupt:  # the text so far is written
+                sys.stdout.write("\n")
+                self.say("[stopped]")
+            sys.stdout.flush()
 
     def _start_readline(self):
         """Line editing and a history kept across sessions; None where readline is missing."""

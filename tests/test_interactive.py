@@ -6,6 +6,7 @@ import io
 import os
 import re
 import signal
+import subprocess
 import sys
 from itertools import islice
 from pathlib import Path
@@ -324,3 +325,16 @@ def test_the_continuation_reads_as_it_does_after_the_prompt(capsys, tmp_path, st
     new = generate(model, tokenizer.encode("why"), cfg, torch.Generator().manual_seed(1))
     out = capsys.readouterr().out
     assert out == tokenizer.decode(tokenizer.encode("why") + new) + "\n" and out.startswith("why ")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_a_full_disk_ends_the_session_with_a_one_line_error(model_file, tmp_path, stream):
+    """As a real process: `python -m` runs fluxtrain.generate as __main__, beside the fluxtrain.generate the session
+    imports."""
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fluxtrain.generate", str(model_file), "--interactive", stream]
+    with open("/dev/full", "w") as full:  # every write fails with ENOSPC
+        done = subprocess.run(cmd, input="/len 5\nthe\n", stdout=full, stderr=subprocess.PIPE, text=True, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.endswith("\n> length 5\n> error: cannot write the text to stdout: No space left on device\n")
