@@ -108,22 +108,23 @@ class Session:
         name, *rest = line.split(maxsplit=1)
         value = rest[0] if rest else ""
         if name in ("/quit", "/help") and value:
-            self.say(f"{name} takes no value: got {value!r}")
+            self.say(f"{name} takes no value: got {_short(value)!r}")
         elif name == "/quit":
             return False
         elif name == "/help":
             self.say(f"{HELP}\nnow: {self.settings()}")
         elif name == "/seed":
-            if not (value.isascii() and value.isdigit()) or int(value) > MAX_SEED:
-                self.say(f"/seed needs an integer from 0 to 2**32 - 1, got {value!r}")
+            seed = _seed(value)
+            if seed is None:
+                self.say(f"/seed needs an integer from 0 to 2**32 - 1, got {_short(value)!r}")
             else:
-                self.seed = int(value)
+                self.seed = seed
                 self.generator.manual_seed(self.seed)
                 self.say(f"seed {self.seed}")
         elif name in SETTINGS:
             self.set(name, value)
         else:
-            self.say(f"unknown command {name}; commands: {', '.join([*SETTINGS, '/seed', '/help', '/quit'])}")
+            self.say(f"unknown command {_short(name)}; commands: {', '.join([*SETTINGS, '/seed', '/help', '/quit'])}")
         return True
 
     def set(self, name: str, value: str) -> None:
@@ -133,7 +134,7 @@ class Session:
             cfg = replace(self.cfg, **{field: parsed})
             cfg.validate(self.model.cfg.seq_len)
         except ValueError:  # not a number, or one `field` does not allow (FluxtrainError from validate)
-            self.say(f"{name} needs {allowed}: got {value!r}")
+            self.say(f"{name} needs {allowed}: got {_short(value)!r}")
             return
         self.cfg = cfg
         self.say(f"{shown} {parsed}")
@@ -180,6 +181,19 @@ class Session:
             readline.write_history_file(path)
         except OSError:
             pass
+
+
+def _seed(value: str) -> int | None:
+    """The seed `value` writes in digits, None where it is no integer from 0 to 2**32 - 1."""
+    digits = value.lstrip("0") or "0"  # int() reads at most 4300 digits
+    if value.isascii() and value.isdigit() and len(digits) <= len(str(MAX_SEED)) and int(digits) <= MAX_SEED:
+        return int(digits)
+    return None
+
+
+def _short(value: str, limit: int = 40) -> str:
+    """`value`, cut to `limit` characters and … where it is longer (a line of 5,000 digits)."""
+    return value if len(value) <= limit else value[:limit] + "…"
 
 
 def read_line() -> str:

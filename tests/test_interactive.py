@@ -17,13 +17,14 @@ import torch
 
 from fluxtrain import GPT, ModelConfig, load_model, save_model_file
 from fluxtrain.generate import main
-from fluxtrain.interactive import Session
+from fluxtrain.interactive import SETTINGS, Session
 from fluxtrain.sampling import SamplingConfig, beam_search, generate
 from fluxtrain.tokenizer import CharTokenizer
 from tests.test_generate import metaspace_tokenizer, model_file_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXT = "ROMEO:\nthe king my lord, good sir; love death night sweet heart.\nJULIET:\nwhy come go speak hear thou art!\n"
+COMMANDS = "commands: /temp, /topk, /topp, /rep, /len, /beams, /seed, /help, /quit"
 TIMEOUT = 120  # seconds; start-up imports torch, which is slow on a busy machine
 
 
@@ -148,6 +149,11 @@ def test_commands_change_settings_and_prompts_follow_them(model_file, tmp_path):
         ("/beams 101", "/beams needs a number of beams from 1 to 100 (1 = sampling, no beam search): got '101'"),
         ("/help me", "/help takes no value: got 'me'"),
         ("/quit now", "/quit takes no value: got 'now'"),  # a mistyped command does not end the session
+        # More digits than int() reads (4300), shown shortened.
+        ("/seed " + "9" * 5000, "/seed needs an integer from 0 to 2**32 - 1, got '" + "9" * 40 + "…'"),
+        ("/len " + "9" * 5000, "/len needs a number of new tokens >= 1: got '" + "9" * 40 + "…'"),
+        ("/beams " + "9" * 5000, f"/beams needs {SETTINGS['/beams'][3]}: got '" + "9" * 40 + "…'"),
+        ("/" + "x" * 5000, "unknown command /" + "x" * 39 + "…; " + COMMANDS),
     ],
 )
 def test_a_bad_value_names_the_command_and_changes_nothing(capsys, model_file, line, message):
@@ -155,8 +161,15 @@ def test_a_bad_value_names_the_command_and_changes_nothing(capsys, model_file, l
     cfg = SamplingConfig(max_new_tokens=24, temperature=0.5, top_k=5, top_p=0.9, repetition_penalty=1.5, beams=2)
     session = Session(model, tokenizer, cfg, seed=1, drop_unknown=False, stream=True)
     assert session.command(line)
-    assert capsys.readouterr().err == message + "\n"
+    assert capsys.readouterr().err == message + "\n" and session.seed == 1
     assert session.cfg == cfg
+
+
+def test_a_seed_may_have_leading_zeros(capsys, model_file):
+    model, tokenizer = load_model(model_file)
+    session = Session(model, tokenizer, SamplingConfig(), seed=1, drop_unknown=False, stream=True)
+    assert session.command("/seed " + "0" * 5000 + "7") and session.seed == 7
+    assert capsys.readouterr().err == "seed 7\n"
 
 
 def test_a_tab_parts_a_command_from_its_value(capsys, model_file):
