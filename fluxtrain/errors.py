@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
 
 
 class FluxtrainError(ValueError):
@@ -28,6 +29,15 @@ def first_line(e: BaseException) -> str:
 def describe_failure(e: BaseException) -> str:
     """`Type: first line of the message` (at most 160 characters), for a one-line note about a failed attempt."""
     return f"{type(e).__name__}: {first_line(e)[:160]}"
+
+
+def expand_home(path: str | Path, named: str) -> Path:
+    """`path` with a leading `~` or `~user` made that home folder; where there is none (an unknown user, or HOME unset
+    for a uid without a passwd entry) a FluxtrainError `named: no home folder for ~user`."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        raise FluxtrainError(f"{named}: no home folder for {Path(path).parts[0]}") from None
 
 
 def path_error(e: BaseException) -> str | None:

@@ -159,12 +159,16 @@ class Session:
             sys.stdout.flush()
 
     def _start_readline(self):
-        """Line editing and a history kept across sessions; None where readline is missing."""
+        """Line editing and a history kept across sessions; None where readline is missing or there is no history
+        file (no home folder)."""
         try:
             import readline
         except ImportError:
             return None
-        path = HISTORY_FILE.expanduser()
+        try:
+            path = HISTORY_FILE.expanduser()
+        except RuntimeError:  # no home folder (HOME unset for a uid without a passwd entry): no history
+            return None
         try:
             readline.read_history_file(path)
         except OSError:

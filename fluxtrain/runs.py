@@ -21,7 +21,14 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named, quiet_when_stdout_closes
+from fluxtrain.errors import (
+    FluxtrainError,
+    OneLineErrorParser,
+    expand_home,
+    first_line,
+    paths_named,
+    quiet_when_stdout_closes,
+)
 from fluxtrain.files import parse_json
 from fluxtrain.resume import (
     CHECKPOINT_DIR,
@@ -414,7 +421,7 @@ def resolve_model_path(name: str | Path) -> Path:
     model, else its final one, else its newest checkpoint)."""
     if not str(name).strip():
         raise FluxtrainError("MODEL is empty (give a model file, a checkpoint or a run folder)")
-    path = Path(name).expanduser()
+    path = expand_home(name, f"MODEL {name}")
     if path.is_dir():
         found = run_model_file(path) or find_latest(path)
         if found is None:

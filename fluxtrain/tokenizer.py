@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from fluxtrain.cuts import ANYWHERE, CutRule, hf_cut_rule
-from fluxtrain.errors import FluxtrainError, first_line
+from fluxtrain.errors import FluxtrainError, expand_home, first_line
 from fluxtrain.files import atomic_write, atomic_write_text, parse_json
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ def _hf_from_str(text: str) -> HFTokenizer:
 
 def load_tokenizer(path: str | Path, setting: str = "tokenizer.path") -> Tokenizer:
     """A tokenizer file: fluxtrain's char format or a Hugging Face tokenizer.json."""
-    path = Path(path).expanduser()
+    path = expand_home(path, f"{setting} {path}" if setting.isupper() else f"{setting}={path}")
     data = _read_tokenizer_file(path, setting)
     try:
         return tokenizer_from_json(data.decode("utf-8"))

@@ -548,6 +548,8 @@ def test_model_resolution(tmp_path, model):
         resolve_model_path(tmp_path / "empty")
     with pytest.raises(FluxtrainError, match="does not exist"):
         resolve_model_path(tmp_path / "missing.safetensors")
+    with pytest.raises(FluxtrainError, match=r"^MODEL ~no-such-user-9/x: no home folder for ~no-such-user-9$"):
+        resolve_model_path("~no-such-user-9/x")
 
 
 def test_checkpoints_name_a_model_too(tiny_cfg, tmp_path, capsys):
@@ -578,6 +580,10 @@ def test_tokenizer_argument(tmp_path, model_file):
         load_for_generation(model_file, tmp_path / "small.json")
     with pytest.raises(FluxtrainError, match=r"^TOKENIZER: .*nope\.json does not exist"):
         load_for_generation(model_file, tmp_path / "nope.json")
+    with pytest.raises(
+        FluxtrainError, match=r"^TOKENIZER ~no-such-user-9/t\.json: no home folder for ~no-such-user-9$"
+    ):
+        load_for_generation(model_file, "~no-such-user-9/t.json")
 
 
 # The command line (in process, and once as a real process)

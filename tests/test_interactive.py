@@ -351,3 +351,20 @@ def test_a_full_disk_ends_the_session_with_a_one_line_error(model_file, tmp_path
         done = subprocess.run(cmd, input="/len 5\nthe\n", stdout=full, stderr=subprocess.PIPE, text=True, env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.endswith("\n> length 5\n> error: cannot write the text to stdout: No space left on device\n")
+
+
+def test_without_a_home_folder_the_session_keeps_no_history(capsys, monkeypatch, model_file):
+    """HOME unset for a uid without a passwd entry (a container's arbitrary uid): `~` names no folder."""
+    import pwd
+
+    def no_entry(uid: int):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/len 3\nthe\n"))
+    assert main([str(model_file), "--interactive", "--temperature", "0"]) == 0
+    assert (
+        capsys.readouterr().out
+        == expected_text(model_file, "the", SamplingConfig(max_new_tokens=3, temperature=0.0)) + "\n"
+    )
