@@ -160,14 +160,16 @@ class Session:
 
     def _start_readline(self):
         """Line editing and a history kept across sessions; None where readline is missing or there is no history
-        file (no home folder)."""
+        file (no home folder, or something else than a file in its place)."""
         try:
             import readline
         except ImportError:
             return None
         try:
             path = HISTORY_FILE.expanduser()
-        except RuntimeError:  # no home folder (HOME unset for a uid without a passwd entry): no history
+            if path.exists() and not path.is_file():  # reading a FIFO waits for a writer, a device may never end
+                return None
+        except (RuntimeError, OSError):  # no home folder (HOME unset for a uid without a passwd entry), no access
             return None
         try:
             readline.read_history_file(path)

@@ -368,3 +368,17 @@ def test_without_a_home_folder_the_session_keeps_no_history(capsys, monkeypatch,
         capsys.readouterr().out
         == expected_text(model_file, "the", SamplingConfig(max_new_tokens=3, temperature=0.0)) + "\n"
     )
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_history_path_that_is_no_file_is_left_alone(model_file, tmp_path):
+    """Reading a FIFO would wait for a writer before the first prompt."""
+    os.mkfifo(tmp_path / ".fluxtrain_generate_history")
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fluxtrain.generate", str(model_file), "--interactive", "--temperature", "0"]
+    done = subprocess.run(cmd, input="/len 3\nthe\n", capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert (done.returncode, done.stdout) == (
+        0,
+        expected_text(model_file, "the", SamplingConfig(max_new_tokens=3, temperature=0.0)) + "\n",
+    )
+    assert (tmp_path / ".fluxtrain_generate_history").is_fifo()
