@@ -46,6 +46,8 @@ def load_for_generation(
     name: str | Path, tokenizer_path: str | Path | None = None, device: str | torch.device = "cpu"
 ) -> tuple[GPT, Tokenizer, Path]:
     """The model and tokenizer named on the command line, and the file they came from."""
+    if tokenizer_path is not None and not str(tokenizer_path).strip():  # most likely an unset shell variable
+        raise FluxtrainError("TOKENIZER is empty (give a tokenizer file, or leave it out for the model's own)")
     try:
         path = resolve_model_path(name)
     except OSError as e:  # a name too long, a folder that cannot be listed

@@ -584,6 +584,9 @@ def test_tokenizer_argument(tmp_path, model_file):
         FluxtrainError, match=r"^TOKENIZER ~no-such-user-9/t\.json: no home folder for ~no-such-user-9$"
     ):
         load_for_generation(model_file, "~no-such-user-9/t.json")
+    for blank in ("", " "):  # not the current folder, nor a file named " "
+        with pytest.raises(FluxtrainError, match=r"^TOKENIZER is empty \(give a tokenizer file, or leave it out"):
+            load_for_generation(model_file, blank)
 
 
 # The command line (in process, and once as a real process)
