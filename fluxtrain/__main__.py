@@ -88,7 +88,8 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
         with paths_named():
             sys.argv[1:] = flags_first(sys.argv[1:])
             check_commands(sys.argv[1:])
-            check_overrides(sys.argv[1:])
+            if not any(arg in ("-sc", "--shell-completion") for arg in sys.argv[1:]):  # its install=bash is no setting
+                check_overrides(sys.argv[1:])
             sys.argv[1:] = distributed.follow_main_run_dir(expand_home(sys.argv[1:]))  # torchrun: rank 0's folder
             check_output_dir(sys.argv[1:])
     except FluxtrainError as e:

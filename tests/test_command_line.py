@@ -54,3 +54,18 @@ def test_an_evaluation_stops_quietly_when_it_has_no_reader(tmp_path, json_out):
     proc = run_with_stdout_closed("-m", "fluxtrain.evaluate", str(tmp_path / "model.safetensors"), *args)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+
+
+def test_shell_completion_reaches_hydra():
+    """`-sc install=bash` and `-sc query=bash` give Hydra words that are no settings: they are Hydra's to read."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    install = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", "-sc", "install=bash"], cwd=REPO_ROOT, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert install.returncode == 0 and "hydra_bash_completion()" in install.stdout, install.stderr
+    query = subprocess.run(
+        [sys.executable, "-m", "fluxtrain", "-sc", "query=bash"], cwd=REPO_ROOT, capture_output=True, text=True,
+        env={**env, "COMP_LINE": "python fluxtrain/__main__.py mod"}, timeout=120,
+    )  # fmt: skip
+    assert query.returncode == 0 and "model=" in query.stdout.split(), query.stderr
