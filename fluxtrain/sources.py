@@ -182,7 +182,11 @@ def _fetch(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
         old = sha256_file(dest) if sha256 is not None else None
         if old == sha256:
             return dest
-        wrong_copy = f"; the file already at {dest} has sha256 {old}, not data.sha256={sha256}"
+        wrong_copy = (
+            f"; the file already at {dest} has sha256 {old}, not data.sha256={sha256} (the sha256 of the file "
+            "data.url should hold, by default Tiny Shakespeare's: for another file give its sha256, or "
+            "data.sha256=null)"
+        )
 
     def failed(why: str) -> FluxtrainError:
         return FluxtrainError(
