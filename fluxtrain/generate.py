@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import sys
@@ -63,23 +64,46 @@ def load_for_generation(
     return model, tokenizer, path
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[str, list[int], list[str]]:
-    """The prompt text as the model sees it, its token ids, and the characters left out of it.
+def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[str, list[int], str]:
+    """The prompt text as the model sees it, its token ids, and a line for stderr about the characters the tokenizer
+    has no token for ("" where there are none).
 
-    Characters the tokenizer has no id for are an error naming them, or with `drop_unknown` are left out.
+    Such characters are an error naming them, or where the tokenizer reads them as its unknown token a warning; with
+    `drop_unknown` they are left out.
     """
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # undecodable bytes from the command line or stdin arrive as lone surrogates
         raise FluxtrainError(f"the prompt is not valid UTF-8 (character {e.start + 1} is a bad byte)") from None
     try:
-        return text, tokenizer.encode(text), []
+        ids = tokenizer.encode(text)
     except UnknownCharactersError as e:
         if not drop_unknown:
             raise FluxtrainError(f"the prompt has {e} (--drop-unknown leaves them out)") from None
-        unknown = set(e.chars)
-        kept = "".join(c for c in text if c not in unknown)
-        return kept, tokenizer.encode(kept), e.chars
+        unknown = e.chars
+    else:
+        token, unknown = read_as_unknown(tokenizer, text, ids)
+        if not unknown:
+            return text, ids, ""
+        if not drop_unknown:
+            names = ", ".join(map(repr, unknown))
+            note = f"{len(unknown)} prompt character(s) are not in the vocabulary and read as {token}: {names}"
+            return text, ids, note + " (--drop-unknown leaves them out)"
+    kept = "".join(c for c in text if c not in set(unknown))
+    return kept, tokenizer.encode(kept), f"left out of the prompt: {', '.join(map(repr, unknown))}"
+
+
+def read_as_unknown(tokenizer: Tokenizer, text: str, ids: list[int]) -> tuple[str, list[str]]:
+    """The unknown token of a Hugging Face tokenizer that has one, and the characters of `text` (encoded as `ids`)
+    that it reads as that token, each on its own; ("", []) where none."""
+    hf = getattr(tokenizer, "hf", None)
+    model = json.loads(hf.to_str()).get("model", {}) if hf is not None else {}
+    unk_id = model.get("unk_id")  # a Unigram model's; BPE, WordPiece and WordLevel name a token
+    if unk_id is None and model.get("unk_token") is not None:
+        unk_id = hf.token_to_id(model["unk_token"])
+    if unk_id is None or unk_id not in ids:
+        return "", []
+    return hf.id_to_token(unk_id), sorted(c for c in set(text) if unk_id in tokenizer.encode(c))
 
 
 class TextStream:
@@ -326,10 +350,10 @@ def run(args: argparse.Namespace) -> int:
         return Session(model, tokenizer, cfg, seed, args.drop_unknown, args.stream).run()
 
     text = args.prompt if args.prompt is not None else read_stdin()
-    text, ids, dropped = encode_prompt(tokenizer, text, args.drop_unknown)
+    text, ids, note = encode_prompt(tokenizer, text, args.drop_unknown)
     print(describe(path, model, device, cfg, seed, n_params, args.quantize), file=sys.stderr)
-    if dropped:
-        print(f"left out of the prompt: {', '.join(repr(c) for c in dropped)}", file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
     return print_continuation(text, model, tokenizer, ids, cfg, generator, args.stream)
 
 

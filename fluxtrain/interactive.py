@@ -141,12 +141,12 @@ class Session:
 
     def generate(self, line: str) -> None:
         try:
-            text, ids, dropped = encode_prompt(self.tokenizer, line, self.drop_unknown)
+            text, ids, note = encode_prompt(self.tokenizer, line, self.drop_unknown)
         except FluxtrainError as e:
             self.say(str(e))
             return
-        if dropped:
-            self.say(f"left out of the prompt: {', '.join(repr(c) for c in dropped)}")
+        if note:
+            self.say(note)
         with writing_text():  # a failed write ends the session with a one-line error
             try:
                 out = for_display(sys.stdout)

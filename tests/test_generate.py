@@ -431,8 +431,35 @@ def test_unknown_characters_are_named_or_dropped():
     tokenizer = CharTokenizer.train(TEXT)
     with pytest.raises(FluxtrainError, match=r"'é', 'ü'.*--drop-unknown"):
         encode_prompt(tokenizer, "ROMEO ü é", drop_unknown=False)
-    text, ids, dropped = encode_prompt(tokenizer, "ROMEO ü é", drop_unknown=True)
-    assert text == "ROMEO  " and tokenizer.decode(ids) == text and dropped == ["é", "ü"]
+    text, ids, note = encode_prompt(tokenizer, "ROMEO ü é", drop_unknown=True)
+    assert text == "ROMEO  " and tokenizer.decode(ids) == text and note == "left out of the prompt: 'é', 'ü'"
+    assert encode_prompt(tokenizer, "ROMEO", drop_unknown=False) == ("ROMEO", tokenizer.encode("ROMEO"), "")
+
+
+def test_characters_read_as_the_unknown_token_are_named_or_dropped(capsys, tmp_path):
+    """A tokenizer with an unknown token encodes any character: those it reads as that token are said, or dropped."""
+    from tokenizers import Tokenizer, models
+
+    unigram = BPETokenizer(Tokenizer(models.Unigram([("<unk>", 0.0), ("w", -1.0), ("h", -1.0), ("y", -1.0)], 0)))
+    for tokenizer in (metaspace_tokenizer(), unigram):  # <unk> is id 0 in both
+        text, ids, note = encode_prompt(tokenizer, "日why本日", drop_unknown=False)
+        assert (text, note) == (
+            "日why本日",
+            "2 prompt character(s) are not in the vocabulary and read as <unk>: "
+            "'日', '本' (--drop-unknown leaves them out)",
+        )
+        assert ids == tokenizer.encode(text) and 0 in ids
+        assert encode_prompt(tokenizer, "日why本日", drop_unknown=True) == (
+            "why",
+            tokenizer.encode("why"),
+            "left out of the prompt: '日', '本'",
+        )
+        assert encode_prompt(tokenizer, "why", drop_unknown=False) == ("why", tokenizer.encode("why"), "")
+    _, path = model_file_for(metaspace_tokenizer(), tmp_path / "model.safetensors")
+    code, out, err = run_main(capsys, str(path), "--prompt", "日 why", "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("日 why") and "\n1 prompt character(s) are not in the vocabulary" in err
+    code, out, err = run_main(capsys, str(path), "--prompt", "日 why", "--max-new-tokens", "3", "--drop-unknown")
+    assert code == 0 and out.startswith(" why") and err.endswith("\nleft out of the prompt: '日'\n")
 
 
 def test_a_prompt_that_is_not_utf8_is_named(capsys, monkeypatch, model_file):

@@ -382,3 +382,14 @@ def test_a_history_path_that_is_no_file_is_left_alone(model_file, tmp_path):
         expected_text(model_file, "the", SamplingConfig(max_new_tokens=3, temperature=0.0)) + "\n",
     )
     assert (tmp_path / ".fluxtrain_generate_history").is_fifo()
+
+
+def test_characters_read_as_the_unknown_token_are_named(capsys, tmp_path):
+    tokenizer = metaspace_tokenizer()
+    model, _ = model_file_for(tokenizer, tmp_path / "model.safetensors")
+    Session(model, tokenizer, SamplingConfig(max_new_tokens=3), seed=1, drop_unknown=False, stream=True).generate(
+        "日why"
+    )
+    assert capsys.readouterr().err == (
+        "1 prompt character(s) are not in the vocabulary and read as <unk>: '日' (--drop-unknown leaves them out)\n"
+    )
