@@ -97,10 +97,12 @@ def read_as_unknown(tokenizer: Tokenizer, text: str, ids: list[int]) -> tuple[st
     """The unknown token of a Hugging Face tokenizer that has one, and the characters of `text` (encoded as `ids`)
     that it reads as that token, each on its own; ("", []) where none."""
     hf = getattr(tokenizer, "hf", None)
-    model = json.loads(hf.to_str()).get("model", {}) if hf is not None else {}
-    unk_id = model.get("unk_id")  # a Unigram model's; BPE, WordPiece and WordLevel name a token
-    if unk_id is None and model.get("unk_token") is not None:
-        unk_id = hf.token_to_id(model["unk_token"])
+    if hf is None:
+        return "", []
+    if hasattr(hf.model, "unk_token"):  # BPE, WordPiece and WordLevel name the token
+        unk_id = hf.token_to_id(hf.model.unk_token) if hf.model.unk_token is not None else None
+    else:  # Unigram gives its id
+        unk_id = json.loads(hf.to_str()).get("model", {}).get("unk_id")
     if unk_id is None or unk_id not in ids:
         return "", []
     return hf.id_to_token(unk_id), sorted(c for c in set(text) if unk_id in tokenizer.encode(c))
