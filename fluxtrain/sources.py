@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, expand_home
 from fluxtrain.run_folder import HYDRA_OUTPUT_DIR
 
 log = logging.getLogger(__name__)
@@ -469,7 +469,7 @@ def resolve_sources(
     # One glob given as a text, not a list of them: a list of its characters would match nearly anything.
     include, exclude = ([globs] if isinstance(globs, str) else list(globs) for globs in (include, exclude))
     where = f"{setting}={path}"
-    target = Path(path).expanduser()
+    target = expand_home(path, setting)
     leave_out = {os.path.realpath(Path(folder).expanduser()): why for folder, why in (leave_out or {}).items()}
     if target.is_file():
         if _is_empty(target, target.stat().st_size):

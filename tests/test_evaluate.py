@@ -265,6 +265,10 @@ def test_text_that_is_not_utf8_is_an_error_naming_the_option_that_reads_it(model
 
 def test_missing_data_is_a_one_line_error(model_file, tmp_path, capsys):
     assert "does not exist" in one_line_error(capsys, model_file, tmp_path / "nope.txt")
+    assert (
+        one_line_error(capsys, model_file, "~no-such-user-xyz/f.txt")
+        == "error: --data: no home folder for ~no-such-user-xyz\n"
+    )
 
 
 def test_a_one_token_text_is_a_one_line_error(model_file, tmp_path, capsys):
