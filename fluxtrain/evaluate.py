@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     result = evaluate_ids(model, ids, text.n, args.stride, args.batch_size, device, sys.stderr.isatty())
     summary = sys.stderr if args.json == "-" else sys.stdout  # stdout is then the JSON alone, for a pipe
     print(
-        f"{args.model} | {sources.describe()} | {result.n_tokens:,} {tokenizer.kind} tokens "
+        f"{args.model} | {sources.describe()} | {result.n_tokens:,} {tokenizer.name} tokens "
         f"| seq_len {result.seq_len}, stride {result.stride}",
         file=summary,
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
 import sys
@@ -94,18 +93,12 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[
 
 
 def read_as_unknown(tokenizer: Tokenizer, text: str, ids: list[int]) -> tuple[str, list[str]]:
-    """The unknown token of a Hugging Face tokenizer that has one, and the characters of `text` (encoded as `ids`)
-    that it reads as that token, each on its own; ("", []) where none."""
-    hf = getattr(tokenizer, "hf", None)
-    if hf is None:
-        return "", []
-    if hasattr(hf.model, "unk_token"):  # BPE, WordPiece and WordLevel name the token
-        unk_id = hf.token_to_id(hf.model.unk_token) if hf.model.unk_token is not None else None
-    else:  # Unigram gives its id
-        unk_id = json.loads(hf.to_str()).get("model", {}).get("unk_id")
+    """The unknown token of a tokenizer that has one, and the characters of `text` (encoded as `ids`) that it reads
+    as that token, each on its own; ("", []) where none."""
+    unk_id = tokenizer.unk_id
     if unk_id is None or unk_id not in ids:
         return "", []
-    return hf.id_to_token(unk_id), sorted(c for c in set(text) if unk_id in tokenizer.encode(c))
+    return tokenizer.hf.id_to_token(unk_id), sorted(c for c in set(text) if unk_id in tokenizer.encode(c))
 
 
 class TextStream:

@@ -254,8 +254,8 @@ def check_tokenizer(ckpt: Checkpoint, tokenizer: Tokenizer) -> None:
             own = path_override("tokenizer.path", run / TOKENIZER_FILE)
             keep = f"; to train on new text with the run's tokenizer, add {own}"
         raise FluxtrainError(
-            f"cannot resume from {ckpt.path}: the tokenizer built now ({tokenizer.kind}, vocab {tokenizer.vocab_size}) "
-            f"differs from the checkpoint's ({saved.kind}, vocab {saved.vocab_size}); did data.* change?{keep}"
+            f"cannot resume from {ckpt.path}: the tokenizer built now ({tokenizer.name}, vocab {tokenizer.vocab_size}) "
+            f"differs from the checkpoint's ({saved.name}, vocab {saved.vocab_size}); did data.* change?{keep}"
         )
 
 

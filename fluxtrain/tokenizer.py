@@ -47,7 +47,11 @@ class UnknownCharactersError(EncodeError):
 
 
 class Tokenizer(Protocol):
-    kind: str
+    kind: str  # char | bpe: which class reads the saved JSON
+    unk_id: int | None  # the unknown token's id, where the tokenizer reads characters it lacks as one
+
+    @property
+    def name(self) -> str: ...
 
     @property
     def vocab_size(self) -> int: ...
@@ -91,6 +95,8 @@ class CharTokenizer:
     """One id per distinct character of the training text, in sorted order."""
 
     kind = "char"
+    name = "char"  # what logs and messages call it
+    unk_id = None
 
     def __init__(self, chars: list[str]):
         chars = list(chars)
@@ -152,6 +158,16 @@ class CharTokenizer:
         atomic_write_text(path, self.to_json())
 
 
+def _unknown_id(hf: HFTokenizer, model: dict[str, Any]) -> int | None:
+    """The id of the unknown token where the tokenizer has one: BPE, WordPiece and WordLevel name the token,
+    Unigram gives its id (in `model`, the parsed JSON's model; read here where it is not yet)."""
+    if hasattr(hf.model, "unk_token"):
+        return hf.token_to_id(hf.model.unk_token) if hf.model.unk_token is not None else None
+    model = model or json.loads(hf.to_str()).get("model", {})
+    unk_id = model.get("unk_id")
+    return unk_id if isinstance(unk_id, int) else None
+
+
 class BPETokenizer:
     """A Hugging Face `tokenizers` tokenizer; trained here as a byte-level BPE, which round-trips any text."""
 
@@ -167,6 +183,7 @@ class BPETokenizer:
         model = json.loads(hf.to_str()).get("model", {}) if not byte_level else {}
         unknown = model.get("unk_token") is not None or model.get("unk_id") is not None or model.get("byte_fallback")
         self._may_drop = not (byte_level or unknown)
+        self.unk_id = _unknown_id(hf, model)
         self._kept: dict[str, bool] = {}  # character -> whether it gets a token, for those seen so far
 
     @classmethod
@@ -192,6 +209,12 @@ class BPETokenizer:
         if not isinstance(tokenizer, cls):
             raise FluxtrainError(f"{path} holds a {tokenizer.kind} tokenizer, not a Hugging Face tokenizer")
         return tokenizer
+
+    @property
+    def name(self) -> str:
+        """ "bpe" for a BPE model, else the model's kind in `tokenizers` (WordLevel, WordPiece, Unigram)."""
+        model = type(self.hf.model).__name__
+        return "bpe" if model == "BPE" else model
 
     @property
     def vocab_size(self) -> int:
@@ -359,7 +382,7 @@ def load_configured(cfg: TokenizerConfig) -> Tokenizer:
     """`tokenizer.path`'s tokenizer, saying when it is of another kind than `tokenizer=` asks for."""
     tokenizer = load_tokenizer(cfg.path)
     if tokenizer.kind != cfg.kind:
-        log.warning(f"tokenizer.path={cfg.path} holds a {tokenizer.kind} tokenizer: tokenizer={cfg.kind} is ignored")
+        log.warning(f"tokenizer.path={cfg.path} holds a {tokenizer.name} tokenizer: tokenizer={cfg.kind} is ignored")
     return tokenizer
 
 

@@ -350,7 +350,7 @@ def run_training(
         check_tokenizer(resume, tokenizer)
     log.info(
         f"data: {source} | {len(data.train):,} train / {len(data.val):,} val tokens "
-        f"| {tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}"
+        f"| {tokenizer.name} tokenizer, vocab {tokenizer.vocab_size}"
     )
 
     model = GPT(model_cfg, tokenizer.vocab_size).to(device)

@@ -185,6 +185,24 @@ def test_tokenizer_settings_are_checked_first_and_a_file_of_another_kind_is_said
     assert f"tokenizer.path={char_file} holds a char tokenizer: tokenizer=bpe is ignored" in caplog.text
 
 
+def test_a_hugging_face_tokenizer_is_named_by_its_model_and_knows_its_unknown_id(tmp_path, caplog):
+    words = hf_file(tmp_path / "words.json", models.WordLevel(vocab={"hello": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    unigram = hf_file(tmp_path / "unigram.json", models.Unigram([("a", -1.0), ("<unk>", 0.0)], 1))
+    bpe = BPETokenizer.train(make_text(3_000), 300)
+    assert [(t.name, t.unk_id) for t in (load_tokenizer(words), load_tokenizer(unigram), bpe)] == [
+        ("WordLevel", 1),
+        ("Unigram", 1),
+        ("bpe", None),
+    ]
+    assert CharTokenizer.train("ab").unk_id is None
+    text = tmp_path / "a.txt"
+    text.write_text("hello hello\n" * 50)
+    cfg = DataConfig(path=str(text), cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        load_corpus(cfg, TokenizerConfig(kind="char", path=str(words)), 4)
+    assert f"tokenizer.path={words} holds a WordLevel tokenizer: tokenizer=char is ignored" in caplog.text
+
+
 def test_config_validation():
     with pytest.raises(FluxtrainError, match="tokenizer.kind='wordpiece' is not one of char, bpe"):
         build_tokenizer(TokenizerConfig(kind="wordpiece"), "abc", "abc")
