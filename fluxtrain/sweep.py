@@ -39,6 +39,20 @@ class FolderOfAnEarlierJob(FluxtrainError):
 # The basic launcher runs a sweep's jobs (the Optuna sweeper's trials too) in this process; submitit's jobs run in
 # processes of their own, which this check does not see.
 _job_folders: dict[Path, tuple[int, dict[str, bytes]]] = {}
+_finished_jobs: set[int] = set()  # the job numbers among them that finished
+
+OPTUNA_LOGGER = "hydra_plugins.hydra_optuna_sweeper._impl"
+
+
+class NoBestWithoutAFinishedTrial(logging.Filter):
+    """Leaves out the Optuna sweeper's "Best parameters" and "Best value" lines when every trial of a sweep run in
+    this process failed: they would name a failed trial, with the value .inf. (Where jobs run in processes of their
+    own, this process has not seen them, and the lines stay.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _job_folders and not _finished_jobs:
+            return not str(record.msg).startswith(("Best parameters:", "Best value:"))
+        return True
 
 
 def claim_job_folder(run_dir: Path, job: int) -> None:
@@ -71,7 +85,9 @@ def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]
     failed_file = run_dir / FAILED_FILE
     failed_file.unlink(missing_ok=True)  # left by an earlier sweep into the same folder
     try:
-        return task()
+        value = task()
+        _finished_jobs.add(job)
+        return value
     except (TrainingInterrupted, FolderInUse):
         raise  # a stop on SIGINT/SIGTERM ends the whole sweep, as it ends a single run; so does a sweep already there
     except Exception as e:
@@ -143,6 +159,10 @@ class SweepReport(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time() - 1.0  # file times can be coarser than the clock
         _job_folders.clear()  # a new sweep
+        _finished_jobs.clear()
+        optuna_log = logging.getLogger(OPTUNA_LOGGER)
+        if not any(isinstance(f, NoBestWithoutAFinishedTrial) for f in optuna_log.filters):
+            optuna_log.addFilter(NoBestWithoutAFinishedTrial())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

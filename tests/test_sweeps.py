@@ -326,6 +326,7 @@ def test_optuna_sweep_of_two_trials_runs(tiny_text_file, tmp_path):
     # The sweeper saw the values `main` returned: its best is the lower best val loss of the two trials.
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(min(best_losses))
+    assert f"Best value: {results['best_value']}" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -346,6 +347,7 @@ def test_optuna_sweep_survives_failing_trials(tiny_text_file, tmp_path):
     # With no finished trial there is no best: the sweeper's results (best_value .inf) would name a failed one.
     assert not (sweep / "optimization_results.yaml").exists()
     assert "no trial finished, so there is no best: optimization_results.yaml was removed" in proc.stderr
+    assert "Best value" not in proc.stdout + proc.stderr and "Best parameters" not in proc.stdout + proc.stderr
     assert "2 of 2 sweep job(s) failed (see failed.json" in proc.stderr
     for job in ("0", "1"):
         assert json.loads((sweep / job / FAILED_FILE).read_text())["error"].startswith("model.n_heads=3 must divide")
