@@ -310,9 +310,18 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the mean cross-entropy."""
-        if idx.dim() != 2:
-            raise FluxtrainError(f"idx must be token ids of shape (batch, time), not {tuple(idx.shape)}")
+        """idx (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the mean cross-entropy.
+
+        Ids of another shape or type are an error; so are ids outside the vocabulary on CPU (where checking them
+        costs little; on a GPU it would wait for the device at every step).
+        """
+        self._check_ids("idx", idx)
+        if targets is not None:
+            self._check_ids("targets", targets)
+            if targets.shape != idx.shape:
+                raise FluxtrainError(
+                    f"targets of shape {tuple(targets.shape)} must have the shape of idx, {tuple(idx.shape)}"
+                )
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.seq_len:
@@ -337,6 +346,23 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
+
+    def _check_ids(self, name: str, ids: torch.Tensor) -> None:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise FluxtrainError(f"{name} must be token ids of shape (batch, time), not {shape}")
+        if ids.dtype not in (torch.int64, torch.int32) or (name == "targets" and ids.dtype != torch.int64):
+            kinds = "torch.long" if name == "targets" else "torch.long or torch.int"
+            raise FluxtrainError(f"{name} must hold integer token ids ({kinds}), not {ids.dtype}")
+        if ids.numel() == 0:
+            raise FluxtrainError(f"{name} of shape {tuple(ids.shape)} holds no tokens")
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = ids.aminmax()
+            if low < 0 or high >= self.vocab_size:
+                bad = int(low if low < 0 else high)
+                raise FluxtrainError(
+                    f"{name} holds token id {bad}, outside the model's vocabulary of {self.vocab_size}"
+                )
 
     def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Next-token logits (B, vocab) after one new token per sequence, idx (B,), at position `cache.length`.

@@ -86,6 +86,20 @@ def test_built_from_python_mistakes_are_named():
         ModelConfig(d_model="32").validate()
     with pytest.raises(FluxtrainError, match=r"^idx must be token ids of shape \(batch, time\), not \(3,\)$"):
         tiny()(torch.tensor([1, 2, 3]))
+    model, x = tiny(), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    for args, message in (
+        ((x.float(),), r"idx must hold integer token ids \(torch.long or torch.int\), not torch.float32"),
+        ((x.bool(),), r"idx must hold integer token ids \(torch.long or torch.int\), not torch.bool"),
+        ((x, x.int()), r"targets must hold integer token ids \(torch.long\), not torch.int32"),
+        ((x, x.T), r"targets of shape \(3, 2\) must have the shape of idx, \(2, 3\)"),
+        ((x, x.reshape(-1)), r"targets must be token ids of shape \(batch, time\), not \(6,\)"),
+        ((x[:, :0], x[:, :0]), r"idx of shape \(2, 0\) holds no tokens"),
+        ((x + 5,), r"idx holds token id 11, outside the model's vocabulary of 11"),
+        ((x, x - 2), r"targets holds token id -1, outside the model's vocabulary of 11"),
+    ):
+        with pytest.raises(FluxtrainError, match=f"^{message}$"):
+            model(*args)
+    assert model(x.int(), x)[1].item() == pytest.approx(model(x, x)[1].item())  # int32 ids are ids
     composed = compose_config(["model=small"]).model  # a composed config's slice builds the model too
     assert GPT(composed, 10).cfg == ModelConfig(**composed)
 
