@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory
 from fluxtrain.model import GPT, eval_mode
-from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, first_id_outside
+from fluxtrain.tokenizer import Tokenizer, UnknownCharactersError, first_id_outside, is_integer, shown
 
 MAX_TEMPERATURE = 2.0
 # Far above any useful penalty (a seen token's logit of -1 becomes -10,000), and small enough that penalized logits
@@ -284,7 +284,9 @@ def _check_prompt(model: GPT, prompt: list[int] | torch.Tensor) -> list[int]:
     if any(isinstance(i, str) for i in prompt):
         raise FluxtrainError("the prompt holds text, not token ids: encode it first (tokenizer.encode(text))")
     if (bad := first_id_outside(prompt, model.vocab_size)) is not None:
-        raise FluxtrainError(f"prompt token id {prompt[bad]!r} is outside the model's vocabulary of {model.vocab_size}")
+        vocab = f"the model's vocabulary of {model.vocab_size}"
+        problem = f"is not an integer ({vocab})" if not is_integer(prompt[bad]) else f"is outside {vocab}"
+        raise FluxtrainError(f"prompt token id {shown(prompt[bad])!r} {problem}")
     return [operator.index(i) for i in prompt]
 
 

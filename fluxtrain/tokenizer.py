@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -69,11 +70,39 @@ class Tokenizer(Protocol):
     def save(self, path: str | Path) -> None: ...
 
 
+def id_sequence(ids: Iterable[Any]) -> list[Any]:
+    """`ids` (any iterable, read once) as a list; a tensor or array must be 1-D: a batch's row, not the batch."""
+    if (shape := getattr(ids, "shape", None)) is not None and len(shape) != 1:
+        raise FluxtrainError(f"token ids must be one sequence (1-D), not an array of shape {tuple(shape)}")
+    return list(ids)
+
+
 def check_ids(ids: Sequence[Any], vocab_size: int) -> None:
     """Token ids a tokenizer of `vocab_size` can decode: integers from 0 to vocab_size - 1."""
     if (bad := first_id_outside(ids, vocab_size)) is not None:
-        value = ids[bad].item() if hasattr(ids[bad], "item") else ids[bad]  # numpy's or torch's 39 shown as 39
-        raise FluxtrainError(f"token id {value!r} is not in the vocabulary (ids 0 to {vocab_size - 1})")
+        problem = (
+            "is not an integer" if not is_integer(ids[bad]) else f"is not in the vocabulary (ids 0 to {vocab_size - 1})"
+        )
+        raise FluxtrainError(f"token id {shown(ids[bad])!r} {problem}")
+
+
+def shown(value: Any) -> Any:
+    """A numpy or torch scalar as the Python number it holds (39 rather than tensor(39)); anything else as it is."""
+    try:
+        return value.item()
+    except (AttributeError, ValueError, RuntimeError):  # no scalar, or several values
+        return value
+
+
+def is_integer(value: Any) -> bool:
+    """An integer, numpy's and torch's too (a 0-d integer tensor), but no bool."""
+    if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == torch.bool:
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def first_id_outside(ids: Sequence[Any], vocab_size: int) -> int | None:
@@ -83,10 +112,7 @@ def first_id_outside(ids: Sequence[Any], vocab_size: int) -> int | None:
         outside = np.flatnonzero((ids < 0) | (ids >= vocab_size))
         return int(outside[0]) if len(outside) else None
     for position, i in enumerate(ids):
-        try:
-            if not 0 <= operator.index(i) < vocab_size:
-                return position
-        except TypeError:
+        if not is_integer(i) or not 0 <= operator.index(i) < vocab_size:
             return position
     return None
 
@@ -143,7 +169,7 @@ class CharTokenizer:
         return self.encode_array(text).tolist()
 
     def decode(self, ids: list[int]) -> str:
-        ids = list(ids)  # any iterable, read once
+        ids = id_sequence(ids)
         check_ids(ids, self.vocab_size)
         return "".join(self.chars[i] for i in ids)
 
@@ -256,7 +282,7 @@ class BPETokenizer:
             raise UnknownCharactersError(dropped)
 
     def decode(self, ids: list[int]) -> str:
-        ids = list(ids)  # any iterable, read once
+        ids = id_sequence(ids)
         check_ids(ids, self.vocab_size)
         return self.hf.decode(ids, skip_special_tokens=False)
 

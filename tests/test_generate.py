@@ -251,9 +251,16 @@ def test_the_python_api_names_a_bad_prompt_token_id_or_device(model, tmp_path):
     assert generate(model, [1, 2], numpy_cfg, g) == as_list
     tokenizer = CharTokenizer.train("abcdef")
     assert tokenizer.decode([0, 5]) == "af"
-    for bad in (6, -1, "a"):
+    for bad in (6, -1, np.int64(6), torch.tensor(-1)):
         with pytest.raises(FluxtrainError, match=r"is not in the vocabulary \(ids 0 to 5\)$"):
             tokenizer.decode([0, bad])
+    for bad in ("a", 1.0, True, np.bool_(True), torch.tensor(True), torch.tensor(1.0)):
+        with pytest.raises(FluxtrainError, match=r"^token id .* is not an integer$"):
+            tokenizer.decode([0, bad])
+    for batch in (torch.tensor([[0, 5]]), np.array([[0, 5]]), torch.tensor(3)):  # a batch's row, not the batch
+        with pytest.raises(FluxtrainError, match=r"^token ids must be one sequence \(1-D\), not an array of shape"):
+            tokenizer.decode(batch)
+    assert tokenizer.decode(torch.tensor([0, 5])) == tokenizer.decode(np.array([0, 5])) == "af"
     if not torch.cuda.is_available():
         with pytest.raises(FluxtrainError, match="^device=cuda: CUDA is not available on this machine$"):
             load_model(tmp_path / "any.safetensors", "cuda")
@@ -836,6 +843,9 @@ def test_an_empty_prompt_or_an_id_outside_the_vocabulary_is_named(model):
         generate(model, [1, model.vocab_size], greedy(5))
     with pytest.raises(FluxtrainError, match="^prompt token id -1 is outside"):
         beam_search(model, [-1], SamplingConfig(max_new_tokens=5, beams=2))
+    for bad in (1.0, True, torch.tensor([True, False])):
+        with pytest.raises(FluxtrainError, match=r"^prompt token id (1.0|True) is not an integer \(the model's vocab"):
+            generate(model, [1, bad] if not isinstance(bad, torch.Tensor) else bad, greedy(5))
 
 
 def test_ctrl_c_while_loading_exits_130_with_one_line(capsys, monkeypatch, model_file):
