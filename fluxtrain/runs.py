@@ -379,6 +379,13 @@ def ranked_table(runs: list[Run], keys: list[str], metrics: tuple[str, ...] = RA
     return format_table(rows)
 
 
+def best_runs(runs: list[Run], n: int | None = None) -> list[Run]:
+    """The finished runs among `runs` (those with results), lowest best val loss first (a missing or NaN one
+    last); the first `n` of them."""
+    finished = [run for run in runs if run.metrics]
+    return sorted(finished, key=lambda run: rank_value(run.metrics.get("best_val_loss")))[:n]
+
+
 def rank_value(loss: float | None) -> float:
     """A loss as a sort key: a missing or NaN one ranks last, with the failed and unfinished runs."""
     return math.inf if loss is None or math.isnan(loss) else loss

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from fluxtrain.runs import Run, find_runs, format_table, main, read_scalars, runs_table, varying_keys
+from fluxtrain.runs import Run, best_runs, find_runs, format_table, main, read_scalars, runs_table, varying_keys
 
 
 def make_run(folder, lr: float, metrics: dict | None = None, error: str | None = None, n_layers: int = 2) -> None:
@@ -293,6 +293,18 @@ def test_a_nan_loss_ranks_after_the_numbers_and_no_number_reads_as_an_exponent(t
         ["a", "0.001", "nan", "-", "10,000"],
         ["d", "0.03", "-", "-", "-"],
     ]
+
+
+def test_the_best_runs_are_the_finished_ones_best_first_also_with_a_loss_missing(tmp_path):
+    """The notebook plots these: a results file without a number for the loss ranks last, as in the table."""
+    make_run(tmp_path / "a", 1e-3, metrics={"best_val_loss": None, "final_val_loss": 2.0})
+    make_run(tmp_path / "b", 3e-3, metrics={"best_val_loss": 2.5})
+    make_run(tmp_path / "c", 1e-2, metrics={"best_val_loss": 1.5})
+    make_run(tmp_path / "d", 3e-2, error="loss became nan at iteration 7")
+    make_run(tmp_path / "e", 3e-2, metrics={"final_val_loss": 2.0})
+    runs = find_runs(tmp_path)
+    assert [run.name for run in best_runs(runs)] == ["c", "b", "a", "e"]
+    assert [run.name for run in best_runs(runs, 2)] == ["c", "b"]
 
 
 def test_an_empty_keys_option_is_an_error_not_the_default(tmp_path, capsys):
