@@ -304,14 +304,16 @@ def compile_model(
     return compiled
 
 
-def rank_batch(data, batch_size: int, generator: torch.Generator, world: World) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's part of one global micro-batch.
+def rank_batch(
+    data, batch_size: int, generator: torch.Generator, world: World, split: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of one global micro-batch of `split`.
 
     Every rank holds the same generator and draws all `world_size * batch_size` windows; rank r keeps windows
     [r * batch_size, (r + 1) * batch_size). So the ranks see different windows, and N ranks with batch B see
     exactly the windows that one process with batch N * B sees.
     """
-    x, y = data.get_batch("train", batch_size * world.world_size, generator)
+    x, y = data.get_batch(split, batch_size * world.world_size, generator)
     mine = slice(world.rank * batch_size, (world.rank + 1) * batch_size)
     return x[mine], y[mine]
 

@@ -148,22 +148,26 @@ def offset_seed(seed: int, offset: int) -> int:
 
 @torch.no_grad()
 def estimate_loss(
-    model: nn.Module, data: TokenData, cfg: TrainConfig, device: torch.device, seed: int
+    model: nn.Module, data: TokenData, cfg: TrainConfig, device: torch.device, seed: int, world: World | None = None
 ) -> dict[str, float]:
     """Mean loss over `eval_iters` batches of the validation split, and of the training split unless
-    `cfg.eval_train` is false; the same batches at every evaluation."""
+    `cfg.eval_train` is false; the same batches at every evaluation.
+
+    Under torchrun each rank evaluates its part of every batch, as in training: N ranks with batch B evaluate the
+    windows one process with batch N * B evaluates, and report their mean."""
+    world = world or World()
     out = {}
     with eval_mode(model):
         for split in ("train", "val") if cfg.eval_train else ("val",):
             generator = torch.Generator().manual_seed(seed)
             total = 0.0
             for _ in range(cfg.eval_iters):
-                x, y = data.get_batch(split, cfg.batch_size, generator)
+                x, y = distributed.rank_batch(data, cfg.batch_size, generator, world, split)
                 with autocast_context(device, cfg.precision):
                     _, loss = model(x.to(device), y.to(device))
                 total += loss.item()
             out[split] = total / cfg.eval_iters
-    return out
+    return dict(zip(out, distributed.means_over_ranks(list(out.values()), device), strict=True))
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -452,7 +456,7 @@ def run_training(
         nonlocal best_val, last_losses, evaluated_at
         collect_losses()
         t_eval = time.perf_counter()
-        last_losses, evaluated_at = estimate_loss(model, data, tcfg, device, offset_seed(tcfg.seed, 1)), step
+        last_losses, evaluated_at = estimate_loss(model, data, tcfg, device, offset_seed(tcfg.seed, 1), world), step
         eval_time = time.perf_counter() - t_eval
         for split, value in last_losses.items():  # weights can be finite yet overflow: nothing is saved after it
             if not math.isfinite(value):

@@ -108,6 +108,11 @@ def test_ddp_two_ranks_match_one_process_with_double_batch(reference_run, ddp_ru
     ddp, single = loss_curve(run_dir), loss_curve(reference_run)
     assert len(ddp) == len(single) == ITERS
     assert max(abs(a - b) for a, b in zip(ddp, single, strict=True)) < 1e-5, (ddp, single)
+    # Evaluation too: each rank evaluates its half of the windows one process evaluates, and they report the mean.
+    for tag in ("val/loss", "train/eval_loss"):
+        ddp_eval, single_eval = tb_scalars(run_dir, tag), tb_scalars(reference_run, tag)
+        assert sorted(ddp_eval) == sorted(single_eval) == [4, 8]
+        assert max(abs(ddp_eval[step] - single_eval[step]) for step in single_eval) < 1e-5, (ddp_eval, single_eval)
 
     log = (run_dir / "train.log").read_text()
     assert "tokens per optimizer step: 128 (batch 4 x accum 1 x 2 rank(s) x seq 16)" in log
