@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
+from fluxtrain import distributed
 from fluxtrain.distributed import full_optimizer_state, load_full_weights, model_device, shard_optimizer_state
 from fluxtrain.errors import FluxtrainError, first_line
 from fluxtrain.files import atomic_write, parse_json
@@ -107,23 +108,33 @@ class NonFiniteWeightsError(FluxtrainError):
 def rng_state(batch_gen: torch.Generator, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Every generator that shapes training: torch CPU, the training GPU's (dropout there), the batch sampler.
 
-    Every rank seeds the same and draws the same numbers, so the saving rank's states are every rank's: on resume
-    each rank puts the saved GPU state into its own GPU's generator.
+    The batch sampler is the same on every rank; torch's generators are each rank's own (dropout masks differ
+    between ranks). Rank 0's are `torch` and `cuda`, rank r's `rank<r>/torch` and `rank<r>/cuda`; under torchrun
+    every rank calls this (it gathers them).
     """
-    state = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state()}
+    own = {"torch": torch.get_rng_state()}
     if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+        own["cuda"] = torch.cuda.get_rng_state(device)
+    state = {"batches": batch_gen.get_state()}
+    for name, value in own.items():
+        for rank, rank_value in enumerate(distributed.gather_from_ranks(value)):
+            state[name if rank == 0 else f"rank{rank}/{name}"] = rank_value
     return state
 
 
 def set_rng_state(rng: dict[str, torch.Tensor], batch_gen: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(rng["torch"])
+    """Put the saved states back: the batch sampler's, and this rank's torch generators (a rank the saving run did
+    not have keeps those it was seeded with)."""
     batch_gen.set_state(rng["batches"])
+    rank = distributed.current_world().rank
+    prefix = f"rank{rank}/" if rank > 0 else ""
+    if (cpu_state := rng.get(f"{prefix}torch")) is not None:
+        torch.set_rng_state(cpu_state)
     if device.type != "cuda":
         return
     # Older checkpoints hold every GPU's state as the saving process saw them ("cuda/<index>"): this GPU's, as before.
     index = torch.cuda.current_device() if device.index is None else device.index
-    cuda_state = rng.get("cuda", rng.get(f"cuda/{index}"))
+    cuda_state = rng.get(f"{prefix}cuda", rng.get(f"cuda/{index}"))
     if cuda_state is not None:
         torch.cuda.set_rng_state(cuda_state, device)
 
@@ -226,7 +237,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if wrong is not None:
             raise FluxtrainError(f"{path}: its random-number state rng/{wrong} is not a byte vector")
         cpu_state_size = torch.get_rng_state().numel()  # torch's CPU generator and the batch sampler's
-        wrong = next((k for k in ("torch", "batches") if groups["rng"][k].numel() != cpu_state_size), None)
+        cpu_states = [k for k in groups["rng"] if k in ("torch", "batches") or k.endswith("/torch")]
+        wrong = next((k for k in cpu_states if groups["rng"][k].numel() != cpu_state_size), None)
         if wrong is not None:
             raise FluxtrainError(
                 f"{path}: its random-number state rng/{wrong} has {groups['rng'][wrong].numel()} bytes, "

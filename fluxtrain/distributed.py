@@ -398,6 +398,15 @@ def main_rank_object(obj: Any) -> Any:
     return received[0]
 
 
+def gather_from_ranks(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's CPU tensor of one shape (a generator's state), in rank order; [t] in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [t]
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t)
+    return gathered
+
+
 def mean_over_ranks(value: float, device: torch.device) -> float:
     """The mean of a number over all ranks (the number itself in one process)."""
     return means_over_ranks([value], device)[0]

@@ -376,6 +376,8 @@ def run_training(
         f"peak {throughput.format_flops(peak)} per device ({peak_source})"
     )
     batch_gen = torch.Generator().manual_seed(tcfg.seed)  # the same on every rank: each takes its part of a batch
+    if world.rank > 0:  # its own dropout masks (the model was built alike on every rank, from train.seed)
+        torch.manual_seed(offset_seed(tcfg.seed, world.rank << 20))
     progress = Progress()
     if resume:
         try:

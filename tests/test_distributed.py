@@ -212,6 +212,21 @@ def test_a_checkpoint_whose_weights_do_not_fit_a_sharded_model_is_refused_naming
 
 
 @pytest.mark.slow
+def test_each_rank_has_its_own_dropout_masks_and_a_resume_continues_them_exactly(corpus, tmp_path):
+    overrides = [*RUN_OVERRIDES, f"data.path={corpus}", "train.batch_size=4", "model.dropout=0.3"]
+    whole = torchrun(tmp_path, [*overrides, "train.ckpt_interval=4", "hydra.run.dir=whole"])
+    assert whole.returncode == 0, whole.stderr[-12000:]
+    rng = load_checkpoint(checkpoint_path(tmp_path / "whole", 4)).rng
+    assert sorted(rng) == ["batches", "rank1/torch", "torch"] and not torch.equal(rng["torch"], rng["rank1/torch"])
+    resume = f"resume={checkpoint_path(tmp_path / 'whole', 4)}"
+    resumed = torchrun(tmp_path, [*overrides, resume, "hydra.run.dir=resumed"])
+    assert resumed.returncode == 0, resumed.stderr[-12000:]
+    curve, continued = tb_scalars(tmp_path / "whole", "train/loss"), tb_scalars(tmp_path / "resumed", "train/loss")
+    assert sorted(continued) == [5, 6, 7, 8]
+    assert all(continued[step] == curve[step] for step in continued), (continued, curve)
+
+
+@pytest.mark.slow
 def test_a_time_budget_stops_every_rank_at_the_same_step(corpus, tmp_path):
     overrides = [*TINY_OVERRIDES, f"data.path={corpus}", "train.max_iters=100000", "train.max_time=12"]
     result = torchrun(tmp_path, [*overrides, "train.log_interval=10", "hydra.run.dir=run"], timeout=240)
