@@ -64,8 +64,10 @@ def run(cfg: DictConfig) -> float:
         discard_refused(run_dir)
         sys.exit(e.code)
     except (RuntimeError, MemoryError) as e:
-        if distributed.peer_left(e):  # another rank stopped on an error and printed it: no traceback from this one
-            logging.getLogger("fluxtrain").warning("stopped: another rank ended the run, and printed why")
+        if distributed.peer_left(e):  # another rank stopped (on an error it printed, or a signal): no traceback
+            logging.getLogger("fluxtrain").warning("stopped: another rank of this torchrun job ended")
+            if single_run:
+                discard_refused(run_dir)  # a folder still holding only Hydra's files: one the run never claimed
             sys.exit(1)
         if not is_out_of_memory(e):
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import sys
@@ -22,6 +23,8 @@ log = logging.getLogger("fluxtrain")
 STRATEGIES = ("ddp", "fsdp")
 # Test-only fault injection: "RANK:ITER" makes that rank raise in its ITER-th training forward (1-based).
 FAULT_ENV = "FLUXTRAIN_TEST_FAULT"
+# How long the other ranks wait for rank 0 to download the data, train the tokenizer and fill the cache.
+SETUP_TIMEOUT = datetime.timedelta(days=1)
 # Hydra flags that print or sweep instead of running one job; ranks then do not wait for rank 0's run folder.
 _run_dir_pending = False  # rank 0 of torchrun still owes the other ranks its run folder
 
@@ -162,6 +165,9 @@ def main_first(world: World, device: torch.device) -> Iterator[None]:
     if not world.is_distributed:
         yield
         return
+    # The waiting ranks wait in a group of their own, on CPU: the default group's timeout (30 minutes for gloo, less
+    # for NCCL) would end them while rank 0 trains a tokenizer on a large corpus.
+    waiting = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
     stage = 0 if world.is_main else 1 if world.local_rank == 0 else 2
     error: FluxtrainError | None = None
     for turn in range(3):
@@ -172,10 +178,11 @@ def main_first(world: World, device: torch.device) -> Iterator[None]:
             except FluxtrainError as e:
                 log.error(f"error: {e}")  # now: torchrun may end this process once the others have stopped
                 e.reported, error = True, e
-        if any_rank(error is not None, device):
+        if any_rank(error is not None, torch.device("cpu"), waiting):
             if error is not None:
                 raise error
             raise ReportedByAnotherRank("another rank stopped on an error while reading the data, and printed it")
+    dist.destroy_process_group(waiting)
 
 
 def training_device(world: World, device: torch.device) -> torch.device:
@@ -371,12 +378,13 @@ def peer_left(e: BaseException) -> bool:
     )
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` is true on at least one rank (the flag itself in one process)."""
+def any_rank(flag: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether `flag` is true on at least one rank (the flag itself in one process); in `group`, else the default
+    group."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,26 @@ def test_a_torchrun_job_refused_at_setup_leaves_no_folder_behind(corpus, tmp_pat
     assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>/, not even from the later rank's Hydra
 
 
+def test_a_signal_to_one_rank_in_setup_ends_the_job_and_leaves_no_folder_behind(corpus, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    script = str(REPO_ROOT / "tests" / "signal_in_setup.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*cmd, script, *TINY_OVERRIDES, f"data.path={corpus}", "hydra.run.dir=run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "stopped: another rank of this torchrun job ended" in output
+    assert "Error executing job" not in output and "Connection closed" not in output  # no rank's traceback
+    assert list(tmp_path.iterdir()) == []  # neither rank claimed the folder: it goes
+
+
 def test_a_missing_data_file_under_torchrun_is_one_error_and_no_rank_is_left_waiting(tmp_path):
     missing = tmp_path / "missing.txt"
     result = torchrun(tmp_path, [*TINY_OVERRIDES, f"data.path={missing}"], timeout=240)
@@ -292,6 +313,26 @@ def test_main_first_ends_every_rank_when_one_fails_and_only_that_one_prints(tmp_
     other = 1 - failing_rank
     assert outcomes[failing_rank] == f"FluxtrainError reported=True: data.path: rank {failing_rank} cannot read it"
     assert outcomes[other].startswith("ReportedByAnotherRank reported=True: another rank stopped on an error")
+
+
+def _slow_setup_rank(rank: int, init_method: str, out: str) -> None:
+    """One of two gloo ranks whose default group times out after 2 s, while rank 0's setup takes 5 s."""
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2, timeout=timedelta(seconds=2))
+    world = distributed.World(rank=rank, local_rank=rank, world_size=2)
+    with distributed.main_first(world, torch.device("cpu")):
+        if rank == 0:
+            time.sleep(5)
+    distributed.barrier()
+    Path(out, str(rank)).write_text("set up")
+    dist.destroy_process_group()
+
+
+def test_the_ranks_wait_for_a_setup_longer_than_the_process_group_timeout(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_slow_setup_rank, args=(f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / str(rank)).read_text() for rank in (0, 1)] == ["set up", "set up"]
 
 
 def test_device_rules_under_torchrun():
