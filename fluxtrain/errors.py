@@ -26,9 +26,13 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def describe_failure(e: BaseException) -> str:
-    """`Type: first line of the message` (at most 160 characters), for a one-line note about a failed attempt."""
-    return f"{type(e).__name__}: {first_line(e)[:160]}"
+def describe_failure(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message` (cut after a word to at most `limit` characters, marked "..."), for a
+    one-line note about a failed attempt."""
+    message = first_line(e)
+    if len(message) > limit:
+        message = message[: message.rfind(" ", 0, limit) if " " in message[:limit] else limit].rstrip(" ,;:") + "..."
+    return f"{type(e).__name__}: {message}"
 
 
 def expand_home(path: str | Path, named: str) -> Path:
@@ -103,6 +107,10 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or (
         isinstance(e, RuntimeError) and any(phrase in str(e) for phrase in ("can't allocate memory", "out of memory"))
     )
+
+
+def generation_out_of_memory_message(e: BaseException, settings: str = "--beams or --max-new-tokens") -> str:
+    return f"out of memory ({describe_failure(e)}); lower {settings}, or use a smaller model"
 
 
 def out_of_memory_message(e: BaseException) -> str:

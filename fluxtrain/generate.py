@@ -21,6 +21,8 @@ from fluxtrain.errors import (
     OutputError,
     discard_stdout,
     first_line,
+    generation_out_of_memory_message,
+    is_out_of_memory,
     paths_named,
 )
 from fluxtrain.host import check_threads, resolve_device
@@ -438,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as e:
         discard_stdout()
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"\nerror: {generation_out_of_memory_message(e)}", file=sys.stderr)
         return 1
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, generation_out_of_memory_message, is_out_of_memory
 from fluxtrain.generate import encode_prompt, for_display, write_continuation, writing_text
 from fluxtrain.model import GPT
 from fluxtrain.sampling import MAX_BEAMS, MAX_REPETITION_PENALTY, MAX_SEED, SamplingConfig
@@ -156,6 +156,11 @@ class Session:
             except KeyboardInterrupt:  # the text so far is written
                 sys.stdout.write("\n")
                 self.say("[stopped]")
+            except (RuntimeError, MemoryError) as e:  # the session goes on: a smaller /beams or /len may fit
+                if not is_out_of_memory(e):
+                    raise
+                sys.stdout.write("\n")
+                self.say(generation_out_of_memory_message(e, "/beams or /len"))
             sys.stdout.flush()
 
     def _start_readline(self):

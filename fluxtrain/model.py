@@ -109,8 +109,10 @@ class KVCache:
         return cached.narrow(3, 0, end)
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep the batch rows `rows` (B,) in this order (beam search)."""
-        self.kv = [kv.index_select(1, rows) for kv in self.kv]
+        """Keep the batch rows `rows` (B,) in this order (beam search): the cached positions only, in place."""
+        for kv in self.kv:
+            cached = kv.narrow(3, 0, self.length)
+            cached.copy_(cached.index_select(1, rows))
 
 
 class RMSNorm(nn.Module):
@@ -300,12 +302,18 @@ class GPT(nn.Module):
         """Number of parameters; the tied head is counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self,
+        batch: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_len: int | None = None,
+    ) -> KVCache:
+        """A KV cache for `batch` sequences of up to `max_len` positions (default and at most: the context)."""
         p = self.tok_emb.weight
         hd = self.cfg.d_model // self.cfg.n_heads
-        return KVCache(
-            self.cfg.n_layers, batch, self.cfg.n_heads, self.cfg.seq_len, hd, device or p.device, dtype or p.dtype
-        )
+        length = self.cfg.seq_len if max_len is None else max(1, min(max_len, self.cfg.seq_len))
+        return KVCache(self.cfg.n_layers, batch, self.cfg.n_heads, length, hd, device or p.device, dtype or p.dtype)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None

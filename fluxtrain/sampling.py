@@ -114,17 +114,21 @@ class ContextWindow:
     re-reads the same window from scratch, so both paths see exactly the same tokens at the same positions.
     """
 
-    def __init__(self, model: GPT, batch: int, shift: int, use_cache: bool = True):
+    def __init__(self, model: GPT, batch: int, shift: int, use_cache: bool = True, positions: int | None = None):
+        """`positions`: how many tokens the window will be fed at most (prompt and new ones), where known; the cache
+        and the token buffer then hold no more positions than those."""
         self.model = model
         self.seq_len = model.cfg.seq_len
         assert 1 <= shift <= self.seq_len, f"context shift {shift} outside 1..{self.seq_len}"
         self.shift = shift
         device = model.tok_emb.weight.device
-        # The most recent tokens: at least the window, at most twice the context (older ones are never read again).
-        self.tokens = torch.zeros(batch, 2 * self.seq_len, dtype=torch.long, device=device)
+        # The most recent tokens: at least the window, at most twice the context (older ones are never read again);
+        # as many as will come where that is fewer.
+        size = 2 * self.seq_len if positions is None else min(max(positions, 1), 2 * self.seq_len)
+        self.tokens = torch.zeros(batch, size, dtype=torch.long, device=device)
         self.n_tokens = 0
         self.start = 0  # index in `tokens` of the window's first token (at position 0)
-        self.cache = model.new_cache(batch) if use_cache else None
+        self.cache = model.new_cache(batch, max_len=positions) if use_cache else None
         self.n_forward_positions = 0  # positions run through the model, to show what the cache saves
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -137,6 +141,8 @@ class ContextWindow:
 
     def append(self, next_ids: torch.Tensor) -> torch.Tensor:
         """Feed one new token per sequence (B,); return the next-token logits (B, vocab)."""
+        if self.n_tokens == self.tokens.size(1) < 2 * self.seq_len:
+            raise ValueError(f"the window was told of {self.n_tokens} positions, and is fed more")
         if self.n_tokens == self.tokens.size(1):  # the buffer is full: move the last `seq_len` tokens to its front
             dropped = self.n_tokens - self.seq_len
             self.tokens[:, : self.seq_len] = self.tokens[:, dropped:].clone()
@@ -303,7 +309,7 @@ def sample_stream(
     prompt = _check_prompt(model, prompt)
     device = model.tok_emb.weight.device
     shift = cfg.shift_for(model.cfg.seq_len)
-    window = ContextWindow(model, 1, shift, use_cache)
+    window = ContextWindow(model, 1, shift, use_cache, len(prompt) + cfg.max_new_tokens)
     penalize = cfg.repetition_penalty != 1.0
     seen = _seen_mask(prompt, 1, model.vocab_size, device) if penalize else None
     with eval_mode(model):
@@ -335,7 +341,8 @@ def _beam_steps(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: b
     with eval_mode(model):
         device = model.tok_emb.weight.device
         n_beams, vocab = cfg.beams, model.vocab_size
-        window = ContextWindow(model, n_beams, cfg.shift_for(model.cfg.seq_len), use_cache)
+        shift = cfg.shift_for(model.cfg.seq_len)
+        window = ContextWindow(model, n_beams, shift, use_cache, len(prompt) + cfg.max_new_tokens)
         penalize = cfg.repetition_penalty != 1.0
         seen = _seen_mask(prompt, n_beams, vocab, device) if penalize else None
         logits = window.prefill(torch.tensor([prompt] * n_beams, dtype=torch.long, device=device))
@@ -420,7 +427,7 @@ def generate(
 def sequence_logprob(model: GPT, prompt: list[int], new_ids: list[int], shift: int) -> float:
     """Total log-probability of `new_ids` after `prompt`, seen through the same sliding window as decoding."""
     device = model.tok_emb.weight.device
-    window = ContextWindow(model, 1, shift)
+    window = ContextWindow(model, 1, shift, positions=len(prompt) + len(new_ids))
     total = 0.0
     with eval_mode(model):
         logits = window.prefill(torch.tensor([prompt], dtype=torch.long, device=device))

@@ -133,6 +133,27 @@ def test_running_out_of_host_memory_in_numpy_is_the_same_one_line(tmp_path):
     assert line in (tmp_path / "run" / "train.log").read_text()  # the run's log says why it ended
 
 
+def test_a_model_too_large_for_memory_is_one_line_naming_the_model_settings(tmp_path):
+    """Its attention weights alone, 12.9 GB, under a 6 GB address-space limit: a smaller batch cannot help."""
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question\n" * 200)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    limit = 6 * 2**30
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, "model.d_model=32768", "model.n_heads=1",
+            f"data.path={text}", f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]
+    (line,) = [line for line in output.splitlines() if "error:" in line]
+    assert "error: out of memory building the model (RuntimeError: " in line and "batch_size" not in line
+    assert line.endswith("...); use a smaller one: lower model.d_model, model.ff_dim or model.n_layers"), line
+
+
 def test_a_run_folder_that_cannot_be_written_is_one_line_before_hydra_logs_into_it(tmp_path):
     blocker = tmp_path / "a file"
     blocker.write_text("not a folder")

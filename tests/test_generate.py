@@ -367,6 +367,29 @@ def test_cached_and_uncached_logits_agree(model):
             logits = [w.append(token) for w in windows]
 
 
+def test_the_cache_holds_the_positions_generation_needs_and_beams_reorder_only_those(model, monkeypatch):
+    """No more than the prompt and the new tokens, up to the context: a short continuation of a long-context model
+    with many beams allocates little, and beam search copies only the cached positions when it reorders."""
+    assert ContextWindow(model, 3, shift=4, positions=5).cache.kv[0].shape == (2, 3, 2, 5, 16)
+    assert ContextWindow(model, 3, shift=4, positions=10 * SEQ_LEN).cache.kv[0].shape == (2, 3, 2, SEQ_LEN, 16)
+    # Told of its positions or not, a window gives the same logits, also past the context.
+    logits = []
+    for positions in (None, 3 + 3 * SEQ_LEN):
+        window = ContextWindow(model, 1, shift=5, positions=positions)
+        steps = [window.prefill(torch.tensor([[1, 2, 3]]))]
+        with torch.inference_mode():
+            steps += [window.append(torch.tensor([i % 7])) for i in range(3 * SEQ_LEN)]
+        logits.append(torch.stack(steps))
+    assert torch.equal(logits[0], logits[1])
+    copied = []
+    real_index_select = torch.Tensor.index_select
+    monkeypatch.setattr(
+        torch.Tensor, "index_select", lambda t, *a: copied.append(t.size(-2)) or real_index_select(t, *a)
+    )
+    beam_search(model, [1, 2, 3], SamplingConfig(max_new_tokens=4, beams=3))
+    assert set(copied) - {3} <= {4, 5, 6}  # the kv cache's positions: 3 prompt tokens, then one more per step
+
+
 def test_each_cached_token_costs_one_position(model):
     prompt, n = [1, 2, 3, 4], 10  # fits in the context: no slide
     cached = ContextWindow(model, 1, shift=4)
@@ -630,6 +653,22 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def test_running_out_of_memory_is_one_line_naming_what_to_lower(capsys, monkeypatch, model_file):
+    import fluxtrain.generate as generate_module
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 53687091200 bytes. " * 3)
+
+    monkeypatch.setattr(generate_module, "write_continuation", out_of_memory)
+    code, _, err = run_main(capsys, str(model_file), "--prompt", "ROMEO:", "--beams", "100")
+    assert code == 1 and "Traceback" not in err
+    assert err.endswith(
+        "\nerror: out of memory (RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+        "53687091200 bytes. DefaultCPUAllocator: can't allocate memory: you tried to allocate...); lower --beams or "
+        "--max-new-tokens, or use a smaller model\n"
+    )
 
 
 def test_prompt_mode_prints_prompt_and_greedy_continuation(capsys, model, model_file):

@@ -195,6 +195,23 @@ def test_ctrl_c_as_the_prompt_is_echoed_stops_only_that_prompt(capsys, monkeypat
     assert capsys.readouterr().err == "[stopped]\n"
 
 
+def test_running_out_of_memory_ends_that_prompt_and_names_what_to_lower(capsys, monkeypatch, model_file):
+    import fluxtrain.interactive as interactive_module
+
+    model, tokenizer = load_model(model_file)
+    session = Session(model, tokenizer, SamplingConfig(max_new_tokens=5), seed=1, drop_unknown=False, stream=True)
+
+    def out_of_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 53687091200 bytes.")
+
+    monkeypatch.setattr(interactive_module, "write_continuation", out_of_memory)
+    session.generate("ROMEO:")  # the session goes on
+    assert capsys.readouterr().err == (
+        "out of memory (RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 53687091200 "
+        "bytes.); lower /beams or /len, or use a smaller model\n"
+    )
+
+
 def test_sampling_is_reproducible_with_seed(model_file, tmp_path):
     child = spawn(model_file, tmp_path, "--max-new-tokens", "30")
     command(child, "/seed 5", "seed 5")
