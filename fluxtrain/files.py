@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fluxtrain.errors import FluxtrainError, first_line
+from fluxtrain.errors import FluxtrainError, expand_home, first_line
 
 
 class WriteError(FluxtrainError, OSError):
@@ -21,6 +21,14 @@ class WriteError(FluxtrainError, OSError):
     def __init__(self, path: Path, error: OSError):
         super().__init__(f"cannot write {path}: {error.strerror or first_line(error)}")
         self.path, self.strerror = path, error.strerror  # no errno: str() stays the message above
+
+
+def user_path(path: str | Path, what: str) -> Path:
+    """A path a script passes: `~` made the home folder, as the commands do; an empty one is a FluxtrainError
+    naming `what`."""
+    if isinstance(path, str) and not path.strip():
+        raise FluxtrainError(f"{what} {path!r}: the path is empty")
+    return expand_home(path, what)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from fluxtrain.errors import FluxtrainError, first_line
-from fluxtrain.files import atomic_write, parse_json
+from fluxtrain.files import atomic_write, parse_json, user_path
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.quantize import is_quantized
@@ -107,9 +107,10 @@ def save_model_file(
 
     Under torch.distributed every rank calls this (FSDP gathers the weights collectively); rank 0 writes the file.
     """
+    path = user_path(path, "model file")
     plain = unwrap(model)
     check_full_precision(plain, path)
-    name = Path(path).name
+    name = path.name
     if tokenizer.vocab_size != plain.vocab_size:
         raise FluxtrainError(
             f"{name} was not written: the tokenizer has {tokenizer.vocab_size} tokens, the model {plain.vocab_size}"
@@ -199,7 +200,7 @@ def model_config_from_json(text: str, source: str) -> ModelConfig:
 
 def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Metadata and tensors of a fluxtrain model file or checkpoint, with one-line errors for every bad file."""
-    path = Path(path)
+    path = user_path(path, what)
     if path.is_dir():
         raise FluxtrainError(f"{what} {path} is a folder, not a file")
     if path.exists() and not path.is_file():

@@ -18,7 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from fluxtrain.cuts import ANYWHERE, CutRule, hf_cut_rule
 from fluxtrain.errors import FluxtrainError, expand_home, first_line
-from fluxtrain.files import atomic_write, atomic_write_text, parse_json
+from fluxtrain.files import atomic_write, atomic_write_text, parse_json, user_path
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class CharTokenizer:
         return json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False)
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, self.to_json())
+        atomic_write_text(user_path(path, "tokenizer file"), self.to_json())
 
 
 def _unknown_id(hf: HFTokenizer, model: dict[str, Any]) -> int | None:
@@ -302,7 +302,7 @@ class BPETokenizer:
 
     def save(self, path: str | Path) -> None:
         """A plain Hugging Face tokenizer.json, loadable by `tokenizers.Tokenizer.from_file`."""
-        atomic_write(path, lambda tmp: self.hf.save(str(tmp)))
+        atomic_write(user_path(path, "tokenizer file"), lambda tmp: self.hf.save(str(tmp)))
 
 
 def _merges_the_text_allows(pieces: Iterable[str], vocab_size: int) -> tuple[Iterable[str], int]:

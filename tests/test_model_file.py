@@ -49,6 +49,31 @@ def test_compiled_model_saves_plain_keys(saved, tmp_path):
     load_model(path)
 
 
+def test_paths_under_home_and_empty_paths_as_the_commands_take_them(saved, tmp_path, monkeypatch):
+    from fluxtrain.runs import find_runs, read_scalars
+    from fluxtrain.tokenizer import load_tokenizer
+
+    model, tokenizer, _ = saved
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    save_model_file("~/m.safetensors", model, tokenizer)
+    tokenizer.save("~/t.json")
+    assert sorted(p.name for p in home.iterdir()) == ["m.safetensors", "t.json"] and not list(elsewhere.iterdir())
+    assert load_model("~/m.safetensors")[0].cfg == model.cfg
+    assert load_tokenizer("~/t.json").vocab_size == tokenizer.vocab_size
+    assert find_runs("~") == [] and read_scalars("~", "train/loss") == ([], [])
+    for call, what in (
+        (lambda: load_model(""), "model file"),
+        (lambda: save_model_file(" ", model, tokenizer), "model file"),
+        (lambda: tokenizer.save(""), "tokenizer file"),
+        (lambda: find_runs(""), "runs folder"),
+    ):
+        with pytest.raises(FluxtrainError, match=f"^{what} '( )?': the path is empty$"):
+            call()
+
+
 def test_missing_empty_truncated_and_foreign_files(saved, tmp_path):
     _, _, path = saved
     with pytest.raises(FluxtrainError, match="does not exist"):
