@@ -70,6 +70,21 @@ class Tokenizer(Protocol):
     def save(self, path: str | Path) -> None: ...
 
 
+def lone_surrogate_error(e: UnicodeEncodeError) -> EncodeError:
+    """A text holding a lone surrogate (a str made from bytes that are not UTF-8, with errors="surrogateescape")."""
+    return EncodeError(
+        f"the text holds a lone surrogate, U+{ord(e.object[e.start]):04X} at character {e.start}, which is no "
+        "character: read the text as UTF-8 (errors='replace' keeps bad bytes as U+FFFD)"
+    )
+
+
+def check_no_surrogates(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise lone_surrogate_error(e) from None
+
+
 def id_sequence(ids: Iterable[Any]) -> list[Any]:
     """`ids` (any iterable, read once) as a list; a tensor or array must be 1-D: a batch's row, not the batch."""
     if (shape := getattr(ids, "shape", None)) is not None and len(shape) != 1:
@@ -156,7 +171,10 @@ class CharTokenizer:
         return sorted(set(text) - self.stoi.keys())
 
     def encode_array(self, text: str) -> np.ndarray:
-        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        try:
+            points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        except UnicodeEncodeError as e:
+            raise lone_surrogate_error(e) from None
         pos = np.searchsorted(self._sorted_points, points).clip(max=len(self.chars) - 1)
         if not np.array_equal(self._sorted_points[pos], points):
             raise UnknownCharactersError(self.unknown_chars(text))
@@ -253,6 +271,8 @@ class BPETokenizer:
         try:
             encodings = self.hf.encode_batch_fast(texts, add_special_tokens=False)
         except Exception as e:  # the Rust side raises a plain Exception (a WordLevel model without an unknown token)
+            for text in texts:
+                check_no_surrogates(text)  # what the Rust side calls "must be str"
             raise EncodeError(f"the tokenizer cannot encode the text: {first_line(e)}") from None
         return [np.array(e.ids, dtype=np.int64) for e in encodings]
 
@@ -261,6 +281,7 @@ class BPETokenizer:
         try:
             return self.hf.encode(text, add_special_tokens=False).ids
         except Exception as e:
+            check_no_surrogates(text)
             raise EncodeError(f"the tokenizer cannot encode the text: {first_line(e)}") from None
 
     def _check_kept(self, text: str) -> None:

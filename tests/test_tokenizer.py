@@ -19,6 +19,7 @@ from fluxtrain.model_file import load_model
 from fluxtrain.tokenizer import (
     BPETokenizer,
     CharTokenizer,
+    EncodeError,
     TokenizerConfig,
     UnknownCharactersError,
     build_tokenizer,
@@ -201,6 +202,16 @@ def test_a_hugging_face_tokenizer_is_named_by_its_model_and_knows_its_unknown_id
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         load_corpus(cfg, TokenizerConfig(kind="char", path=str(words)), 4)
     assert f"tokenizer.path={words} holds a WordLevel tokenizer: tokenizer=char is ignored" in caplog.text
+
+
+def test_a_lone_surrogate_is_named_by_either_tokenizer():
+    """A str made from bytes that are not UTF-8 (errors="surrogateescape") holds them as lone surrogates."""
+    text = b"ab\x80c".decode("utf-8", errors="surrogateescape")
+    message = r"^the text holds a lone surrogate, U\+DC80 at character 2, which is no character: read the text as UTF-8"
+    char, bpe = CharTokenizer.train("abc"), BPETokenizer.train(make_text(3_000), 300)
+    for encode in (char.encode, bpe.encode, lambda t: char.encode_batch([t]), lambda t: bpe.encode_batch(["ok", t])):
+        with pytest.raises(EncodeError, match=message):
+            encode(text)
 
 
 def test_config_validation():
