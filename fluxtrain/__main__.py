@@ -24,7 +24,7 @@ from fluxtrain.errors import (
     quiet_when_stdout_closes,
 )
 from fluxtrain.interrupt import StoppedInSetup
-from fluxtrain.overrides import NO_RUN_FLAGS, check_commands, flags_first
+from fluxtrain.overrides import NO_RUN_FLAGS, check_commands, options_first
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.tasks import run_task
@@ -88,7 +88,7 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
         return hydra_main(cfg)
     try:
         with paths_named():
-            sys.argv[1:] = flags_first(sys.argv[1:])
+            sys.argv[1:] = options_first(sys.argv[1:])
             check_commands(sys.argv[1:])
             if not any(arg in ("-sc", "--shell-completion") for arg in sys.argv[1:]):  # its install=bash is no setting
                 check_overrides(sys.argv[1:])

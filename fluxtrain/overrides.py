@@ -3,10 +3,11 @@ as it is."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fluxtrain.errors import FluxtrainError
 
@@ -19,11 +20,30 @@ COMMANDS = {"-r": "--run", "-m": "--multirun", "-c": "--cfg", "-i": "--info", "-
 COMMANDS |= {name: name for name in COMMANDS.values()}
 
 
-def flags_first(args: list[str]) -> list[str]:
-    """`args` with Hydra's options that take no value (`-m`, `--run`) moved in front of the settings: Hydra's parser
-    reads no setting after an option, so `model=small -m optim.lr=1e-3,3e-3` would stop at `optim.lr`."""
-    flags = ("-m", "--multirun", "-r", "--run")
-    return [a for a in args if a in flags] + [a for a in args if a not in flags]
+# Hydra's options that take a value (`--cfg job`), and the values `--info` may take
+VALUE_OPTIONS = ("-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd")
+VALUE_OPTIONS += ("--config-dir", "--experimental-rerun")  # fmt: skip
+INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def options_first(args: list[str]) -> list[str]:
+    """`args` with Hydra's options (and the values of those that take one) moved in front of the settings: Hydra's
+    parser reads no setting after an option, so `model=small -m optim.lr=1e-3,3e-3` would stop at `optim.lr`, and
+    `--cfg job train.seed=3` would be refused."""
+    options, settings = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-"):
+            settings.append(arg)
+        else:
+            options.append(arg)
+            value = args[i + 1] if i + 1 < len(args) else None
+            if value is not None and (arg in VALUE_OPTIONS or (arg in ("-i", "--info") and value in INFO_CHOICES)):
+                options.append(value)
+                i += 1
+        i += 1
+    return options + settings
 
 
 def is_multirun(args: list[str]) -> bool:
@@ -32,13 +52,48 @@ def is_multirun(args: list[str]) -> bool:
 
 
 def check_commands(args: list[str]) -> None:
-    """Refuse two of Hydra's commands on one command line (`--cfg job -m`), which Hydra reports with a traceback."""
+    """Refuse what Hydra's command line would end with a traceback or a usage block: an unknown option or a bad value
+    for one, two of Hydra's commands (`--cfg job -m`), an option without the command it goes with, and
+    `--experimental-rerun`, which unpickles a file (and so can run code from it)."""
     given = list(dict.fromkeys(COMMANDS[arg.split("=")[0]] for arg in args if arg.split("=")[0] in COMMANDS))
     if len(given) > 1:
         raise FluxtrainError(
             f"{given[0]} and {given[1]} cannot go together: give one of --run, --multirun (-m), --cfg, --info and "
             "--shell-completion"
         )
+    if "--version" in args:  # Hydra prints its version and exits
+        return
+    parsed = parse_hydra_args(args)
+    if parsed.experimental_rerun is not None:
+        raise FluxtrainError(
+            "--experimental-rerun is refused: it unpickles a file, which can run code from it; to run a run again, "
+            "give the settings in its .hydra/overrides.yaml"
+        )
+    if parsed.resolve and not (parsed.cfg or parsed.help):
+        raise FluxtrainError("--resolve goes with --cfg (or --help): it resolves the config they show")
+    if parsed.package is not None and not parsed.cfg:
+        raise FluxtrainError(f"--package={parsed.package} goes with --cfg: it names the part of the config to show")
+    if parsed.shell_completion and not any(
+        o.startswith(("install=", "uninstall=", "query=")) for o in parsed.overrides
+    ):
+        raise FluxtrainError(
+            "--shell-completion needs install=SHELL, uninstall=SHELL or query=..., e.g. -sc install=bash"
+        )
+    if parsed.hydra_help and parsed.overrides:
+        raise FluxtrainError(f"--hydra-help takes no settings: {' '.join(parsed.overrides)}")
+
+
+def parse_hydra_args(args: list[str]) -> argparse.Namespace:
+    """`args` read by Hydra's own parser; a mistake there (an unknown option, a bad value) is one FluxtrainError."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str) -> NoReturn:
+        raise FluxtrainError(f"{message} (see --help)")
+
+    parser.error = error
+    return parser.parse_args(args)
 
 
 def hydra_value(override: str) -> Any:

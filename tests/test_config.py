@@ -13,7 +13,7 @@ from fluxtrain.command_line import check_overrides
 from fluxtrain.config import config_dir
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
-from fluxtrain.overrides import check_commands
+from fluxtrain.overrides import check_commands, options_first
 from fluxtrain.tasks import run_task
 from fluxtrain.train import TrainConfig, validate
 
@@ -390,6 +390,43 @@ def test_two_hydra_commands_on_one_line_are_one_line_error(args, message):
     assert str(info.value).startswith(f"{message}: give one of --run, --multirun (-m), --cfg, --info")
     for one in (["--cfg", "job", "model=small"], ["-m", "optim.lr=1e-3,2e-3"], ["--info"], []):
         check_commands(one)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--experimental-rerun", "config.pickle"], "--experimental-rerun is refused: it unpickles a file, which can"),
+        (["--resolve"], "--resolve goes with --cfg (or --help)"),
+        (["-p", "optim", "model=small"], "--package=optim goes with --cfg"),
+        (["-sc"], "--shell-completion needs install=SHELL, uninstall=SHELL or query=..."),
+        (["--hydra-help", "model=small"], "--hydra-help takes no settings: model=small"),
+        (
+            ["--cfg", "jobs"],
+            "argument --cfg/-c: invalid choice: 'jobs' (choose from 'job', 'hydra', 'all') (see --help)",
+        ),
+        (["--bogus"], "unrecognized arguments: --bogus (see --help)"),
+    ],
+)
+def test_hydra_options_it_would_end_with_a_traceback_or_its_usage_are_one_line(args, message):
+    with pytest.raises(FluxtrainError) as info:
+        check_commands(args)
+    assert str(info.value).startswith(message)
+    for fine in (["--cfg", "job", "--resolve", "-p", "optim"], ["-sc", "install=bash"], ["--hydra-help"], ["--help"]):
+        check_commands(fine)
+
+
+def test_options_go_before_the_settings_with_their_values():
+    args = ["model=small", "--cfg", "job", "train.seed=3", "-p", "train", "-m", "--info", "optim.lr=1", "-i", "plugins"]
+    assert options_first(args) == [
+        "--cfg", "job", "-p", "train", "-m", "--info", "-i", "plugins", "model=small", "train.seed=3", "optim.lr=1",
+    ]  # fmt: skip
+    assert options_first(["--config-dir=conf", "x=1", "-cd", "more", "y=2"]) == [
+        "--config-dir=conf",
+        "-cd",
+        "more",
+        "x=1",
+        "y=2",
+    ]
 
 
 def test_config_groups_of_a_config_dir_pass_the_precheck(tmp_path):

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from fluxtrain.logs import LogFileHandler, printable
 from fluxtrain.train import train
 
-from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config
+from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, run_fluxtrain
 
 
 @pytest.fixture
@@ -153,3 +153,14 @@ def test_training_goes_on_quietly_when_the_reader_of_its_console_leaves(tiny_tex
     )
     assert (proc.returncode, proc.stderr) == (0, "")
     assert "done: 30 iterations" in (run / "train.log").read_text() and (run / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("option", ["disabled", "stdout"])
+def test_hydra_s_own_job_logging_options_replace_fluxtrain_s(tiny_text_file, tmp_path, option):
+    run = tmp_path / "run"
+    proc = run_fluxtrain(
+        *TINY_OVERRIDES, f"data.path={tiny_text_file}", f"hydra.run.dir={run}", f"hydra/job_logging={option}"
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (run / "metrics.json").is_file() and not (run / "train.log").exists()
+    assert ("done: 30 iterations" in proc.stdout) == (option == "stdout")
