@@ -439,10 +439,12 @@ def run_training(
     t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
     last_ckpt = resume.path if resume else None
-    show_bar = sys.stdout.isatty() and world.is_main
+    show_bar = sys.stderr.isatty() and world.is_main  # tqdm draws on stderr
     if show_bar:  # log lines go above the bar, not onto the end of its line
         resources.enter_context(logging_redirect_tqdm())
-    bar = tqdm(total=tcfg.max_iters, initial=it, disable=not show_bar, desc="train", leave=False)
+    # With a time budget the iterations the run will reach are unknown: the bar counts them, with no total or ETA.
+    bar_total = tcfg.max_iters if loop_time is None else None
+    bar = tqdm(total=bar_total, initial=it, disable=not show_bar, desc="train", leave=False)
 
     pending: list[torch.Tensor] = []  # the losses of the steps since the last collect_losses(), still on the device
 
@@ -560,8 +562,12 @@ def run_training(
             tokens_per_sec = steps_window * tokens_per_iter / dt
             train_loss = distributed.mean_over_ranks(sum(losses_window) / len(losses_window), device)
             mfu = throughput.mfu(tokens_per_sec, model_flops, peak, world.world_size)
+            # With a time budget: the seconds trained of those the loop has, not train.max_iters (the recipes' 100000)
+            done = (
+                f"/{tcfg.max_iters}" if loop_time is None else f" | {time.perf_counter() - t_loop:.0f}/{loop_time:.0f}s"
+            )
             log.info(
-                f"iter {it:>6}/{tcfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "
+                f"iter {it:>6}{done} | loss {train_loss:.4f} | lr {lr:.2e} "
                 f"| {steps_window / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}%"
             )
             writer.add_scalar("train/loss", train_loss, it)

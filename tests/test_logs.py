@@ -4,6 +4,7 @@ import io
 import logging
 import logging.config
 import os
+import shlex
 import subprocess
 import sys
 
@@ -90,6 +91,21 @@ def test_on_a_terminal_log_lines_go_above_the_progress_bar(tiny_text_file, tmp_p
     assert "it/s]" in shown and "train: " in shown  # the bar was drawn
     assert "iter    300/300 | loss" in shown and "done: 300 iterations" in shown
     assert "it/s][" not in shown  # e.g. "| 92/300 [00:00<00:00, 346.09it/s][2026-11-28 ...][fluxtrain][INFO] - iter"
+
+
+def test_no_bar_where_stderr_is_not_a_terminal(tiny_text_file, tmp_path):
+    """tqdm draws on stderr: stdout on a terminal and stderr into a file gives no bar in the file (nor on stdout)."""
+    pexpect = pytest.importorskip("pexpect")
+    args = ["-m", "fluxtrain", *TINY_OVERRIDES, "train.max_iters=300", f"data.path={tiny_text_file}"]
+    args += [f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *args]) + f" 2>{shlex.quote(str(tmp_path / 'err'))}"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = pexpect.spawn("bash", ["-c", command], cwd=str(REPO_ROOT), env=env, encoding="utf-8", timeout=120)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before[-2000:]
+    assert "done: 300 iterations" in child.before and "it/s]" not in child.before
+    assert "it/s]" not in (tmp_path / "err").read_text()
 
 
 def test_events_that_cannot_be_written_end_the_run_in_one_line(tiny_cfg, tmp_path, monkeypatch, capfd):

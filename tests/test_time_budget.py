@@ -17,7 +17,7 @@ from fluxtrain.train import train
 
 
 @pytest.mark.slow
-def test_time_budget_ends_the_run_and_the_schedule_reaches_min_lr(tiny_cfg, tmp_path):
+def test_time_budget_ends_the_run_and_the_schedule_reaches_min_lr(tiny_cfg, tmp_path, caplog):
     cfg = tiny_cfg(
         "train.max_iters=1000000",
         "train.max_time=10",
@@ -30,10 +30,14 @@ def test_time_budget_ends_the_run_and_the_schedule_reaches_min_lr(tiny_cfg, tmp_
     )
     threads = torch.get_num_threads()
     try:
-        metrics = train(cfg, tmp_path / "run")
+        with caplog.at_level(logging.INFO, logger="fluxtrain"):
+            metrics = train(cfg, tmp_path / "run")
     finally:
         torch.set_num_threads(threads)
     assert 10 < metrics["iters"] < 1_000_000
+    # Its log lines count the seconds of the budget, not toward train.max_iters, which the run does not reach.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter ")]
+    assert re.match(r"iter      1 \| 0/\d+s \| loss ", lines[0]) and not any("/1000000" in line for line in lines)
     # The final eval and saving are inside the budget; a little slack for a busy machine.
     assert metrics["wall_time_sec"] < 10 + 3.0
     events = EventAccumulator(str(tmp_path / "run"))
