@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Callable
@@ -60,6 +61,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         if isinstance(e, WriteError) or (e.filename is not None and Path(e.filename) not in (tmp, path, *path.parents)):
             raise
         raise WriteError(path, e) from e
+    except Exception as e:  # tokenizers and safetensors write from Rust: an OS error there reads "... (os error 28)"
+        if (code := rust_os_error(e)) is None:
+            raise
+        raise WriteError(path, OSError(code, os.strerror(code))) from e
+
+
+def rust_os_error(e: Exception) -> int | None:
+    """The errno of an OS error that a library written in Rust raised as a plain Exception, else None."""
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return int(found.group(1)) if found else None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

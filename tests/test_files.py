@@ -27,6 +27,29 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert (tmp_path / "new" / "file.txt").read_bytes() == "é\n".encode()
 
 
+def test_an_os_error_from_a_library_written_in_rust_is_a_one_line_write_error(tmp_path, monkeypatch):
+    """tokenizers (and safetensors) raise a plain Exception for a full disk: "... (os error 28)"."""
+    from fluxtrain.tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer.train("to be or not to be " * 50, 300)
+
+    def full_disk(path):
+        Path(path).write_text("half")
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(tokenizer.hf, "save", full_disk)
+    with pytest.raises(fluxtrain.files.WriteError) as info:
+        tokenizer.save(tmp_path / "tokenizer.json")
+    assert str(info.value) == f"cannot write {tmp_path / 'tokenizer.json'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+    def fails(path):
+        raise ValueError("not about the disk")
+
+    with pytest.raises(ValueError, match="not about the disk"):  # anything else passes as it is
+        atomic_write(tmp_path / "x", fails)
+
+
 def test_check_writable_says_which_folder_refused_a_file_and_why(tmp_path, monkeypatch):
     def message(path, folder=True) -> str:
         with pytest.raises(FluxtrainError) as e:
