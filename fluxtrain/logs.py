@@ -125,3 +125,17 @@ def quiet_event_writer_threads() -> Iterator[None]:
         yield
     finally:
         threading.excepthook = previous
+
+
+@contextlib.contextmanager
+def event_writer(run_dir: Path, **kwargs: Any) -> Iterator[EventWriter]:
+    """A TensorBoard writer into `run_dir` whose failures to write are one line (`EventWriter`); closed at the end,
+    where a failure already raised is not hidden by one in writing the last events."""
+    from torch.utils.tensorboard import SummaryWriter  # here: logs.py is imported where TensorBoard is not needed
+
+    with quiet_event_writer_threads():
+        writer = EventWriter(SummaryWriter(log_dir=str(run_dir), **kwargs))
+        try:
+            yield writer
+        finally:
+            writer.close_after_failure()

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 
 from fluxtrain import distributed, host
 from fluxtrain.data import load_corpus
 from fluxtrain.distributed import World
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write, atomic_write_text
+from fluxtrain.logs import event_writer
 from fluxtrain.model import GPT
 from fluxtrain.optim import build_optimizer, set_lr
 from fluxtrain.precision import grad_scaler, warn_without_autocast
@@ -185,52 +185,55 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
             "suggestion names both"
         )
 
-    writer = SummaryWriter(log_dir=str(run_dir))
-    lrs, losses, best = [], [], math.inf
-    avg, stopped_early = 0.0, False
-    for step, lr in enumerate(lr_schedule(fcfg)):
-        set_lr(optimizer, float(lr))
-        loss = train_step(model, optimizer, scaler, data, batch_gen, World(), device, tcfg, cfg.optim.grad_clip)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            stopped_early = True
-            log.info(f"lr_find: loss became {loss_value} at lr {lr:.2e}; stopping")
-            break
-        lrs.append(float(lr))
-        losses.append(loss_value)
-        avg = fcfg.smoothing * avg + (1 - fcfg.smoothing) * loss_value
-        smoothed = avg / (1 - fcfg.smoothing ** (step + 1))
-        best = min(best, smoothed)
-        writer.add_scalar("lr_find/lr", lr, step)
-        writer.add_scalar("lr_find/loss", loss_value, step)
-        if (step + 1) % max(fcfg.num_steps // 10, 1) == 0:
-            log.info(f"lr_find: step {step + 1:>4}/{fcfg.num_steps} | lr {lr:.2e} | loss {loss_value:.4f}")
-        if smoothed > fcfg.stop_factor * best:
-            stopped_early = True
-            log.info(f"lr_find: smoothed loss {smoothed:.3f} > {fcfg.stop_factor} x best {best:.3f}; stopping")
-            break
-    if len(losses) < 3:
-        raise FluxtrainError(f"lr_find: the loss diverged after {len(losses)} steps; lower lr_find.start_lr")
+    with event_writer(run_dir) as writer:  # a full disk under it: one line naming the event file
+        lrs, losses, best = [], [], math.inf
+        avg, stopped_early = 0.0, False
+        for step, lr in enumerate(lr_schedule(fcfg)):
+            set_lr(optimizer, float(lr))
+            world, clip = World(), cfg.optim.grad_clip
+            loss = train_step(model, optimizer, scaler, data, batch_gen, world, device, tcfg, clip)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                stopped_early = True
+                log.info(f"lr_find: loss became {loss_value} at lr {lr:.2e}; stopping")
+                break
+            lrs.append(float(lr))
+            losses.append(loss_value)
+            avg = fcfg.smoothing * avg + (1 - fcfg.smoothing) * loss_value
+            smoothed = avg / (1 - fcfg.smoothing ** (step + 1))
+            best = min(best, smoothed)
+            writer.add_scalar("lr_find/lr", lr, step)
+            writer.add_scalar("lr_find/loss", loss_value, step)
+            if (step + 1) % max(fcfg.num_steps // 10, 1) == 0:
+                log.info(f"lr_find: step {step + 1:>4}/{fcfg.num_steps} | lr {lr:.2e} | loss {loss_value:.4f}")
+            if smoothed > fcfg.stop_factor * best:
+                stopped_early = True
+                stop = f"smoothed loss {smoothed:.3f} > {fcfg.stop_factor} x best {best:.3f}"
+                log.info(f"lr_find: {stop}; stopping")
+                break
+        if len(losses) < 3:
+            raise FluxtrainError(f"lr_find: the loss diverged after {len(losses)} steps; lower lr_find.start_lr")
 
-    lr_arr, smoothed_arr = np.array(lrs), zero_lag_smooth(np.array(losses), fcfg.smoothing)
-    suggested = suggest_lr(lr_arr, smoothed_arr, fcfg.rule)
-    result = LRFindResult(
-        lrs=lrs,
-        losses=losses,
-        smoothed=smoothed_arr.tolist(),
-        suggested_lr=suggested,
-        rule=fcfg.rule,
-        stopped_early=stopped_early,
-        suggested_muon_lr=None if suggested is None or muon_ratio is None else suggested * muon_ratio,
-    )
-    for step, value in enumerate(result.smoothed):  # the curve the suggestion is read from, as in the PNG and JSON
-        writer.add_scalar("lr_find/smoothed_loss", value, step)
-    fig = plot(result)
-    atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, format="png"))
-    atomic_write_text(run_dir / "lr_find.json", json.dumps(asdict(result), indent=1) + "\n")
-    writer.add_figure("lr_find/curve", fig, close=False)
-    writer.add_text("lr_find/suggestion", result.summary())
-    writer.close()
+        lr_arr, smoothed_arr = np.array(lrs), zero_lag_smooth(np.array(losses), fcfg.smoothing)
+        suggested = suggest_lr(lr_arr, smoothed_arr, fcfg.rule)
+        result = LRFindResult(
+            lrs=lrs,
+            losses=losses,
+            smoothed=smoothed_arr.tolist(),
+            suggested_lr=suggested,
+            rule=fcfg.rule,
+            stopped_early=stopped_early,
+            suggested_muon_lr=None if suggested is None or muon_ratio is None else suggested * muon_ratio,
+        )
+        # the curve the suggestion is read from, as in the PNG and JSON
+        for step, value in enumerate(result.smoothed):
+            writer.add_scalar("lr_find/smoothed_loss", value, step)
+        fig = plot(result)
+        atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, format="png"))
+        atomic_write_text(run_dir / "lr_find.json", json.dumps(asdict(result), indent=1) + "\n")
+        writer.add_figure("lr_find/curve", fig, close=False)
+        writer.add_text("lr_find/suggestion", result.summary())
+        writer.close()
     if result.suggested_lr is None:
         i_min, png = int(np.argmin(smoothed_arr)), run_dir / "lr_find.png"
         raise FluxtrainError(
