@@ -149,8 +149,29 @@ def check_output_dir(args: list[str]) -> None:
     fixed = value.split("${")[0]  # up to an interpolation (`${now:...}`): a new folder under that part
     if fixed:
         check_writable(fixed, setting, folder=True)
+    if fixed == value and setting == "hydra.run.dir":
+        check_hydra_paths(Path(value), setting)
     if fixed == value and "hydra.output_subdir=null" not in args:  # torchrun's ranks > 0 save no config
         remember_run_configs(value, sweep=setting == "hydra.sweep.dir")
+
+
+RUN_LOG = "train.log"  # Hydra's job log: hydra.job.name (train) + .log
+
+
+def check_hydra_paths(run_dir: Path, setting: str) -> None:
+    """Refuse a run folder where Hydra would meet something else than the file or folder it writes (a folder named
+    train.log, a file named .hydra): Hydra would end with a traceback, or wait forever on a named pipe."""
+    expected = {run_dir / RUN_LOG: "file", run_dir / HYDRA_OUTPUT_DIR: "folder"}
+    expected |= {run_dir / HYDRA_OUTPUT_DIR / name: "file" for name in HYDRA_FILES}
+    for path, kind in expected.items():
+        if not os.path.lexists(path):
+            continue
+        found = "folder" if path.is_dir() else "file" if path.is_file() else "file of another kind (a pipe, a socket)"
+        if found != kind:
+            raise FluxtrainError(
+                f"{setting}={run_dir} holds a {found} at {path}, where Hydra writes a {kind}: remove it, or give the "
+                "run another folder"
+            )
 
 
 class FolderInUse(FluxtrainError):

@@ -223,3 +223,26 @@ def test_a_second_run_in_a_folder_that_a_run_is_using_is_refused(tiny_cfg, tmp_p
         os.close(held)
     assert train(tiny_cfg(*RUN), run)["iters"] == 20  # free again once the first run's process lets go
     os.close(lock_run_dir(run))  # and the run let go of it when it ended
+
+
+@pytest.mark.parametrize(
+    ("make", "found", "kind"),
+    [
+        (lambda run: (run / "train.log").mkdir(), "folder", "file"),
+        (lambda run: os.mkfifo(run / "train.log"), "file of another kind (a pipe, a socket)", "file"),
+        (lambda run: (run / ".hydra").write_text(""), "file", "folder"),
+        (lambda run: (run / ".hydra" / "overrides.yaml").mkdir(parents=True), "folder", "file"),
+    ],
+    ids=["log-folder", "log-fifo", "hydra-file", "overrides-folder"],
+)
+def test_what_hydra_would_meet_in_place_of_its_files_is_one_line(tmp_path, make, found, kind):
+    """Hydra would end with a traceback, or wait forever opening a named pipe as its log."""
+    from fluxtrain.run_folder import check_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    make(run)
+    with pytest.raises(FluxtrainError) as info:
+        check_output_dir([f"hydra.run.dir={run}"])
+    assert str(info.value).startswith(f"hydra.run.dir={run} holds a {found} at {run}/")
+    assert str(info.value).endswith(f"where Hydra writes a {kind}: remove it, or give the run another folder")
