@@ -12,6 +12,7 @@ import logging
 import re
 import urllib.parse
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 
 from fluxtrain.cuts import BYTE_LEVEL_CUTS, CutRule
 from fluxtrain.errors import FluxtrainError, describe_failure
-from fluxtrain.files import atomic_write, atomic_write_text, check_writable, parse_json
+from fluxtrain.files import WriteError, atomic_write, atomic_write_text, check_writable, parse_json
 from fluxtrain.sources import (
     Sources,
     check_sha256,
@@ -330,7 +331,8 @@ def encode_sources(
 
     # Each file is written whole or not at all, the ids before the entry that vouches for them with their digest: a
     # crash in between leaves ids that no entry vouches for, which are encoded again.
-    atomic_write(ids_path, write_ids)
+    with writing_cache(cfg.cache_dir):
+        atomic_write(ids_path, write_ids)
     meta = {
         "n_tokens": n_tokens,
         "n_bytes": counted.n,
@@ -341,9 +343,21 @@ def encode_sources(
         # (index in the files, offset of the first bad byte) of each file read with U+FFFD, to warn on a cache hit
         "not_utf8": [[i, sources.not_utf8[p]] for i, p in enumerate(sources.files) if p in sources.not_utf8],
     }
-    atomic_write_text(meta_path, json.dumps(meta))
+    with writing_cache(cfg.cache_dir):
+        atomic_write_text(meta_path, json.dumps(meta))
     log.info(f"{sources.setting}: encoded {n_tokens:,} tokens into {ids_path}")
     return _open_ids(ids_path, dtype, n_tokens), counted.n
+
+
+@contextmanager
+def writing_cache(cache_dir: str) -> Iterator[None]:
+    """A cache file that cannot be written (a full disk) is one line naming data.cache_dir and the ways out."""
+    try:
+        yield
+    except WriteError as e:
+        raise FluxtrainError(
+            f"data.cache_dir={cache_dir}: {e}; give data.cache_dir a folder with room, or set data.cache=false"
+        ) from None
 
 
 def check_unchanged(sources: Sources, fingerprint: list) -> None:
@@ -473,8 +487,9 @@ def corpus_tokenizer(
                 check_unchanged(sources, fingerprint[name])
         text = tokenizer.to_json()
         # The tokenizer, then the digest that vouches for it: a crash in between leaves one no digest vouches for.
-        atomic_write_text(cached, text)
-        atomic_write_text(digest_path(cached), hashlib.blake2b(text.encode("utf-8")).hexdigest())
+        with writing_cache(cfg.cache_dir):
+            atomic_write_text(cached, text)
+            atomic_write_text(digest_path(cached), hashlib.blake2b(text.encode("utf-8")).hexdigest())
     return tokenizer
 
 

@@ -765,3 +765,22 @@ def test_a_separator_character_the_tokenizer_lacks_is_named_as_the_separators(tm
     )
     data, _, _ = load_corpus(corpus_cfg(tmp_path, tmp_path / "t", separator="c"), tok_cfg, 2)  # one it has
     assert len(data.train) + len(data.val) == 18 * 3 + 1 + 15 * 3
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_cache_file_that_cannot_be_written_names_data_cache_dir_and_the_ways_out(tmp_path, monkeypatch, kind):
+    from fluxtrain.files import WriteError
+
+    text = tmp_path / "a.txt"
+    text.write_text(make_text(5_000))
+
+    def full_disk(path, *args):
+        raise WriteError(Path(path), OSError(27, "File too large"))
+
+    monkeypatch.setattr(data_mod, "atomic_write" if kind == "char" else "atomic_write_text", full_disk)
+    cfg = DataConfig(path=str(text), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FluxtrainError) as info:
+        load_corpus(cfg, TokenizerConfig(kind=kind, vocab_size=300), 16)
+    entry = "tokens/" if kind == "char" else "tokenizers/"
+    assert str(info.value).startswith(f"data.cache_dir={tmp_path / 'cache'}: cannot write {tmp_path / 'cache' / entry}")
+    assert str(info.value).endswith(": File too large; give data.cache_dir a folder with room, or set data.cache=false")
