@@ -285,4 +285,3 @@ def test_events_that_cannot_be_written_end_the_test_in_one_line(tiny_cfg, tmp_pa
     (events,) = tmp_path.glob("events.out.tfevents.*")
     assert str(info.value) == f"cannot write {events}: No space left on device"
     assert printed == [] and "Traceback" not in capfd.readouterr().err
-
