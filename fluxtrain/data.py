@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 
 from fluxtrain.cuts import BYTE_LEVEL_CUTS, CutRule
 from fluxtrain.errors import FluxtrainError, describe_failure
-from fluxtrain.files import WriteError, atomic_write, atomic_write_text, check_writable, parse_json
+from fluxtrain.files import TEMP_FILE, WriteError, atomic_write, atomic_write_text, check_writable, parse_json
 from fluxtrain.sources import (
     Sources,
     check_sha256,
@@ -331,6 +332,7 @@ def encode_sources(
 
     # Each file is written whole or not at all, the ids before the entry that vouches for them with their digest: a
     # crash in between leaves ids that no entry vouches for, which are encoded again.
+    remove_dead_writes(folder)
     with writing_cache(cfg.cache_dir):
         atomic_write(ids_path, write_ids)
     meta = {
@@ -347,6 +349,21 @@ def encode_sources(
         atomic_write_text(meta_path, json.dumps(meta))
     log.info(f"{sources.setting}: encoded {n_tokens:,} tokens into {ids_path}")
     return _open_ids(ids_path, dtype, n_tokens), counted.n
+
+
+DEAD_WRITE_SECONDS = 3600  # a cache file's temporary untouched this long is a killed process's: a live write goes on
+
+
+def remove_dead_writes(folder: Path) -> None:
+    """Remove the temporary files that processes killed while writing a cache entry left in `folder`. The cache is
+    shared: only those untouched for DEAD_WRITE_SECONDS, not another run's write in progress."""
+    cutoff = time.time() - DEAD_WRITE_SECONDS
+    for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+        try:
+            if TEMP_FILE.fullmatch(path.name) and path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: the entry is written all the same
+            pass
 
 
 @contextmanager
@@ -487,6 +504,7 @@ def corpus_tokenizer(
                 check_unchanged(sources, fingerprint[name])
         text = tokenizer.to_json()
         # The tokenizer, then the digest that vouches for it: a crash in between leaves one no digest vouches for.
+        remove_dead_writes(cached.parent)
         with writing_cache(cfg.cache_dir):
             atomic_write_text(cached, text)
             atomic_write_text(digest_path(cached), hashlib.blake2b(text.encode("utf-8")).hexdigest())

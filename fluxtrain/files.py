@@ -32,6 +32,11 @@ def user_path(path: str | Path, what: str) -> Path:
     return expand_home(path, what)
 
 
+# atomic_write's temporary file for <name>: `.<name>.<hex digits>.tmp`, left behind by a process killed while writing
+# (TEMP_FILE[1] is the name).
+TEMP_FILE = re.compile(r"\.(.+)\.[0-9a-f]+\.tmp")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary file in the same folder, fsync it, then rename it over `path`.
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluxtrain.checkpoint import Checkpoint, load_checkpoint
 from fluxtrain.errors import FluxtrainError
+from fluxtrain.files import TEMP_FILE
 from fluxtrain.overrides import path_override
 from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
 
@@ -28,9 +29,6 @@ TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer, beside its checkpoints
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.ckpt")
 EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")  # TensorBoard's: the second it was opened, first
 EVENT_FILES = "events.out.tfevents.*"
-# files.atomic_write's temporary file for <name>: `.<name>.<hex digits>.tmp`, left behind by a process killed while
-# writing. Only those of the run's own files are removed (STALE_TEMP[1] is the name).
-STALE_TEMP = re.compile(r"\.(.+)\.[0-9a-f]+\.tmp")
 CHECKPOINT_FILES = "iter_*.ckpt"
 MODEL_KEYS_FREE_ON_RESUME = ("dropout",)  # model settings that do not change the weights' meaning
 PRIMARY_CONFIG = "config"  # `python -m fluxtrain`'s primary config (conf/config.yaml)
@@ -80,7 +78,7 @@ def stale_temporary_files(run_dir: str | Path, outputs: tuple[str, ...] = ()) ->
             found += [
                 p
                 for p in sorted(folder.iterdir())
-                if (m := STALE_TEMP.fullmatch(p.name)) and any(fnmatch.fnmatchcase(m[1], pat) for pat in patterns)
+                if (m := TEMP_FILE.fullmatch(p.name)) and any(fnmatch.fnmatchcase(m[1], pat) for pat in patterns)
             ]
     return found
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -784,3 +785,22 @@ def test_a_cache_file_that_cannot_be_written_names_data_cache_dir_and_the_ways_o
     entry = "tokens/" if kind == "char" else "tokenizers/"
     assert str(info.value).startswith(f"data.cache_dir={tmp_path / 'cache'}: cannot write {tmp_path / 'cache' / entry}")
     assert str(info.value).endswith(": File too large; give data.cache_dir a folder with room, or set data.cache=false")
+
+
+def test_an_encode_killed_while_writing_leaves_a_temporary_that_a_later_one_removes(tmp_path):
+    """Only those untouched for an hour: the cache is shared, and another run may be writing one right now."""
+    text = tmp_path / "a.txt"
+    text.write_text(make_text(5_000))
+    tokens = tmp_path / "cache" / "tokens"
+    tokens.mkdir(parents=True)
+    dead, live, other = (
+        tokens / ".0123abcd.bin.5e1f00aa12bc.tmp",
+        tokens / ".89ef.bin.0a0b0c0d0e0f.tmp",
+        tokens / "x.tmp",
+    )
+    for path in (dead, live, other):
+        path.write_bytes(b"\0" * 100)
+    os.utime(dead, (time.time() - 2 * 3600,) * 2)
+    os.utime(other, (time.time() - 2 * 3600,) * 2)
+    load_corpus(DataConfig(path=str(text), cache_dir=str(tmp_path / "cache")), TokenizerConfig(), 16)
+    assert not dead.exists() and live.exists() and other.exists()
