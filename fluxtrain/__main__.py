@@ -24,7 +24,7 @@ from fluxtrain.errors import (
     quiet_when_stdout_closes,
 )
 from fluxtrain.interrupt import StoppedInSetup
-from fluxtrain.overrides import NO_RUN_FLAGS, check_commands, options_first
+from fluxtrain.overrides import check_commands, options_first, runs_nothing
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.tasks import run_task
@@ -98,7 +98,7 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     try:
-        with quiet_when_stdout_closes(), held_stdout(any(a.split("=")[0] in NO_RUN_FLAGS for a in sys.argv[1:])):
+        with quiet_when_stdout_closes(), held_stdout(runs_nothing(sys.argv[1:])):
             entry()
     except KeyboardInterrupt:  # while Hydra composes the config; the run itself reports its own stop
         print("interrupted", file=sys.stderr)

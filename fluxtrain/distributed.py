@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory, paths_named
-from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override, is_multirun
+from fluxtrain.overrides import hydra_override, is_multirun, runs_nothing
 
 log = logging.getLogger("fluxtrain")
 
@@ -116,7 +116,7 @@ def follow_main_run_dir(argv: list[str]) -> list[str]:
         return argv
     if is_multirun(argv):
         raise FluxtrainError("a torchrun job runs one training; sweep with hydra/launcher=slurm instead of -m")
-    if any(arg in NO_RUN_FLAGS for arg in argv):
+    if runs_nothing(argv):
         return argv
     if world.is_main:
         _run_dir_pending = True

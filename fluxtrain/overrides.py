@@ -12,7 +12,13 @@ from typing import Any, NoReturn
 from fluxtrain.errors import FluxtrainError
 
 # Hydra's options that print or describe the config instead of running a job
-NO_RUN_FLAGS = ("-c", "--cfg", "-h", "--help", "--hydra-help", "-i", "--info", "--resolve", "--shell-completion")
+NO_RUN_FLAGS = ("-c", "--cfg", "-h", "--help", "--hydra-help", "-i", "--info", "--resolve", "-sc", "--shell-completion")
+NO_RUN_FLAGS += ("--version",)
+
+
+def runs_nothing(args: list[str]) -> bool:
+    """Whether the command line prints or describes instead of running (`--cfg job`, `--info=searchpath`, ...)."""
+    return any(arg.split("=")[0] in NO_RUN_FLAGS for arg in args)
 
 
 # Hydra's commands, of which a command line gives one at most: flag -> its long name

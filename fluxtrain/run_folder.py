@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write, check_writable
-from fluxtrain.overrides import NO_RUN_FLAGS, hydra_override, hydra_value, is_multirun
+from fluxtrain.overrides import hydra_override, hydra_value, is_multirun, runs_nothing
 
 log = logging.getLogger("fluxtrain")
 
@@ -74,7 +74,7 @@ def restore_run_config(run_dir: str | Path) -> None:
 def given_output_dir(args: list[str]) -> tuple[str, str] | None:
     """The setting and the value the command line gives Hydra's output folder (`hydra.sweep.dir` with -m, else
     `hydra.run.dir`), or None where Hydra chooses it or does not run."""
-    if any(arg in NO_RUN_FLAGS for arg in args):  # they write nothing
+    if runs_nothing(args):  # they write nothing
         return None
     setting = "hydra.sweep.dir" if is_multirun(args) else "hydra.run.dir"
     given = [arg for arg in args if arg.startswith(f"{setting}=")]

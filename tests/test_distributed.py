@@ -275,6 +275,14 @@ def test_a_signal_to_one_rank_in_setup_ends_the_job_and_leaves_no_folder_behind(
     assert list(tmp_path.iterdir()) == []  # neither rank claimed the folder: it goes
 
 
+@pytest.mark.parametrize("option", ["--cfg=job", "--info=searchpath"])
+def test_an_option_that_runs_nothing_ends_every_rank_in_either_form(tmp_path, option):
+    """No rank waits for a run folder that rank 0, printing the config, never makes."""
+    result = torchrun(tmp_path, [option, "train.device=cpu"], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_missing_data_file_under_torchrun_is_one_error_and_no_rank_is_left_waiting(tmp_path):
     missing = tmp_path / "missing.txt"
     result = torchrun(tmp_path, [*TINY_OVERRIDES, f"data.path={missing}"], timeout=240)
