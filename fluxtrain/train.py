@@ -440,7 +440,7 @@ def run_training(
     tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
     last_ckpt = resume.path if resume else None
     show_bar = sys.stderr.isatty() and world.is_main  # tqdm draws on stderr
-    if show_bar:  # log lines go above the bar, not onto the end of its line
+    if show_bar and sys.stdout.isatty():  # log lines go above the bar on the same screen, not onto its line's end
         resources.enter_context(logging_redirect_tqdm())
     # With a time budget the iterations the run will reach are unknown: the bar counts them, with no total or ETA.
     bar_total = tcfg.max_iters if loop_time is None else None

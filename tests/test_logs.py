@@ -108,6 +108,28 @@ def test_no_bar_where_stderr_is_not_a_terminal(tiny_text_file, tmp_path):
     assert "it/s]" not in (tmp_path / "err").read_text()
 
 
+def test_on_a_terminal_a_console_piped_into_head_stops_quietly(tiny_text_file, tmp_path):
+    """The bar on the terminal (stderr), the log lines into `| head`, which leaves: the console's handler stops
+    after the first failed write, as without a bar, instead of a logging error for every later line."""
+    pexpect = pytest.importorskip("pexpect")
+    args = [
+        "-m",
+        "fluxtrain",
+        *TINY_OVERRIDES,
+        "train.max_iters=600",
+        "train.log_interval=20",
+        "train.eval_interval=300",
+    ]
+    args += [f"data.path={tiny_text_file}", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *args]) + " | head -3"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = pexpect.spawn("bash", ["-c", command], cwd=str(REPO_ROOT), env=env, encoding="utf-8", timeout=120)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "it/s]" in child.before and "Logging error" not in child.before and "Traceback" not in child.before
+    assert (tmp_path / "run" / "metrics.json").is_file()  # the run went on to its end
+
+
 def test_events_that_cannot_be_written_end_the_run_in_one_line(tiny_cfg, tmp_path, monkeypatch, capfd):
     """A full disk under TensorBoard's writer thread: its traceback is left out, and the next call of the writer
     names the event file and the OS error (the command line adds the last good checkpoint)."""
