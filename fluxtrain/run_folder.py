@@ -149,28 +149,41 @@ def check_output_dir(args: list[str]) -> None:
     fixed = value.split("${")[0]  # up to an interpolation (`${now:...}`): a new folder under that part
     if fixed:
         check_writable(fixed, setting, folder=True)
-    if fixed == value and setting == "hydra.run.dir":
-        check_hydra_paths(Path(value), setting)
+    if fixed == value:
+        given_dir = Path(value)
+        # A sweep's job folders (its numbered subfolders, with the default hydra.sweep.subdir) that are there already
+        jobs = (
+            [p for p in given_dir.iterdir() if p.is_dir()]
+            if setting == "hydra.sweep.dir" and given_dir.is_dir()
+            else []
+        )
+        for folder in [given_dir] if setting == "hydra.run.dir" else sorted(jobs):
+            check_hydra_paths(folder, f"{setting}={value}", job_log_name(args))
     if fixed == value and "hydra.output_subdir=null" not in args:  # torchrun's ranks > 0 save no config
         remember_run_configs(value, sweep=setting == "hydra.sweep.dir")
 
 
-RUN_LOG = "train.log"  # Hydra's job log: hydra.job.name (train) + .log
+def job_log_name(args: list[str]) -> str:
+    """The name of the log Hydra writes into a run folder: `hydra.job.name` (train, unless the command line gives
+    another) and .log."""
+    given = [hydra_value(arg) for arg in args if arg.startswith("hydra.job.name=")]
+    return f"{given[-1] if given and isinstance(given[-1], str) else 'train'}.log"
 
 
-def check_hydra_paths(run_dir: Path, setting: str) -> None:
+def check_hydra_paths(run_dir: Path, given: str, log_name: str) -> None:
     """Refuse a run folder where Hydra would meet something else than the file or folder it writes (a folder named
-    train.log, a file named .hydra): Hydra would end with a traceback, or wait forever on a named pipe."""
-    expected = {run_dir / RUN_LOG: "file", run_dir / HYDRA_OUTPUT_DIR: "folder"}
+    train.log, a file named .hydra): Hydra would end with a traceback, or wait forever on a named pipe. `given` is
+    the setting as the command line gave it."""
+    expected = {run_dir / log_name: "file", run_dir / HYDRA_OUTPUT_DIR: "folder"}
     expected |= {run_dir / HYDRA_OUTPUT_DIR / name: "file" for name in HYDRA_FILES}
     for path, kind in expected.items():
-        if not os.path.lexists(path):
+        if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):  # Hydra makes a link's target
             continue
         found = "folder" if path.is_dir() else "file" if path.is_file() else "file of another kind (a pipe, a socket)"
         if found != kind:
             raise FluxtrainError(
-                f"{setting}={run_dir} holds a {found} at {path}, where Hydra writes a {kind}: remove it, or give the "
-                "run another folder"
+                f"{given} holds a {found} at {path}, where Hydra writes a {kind}: remove it, or give the run another "
+                "folder"
             )
 
 

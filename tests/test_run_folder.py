@@ -246,3 +246,20 @@ def test_what_hydra_would_meet_in_place_of_its_files_is_one_line(tmp_path, make,
         check_output_dir([f"hydra.run.dir={run}"])
     assert str(info.value).startswith(f"hydra.run.dir={run} holds a {found} at {run}/")
     assert str(info.value).endswith(f"where Hydra writes a {kind}: remove it, or give the run another folder")
+
+
+def test_a_sweep_s_job_folders_are_checked_too_a_dangling_link_is_not_and_the_log_follows_the_job_name(tmp_path):
+    from fluxtrain.run_folder import check_output_dir
+
+    sweep = tmp_path / "sweep"
+    (sweep / "1" / "train.log").mkdir(parents=True)
+    with pytest.raises(FluxtrainError) as info:
+        check_output_dir(["-m", f"hydra.sweep.dir={sweep}", "optim.lr=1e-3,3e-3"])
+    assert str(info.value).startswith(f"hydra.sweep.dir={sweep} holds a folder at {sweep / '1' / 'train.log'}, ")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").symlink_to(run / "elsewhere.log")  # Hydra writes the link's target
+    (run / "x.log").mkdir()
+    check_output_dir([f"hydra.run.dir={run}"])
+    with pytest.raises(FluxtrainError, match="holds a folder at .*/x.log, where Hydra writes a file"):
+        check_output_dir([f"hydra.run.dir={run}", "hydra.job.name=x"])
