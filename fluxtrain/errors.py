@@ -27,11 +27,12 @@ def first_line(e: BaseException) -> str:
 
 
 def describe_failure(e: BaseException, limit: int = 160) -> str:
-    """`Type: first line of the message` (cut after a word to at most `limit` characters, marked "..."), for a
-    one-line note about a failed attempt."""
+    """`Type: first line of the message` (at most `limit` characters, cut after a word where one ends near the
+    limit, marked "..."), for a one-line note about a failed attempt."""
     message = first_line(e)
     if len(message) > limit:
-        message = message[: message.rfind(" ", 0, limit) if " " in message[:limit] else limit].rstrip(" ,;:") + "..."
+        cut = message.rfind(" ", 0, limit)
+        message = message[: cut if cut > limit * 3 // 4 else limit].rstrip(" ,;:(") + "..."
     return f"{type(e).__name__}: {message}"
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from fluxtrain.errors import FluxtrainError, first_line
+from fluxtrain.errors import FluxtrainError, describe_failure, first_line, is_out_of_memory
 from fluxtrain.files import atomic_write, parse_json, user_path
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, ModelConfig
@@ -222,7 +222,9 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except FluxtrainError:
         raise
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e) or "Cannot allocate memory" in str(e):  # safetensors' mmap says so
+            raise FluxtrainError(f"{what} {path} does not fit in memory ({describe_failure(e)})") from None
         problem = f"is not a readable safetensors {what} (truncated or other format)"
         raise FluxtrainError(f"{path} {problem}: {first_line(e)}") from None
     if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
@@ -321,6 +323,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`; one that is not there is an error naming it)."""
     device = resolve_device(str(device), "device")
     meta, state = read_model_file(path)
-    model, tokenizer = build_from_metadata(meta, str(path), state)
-    model.load_state_dict(state, strict=False)
-    return model.to(device).eval(), tokenizer
+    try:
+        model, tokenizer = build_from_metadata(meta, str(path), state)
+        model.load_state_dict(state, strict=False)
+        return model.to(device).eval(), tokenizer
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise FluxtrainError(f"model file {path} does not fit in memory on {device} ({describe_failure(e)})") from None

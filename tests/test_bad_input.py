@@ -133,6 +133,15 @@ def test_running_out_of_host_memory_in_numpy_is_the_same_one_line(tmp_path):
     assert line in (tmp_path / "run" / "train.log").read_text()  # the run's log says why it ended
 
 
+def test_a_long_message_is_cut_after_a_word_near_the_limit_else_at_the_limit():
+    from fluxtrain.errors import describe_failure
+
+    words = RuntimeError("Error code 12 " + "word " * 40)
+    assert describe_failure(words, 40) == "RuntimeError: Error code 12 word word word word word..."
+    assert describe_failure(RuntimeError("a, " + "y" * 200), 40) == "RuntimeError: a, " + "y" * 37 + "..."
+    assert describe_failure(ValueError("short one")) == "ValueError: short one"
+
+
 def test_a_model_too_large_for_memory_is_one_line_naming_the_model_settings(tmp_path):
     """Its attention weights alone, 12.9 GB, under a 6 GB address-space limit: a smaller batch cannot help."""
     text = tmp_path / "t.txt"

@@ -74,6 +74,28 @@ def test_paths_under_home_and_empty_paths_as_the_commands_take_them(saved, tmp_p
             call()
 
 
+def test_a_model_that_does_not_fit_in_memory_is_said_so_not_called_damaged(saved, monkeypatch):
+    from safetensors import SafetensorError
+
+    import fluxtrain.model_file as model_file_module
+
+    _, _, path = saved
+    mmap_failed = SafetensorError(
+        "Error while deserializing header: unable to mmap: Cannot allocate memory (os error 12)"
+    )
+    monkeypatch.setattr(model_file_module, "safe_open", lambda *a, **k: (_ for _ in ()).throw(mmap_failed))
+    with pytest.raises(FluxtrainError, match=f"^model file {re.escape(str(path))} does not fit in memory \\("):
+        load_model(path)
+    monkeypatch.undo()
+
+    def out_of_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 16777216 bytes.")
+
+    monkeypatch.setattr(model_file_module, "build_from_metadata", out_of_memory)
+    with pytest.raises(FluxtrainError, match=f"^model file {re.escape(str(path))} does not fit in memory on cpu \\("):
+        load_model(path)
+
+
 def test_missing_empty_truncated_and_foreign_files(saved, tmp_path):
     _, _, path = saved
     with pytest.raises(FluxtrainError, match="does not exist"):
