@@ -24,12 +24,15 @@ class WriteError(FluxtrainError, OSError):
         self.path, self.strerror = path, error.strerror  # no errno: str() stays the message above
 
 
-def user_path(path: str | Path, what: str) -> Path:
-    """A path a script passes: `~` made the home folder, as the commands do; an empty one is a FluxtrainError
-    naming `what`."""
-    if isinstance(path, str) and not path.strip():
-        raise FluxtrainError(f"{what} {path!r}: the path is empty")
-    return expand_home(path, what)
+def user_path(path: str | Path, what: str, file: bool = True) -> Path:
+    """A path a script passes: `~` made the home folder, as the commands do. An empty one, or for a `file` one that
+    names no file (`Path("")` is `.`), is a FluxtrainError naming `what`."""
+    if path == "":
+        raise FluxtrainError(f"{what} '': the path is empty")
+    resolved = expand_home(path, what)
+    if file and resolved.name in ("", ".", ".."):
+        raise FluxtrainError(f"{what} {str(path)!r} names a folder, not a file")
+    return resolved
 
 
 # atomic_write's temporary file for <name>: `.<name>.<hex digits>.tmp`, left behind by a process killed while writing

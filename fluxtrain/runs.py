@@ -307,7 +307,7 @@ def set_aside(folder: Path) -> bool:
 def find_runs(root: str | Path) -> list[Run]:
     """Every run folder under `root` (or `root` itself): finished ones hold metrics.json, failed ones failed.json,
     unfinished ones (stopped, killed, or still training) checkpoints alone."""
-    root = user_path(root, "runs folder")
+    root = user_path(root, "runs folder", file=False)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
     return [read_run(path, root) for path in run_folders(root)]
@@ -413,7 +413,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def read_scalars(run_dir: str | Path, tag: str) -> tuple[list[int], list[float]]:
     """Steps and values of one scalar curve from a run's TensorBoard event files; empty if the tag is absent."""
-    run_dir = user_path(run_dir, "run folder")
+    run_dir = user_path(run_dir, "run folder", file=False)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a folder")
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,11 +67,18 @@ def test_paths_under_home_and_empty_paths_as_the_commands_take_them(saved, tmp_p
     assert find_runs("~") == [] and read_scalars("~", "train/loss") == ([], [])
     for call, what in (
         (lambda: load_model(""), "model file"),
-        (lambda: save_model_file(" ", model, tokenizer), "model file"),
+        (lambda: save_model_file("", model, tokenizer), "model file"),
         (lambda: tokenizer.save(""), "tokenizer file"),
         (lambda: find_runs(""), "runs folder"),
     ):
-        with pytest.raises(FluxtrainError, match=f"^{what} '( )?': the path is empty$"):
+        with pytest.raises(FluxtrainError, match=f"^{what} '': the path is empty$"):
+            call()
+    for call, what in (  # Path("") is Path("."): no file's name
+        (lambda: load_model(Path("")), "model file"),
+        (lambda: save_model_file(Path(""), model, tokenizer), "model file"),
+        (lambda: tokenizer.save(Path("..")), "tokenizer file"),
+    ):
+        with pytest.raises(FluxtrainError, match=rf"^{what} '\.\.?' names a folder, not a file$"):
             call()
 
 
