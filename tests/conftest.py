@@ -127,6 +127,29 @@ def poison_training_loss(monkeypatch, call: int, factor: float) -> None:
 
 
 @pytest.fixture
+def full_disk_after_20_events(monkeypatch) -> list:
+    """TensorBoard's record writer fails with ENOSPC after 20 records, as on a full disk, in its writer thread.
+    Returns what that thread's error would have printed (as a traceback): nothing, where it is left out."""
+    import errno
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    real_write, written = RecordWriter.write, []
+
+    def write(self, data):
+        written.append(len(data))
+        if len(written) > 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", write)
+    printed: list = []
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    return printed
+
+
+@pytest.fixture
 def decoded_models(monkeypatch) -> list:
     """The models the generate command decodes with, as it passes them to `sample_stream` (one per prompt)."""
     import fluxtrain.generate as generate_module

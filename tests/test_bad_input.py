@@ -94,41 +94,33 @@ def test_cli_typo_fails_before_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_running_out_of_memory_is_one_line_naming_what_to_lower(tmp_path):
+def error_line_of_a_run_out_of_memory(tmp_path, *overrides: str, limit: int | None = None) -> str:
+    """The one `error:` line of a run with `overrides` that runs out of memory (under an address-space `limit` in
+    bytes where given), which must end with status 1 and no traceback."""
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be, that is the question\n" * 200)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    args = [sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, *overrides, f"data.path={text}"]
+    limited = None if limit is None else (lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     proc = subprocess.run(
-        [
-            sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, "train.batch_size=1000000000000",
-            f"data.path={text}", f"hydra.run.dir={tmp_path}/run",
-        ],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [*args, f"hydra.run.dir={tmp_path}/run"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, preexec_fn=limited,
     )  # fmt: skip
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "Traceback" not in output
+    assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]
     (line,) = [line for line in output.splitlines() if "error:" in line]
+    return line
+
+
+def test_running_out_of_memory_is_one_line_naming_what_to_lower(tmp_path):
+    line = error_line_of_a_run_out_of_memory(tmp_path, "train.batch_size=1000000000000")
     assert "error: out of memory (RuntimeError: " in line and line.endswith("train.activation_checkpointing=true")
     assert "lower train.batch_size" in line
 
 
 def test_running_out_of_host_memory_in_numpy_is_the_same_one_line(tmp_path):
     """A batch of 10**8 windows: numpy's MemoryError (26 GB of int64 ids, under a 6 GB address-space limit)."""
-    text = tmp_path / "t.txt"
-    text.write_text("to be or not to be, that is the question\n" * 200)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    limit = 6 * 2**30
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, "train.batch_size=100000000",
-            f"data.path={text}", f"hydra.run.dir={tmp_path}/run",
-        ],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
-    )  # fmt: skip
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]
-    (line,) = [line for line in output.splitlines() if "error:" in line]
+    line = error_line_of_a_run_out_of_memory(tmp_path, "train.batch_size=100000000", limit=6 * 2**30)
     assert "error: out of memory (" in line and "MemoryError" in line and "lower train.batch_size" in line
     assert line in (tmp_path / "run" / "train.log").read_text()  # the run's log says why it ended
 
@@ -144,21 +136,7 @@ def test_a_long_message_is_cut_after_a_word_near_the_limit_else_at_the_limit():
 
 def test_a_model_too_large_for_memory_is_one_line_naming_the_model_settings(tmp_path):
     """Its attention weights alone, 12.9 GB, under a 6 GB address-space limit: a smaller batch cannot help."""
-    text = tmp_path / "t.txt"
-    text.write_text("to be or not to be, that is the question\n" * 200)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    limit = 6 * 2**30
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "fluxtrain", *TINY_OVERRIDES, "model.d_model=32768", "model.n_heads=1",
-            f"data.path={text}", f"hydra.run.dir={tmp_path}/run",
-        ],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
-    )  # fmt: skip
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]
-    (line,) = [line for line in output.splitlines() if "error:" in line]
+    line = error_line_of_a_run_out_of_memory(tmp_path, "model.d_model=32768", "model.n_heads=1", limit=6 * 2**30)
     assert "error: out of memory building the model (RuntimeError: " in line and "batch_size" not in line
     assert line.endswith("...); use a smaller one: lower model.d_model, model.ff_dim or model.n_layers"), line
 

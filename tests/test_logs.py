@@ -130,32 +130,16 @@ def test_on_a_terminal_a_console_piped_into_head_stops_quietly(tiny_text_file, t
     assert (tmp_path / "run" / "metrics.json").is_file()  # the run went on to its end
 
 
-def test_events_that_cannot_be_written_end_the_run_in_one_line(tiny_cfg, tmp_path, monkeypatch, capfd):
+def test_events_that_cannot_be_written_end_the_run_in_one_line(tiny_cfg, tmp_path, full_disk_after_20_events, capfd):
     """A full disk under TensorBoard's writer thread: its traceback is left out, and the next call of the writer
     names the event file and the OS error (the command line adds the last good checkpoint)."""
-    import errno
-    import threading
-
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
     from fluxtrain.files import WriteError
 
-    real_write, written = RecordWriter.write, []
-
-    def write(self, data):
-        written.append(len(data))
-        if len(written) > 20:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(self, data)
-
-    monkeypatch.setattr(RecordWriter, "write", write)
-    printed = []  # what the writer thread's error would have printed, as a traceback
-    monkeypatch.setattr(threading, "excepthook", printed.append)
     with pytest.raises(WriteError) as info:
         train(tiny_cfg("train.max_iters=200", "train.log_interval=1", "train.ckpt_interval=50"), tmp_path)
     (events,) = tmp_path.glob("events.out.tfevents.*")
     assert str(info.value) == f"cannot write {events}: No space left on device"
-    assert printed == [] and "Traceback" not in capfd.readouterr().err
+    assert full_disk_after_20_events == [] and "Traceback" not in capfd.readouterr().err
 
 
 class FullDisk(io.StringIO):

@@ -259,29 +259,12 @@ def test_a_folder_holding_an_earlier_lr_find_is_refused(tiny_cfg, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 
-def test_events_that_cannot_be_written_end_the_test_in_one_line(tiny_cfg, tmp_path, monkeypatch, capfd):
+def test_events_that_cannot_be_written_end_the_test_in_one_line(tiny_cfg, tmp_path, full_disk_after_20_events, capfd):
     """A full disk under TensorBoard's writer thread, as in training: one line naming the event file."""
-    import errno
-    import os
-    import threading
-
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
     from fluxtrain.files import WriteError
 
-    real_write, written = RecordWriter.write, []
-
-    def write(self, data):
-        written.append(len(data))
-        if len(written) > 20:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(self, data)
-
-    monkeypatch.setattr(RecordWriter, "write", write)
-    printed = []  # what the writer thread's error would have printed, as a traceback
-    monkeypatch.setattr(threading, "excepthook", printed.append)
     with pytest.raises(WriteError) as info:
         lr_find(tiny_cfg("task=lr_find", "lr_find.num_steps=100"), tmp_path)
     (events,) = tmp_path.glob("events.out.tfevents.*")
     assert str(info.value) == f"cannot write {events}: No space left on device"
-    assert printed == [] and "Traceback" not in capfd.readouterr().err
+    assert full_disk_after_20_events == [] and "Traceback" not in capfd.readouterr().err
