@@ -41,9 +41,15 @@ RUN_OVERRIDES = [
 ]
 
 
-def torchrun(cwd: Path, overrides: list[str], env: dict[str, str] | None = None, timeout: float = 300):
-    """`torchrun --standalone --nproc_per_node=2 -m fluxtrain ...` on CPU, from `cwd`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fluxtrain"]
+def torchrun(
+    cwd: Path,
+    overrides: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    entry: tuple[str, ...] = ("-m", "fluxtrain"),
+):
+    """`torchrun --standalone --nproc_per_node=2 -m fluxtrain ...` (or another `entry`) on CPU, from `cwd`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry]
     # PYTHONFAULTHANDLER: a rank killed by a signal (SIGABRT, SIGSEGV) prints where each of its threads was.
     full_env = {
         **os.environ,
@@ -256,18 +262,8 @@ def test_a_torchrun_job_refused_at_setup_leaves_no_folder_behind(corpus, tmp_pat
 
 
 def test_a_signal_to_one_rank_in_setup_ends_the_job_and_leaves_no_folder_behind(corpus, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     script = str(REPO_ROOT / "tests" / "signal_in_setup.py")
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [*cmd, script, *TINY_OVERRIDES, f"data.path={corpus}", "hydra.run.dir=run"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    result = torchrun(tmp_path, [*TINY_OVERRIDES, f"data.path={corpus}", "hydra.run.dir=run"], entry=(script,))
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "stopped: another rank of this torchrun job ended" in output
