@@ -110,6 +110,17 @@ def is_out_of_memory(e: BaseException) -> bool:
     )
 
 
+@contextmanager
+def out_of_memory_as(problem: str, advice: str = "") -> Iterator[None]:
+    """Running out of memory in the block is the FluxtrainError "`problem` (what failed)`advice`"."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise FluxtrainError(f"{problem} ({describe_failure(e)}){advice}") from None
+
+
 def generation_out_of_memory_message(e: BaseException, settings: str = "--beams or --max-new-tokens") -> str:
     return f"out of memory ({describe_failure(e)}); lower {settings}, or use a smaller model"
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from fluxtrain.errors import FluxtrainError, describe_failure, first_line, is_out_of_memory
+from fluxtrain.errors import FluxtrainError, describe_failure, first_line, is_out_of_memory, out_of_memory_as
 from fluxtrain.files import atomic_write, parse_json, user_path
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, ModelConfig
@@ -323,11 +323,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`; one that is not there is an error naming it)."""
     device = resolve_device(str(device), "device")
     meta, state = read_model_file(path)
-    try:
+    with out_of_memory_as(f"model file {path} does not fit in memory on {device} ({{}})"):
         model, tokenizer = build_from_metadata(meta, str(path), state)
         model.load_state_dict(state, strict=False)
         return model.to(device).eval(), tokenizer
-    except (RuntimeError, MemoryError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise FluxtrainError(f"model file {path} does not fit in memory on {device} ({describe_failure(e)})") from None

@@ -29,7 +29,7 @@ from fluxtrain.checkpoint import Checkpoint, NonFiniteWeightsError, Progress, re
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.data import validate as validate_data
 from fluxtrain.distributed import World
-from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory
+from fluxtrain.errors import FluxtrainError, out_of_memory_as
 from fluxtrain.evaluate import bits_per_byte, perplexity
 from fluxtrain.files import atomic_write_text
 from fluxtrain.hparams import log_hparams
@@ -357,15 +357,12 @@ def run_training(
         f"| {tokenizer.name} tokenizer, vocab {tokenizer.vocab_size}"
     )
 
-    try:
+    # A batch setting cannot help here: the weights alone do not fit.
+    building = (
+        "out of memory building the model ({}); use a smaller one: lower model.d_model, model.ff_dim or model.n_layers"
+    )
+    with out_of_memory_as(building):
         model = GPT(model_cfg, tokenizer.vocab_size).to(device)
-    except (RuntimeError, MemoryError) as e:  # a batch setting cannot help here: the weights alone do not fit
-        if not is_out_of_memory(e):
-            raise
-        raise FluxtrainError(
-            f"out of memory building the model ({describe_failure(e)}); use a smaller one: lower model.d_model, "
-            "model.ff_dim or model.n_layers"
-        ) from None
     model.activation_checkpointing = tcfg.activation_checkpointing
     n_params = model.num_params()
     log.info(f"model: {n_params:,} parameters ({model_cfg.n_layers} layers, width {model_cfg.d_model})")
