@@ -323,7 +323,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`; one that is not there is an error naming it)."""
     device = resolve_device(str(device), "device")
     meta, state = read_model_file(path)
-    with out_of_memory_as(f"model file {path} does not fit in memory on {device} ({{}})"):
+    with out_of_memory_as(f"model file {path} does not fit in memory on {device}"):
         model, tokenizer = build_from_metadata(meta, str(path), state)
         model.load_state_dict(state, strict=False)
         return model.to(device).eval(), tokenizer

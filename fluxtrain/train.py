@@ -357,11 +357,8 @@ def run_training(
         f"| {tokenizer.name} tokenizer, vocab {tokenizer.vocab_size}"
     )
 
-    # A batch setting cannot help here: the weights alone do not fit.
-    building = (
-        "out of memory building the model ({}); use a smaller one: lower model.d_model, model.ff_dim or model.n_layers"
-    )
-    with out_of_memory_as(building):
+    smaller = "; use a smaller one: lower model.d_model, model.ff_dim or model.n_layers"  # no batch setting helps
+    with out_of_memory_as("out of memory building the model", smaller):
         model = GPT(model_cfg, tokenizer.vocab_size).to(device)
     model.activation_checkpointing = tcfg.activation_checkpointing
     n_params = model.num_params()
