@@ -256,7 +256,7 @@ class BPETokenizer:
 
     @property
     def name(self) -> str:
-        """ "bpe" for a BPE model, else the model's kind in `tokenizers` (WordLevel, WordPiece, Unigram)."""
+        """What logs call it: bpe for a BPE model, else the model's kind in `tokenizers` (WordLevel, Unigram, ...)."""
         model = type(self.hf.model).__name__
         return "bpe" if model == "BPE" else model
 
