@@ -36,7 +36,7 @@ from fluxtrain.hparams import log_hparams
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
 from fluxtrain.logs import EventWriter, quiet_event_writer_threads
 from fluxtrain.model import GPT, ModelConfig, eval_mode, flops_per_token
-from fluxtrain.model_file import is_sharded, save_model_file
+from fluxtrain.model_file import is_sharded, read_model_file, save_model_file
 from fluxtrain.optim import build_optimizer, decay_progress, lr_at, set_lr
 from fluxtrain.optim import validate as validate_optim
 from fluxtrain.precision import PRECISIONS, autocast_context, grad_scaler, warn_without_autocast
@@ -68,7 +68,7 @@ from fluxtrain.runs import (
 )
 from fluxtrain.sampling import MAX_SEED, check_seed, generate_ids, start_ids
 from fluxtrain.time_budget import WarmupCheck, plan_time_budget
-from fluxtrain.tokenizer import Tokenizer
+from fluxtrain.tokenizer import Tokenizer, load_tokenizer
 from fluxtrain.tokenizer import validate as validate_tokenizer
 
 log = logging.getLogger("fluxtrain")
@@ -314,8 +314,20 @@ def finished_results(run_dir: Path, resume: Checkpoint | None) -> dict[str, Any]
         except (OSError, ValueError):  # none, or damaged: evaluate again and write it anew
             metrics = None
         if metrics is not None and metrics.get("iters") == resume.progress.iteration:
-            results = metrics
+            results = metrics if intact_results(run_dir) else None
     return distributed.main_rank_object(results)
+
+
+def intact_results(run_dir: Path) -> bool:
+    """Whether the final model file and the tokenizer a finished run wrote load; where one does not, it is said, and
+    the run evaluates and writes them again as for a damaged metrics.json."""
+    try:
+        read_model_file(run_dir / FINAL_MODEL_FILE)
+        load_tokenizer(run_dir / TOKENIZER_FILE)
+    except FluxtrainError as e:
+        log.warning(f"the finished run's results do not stand ({e}): evaluating again and writing them anew")
+        return False
+    return True
 
 
 def run_training(

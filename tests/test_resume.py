@@ -35,6 +35,7 @@ from fluxtrain.resume import (
     wait_for_a_later_event_file_name,
 )
 from fluxtrain.run_folder import remember_run_configs
+from fluxtrain.runs import FINAL_MODEL_FILE
 from fluxtrain.tasks import run_task
 from fluxtrain.train import train
 
@@ -171,6 +172,26 @@ def test_a_finished_run_without_its_results_is_evaluated_again_without_training(
     assert again["final_val_loss"] == first["final_val_loss"] and again["best_val_loss"] == first["best_val_loss"]
     assert ckpt.stat().st_mtime_ns == written  # the checkpoint of the finished run is kept as it was
     assert json.loads((tmp_path / "metrics.json").read_text())["final_val_loss"] == first["final_val_loss"]
+
+
+@pytest.mark.parametrize("damaged", ["model_final.safetensors", "tokenizer.json"])
+def test_a_finished_run_whose_final_model_or_tokenizer_is_damaged_writes_them_again(
+    tiny_cfg, tmp_path, caplog, damaged
+):
+    cfg = ["train.max_iters=10", "train.eval_interval=5", "train.eval_iters=2"]
+    first = train(tiny_cfg(*cfg), tmp_path)
+    weights = {k: v.clone() for k, v in read_model_file(tmp_path / FINAL_MODEL_FILE)[1].items()}  # not the file's map
+    tokenizer = (tmp_path / "tokenizer.json").read_text()
+    whole = (tmp_path / damaged).read_bytes()
+    (tmp_path / damaged).write_bytes(whole[: len(whole) // 2])  # e.g. truncated by a copy that ran out of room
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        again = train(tiny_cfg(*cfg, "resume=auto"), tmp_path)
+    assert "the finished run's results do not stand (" in caplog.text and "writing them anew" in caplog.text
+    assert again["final_val_loss"] == first["final_val_loss"]
+    # written again from the checkpoint, as they were
+    rewritten = read_model_file(tmp_path / FINAL_MODEL_FILE)[1]
+    assert rewritten.keys() == weights.keys() and all(torch.equal(rewritten[k], weights[k]) for k in weights)
+    assert (tmp_path / "tokenizer.json").read_text() == tokenizer
 
 
 def test_throughput_after_a_resume_counts_only_the_steps_trained_since(tiny_cfg, tmp_path, monkeypatch, caplog):
