@@ -144,7 +144,14 @@ def resolve_text_path(cfg: DataConfig) -> Path:
     """`data.path` as given (a file, folder or glob), or `data.url` downloaded into `data.cache_dir`."""
     if cfg.path:
         return Path(cfg.path).expanduser()
-    return download(cfg.url, download_path(cfg), check_sha256(cfg.sha256))
+    dest = download_path(cfg)
+    try:
+        return download(cfg.url, dest, check_sha256(cfg.sha256))
+    except OSError as e:  # a full disk: what arrived is kept in <file>.part, for the next run to resume
+        raise FluxtrainError(
+            f"data.cache_dir={cfg.cache_dir}: cannot write the download of data.url into {dest.parent}: "
+            f"{e.strerror or e}; give data.cache_dir a folder with room, or download the file by hand and set data.path"
+        ) from None
 
 
 def corpus_sources(cfg: DataConfig, run_dir: str | Path | None = None) -> tuple[Sources, Sources | None]:

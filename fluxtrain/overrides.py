@@ -48,6 +48,11 @@ def options_first(args: list[str]) -> list[str]:
             if value is not None and (arg in VALUE_OPTIONS or (arg in ("-i", "--info") and value in INFO_CHOICES)):
                 options.append(value)
                 i += 1
+            elif arg in (
+                "-i",
+                "--info",
+            ):  # its value left out, Hydra's default, said: no setting after it is read as one
+                options.append("all")
         i += 1
     return options + settings
 

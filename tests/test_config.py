@@ -418,8 +418,10 @@ def test_hydra_options_it_would_end_with_a_traceback_or_its_usage_are_one_line(a
 def test_options_go_before_the_settings_with_their_values():
     args = ["model=small", "--cfg", "job", "train.seed=3", "-p", "train", "-m", "--info", "optim.lr=1", "-i", "plugins"]
     assert options_first(args) == [
-        "--cfg", "job", "-p", "train", "-m", "--info", "-i", "plugins", "model=small", "train.seed=3", "optim.lr=1",
+        "--cfg", "job", "-p", "train", "-m", "--info", "all", "-i", "plugins",
+        "model=small", "train.seed=3", "optim.lr=1",
     ]  # fmt: skip
+    assert options_first(["model=small", "--info"]) == ["--info", "all", "model=small"]  # its default, said
     assert options_first(["--config-dir=conf", "x=1", "-cd", "more", "y=2"]) == [
         "--config-dir=conf",
         "-cd",

@@ -804,3 +804,18 @@ def test_an_encode_killed_while_writing_leaves_a_temporary_that_a_later_one_remo
     os.utime(other, (time.time() - 2 * 3600,) * 2)
     load_corpus(DataConfig(path=str(text), cache_dir=str(tmp_path / "cache")), TokenizerConfig(), 16)
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_a_download_that_cannot_be_written_names_data_cache_dir_and_the_ways_out(tmp_path, monkeypatch):
+    def full_disk(url, dest, sha256):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_mod, "download", full_disk)
+    cfg = DataConfig(path=None, url="http://127.0.0.1:9/x.txt", sha256=None, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FluxtrainError) as info:
+        data_mod.resolve_text_path(cfg)
+    assert str(info.value) == (
+        f"data.cache_dir={tmp_path / 'cache'}: cannot write the download of data.url into {tmp_path / 'cache'}: "
+        "No space left on device; give data.cache_dir a folder with room, or download the file by hand and set "
+        "data.path"
+    )
