@@ -122,6 +122,15 @@ def rng_state(batch_gen: torch.Generator, device: torch.device | None = None) ->
     return state
 
 
+def takes_state(state: torch.Tensor) -> bool:
+    """Whether a CPU generator takes `state` (torch checks its Mersenne Twister state as it sets it)."""
+    try:
+        torch.Generator().set_state(state)
+    except RuntimeError:
+        return False
+    return True
+
+
 def set_rng_state(rng: dict[str, torch.Tensor], batch_gen: torch.Generator, device: torch.device) -> None:
     """Put the saved states back: the batch sampler's, and this rank's torch generators (a rank the saving run did
     not have keeps those it was seeded with)."""
@@ -244,6 +253,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 f"{path}: its random-number state rng/{wrong} has {groups['rng'][wrong].numel()} bytes, "
                 f"a CPU generator's has {cpu_state_size}"
             )
+        # Each state a generator takes, every rank's too: checked here, before any rank sets a file aside
+        wrong = next((k for k in cpu_states if not takes_state(groups["rng"][k])), None)
+        if wrong is not None:
+            raise FluxtrainError(f"{path}: its random-number state rng/{wrong} is not a CPU generator's state")
         check_dtypes(groups["model"], path)
         bad = first_non_finite(groups["optim"])
         if bad is not None:

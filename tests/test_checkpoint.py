@@ -167,6 +167,12 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         ("list_config", {"config": "[1, 2]"}, {}, "its run config is not a JSON object"),
         ("float_rng", {}, {"rng/torch": torch.zeros(8)}, "rng/torch is not a byte vector"),
         ("short_rng", {}, {"rng/batches": torch.zeros(5, dtype=torch.uint8)}, "rng/batches has 5 bytes"),
+        (
+            "zero_rank_rng",  # another rank's: refused at loading, before any rank sets a file aside
+            {},
+            {"rng/rank1/torch": torch.zeros_like(tensors["rng/torch"])},
+            "rng/rank1/torch is not a CPU generator's state",
+        ),
         ("nan_weights", {}, {"model/blocks.0.mlp.fc.weight": nan_weight}, "holds NaN or infinite values"),
         ("float8_weights", {}, {"model/blocks.0.mlp.fc.weight": float8_weight}, "is stored as float8_e4m3fn"),
         ("list_scaler", {"scaler": "[1]"}, {}, "its grad-scaler state is not a JSON object"),
