@@ -425,16 +425,17 @@ def run_training(
         )
         restore_run_config(run_dir)  # the folder is left as it was, the run's own settings included
         return results
+    # With nothing to train: the final evaluation, unless the checkpoint holds the one at its iteration already
+    then = "evaluating without training" if evaluated_at != it else "its evaluation there stands, with nothing to train"
     if it >= tcfg.max_iters:
         log.warning(
-            f"the checkpoint is at iteration {it}, which reaches train.max_iters={tcfg.max_iters}: evaluating "
-            "without training (raise train.max_iters to train on)"
+            f"the checkpoint is at iteration {it}, which reaches train.max_iters={tcfg.max_iters}: {then} "
+            "(raise train.max_iters to train on)"
         )
     elif loop_time is not None and progress.train_time >= loop_time:
         log.warning(
             f"the checkpoint's {progress.train_time:.1f}s of training use up the {loop_time:.1f}s that "
-            f"train.max_time={tcfg.max_time:g} leaves to train: evaluating without training (raise train.max_time "
-            "to train on)"
+            f"train.max_time={tcfg.max_time:g} leaves to train: {then} (raise train.max_time to train on)"
         )
     # Every check has passed: only now does the run move or write files in its folder.
     writer = (

@@ -159,7 +159,7 @@ def test_resuming_a_finished_run_leaves_it_and_its_results_as_they_were(tiny_cfg
     assert scalars(tmp_path) == curves  # no point logged twice at the last step
 
 
-def test_a_finished_run_without_its_results_is_evaluated_again_without_training(tiny_cfg, tmp_path, caplog):
+def test_a_finished_run_without_its_results_writes_them_again_without_training(tiny_cfg, tmp_path, caplog):
     cfg = ["train.max_iters=10", "train.eval_interval=5", "train.eval_iters=2"]
     first = train(tiny_cfg(*cfg), tmp_path)
     (tmp_path / "metrics.json").unlink()  # e.g. killed after its last checkpoint
@@ -167,7 +167,10 @@ def test_a_finished_run_without_its_results_is_evaluated_again_without_training(
     written = ckpt.stat().st_mtime_ns
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         again = train(tiny_cfg(*cfg, "resume=auto"), tmp_path)
-    assert "iteration 10, which reaches train.max_iters=10: evaluating without training" in caplog.text
+    # The checkpoint holds the evaluation at its iteration: it stands, and is not run again
+    assert "iteration 10, which reaches train.max_iters=10: its evaluation there stands, with nothing to train" in (
+        caplog.text
+    )
     assert again["iters"] == 10 and again["tokens_per_sec"] is None  # no step, so no throughput
     assert again["final_val_loss"] == first["final_val_loss"] and again["best_val_loss"] == first["best_val_loss"]
     assert ckpt.stat().st_mtime_ns == written  # the checkpoint of the finished run is kept as it was

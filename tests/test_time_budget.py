@@ -183,12 +183,12 @@ def test_a_run_whose_time_ran_out_stays_finished_when_a_shorter_setup_leaves_mor
         again = train(tiny_cfg(*run, "resume=auto"), tmp_path)
     assert again == first and f"the run finished at iteration {first['iters']}" in caplog.text
     assert "(raise train.max_time to train on)" in caplog.text  # a larger max_iters would not
-    # Without its results it is evaluated again, and still not trained.
+    # Without its results they are written again, from the checkpoint's evaluation, and it is still not trained.
     (tmp_path / "metrics.json").unlink()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         evaluated = train(tiny_cfg(*run, "resume=auto"), tmp_path)
-    assert evaluated["iters"] == first["iters"] and "evaluating without training" in caplog.text
+    assert evaluated["iters"] == first["iters"] and "its evaluation there stands, with nothing to train" in caplog.text
     # A larger budget trains on, for the time the new one adds.
     monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 1.0)
     longer = train(tiny_cfg(*(s.replace("max_time=60", "max_time=61") for s in run), "resume=auto"), tmp_path)
