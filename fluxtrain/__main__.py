@@ -37,13 +37,13 @@ def run(cfg: DictConfig) -> float:
     world = distributed.init_world()  # a no-op when main() joined already; SLURM tasks join here
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    distributed.publish_run_dir(str(run_dir))
     distributed.quiet_other_ranks(world)
     # A single run refused before it claimed its folder leaves no folder behind; a sweep's failed job keeps its
     # failed.json. Under torchrun every rank discards: rank 0 its config files and log, a later rank the folder its
     # Hydra made again once rank 0's was gone.
     single_run = hydra_cfg.mode == RunMode.RUN
     try:
+        distributed.publish_run_dir(str(run_dir))  # a rank stopped meanwhile: peer_left below
         with paths_named():
             if hydra_cfg.mode == RunMode.MULTIRUN:
                 overrides = OmegaConf.to_container(hydra_cfg.overrides.task)
@@ -97,6 +97,9 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # under torchrun, while a rank waits for rank 0's run folder
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     try:
         with quiet_when_stdout_closes(), held_stdout(runs_nothing(sys.argv[1:])):
             entry()
