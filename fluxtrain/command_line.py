@@ -77,6 +77,9 @@ def check_overrides(args: list[str]) -> None:
                 "with commas in quotes, key='a,b')"
             )
         key = override.key_or_group
+        if key.startswith("hydra/") and not override.is_delete() and override.value() is None:  # Hydra: a traceback
+            stock = "basic" if key in ("hydra/launcher", "hydra/sweeper") else "default"  # Hydra's own option
+            raise FluxtrainError(f"{key}=null is not an option of {key}: name one, e.g. {key}={stock}")
         if key == "hydra/launcher" and not prints_only and not override.is_delete():
             check_launcher(arg, override.value(), multirun)
         if "/" in key or "@" in key:

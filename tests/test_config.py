@@ -415,6 +415,13 @@ def test_hydra_options_it_would_end_with_a_traceback_or_its_usage_are_one_line(a
         check_commands(fine)
 
 
+@pytest.mark.parametrize(("group", "stock"), [("hydra/job_logging", "default"), ("hydra/launcher", "basic")])
+def test_a_hydra_group_set_to_null_is_one_line(group, stock):
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides([f"{group}=null"])
+    assert str(info.value) == f"{group}=null is not an option of {group}: name one, e.g. {group}={stock}"
+
+
 def test_options_go_before_the_settings_with_their_values():
     args = ["model=small", "--cfg", "job", "train.seed=3", "-p", "train", "-m", "--info", "optim.lr=1", "-i", "plugins"]
     assert options_first(args) == [
