@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fluxtrain.config import Config, config_dir, nested, unknown_keys
 from fluxtrain.errors import FluxtrainError, describe_failure, first_line
 from fluxtrain.hydra_settings import check_hydra_setting, check_launcher, hydra_settings_schema, hydra_type_problem
-from fluxtrain.overrides import is_multirun
+from fluxtrain.overrides import is_multirun, runs_nothing
 from fluxtrain.runs import flat_settings
 
 
@@ -53,7 +53,7 @@ def check_overrides(args: list[str]) -> None:
     options = {} if elsewhere else group_options(folders)
     own_primary = bool(_option_values(args, ("--config-name", "-cn")))  # whose defaults may lack a group
     multirun = is_multirun(args)
-    prints_only = any(arg in PRINT_FLAGS for arg in args)  # the search's config, and no trials
+    prints_only = runs_nothing(args)  # the search's config, and no trials
     setup_globals()  # Hydra's resolvers (`${now:...}`), for the interpolation check
     schema, parser = OmegaConf.structured(Config), OverridesParser.create()
     chosen: dict[str, list[str]] = {}
@@ -119,9 +119,6 @@ def check_overrides(args: list[str]) -> None:
     for group, chosen_options in chosen.items():
         for option in chosen_options:
             _check_option_file(group, option, folders, extra, options, schema)
-
-
-PRINT_FLAGS = ("-c", "--cfg", "-i", "--info", "-h", "--help", "--hydra-help")  # Hydra prints and runs nothing
 
 
 def group_options(folders: tuple[Path, ...]) -> dict[str, list[str]]:

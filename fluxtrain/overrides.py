@@ -11,9 +11,9 @@ from typing import Any, NoReturn
 
 from fluxtrain.errors import FluxtrainError
 
-# Hydra's options that print or describe the config instead of running a job
-NO_RUN_FLAGS = ("-c", "--cfg", "-h", "--help", "--hydra-help", "-i", "--info", "--resolve", "-sc", "--shell-completion")
-NO_RUN_FLAGS += ("--version",)
+# Hydra's options that print or describe the config instead of running a job (`--resolve` only changes what
+# `--cfg` or `--help` print, and is refused without them)
+NO_RUN_FLAGS = ("-c", "--cfg", "-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion", "--version")
 
 
 def runs_nothing(args: list[str]) -> bool:

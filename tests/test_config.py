@@ -415,6 +415,11 @@ def test_hydra_options_it_would_end_with_a_traceback_or_its_usage_are_one_line(a
         check_commands(fine)
 
 
+@pytest.mark.parametrize("flag", [["--cfg", "job"], ["--cfg=job"], ["--info=defaults"]])
+def test_a_search_only_printed_needs_no_m_in_either_form_of_the_option(flag):
+    check_overrides([*flag, "hparams_search=lr_optuna"])  # prints the search's config: no trials to run
+
+
 @pytest.mark.parametrize(("group", "stock"), [("hydra/job_logging", "default"), ("hydra/launcher", "basic")])
 def test_a_hydra_group_set_to_null_is_one_line(group, stock):
     with pytest.raises(FluxtrainError) as info:
