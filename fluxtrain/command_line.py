@@ -18,7 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fluxtrain.config import Config, config_dir, nested, unknown_keys
 from fluxtrain.errors import FluxtrainError, describe_failure, first_line
-from fluxtrain.hydra_settings import check_hydra_setting, check_launcher, hydra_settings_schema, hydra_type_problem
+from fluxtrain.hydra_settings import (
+    check_hydra_option,
+    check_hydra_setting,
+    check_launcher,
+    hydra_settings_schema,
+    hydra_type_problem,
+)
 from fluxtrain.overrides import is_multirun, runs_nothing
 from fluxtrain.runs import flat_settings
 
@@ -80,6 +86,8 @@ def check_overrides(args: list[str]) -> None:
         if key.startswith("hydra/") and not override.is_delete() and override.value() is None:  # Hydra: a traceback
             stock = "basic" if key in ("hydra/launcher", "hydra/sweeper") else "default"  # Hydra's own option
             raise FluxtrainError(f"{key}=null is not an option of {key}: name one, e.g. {key}={stock}")
+        if key.startswith("hydra/") and not elsewhere and isinstance(override.value(), str):
+            check_hydra_option(key, override.value(), folders)
         if key == "hydra/launcher" and not prints_only and not override.is_delete():
             check_launcher(arg, override.value(), multirun)
         if "/" in key or "@" in key:

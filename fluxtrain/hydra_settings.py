@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import shutil
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -112,6 +113,24 @@ def _check_sweep_subdir(arg: str, values: list[Any]) -> None:
 
 
 SLURM_LAUNCHERS = ("slurm", "submitit_slurm")  # conf/hydra/launcher/slurm.yaml and the submitit plugin's own
+
+
+def check_hydra_option(group: str, option: str, folders: tuple[Path, ...]) -> None:
+    """`hydra/<group>=<option>` names an option of one of Hydra's config groups: Hydra's own, its plugins', or one in
+    `folders` (conf/ and any `--config-dir`). Hydra reports an unknown one in a dozen lines."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # the installed plugins add their options (the Optuna sweeper, submitit's launchers)
+    search_path = create_config_search_path(str(folders[0]))
+    for folder in folders[1:]:
+        search_path.append("command-line", f"file://{folder}")
+    options = ConfigLoaderImpl(config_search_path=search_path).get_group_options(group)
+    if not options:
+        raise FluxtrainError(f"{group}={option}: Hydra has no config group {group}")
+    if option not in options:
+        raise FluxtrainError(f"{group}={option} is not an option of {group}; choose one of {', '.join(options)}")
 
 
 def check_launcher(arg: str, option: Any, multirun: bool) -> None:

@@ -427,6 +427,23 @@ def test_a_hydra_group_set_to_null_is_one_line(group, stock):
     assert str(info.value) == f"{group}=null is not an option of {group}: name one, e.g. {group}={stock}"
 
 
+def test_an_unknown_option_or_group_of_hydra_s_own_is_one_line(tmp_path):
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides(["hydra/job_logging=bogus"])
+    assert str(info.value) == (
+        "hydra/job_logging=bogus is not an option of hydra/job_logging; choose one of default, disabled, fluxtrain, "
+        "none, stdout"
+    )
+    with pytest.raises(FluxtrainError, match="^hydra/nope=x: Hydra has no config group hydra/nope$"):
+        check_overrides(["hydra/nope=x"])
+    with pytest.raises(FluxtrainError, match="^hydra/launcher=joblib is not an option of hydra/launcher; .*basic"):
+        check_overrides(["-m", "hydra/launcher=joblib"])
+    (tmp_path / "hydra" / "job_logging").mkdir(parents=True)
+    (tmp_path / "hydra" / "job_logging" / "mine.yaml").write_text("version: 1\n")
+    check_overrides(["--config-dir", str(tmp_path), "hydra/job_logging=mine"])  # a user's own option
+    check_overrides(["hydra/job_logging=stdout", "-m", "hydra/sweeper=optuna"])  # Hydra's and a plugin's
+
+
 def test_options_go_before_the_settings_with_their_values():
     args = ["model=small", "--cfg", "job", "train.seed=3", "-p", "train", "-m", "--info", "optim.lr=1", "-i", "plugins"]
     assert options_first(args) == [
