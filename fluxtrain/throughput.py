@@ -98,6 +98,18 @@ def mfu(tokens_per_sec: float, flops_per_token: int, peak_per_device: float, wor
     return tokens_per_sec * flops_per_token / (peak_per_device * world_size)
 
 
+def impossible_mfu_warning(mfu: float, peak_source: str) -> str | None:
+    """A warning when the model FLOP/s achieved exceed the peak (an MFU above 100%), which says the peak is wrong:
+    set too low, or probed while other work held the device; None otherwise."""
+    if mfu <= 1:
+        return None
+    if peak_source == "train.peak_flops":
+        cause = "train.peak_flops is below what this device reaches"
+    else:
+        cause = f"the peak ({peak_source}) was measured while other work slowed this device; set train.peak_flops"
+    return f"MFU {100 * mfu:.0f}% is above 100%, so the MFU figures of this run are too high: {cause}"
+
+
 def format_flops(value: float) -> str:
     for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
         if value >= scale:

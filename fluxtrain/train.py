@@ -445,6 +445,7 @@ def run_training(
     resources.callback(writer.close_after_failure)  # also when the run fails: its writer thread ends with it
     t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
+    mfu_warned = False  # an MFU above 100% says the peak is wrong: told once
     last_ckpt = resume.path if resume else None
     show_bar = sys.stderr.isatty() and world.is_main  # tqdm draws on stderr
     if show_bar and sys.stdout.isatty():  # log lines go above the bar on the same screen, not onto its line's end
@@ -569,6 +570,9 @@ def run_training(
             tokens_per_sec = steps_window * tokens_per_iter / dt
             train_loss = distributed.mean_over_ranks(sum(losses_window) / len(losses_window), device)
             mfu = throughput.mfu(tokens_per_sec, model_flops, peak, world.world_size)
+            if not mfu_warned and (warning := throughput.impossible_mfu_warning(mfu, peak_source)):
+                log.warning(warning)
+                mfu_warned = True
             # With a time budget: the seconds trained of those the loop has, not train.max_iters (the recipes' 100000)
             done = (
                 f"/{tcfg.max_iters}" if loop_time is None else f" | {time.perf_counter() - t_loop:.0f}/{loop_time:.0f}s"

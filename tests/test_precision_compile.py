@@ -186,6 +186,23 @@ def test_log_line_and_tensorboard_report_mfu(tiny_cfg, tmp_path, caplog):
         assert mfu[step] == pytest.approx(tok_s[step] * per_token / 1e9, rel=1e-5)
 
 
+def test_an_mfu_above_100_percent_is_warned_about_once(tiny_cfg, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        train(tiny_cfg(*SHORT, "train.peak_flops=1"), tmp_path)  # 1 FLOP/s: every window reaches more
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "MFU" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert re.fullmatch(
+        r"MFU \d+% is above 100%, so the MFU figures of this run are too high: train.peak_flops is below what this "
+        r"device reaches",
+        warnings[0],
+    )
+    probe = throughput.impossible_mfu_warning(1.3, "cpu matmul probe")
+    assert probe.endswith(
+        "the peak (cpu matmul probe) was measured while other work slowed this device; set train.peak_flops"
+    )
+    assert throughput.impossible_mfu_warning(0.99, "cpu matmul probe") is None
+
+
 def test_peak_flops_sources():
     assert throughput.table_peak("NVIDIA H100 80GB HBM3") == 989e12
     assert throughput.table_peak("NVIDIA H100 PCIe") == 756e12
