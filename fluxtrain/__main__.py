@@ -25,7 +25,7 @@ from fluxtrain.errors import (
 )
 from fluxtrain.interrupt import StoppedInSetup
 from fluxtrain.overrides import check_commands, options_first, runs_nothing
-from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home
+from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home_in_run_dirs
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.tasks import run_task
 
@@ -92,7 +92,9 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
             check_commands(sys.argv[1:])
             if not any(arg in ("-sc", "--shell-completion") for arg in sys.argv[1:]):  # its install=bash is no setting
                 check_overrides(sys.argv[1:])
-            sys.argv[1:] = distributed.follow_main_run_dir(expand_home(sys.argv[1:]))  # torchrun: rank 0's folder
+            sys.argv[1:] = distributed.follow_main_run_dir(
+                expand_home_in_run_dirs(sys.argv[1:])
+            )  # torchrun: rank 0's folder
             check_output_dir(sys.argv[1:])
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,7 +25,7 @@ from fluxtrain.hydra_settings import (
     hydra_settings_schema,
     hydra_type_problem,
 )
-from fluxtrain.overrides import is_multirun, runs_nothing
+from fluxtrain.overrides import VALUE_OPTIONS, is_multirun, runs_nothing
 from fluxtrain.runs import flat_settings
 
 
@@ -332,10 +332,6 @@ def check_yaml(path: Path) -> None:
 
 
 # Hydra's options that take a path or a name as the next argument, which is not a setting
-VALUE_OPTIONS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--package", "-p")
-VALUE_OPTIONS += ("--experimental-rerun",)
-
-
 def _option_values(args: list[str], names: tuple[str, ...]) -> list[str]:
     """The values of the option `names` (`--config-dir DIR`, `-cd DIR` or `--config-dir=DIR`), in order."""
     found = []

@@ -25,7 +25,6 @@ STRATEGIES = ("ddp", "fsdp")
 FAULT_ENV = "FLUXTRAIN_TEST_FAULT"
 # How long the other ranks wait for rank 0 to download the data, train the tokenizer and fill the cache.
 SETUP_TIMEOUT = datetime.timedelta(days=1)
-# Hydra flags that print or sweep instead of running one job; ranks then do not wait for rank 0's run folder.
 _run_dir_pending = False  # rank 0 of torchrun still owes the other ranks its run folder
 
 

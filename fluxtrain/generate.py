@@ -198,8 +198,6 @@ def write_continuation(
     writer.finish(writer.ids)
 
 
-# The characters a terminal acts on instead of showing them: the C0 controls but newline and tab (ESC starts the
-# sequences that move the cursor, recolour, retitle the window or remap keys), DEL and the C1 controls.
 class EscapedControls:
     """A text stream that writes control characters as escapes (ESC as `\\x1b`), so that text from a model cannot
     change the state of the terminal that shows it."""

@@ -126,7 +126,7 @@ def _discard(run_dir: Path) -> None:
         parent.rmdir()
 
 
-def expand_home(args: list[str]) -> list[str]:
+def expand_home_in_run_dirs(args: list[str]) -> list[str]:
     """`args` with a `~` at the start of `hydra.run.dir` or `hydra.sweep.dir` expanded to the home folder, as the
     other path settings read it (Hydra would make a folder named `~`)."""
     expanded = []

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from fluxtrain.precision import PRECISIONS
+
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendor data sheets; fp16 peaks are the same. The first name
 # found in the device name wins, so the specific variants come before the family.
 GPU_PEAK_BF16: tuple[tuple[str, float], ...] = (
@@ -72,8 +74,7 @@ def peak_flops(device: torch.device, configured: float | None, precision: str) -
         peak = table_peak(name) if precision in ("bf16", "fp16") else None
         if peak is not None:
             return peak, f"{name} bf16 table"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        return probe_peak("cuda", dtype, 4096), f"{name} matmul probe"
+        return probe_peak("cuda", PRECISIONS[precision], 4096), f"{name} matmul probe"
     if device.type == "cpu" and precision == "bf16":
         return probe_peak("cpu", torch.bfloat16), "cpu bf16 matmul probe"
     return probe_peak(device.type), f"{device.type} matmul probe"

@@ -507,16 +507,16 @@ def run_training(
         window = distributed.means_over_ranks(losses_window, device)
         wall_time = progress.wall_time + time.perf_counter() - t_start
         state = Progress(
-            it,
-            best_val,
-            time.perf_counter() - t_loop,
-            warmup_done_at,
-            window,
-            wall_time,
-            evaluated_at,
-            last_losses.get("val"),
-            last_losses.get("train"),
-            time_ran_out,
+            iteration=it,
+            best_val_loss=best_val,
+            train_time=time.perf_counter() - t_loop,
+            warmup_done_at=warmup_done_at,
+            window_losses=window,
+            wall_time=wall_time,
+            eval_at=evaluated_at,
+            eval_val_loss=last_losses.get("val"),
+            eval_train_loss=last_losses.get("train"),
+            time_ran_out=time_ran_out,
         )
         path = checkpoint_path(run_dir, it)
         config = OmegaConf.to_container(cfg, resolve=True)

@@ -216,14 +216,14 @@ def test_ctrl_c_while_hydra_composes_the_config_is_one_line(monkeypatch, capsys)
 
 def test_a_run_or_sweep_folder_under_home_is_read_as_the_other_path_settings_read_it(tmp_path, monkeypatch):
     from fluxtrain.overrides import hydra_value
-    from fluxtrain.run_folder import expand_home
+    from fluxtrain.run_folder import expand_home_in_run_dirs
 
     monkeypatch.setenv("HOME", str(tmp_path))
     args = ['hydra.run.dir="~/runs/a b"', "hydra.sweep.dir='~/sweeps'", "data.path=notes.txt", "-m"]
-    expanded = expand_home(args)
+    expanded = expand_home_in_run_dirs(args)
     assert hydra_value(expanded[0]) == f"{tmp_path}/runs/a b" and hydra_value(expanded[1]) == f"{tmp_path}/sweeps"
     assert expanded[2:] == args[2:]
-    assert expand_home(["hydra.run.dir=/x/~y", 'hydra.run.dir="~nosuchuser9/x"']) == [
+    assert expand_home_in_run_dirs(["hydra.run.dir=/x/~y", 'hydra.run.dir="~nosuchuser9/x"']) == [
         "hydra.run.dir=/x/~y",
         'hydra.run.dir="~nosuchuser9/x"',
     ]
