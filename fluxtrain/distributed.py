@@ -428,16 +428,6 @@ def means_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-class NullWriter:
-    """Stands in for the TensorBoard writer on ranks > 0: every attribute and call does nothing."""
-
-    def __getattr__(self, name: str) -> NullWriter:
-        return self
-
-    def __call__(self, *args, **kwargs) -> None:
-        return None
-
-
 def _install_fault_injection(model: nn.Module, world: World) -> None:
     """Test only: with FLUXTRAIN_TEST_FAULT=RANK:ITER, rank RANK raises in its ITER-th training forward."""
     spec = os.environ.get(FAULT_ENV)

@@ -110,6 +110,17 @@ class EventWriter:
             self.writer.close()
 
 
+class NullWriter:
+    """Stands in for the TensorBoard writer where nothing is logged (torchrun ranks > 0): every attribute and call
+    does nothing."""
+
+    def __getattr__(self, name: str) -> NullWriter:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 @contextlib.contextmanager
 def quiet_event_writer_threads() -> Iterator[None]:
     """Leave out the traceback that TensorBoard's writer thread prints when a write fails: the next call of the writer

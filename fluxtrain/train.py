@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -34,7 +33,7 @@ from fluxtrain.evaluate import bits_per_byte, perplexity
 from fluxtrain.files import atomic_write_text
 from fluxtrain.hparams import log_hparams
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
-from fluxtrain.logs import EventWriter, quiet_event_writer_threads
+from fluxtrain.logs import EventWriter, NullWriter, event_writer
 from fluxtrain.model import GPT, ModelConfig, eval_mode, flops_per_token
 from fluxtrain.model_file import is_sharded, read_model_file, save_model_file
 from fluxtrain.optim import build_optimizer, decay_progress, lr_at, set_lr
@@ -228,10 +227,10 @@ def sample_text(model: GPT, tokenizer: Tokenizer, length: int, seed: int) -> str
 
 def claim_run_dir(
     run_dir: Path, tokenizer: Tokenizer, resume: Checkpoint | None, tokenizer_path: str | None = None
-) -> EventWriter:
+) -> None:
     """Set aside what this run replaces in `run_dir` (what was written after the resume point and the results the
     resumed run writes again, or an earlier run's files when the run starts afresh or continues another run's
-    checkpoint), save the tokenizer and open the TensorBoard writer; call it once nothing can fail a setting check.
+    checkpoint) and save the tokenizer; call it once nothing can fail a setting check.
     The tokenizer file the run was given (`tokenizer_path`) is never moved or rewritten, in the folder or not."""
     claim_run_config(run_dir)  # the Hydra config files saved for this run stay
     given = (Path(tokenizer_path).expanduser(),) if tokenizer_path else ()
@@ -244,10 +243,6 @@ def claim_run_dir(
         tokenizer.save(run_dir / TOKENIZER_FILE)
     if resume:  # a fresh run moved the earlier run's event files away
         wait_for_a_later_event_file_name(run_dir)
-    # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
-    return EventWriter(
-        SummaryWriter(log_dir=str(run_dir), purge_step=resume.progress.iteration + 1 if resume else None)
-    )
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
@@ -438,11 +433,12 @@ def run_training(
             f"train.max_time={tcfg.max_time:g} leaves to train: {then} (raise train.max_time to train on)"
         )
     # Every check has passed: only now does the run move or write files in its folder.
-    writer = (
-        claim_run_dir(run_dir, tokenizer, resume, cfg.tokenizer.path) if world.is_main else distributed.NullWriter()
-    )
-    resources.enter_context(quiet_event_writer_threads())
-    resources.callback(writer.close_after_failure)  # also when the run fails: its writer thread ends with it
+    writer: EventWriter | NullWriter = NullWriter()  # rank 0 speaks for the run's ranks
+    if world.is_main:
+        claim_run_dir(run_dir, tokenizer, resume, cfg.tokenizer.path)
+        # On resume, TensorBoard hides the events a dead run logged after the checkpoint, so no step appears twice.
+        purge_step = resume.progress.iteration + 1 if resume else None
+        writer = resources.enter_context(event_writer(run_dir, purge_step=purge_step))
     t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
     tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
     mfu_warned = False  # an MFU above 100% says the peak is wrong: told once
