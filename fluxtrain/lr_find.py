@@ -139,7 +139,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
 
     Writes lr_find.png (loss vs LR), lr_find.json (the curve and suggestion) and TensorBoard events into `run_dir`.
     """
-    fcfg = LRFindConfig(**OmegaConf.to_container(cfg.lr_find))
+    fcfg = LRFindConfig(**OmegaConf.to_container(cfg.lr_find, resolve=True))
     validate(fcfg)
     tcfg = cfg.train
     model_cfg = check_settings(cfg)

@@ -262,7 +262,7 @@ def check_settings(cfg: DictConfig) -> ModelConfig:
 
     check_config(cfg)
     validate(cfg.train)
-    model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
+    model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     model_cfg.validate()
     validate_optim(cfg.optim)
     validate_data(cfg.data)

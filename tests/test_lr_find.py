@@ -100,6 +100,13 @@ def test_bad_settings_name_the_setting(tiny_cfg, tmp_path, override, message):
     assert not (tmp_path / "run").exists()  # nothing written before the error
 
 
+def test_its_settings_may_name_other_settings(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.max_iters=12", "lr_find.num_steps=${train.max_iters}", "lr_find.end_lr=10")
+    with pytest.raises(FluxtrainError, match="raise lr_find.num_steps=12 "):  # too short a curve for a suggestion
+        lr_find(cfg, tmp_path)
+    assert len(json.loads((tmp_path / "lr_find.json").read_text())["lrs"]) == 12
+
+
 @pytest.mark.slow
 def test_lr_find_on_a_tiny_model(tiny_cfg, tmp_path, caplog):
     # 100 steps over 6 decades instead of 300 over 7, to keep the test short; the loss explodes before 10.

@@ -15,6 +15,12 @@ from fluxtrain.train import train
 from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss
 
 
+def test_model_settings_may_name_other_settings(tiny_cfg, tmp_path):
+    train(tiny_cfg("model.ff_dim=${model.d_model}", "train.max_iters=2"), tmp_path)
+    model, _ = load_model(tmp_path / "model_final.safetensors")
+    assert model.cfg.ff_dim == model.cfg.d_model
+
+
 def test_same_seed_gives_same_losses_and_weights(tiny_cfg, tmp_path):
     a = train(tiny_cfg("model.dropout=0.1"), tmp_path / "a")
     b = train(tiny_cfg("model.dropout=0.1"), tmp_path / "b")
