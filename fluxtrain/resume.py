@@ -31,6 +31,7 @@ EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")  # TensorBoard's: the
 EVENT_FILES = "events.out.tfevents.*"
 CHECKPOINT_FILES = "iter_*.ckpt"
 MODEL_KEYS_FREE_ON_RESUME = ("dropout",)  # model settings that do not change the weights' meaning
+DATA_KEYS_NOT_TEXT = ("cache_dir", "cache")  # data settings that do not change the text a run is evaluated on
 PRIMARY_CONFIG = "config"  # `python -m fluxtrain`'s primary config (conf/config.yaml)
 
 
@@ -202,6 +203,18 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str, ig
         for k in keys
         if saved.get(k, missing) != current.get(k, missing)
     ]
+
+
+def foreign_evaluations(ckpt: Checkpoint, cfg: DictConfig, run_dir: Path) -> str | None:
+    """Why the evaluations a checkpoint holds (its best val loss, its last evaluation) are not the resuming run's:
+    the checkpoint is another folder's, whose best model file this folder lacks, or the data settings changed, so
+    they scored another validation text. None when they are the run's own."""
+    if checkpoint_run_dir(ckpt.path) != Path(run_dir).resolve():
+        return "the checkpoint is another run folder's"
+    current = OmegaConf.to_container(cfg.data, resolve=True)
+    if changed := _differences(ckpt.config.get("data", {}), current, "data", DATA_KEYS_NOT_TEXT):
+        return f"the data changed ({'; '.join(changed)})"
+    return None
 
 
 def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:

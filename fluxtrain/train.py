@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from fluxtrain.resume import (
     checkpoint_run_dir,
     divergence_error,
     find_latest,
+    foreign_evaluations,
     load_resume,
     optimizer_changed,
     prune,
@@ -394,6 +395,14 @@ def run_training(
         except FluxtrainError as e:
             raise optimizer_changed(e, resume, cfg.optim.name) from None
 
+    foreign = foreign_evaluations(resume, cfg, run_dir) if resume else None
+    if foreign:
+        if progress.eval_at is not None:
+            log.info(
+                f"the checkpoint's evaluations (best val loss {progress.best_val_loss:.4f}) are not carried over: "
+                f"{foreign}; this run keeps its own best"
+            )
+        progress = replace(progress, best_val_loss=math.inf, eval_at=None, eval_val_loss=None, eval_train_loss=None)
     best_val = progress.best_val_loss
     last_losses: dict[str, float] = {}
     evaluated_at = progress.eval_at  # the iteration of last_losses
@@ -410,7 +419,7 @@ def run_training(
         loop_time = min(loop_time, progress.train_time)
     t_loop = time.perf_counter() - progress.train_time
     no_steps_left = it >= tcfg.max_iters or (loop_time is not None and progress.train_time >= loop_time)
-    if no_steps_left and (results := finished_results(run_dir, resume)) is not None:
+    if no_steps_left and not foreign and (results := finished_results(run_dir, resume)) is not None:
         time_spent = loop_time is not None and progress.train_time >= loop_time
         ended = {"train.max_iters": it >= tcfg.max_iters, "train.max_time": time_spent}
         more = " and ".join(name for name, out in ended.items() if out)  # what to raise: what ended the run

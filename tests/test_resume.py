@@ -372,6 +372,28 @@ def test_new_text_needs_the_runs_own_tokenizer_to_resume(tiny_cfg, tiny_text_fil
     assert metrics["iters"] == 4
 
 
+def test_a_best_loss_of_another_folder_or_another_text_is_not_carried_over(tiny_cfg, tiny_text_file, tmp_path, caplog):
+    first = train(tiny_cfg("train.max_iters=4"), tmp_path / "a")
+    # Continued in another folder, which holds no best model file of its own: it evaluates and keeps its own best.
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        other = train(tiny_cfg("train.max_iters=4", f"resume={checkpoint_path(tmp_path / 'a', 4)}"), tmp_path / "b")
+    assert "are not carried over: the checkpoint is another run folder's; this run keeps its own best" in caplog.text
+    assert (tmp_path / "b" / "best.safetensors").is_file()
+    assert other["best_val_loss"] == other["final_val_loss"] == pytest.approx(first["final_val_loss"], rel=1e-6)
+    # On new text in its own folder, a finished run's results do not stand: they scored the old validation text.
+    new_text = tmp_path / "new.txt"
+    new_text.write_text("\n".join(reversed(tiny_text_file.read_text().splitlines())))  # the same characters
+    own = f"tokenizer.path={tmp_path / 'a' / 'tokenizer.json'}"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        again = train(tiny_cfg("train.max_iters=4", "resume=auto", f"data.path={new_text}", own), tmp_path / "a")
+    assert f"not carried over: the data changed (data.path={new_text} (checkpoint: {tiny_text_file}))" in caplog.text
+    assert again["final_val_loss"] != first["final_val_loss"]
+    assert again["best_val_loss"] == again["final_val_loss"]
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert saved["final_val_loss"] == again["final_val_loss"]
+
+
 def signal_during_evaluation(monkeypatch, call: int, signum: int) -> None:
     """Send this process `signum` during the `call`-th evaluation (counted from 1)."""
     real_estimate = train_module.estimate_loss
