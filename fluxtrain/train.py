@@ -533,6 +533,29 @@ def run_training(
         if world.is_main:
             prune(run_dir, tcfg.keep_last, RUN_OUTPUTS)
 
+    def log_window() -> None:
+        """Log the training steps since the last log line: their mean loss, the learning rate and the throughput."""
+        nonlocal t_window, steps_window, losses_window, tokens_per_sec, mfu_warned
+        collect_losses()
+        dt = time.perf_counter() - t_window
+        tokens_per_sec = steps_window * tokens_per_iter / dt
+        train_loss = distributed.mean_over_ranks(sum(losses_window) / len(losses_window), device)
+        mfu = throughput.mfu(tokens_per_sec, model_flops, peak, world.world_size)
+        if not mfu_warned and (warning := throughput.impossible_mfu_warning(mfu, peak_source)):
+            log.warning(warning)
+            mfu_warned = True
+        # With a time budget: the seconds trained of those the loop has, not train.max_iters (the recipes' 100000)
+        done = f"/{tcfg.max_iters}" if loop_time is None else f" | {time.perf_counter() - t_loop:.0f}/{loop_time:.0f}s"
+        log.info(
+            f"iter {it:>6}{done} | loss {train_loss:.4f} | lr {lr:.2e} "
+            f"| {steps_window / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}%"
+        )
+        writer.add_scalar("train/loss", train_loss, it)
+        writer.add_scalar("lr", lr, it)
+        writer.add_scalar("throughput/tokens_per_sec", tokens_per_sec, it)
+        writer.add_scalar("throughput/mfu", mfu, it)
+        t_window, steps_window, losses_window = time.perf_counter(), 0, []
+
     stop.install()
     warmup_check, first_it = WarmupCheck(cfg.optim, tcfg, it), it
     time_ran_out = False
@@ -570,27 +593,7 @@ def run_training(
             collect_losses()
 
         if it % tcfg.log_interval == 0 or it == tcfg.max_iters:
-            collect_losses()
-            dt = time.perf_counter() - t_window
-            tokens_per_sec = steps_window * tokens_per_iter / dt
-            train_loss = distributed.mean_over_ranks(sum(losses_window) / len(losses_window), device)
-            mfu = throughput.mfu(tokens_per_sec, model_flops, peak, world.world_size)
-            if not mfu_warned and (warning := throughput.impossible_mfu_warning(mfu, peak_source)):
-                log.warning(warning)
-                mfu_warned = True
-            # With a time budget: the seconds trained of those the loop has, not train.max_iters (the recipes' 100000)
-            done = (
-                f"/{tcfg.max_iters}" if loop_time is None else f" | {time.perf_counter() - t_loop:.0f}/{loop_time:.0f}s"
-            )
-            log.info(
-                f"iter {it:>6}{done} | loss {train_loss:.4f} | lr {lr:.2e} "
-                f"| {steps_window / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}%"
-            )
-            writer.add_scalar("train/loss", train_loss, it)
-            writer.add_scalar("lr", lr, it)
-            writer.add_scalar("throughput/tokens_per_sec", tokens_per_sec, it)
-            writer.add_scalar("throughput/mfu", mfu, it)
-            t_window, steps_window, losses_window = time.perf_counter(), 0, []
+            log_window()
         t_side = time.perf_counter()  # time spent outside training steps is left out of the throughput
         if it % tcfg.eval_interval == 0:
             evaluate_and_save_best(it)
@@ -613,6 +616,8 @@ def run_training(
             signum = stop.signum or signal.SIGTERM  # the signal may have reached another rank only
             raise TrainingInterrupted(f"stopped by {by}; checkpoint {last_ckpt}", signum)
         t_window += time.perf_counter() - t_side
+    if steps_window:  # the steps since the last log line, when train.max_time ended the loop between two
+        log_window()
     bar.close()
     stop.finishing = True
 

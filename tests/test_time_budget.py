@@ -47,6 +47,27 @@ def test_time_budget_ends_the_run_and_the_schedule_reaches_min_lr(tiny_cfg, tmp_
     assert lrs[-1] < 3e-4 + 0.1 * (3e-3 - 3e-4)  # and the cosine ran down to min_lr by the end of the time
 
 
+def test_the_steps_after_the_last_log_line_are_logged_when_the_time_runs_out(tiny_cfg, tmp_path, caplog):
+    cfg = tiny_cfg(
+        "train.max_iters=1000000", "train.max_time=3", "train.log_interval=1000000", "optim.min_lr=1e-4",
+        "train.eval_interval=1000000", "train.threads=1",
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="fluxtrain"):
+            metrics = train(cfg, tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter ")]
+    assert len(lines) == 1 and lines[0].startswith(f"iter {metrics['iters']:>6} | ")
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    for tag in ("train/loss", "lr", "throughput/tokens_per_sec"):
+        assert [e.step for e in events.Scalars(tag)] == [metrics["iters"]]
+    assert events.Scalars("throughput/tokens_per_sec")[0].value == pytest.approx(metrics["tokens_per_sec"])
+    assert events.Scalars("lr")[0].value == pytest.approx(1e-4, rel=0.2)  # the schedule's end, at the last step
+
+
 def test_validation_only_evaluation(tiny_cfg, tmp_path, caplog):
     """train.eval_train=false measures only the validation split: no training-batch loss in the log, the metrics or
     TensorBoard, and the same val loss as an evaluation of both splits (the same val batches)."""
