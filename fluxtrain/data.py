@@ -567,12 +567,14 @@ class TokenData:
     def split(self, name: str) -> np.ndarray:
         """The token ids of the split `name`: "train" or "val"."""
         if name not in ("train", "val"):  # anything else read as validation would train a hand-written loop on it
-            raise ValueError(f"split {name!r} is not 'train' or 'val'")
+            raise FluxtrainError(f"split {name!r} is not 'train' or 'val'")
         return self.train if name == "train" else self.val
 
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows: x (B, T) and the next-token targets y (B, T), int64."""
         data = self.split(split)
+        if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+            raise FluxtrainError(f"batch_size={batch_size!r} must be a positive integer")
         starts = torch.randint(len(data) - self.seq_len, (batch_size,), generator=generator)
         offsets = starts.numpy()[:, None] + self._window  # (B, T + 1)
         window = torch.from_numpy(data[offsets].astype(np.int64))

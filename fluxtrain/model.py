@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -71,6 +72,23 @@ class ModelConfig:
         for name, allowed in (("norm", NORMS), ("pos_emb", POSITIONS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise FluxtrainError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+
+def as_model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+    """`cfg` itself, or the ModelConfig of a mapping of its fields (a composed config's `cfg.model`, a dict)."""
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if not isinstance(cfg, Mapping):
+        raise FluxtrainError(f"cfg must be a ModelConfig or a dict of its fields, not {type(cfg).__name__}")
+    known = [f.name for f in fields(ModelConfig)]
+    unknown = []
+    for key in cfg:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            unknown.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if unknown:
+        raise FluxtrainError(f"cfg has unknown field(s) {', '.join(unknown)}; ModelConfig has {', '.join(known)}")
+    return ModelConfig(**cfg)
 
 
 def _is_a(value: Any, kind: type) -> bool:
@@ -253,8 +271,7 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig | Mapping[str, Any], vocab_size: int):
         super().__init__()
-        if isinstance(cfg, Mapping):  # a composed config's `cfg.model`, or a dict of ModelConfig's fields
-            cfg = ModelConfig(**cfg)
+        cfg = as_model_config(cfg)
         cfg.validate()
         if not (_is_a(vocab_size, numbers.Integral) and vocab_size > 0):
             raise FluxtrainError(f"vocab_size={vocab_size!r} must be a positive integer")

@@ -20,7 +20,7 @@ from fluxtrain.files import atomic_write, parse_json, user_path
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.quantize import is_quantized
-from fluxtrain.tokenizer import Tokenizer, tokenizer_from_json
+from fluxtrain.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, tokenizer_from_json
 
 MODEL_FORMAT = "fluxtrain-model"
 CHECKPOINT_FORMAT = "fluxtrain-checkpoint"
@@ -109,8 +109,14 @@ def save_model_file(
     """
     path = user_path(path, "model file")
     plain = unwrap(model)
-    check_full_precision(plain, path)
     name = path.name
+    if not isinstance(plain, GPT):
+        raise FluxtrainError(f"{name} was not written: model must be a fluxtrain GPT, not {type(plain).__name__}")
+    if not isinstance(tokenizer, (CharTokenizer, BPETokenizer)):
+        kind = type(tokenizer).__name__
+        raise FluxtrainError(f"{name} was not written: tokenizer must be a CharTokenizer or BPETokenizer, not {kind}")
+    check_full_precision(plain, path)
+    check_rebuildable(plain, name)
     if tokenizer.vocab_size != plain.vocab_size:
         raise FluxtrainError(
             f"{name} was not written: the tokenizer has {tokenizer.vocab_size} tokens, the model {plain.vocab_size}"
@@ -142,6 +148,33 @@ def check_full_precision(model: nn.Module, path: str | Path) -> None:
             f"{Path(path).name} was not written: the model has int8 weights (quantize_int8), and model files and "
             "checkpoints hold full-precision weights; save the model before quantizing it"
         )
+
+
+def check_rebuildable(model: GPT, name: str) -> None:
+    """Refuse weights that a GPT built from the model's config would not take (a module added, removed or replaced
+    after it was built): loading the file would refuse them."""
+    want = {k: tuple(v.shape) for k, v in shapes_only(model.cfg, model.vocab_size, name).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    extra, missing = sorted(have.keys() - want.keys()), sorted(want.keys() - have.keys())
+    if extra:
+        raise FluxtrainError(
+            f"{name} was not written: the model has {_names(extra)}, which a GPT built from its config lacks, so "
+            "load_model would refuse the file"
+        )
+    if missing:
+        raise FluxtrainError(
+            f"{name} was not written: the model lacks {_names(missing)}, which a GPT built from its config has"
+        )
+    wrong = next((k for k in want if want[k] != have[k]), None)
+    if wrong is not None:
+        raise FluxtrainError(
+            f"{name} was not written: weight {wrong} has shape {have[wrong]}; a GPT built from the model's config has "
+            f"{want[wrong]}"
+        )
+
+
+def _names(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
 def _is(value: Any, hint: Any) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,11 +31,24 @@ class OptimConfig:
     muon_momentum: float = 0.95
 
 
+def _is_number(value: object) -> bool:
+    """A real number (not a bool, not a text)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> object:
+    """A number as itself, anything else quoted: optim.lr='x' is a text, not a number."""
+    return value if _is_number(value) else repr(value)
+
+
 def validate(cfg: OptimConfig) -> None:
     for name in ("lr", "min_lr", "weight_decay", "grad_clip", "muon_lr", "muon_momentum", "decay_frac"):
-        if not math.isfinite(getattr(cfg, name)):
-            raise FluxtrainError(f"optim.{name}={getattr(cfg, name)} must be a finite number")
-    if cfg.name not in OPTIMIZERS:
+        value = getattr(cfg, name)
+        if not (_is_number(value) and math.isfinite(value)):
+            raise FluxtrainError(f"optim.{name}={_shown(value)} must be a finite number")
+    if not (_is_number(cfg.warmup_iters) and isinstance(cfg.warmup_iters, numbers.Integral) and cfg.warmup_iters >= 0):
+        raise FluxtrainError(f"optim.warmup_iters={_shown(cfg.warmup_iters)} must be an integer >= 0")
+    if not (isinstance(cfg.name, str) and cfg.name in OPTIMIZERS):
         raise FluxtrainError(f"optim.name={cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
     if cfg.name == "muon" and not hasattr(torch.optim, "Muon"):
         raise FluxtrainError(
@@ -46,17 +60,16 @@ def validate(cfg: OptimConfig) -> None:
         raise FluxtrainError(f"optim.muon_momentum={cfg.muon_momentum} must be in [0, 1)")
     if cfg.lr <= 0:
         raise FluxtrainError(f"optim.lr={cfg.lr} must be positive")
-    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
-        raise FluxtrainError(f"optim.betas={list(cfg.betas)} must be two numbers in [0, 1)")
+    betas = list(cfg.betas) if isinstance(cfg.betas, Sequence) and not isinstance(cfg.betas, str) else cfg.betas
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
+        raise FluxtrainError(f"optim.betas={betas!r} must be two numbers in [0, 1)")
     if cfg.weight_decay < 0:
         raise FluxtrainError(f"optim.weight_decay={cfg.weight_decay} must be >= 0")
     if cfg.grad_clip < 0:
         raise FluxtrainError(f"optim.grad_clip={cfg.grad_clip} must be >= 0 (0 turns clipping off)")
-    if cfg.warmup_iters < 0:
-        raise FluxtrainError(f"optim.warmup_iters={cfg.warmup_iters} must be >= 0")
     if not 0.0 <= cfg.min_lr <= cfg.lr:
         raise FluxtrainError(f"optim.min_lr={cfg.min_lr} must be between 0 and optim.lr={cfg.lr}")
-    if cfg.schedule not in SCHEDULES:
+    if not (isinstance(cfg.schedule, str) and cfg.schedule in SCHEDULES):
         raise FluxtrainError(f"optim.schedule={cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
     if not 0.0 < cfg.decay_frac <= 1.0:
         raise FluxtrainError(f"optim.decay_frac={cfg.decay_frac} must be in (0, 1]")

@@ -7,9 +7,11 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from fluxtrain.data import DataConfig, corpus_sources, load_corpus, validate
+from fluxtrain.data import DataConfig, TokenData, corpus_sources, load_corpus, validate
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.sources import resolve_sources
 from fluxtrain.train import train
@@ -197,3 +199,14 @@ def test_include_and_exclude_with_only_single_files_are_said_to_be_ignored(tmp_p
         _, val_sources = corpus_sources(with_folder)
     assert val_sources.files == [tmp_path / "val" / "c.md"]  # the filter did apply, to the folder
     assert "choose files in a folder or glob" not in caplog.text
+
+
+def test_batches_of_no_positive_integer_size_or_of_another_split_are_named():
+    data = TokenData(np.arange(100), np.arange(100, 140), 8, "test", 40)
+    for batch_size in (-1, 0, 2.5, "4", True, None):
+        with pytest.raises(FluxtrainError, match=r"^batch_size=.* must be a positive integer$"):
+            data.get_batch("train", batch_size, torch.Generator().manual_seed(0))
+    with pytest.raises(FluxtrainError, match=r"^split 'bogus' is not 'train' or 'val'$"):
+        data.get_batch("bogus", 2, torch.Generator().manual_seed(0))
+    x, y = data.get_batch("val", 3, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1]) and x.min() >= 100

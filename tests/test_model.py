@@ -104,6 +104,19 @@ def test_built_from_python_mistakes_are_named():
     assert GPT(composed, 10).cfg == ModelConfig(**composed)
 
 
+def test_a_config_that_is_no_model_config_or_has_unknown_fields_is_named():
+    fields = "; ModelConfig has d_model, n_heads, n_layers, ff_dim, seq_len, dropout, norm, pos_emb, activation, bias$"
+    with pytest.raises(FluxtrainError, match=r"^cfg has unknown field\(s\) 'foo'" + fields):
+        GPT({"d_model": 32, "n_heads": 2, "foo": 1}, 10)
+    hinted = r"^cfg has unknown field\(s\) 'd_modl' \(did you mean 'd_model'\?\), 'x';"
+    with pytest.raises(FluxtrainError, match=hinted):
+        GPT({"d_modl": 32, "x": 1}, 10)
+    for cfg, kind in ((None, "NoneType"), ("small", "str"), ([("d_model", 32)], "list")):
+        with pytest.raises(FluxtrainError, match=f"^cfg must be a ModelConfig or a dict of its fields, not {kind}$"):
+            GPT(cfg, 10)
+    assert GPT({"d_model": 32, "n_heads": 2, "n_layers": 1}, 10).cfg == ModelConfig(d_model=32, n_heads=2, n_layers=1)
+
+
 def test_tied_head_stays_tied_after_to_empty_and_assign_load():
     source = tiny()
     cfg = source.cfg

@@ -316,3 +316,38 @@ def test_saving_refuses_what_loading_would_refuse(saved, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # the fixture's; nothing else
     save_model_file(path, model, tokenizer, {"iteration": "5"})
     assert load_model(path)[1].vocab_size == tokenizer.vocab_size
+
+
+def test_saving_refuses_weights_the_config_does_not_rebuild_and_what_is_no_model_or_tokenizer(saved, tmp_path):
+    _, _, fixture_file = saved
+    model, tokenizer = load_model(fixture_file)
+    path, refused = tmp_path / "out.safetensors", r"^out.safetensors was not written: "
+    model.extra = torch.nn.Linear(2, 2)  # added after it was built: load_model would refuse the file
+    with pytest.raises(FluxtrainError, match=refused + r"the model has extra.bias, extra.weight, which a GPT built"):
+        save_model_file(path, model, tokenizer)
+    del model.extra
+    block = model.blocks[1]
+    del model.blocks[1]
+    with pytest.raises(
+        FluxtrainError, match=refused + r"the model lacks blocks.1.attn.proj.bias, .* and 7 more, which"
+    ):
+        save_model_file(path, model, tokenizer)
+    model.blocks.append(block)
+    fc = model.blocks[0].mlp.fc
+    model.blocks[0].mlp.fc = torch.nn.Linear(32, 80)
+    with pytest.raises(
+        FluxtrainError,
+        match=refused + r"weight blocks.0.mlp.fc.weight has shape \(80, 32\); a GPT built from the model's",
+    ):
+        save_model_file(path, model, tokenizer)
+    model.blocks[0].mlp.fc = fc
+    for args, problem in (
+        ((model, None), "tokenizer must be a CharTokenizer or BPETokenizer, not NoneType"),
+        ((model, "abc"), "tokenizer must be a CharTokenizer or BPETokenizer, not str"),
+        ((torch.nn.Linear(2, 2), tokenizer), "model must be a fluxtrain GPT, not Linear"),
+    ):
+        with pytest.raises(FluxtrainError, match=refused + problem + "$"):
+            save_model_file(path, *args)
+    assert not path.exists()
+    save_model_file(path, model, tokenizer)  # put back as built: written, and loads
+    assert load_model(path)[0].cfg == model.cfg

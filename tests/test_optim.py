@@ -80,6 +80,18 @@ def test_linear_and_wsd_schedules():
         # Unused by adamw, but a sweep over optim.name would reach them: checked with any optimizer.
         ({"muon_lr": -1.0}, r"optim.muon_lr=-1.0 must be positive"),
         ({"muon_momentum": 5.0}, r"optim.muon_momentum=5.0 must be in \[0, 1\)"),
+        ({"warmup_iters": -1}, r"optim.warmup_iters=-1 must be an integer >= 0"),
+        # Wrong types from Python, where no Hydra schema checks them: one line, not torch's or math's TypeError.
+        ({"lr": "x"}, r"^optim.lr='x' must be a finite number$"),
+        ({"weight_decay": None}, r"^optim.weight_decay=None must be a finite number$"),
+        ({"grad_clip": True}, r"^optim.grad_clip=True must be a finite number$"),
+        ({"warmup_iters": 2.5}, r"^optim.warmup_iters=2.5 must be an integer >= 0$"),
+        ({"warmup_iters": "10"}, r"^optim.warmup_iters='10' must be an integer >= 0$"),
+        ({"name": ["adam"]}, r"^optim.name=\['adam'\] is not one of adam, adamw, muon$"),
+        ({"schedule": None}, r"^optim.schedule=None is not one of cosine, linear, wsd$"),
+        ({"betas": 0.9}, r"^optim.betas=0.9 must be two numbers in \[0, 1\)$"),
+        ({"betas": "ab"}, r"^optim.betas='ab' must be two numbers in \[0, 1\)$"),
+        ({"betas": (0.9, "0.99")}, r"^optim.betas=\[0.9, '0.99'\] must be two numbers in \[0, 1\)$"),
     ],
 )
 def test_bad_optimizer_settings_are_named(overrides, message):
