@@ -49,11 +49,14 @@ MODEL_ITER_FILE = re.compile(r"model_iter_(\d+)\.safetensors")
 RUN_OUTPUTS = (*MODEL_FILES, MODEL_ITER_FILES, METRICS_FILE)  # what a run leaves beside its checkpoints
 ITERATION_KEY = "iteration"  # in the best model file's metadata: the iteration it was saved at
 RANKED_METRICS = ("best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")  # a comparison's columns
+# Runs of different tokenizers rank by bits per byte: their losses per token do not compare.
+RANKED_ACROSS_TOKENIZERS = ("best_val_bpb", "best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")
 TABLE_METRICS = (
     "final_train_loss",
     "final_val_loss",
     "best_val_loss",
     "val_perplexity",
+    "val_bpb",
     "tokens_per_sec",
     "wall_time_sec",
 )
@@ -142,7 +145,7 @@ def load_metrics(file: Path) -> dict[str, Any]:
     metrics = parse_json(file.read_text())
     if not isinstance(metrics, dict):
         raise ValueError(f"not a JSON object but {type(metrics).__name__}")
-    for key in dict.fromkeys((*TABLE_METRICS, *RANKED_METRICS)):
+    for key in dict.fromkeys((*TABLE_METRICS, *RANKED_ACROSS_TOKENIZERS, "vocab_size")):
         value = metrics.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"{key}={json.dumps(value)} is not a number")
@@ -371,19 +374,37 @@ def runs_table(
     return rows
 
 
-def ranked_table(runs: list[Run], keys: list[str], metrics: tuple[str, ...] = RANKED_METRICS) -> str:
-    """`runs` as a table: their `keys` settings and `metrics`, lowest best val loss first, failed and unfinished runs
-    last."""
-    rows = runs_table(runs, keys=tuple(keys), metrics=metrics)
-    rows.sort(key=lambda row: rank_value(row.get("best_val_loss")))
+def ranked_table(runs: list[Run], keys: list[str]) -> str:
+    """`runs` as a table: their `keys` settings and metrics, best first by the first metric column (`ranked_by`),
+    failed and unfinished runs last."""
+    by = ranked_by(runs)
+    rows = runs_table(
+        runs, keys=tuple(keys), metrics=RANKED_METRICS if by == "best_val_loss" else RANKED_ACROSS_TOKENIZERS
+    )
+    rows.sort(key=lambda row: rank_value(row.get(by)))
     return format_table(rows)
 
 
 def best_runs(runs: list[Run], n: int | None = None) -> list[Run]:
-    """The finished runs among `runs` (those with results), lowest best val loss first (a missing or NaN one
+    """The finished runs among `runs` (those with results), best first by `ranked_by` (a missing or NaN figure
     last); the first `n` of them."""
     finished = [run for run in runs if run.metrics]
-    return sorted(finished, key=lambda run: rank_value(run.metrics.get("best_val_loss")))[:n]
+    by = ranked_by(finished)
+    return sorted(finished, key=lambda run: rank_value(run.metrics.get(by)))[:n]
+
+
+def ranked_by(runs: list[Run]) -> str:
+    """The figure that ranks `runs`: the best validation loss, or, when their tokenizers differ (kind, vocabulary
+    size, file), the best validation bits per byte, since losses per token of different tokenizers do not compare."""
+    return "best_val_loss" if len({tokenizer_of(run) for run in runs if run.config}) <= 1 else "best_val_bpb"
+
+
+def tokenizer_of(run: Run) -> tuple[Any, ...]:
+    """What sets a run's tokenizer: its kind, the vocabulary size a learned one asks for, and a tokenizer file."""
+    kind, path = run.get("tokenizer.kind"), run.get("tokenizer.path")
+    if path:
+        return None, path, None
+    return kind, None, None if kind == "char" else run.get("tokenizer.vocab_size")
 
 
 def rank_value(loss: float | None) -> float:

@@ -634,9 +634,11 @@ def run_training(
         "best_val_loss": best_val,
         "val_perplexity": perplexity(last_losses["val"]),
         "val_bpb": bits_per_byte(last_losses["val"], data.bytes_per_token),
+        "best_val_bpb": bits_per_byte(best_val, data.bytes_per_token),  # what runs of other tokenizers compare on
         "tokens_per_sec": tokens_per_sec,
         "wall_time_sec": wall_time,
         "n_params": n_params,
+        "vocab_size": tokenizer.vocab_size,  # as trained: a BPE vocabulary may be smaller than tokenizer.vocab_size
     }
     if world.is_main:
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")

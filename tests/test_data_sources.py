@@ -692,6 +692,9 @@ def test_training_reports_val_bpb_from_val_loss(tiny_cfg, tiny_text_file, tmp_pa
     assert tiny_text_file.read_text().endswith(val_text)
     expected = metrics["final_val_loss"] / math.log(2) * len(data.val) / len(val_text.encode("utf-8"))
     assert metrics["val_bpb"] == pytest.approx(expected, rel=1e-9)
+    best = metrics["best_val_loss"] / math.log(2) * len(data.val) / len(val_text.encode("utf-8"))
+    assert metrics["best_val_bpb"] == pytest.approx(best, rel=1e-9)
+    assert metrics["vocab_size"] == tok.vocab_size and (kind == "char" or tok.vocab_size <= 300)
     if kind == "bpe":  # several bytes per token: bpb is well below loss / ln 2
         assert metrics["val_bpb"] < 0.6 * metrics["final_val_loss"] / math.log(2)
 

@@ -8,7 +8,17 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from fluxtrain.runs import Run, best_runs, find_runs, format_table, main, read_scalars, runs_table, varying_keys
+from fluxtrain.runs import (
+    Run,
+    best_runs,
+    find_runs,
+    format_table,
+    main,
+    ranked_table,
+    read_scalars,
+    runs_table,
+    varying_keys,
+)
 
 
 def make_run(folder, lr: float, metrics: dict | None = None, error: str | None = None, n_layers: int = 2) -> None:
@@ -305,6 +315,28 @@ def test_the_best_runs_are_the_finished_ones_best_first_also_with_a_loss_missing
     runs = find_runs(tmp_path)
     assert [run.name for run in best_runs(runs)] == ["c", "b", "a", "e"]
     assert [run.name for run in best_runs(runs, 2)] == ["c", "b"]
+
+
+def test_runs_of_different_tokenizers_rank_by_bits_per_byte(tmp_path):
+    def run(name: str, tokenizer: dict, loss: float, bpb: float) -> Run:
+        metrics = {"best_val_loss": loss, "best_val_bpb": bpb, "final_val_loss": loss}
+        return Run(tmp_path / name, name, {"tokenizer": tokenizer}, [], metrics, None)
+
+    char, bpe = {"kind": "char", "vocab_size": 1024}, {"kind": "bpe", "vocab_size": 300}
+    runs = [run("char", char, 1.5, 2.2), run("bpe", bpe, 3.9, 2.1), run("char-b", {**char, "vocab_size": 9}, 1.6, 2.3)]
+    assert [r.name for r in best_runs(runs)] == ["bpe", "char", "char-b"]
+    lines = ranked_table(runs, []).splitlines()
+    assert lines[0].split()[:3] == ["run", "best_val_bpb", "best_val_loss"]
+    assert [line.split()[:2] for line in lines[1:]] == [["bpe", "2.1"], ["char", "2.2"], ["char-b", "2.3"]]
+    # One tokenizer (a char one's vocab_size setting does not count): ranked by the loss, without a bpb column.
+    same = [runs[2], runs[0]]
+    assert [r.name for r in best_runs(same)] == ["char", "char-b"]
+    assert ranked_table(same, []).splitlines()[0].split()[:2] == ["run", "best_val_loss"]
+    # Two BPE vocabularies, or a tokenizer file against a learned one, differ too.
+    other = [run("bpe", bpe, 3.9, 2.1), run("bpe-big", {**bpe, "vocab_size": 900}, 4.5, 2.0)]
+    assert [r.name for r in best_runs(other)] == ["bpe-big", "bpe"]
+    given = [run("bpe", bpe, 3.9, 2.1), run("file", {**bpe, "path": "tok.json"}, 4.5, 2.0)]
+    assert [r.name for r in best_runs(given)] == ["file", "bpe"]
 
 
 def test_an_empty_keys_option_is_an_error_not_the_default(tmp_path, capsys):
