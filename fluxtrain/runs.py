@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import logging
 import math
 import re
 import sys
@@ -438,7 +439,15 @@ def read_scalars(run_dir: str | Path, tag: str) -> tuple[list[int], list[float]]
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a folder")
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
+    tensorboard_log = logging.getLogger("tensorboard")
+    level = tensorboard_log.level
+    # A resumed run hides the events its stopped session logged after the checkpoint, as intended; TensorBoard's
+    # reader would warn of steps "out of order" for each such run.
+    tensorboard_log.setLevel(logging.ERROR)
+    try:
+        events.Reload()
+    finally:
+        tensorboard_log.setLevel(level)
     if tag not in events.Tags()["scalars"]:
         return [], []
     points = events.Scalars(tag)

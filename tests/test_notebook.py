@@ -115,7 +115,7 @@ def test_notebook_says_when_no_run_finished(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_notebook_skips_a_curve_without_points(tiny_cfg, tiny_text_file, tmp_path, monkeypatch):
-    # A run that logged no train/loss (a time budget shorter than train.log_interval): a tiny run's val/loss only.
+    # A run folder whose events hold no train/loss curve: a tiny run's val/loss points alone, written again.
     # Its text has no newline, which the sample then cannot start from.
     one_line = tmp_path / "one_line.txt"
     one_line.write_text(tiny_text_file.read_text().replace("\n", " "))

@@ -1,12 +1,15 @@
 """Reading finished runs from disk: the run folders under an outputs folder, their table, failed jobs."""
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
+from torch.utils.tensorboard import SummaryWriter
 
 from fluxtrain.runs import (
     Run,
@@ -315,6 +318,20 @@ def test_the_best_runs_are_the_finished_ones_best_first_also_with_a_loss_missing
     runs = find_runs(tmp_path)
     assert [run.name for run in best_runs(runs)] == ["c", "b", "a", "e"]
     assert [run.name for run in best_runs(runs, 2)] == ["c", "b"]
+
+
+def test_a_resumed_runs_curves_read_without_tensorboards_out_of_order_warning(tmp_path, caplog, capfd):
+    with SummaryWriter(str(tmp_path)) as first:  # a session stopped after its checkpoint at step 2
+        for step in (1, 2, 3, 4):
+            first.add_scalar("train/loss", 5.0 - step, step)
+    time.sleep(1.1)  # event files are named by the second they were opened
+    with SummaryWriter(str(tmp_path), purge_step=3) as resumed:
+        for step in (3, 4, 5):
+            resumed.add_scalar("train/loss", 10.0 - step, step)
+    with caplog.at_level(logging.WARNING):
+        assert read_scalars(tmp_path, "train/loss") == ([1, 2, 3, 4, 5], [4.0, 3.0, 7.0, 6.0, 5.0])
+    assert "out of order" not in caplog.text + capfd.readouterr().err
+    assert logging.getLogger("tensorboard").level == logging.NOTSET
 
 
 def test_runs_of_different_tokenizers_rank_by_bits_per_byte(tmp_path):
