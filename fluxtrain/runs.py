@@ -48,7 +48,7 @@ FAILED_FILE = "failed.json"  # written when a sweep job fails (fluxtrain.sweep)
 MODEL_ITER_FILES = "model_iter_*.safetensors"  # the model at each checkpoint: model_iter_000500.safetensors
 MODEL_ITER_FILE = re.compile(r"model_iter_(\d+)\.safetensors")
 RUN_OUTPUTS = (*MODEL_FILES, MODEL_ITER_FILES, METRICS_FILE)  # what a run leaves beside its checkpoints
-ITERATION_KEY = "iteration"  # in the best model file's metadata: the iteration it was saved at
+ITERATION_KEY = "iteration"  # in a run's model files' metadata: the iteration they were saved at
 RANKED_METRICS = ("best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")  # a comparison's columns
 # Runs of different tokenizers rank by bits per byte: their losses per token do not compare.
 RANKED_ACROSS_TOKENIZERS = ("best_val_bpb", "best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")

@@ -604,7 +604,7 @@ def run_training(
             writer.add_text("sample", text, it)
         if tcfg.ckpt_interval and it % tcfg.ckpt_interval == 0:
             write_checkpoint()  # first: it refuses NaN or infinite weights
-            save_model_file(run_dir / model_iter_file(it), model, tokenizer)
+            save_model_file(run_dir / model_iter_file(it), model, tokenizer, {ITERATION_KEY: str(it)})
         if distributed.any_rank(stop.requested, device):  # every rank stops after the same iteration
             if last_ckpt != checkpoint_path(run_dir, it):
                 write_checkpoint()
@@ -625,7 +625,7 @@ def run_training(
         evaluate_and_save_best(it)
     if last_ckpt != checkpoint_path(run_dir, it) or time_ran_out:  # one written in the loop does not say it ran out
         write_checkpoint()
-    save_model_file(run_dir / FINAL_MODEL_FILE, model, tokenizer)
+    save_model_file(run_dir / FINAL_MODEL_FILE, model, tokenizer, {ITERATION_KEY: str(it)})
     wall_time = progress.wall_time + time.perf_counter() - t_start  # of every session, for a resumed run
     metrics = {
         "iters": it,
