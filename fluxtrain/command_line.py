@@ -241,21 +241,41 @@ def _check_option_file(
         return
     if not isinstance(body, dict):
         raise FluxtrainError(f"--config-dir: {path} holds a {type(body).__name__}, not settings (key: value lines)")
-    for entry in body.get("defaults") or []:
-        for key, value in entry.items() if isinstance(entry, dict) else ():
-            name = str(key).removeprefix("override ").strip().lstrip("/")
-            if name in options and value is not None and str(value) not in options[name]:
-                listed = ", ".join(options[name])
-                raise FluxtrainError(f"--config-dir: {path} chooses {name}={value}, not an option of {name}: {listed}")
+    for name, value in _defaults_choices(group, body.get("defaults")):
+        if name in options and str(value) not in options[name]:
+            listed = ", ".join(options[name])
+            raise FluxtrainError(f"--config-dir: {path} chooses {name}={value}, not an option of {name}: {listed}")
     global_package = "@package _global_" in text
     if not global_package and group not in Config.__dataclass_fields__:
         return  # a group of the user's own, which Hydra merges where its package says
-    settings = {k: v for k, v in body.items() if k not in ("defaults", "hydra")} if global_package else {group: body}
+    body = {k: v for k, v in body.items() if k != "defaults"}  # Hydra's, not settings
+    settings = {k: v for k, v in body.items() if k != "hydra"} if global_package else {group: body}
     for key, value in flat_settings(settings).items():
         if problem := _unknown_setting(key):
             raise FluxtrainError(f"--config-dir: {path}: {problem}")
         if problem := _type_problem(key, value, schema):
             raise FluxtrainError(f"--config-dir: {path}: {key}={value!r}: {problem}")
+
+
+def _defaults_choices(group: str, defaults: Any) -> list[tuple[str, str]]:
+    """The (group, option) pairs the defaults list of a file in `group/` names, as Hydra reads them: `- small` is an
+    option of the file's own group, `- sub: x` one of its subgroup `group/sub`, and `- /model: small` (or
+    `- override /model: small`, `- /model/small`) one of the group `model`; `_self_`, `null` and interpolations are
+    left out."""
+    paths = []
+    for entry in defaults if isinstance(defaults, list) else []:
+        if isinstance(entry, str) and entry != "_self_":
+            paths.append(entry.split("@")[0])  # `name@package`
+        for key, value in entry.items() if isinstance(entry, dict) else ():
+            choice_group = str(key).split()[-1].split("@")[0]  # `override /model@package`
+            for option in value if isinstance(value, list) else [value]:
+                if option is not None and "${" not in str(option):
+                    paths.append(f"{choice_group}/{option}")
+    pairs = []
+    for path in paths:
+        choice_group, _, option = (path[1:] if path.startswith("/") else f"{group}/{path}").rpartition("/")
+        pairs.append((choice_group, option))
+    return pairs
 
 
 def _option_config(folders: tuple[Path, ...], group: str, option: str) -> dict[str, Any]:

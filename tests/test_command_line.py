@@ -7,12 +7,15 @@ import sys
 
 import pytest
 import torch
+import yaml
 
+from fluxtrain.command_line import check_overrides
+from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.model_file import save_model_file
 from fluxtrain.tokenizer import CharTokenizer
 
-from .conftest import REPO_ROOT, make_text
+from .conftest import REPO_ROOT, make_text, run_fluxtrain
 from .test_runs import make_run
 
 
@@ -69,3 +72,55 @@ def test_shell_completion_reaches_hydra():
         env={**env, "COMP_LINE": "python fluxtrain/__main__.py mod"}, timeout=120,
     )  # fmt: skip
     assert query.returncode == 0 and "model=" in query.stdout.split(), query.stderr
+
+
+def write_config_dir(folder, files: dict[str, str]) -> list[str]:
+    """`files` ({"model/mine.yaml": text}) written under `folder`; the `--config-dir` arguments that add it."""
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return ["--config-dir", str(folder)]
+
+
+EXTENDS_SMALL = "defaults:\n  - small\n  - _self_\nn_layers: 1\n"
+
+
+@pytest.mark.parametrize(
+    ("files", "choice"),
+    [
+        ({"model/mine.yaml": EXTENDS_SMALL}, "model=mine"),
+        ({"model/small1.yaml": EXTENDS_SMALL, "experiment/mine.yaml": "# @package _global_\ndefaults:\n"
+          "  - override /model: small1\n  - _self_\ntrain:\n  max_iters: 3\n"}, "experiment=mine"),
+        ({"experiment/mine.yaml": "# @package _global_\ndefaults:\n  - override /model@model: small\n"},
+         "experiment=mine"),
+    ],
+)  # fmt: skip
+def test_a_config_dir_option_may_extend_another_through_its_defaults_list(tmp_path, files, choice):
+    check_overrides([*write_config_dir(tmp_path, files), choice])
+
+
+def test_a_preset_that_extends_another_composes(tmp_path):
+    args = write_config_dir(tmp_path, {"model/small1.yaml": EXTENDS_SMALL})
+    proc = run_fluxtrain(*args, "model=small1", "--cfg", "job", "-p", "model", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    model = yaml.safe_load(proc.stdout)
+    assert (model["n_layers"], model["d_model"], model["ff_dim"]) == (1, 128, 512)  # the rest from small
+
+
+@pytest.mark.parametrize(
+    ("group", "text", "message"),
+    [
+        ("model", "defaults:\n  - smal\n  - _self_\n", " chooses model=smal, not an option of model: gpt2, "),
+        ("model", "defaults:\n  - /model/smal\n", " chooses model=smal, not an option of model: gpt2, "),
+        ("model", "defaults:\n  - small\nn_layrs: 1\n", ": model.n_layrs is not a fluxtrain setting (did you mean "),
+        ("experiment", "# @package _global_\ndefaults:\n  - /model: smal\n", " chooses model=smal, not an option"),
+        ("experiment", "# @package _global_\ndefaults:\n  - override /model: smal\n", " chooses model=smal, not"),
+        ("experiment", "# @package _global_\ndefaults:\n  - _self_\noptim:\n  lrr: 2\n", ": optim.lrr is not a "),
+    ],
+)
+def test_a_mistake_beside_or_in_a_defaults_list_is_one_line_naming_the_file(tmp_path, group, text, message):
+    args = write_config_dir(tmp_path, {f"{group}/mine.yaml": text})
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides([*args, f"{group}=mine"])
+    assert str(info.value).startswith(f"--config-dir: {tmp_path / group / 'mine.yaml'}{message}")
+    assert "\n" not in str(info.value)
