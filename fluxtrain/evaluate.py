@@ -21,7 +21,7 @@ from fluxtrain.files import atomic_write_text, check_writable, parse_json
 from fluxtrain.host import resolve_device
 from fluxtrain.model import GPT, eval_mode
 from fluxtrain.model_file import load_model
-from fluxtrain.runs import resolve_model_path
+from fluxtrain.runs import ITERATION_KEY, read_metadata, resolve_model_path
 from fluxtrain.sources import iter_text, resolve_sources
 from fluxtrain.tokenizer import Tokenizer, check_ids
 
@@ -46,6 +46,17 @@ def perplexity(loss: float) -> float:
 def bits_per_byte(loss: float, bytes_per_token: float) -> float:
     """Nats per token -> bits per token, divided by the text's mean bytes per token: comparable across tokenizers."""
     return loss / math.log(2) / bytes_per_token
+
+
+def saved_iteration(path: Path) -> int | None:
+    """The training iteration the model file `path` was saved at, which a run's best model records; else None."""
+    value = read_metadata(path).get(ITERATION_KEY, "")
+    return int(value) if value.isdecimal() else None
+
+
+def model_file_label(path: Path, iteration: int | None) -> str:
+    """The model file `path` as the summary names it, with the `iteration` it was saved at when there is one."""
+    return str(path) if iteration is None else f"{path} (iteration {iteration})"
 
 
 def check_stride(stride: int | None, seq_len: int) -> int:
@@ -211,7 +222,9 @@ def run(args: argparse.Namespace) -> EvalResult:
     if args.json and args.json != "-":
         check_json_target(args.json)
     device = resolve_device(args.device, "--device")
-    model, tokenizer = load_model(resolve_model_path(args.model), device)
+    path = resolve_model_path(args.model)  # a run folder's best model, else its final one, ...
+    model, tokenizer = load_model(path, device)
+    iteration = saved_iteration(path)
     check_stride(args.stride, model.cfg.seq_len)
     sources = resolve_sources(args.data, setting="--data", run_folders=True)  # as data.path: no run's logs
     text = ByteCount()  # the bytes of the text as read, as evaluate_text counts them (not a normalizer's output)
@@ -226,7 +239,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     result = evaluate_ids(model, ids, text.n, args.stride, args.batch_size, device, sys.stderr.isatty())
     summary = sys.stderr if args.json == "-" else sys.stdout  # stdout is then the JSON alone, for a pipe
     print(
-        f"{args.model} | {sources.describe()} | {result.n_tokens:,} {tokenizer.name} tokens "
+        f"{model_file_label(path, iteration)} | {sources.describe()} | {result.n_tokens:,} {tokenizer.name} tokens "
         f"| seq_len {result.seq_len}, stride {result.stride}",
         file=summary,
     )
@@ -236,7 +249,8 @@ def run(args: argparse.Namespace) -> EvalResult:
         file=summary,
     )
     if args.json:
-        figures = json.dumps({"model": str(args.model), "data": str(args.data), **asdict(result)}, indent=2) + "\n"
+        names = {"model": str(args.model), "model_file": str(path), "iteration": iteration}
+        figures = json.dumps({**names, "data": str(args.data), **asdict(result)}, indent=2) + "\n"
         if args.json == "-":
             sys.stdout.write(figures)
         else:

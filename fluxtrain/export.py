@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named
+from fluxtrain.evaluate import model_file_label, saved_iteration
 from fluxtrain.files import check_writable, parse_json
 from fluxtrain.model import GPT, ModelConfig, eval_mode
 from fluxtrain.model_file import load_model
@@ -266,8 +267,9 @@ def not_exported(folder: Path) -> list[str]:
     )
 
 
-def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a folder that AutoModelForCausalLM and AutoTokenizer load, from a fluxtrain model file."""
+def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write a folder that AutoModelForCausalLM and AutoTokenizer load, from a fluxtrain model file (or a run
+    folder's best model, ...): the folder written and the model file it holds."""
     require_transformers()
     if not str(out_dir).strip():
         raise FluxtrainError("OUT_DIR is empty; give a new folder to export into")
@@ -326,7 +328,7 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
             raise
         problem = getattr(e, "strerror", None) or first_line(e)
         raise FluxtrainError(f"OUT_DIR {out_dir} cannot be written: {problem}") from None
-    return out_dir
+    return out_dir, model_path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -340,14 +342,18 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         with paths_named():
-            out = export(args.model, args.out_dir, args.overwrite)
+            out, model_path = export(args.model, args.out_dir, args.overwrite)
+            source = model_file_label(model_path, saved_iteration(model_path))
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # write_folder leaves OUT_DIR as it was
         print("interrupted: nothing was written", file=sys.stderr)
         sys.exit(130)
-    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained")
+    print(
+        f"wrote {out} from {source}: load it with AutoModelForCausalLM.from_pretrained and "
+        "AutoTokenizer.from_pretrained"
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.evaluate import evaluate_ids, evaluate_text, main, plan_windows
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.model_file import load_model, save_model_file
+from fluxtrain.runs import ITERATION_KEY
 from fluxtrain.tokenizer import CharTokenizer
 from fluxtrain.train import estimate_loss, train
 
@@ -219,6 +220,25 @@ def test_a_run_folder_names_its_best_model_and_a_folder_is_no_model_file(model_f
     assert json.loads(capsys.readouterr().out)["loss"] == from_run["loss"]
     with pytest.raises(FluxtrainError, match=f"^model file {tmp_path} is a folder, not a file$"):
         load_model(tmp_path)
+
+
+def test_a_run_folder_is_reported_as_the_model_file_it_holds_and_that_files_iteration(tiny_model, tmp_path, capsys):
+    text_file = tmp_path / "held_out.txt"
+    text_file.write_text(make_text(300, seed=1), encoding="utf-8")
+    run = tmp_path / "run"
+
+    def evaluated() -> tuple[str, dict]:
+        """The model the summary names, and the model, model file and iteration of the JSON."""
+        main([str(run), "--data", str(text_file), "--device", "cpu", "--json", "-"])
+        out, err = capsys.readouterr()
+        figures = json.loads(out)
+        return err.split(" | ")[0], {key: figures[key] for key in ("model", "model_file", "iteration")}
+
+    final, best = run / "model_final.safetensors", run / "best.safetensors"
+    save_model_file(final, *tiny_model)  # records no iteration
+    assert evaluated() == (str(final), {"model": str(run), "model_file": str(final), "iteration": None})
+    save_model_file(best, *tiny_model, {ITERATION_KEY: "500"})  # preferred to the final model
+    assert evaluated() == (f"{best} (iteration 500)", {"model": str(run), "model_file": str(best), "iteration": 500})
 
 
 def one_line_error(capsys, model_file, data, *args: str) -> str:

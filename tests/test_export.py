@@ -20,6 +20,7 @@ from fluxtrain.export import export, main, to_transformers, write_folder
 from fluxtrain.generate import generate_ids
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.model_file import save_model_file
+from fluxtrain.runs import ITERATION_KEY
 from fluxtrain.tokenizer import BPETokenizer, CharTokenizer
 
 from .conftest import REPO_ROOT, make_text
@@ -234,6 +235,19 @@ def test_cli_writes_a_folder_and_refuses_to_mix_into_a_non_empty_one(tmp_path, c
     main([str(model_file), str(out), "--overwrite"])
     assert {p.name for p in out.iterdir()} == names
     assert not list(tmp_path.glob(".hf.*"))  # no temporary folders left behind
+
+
+def test_cli_names_the_model_file_a_run_folder_holds_and_its_iteration(tmp_path, capsys):
+    tokenizer = CharTokenizer.train(TEXT)
+    run = tmp_path / "run"
+    save_model_file(run / "model_final.safetensors", tiny_model(tokenizer.vocab_size), tokenizer)
+    save_model_file(run / "best.safetensors", tiny_model(tokenizer.vocab_size), tokenizer, {ITERATION_KEY: "300"})
+    main([str(run), str(tmp_path / "hf")])
+    assert capsys.readouterr().out.startswith(
+        f"wrote {tmp_path / 'hf'} from {run / 'best.safetensors'} (iteration 300): "
+    )
+    main([str(run / "model_final.safetensors"), str(tmp_path / "hf2")])
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'hf2'} from {run / 'model_final.safetensors'}: ")
 
 
 def test_overwrite_replaces_the_whole_earlier_export_and_refuses_other_folders(tmp_path, capsys):
