@@ -33,6 +33,7 @@ class Config:
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
     task: str = "train"  # train | lr_find
     resume: str | None = None  # a checkpoint file, or "auto" for the newest in the run folder
+    init_from: str | None = None  # a model file, checkpoint or run folder whose weights a fresh run starts from
 
 
 def config_dir() -> Path:
@@ -70,7 +71,7 @@ def check_finite(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """The checks of a composed config that need nothing else, each a one-line error naming the setting: keys the
-    schema lacks, interpolations that do not resolve, an empty `resume`, numbers that are not finite."""
+    schema lacks, interpolations that do not resolve, an empty `resume` or `init_from`, numbers that are not finite."""
     check_known_keys(cfg)
     check_values(cfg)
     check_finite(cfg)
@@ -88,6 +89,11 @@ def check_values(cfg: DictConfig) -> None:
         raise FluxtrainError(
             f"resume={cfg.resume!r} is empty; give a checkpoint file, auto (the newest in the run folder), or null to "
             "start afresh"
+        )
+    if cfg.get("init_from") is not None and not str(cfg.init_from).strip():
+        raise FluxtrainError(
+            f"init_from={cfg.init_from!r} is empty; give a model file, a checkpoint or a run folder, or null to start "
+            "from random weights"
         )
 
 

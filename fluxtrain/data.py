@@ -450,6 +450,22 @@ def _open_ids(path: Path, dtype, n_tokens: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
 
 
+def check_round_trip(tokenizer: Tokenizer, train: Sources, cfg: DataConfig, source: str) -> None:
+    """A tokenizer the run was given (by `source`) must encode the start of the text, and is warned about when it
+    does not decode it back as it was (it normalizes it); checked also on a cache hit, when nothing is encoded."""
+    sample = next(iter_text(train, cfg.separator, cfg.encoding_errors))[:10_000]
+    try:
+        exact = tokenizer.decode(tokenizer.encode(sample)) == sample
+    except EncodeError as e:
+        setting = train.setting.split("=", 1)[0]  # as encoding names it
+        raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from {source.split('=')[0]})") from None
+    if not exact:
+        log.warning(
+            f"the tokenizer of {source} does not reproduce the text exactly (it normalizes it): decoded text and "
+            "samples differ from it"
+        )
+
+
 def corpus_tokenizer(
     tok_cfg: TokenizerConfig,
     cfg: DataConfig,
@@ -465,17 +481,7 @@ def corpus_tokenizer(
     """
     if tok_cfg.path:
         tokenizer = load_configured(tok_cfg)
-        sample = next(iter_text(train, cfg.separator, cfg.encoding_errors))[:10_000]
-        try:  # also on a cache hit, when the text is not encoded again
-            exact = tokenizer.decode(tokenizer.encode(sample)) == sample
-        except EncodeError as e:
-            setting = train.setting.split("=", 1)[0]  # as encoding names it
-            raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from tokenizer.path)") from None
-        if not exact:
-            log.warning(
-                f"tokenizer.path={tok_cfg.path} does not reproduce the text exactly (it normalizes it): decoded "
-                "text and samples differ from it"
-            )
+        check_round_trip(tokenizer, train, cfg, f"tokenizer.path={tok_cfg.path}")
         return tokenizer
     cached = None
     if cfg.cache:
@@ -612,11 +618,16 @@ def check_separator(cfg: DataConfig, tokenizer: Tokenizer, sources: list[Sources
 
 
 def load_corpus(
-    cfg: DataConfig, tok_cfg: TokenizerConfig, seq_len: int, run_dir: str | Path | None = None
+    cfg: DataConfig,
+    tok_cfg: TokenizerConfig,
+    seq_len: int,
+    run_dir: str | Path | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[TokenData, Tokenizer, str]:
     """Find and read the corpus, build (or load) the tokenizer, encode once (or reuse the cache) and split.
 
-    `run_dir`, the folder the run writes into, is never read as data. Returns the data, the tokenizer and a
+    `run_dir`, the folder the run writes into, is never read as data. A given `tokenizer` (a model's, for
+    `init_from`) encodes the text instead of the one `tok_cfg` describes. Returns the data, the tokenizer and a
     one-line description of the sources for the log.
     """
     if not (isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len >= 1):
@@ -639,8 +650,12 @@ def load_corpus(
     val_start = None
     if val_src is None:
         val_start = val_start_byte(text_bytes(train_src, cfg.separator, cfg.encoding_errors), cfg.val_fraction)
-    tokenizer = corpus_tokenizer(tok_cfg, cfg, train_src, val_src, fingerprint, val_start)
-    tokenizer_source = "tokenizer.path" if tok_cfg.path else BUILT_FROM_TEXT
+    if tokenizer is not None:
+        tokenizer_source = "init_from"
+        check_round_trip(tokenizer, train_src, cfg, tokenizer_source)
+    else:
+        tokenizer = corpus_tokenizer(tok_cfg, cfg, train_src, val_src, fingerprint, val_start)
+        tokenizer_source = "tokenizer.path" if tok_cfg.path else BUILT_FROM_TEXT
     check_separator(cfg, tokenizer, [s for s in (train_src, val_src) if s is not None], tokenizer_source)
     source = train_src.setting if val_src is None else f"{train_src.setting} ({val_src.setting})"
     if val_src is not None:

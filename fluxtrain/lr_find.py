@@ -18,8 +18,10 @@ from fluxtrain.data import load_corpus
 from fluxtrain.distributed import World
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write, atomic_write_text
+from fluxtrain.init_from import load_start_weights
 from fluxtrain.logs import event_writer
 from fluxtrain.model import GPT
+from fluxtrain.model_file import load_state_into
 from fluxtrain.optim import build_optimizer, set_lr
 from fluxtrain.precision import grad_scaler, warn_without_autocast
 from fluxtrain.resume import list_checkpoints
@@ -168,8 +170,12 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
 
     host.configure(tcfg.threads, tcfg.keep_cpu_memory)
     torch.manual_seed(tcfg.seed)
-    data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir)
+    start = load_start_weights(cfg, model_cfg, resuming=False)  # a learning rate to fine-tune that model with
+    given = start.tokenizer if start else None
+    data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir, given)
     model = GPT(model_cfg, tokenizer.vocab_size).to(device)
+    if start:
+        load_state_into(model, start.state, str(start.path))
     optimizer = build_optimizer(model, cfg.optim)
     scaler = grad_scaler(device, tcfg.precision)
     batch_gen = torch.Generator().manual_seed(tcfg.seed)

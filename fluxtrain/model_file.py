@@ -280,6 +280,14 @@ def read_model_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.T
 def build_from_metadata(meta: dict[str, str], source: str, state: dict[str, torch.Tensor]) -> tuple[GPT, Tokenizer]:
     """The model and tokenizer the metadata describes, checked against the weights `state` before anything is
     allocated: a file whose metadata claims a model other than its weights is refused, not built."""
+    cfg, tokenizer = checked_metadata(meta, source, state)
+    return GPT(cfg, tokenizer.vocab_size), tokenizer
+
+
+def checked_metadata(
+    meta: dict[str, str], source: str, state: dict[str, torch.Tensor]
+) -> tuple[ModelConfig, Tokenizer]:
+    """The model config and tokenizer the metadata describes, once the weights `state` are checked to fit them."""
     missing = [key for key in ("model_config", "tokenizer", "vocab_size") if key not in meta]
     if missing:
         raise FluxtrainError(f"{source}: damaged model metadata: it has no {missing[0]!r} entry")
@@ -303,7 +311,7 @@ def build_from_metadata(meta: dict[str, str], source: str, state: dict[str, torc
     bad = first_non_finite(state)  # a checkpoint's weights are checked as it is read (load_checkpoint)
     if bad is not None:
         raise FluxtrainError(f"{source}: weight {bad} holds NaN or infinite values")
-    return GPT(cfg, vocab_size), tokenizer
+    return cfg, tokenizer
 
 
 def shapes_only(cfg: ModelConfig, vocab_size: int, source: str) -> GPT:

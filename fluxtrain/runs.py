@@ -454,23 +454,30 @@ def read_scalars(run_dir: str | Path, tag: str) -> tuple[list[int], list[float]]
     return [p.step for p in points], [p.value for p in points]
 
 
-def resolve_model_path(name: str | Path) -> Path:
-    """MODEL on a command line (generate, evaluate, export): a model file, a checkpoint, or a run folder (its best
-    model, else its final one, else its newest checkpoint)."""
+def resolve_model_path(name: str | Path, setting: str = "MODEL") -> Path:
+    """MODEL on a command line (generate, evaluate, export), or the setting `init_from`: a model file, a checkpoint,
+    or a run folder (its best model, else its final one, else its newest checkpoint)."""
     if not str(name).strip():
-        raise FluxtrainError("MODEL is empty (give a model file, a checkpoint or a run folder)")
-    path = expand_home(name, f"MODEL {name}")
+        raise FluxtrainError(f"{setting} is empty (give a model file, a checkpoint or a run folder)")
+    path = expand_home(name, _named(setting, name))
     if path.is_dir():
         found = run_model_file(path) or find_latest(path)
         if found is None:
-            raise FluxtrainError(not_a_run_folder(path))
+            raise FluxtrainError(not_a_run_folder(path, setting))
         return found
     if not path.exists():
-        raise FluxtrainError(f"MODEL {path} does not exist (give a model file, a checkpoint or a run folder)")
+        raise FluxtrainError(
+            f"{_named(setting, path)} does not exist (give a model file, a checkpoint or a run folder)"
+        )
     return path
 
 
-def not_a_run_folder(path: Path) -> str:
+def _named(setting: str, path: str | Path) -> str:
+    """A path as errors name it: `MODEL path` for a command's argument, `init_from=path` for a setting."""
+    return f"{setting} {path}" if setting.isupper() else f"{setting}={path}"
+
+
+def not_a_run_folder(path: Path, setting: str = "MODEL") -> str:
     """Why the folder `path` names no model: a folder of checkpoints (named with its newest one), or no run folder."""
     try:
         entries = list(path.iterdir())
@@ -480,11 +487,11 @@ def not_a_run_folder(path: Path) -> str:
     if checkpoints:
         run = f" or the run folder {path.parent}" if path.name == CHECKPOINT_DIR else ""
         return (
-            f"MODEL {path} is a folder of checkpoints, not a run folder: give one of its checkpoints (the newest is "
-            f"{checkpoints[-1][1]}){run}"
+            f"{_named(setting, path)} is a folder of checkpoints, not a run folder: give one of its checkpoints (the "
+            f"newest is {checkpoints[-1][1]}){run}"
         )
     return (
-        f"MODEL {path} is a folder that holds no model file ({' or '.join(MODEL_FILES)}) and no "
+        f"{_named(setting, path)} is a folder that holds no model file ({' or '.join(MODEL_FILES)}) and no "
         f"{CHECKPOINT_DIR}/{CHECKPOINT_FILES}: give a model file, a checkpoint or a run folder"
     )
 

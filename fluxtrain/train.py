@@ -32,10 +32,11 @@ from fluxtrain.errors import FluxtrainError, out_of_memory_as
 from fluxtrain.evaluate import bits_per_byte, perplexity
 from fluxtrain.files import atomic_write_text
 from fluxtrain.hparams import log_hparams
+from fluxtrain.init_from import load_start_weights
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
 from fluxtrain.logs import EventWriter, NullWriter, event_writer
 from fluxtrain.model import GPT, ModelConfig, eval_mode, flops_per_token
-from fluxtrain.model_file import is_sharded, read_model_file, save_model_file
+from fluxtrain.model_file import is_sharded, load_state_into, read_model_file, save_model_file
 from fluxtrain.optim import build_optimizer, decay_progress, lr_at, set_lr
 from fluxtrain.optim import validate as validate_optim
 from fluxtrain.precision import PRECISIONS, autocast_context, grad_scaler, warn_without_autocast
@@ -357,7 +358,9 @@ def run_training(
     with distributed.main_first(world, device):  # rank 0 downloads, trains the tokenizer and fills the cache
         if world.is_main and (lock := lock_run_dir(run_dir)) is not None:  # rank 0 speaks for the run's ranks
             resources.callback(os.close, lock)
-        data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir)
+        start = load_start_weights(cfg, model_cfg, resuming=resume is not None)
+        given = start.tokenizer if start else None
+        data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir, given)
     if resume:
         check_tokenizer(resume, tokenizer)
     log.info(
@@ -368,6 +371,8 @@ def run_training(
     smaller = "; use a smaller one: lower model.d_model, model.ff_dim or model.n_layers"  # no batch setting helps
     with out_of_memory_as("out of memory building the model", smaller):
         model = GPT(model_cfg, tokenizer.vocab_size).to(device)
+    if start:
+        load_state_into(model, start.state, str(start.path))
     model.activation_checkpointing = tcfg.activation_checkpointing
     n_params = model.num_params()
     log.info(f"model: {n_params:,} parameters ({model_cfg.n_layers} layers, width {model_cfg.d_model})")
