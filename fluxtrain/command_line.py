@@ -35,10 +35,12 @@ def check_overrides(args: list[str]) -> None:
 
     A setting Hydra's grammar cannot read is named with the reason, and so is a sweep without `-m`, an interpolation
     of a setting that does not exist, and an empty or null `hydra.run.dir`. A config group takes one of its options
-    (`model=small`); one that an experiment on the same command line would override is refused. Hydra's own settings
-    are checked for their type (Hydra's schema, the Optuna sweeper's for a search) and a few for their value, a key
-    Hydra's schema lacks and groups of `--config-dir` are left to Hydra; a launcher needs `-m`; a key added with `+`
-    must be a setting too; sweeps (`optim.lr=1e-4,1e-3`) are checked value by value.
+    (`model=small`); one that an experiment on the same command line would override is refused, and a group of a
+    `--config-dir` alone is added with `+`. The options chosen from a `--config-dir`, and a primary config there
+    (`--config-name`), are checked like the command line. Hydra's own settings are checked for their type (Hydra's
+    schema, the Optuna sweeper's for a search) and a few for their value, a key Hydra's schema lacks is left to Hydra;
+    a launcher needs `-m`; a key added with `+` must be a setting too; sweeps (`optim.lr=1e-4,1e-3`) are checked value
+    by value.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
@@ -124,21 +126,26 @@ def check_overrides(args: list[str]) -> None:
         elif key not in groups:
             _check_setting(override, key, values, schema)
     _check_experiment_presets(chosen, folders)
-    for group, chosen_options in chosen.items():
-        for option in chosen_options:
-            _check_option_file(group, option, folders, extra, options, schema)
+    primary = [] if _option_values(args, ("--config-path", "-cp")) else _option_values(args, ("--config-name", "-cn"))
+    files = [("", name.removesuffix(".yaml")) for name in primary]
+    files += [(group, f"{group}/{option}") for group, chosen_options in chosen.items() for option in chosen_options]
+    for group, name in files:
+        path = next((f / f"{name}.yaml" for f in folders if (f / f"{name}.yaml").is_file()), None)
+        if path is not None and any(path.is_relative_to(folder) for folder in extra):  # conf/'s are tested with it
+            _check_option_file(path, group, options, schema)
 
 
 def group_options(folders: tuple[Path, ...]) -> dict[str, list[str]]:
-    """Each config group of conf/ (Hydra's own `hydra/` aside) and its options in `folders` (conf/ and any
-    `--config-dir`), sorted: {"model": ["gpt2", ..., "small"], ...}."""
-    groups = sorted(p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra")
-    return {
+    """Each config group (Hydra's own `hydra/` aside) and its options in `folders` (conf/ and any `--config-dir`),
+    sorted: {"model": ["gpt2", ..., "small"], ...}. A folder holding no .yaml file is left out."""
+    groups = {p.name for f in folders for p in f.iterdir() if p.is_dir() and p.name != "hydra"}
+    options = {
         group: sorted(
             {p.relative_to(f / group).with_suffix("").as_posix() for f in folders for p in (f / group).rglob("*.yaml")}
         )
-        for group in groups
+        for group in sorted(groups)
     }
+    return {group: found for group, found in options.items() if found}
 
 
 def _check_setting(override, key: str, values: list[Any], schema: DictConfig) -> None:
@@ -178,7 +185,10 @@ def _type_problem(key: str, value: Any, schema: DictConfig) -> str | None:
 def _check_group_choice(arg: str, override, values: list[Any], options: list[str], own_defaults: bool) -> list[str]:
     """The options a `group=option` override chooses (several for a sweep or a list), each one of `options`."""
     key = override.key_or_group
-    if override.is_force_add() or (override.is_add() and not own_defaults):
+    if not (config_dir() / key).is_dir():  # a group of a `--config-dir` alone, which conf/'s defaults lack
+        if override.is_force_add() or not (override.is_add() or own_defaults):
+            raise FluxtrainError(f"{arg}: {key} is in no defaults list of fluxtrain's; add it with +{arg.lstrip('+')}")
+    elif override.is_force_add() or (override.is_add() and not own_defaults):
         sign = "++" if override.is_force_add() else "+"
         raise FluxtrainError(f"{arg}: {key} is chosen in the defaults already; give {arg[len(sign) :]} without {sign}")
     chosen = []
@@ -203,8 +213,8 @@ def _check_experiment_presets(chosen: dict[str, list[str]], folders: tuple[Path,
     model=small` would train the experiment's own model shape, not the small preset's."""
     for experiment in chosen.get("experiment", []):
         recipe = _option_config(folders, "experiment", experiment)
-        for group, options in chosen.items():
-            settings = recipe.get(group) if group != "experiment" else None
+        for group, options in chosen.items():  # an option added with `+` (of a `--config-dir` group) merges later
+            settings = recipe.get(group) if group != "experiment" and (config_dir() / group).is_dir() else None
             if not isinstance(settings, dict):
                 continue
             for option in options:
@@ -218,20 +228,10 @@ def _check_experiment_presets(chosen: dict[str, list[str]], folders: tuple[Path,
                     )
 
 
-def _check_option_file(
-    group: str,
-    option: str,
-    folders: tuple[Path, ...],
-    extra: list[Path],
-    options: dict[str, list[str]],
-    schema: DictConfig,
-) -> None:
-    """A group option the command line chooses from a `--config-dir`, read as Hydra would merge it: each setting one
-    the schema has, with a value of its type, and each option its defaults list names one that exists; Hydra's own
-    reports of these take several lines."""
-    path = next((f / group / f"{option}.yaml" for f in folders if (f / group / f"{option}.yaml").is_file()), None)
-    if path is None or not any(path.is_relative_to(folder) for folder in extra):
-        return  # conf/'s own options are tested with the project
+def _check_option_file(path: Path, group: str, options: dict[str, list[str]], schema: DictConfig) -> None:
+    """The file of a `--config-dir` holding a group option the command line chooses (or the primary config, when
+    `group` is ""), read as Hydra would merge it: each setting one the schema has, with a value of its type, and each
+    option its defaults list names one that exists; Hydra's own reports of these take several lines."""
     try:
         text = path.read_text(encoding="utf-8")
         body = yaml.safe_load(text)
@@ -245,7 +245,7 @@ def _check_option_file(
         if name in options and str(value) not in options[name]:
             listed = ", ".join(options[name])
             raise FluxtrainError(f"--config-dir: {path} chooses {name}={value}, not an option of {name}: {listed}")
-    global_package = "@package _global_" in text
+    global_package = not group or "@package _global_" in text
     if not global_package and group not in Config.__dataclass_fields__:
         return  # a group of the user's own, which Hydra merges where its package says
     body = {k: v for k, v in body.items() if k != "defaults"}  # Hydra's, not settings
@@ -261,7 +261,7 @@ def _defaults_choices(group: str, defaults: Any) -> list[tuple[str, str]]:
     """The (group, option) pairs the defaults list of a file in `group/` names, as Hydra reads them: `- small` is an
     option of the file's own group, `- sub: x` one of its subgroup `group/sub`, and `- /model: small` (or
     `- override /model: small`, `- /model/small`) one of the group `model`; `_self_`, `null` and interpolations are
-    left out."""
+    left out. The primary config (`group` "") names groups as `/model` does."""
     paths = []
     for entry in defaults if isinstance(defaults, list) else []:
         if isinstance(entry, str) and entry != "_self_":
@@ -273,7 +273,7 @@ def _defaults_choices(group: str, defaults: Any) -> list[tuple[str, str]]:
                     paths.append(f"{choice_group}/{option}")
     pairs = []
     for path in paths:
-        choice_group, _, option = (path[1:] if path.startswith("/") else f"{group}/{path}").rpartition("/")
+        choice_group, _, option = (path if path.startswith("/") else f"{group}/{path}").lstrip("/").rpartition("/")
         pairs.append((choice_group, option))
     return pairs
 

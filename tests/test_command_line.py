@@ -124,3 +124,54 @@ def test_a_mistake_beside_or_in_a_defaults_list_is_one_line_naming_the_file(tmp_
         check_overrides([*args, f"{group}=mine"])
     assert str(info.value).startswith(f"--config-dir: {tmp_path / group / 'mine.yaml'}{message}")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("files", "args", "message"),
+    [
+        ({"optim/mine.yaml": "momentum: 0.9\n"}, ["+optim=mine"], "{}: optim.momentum is not a fluxtrain setting (did"),
+        ({"optim/mine.yaml": "lr: big\n"}, ["+optim=mine"], "{}: optim.lr='big': Value 'big' of type 'str' could not"),
+        ({"mine.yaml": "defaults:\n  - config\n  - _self_\ntrain:\n  newkey: 1\n"}, ["--config-name", "mine"],
+         "{}: train.newkey is not a fluxtrain setting"),
+        ({"mine.yaml": "defaults:\n  - config\n  - _self_\nfoo: 1\n"}, ["-cn", "mine.yaml"], "{}: foo is not a "),
+        ({"mine.yaml": "defaults:\n  - config\n  - _self_\nmodel:\n  d_model: big\n"}, ["--config-name", "mine"],
+         "{}: model.d_model='big': Value 'big'"),
+        ({"mine.yaml": "defaults:\n  - config\n  - optim: god\n", "optim/good.yaml": ""}, ["--config-name", "mine"],
+         "{} chooses optim=god, not an option of optim: good"),
+    ],
+)  # fmt: skip
+def test_a_config_dirs_own_group_or_primary_config_is_checked_in_one_line_naming_the_file(
+    tmp_path, files, args, message
+):
+    """Hydra reports these in six lines."""
+    config_dir_args = write_config_dir(tmp_path, files)
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides([*config_dir_args, *args])
+    assert str(info.value).startswith("--config-dir: " + message.format(tmp_path / next(iter(files))))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["+optim=nosuch"], "optim=nosuch is not an option of optim; its options: good"),
+        (["optim=good"], "optim=good: optim is in no defaults list of fluxtrain's; add it with +optim=good"),
+        (["++optim=good"], "++optim=good: optim is in no defaults list of fluxtrain's; add it with +optim=good"),
+    ],
+)
+def test_a_config_dirs_own_group_takes_one_of_its_options_added_with_a_plus(tmp_path, args, message):
+    """Hydra lists its search path (an unknown option), or says in four lines that there is no `optim` to override."""
+    mine = "defaults:\n  - config\n  - optim: good\n  - _self_\noptim:\n  lr: 0.01\n"  # a primary config
+    config_dir_args = write_config_dir(tmp_path, {"optim/good.yaml": "lr: 0.002\n", "mine.yaml": mine})
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides([*config_dir_args, *args])
+    assert str(info.value) == message
+    check_overrides([*config_dir_args, "+optim=good"])
+    check_overrides([*config_dir_args, "--config-name", "mine", "optim=good"])  # its defaults list has optim
+
+
+def test_an_option_added_from_a_config_dirs_own_group_applies_after_the_experiment(tmp_path):
+    args = write_config_dir(tmp_path, {"optim/good.yaml": "lr: 0.002\n"})
+    check_overrides([*args, "experiment=shakespeare_cpu", "+optim=good"])  # not refused as overridden
+    proc = run_fluxtrain(*args, "experiment=shakespeare_cpu", "+optim=good", "--cfg", "job", "-p", "optim.lr")
+    assert (proc.returncode, proc.stdout.strip()) == (0, "0.002"), proc.stderr
