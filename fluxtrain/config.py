@@ -48,6 +48,25 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
 
 
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config `python -m fluxtrain OVERRIDES` would run, for training from Python (`fluxtrain.train.train(cfg,
+    run_dir)`): the same settings, checked the same way, each mistake a one-line FluxtrainError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from fluxtrain.command_line import check_overrides  # it reads this module's schema
+
+    overrides = list(overrides)
+    if bad := next((o for o in overrides if not isinstance(o, str) or o.startswith("-")), None):
+        raise FluxtrainError(f"overrides: {bad!r} is not a setting (key=value); options such as -m are the command's")
+    check_overrides(overrides)
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    check_config(cfg)
+    return cfg
+
+
 def check_known_keys(cfg: DictConfig) -> None:
     """Refuse settings the schema does not have. Hydra rejects `model.d_modl=64`, but its `+model.d_modl=64` (as
     its own error message suggests) adds the key past the schema; it would then be ignored or fail deep inside."""

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fluxtrain.command_line import check_overrides
-from fluxtrain.config import config_dir
+from fluxtrain.config import compose, config_dir
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
 from fluxtrain.overrides import check_commands, options_first
@@ -587,3 +587,18 @@ def test_lr_find_help_describes_the_range_test():
     assert lr_find.task == "lr_find" and lr_find.hydra.help.app_name == "fluxtrain-lr-find"
     assert lr_find.hydra.help.header.startswith("fluxtrain-lr-find: the learning-rate range test")
     assert train.hydra.help.header.startswith("fluxtrain: train a GPT-style language model")
+
+
+def test_compose_builds_the_config_the_command_line_would_run_and_checks_it_alike(tiny_text_file, tmp_path):
+    overrides = ["model=small", "experiment=shakespeare_cpu", f"data.path={tiny_text_file}", "optim.lr=1e-3"]
+    assert compose(overrides) == compose_config(overrides)
+    for bad, message in [
+        (["model.d_modl=64"], "model.d_modl is not a fluxtrain setting (did you mean model.d_model?)"),
+        (["model=huge"], "model=huge is not an option of model; its options: gpt2,"),
+        (["optim.lr=1e-3,1e-2"], "optim.lr=1e-3,1e-2 is a sweep"),
+        (["-m"], "overrides: '-m' is not a setting (key=value)"),
+        ([3], "overrides: 3 is not a setting (key=value)"),
+    ]:
+        with pytest.raises(FluxtrainError) as info:
+            compose(bad)
+        assert str(info.value).startswith(message), str(info.value)
