@@ -7,6 +7,8 @@ import json
 import math
 import numbers
 import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,12 +20,12 @@ from tqdm import tqdm
 from fluxtrain.data import ENCODING_ERRORS, ByteCount, encode_all
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, paths_named, quiet_when_stdout_closes
 from fluxtrain.files import atomic_write_text, check_writable, parse_json
-from fluxtrain.host import resolve_device
+from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.model import GPT, eval_mode
 from fluxtrain.model_file import load_model
 from fluxtrain.runs import ITERATION_KEY, read_metadata, resolve_model_path
 from fluxtrain.sources import iter_text, resolve_sources
-from fluxtrain.tokenizer import Tokenizer, check_ids
+from fluxtrain.tokenizer import CharTokenizer, Tokenizer, check_ids
 
 
 @dataclass
@@ -49,7 +51,7 @@ def bits_per_byte(loss: float, bytes_per_token: float) -> float:
 
 
 def saved_iteration(path: Path) -> int | None:
-    """The training iteration the model file `path` was saved at, which a run's best model records; else None."""
+    """The training iteration the model file `path` was saved at, which a run's model files record; else None."""
     value = read_metadata(path).get(ITERATION_KEY, "")
     return int(value) if value.isdecimal() else None
 
@@ -160,6 +162,21 @@ def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, **kwargs) -> Eval
     return evaluate_ids(model, tokenizer.encode(text), len(text.encode("utf-8")), **kwargs)
 
 
+class UnknownDropped:
+    """Leaves out of text pieces the characters a character tokenizer has no id for, counting them; learned
+    tokenizers read every character (as bytes, or as their unknown token)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.counts = tokenizer, Counter()
+
+    def through(self, pieces: Iterable[str]) -> Iterator[str]:
+        for piece in pieces:
+            if isinstance(self.tokenizer, CharTokenizer) and (unknown := self.tokenizer.unknown_chars(piece)):
+                self.counts.update(c for c in piece if c in set(unknown))
+                piece = piece.translate(dict.fromkeys(map(ord, unknown)))
+            yield piece
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineErrorParser(
         prog="python -m fluxtrain.evaluate",
@@ -173,8 +190,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="strict",
         help="bytes that are not UTF-8: an error (strict, the default), or read as U+FFFD with a warning (replace)",
     )
+    p.add_argument(
+        "--drop-unknown", action="store_true", help="leave out characters the tokenizer lacks, instead of an error"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's; 1 is best on a busy CPU)")
     p.add_argument(
         "--stride",
         type=int,
@@ -222,22 +243,31 @@ def run(args: argparse.Namespace) -> EvalResult:
     if args.json and args.json != "-":
         check_json_target(args.json)
     device = resolve_device(args.device, "--device")
+    if args.threads is not None:
+        check_threads(args.threads, "--threads", allow_zero=False)
+        torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)  # a run folder's best model, else its final one, ...
     model, tokenizer = load_model(path, device)
     iteration = saved_iteration(path)
     check_stride(args.stride, model.cfg.seq_len)
     sources = resolve_sources(args.data, setting="--data", run_folders=True)  # as data.path: no run's logs
     text = ByteCount()  # the bytes of the text as read, as evaluate_text counts them (not a normalizer's output)
+    pieces = iter_text(sources, encoding_errors=args.encoding_errors)
+    dropped = UnknownDropped(tokenizer)
+    hint = "" if args.drop_unknown or not isinstance(tokenizer, CharTokenizer) else "; --drop-unknown leaves them out"
     ids = encode_all(
-        text.through(iter_text(sources, encoding_errors=args.encoding_errors)),
+        text.through(dropped.through(pieces) if args.drop_unknown else pieces),
         tokenizer,
         sources.setting,
-        f"the model {args.model}",
+        f"the model {args.model}{hint}",
     )
     if len(ids) < 2:
         raise FluxtrainError(f"{sources.setting}: the text is {len(ids)} token(s); evaluation needs at least 2")
     result = evaluate_ids(model, ids, text.n, args.stride, args.batch_size, device, sys.stderr.isatty())
     summary = sys.stderr if args.json == "-" else sys.stdout  # stdout is then the JSON alone, for a pipe
+    if dropped.counts:
+        shown = ", ".join(f"{c!r} x{n:,}" for c, n in dropped.counts.most_common(20))
+        print(f"left out of the text, which the figures are over: {shown}", file=sys.stderr)
     print(
         f"{model_file_label(path, iteration)} | {sources.describe()} | {result.n_tokens:,} {tokenizer.name} tokens "
         f"| seq_len {result.seq_len}, stride {result.stride}",

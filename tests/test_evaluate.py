@@ -270,7 +270,37 @@ def test_unknown_characters_are_a_one_line_error(model_file, tmp_path, capsys):
     text_file.write_text("the king ~ said Ω\n", encoding="utf-8")
     err = one_line_error(capsys, model_file, text_file)
     assert "'~'" in err and "'Ω'" in err and str(text_file) in err
-    assert err.endswith(f"(the tokenizer comes from the model {model_file})\n")
+    assert err.endswith(f"(the tokenizer comes from the model {model_file}; --drop-unknown leaves them out)\n")
+
+
+def test_drop_unknown_scores_the_text_without_the_characters_the_tokenizer_lacks(model_file, tmp_path, capsys):
+    text = make_text(400)
+    clean, marked = tmp_path / "clean.txt", tmp_path / "marked.txt"
+    clean.write_text(text, encoding="utf-8")
+    marked.write_text("~" + text[:200] + "ΩΩ" + text[200:] + "~", encoding="utf-8")
+    main([str(model_file), "--data", str(clean), "--device", "cpu", "--json", "-"])
+    expected = json.loads(capsys.readouterr().out)
+    threads = torch.get_num_threads()
+    try:
+        main(
+            [
+                str(model_file),
+                "--data",
+                str(marked),
+                "--device",
+                "cpu",
+                "--json",
+                "-",
+                "--drop-unknown",
+                "--threads",
+                "1",
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    assert json.loads(out)["loss"] == expected["loss"] and json.loads(out)["n_bytes"] == expected["n_bytes"]
+    assert "left out of the text, which the figures are over: '~' x2, 'Ω' x2" in err
 
 
 def test_text_that_is_not_utf8_is_an_error_naming_the_option_that_reads_it(model_file, tmp_path, capsys):
