@@ -24,7 +24,7 @@ from fluxtrain.errors import (
     quiet_when_stdout_closes,
 )
 from fluxtrain.interrupt import StoppedInSetup
-from fluxtrain.overrides import check_commands, options_first, runs_nothing
+from fluxtrain.overrides import check_commands, is_shell_completion, options_first, runs_nothing
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home_in_run_dirs
 from fluxtrain.sweep import run_sweep_job
 from fluxtrain.tasks import run_task
@@ -90,7 +90,7 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
         with paths_named():
             sys.argv[1:] = options_first(sys.argv[1:])
             check_commands(sys.argv[1:])
-            if not any(arg in ("-sc", "--shell-completion") for arg in sys.argv[1:]):  # its install=bash is no setting
+            if not is_shell_completion(sys.argv[1:]):
                 check_overrides(sys.argv[1:])
             sys.argv[1:] = distributed.follow_main_run_dir(
                 expand_home_in_run_dirs(sys.argv[1:])

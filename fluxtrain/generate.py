@@ -299,15 +299,8 @@ SAMPLING_OPTIONS = {f.name: "--" + f.name.replace("_", "-") for f in fields(Samp
 
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        beams=args.beams,
-        context_shift=args.context_shift,
-    )
+    """The decoding settings the options give, one option per field (`SAMPLING_OPTIONS`)."""
+    return SamplingConfig(**{name: getattr(args, name) for name in SAMPLING_OPTIONS})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,6 +53,11 @@ class GracefulStop:
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
+    @property
+    def stopped_by(self) -> str:
+        """What stopped the run, once any rank of it was signalled: this rank's signal, or another rank's."""
+        return self.signal_name or "a signal to another rank"
+
     def install(self) -> None:
         """From here on a signal only asks the loop to stop."""
         self._set(STOP_SIGNALS, self._handle)

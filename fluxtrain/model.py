@@ -431,16 +431,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train()
 
 
-def param_count_formula(cfg: ModelConfig, vocab_size: int) -> int:
-    """Closed-form parameter count of `GPT(cfg, vocab_size)` for the default (learned, layernorm, gelu, bias) blocks."""
-    d, f = cfg.d_model, cfg.ff_dim
-    embeddings = vocab_size * d + cfg.seq_len * d
-    attention = d * 3 * d + 3 * d + d * d + d
-    mlp = d * f + f + f * d + d
-    norms = 2 * (2 * d)
-    return embeddings + cfg.n_layers * (attention + mlp + norms) + 2 * d
-
-
 def flops_per_token(cfg: ModelConfig, n_params: int) -> int:
     """Training FLOPs per token: 6N for the weights plus 12 * layers * d_model * seq_len for attention scores."""
     return 6 * n_params + 12 * cfg.n_layers * cfg.d_model * cfg.seq_len

@@ -26,6 +26,11 @@ COMMANDS = {"-r": "--run", "-m": "--multirun", "-c": "--cfg", "-i": "--info", "-
 COMMANDS |= {name: name for name in COMMANDS.values()}
 
 
+def is_shell_completion(args: list[str]) -> bool:
+    """Whether the command line sets up shell completion (`-sc install=bash`), whose value is no setting."""
+    return any(COMMANDS.get(arg.split("=")[0]) == "--shell-completion" for arg in args)
+
+
 # Hydra's options that take a value (`--cfg job`), and the values `--info` may take
 VALUE_OPTIONS = ("-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd")
 VALUE_OPTIONS += ("--config-dir", "--experimental-rerun")  # fmt: skip

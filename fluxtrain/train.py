@@ -614,7 +614,7 @@ def run_training(
             if last_ckpt != checkpoint_path(run_dir, it):
                 write_checkpoint()
             distributed.barrier()  # no rank names the checkpoint before rank 0 has written it
-            by = stop.signal_name or "a signal to another rank"
+            by = stop.stopped_by
             log.warning(f"stopped by {by} after iteration {it}; checkpoint: {last_ckpt}")
             command = resume_command(run_dir, world.world_size, distributed.local_world_size(world))
             log.warning(f"resume with: {command}")
@@ -652,7 +652,7 @@ def run_training(
     writer.close()
     log.info(f"done: {it} iterations in {wall_time:.1f}s | val loss {metrics['final_val_loss']:.4f} | {run_dir}")
     if distributed.any_rank(stop.requested, device):  # a signal during the final evaluation or writes: obeyed now
-        by = stop.signal_name or "a signal to another rank"
+        by = stop.stopped_by
         log.warning(f"stopped by {by} as the run finished; its results are written")
         raise TrainingInterrupted(f"stopped by {by} as the run finished", stop.signum or signal.SIGTERM)
     return metrics

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from fluxtrain.config import config_dir, register_configs
+from fluxtrain.model import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -97,6 +98,16 @@ def shakespeare() -> Path:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
     return SHAKESPEARE
+
+
+def param_count_formula(cfg: ModelConfig, vocab_size: int) -> int:
+    """Closed-form parameter count of `GPT(cfg, vocab_size)` for the default (learned, layernorm, gelu, bias) blocks."""
+    d, f = cfg.d_model, cfg.ff_dim
+    embeddings = vocab_size * d + cfg.seq_len * d
+    attention = d * 3 * d + 3 * d + d * d + d
+    mlp = d * f + f + f * d + d
+    norms = 2 * (2 * d)
+    return embeddings + cfg.n_layers * (attention + mlp + norms) + 2 * d
 
 
 def run_fluxtrain(*args: str, entry: tuple[str, ...] = ("-m", "fluxtrain"), timeout: float = 900):

@@ -14,10 +14,9 @@ from fluxtrain.model import (
     ModelConfig,
     attention,
     flops_per_token,
-    param_count_formula,
 )
 
-from .conftest import compose_config
+from .conftest import compose_config, param_count_formula
 
 
 @pytest.mark.parametrize("preset", ["small", "medium", "large"])

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.model import GPT, MLP, ModelConfig, RMSNorm, apply_rope, param_count_formula, rope_tables
+from fluxtrain.model import GPT, MLP, ModelConfig, RMSNorm, apply_rope, rope_tables
+
+from .conftest import param_count_formula
 
 VARIANTS = [
     dict(norm=norm, pos_emb=pos, activation=act, bias=bias)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fluxtrain.model import GPT, ModelConfig, param_count_formula
+from fluxtrain.model import GPT, ModelConfig
 
-from .conftest import compose_config
+from .conftest import compose_config, param_count_formula
 
 GPT2_VOCAB = 50257
 # Parameter counts of OpenAI's GPT-2 checkpoints (tied head), the shapes these presets copy.
