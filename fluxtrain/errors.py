@@ -1,4 +1,6 @@
-"""The one exception type for user mistakes: the command line prints it as a single line, without a traceback."""
+"""How mistakes and failures reach the user in one line: the exception type for user mistakes (printed without a
+traceback), the wording of OS errors, paths and running out of memory, commands whose reader stops early (`| head`),
+and an argument parser whose errors are one line."""
 
 import argparse
 import io
