@@ -1,6 +1,6 @@
 """Runs on disk: find the run folders under an outputs folder and read their config, metrics and curves.
 
-python -m fluxtrain.runs outputs/multirun/2026-11-27/10-00-00     # one row per run, lowest best val loss first
+python -m fluxtrain.runs outputs/multirun/2026-11-27/10-00-00     # one row per run, best first
 """
 
 from __future__ import annotations
@@ -526,7 +526,10 @@ def compare(folder: str, keys_text: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = OneLineErrorParser(
         prog="python -m fluxtrain.runs",
-        description="Compare runs: one row per run folder under FOLDER, lowest best val loss first.",
+        description=(
+            "Compare runs: one row per run folder under FOLDER, best first (by best val loss, or by best val bits per "
+            "byte when their tokenizers differ)."
+        ),
     )
     p.add_argument(
         "folder",
