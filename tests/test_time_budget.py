@@ -17,6 +17,20 @@ from fluxtrain.train import train
 
 
 @pytest.mark.slow
+def train_with_threads_restored(cfg, run_dir, caplog):
+    """Train (`train.threads` set) and give torch back its threads; returns the metrics, the `iter` log lines and the
+    run's TensorBoard events."""
+    threads = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="fluxtrain"):
+            metrics = train(cfg, run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return metrics, [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter ")], events
+
+
 def test_time_budget_ends_the_run_and_the_schedule_reaches_min_lr(tiny_cfg, tmp_path, caplog):
     cfg = tiny_cfg(
         "train.max_iters=1000000",
@@ -28,20 +42,12 @@ def test_time_budget_ends_the_run_and_the_schedule_reaches_min_lr(tiny_cfg, tmp_
         "optim.min_lr=3e-4",
         "train.threads=1",  # steady step times on a busy machine
     )
-    threads = torch.get_num_threads()
-    try:
-        with caplog.at_level(logging.INFO, logger="fluxtrain"):
-            metrics = train(cfg, tmp_path / "run")
-    finally:
-        torch.set_num_threads(threads)
+    metrics, lines, events = train_with_threads_restored(cfg, tmp_path / "run", caplog)
     assert 10 < metrics["iters"] < 1_000_000
     # Its log lines count the seconds of the budget, not toward train.max_iters, which the run does not reach.
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter ")]
     assert re.match(r"iter      1 \| 0/\d+s \| loss ", lines[0]) and not any("/1000000" in line for line in lines)
     # The final eval and saving are inside the budget; a little slack for a busy machine.
     assert metrics["wall_time_sec"] < 10 + 3.0
-    events = EventAccumulator(str(tmp_path / "run"))
-    events.Reload()
     lrs = [e.value for e in events.Scalars("lr")]
     assert max(lrs) > 2.5e-3  # warm-up reached the peak
     assert lrs[-1] < 3e-4 + 0.1 * (3e-3 - 3e-4)  # and the cosine ran down to min_lr by the end of the time
@@ -52,16 +58,8 @@ def test_the_steps_after_the_last_log_line_are_logged_when_the_time_runs_out(tin
         "train.max_iters=1000000", "train.max_time=3", "train.log_interval=1000000", "optim.min_lr=1e-4",
         "train.eval_interval=1000000", "train.threads=1",
     )  # fmt: skip
-    threads = torch.get_num_threads()
-    try:
-        with caplog.at_level(logging.INFO, logger="fluxtrain"):
-            metrics = train(cfg, tmp_path / "run")
-    finally:
-        torch.set_num_threads(threads)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter ")]
+    metrics, lines, events = train_with_threads_restored(cfg, tmp_path / "run", caplog)
     assert len(lines) == 1 and lines[0].startswith(f"iter {metrics['iters']:>6} | ")
-    events = EventAccumulator(str(tmp_path / "run"))
-    events.Reload()
     for tag in ("train/loss", "lr", "throughput/tokens_per_sec"):
         assert [e.step for e in events.Scalars(tag)] == [metrics["iters"]]
     assert events.Scalars("throughput/tokens_per_sec")[0].value == pytest.approx(metrics["tokens_per_sec"])
