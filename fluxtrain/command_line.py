@@ -351,7 +351,6 @@ def check_yaml(path: Path) -> None:
         raise FluxtrainError(f"--config-dir: {path} cannot be read ({describe_failure(e)})") from None
 
 
-# Hydra's options that take a path or a name as the next argument, which is not a setting
 def _option_values(args: list[str], names: tuple[str, ...]) -> list[str]:
     """The values of the option `names` (`--config-dir DIR`, `-cd DIR` or `--config-dir=DIR`), in order."""
     found = []

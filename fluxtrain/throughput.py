@@ -106,8 +106,10 @@ def impossible_mfu_warning(mfu: float, peak_source: str) -> str | None:
         return None
     if peak_source == "train.peak_flops":
         cause = "train.peak_flops is below what this device reaches"
-    else:
+    elif "probe" in peak_source:
         cause = f"the peak ({peak_source}) was measured while other work slowed this device; set train.peak_flops"
+    else:
+        cause = f"the peak ({peak_source}) is below what this device reaches; set train.peak_flops"
     return f"MFU {100 * mfu:.0f}% is above 100%, so the MFU figures of this run are too high: {cause}"
 
 

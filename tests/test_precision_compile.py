@@ -201,6 +201,10 @@ def test_an_mfu_above_100_percent_is_warned_about_once(tiny_cfg, tmp_path, caplo
         "the peak (cpu matmul probe) was measured while other work slowed this device; set train.peak_flops"
     )
     assert throughput.impossible_mfu_warning(0.99, "cpu matmul probe") is None
+    table = throughput.impossible_mfu_warning(1.2, "NVIDIA H100 80GB HBM3 bf16 table")
+    assert table.endswith(
+        "the peak (NVIDIA H100 80GB HBM3 bf16 table) is below what this device reaches; set train.peak_flops"
+    )
 
 
 def test_peak_flops_sources():

@@ -16,7 +16,6 @@ from fluxtrain.resume import checkpoint_path
 from fluxtrain.train import train
 
 
-@pytest.mark.slow
 def train_with_threads_restored(cfg, run_dir, caplog):
     """Train (`train.threads` set) and give torch back its threads; returns the metrics, the `iter` log lines and the
     run's TensorBoard events."""
@@ -31,6 +30,7 @@ def train_with_threads_restored(cfg, run_dir, caplog):
     return metrics, [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter ")], events
 
 
+@pytest.mark.slow
 def test_time_budget_ends_the_run_and_the_schedule_reaches_min_lr(tiny_cfg, tmp_path, caplog):
     cfg = tiny_cfg(
         "train.max_iters=1000000",
