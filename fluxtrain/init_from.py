@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from fluxtrain.checkpoint import Checkpoint
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
 from fluxtrain.model_file import checked_metadata, read_model_file
 from fluxtrain.resume import MODEL_KEYS_FREE_ON_RESUME
 from fluxtrain.runs import resolve_model_path
-from fluxtrain.tokenizer import Tokenizer, load_tokenizer
+from fluxtrain.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
 
 log = logging.getLogger("fluxtrain")
 
@@ -38,7 +39,10 @@ def load_start_weights(cfg: DictConfig, model_cfg: ModelConfig, resuming: bool) 
         return None
     path = resolve_model_path(name, "init_from")
     source = f"init_from={path}"
-    meta, state = read_model_file(path)
+    try:
+        meta, state = read_model_file(path)
+    except FluxtrainError as e:
+        raise FluxtrainError(f"init_from: {e}") from None
     saved, tokenizer = checked_metadata(meta, source, state)
     differ = [
         f"model.{key}={getattr(model_cfg, key)} (model file: {value})"
@@ -55,5 +59,20 @@ def load_start_weights(cfg: DictConfig, model_cfg: ModelConfig, resuming: bool) 
             f"{source}: tokenizer.path={cfg.tokenizer.path} is not the model file's tokenizer, which the run must "
             "keep (leave tokenizer.path out: the run takes the model file's)"
         )
+    if not cfg.tokenizer.path and cfg.tokenizer.kind != tokenizer.kind:
+        log.warning(
+            f"{source} holds a {tokenizer.name} tokenizer, which the run keeps: tokenizer={cfg.tokenizer.kind} is not "
+            f"used (give tokenizer={tokenizer.kind} to say so)"
+        )
     log.info(f"init_from: the run starts from the weights of {path} (and its {tokenizer.name} tokenizer)")
     return StartWeights(path, tokenizer, state)
+
+
+def kept_tokenizer(cfg: DictConfig, start: StartWeights | None, resume: Checkpoint | None) -> Tokenizer | None:
+    """The tokenizer a run started with `init_from` encodes its text with, the model file's: from the file, or once
+    the run resumes, from its checkpoint. None for a run that builds its tokenizer as `tokenizer.*` says."""
+    if start is not None:
+        return start.tokenizer
+    if resume is not None and cfg.get("init_from") is not None:
+        return tokenizer_from_json(resume.tokenizer_json)
+    return None

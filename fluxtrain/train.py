@@ -32,7 +32,7 @@ from fluxtrain.errors import FluxtrainError, out_of_memory_as
 from fluxtrain.evaluate import bits_per_byte, perplexity
 from fluxtrain.files import atomic_write_text
 from fluxtrain.hparams import log_hparams
-from fluxtrain.init_from import load_start_weights
+from fluxtrain.init_from import kept_tokenizer, load_start_weights
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
 from fluxtrain.logs import EventWriter, NullWriter, event_writer
 from fluxtrain.model import GPT, ModelConfig, eval_mode, flops_per_token
@@ -359,7 +359,7 @@ def run_training(
         if world.is_main and (lock := lock_run_dir(run_dir)) is not None:  # rank 0 speaks for the run's ranks
             resources.callback(os.close, lock)
         start = load_start_weights(cfg, model_cfg, resuming=resume is not None)
-        given = start.tokenizer if start else None
+        given = kept_tokenizer(cfg, start, resume)
         data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir, given)
     if resume:
         check_tokenizer(resume, tokenizer)

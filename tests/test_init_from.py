@@ -5,6 +5,7 @@ import logging
 import math
 
 import pytest
+import torch
 
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.lr_find import lr_find
@@ -90,12 +91,31 @@ def test_dropout_and_the_tokenizer_files_of_the_model_itself_may_be_given(tiny_c
 
 def test_a_resumed_run_continues_from_its_checkpoint_not_the_model_file(tiny_cfg, tmp_path, trained, caplog):
     base, _ = trained
-    run = tmp_path / "run"
-    train(tiny_cfg("train.max_iters=2", "train.ckpt_interval=2", f"init_from={base}"), run)
+    fewer = tmp_path / "fewer.txt"  # a tokenizer built from it would be smaller than the model's
+    fewer.write_text(make_text(20_000, seed=5).replace("k", ""))
+    run, same = tmp_path / "run", [f"init_from={base}", f"data.path={fewer}", "model.dropout=0.1"]
+    train(tiny_cfg("train.max_iters=2", "train.ckpt_interval=2", *same), run)
     with caplog.at_level(logging.INFO, logger="fluxtrain"):
-        metrics = train(tiny_cfg("train.max_iters=4", "resume=auto", f"init_from={base}"), run)
+        resumed = train(tiny_cfg("train.max_iters=4", "resume=auto", *same), run)
     assert f"init_from={base} is not used: the run continues from its checkpoint" in caplog.text
-    assert metrics["iters"] == 4
+    whole = train(tiny_cfg("train.max_iters=4", *same), tmp_path / "whole")
+    timing = ("wall_time_sec", "tokens_per_sec")
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    final = [read_model_file(r / "model_final.safetensors")[1] for r in (run, tmp_path / "whole")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])  # bit-identical to a run never stopped
+
+
+def test_tokenizer_settings_other_than_the_model_files_are_warned_about(tiny_cfg, tmp_path, trained, caplog):
+    base, _ = trained
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        train(tiny_cfg(*STILL, f"init_from={base}", "tokenizer=bpe"), tmp_path / "run")
+    assert "holds a char tokenizer, which the run keeps: tokenizer=bpe is not used (give tokenizer=char" in caplog.text
+    assert json.loads((tmp_path / "run" / "tokenizer.json").read_text())["type"] == "char"
+
+
+def test_a_file_that_is_no_model_is_named_with_the_setting(tiny_cfg, tmp_path, tiny_text_file):
+    with pytest.raises(FluxtrainError, match=f"^init_from: {tiny_text_file} "):
+        train(tiny_cfg(*STILL, f"init_from={tiny_text_file}"), tmp_path / "run")
 
 
 def test_lr_find_tests_the_model_files_weights(tiny_cfg, tmp_path, trained):
