@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from fluxtrain.resume import (
     CHECKPOINT_FILES,
     CHECKPOINT_NAME,
     SUPERSEDED_DIR,
+    TOKENIZER_FILE,
     find_latest,
     list_checkpoints,
 )
@@ -379,11 +381,9 @@ def ranked_table(runs: list[Run], keys: list[str]) -> str:
     """`runs` as a table: their `keys` settings and metrics, best first by the first metric column (`ranked_by`),
     failed and unfinished runs last."""
     by = ranked_by(runs)
-    rows = runs_table(
-        runs, keys=tuple(keys), metrics=RANKED_METRICS if by == "best_val_loss" else RANKED_ACROSS_TOKENIZERS
-    )
-    rows.sort(key=lambda row: rank_value(row.get(by)))
-    return format_table(rows)
+    ranked = sorted(runs, key=lambda run: rank_value(ranking_figure(run, by)))
+    metrics = RANKED_METRICS if by == "best_val_loss" else RANKED_ACROSS_TOKENIZERS
+    return format_table(runs_table(ranked, keys=tuple(keys), metrics=metrics))
 
 
 def best_runs(runs: list[Run], n: int | None = None) -> list[Run]:
@@ -391,21 +391,29 @@ def best_runs(runs: list[Run], n: int | None = None) -> list[Run]:
     last); the first `n` of them."""
     finished = [run for run in runs if run.metrics]
     by = ranked_by(finished)
-    return sorted(finished, key=lambda run: rank_value(run.metrics.get(by)))[:n]
+    return sorted(finished, key=lambda run: rank_value(ranking_figure(run, by)))[:n]
 
 
 def ranked_by(runs: list[Run]) -> str:
-    """The figure that ranks `runs`: the best validation loss, or, when their tokenizers differ (kind, vocabulary
-    size, file), the best validation bits per byte, since losses per token of different tokenizers do not compare."""
-    return "best_val_loss" if len({tokenizer_of(run) for run in runs if run.config}) <= 1 else "best_val_bpb"
+    """The figure that ranks `runs`: the best validation loss, or, when the finished ones were trained with different
+    tokenizers (their saved tokenizer.json files differ), the best validation bits per byte, since losses per token
+    of different tokenizers do not compare."""
+    tokenizers = {tokenizer_digest(run.path) for run in runs if run.metrics} - {None}
+    return "best_val_loss" if len(tokenizers) <= 1 else "best_val_bpb"
 
 
-def tokenizer_of(run: Run) -> tuple[Any, ...]:
-    """What sets a run's tokenizer: its kind, the vocabulary size a learned one asks for, and a tokenizer file."""
-    kind, path = run.get("tokenizer.kind"), run.get("tokenizer.path")
-    if path:
-        return None, path, None
-    return kind, None, None if kind == "char" else run.get("tokenizer.vocab_size")
+def ranking_figure(run: Run, by: str) -> float | None:
+    """The figure `by` of a finished run; for a run written before `best_val_bpb` was recorded, its final bpb."""
+    metrics = run.metrics or {}
+    return metrics.get("val_bpb") if by == "best_val_bpb" and "best_val_bpb" not in metrics else metrics.get(by)
+
+
+def tokenizer_digest(run_dir: Path) -> str | None:
+    """A digest of the tokenizer a run saved in its folder (tokenizer.json), None where it has none."""
+    try:
+        return hashlib.sha256((run_dir / TOKENIZER_FILE).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def rank_value(loss: float | None) -> float:

@@ -335,25 +335,25 @@ def test_a_resumed_runs_curves_read_without_tensorboards_out_of_order_warning(tm
 
 
 def test_runs_of_different_tokenizers_rank_by_bits_per_byte(tmp_path):
-    def run(name: str, tokenizer: dict, loss: float, bpb: float) -> Run:
-        metrics = {"best_val_loss": loss, "best_val_bpb": bpb, "final_val_loss": loss}
-        return Run(tmp_path / name, name, {"tokenizer": tokenizer}, [], metrics, None)
+    def run(name: str, tokenizer: str, loss: float, bpb: float | None, settings: dict | None = None) -> Run:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(tokenizer)  # what the run trained with, whatever its settings
+        metrics = {"best_val_loss": loss, "final_val_loss": loss, "val_bpb": 2.0}  # the final bpb
+        metrics |= {} if bpb is None else {"best_val_bpb": bpb}
+        return Run(tmp_path / name, name, settings or {}, [], metrics, None)
 
-    char, bpe = {"kind": "char", "vocab_size": 1024}, {"kind": "bpe", "vocab_size": 300}
-    runs = [run("char", char, 1.5, 2.2), run("bpe", bpe, 3.9, 2.1), run("char-b", {**char, "vocab_size": 9}, 1.6, 2.3)]
+    char, bpe = '{"type": "char", "chars": ["a", "b"]}', '{"model": {"type": "BPE"}}'
+    runs = [run("char", char, 1.5, 2.2), run("bpe", bpe, 3.9, 2.1), run("char-b", char, 1.6, 2.3)]
     assert [r.name for r in best_runs(runs)] == ["bpe", "char", "char-b"]
     lines = ranked_table(runs, []).splitlines()
     assert lines[0].split()[:3] == ["run", "best_val_bpb", "best_val_loss"]
     assert [line.split()[:2] for line in lines[1:]] == [["bpe", "2.1"], ["char", "2.2"], ["char-b", "2.3"]]
-    # One tokenizer (a char one's vocab_size setting does not count): ranked by the loss, without a bpb column.
-    same = [runs[2], runs[0]]
-    assert [r.name for r in best_runs(same)] == ["char", "char-b"]
+    # One tokenizer, whatever the settings say (init_from keeps a model's): ranked by the loss, without a bpb column.
+    same = [runs[2], runs[0], run("said-bpe", char, 1.7, 1.0, {"tokenizer": {"kind": "bpe"}})]
+    assert [r.name for r in best_runs(same)] == ["char", "char-b", "said-bpe"]
     assert ranked_table(same, []).splitlines()[0].split()[:2] == ["run", "best_val_loss"]
-    # Two BPE vocabularies, or a tokenizer file against a learned one, differ too.
-    other = [run("bpe", bpe, 3.9, 2.1), run("bpe-big", {**bpe, "vocab_size": 900}, 4.5, 2.0)]
-    assert [r.name for r in best_runs(other)] == ["bpe-big", "bpe"]
-    given = [run("bpe", bpe, 3.9, 2.1), run("file", {**bpe, "path": "tok.json"}, 4.5, 2.0)]
-    assert [r.name for r in best_runs(given)] == ["file", "bpe"]
+    # A run from before best_val_bpb was recorded ranks by its final bpb (2.0 here), not last.
+    assert [r.name for r in best_runs([runs[0], run("old-bpe", bpe, 3.9, None)])] == ["old-bpe", "char"]
 
 
 def test_an_empty_keys_option_is_an_error_not_the_default(tmp_path, capsys):
