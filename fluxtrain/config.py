@@ -56,15 +56,33 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
     from fluxtrain.command_line import check_overrides  # it reads this module's schema
 
+    if isinstance(overrides, str):
+        raise FluxtrainError(f"overrides: give a list of settings, e.g. [{overrides!r}], not one text")
     overrides = list(overrides)
     if bad := next((o for o in overrides if not isinstance(o, str) or o.startswith("-")), None):
         raise FluxtrainError(f"overrides: {bad!r} is not a setting (key=value); options such as -m are the command's")
+    for override in overrides:
+        if _is_sweep(override):
+            raise FluxtrainError(f"{override}: compose makes one config; compose one per value, or sweep with -m")
     check_overrides(overrides)
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
     check_config(cfg)
     return cfg
+
+
+def _is_sweep(override: str) -> bool:
+    """Whether a setting sweeps (`optim.lr=1e-3,1e-2`) or searches (`hparams_search=...`); one that Hydra's grammar
+    cannot read is left to `check_overrides`, which names the problem."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        (parsed,) = OverridesParser.create().parse_overrides([override])
+    except OverrideParseException:
+        return False
+    return parsed.is_sweep_override() or parsed.key_or_group == "hparams_search"
 
 
 def check_known_keys(cfg: DictConfig) -> None:

@@ -330,6 +330,14 @@ def resume_command(run_dir: str | Path, world_size: int = 1, local_world_size: i
     return command
 
 
+def resume_hint(run_dir: str | Path, world_size: int = 1, local_world_size: int = 1) -> str:
+    """How to continue a stopped run: its command line (`resume_command`), or for a run started from Python
+    (`fluxtrain.train.train`, outside Hydra), whose settings no command line holds, the call that continues it."""
+    if HydraConfig.initialized():
+        return resume_command(run_dir, world_size, local_world_size)
+    return f"train(compose([<the settings of the run>, 'resume=auto']), {str(run_dir)!r}) from Python"
+
+
 def divergence_error(what: str, iteration: int, last_checkpoint: Path | None, lr: float) -> FluxtrainError:
     """The error for a NaN/inf loss or weights: where it happened and the last good checkpoint to go back to."""
     if last_checkpoint is None:

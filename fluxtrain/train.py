@@ -51,7 +51,7 @@ from fluxtrain.resume import (
     load_resume,
     optimizer_changed,
     prune,
-    resume_command,
+    resume_hint,
     set_aside_earlier_run,
     set_aside_later,
     wait_for_a_later_event_file_name,
@@ -616,7 +616,7 @@ def run_training(
             distributed.barrier()  # no rank names the checkpoint before rank 0 has written it
             by = stop.stopped_by
             log.warning(f"stopped by {by} after iteration {it}; checkpoint: {last_ckpt}")
-            command = resume_command(run_dir, world.world_size, distributed.local_world_size(world))
+            command = resume_hint(run_dir, world.world_size, distributed.local_world_size(world))
             log.warning(f"resume with: {command}")
             signum = stop.signum or signal.SIGTERM  # the signal may have reached another rank only
             raise TrainingInterrupted(f"stopped by {by}; checkpoint {last_ckpt}", signum)

@@ -595,7 +595,9 @@ def test_compose_builds_the_config_the_command_line_would_run_and_checks_it_alik
     for bad, message in [
         (["model.d_modl=64"], "model.d_modl is not a fluxtrain setting (did you mean model.d_model?)"),
         (["model=huge"], "model=huge is not an option of model; its options: gpt2,"),
-        (["optim.lr=1e-3,1e-2"], "optim.lr=1e-3,1e-2 is a sweep"),
+        (["optim.lr=1e-3,1e-2"], "optim.lr=1e-3,1e-2: compose makes one config; compose one per value, or sweep"),
+        (["hparams_search=lr_optuna"], "hparams_search=lr_optuna: compose makes one config"),
+        ("model=small", "overrides: give a list of settings, e.g. ['model=small'], not one text"),
         (["-m"], "overrides: '-m' is not a setting (key=value)"),
         ([3], "overrides: 3 is not a setting (key=value)"),
     ]:

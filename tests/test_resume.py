@@ -613,6 +613,14 @@ def test_sigterm_during_setup_leaves_an_earlier_runs_folder_as_it_was(tiny_text_
     assert not (run_dir / "checkpoints").exists() and not list(run_dir.glob("events.*"))
 
 
+def test_a_run_stopped_in_python_is_told_how_to_continue_there(tiny_cfg, tmp_path, monkeypatch, caplog):
+    interrupt_at(monkeypatch, 2)
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"), pytest.raises(TrainingInterrupted):
+        train(tiny_cfg("train.max_iters=4"), tmp_path / "run")
+    hint = f"resume with: train(compose([<the settings of the run>, 'resume=auto']), '{tmp_path / 'run'}') from Python"
+    assert hint in caplog.text
+
+
 def test_the_resume_command_relaunches_as_many_processes(tmp_path):
     run = tmp_path / "run"
     assert resume_command(run) == f"python -m fluxtrain hydra.run.dir={run.resolve()} resume=auto"
