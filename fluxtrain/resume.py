@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import re
 import shlex
 import time
@@ -211,10 +212,17 @@ def foreign_evaluations(ckpt: Checkpoint, cfg: DictConfig, run_dir: Path) -> str
     they scored another validation text. None when they are the run's own."""
     if checkpoint_run_dir(ckpt.path) != Path(run_dir).resolve():
         return "the checkpoint is another run folder's"
-    current = OmegaConf.to_container(cfg.data, resolve=True)
-    if changed := _differences(ckpt.config.get("data", {}), current, "data", DATA_KEYS_NOT_TEXT):
+    saved, current = ckpt.config.get("data", {}), OmegaConf.to_container(cfg.data, resolve=True)
+    if changed := _differences(_data_paths_absolute(saved), _data_paths_absolute(current), "data", DATA_KEYS_NOT_TEXT):
         return f"the data changed ({'; '.join(changed)})"
     return None
+
+
+def _data_paths_absolute(data: dict[str, Any]) -> dict[str, Any]:
+    """Data settings with `path` and `val_path` as absolute paths (from the working folder, as the run reads them),
+    so that `data.path=texts/a.txt` and `data.path=./texts/a.txt` name the same text."""
+    paths = {key: data.get(key) for key in ("path", "val_path")}
+    return {**data, **{k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if isinstance(v, str)}}
 
 
 def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:

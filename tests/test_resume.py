@@ -388,6 +388,13 @@ def test_a_best_loss_of_another_folder_or_another_text_is_not_carried_over(tiny_
     with caplog.at_level(logging.INFO, logger="fluxtrain"):
         again = train(tiny_cfg("train.max_iters=4", "resume=auto", f"data.path={new_text}", own), tmp_path / "a")
     assert f"not carried over: the data changed (data.path={new_text} (checkpoint: {tiny_text_file}))" in caplog.text
+    # The same file named another way is the same text: the finished run's results stand.
+    caplog.clear()
+    same = os.path.relpath(tiny_text_file)  # from the working folder, as the run reads it
+    with caplog.at_level(logging.INFO, logger="fluxtrain"):
+        stood = train(tiny_cfg("train.max_iters=4", "resume=auto", f"data.path={same}"), tmp_path / "b")
+    assert stood == json.loads((tmp_path / "b" / "metrics.json").read_text()) and stood["iters"] == 4
+    assert "not carried over" not in caplog.text and "its results in" in caplog.text
     assert again["final_val_loss"] != first["final_val_loss"]
     assert again["best_val_loss"] == again["final_val_loss"]
     saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
