@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import numbers
 import re
 import time
 import urllib.parse
@@ -579,7 +580,7 @@ class TokenData:
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows: x (B, T) and the next-token targets y (B, T), int64."""
         data = self.split(split)
-        if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size >= 1):
             raise FluxtrainError(f"batch_size={batch_size!r} must be a positive integer")
         starts = torch.randint(len(data) - self.seq_len, (batch_size,), generator=generator)
         offsets = starts.numpy()[:, None] + self._window  # (B, T + 1)

@@ -23,7 +23,7 @@ from fluxtrain.files import atomic_write_text, check_writable, parse_json
 from fluxtrain.host import check_threads, resolve_device
 from fluxtrain.model import GPT, eval_mode
 from fluxtrain.model_file import load_model
-from fluxtrain.runs import ITERATION_KEY, read_metadata, resolve_model_path
+from fluxtrain.runs import model_file_label, resolve_model_path, saved_iteration
 from fluxtrain.sources import iter_text, resolve_sources
 from fluxtrain.tokenizer import CharTokenizer, Tokenizer, check_ids
 
@@ -48,17 +48,6 @@ def perplexity(loss: float) -> float:
 def bits_per_byte(loss: float, bytes_per_token: float) -> float:
     """Nats per token -> bits per token, divided by the text's mean bytes per token: comparable across tokenizers."""
     return loss / math.log(2) / bytes_per_token
-
-
-def saved_iteration(path: Path) -> int | None:
-    """The training iteration the model file `path` was saved at, which a run's model files record; else None."""
-    value = read_metadata(path).get(ITERATION_KEY, "")
-    return int(value) if value.isdecimal() else None
-
-
-def model_file_label(path: Path, iteration: int | None) -> str:
-    """The model file `path` as the summary names it, with the `iteration` it was saved at when there is one."""
-    return str(path) if iteration is None else f"{path} (iteration {iteration})"
 
 
 def check_stride(stride: int | None, seq_len: int) -> int:
@@ -171,8 +160,8 @@ class UnknownDropped:
 
     def through(self, pieces: Iterable[str]) -> Iterator[str]:
         for piece in pieces:
-            if isinstance(self.tokenizer, CharTokenizer) and (unknown := self.tokenizer.unknown_chars(piece)):
-                self.counts.update(c for c in piece if c in set(unknown))
+            if isinstance(self.tokenizer, CharTokenizer) and (unknown := set(self.tokenizer.unknown_chars(piece))):
+                self.counts.update(c for c in piece if c in unknown)
                 piece = piece.translate(dict.fromkeys(map(ord, unknown)))
             yield piece
 
@@ -275,7 +264,8 @@ def run(args: argparse.Namespace) -> EvalResult:
     )
     print(
         f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} "
-        f"| bits per byte {result.bits_per_byte:.4f} (over {result.n_bytes:,} bytes of text as read)",
+        f"| bits per byte {result.bits_per_byte:.4f} (over {result.n_bytes:,} bytes of text "
+        f"{'kept' if dropped.counts else 'as read'})",
         file=summary,
     )
     if args.json:

@@ -15,13 +15,12 @@ import torch
 from safetensors import SafetensorError
 
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named
-from fluxtrain.evaluate import model_file_label, saved_iteration
 from fluxtrain.files import check_writable, parse_json
 from fluxtrain.model import GPT, ModelConfig, eval_mode
 from fluxtrain.model_file import load_model
 from fluxtrain.quantize import is_quantized
 from fluxtrain.resume import find_latest
-from fluxtrain.runs import resolve_model_path, run_model_file
+from fluxtrain.runs import model_file_label, resolve_model_path, run_model_file, saved_iteration
 from fluxtrain.tokenizer import Tokenizer
 
 INSTALL_HINT = "pip install 'fluxtrain[hf]' (or pip install -e \".[hf]\" in a checkout)"
@@ -267,9 +266,9 @@ def not_exported(folder: Path) -> list[str]:
     )
 
 
-def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write a folder that AutoModelForCausalLM and AutoTokenizer load, from a fluxtrain model file (or a run
-    folder's best model, ...): the folder written and the model file it holds."""
+def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a folder that AutoModelForCausalLM and AutoTokenizer load, from a fluxtrain model file (a checkpoint, or
+    a run folder's best model, ...); returns the folder."""
     require_transformers()
     if not str(out_dir).strip():
         raise FluxtrainError("OUT_DIR is empty; give a new folder to export into")
@@ -328,7 +327,7 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
             raise
         problem = getattr(e, "strerror", None) or first_line(e)
         raise FluxtrainError(f"OUT_DIR {out_dir} cannot be written: {problem}") from None
-    return out_dir, model_path
+    return out_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -342,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         with paths_named():
-            out, model_path = export(args.model, args.out_dir, args.overwrite)
+            out = export(args.model, args.out_dir, args.overwrite)
+            model_path = resolve_model_path(args.model)  # what the export read: a run folder's best model, ...
             source = model_file_label(model_path, saved_iteration(model_path))
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)

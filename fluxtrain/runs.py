@@ -199,6 +199,24 @@ def read_metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def saved_iteration(path: Path) -> int | None:
+    """The training iteration a model file (a run's record it) or a checkpoint (its progress holds it) was saved at;
+    None where the file does not say."""
+    meta = read_metadata(path)
+    value = meta.get(ITERATION_KEY)
+    if value is None and "progress" in meta:
+        try:
+            value = parse_json(meta["progress"]).get("iteration")
+        except (ValueError, AttributeError):
+            return None
+    return int(value) if str(value).isdecimal() else None
+
+
+def model_file_label(path: Path, iteration: int | None) -> str:
+    """The model file `path` as commands name what they read, with the `iteration` it was saved at where known."""
+    return str(path) if iteration is None else f"{path} (iteration {iteration})"
+
+
 def results_after(run_dir: Path, iteration: int, checkpoint: Path) -> list[Path]:
     """The results in `run_dir` written after `iteration`, where a run resumes from its `checkpoint`: the final model
     file and metrics.json of a run that ended later (those of a run that ended at `iteration` describe the

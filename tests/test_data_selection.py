@@ -210,3 +210,4 @@ def test_batches_of_no_positive_integer_size_or_of_another_split_are_named():
         data.get_batch("bogus", 2, torch.Generator().manual_seed(0))
     x, y = data.get_batch("val", 3, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1]) and x.min() >= 100
+    assert data.get_batch("train", np.int64(3), torch.Generator().manual_seed(0))[0].shape == (3, 8)  # numpy's too

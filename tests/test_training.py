@@ -15,13 +15,15 @@ from fluxtrain.train import train
 from .conftest import REPO_ROOT, TINY_OVERRIDES, poison_training_loss
 
 
-def test_every_model_file_of_a_run_records_its_iteration(tiny_cfg, tmp_path):
-    from fluxtrain.runs import read_metadata
+def test_every_model_file_and_checkpoint_of_a_run_says_its_iteration(tiny_cfg, tmp_path):
+    from fluxtrain.runs import read_metadata, saved_iteration
 
     train(tiny_cfg("train.max_iters=4", "train.ckpt_interval=2", "train.eval_interval=2"), tmp_path)
     saved = {p.name: read_metadata(p).get("iteration") for p in sorted(tmp_path.glob("*.safetensors"))}
     assert saved["model_iter_000002.safetensors"] == "2" and saved["model_iter_000004.safetensors"] == "4"
     assert saved["model_final.safetensors"] == "4" and saved["best.safetensors"] in ("2", "4")
+    assert saved_iteration(tmp_path / "checkpoints" / "iter_000002.ckpt") == 2  # from its progress
+    assert saved_iteration(tmp_path / "model_final.safetensors") == 4
 
 
 def test_model_settings_may_name_other_settings(tiny_cfg, tmp_path):
