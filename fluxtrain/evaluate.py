@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fluxtrain.data import ENCODING_ERRORS, ByteCount, encode_all
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, paths_named, quiet_when_stdout_closes
 from fluxtrain.files import atomic_write_text, check_writable, parse_json
-from fluxtrain.host import check_threads, resolve_device
+from fluxtrain.host import resolve_device, use_threads
 from fluxtrain.model import GPT, eval_mode
 from fluxtrain.model_file import load_model
 from fluxtrain.runs import model_file_label, resolve_model_path, saved_iteration
@@ -232,9 +232,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     if args.json and args.json != "-":
         check_json_target(args.json)
     device = resolve_device(args.device, "--device")
-    if args.threads is not None:
-        check_threads(args.threads, "--threads", allow_zero=False)
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads, "--threads")
     path = resolve_model_path(args.model)  # a run folder's best model, else its final one, ...
     model, tokenizer = load_model(path, device)
     iteration = saved_iteration(path)

@@ -25,7 +25,7 @@ from fluxtrain.errors import (
     is_out_of_memory,
     paths_named,
 )
-from fluxtrain.host import check_threads, resolve_device
+from fluxtrain.host import resolve_device, use_threads
 from fluxtrain.logs import CONTROL_ESCAPES
 from fluxtrain.model import GPT
 from fluxtrain.model_file import load_model
@@ -316,9 +316,7 @@ def run(args: argparse.Namespace) -> int:
         raise FluxtrainError("stdout is closed: there is nowhere to write the text")
     if args.interactive and sys.stdin is None:
         raise FluxtrainError("--interactive reads prompts from stdin, which is closed")
-    if args.threads is not None:
-        check_threads(args.threads, "--threads", allow_zero=False)
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads, "--threads")
     device = resolve_device(args.device, "--device")
     model, tokenizer, path = load_for_generation(args.model, args.tokenizer, device)
     n_params = model.num_params()

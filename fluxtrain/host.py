@@ -62,6 +62,13 @@ def check_threads(threads: int, setting: str, allow_zero: bool) -> None:
         raise FluxtrainError(f"{given} must be from {low} to {max_threads()}, the CPU cores here{default}")
 
 
+def use_threads(threads: int | None, setting: str) -> None:
+    """A command's `--threads N` (None: torch's default), checked, for the rest of the process."""
+    if threads is not None:
+        check_threads(threads, setting, allow_zero=False)
+        torch.set_num_threads(threads)
+
+
 def configure(threads: int, keep_cpu_memory: bool) -> None:
     """Apply `train.threads` (0: torch's default) and `train.keep_cpu_memory` to this process."""
     if threads:
