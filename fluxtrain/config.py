@@ -64,6 +64,10 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     for override in overrides:
         if _is_sweep(override):
             raise FluxtrainError(f"{override}: compose makes one config; compose one per value, or sweep with -m")
+        if override.lstrip("+~").startswith("hydra"):
+            raise FluxtrainError(
+                f"{override}: Hydra's settings are the command line's; train(cfg, run_dir) takes the folder"
+            )
     check_overrides(overrides)
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -248,13 +248,14 @@ def run(args: argparse.Namespace) -> EvalResult:
         sources.setting,
         f"the model {args.model}{hint}",
     )
-    if len(ids) < 2:
-        raise FluxtrainError(f"{sources.setting}: the text is {len(ids)} token(s); evaluation needs at least 2")
-    result = evaluate_ids(model, ids, text.n, args.stride, args.batch_size, device, sys.stderr.isatty())
-    summary = sys.stderr if args.json == "-" else sys.stdout  # stdout is then the JSON alone, for a pipe
     if dropped.counts:
         shown = ", ".join(f"{c!r} x{n:,}" for c, n in dropped.counts.most_common(20))
         print(f"left out of the text, which the figures are over: {shown}", file=sys.stderr)
+    if len(ids) < 2:
+        kept = " once --drop-unknown left characters out" if dropped.counts else ""
+        raise FluxtrainError(f"{sources.setting}: the text is {len(ids)} token(s){kept}; evaluation needs at least 2")
+    result = evaluate_ids(model, ids, text.n, args.stride, args.batch_size, device, sys.stderr.isatty())
+    summary = sys.stderr if args.json == "-" else sys.stdout  # stdout is then the JSON alone, for a pipe
     print(
         f"{model_file_label(path, iteration)} | {sources.describe()} | {result.n_tokens:,} {tokenizer.name} tokens "
         f"| seq_len {result.seq_len}, stride {result.stride}",

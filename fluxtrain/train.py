@@ -333,6 +333,10 @@ def run_training(
     """`train`'s body; what must be closed at its end (the batch threads, the TensorBoard writer) goes on
     `resources`."""
     tcfg: TrainConfig = cfg.train
+    if cfg.get("task", "train") != "train":  # from Python: the command line runs the chosen task
+        raise FluxtrainError(
+            f"task={cfg.task}: train() trains; fluxtrain.lr_find.lr_find(cfg, run_dir) runs task=lr_find"
+        )
     model_cfg = check_settings(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     world = distributed.current_world()

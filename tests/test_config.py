@@ -598,6 +598,7 @@ def test_compose_builds_the_config_the_command_line_would_run_and_checks_it_alik
         (["optim.lr=1e-3,1e-2"], "optim.lr=1e-3,1e-2: compose makes one config; compose one per value, or sweep"),
         (["hparams_search=lr_optuna"], "hparams_search=lr_optuna: compose makes one config"),
         ("model=small", "overrides: give a list of settings, e.g. ['model=small'], not one text"),
+        (["hydra.run.dir=x"], "hydra.run.dir=x: Hydra's settings are the command line's; train(cfg, run_dir) takes"),
         (["-m"], "overrides: '-m' is not a setting (key=value)"),
         ([3], "overrides: 3 is not a setting (key=value)"),
     ]:

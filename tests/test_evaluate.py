@@ -302,6 +302,12 @@ def test_drop_unknown_scores_the_text_without_the_characters_the_tokenizer_lacks
     assert json.loads(out)["loss"] == expected["loss"] and json.loads(out)["n_bytes"] == expected["n_bytes"]
     assert "left out of the text, which the figures are over: '~' x2, 'Ω' x2" in err
     assert f"(over {expected['n_bytes']:,} bytes of text kept)" in err
+    marked.write_text("~ΩΩ~", encoding="utf-8")  # nothing the tokenizer knows
+    with pytest.raises(SystemExit):
+        main([str(model_file), "--data", str(marked), "--device", "cpu", "--drop-unknown"])
+    err = capsys.readouterr().err
+    assert "left out of the text, which the figures are over: '~' x2, 'Ω' x2" in err
+    assert err.endswith("the text is 0 token(s) once --drop-unknown left characters out; evaluation needs at least 2\n")
 
 
 def test_text_that_is_not_utf8_is_an_error_naming_the_option_that_reads_it(model_file, tmp_path, capsys):

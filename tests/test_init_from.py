@@ -107,10 +107,14 @@ def test_a_resumed_run_continues_from_its_checkpoint_not_the_model_file(tiny_cfg
 
 def test_tokenizer_settings_other_than_the_model_files_are_warned_about(tiny_cfg, tmp_path, trained, caplog):
     base, _ = trained
+    run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
-        train(tiny_cfg(*STILL, f"init_from={base}", "tokenizer=bpe"), tmp_path / "run")
+        train(tiny_cfg("train.max_iters=2", "train.ckpt_interval=2", f"init_from={base}", "tokenizer=bpe"), run)
     assert "holds a char tokenizer, which the run keeps: tokenizer=bpe is not used (give tokenizer=char" in caplog.text
-    assert json.loads((tmp_path / "run" / "tokenizer.json").read_text())["type"] == "char"
+    assert json.loads((run / "tokenizer.json").read_text())["type"] == "char"
+    # Resumed with the setting the warning asks for: unused tokenizer settings do not stop the resume.
+    metrics = train(tiny_cfg("train.max_iters=4", "resume=auto", f"init_from={base}", "tokenizer=char"), run)
+    assert metrics["iters"] == 4
 
 
 def test_a_file_that_is_no_model_is_named_with_the_setting(tiny_cfg, tmp_path, tiny_text_file):

@@ -9,6 +9,7 @@ import torch
 
 import fluxtrain.train as train_module
 from fluxtrain import load_model
+from fluxtrain.errors import FluxtrainError
 from fluxtrain.model_file import read_model_file
 from fluxtrain.train import train
 
@@ -24,6 +25,14 @@ def test_every_model_file_and_checkpoint_of_a_run_says_its_iteration(tiny_cfg, t
     assert saved["model_final.safetensors"] == "4" and saved["best.safetensors"] in ("2", "4")
     assert saved_iteration(tmp_path / "checkpoints" / "iter_000002.ckpt") == 2  # from its progress
     assert saved_iteration(tmp_path / "model_final.safetensors") == 4
+
+
+def test_train_refuses_a_config_of_another_task(tiny_cfg, tmp_path):
+    with pytest.raises(
+        FluxtrainError, match=r"^task=lr_find: train\(\) trains; fluxtrain.lr_find.lr_find\(cfg, run_dir\)"
+    ):
+        train(tiny_cfg("task=lr_find"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_model_settings_may_name_other_settings(tiny_cfg, tmp_path):
