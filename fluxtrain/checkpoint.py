@@ -56,6 +56,13 @@ class Progress:
     eval_train_loss: float | None = None  # None with train.eval_train=false
     time_ran_out: bool = False  # the loop ended because train.max_time ran out: a resume has none left to train
 
+    def last_evaluation(self) -> dict[str, float]:
+        """The losses of the evaluation at `eval_at` by split ("val", and "train" when it was measured); {} if none."""
+        if self.eval_at is None or self.eval_val_loss is None:
+            return {}
+        losses = {"val": self.eval_val_loss}
+        return losses if self.eval_train_loss is None else {**losses, "train": self.eval_train_loss}
+
 
 @dataclass
 class Checkpoint:

@@ -413,12 +413,7 @@ def run_training(
             )
         progress = replace(progress, best_val_loss=math.inf, eval_at=None, eval_val_loss=None, eval_train_loss=None)
     best_val = progress.best_val_loss
-    last_losses: dict[str, float] = {}
-    evaluated_at = progress.eval_at  # the iteration of last_losses
-    if evaluated_at is not None and progress.eval_val_loss is not None:
-        last_losses["val"] = progress.eval_val_loss
-        if progress.eval_train_loss is not None:
-            last_losses["train"] = progress.eval_train_loss
+    last_losses, evaluated_at = progress.last_evaluation(), progress.eval_at  # evaluated_at: last_losses' iteration
     it = progress.iteration
     warmup_done_at: float | None = progress.warmup_done_at
     # seconds the loop may take: the budget less the setup so far and the final eval; the loop's clock starts now
