@@ -20,13 +20,11 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.files import atomic_write, atomic_write_text
 from fluxtrain.init_from import load_start_weights
 from fluxtrain.logs import event_writer
-from fluxtrain.model import GPT
-from fluxtrain.model_file import load_state_into
 from fluxtrain.optim import build_optimizer, set_lr
 from fluxtrain.precision import grad_scaler, warn_without_autocast
 from fluxtrain.resume import list_checkpoints
 from fluxtrain.runs import RUN_OUTPUTS
-from fluxtrain.train import check_settings, train_step
+from fluxtrain.train import build_model, check_settings, train_step
 
 log = logging.getLogger("fluxtrain")
 
@@ -173,9 +171,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
     start = load_start_weights(cfg, model_cfg, resuming=False)  # a learning rate to fine-tune that model with
     given = start.tokenizer if start else None
     data, tokenizer, source = load_corpus(cfg.data, cfg.tokenizer, model_cfg.seq_len, run_dir, given)
-    model = GPT(model_cfg, tokenizer.vocab_size).to(device)
-    if start:
-        load_state_into(model, start.state, str(start.path))
+    model = build_model(model_cfg, tokenizer.vocab_size, device, start)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = grad_scaler(device, tcfg.precision)
     batch_gen = torch.Generator().manual_seed(tcfg.seed)

@@ -32,7 +32,7 @@ from fluxtrain.errors import FluxtrainError, out_of_memory_as
 from fluxtrain.evaluate import bits_per_byte, perplexity
 from fluxtrain.files import atomic_write_text
 from fluxtrain.hparams import log_hparams
-from fluxtrain.init_from import kept_tokenizer, load_start_weights
+from fluxtrain.init_from import StartWeights, kept_tokenizer, load_start_weights
 from fluxtrain.interrupt import GracefulStop, TrainingInterrupted
 from fluxtrain.logs import EventWriter, NullWriter, event_writer
 from fluxtrain.model import GPT, ModelConfig, eval_mode, flops_per_token
@@ -272,6 +272,16 @@ def check_settings(cfg: DictConfig) -> ModelConfig:
     return model_cfg
 
 
+def build_model(model_cfg: ModelConfig, vocab_size: int, device: torch.device, start: StartWeights | None) -> GPT:
+    """The model to train on `device`: random weights from the seed set before, or `init_from`'s (`start`)."""
+    smaller = "; use a smaller one: lower model.d_model, model.ff_dim or model.n_layers"  # no batch setting helps
+    with out_of_memory_as("out of memory building the model", smaller):
+        model = GPT(model_cfg, vocab_size).to(device)
+    if start:
+        load_state_into(model, start.state, str(start.path))
+    return model
+
+
 def wrap_for_training(model: GPT, data: TokenData, world: World, device: torch.device, tcfg: TrainConfig) -> nn.Module:
     """The module the loop calls: `model` in DDP or sharded by FSDP under torchrun, compiled with train.compile."""
     train_model = distributed.wrap_model(model, world, tcfg.strategy)
@@ -372,11 +382,7 @@ def run_training(
         f"| {tokenizer.name} tokenizer, vocab {tokenizer.vocab_size}"
     )
 
-    smaller = "; use a smaller one: lower model.d_model, model.ff_dim or model.n_layers"  # no batch setting helps
-    with out_of_memory_as("out of memory building the model", smaller):
-        model = GPT(model_cfg, tokenizer.vocab_size).to(device)
-    if start:
-        load_state_into(model, start.state, str(start.path))
+    model = build_model(model_cfg, tokenizer.vocab_size, device, start)
     model.activation_checkpointing = tcfg.activation_checkpointing
     n_params = model.num_params()
     log.info(f"model: {n_params:,} parameters ({model_cfg.n_layers} layers, width {model_cfg.d_model})")
