@@ -37,10 +37,10 @@ def check_overrides(args: list[str]) -> None:
     of a setting that does not exist, and an empty or null `hydra.run.dir`. A config group takes one of its options
     (`model=small`); one that an experiment on the same command line would override is refused, and a group of a
     `--config-dir` alone is added with `+`. The options chosen from a `--config-dir`, and a primary config there
-    (`--config-name`), are checked like the command line. Hydra's own settings are checked for their type (Hydra's
-    schema, the Optuna sweeper's for a search) and a few for their value, a key Hydra's schema lacks is left to Hydra;
-    a launcher needs `-m`; a key added with `+` must be a setting too; sweeps (`optim.lr=1e-4,1e-3`) are checked value
-    by value.
+    (`--config-name`, which starts from fluxtrain's), are checked like the command line, with the files of the
+    `--config-dir` their defaults lists build on. Hydra's own settings are checked for their type (Hydra's schema, the
+    Optuna sweeper's for a search) and a few for their value, a key Hydra's schema lacks is left to Hydra; a launcher
+    needs `-m`; a key added with `+` must be a setting too; sweeps (`optim.lr=1e-4,1e-3`) are checked value by value.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
@@ -129,10 +129,14 @@ def check_overrides(args: list[str]) -> None:
     primary = [] if _option_values(args, ("--config-path", "-cp")) else _option_values(args, ("--config-name", "-cn"))
     files = [("", name.removesuffix(".yaml")) for name in primary]
     files += [(group, f"{group}/{option}") for group, chosen_options in chosen.items() for option in chosen_options]
-    for group, name in files:
-        path = next((f / f"{name}.yaml" for f in folders if (f / f"{name}.yaml").is_file()), None)
-        if path is not None and any(path.is_relative_to(folder) for folder in extra):  # conf/'s are tested with it
-            _check_option_file(path, group, options, schema)
+    _check_defaults_tree(files, folders, extra, options, schema)
+    for name in [] if elsewhere else [name for group, name in files if not group]:
+        path = _config_file(folders, name)
+        if path is not None and _in_config_dir(path, extra) and not _starts_from_fluxtrains(name, folders, extra):
+            raise FluxtrainError(
+                f"--config-dir: {path}: a primary config starts from fluxtrain's: begin it with defaults: "
+                "[config, _self_]"
+            )
 
 
 def group_options(folders: tuple[Path, ...]) -> dict[str, list[str]]:
@@ -229,9 +233,9 @@ def _check_experiment_presets(chosen: dict[str, list[str]], folders: tuple[Path,
 
 
 def _check_option_file(path: Path, group: str, options: dict[str, list[str]], schema: DictConfig) -> None:
-    """The file of a `--config-dir` holding a group option the command line chooses (or the primary config, when
-    `group` is ""), read as Hydra would merge it: each setting one the schema has, with a value of its type, and each
-    option its defaults list names one that exists; Hydra's own reports of these take several lines."""
+    """The file of a `--config-dir` holding a group option the command line chooses or one built on (or a primary
+    config, when `group` is ""), read as Hydra would merge it: each setting one the schema has, with a value of its
+    type, and each option its defaults list names one that exists; Hydra's own reports of these take several lines."""
     try:
         text = path.read_text(encoding="utf-8")
         body = yaml.safe_load(text)
@@ -255,6 +259,71 @@ def _check_option_file(path: Path, group: str, options: dict[str, list[str]], sc
             raise FluxtrainError(f"--config-dir: {path}: {problem}")
         if problem := _type_problem(key, value, schema):
             raise FluxtrainError(f"--config-dir: {path}: {key}={value!r}: {problem}")
+
+
+def _check_defaults_tree(
+    files: list[tuple[str, str]],
+    folders: tuple[Path, ...],
+    extra: list[Path],
+    options: dict[str, list[str]],
+    schema: DictConfig,
+) -> None:
+    """Check each file of a `--config-dir` that `files` name ((group, name) pairs: `("model", "model/tiny")`, or
+    `("", "myexp")` for a primary config) and each one their defaults lists build on, however deep, as
+    `_check_option_file` does (conf/'s are tested with it). A defaults list that comes back to a file it builds on is
+    one line, where Hydra's report is a RecursionError."""
+    checked: set[str] = set()
+
+    def check(group: str, name: str, chain: list[str]) -> None:
+        path = _config_file(folders, name)
+        if path is None or not _in_config_dir(path, extra) or name in checked:
+            return
+        checked.add(name)
+        _check_option_file(path, group, options, schema)
+        chain = [*chain, name]
+        for choice_group, option in _defaults_choices(group, _defaults_list(path)):
+            choice = f"{choice_group}/{option}".lstrip("/")
+            if choice in chain:
+                loop = " -> ".join([*chain[chain.index(choice) :], choice])
+                raise FluxtrainError(f"--config-dir: {path}: its defaults list comes back to {choice} ({loop})")
+            check(choice_group, choice, chain)
+
+    for group, name in files:
+        check(group, name, [])
+
+
+# The primary configs a user's own builds on: conf/'s and the schema (without fluxtrain's logging setup)
+FLUXTRAIN_PRIMARIES = ("config", "lr_find", "base_config")
+
+
+def _starts_from_fluxtrains(name: str, folders: tuple[Path, ...], extra: list[Path]) -> bool:
+    """Whether the primary config `name` is one of fluxtrain's or builds on one, through the defaults lists of the
+    primary configs of a `--config-dir` (without fluxtrain's, the run lacks its settings: a traceback)."""
+    if name in FLUXTRAIN_PRIMARIES:
+        return True
+    path = _config_file(folders, name)
+    if path is None or not _in_config_dir(path, extra):
+        return False
+    choices = _defaults_choices("", _defaults_list(path))
+    return any(not group and _starts_from_fluxtrains(option, folders, extra) for group, option in choices)
+
+
+def _config_file(folders: tuple[Path, ...], name: str) -> Path | None:
+    """The file of the config `name` (`model/small`, or a primary config's `config`), found first in `folders`."""
+    return next((f / f"{name}.yaml" for f in folders if (f / f"{name}.yaml").is_file()), None)
+
+
+def _in_config_dir(path: Path, extra: list[Path]) -> bool:
+    return any(path.is_relative_to(folder) for folder in extra)
+
+
+def _defaults_list(path: Path) -> Any:
+    """The defaults list of the config file `path` as written, or None (check_yaml names a file it cannot read)."""
+    try:
+        body = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return body.get("defaults") if isinstance(body, dict) else None
 
 
 def _defaults_choices(group: str, defaults: Any) -> list[tuple[str, str]]:

@@ -175,3 +175,80 @@ def test_an_option_added_from_a_config_dirs_own_group_applies_after_the_experime
     check_overrides([*args, "experiment=shakespeare_cpu", "+optim=good"])  # not refused as overridden
     proc = run_fluxtrain(*args, "experiment=shakespeare_cpu", "+optim=good", "--cfg", "job", "-p", "optim.lr")
     assert (proc.returncode, proc.stdout.strip()) == (0, "0.002"), proc.stderr
+
+
+BAD_KEY = "defaults:\n  - small\n  - _self_\nd_modl: 3\n"
+
+
+@pytest.mark.parametrize(
+    ("files", "args", "message"),
+    [
+        ({"model/tiny.yaml": "defaults:\n  - tiny\n  - _self_\nn_layers: 1\n"}, ["model=tiny"],
+         "model/tiny.yaml: its defaults list comes back to model/tiny (model/tiny -> model/tiny)"),
+        ({"model/a.yaml": "defaults:\n  - b\n", "model/b.yaml": "defaults:\n  - /model/a\n"}, ["model=a"],
+         "model/b.yaml: its defaults list comes back to model/a (model/a -> model/b -> model/a)"),
+        ({"myexp.yaml": "defaults:\n  - myexp\n  - _self_\n"}, ["--config-name", "myexp"],
+         "myexp.yaml: its defaults list comes back to myexp (myexp -> myexp)"),
+    ],
+)  # fmt: skip
+def test_a_defaults_list_that_comes_back_to_its_file_is_one_line_naming_the_loop(tmp_path, files, args, message):
+    """Hydra recurses until a RecursionError of some 2,500 lines."""
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides([*write_config_dir(tmp_path, files), *args])
+    assert str(info.value) == f"--config-dir: {tmp_path}/{message}"
+
+
+@pytest.mark.parametrize(
+    ("files", "args", "message"),
+    [
+        ({"model/ext.yaml": "defaults:\n  - badkey\n  - _self_\nn_layers: 1\n"}, ["model=ext"],
+         "model/badkey.yaml: model.d_modl is not a fluxtrain setting (did you mean model.d_model?)"),
+        ({"experiment/mine.yaml": "# @package _global_\ndefaults:\n  - override /model: badkey\n"},
+         ["experiment=mine"], "model/badkey.yaml: model.d_modl is not a fluxtrain setting"),
+        ({"mine.yaml": "defaults:\n  - config\n  - override model: badkey\n  - _self_\n"}, ["--config-name", "mine"],
+         "model/badkey.yaml: model.d_modl is not a fluxtrain setting"),
+        ({"mine.yaml": "defaults:\n  - config\n  - model: badkey\n"}, ["--config-name", "mine"],
+         "model/badkey.yaml: model.d_modl is not a fluxtrain setting"),
+        ({"model/ext.yaml": "defaults:\n  - badval\n", "model/badval.yaml": "n_layers: zero\n"}, ["model=ext"],
+         "model/badval.yaml: model.n_layers='zero': Value 'zero' of type 'str' could not be converted"),
+        ({"model/ext.yaml": "defaults:\n  - badbase\n", "model/badbase.yaml": "defaults:\n  - nosuch\n"},
+         ["model=ext"], "model/badbase.yaml chooses model=nosuch, not an option of model: badbase, "),
+    ],
+)  # fmt: skip
+def test_a_mistake_in_a_file_reached_through_a_defaults_list_is_one_line_naming_that_file(
+    tmp_path, files, args, message
+):
+    """Hydra reports these in several lines; only the files named on the command line were checked."""
+    config_dir_args = write_config_dir(tmp_path, {"model/badkey.yaml": BAD_KEY, **files})
+    with pytest.raises(FluxtrainError) as info:
+        check_overrides([*config_dir_args, *args])
+    assert str(info.value).startswith(f"--config-dir: {tmp_path}/{message}")
+
+
+def test_a_primary_config_of_a_config_dir_starts_from_fluxtrains(tmp_path):
+    """Without fluxtrain's config in its defaults the run fails with a traceback (no `task`), or Hydra cannot
+    override a setting the config lacks."""
+    args = write_config_dir(tmp_path, {
+        "bare.yaml": "train:\n  max_iters: 5\n",
+        "on_bare.yaml": "defaults:\n  - bare\n  - _self_\n",
+        "on_schema.yaml": "defaults:\n  - base_config\n  - _self_\n",
+        "on_lr_find.yaml": "defaults:\n  - lr_find\n",
+        "on_mine.yaml": "defaults:\n  - on_config\n  - _self_\n",
+        "on_config.yaml": "defaults:\n  - /config\n  - _self_\n",
+    })  # fmt: skip
+    for name in ("bare", "on_bare"):
+        with pytest.raises(FluxtrainError) as info:
+            check_overrides([*args, "--config-name", name, "train.max_iters=3"])
+        assert str(info.value) == (
+            f"--config-dir: {tmp_path / name}.yaml: a primary config starts from fluxtrain's: begin it with "
+            "defaults: [config, _self_]"
+        )
+    for name in ("on_schema", "on_lr_find", "on_mine", "on_config"):
+        check_overrides([*args, "--config-name", name, "train.max_iters=3"])
+    check_overrides([*args, "--config-name", "bare", "hydra.searchpath=[file:///elsewhere]"])  # left to Hydra
+
+
+def test_a_defaults_loop_stops_the_command_in_one_line(tmp_path):
+    args = write_config_dir(tmp_path, {"model/tiny.yaml": "defaults:\n  - tiny\n  - _self_\nn_layers: 1\n"})
+    proc = run_fluxtrain(*args, "model=tiny", "--cfg", "job", timeout=300)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
