@@ -42,7 +42,7 @@ def load_start_weights(cfg: DictConfig, model_cfg: ModelConfig, resuming: bool) 
     try:
         meta, state = read_model_file(path)
     except FluxtrainError as e:
-        raise FluxtrainError(f"init_from: {e}") from None
+        raise FluxtrainError(f"{source}: {e}") from None
     saved, tokenizer = checked_metadata(meta, source, state)
     differ = [
         f"model.{key}={getattr(model_cfg, key)} (model file: {value})"
@@ -70,9 +70,16 @@ def load_start_weights(cfg: DictConfig, model_cfg: ModelConfig, resuming: bool) 
 
 def kept_tokenizer(cfg: DictConfig, start: StartWeights | None, resume: Checkpoint | None) -> Tokenizer | None:
     """The tokenizer a run started with `init_from` encodes its text with, the model file's: from the file, or once
-    the run resumes, from its checkpoint. None for a run that builds its tokenizer as `tokenizer.*` says."""
+    the run resumes, from the checkpoint of a run that started so. None for a run that builds its tokenizer as
+    `tokenizer.*` says (a resumed one is checked against its checkpoint's)."""
     if start is not None:
         return start.tokenizer
-    if resume is not None and cfg.get("init_from") is not None:
-        return tokenizer_from_json(resume.tokenizer_json)
-    return None
+    if resume is None or resume.config.get("init_from") is None:
+        return None
+    tokenizer = tokenizer_from_json(resume.tokenizer_json)
+    if cfg.tokenizer.path and load_tokenizer(cfg.tokenizer.path).to_json() != tokenizer.to_json():
+        raise FluxtrainError(
+            f"cannot resume from {resume.path}: tokenizer.path={cfg.tokenizer.path} is not the tokenizer the run "
+            "fine-tunes with, its model file's (leave tokenizer.path out)"
+        )
+    return tokenizer

@@ -233,8 +233,8 @@ def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:
     saved_tokenizer, tokenizer = ckpt.config.get("tokenizer", {}), current["tokenizer"]
     # tokenizer.vocab_size applies to BPE only: between a character and a BPE tokenizer, the kinds differ and say it
     both_bpe = saved_tokenizer.get("kind") == tokenizer.get("kind") == "bpe"
-    # A run started with init_from keeps the model's tokenizer whatever tokenizer.* say: check_tokenizer compares it.
-    if current.get("init_from") is None:
+    # A run started with init_from keeps the model's tokenizer, whatever tokenizer.* say (init_from.kept_tokenizer).
+    if ckpt.config.get("init_from") is None:
         ignored = ("path",) if both_bpe else ("path", "vocab_size")
         diffs += _differences(saved_tokenizer, tokenizer, "tokenizer", ignored)
     if diffs:

@@ -535,6 +535,8 @@ def run_training(
         )
         path = checkpoint_path(run_dir, it)
         config = OmegaConf.to_container(cfg, resolve=True)
+        if resume and config.get("init_from") is None:  # a run that continues a fine-tuning run stays one
+            config["init_from"] = resume.config.get("init_from")
         try:
             save_checkpoint(path, model, optimizer, scaler, rng_state(batch_gen, device), tokenizer, config, state)
         except NonFiniteWeightsError:

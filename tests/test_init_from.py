@@ -112,13 +112,26 @@ def test_tokenizer_settings_other_than_the_model_files_are_warned_about(tiny_cfg
         train(tiny_cfg("train.max_iters=2", "train.ckpt_interval=2", f"init_from={base}", "tokenizer=bpe"), run)
     assert "holds a char tokenizer, which the run keeps: tokenizer=bpe is not used (give tokenizer=char" in caplog.text
     assert json.loads((run / "tokenizer.json").read_text())["type"] == "char"
-    # Resumed with the setting the warning asks for: unused tokenizer settings do not stop the resume.
-    metrics = train(tiny_cfg("train.max_iters=4", "resume=auto", f"init_from={base}", "tokenizer=char"), run)
-    assert metrics["iters"] == 4
+    # Resumed with the setting the warning asks for, or without init_from: the run keeps the model's tokenizer.
+    assert train(tiny_cfg("train.max_iters=4", "resume=auto", f"init_from={base}", "tokenizer=char"), run)["iters"] == 4
+    assert train(tiny_cfg("train.max_iters=6", "train.ckpt_interval=2", "resume=auto"), run)["iters"] == 6
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"type": "char", "chars": list("abc")}))
+    with pytest.raises(
+        FluxtrainError, match=r"tokenizer.path=.*other.json is not the tokenizer the run fine-tunes with"
+    ):
+        train(tiny_cfg("train.max_iters=8", "resume=auto", f"tokenizer.path={other}"), run)
+
+
+def test_init_from_given_to_a_resumed_run_that_did_not_start_so_changes_no_check(tiny_cfg, tmp_path, trained):
+    base, _ = trained
+    train(tiny_cfg("train.max_iters=2", "train.ckpt_interval=2"), tmp_path / "plain")
+    with pytest.raises(FluxtrainError, match=r"tokenizer.kind=bpe \(checkpoint: char\)"):
+        train(tiny_cfg("train.max_iters=4", "resume=auto", f"init_from={base}", "tokenizer=bpe"), tmp_path / "plain")
 
 
 def test_a_file_that_is_no_model_is_named_with_the_setting(tiny_cfg, tmp_path, tiny_text_file):
-    with pytest.raises(FluxtrainError, match=f"^init_from: {tiny_text_file} "):
+    with pytest.raises(FluxtrainError, match=f"^init_from={tiny_text_file}: {tiny_text_file} "):
         train(tiny_cfg(*STILL, f"init_from={tiny_text_file}"), tmp_path / "run")
 
 
