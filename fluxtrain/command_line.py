@@ -94,7 +94,8 @@ def check_overrides(args: list[str]) -> None:
             check_launcher(arg, override.value(), multirun)
         if "/" in key or "@" in key:
             continue
-        if key == "hparams_search" and not multirun and not prints_only:
+        searches = not override.is_delete() and override.value() is not None  # `hparams_search=null` chooses none
+        if key == "hparams_search" and searches and not multirun and not prints_only:
             raise FluxtrainError(
                 f"{arg} is a search: add -m to run its trials (without -m it would train one run with the search's "
                 "settings)"
@@ -134,8 +135,8 @@ def check_overrides(args: list[str]) -> None:
         path = _config_file(folders, name)
         if path is not None and _in_config_dir(path, extra) and not _starts_from_fluxtrains(name, folders, extra):
             raise FluxtrainError(
-                f"--config-dir: {path}: a primary config starts from fluxtrain's: begin it with defaults: "
-                "[config, _self_]"
+                f"--config-dir: {path}: a primary config that does not start from fluxtrain's config; begin it "
+                "with defaults: [config, _self_]"
             )
 
 
@@ -292,8 +293,8 @@ def _check_defaults_tree(
         check(group, name, [])
 
 
-# The primary configs a user's own builds on: conf/'s and the schema (without fluxtrain's logging setup)
-FLUXTRAIN_PRIMARIES = ("config", "lr_find", "base_config")
+# The primary configs a user's own builds on: conf/'s
+FLUXTRAIN_PRIMARIES = ("config", "lr_find")
 
 
 def _starts_from_fluxtrains(name: str, folders: tuple[Path, ...], extra: list[Path]) -> bool:
@@ -349,7 +350,7 @@ def _defaults_choices(group: str, defaults: Any) -> list[tuple[str, str]]:
 
 def _option_config(folders: tuple[Path, ...], group: str, option: str) -> dict[str, Any]:
     """The settings `group/option.yaml` sets at its own level: a global experiment's whole body, a preset's keys."""
-    path = next((f / group / f"{option}.yaml" for f in folders if (f / group / f"{option}.yaml").is_file()), None)
+    path = _config_file(folders, f"{group}/{option}")
     if path is None:
         return {}
     try:

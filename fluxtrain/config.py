@@ -58,13 +58,17 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
     if isinstance(overrides, str):
         raise FluxtrainError(f"overrides: give a list of settings, e.g. [{overrides!r}], not one text")
+    if not isinstance(overrides, list | tuple):
+        raise FluxtrainError(
+            f"overrides: give a list of settings such as ['model=small'], not {type(overrides).__name__}"
+        )
     overrides = list(overrides)
     if bad := next((o for o in overrides if not isinstance(o, str) or o.startswith("-")), None):
         raise FluxtrainError(f"overrides: {bad!r} is not a setting (key=value); options such as -m are the command's")
     for override in overrides:
         if _is_sweep(override):
             raise FluxtrainError(f"{override}: compose makes one config; compose one per value, or sweep with -m")
-        if override.lstrip("+~").startswith("hydra"):
+        if override.lstrip("+~").split("=")[0].split(".")[0].split("/")[0] == "hydra":
             raise FluxtrainError(
                 f"{override}: Hydra's settings are the command line's; train(cfg, run_dir) takes the folder"
             )
@@ -86,7 +90,8 @@ def _is_sweep(override: str) -> bool:
         (parsed,) = OverridesParser.create().parse_overrides([override])
     except OverrideParseException:
         return False
-    return parsed.is_sweep_override() or parsed.key_or_group == "hparams_search"
+    search = parsed.key_or_group == "hparams_search" and not parsed.is_delete() and parsed.value() is not None
+    return parsed.is_sweep_override() or search
 
 
 def check_known_keys(cfg: DictConfig) -> None:

@@ -341,8 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         with paths_named():
-            out = export(args.model, args.out_dir, args.overwrite)
-            model_path = resolve_model_path(args.model)  # what the export read: a run folder's best model, ...
+            out = export(args.model, args.out_dir, args.overwrite)  # its checks of OUT_DIR come before the model's
+            model_path = resolve_model_path(args.model)  # the file it read: a run folder's best model, ...
             source = model_file_label(model_path, saved_iteration(model_path))
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -118,13 +118,9 @@ SLURM_LAUNCHERS = ("slurm", "submitit_slurm")  # conf/hydra/launcher/slurm.yaml 
 def check_hydra_option(group: str, option: str, folders: tuple[Path, ...]) -> None:
     """`hydra/<group>=<option>` names an option of one of Hydra's config groups: Hydra's own, its plugins', or one in
     `folders` (conf/ and any `--config-dir`). Hydra reports an unknown one in a dozen lines. The options are listed
-    by Hydra's own config loader, which is internal to Hydra: where a release of Hydra lacks it, the check is left to
-    Hydra."""
-    try:
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
-        from hydra._internal.utils import create_config_search_path
-    except ImportError:
-        return
+    by Hydra's own config loader (internal to Hydra, which imports it itself)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
     from hydra.core.plugins import Plugins
 
     Plugins.instance()  # the installed plugins add their options (the Optuna sweeper, submitit's launchers)

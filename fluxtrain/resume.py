@@ -346,7 +346,8 @@ def resume_hint(run_dir: str | Path, world_size: int = 1, local_world_size: int 
     (`fluxtrain.train.train`, outside Hydra), whose settings no command line holds, the call that continues it."""
     if HydraConfig.initialized():
         return resume_command(run_dir, world_size, local_world_size)
-    return f"train(compose([<the settings of the run>, 'resume=auto']), {str(run_dir)!r}) from Python"
+    where = f", in a script under torchrun with {world_size} processes as before" if world_size > 1 else ""
+    return f"train(compose([<the settings of the run>, 'resume=auto']), {str(run_dir)!r}) from Python{where}"
 
 
 def divergence_error(what: str, iteration: int, last_checkpoint: Path | None, lr: float) -> FluxtrainError:

@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fluxtrain.checkpoint import checked_progress
 from fluxtrain.errors import (
     FluxtrainError,
     OneLineErrorParser,
@@ -203,13 +204,13 @@ def saved_iteration(path: Path) -> int | None:
     """The training iteration a model file (a run's record it) or a checkpoint (its progress holds it) was saved at;
     None where the file does not say."""
     meta = read_metadata(path)
-    value = meta.get(ITERATION_KEY)
-    if value is None and "progress" in meta:
+    if "progress" in meta:
         try:
-            value = parse_json(meta["progress"]).get("iteration")
-        except (ValueError, AttributeError):
+            return checked_progress(parse_json(meta["progress"]), str(path)).iteration
+        except ValueError:  # damaged: resuming from it names the problem
             return None
-    return int(value) if str(value).isdecimal() else None
+    value = meta.get(ITERATION_KEY, "")
+    return int(value) if value.isdecimal() else None
 
 
 def model_file_label(path: Path, iteration: int | None) -> str:

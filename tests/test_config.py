@@ -599,9 +599,15 @@ def test_compose_builds_the_config_the_command_line_would_run_and_checks_it_alik
         (["hparams_search=lr_optuna"], "hparams_search=lr_optuna: compose makes one config"),
         ("model=small", "overrides: give a list of settings, e.g. ['model=small'], not one text"),
         (["hydra.run.dir=x"], "hydra.run.dir=x: Hydra's settings are the command line's; train(cfg, run_dir) takes"),
+        (["hydra/job_logging=none"], "hydra/job_logging=none: Hydra's settings are the command line's"),
+        (["hydrate=1"], "hydrate is not a fluxtrain setting"),
+        (None, "overrides: give a list of settings such as ['model=small'], not NoneType"),
         (["-m"], "overrides: '-m' is not a setting (key=value)"),
         ([3], "overrides: 3 is not a setting (key=value)"),
     ]:
         with pytest.raises(FluxtrainError) as info:
             compose(bad)
         assert str(info.value).startswith(message), str(info.value)
+    assert compose(["~hparams_search"]) == compose([])  # no search: one config
+    with pytest.raises(FluxtrainError, match="^hparams_search=null is not an option of hparams_search; choose one of"):
+        compose(["hparams_search=null"])  # as on the command line

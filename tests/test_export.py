@@ -257,7 +257,7 @@ def test_overwrite_replaces_the_whole_earlier_export_and_refuses_other_folders(t
     export(model_file, out)
     names = {p.name for p in out.iterdir()}
     (out / "special_tokens_map.json").write_text("{}")  # a file an earlier export (of a BPE model) wrote
-    export(model_file, out, overwrite=True)
+    assert export(model_file, out, overwrite=True) == out
     assert {p.name for p in out.iterdir()} == names  # nothing of the earlier export is left to be read
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf.")]
 
