@@ -325,6 +325,23 @@ def finished_results(run_dir: Path, resume: Checkpoint | None) -> dict[str, Any]
     return distributed.main_rank_object(results)
 
 
+def warn_nothing_to_train(tcfg: TrainConfig, progress: Progress, loop_time: float | None, evaluated: bool) -> None:
+    """A resumed run whose checkpoint leaves nothing to train: which budget ended it, and that the final evaluation
+    runs, unless the checkpoint holds the one at its iteration already (`evaluated`)."""
+    it = progress.iteration
+    then = "its evaluation there stands, with nothing to train" if evaluated else "evaluating without training"
+    if it >= tcfg.max_iters:
+        log.warning(
+            f"the checkpoint is at iteration {it}, which reaches train.max_iters={tcfg.max_iters}: {then} "
+            "(raise train.max_iters to train on)"
+        )
+    elif loop_time is not None and progress.train_time >= loop_time:
+        log.warning(
+            f"the checkpoint's {progress.train_time:.1f}s of training use up the {loop_time:.1f}s that "
+            f"train.max_time={tcfg.max_time:g} leaves to train: {then} (raise train.max_time to train on)"
+        )
+
+
 def intact_results(run_dir: Path) -> bool:
     """Whether the final model file and the tokenizer a finished run wrote load; where one does not, it is said, and
     the run evaluates and writes them again as for a damaged metrics.json."""
@@ -439,18 +456,8 @@ def run_training(
         )
         restore_run_config(run_dir)  # the folder is left as it was, the run's own settings included
         return results
-    # With nothing to train: the final evaluation, unless the checkpoint holds the one at its iteration already
-    then = "evaluating without training" if evaluated_at != it else "its evaluation there stands, with nothing to train"
-    if it >= tcfg.max_iters:
-        log.warning(
-            f"the checkpoint is at iteration {it}, which reaches train.max_iters={tcfg.max_iters}: {then} "
-            "(raise train.max_iters to train on)"
-        )
-    elif loop_time is not None and progress.train_time >= loop_time:
-        log.warning(
-            f"the checkpoint's {progress.train_time:.1f}s of training use up the {loop_time:.1f}s that "
-            f"train.max_time={tcfg.max_time:g} leaves to train: {then} (raise train.max_time to train on)"
-        )
+    if no_steps_left:
+        warn_nothing_to_train(tcfg, progress, loop_time, evaluated=evaluated_at == it)
     # Every check has passed: only now does the run move or write files in its folder.
     writer: EventWriter | NullWriter = NullWriter()  # rank 0 speaks for the run's ranks
     if world.is_main:
