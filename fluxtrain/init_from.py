@@ -13,7 +13,7 @@ from fluxtrain.checkpoint import Checkpoint
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model import ModelConfig
 from fluxtrain.model_file import checked_metadata, read_model_file
-from fluxtrain.resume import MODEL_KEYS_FREE_ON_RESUME
+from fluxtrain.resume import MODEL_KEYS_FREE_ON_RESUME, setting_differences
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
 
@@ -44,11 +44,7 @@ def load_start_weights(cfg: DictConfig, model_cfg: ModelConfig, resuming: bool) 
     except FluxtrainError as e:
         raise FluxtrainError(f"{source}: {e}") from None
     saved, tokenizer = checked_metadata(meta, source, state)
-    differ = [
-        f"model.{key}={getattr(model_cfg, key)} (model file: {value})"
-        for key, value in asdict(saved).items()
-        if key not in MODEL_KEYS_FREE_ON_RESUME and getattr(model_cfg, key) != value
-    ]
+    differ = setting_differences(asdict(saved), asdict(model_cfg), "model", MODEL_KEYS_FREE_ON_RESUME, "model file")
     if differ:
         raise FluxtrainError(
             f"{source}: the model settings describe another model: {'; '.join(differ)} (give the model file's "

@@ -196,11 +196,15 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     return path
 
 
-def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str, ignore=()) -> list[str]:
+def setting_differences(
+    saved: dict[str, Any], current: dict[str, Any], prefix: str, ignore=(), saved_in: str = "checkpoint"
+) -> list[str]:
+    """Each setting of section `prefix` whose value now differs from the one `saved_in` a file, both named:
+    `model.d_model=64 (checkpoint: 32)`; the keys `ignore` aside."""
     keys = sorted((saved.keys() | current.keys()) - set(ignore))
     missing = "(unset)"
     return [
-        f"{prefix}.{k}={current.get(k, missing)} (checkpoint: {saved.get(k, missing)})"
+        f"{prefix}.{k}={current.get(k, missing)} ({saved_in}: {saved.get(k, missing)})"
         for k in keys
         if saved.get(k, missing) != current.get(k, missing)
     ]
@@ -213,7 +217,8 @@ def foreign_evaluations(ckpt: Checkpoint, cfg: DictConfig, run_dir: Path) -> str
     if checkpoint_run_dir(ckpt.path) != Path(run_dir).resolve():
         return "the checkpoint is another run folder's"
     saved, current = ckpt.config.get("data", {}), OmegaConf.to_container(cfg.data, resolve=True)
-    if changed := _differences(_data_paths_absolute(saved), _data_paths_absolute(current), "data", DATA_KEYS_NOT_TEXT):
+    saved, current = _data_paths_absolute(saved), _data_paths_absolute(current)
+    if changed := setting_differences(saved, current, "data", DATA_KEYS_NOT_TEXT):
         return f"the data changed ({'; '.join(changed)})"
     return None
 
@@ -228,7 +233,7 @@ def _data_paths_absolute(data: dict[str, Any]) -> dict[str, Any]:
 def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:
     """Refuse a resume that changes the model's shape or the tokenizer, naming every differing key."""
     current = OmegaConf.to_container(cfg, resolve=True)
-    diffs = _differences(asdict(ckpt.model_config), current["model"], "model", MODEL_KEYS_FREE_ON_RESUME)
+    diffs = setting_differences(asdict(ckpt.model_config), current["model"], "model", MODEL_KEYS_FREE_ON_RESUME)
     # tokenizer.path may name the run's own tokenizer file: check_tokenizer compares what it holds.
     saved_tokenizer, tokenizer = ckpt.config.get("tokenizer", {}), current["tokenizer"]
     # tokenizer.vocab_size applies to BPE only: between a character and a BPE tokenizer, the kinds differ and say it
@@ -236,7 +241,7 @@ def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:
     # A run started with init_from keeps the model's tokenizer, whatever tokenizer.* say (init_from.kept_tokenizer).
     if ckpt.config.get("init_from") is None:
         ignored = ("path",) if both_bpe else ("path", "vocab_size")
-        diffs += _differences(saved_tokenizer, tokenizer, "tokenizer", ignored)
+        diffs += setting_differences(saved_tokenizer, tokenizer, "tokenizer", ignored)
     if diffs:
         raise FluxtrainError(
             f"cannot resume from {ckpt.path}: model shape or tokenizer differ: {'; '.join(diffs)} "
@@ -245,7 +250,7 @@ def check_compatible(ckpt: Checkpoint, cfg: DictConfig) -> None:
     changed = [
         d
         for section in ("train", "optim", "data")
-        for d in _differences(ckpt.config.get(section, {}), current.get(section, {}), section)
+        for d in setting_differences(ckpt.config.get(section, {}), current.get(section, {}), section)
     ]
     if changed:
         log.info(f"settings changed since the checkpoint: {'; '.join(changed)}")
