@@ -155,7 +155,7 @@ def check_rebuildable(model: GPT, name: str) -> None:
     after it was built): loading the file would refuse them."""
     want = {k: tuple(v.shape) for k, v in shapes_only(model.cfg, model.vocab_size, name).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    extra, missing = sorted(have.keys() - want.keys()), sorted(want.keys() - have.keys())
+    missing, extra, wrong = weight_mismatch(want, have)
     if extra:
         raise FluxtrainError(
             f"{name} was not written: the model has {_names(extra)}, which a GPT built from its config lacks, so "
@@ -165,7 +165,6 @@ def check_rebuildable(model: GPT, name: str) -> None:
         raise FluxtrainError(
             f"{name} was not written: the model lacks {_names(missing)}, which a GPT built from its config has"
         )
-    wrong = next((k for k in want if want[k] != have[k]), None)
     if wrong is not None:
         raise FluxtrainError(
             f"{name} was not written: weight {wrong} has shape {have[wrong]}; a GPT built from the model's config has "
@@ -340,17 +339,25 @@ def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
 def check_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """One-line errors naming the file when the weights do not fit the model."""
     check_dtypes(state, source)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k not in TIED_KEYS}
-    got = {k: v.shape for k, v in state.items()}
-    if expected.keys() != got.keys():
-        missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected, wrong = weight_mismatch(expected, got)
+    if missing or unexpected:
         raise FluxtrainError(
             f"{source}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    wrong = [k for k in expected if tuple(expected[k]) != tuple(got[k])]
-    if wrong:
-        k = wrong[0]
-        raise FluxtrainError(f"{source}: weight {k} has shape {tuple(got[k])}, the model needs {tuple(expected[k])}")
+    if wrong is not None:
+        raise FluxtrainError(f"{source}: weight {wrong} has shape {got[wrong]}, the model needs {expected[wrong]}")
+
+
+def weight_mismatch(
+    expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], str | None]:
+    """How weight shapes `got` differ from `expected`: the names missing, the names not expected (both sorted), and
+    the first name of both whose shape differs (None when all agree)."""
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    wrong = next((k for k in expected if k in got and expected[k] != got[k]), None)
+    return missing, unexpected, wrong
 
 
 def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
