@@ -240,10 +240,13 @@ def results_after(run_dir: Path, iteration: int, checkpoint: Path) -> list[Path]
     best = run_dir / BEST_MODEL_FILE
     if best.is_file():
         try:
-            saved_at = int(read_metadata(best)[ITERATION_KEY])
-            later = saved_at > iteration
-        except (SafetensorError, OSError, ValueError, KeyError):  # no record
+            saved_at = saved_iteration(best)
+        except (SafetensorError, OSError):  # unreadable: no record
+            saved_at = None
+        if saved_at is None:
             later = best.stat().st_mtime > checkpoint.stat().st_mtime
+        else:
+            later = saved_at > iteration
         if later:
             results.append(best)
     return results
