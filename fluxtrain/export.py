@@ -266,10 +266,9 @@ def not_exported(folder: Path) -> list[str]:
     )
 
 
-def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a folder that AutoModelForCausalLM and AutoTokenizer load, from a fluxtrain model file (a checkpoint, or
-    a run folder's best model, ...); returns the folder."""
-    require_transformers()
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """OUT_DIR as a path, once it is known to be a new or empty folder, or an earlier export that --overwrite may
+    replace."""
     if not str(out_dir).strip():
         raise FluxtrainError("OUT_DIR is empty; give a new folder to export into")
     out_dir = Path(out_dir).expanduser()
@@ -296,6 +295,14 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
                 "--overwrite would delete; move them out or choose a new folder"
             )
     check_writable(out_dir, "OUT_DIR", folder=True)
+    return out_dir
+
+
+def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a folder that AutoModelForCausalLM and AutoTokenizer load, from a fluxtrain model file (a checkpoint, or
+    a run folder's best model, ...); returns the folder."""
+    require_transformers()
+    out_dir = check_out_dir(out_dir, overwrite)
     model_path = resolve_model_path(model_path)
     model, tokenizer = load_model(model_path)
     hf_model, hf_tok = to_transformers(model, tokenizer, str(model_path))
@@ -341,9 +348,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         with paths_named():
-            out = export(args.model, args.out_dir, args.overwrite)  # its checks of OUT_DIR come before the model's
-            model_path = resolve_model_path(args.model)  # the file it read: a run folder's best model, ...
+            require_transformers()  # the checks come in export()'s order
+            check_out_dir(args.out_dir, args.overwrite)
+            model_path = resolve_model_path(args.model)  # a run folder's best model, ...: the file it reads
             source = model_file_label(model_path, saved_iteration(model_path))
+            out = export(model_path, args.out_dir, args.overwrite)
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
