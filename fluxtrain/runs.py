@@ -53,6 +53,7 @@ MODEL_ITER_FILE = re.compile(r"model_iter_(\d+)\.safetensors")
 RUN_OUTPUTS = (*MODEL_FILES, MODEL_ITER_FILES, METRICS_FILE)  # what a run leaves beside its checkpoints
 ITERATION_KEY = "iteration"  # in a run's model files' metadata: the iteration they were saved at
 RANKED_METRICS = ("best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")  # a comparison's columns
+TOKENIZER_FROM_MODEL = "from init_from"  # the tokenizer settings of a run that kept its init_from model's
 # Runs of different tokenizers rank by bits per byte: their losses per token do not compare.
 RANKED_ACROSS_TOKENIZERS = ("best_val_bpb", "best_val_loss", "final_val_loss", "tokens_per_sec", "wall_time_sec")
 TABLE_METRICS = (
@@ -91,7 +92,10 @@ class Run:
 
     def setting(self, key: str) -> Any:
         """`key` as a table shows it: the config value, or for a config group (`model`, `experiment`) the option the
-        run's command line chose (`small`); None when neither."""
+        run's command line chose (`small`); None when neither. A run started with `init_from` trained with its model
+        file's tokenizer, whatever its `tokenizer` settings say: those show as `from init_from`."""
+        if (key == "tokenizer" or key.startswith("tokenizer.")) and self.get("init_from") is not None:
+            return TOKENIZER_FROM_MODEL
         value = self.get(key)
         if isinstance(value, dict) or (value is None and key not in flat_settings(self.config)):
             return override_value(self.overrides, key)
@@ -357,10 +361,10 @@ def varying_keys(runs: list[Run]) -> list[str]:
     the settings whose values are not the same in every one of `runs` (a key some runs lack counts), sorted. Runs
     without a readable config (damaged, or a sweep with hydra.output_subdir=null) are left out of the comparison."""
     groups = sorted({key for run in runs for key in override_keys(run.overrides) if "." not in key})
-    varying = [g for g in groups if len({override_value(run.overrides, g) for run in runs}) > 1]
-    settings = [flat_settings(run.config) for run in runs if run.config]
-    keys = sorted({key for s in settings for key in s})
-    return varying + [key for key in keys if len({repr(s.get(key)) for s in settings}) > 1]
+    varying = [g for g in groups if len({run.setting(g) for run in runs}) > 1]
+    configured = [run for run in runs if run.config]
+    keys = sorted({key for run in configured for key in flat_settings(run.config)})
+    return varying + [key for key in keys if len({repr(run.setting(key)) for run in configured}) > 1]
 
 
 def override_keys(overrides: list[str]) -> set[str]:

@@ -416,3 +416,20 @@ def test_a_run_folder_named_as_dot_is_listed_under_its_own_name(tmp_path, monkey
     monkeypatch.chdir(tmp_path / "7")
     assert [r.name for r in find_runs(tmp_path / "7" / ".")] == ["7"]
     assert [r.name for r in find_runs(Path("."))] == ["7"]
+
+
+def test_a_run_started_from_a_model_file_shows_its_tokenizer_settings_as_the_models(tmp_path):
+    """`init_from` keeps the model file's tokenizer, so the run's `tokenizer` settings did not train it."""
+    settings = {"tokenizer": {"kind": "char", "vocab_size": 512}, "optim": {"lr": 1e-3}}
+    fine_tuned = Run(tmp_path, "ft", settings | {"init_from": "m.safetensors"}, ["tokenizer=char"], None, None)
+    bpe = settings | {"init_from": "m.safetensors", "tokenizer": {"kind": "bpe"}}
+    other = Run(tmp_path, "ft2", bpe, [], None, None)
+    fresh = Run(tmp_path, "fresh", settings | {"init_from": None}, ["tokenizer=char"], None, None)
+    keys = ("tokenizer", "tokenizer.kind", "tokenizer.vocab_size", "optim.lr")
+    rows = runs_table([fine_tuned, fresh], keys=keys, metrics=())
+    assert [row["tokenizer.kind"] for row in rows] == ["from init_from", "char"]
+    assert [row["tokenizer"] for row in rows] == ["from init_from", "char"]
+    assert [row["optim.lr"] for row in rows] == [1e-3, 1e-3]
+    # Two fine-tuning runs of one model differ in no tokenizer column, whatever their settings say.
+    assert varying_keys([fine_tuned, other]) == []
+    assert "tokenizer.kind" in varying_keys([fine_tuned, fresh])
