@@ -130,7 +130,7 @@ def check_overrides(args: list[str]) -> None:
     primary = [] if _option_values(args, ("--config-path", "-cp")) else _option_values(args, ("--config-name", "-cn"))
     files = [("", name.removesuffix(".yaml")) for name in primary]
     files += [(group, f"{group}/{option}") for group, chosen_options in chosen.items() for option in chosen_options]
-    _check_defaults_tree(files, folders, extra, options, schema)
+    _check_defaults_tree(files, folders, extra, options, schema, complete=not elsewhere)
     for name in [] if elsewhere else [name for group, name in files if not group]:
         path = _config_file(folders, name)
         if path is not None and _in_config_dir(path, extra) and not _starts_from_fluxtrains(name, folders, extra):
@@ -233,10 +233,13 @@ def _check_experiment_presets(chosen: dict[str, list[str]], folders: tuple[Path,
                     )
 
 
-def _check_option_file(path: Path, group: str, options: dict[str, list[str]], schema: DictConfig) -> None:
+def _check_option_file(
+    path: Path, group: str, options: dict[str, list[str]], schema: DictConfig, subfolder: str = ""
+) -> None:
     """The file of a `--config-dir` holding a group option the command line chooses or one built on (or a primary
-    config, when `group` is ""), read as Hydra would merge it: each setting one the schema has, with a value of its
-    type, and each option its defaults list names one that exists; Hydra's own reports of these take several lines."""
+    config, when `group` is "", found in `subfolder`), read as Hydra would merge it: each setting one the schema has,
+    with a value of its type, and each option its defaults list names one that exists; Hydra's own reports of these
+    take several lines."""
     try:
         text = path.read_text(encoding="utf-8")
         body = yaml.safe_load(text)
@@ -246,10 +249,21 @@ def _check_option_file(path: Path, group: str, options: dict[str, list[str]], sc
         return
     if not isinstance(body, dict):
         raise FluxtrainError(f"--config-dir: {path} holds a {type(body).__name__}, not settings (key: value lines)")
-    for name, value in _defaults_choices(group, body.get("defaults")):
+    if subfolder and "@package _global_" not in text:
+        package = subfolder.replace("/", ".")
+        raise FluxtrainError(
+            f"--config-dir: {path}: a primary config in a subfolder puts its settings under {package} unless its "
+            "first line is # @package _global_"
+        )
+    for name, value in _defaults_choices(group or subfolder, body.get("defaults")):
         if name in options and str(value) not in options[name]:
             listed = ", ".join(options[name])
             raise FluxtrainError(f"--config-dir: {path} chooses {name}={value}, not an option of {name}: {listed}")
+    if again := _chosen_again(group or subfolder, body.get("defaults")):
+        raise FluxtrainError(
+            f"--config-dir: {path}: its defaults list chooses {again}, which fluxtrain's config chooses already; "
+            f"write override {again}"
+        )
     global_package = not group or "@package _global_" in text
     if not global_package and group not in Config.__dataclass_fields__:
         return  # a group of the user's own, which Hydra merges where its package says
@@ -268,11 +282,14 @@ def _check_defaults_tree(
     extra: list[Path],
     options: dict[str, list[str]],
     schema: DictConfig,
+    complete: bool = True,
 ) -> None:
     """Check each file of a `--config-dir` that `files` name ((group, name) pairs: `("model", "model/tiny")`, or
     `("", "myexp")` for a primary config) and each one their defaults lists build on, however deep, as
     `_check_option_file` does (conf/'s are tested with it). A defaults list that comes back to a file it builds on is
-    one line, where Hydra's report is a RecursionError."""
+    one line, where Hydra's report is a RecursionError; so is one naming a config that none of `folders` holds, when
+    they are `complete` (no other search path), where Hydra's report lists its search path. A primary config in a
+    subfolder (`sub/myexp`) reads its defaults list from there, as Hydra does."""
     checked: set[str] = set()
 
     def check(group: str, name: str, chain: list[str]) -> None:
@@ -280,13 +297,20 @@ def _check_defaults_tree(
         if path is None or not _in_config_dir(path, extra) or name in checked:
             return
         checked.add(name)
-        _check_option_file(path, group, options, schema)
+        subfolder = "" if group else name.rpartition("/")[0]  # a primary config's, which its defaults start from
+        _check_option_file(path, group, options, schema, subfolder)
         chain = [*chain, name]
-        for choice_group, option in _defaults_choices(group, _defaults_list(path)):
+        for choice_group, option in _defaults_choices(group or subfolder, _defaults_list(path)):
             choice = f"{choice_group}/{option}".lstrip("/")
             if choice in chain:
                 loop = " -> ".join([*chain[chain.index(choice) :], choice])
                 raise FluxtrainError(f"--config-dir: {path}: its defaults list comes back to {choice} ({loop})")
+            if complete and not _is_config(folders, choice):
+                where = " or ".join(str(folder) for folder in folders)
+                raise FluxtrainError(
+                    f"--config-dir: {path}: its defaults list names {choice}, which is no config in {where} (names "
+                    "are read from the file's own folder, or from the top with a leading /: /model: small)"
+                )
             check(choice_group, choice, chain)
 
     for group, name in files:
@@ -305,8 +329,14 @@ def _starts_from_fluxtrains(name: str, folders: tuple[Path, ...], extra: list[Pa
     path = _config_file(folders, name)
     if path is None or not _in_config_dir(path, extra):
         return False
-    choices = _defaults_choices("", _defaults_list(path))
+    choices = _defaults_choices(name.rpartition("/")[0], _defaults_list(path))
     return any(not group and _starts_from_fluxtrains(option, folders, extra) for group, option in choices)
+
+
+def _is_config(folders: tuple[Path, ...], name: str) -> bool:
+    """Whether Hydra finds the config `name`: a file in `folders`, a structured config, or one of Hydra's own."""
+    stored = f"{name}.yaml" in ConfigStore.instance().repo or name.split("/")[0] == "hydra"
+    return stored or _config_file(folders, name) is not None
 
 
 def _config_file(folders: tuple[Path, ...], name: str) -> Path | None:
@@ -337,15 +367,34 @@ def _defaults_choices(group: str, defaults: Any) -> list[tuple[str, str]]:
         if isinstance(entry, str) and entry != "_self_":
             paths.append(entry.split("@")[0])  # `name@package`
         for key, value in entry.items() if isinstance(entry, dict) else ():
+            if str(key).split()[0] == "optional":  # Hydra skips it where the config does not exist
+                continue
             choice_group = str(key).split()[-1].split("@")[0]  # `override /model@package`
             for option in value if isinstance(value, list) else [value]:
                 if option is not None and "${" not in str(option):
                     paths.append(f"{choice_group}/{option}")
-    pairs = []
-    for path in paths:
-        choice_group, _, option = (path if path.startswith("/") else f"{group}/{path}").lstrip("/").rpartition("/")
-        pairs.append((choice_group, option))
-    return pairs
+    return [tuple(_from_top(group, path).rpartition("/")[::2]) for path in paths]
+
+
+def _from_top(group: str, path: str) -> str:
+    """A path in the defaults list of a file in `group/`, from the top of the config folders: `small` in model/ ->
+    `model/small`, `/model` -> `model`."""
+    return (path if path.startswith("/") else f"{group}/{path}").lstrip("/")
+
+
+def _chosen_again(group: str, defaults: Any) -> str | None:
+    """The first `group: option` entry of the defaults list of a file in `group/` (`""` for a primary config) that
+    chooses an option of a group fluxtrain's config chooses (`model: tiny`, `/model: tiny`) without `override`,
+    as `model: tiny`; Hydra's report of it takes several lines."""
+    config_groups = {name for name, _ in _defaults_choices("", _defaults_list(config_dir() / "config.yaml")) if name}
+    for entry in defaults if isinstance(defaults, list) else []:
+        for key, value in entry.items() if isinstance(entry, dict) else ():
+            words = str(key).split()
+            if words[0] in ("override", "optional") or "@" in words[-1]:  # another package: a second choice
+                continue
+            if _from_top(group, words[-1]) in config_groups:
+                return f"{key}: {'null' if value is None else value}"
+    return None
 
 
 def _option_config(folders: tuple[Path, ...], group: str, option: str) -> dict[str, Any]:
