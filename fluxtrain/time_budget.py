@@ -4,7 +4,9 @@ warm-up can end within them."""
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,17 +28,36 @@ log = logging.getLogger("fluxtrain")
 WARMUP_CHECK_STEPS = 10  # steps timed under train.max_time before judging whether the warm-up can finish
 
 
+@dataclass
+class TimeBudget:
+    """train.max_time, planned at setup: the seconds the training loop may take and those kept for the final
+    evaluation."""
+
+    loop_time: float
+    final_eval: float
+
+    def keep_for_final_eval(self, eval_time: float) -> float:
+        """An evaluation in the loop took `eval_time` seconds: the final one, of as many batches, is kept as long
+        (10% to spare) where that is more than planned (a machine busier than at setup). Returns the seconds this
+        takes from the loop, 0 when none."""
+        more = max(0.0, 1.1 * eval_time - self.final_eval)
+        self.final_eval += more
+        self.loop_time -= more
+        return more
+
+
 @torch.no_grad()
 def forward_seconds(model: nn.Module, data: TokenData, cfg: TrainConfig, device: torch.device) -> float:
-    """The fastest of a few timed forward passes over one batch (the first, a warm-up, not counted)."""
+    """The median of a few timed forward passes over one batch (the first, a warm-up, not counted): the fastest would
+    promise more than a machine shared with other work keeps."""
     x, y = (t.to(device) for t in data.get_batch("val", cfg.batch_size, torch.Generator().manual_seed(0)))
     times = []
     with eval_mode(model), autocast_context(device, cfg.precision):
-        for _ in range(4):
+        for _ in range(6):
             t0 = time.perf_counter()
             model(x, y)[1].item()
             times.append(time.perf_counter() - t0)
-    return min(times[1:])
+    return statistics.median(times[1:])
 
 
 def eval_seconds(forward: float, cfg: TrainConfig) -> float:
@@ -52,8 +73,8 @@ def plan_time_budget(
     device: torch.device,
     progress: Progress,
     resume: Checkpoint | None,
-) -> float | None:
-    """Seconds the training loop may take under train.max_time (None without one): the budget less the setup (the
+) -> TimeBudget | None:
+    """The seconds the training loop may take under train.max_time (None without one): the budget less the setup (the
     seconds since `t_start`, the timing of the final evaluation included) and the final evaluation, timed now. A
     budget that leaves less than about one training step is refused. Under torchrun, rank 0's figures hold for every
     rank."""
@@ -75,7 +96,7 @@ def plan_time_budget(
         f"time budget {tcfg.max_time:g}s: {setup:.1f}s of setup (data, model, compilation), "
         f"~{final_eval:.1f}s kept for the final evaluation, {loop_time:.1f}s to train{spent}"
     )
-    return loop_time
+    return TimeBudget(loop_time, final_eval)
 
 
 class WarmupCheck:

@@ -440,7 +440,8 @@ def run_training(
     it = progress.iteration
     warmup_done_at: float | None = progress.warmup_done_at
     # seconds the loop may take: the budget less the setup so far and the final eval; the loop's clock starts now
-    loop_time = plan_time_budget(tcfg, t_start, model, data, device, progress, resume)
+    budget = plan_time_budget(tcfg, t_start, model, data, device, progress, resume)
+    loop_time = budget.loop_time if budget else None
     if loop_time is not None and resume and progress.time_ran_out and not budget_raised(tcfg, resume):
         # Spent, whatever this session's setup took: a shorter one (a warm cache) must not find time to train on.
         loop_time = min(loop_time, progress.train_time)
@@ -495,11 +496,13 @@ def run_training(
         losses_window.extend(values)
 
     def evaluate_and_save_best(step: int) -> None:
-        nonlocal best_val, last_losses, evaluated_at
+        nonlocal best_val, last_losses, evaluated_at, loop_time
         collect_losses()
         t_eval = time.perf_counter()
         last_losses, evaluated_at = estimate_loss(model, data, tcfg, device, offset_seed(tcfg.seed, 1), world), step
         eval_time = time.perf_counter() - t_eval
+        if budget is not None and loop_time is not None:  # every rank keeps rank 0's figure
+            loop_time -= budget.keep_for_final_eval(distributed.main_rank_value(eval_time, device))
         for split, value in last_losses.items():  # weights can be finite yet overflow: nothing is saved after it
             if not math.isfinite(value):
                 raise divergence_error(f"the {split} loss became {value} when evaluated", step, last_ckpt, cfg.optim.lr)

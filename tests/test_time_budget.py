@@ -13,6 +13,7 @@ from fluxtrain import time_budget
 from fluxtrain.checkpoint import load_checkpoint
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.resume import checkpoint_path
+from fluxtrain.time_budget import TimeBudget
 from fluxtrain.train import train
 
 
@@ -136,7 +137,7 @@ def test_a_budget_that_leaves_less_than_one_step_is_refused_and_one_step_is_alwa
     )
     assert not (tmp_path / "refused" / "checkpoints").exists()
     # Time that the plan found but the folder's setup used up: the session still takes its first step, then stops.
-    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 1e-9)
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: TimeBudget(1e-9, 0.0))
     assert train(tiny_cfg("train.max_time=60", "train.max_iters=1000"), tmp_path / "sliver")["iters"] == 1
 
 
@@ -162,7 +163,7 @@ def test_an_iteration_budget_that_ends_first_still_runs_the_schedule_down(tiny_c
 
 def test_a_warm_up_the_time_budget_cannot_finish_is_warned_about(tiny_cfg, tmp_path, monkeypatch, caplog):
     # Half a second to train, whatever the setup took: the warm-up of 100,000 iterations cannot end in it.
-    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 0.5)
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: TimeBudget(0.5, 0.0))
     cfg = tiny_cfg("train.max_iters=1000000", "train.max_time=600", "optim.warmup_iters=100000")
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         metrics = train(cfg, tmp_path)
@@ -192,12 +193,13 @@ def test_a_run_whose_time_ran_out_stays_finished_when_a_shorter_setup_leaves_mor
     shortens: a finished run requeued with the same train.max_time must not find time to train on. Raised, it
     trains on."""
     run = ["train.max_time=60", "train.max_iters=1000000", "train.eval_interval=1000000", "train.ckpt_interval=5"]
-    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 0.5)
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: TimeBudget(0.5, 0.0))
     first = train(tiny_cfg(*run), tmp_path)
     assert 1 < first["iters"] < 1_000_000
     assert load_checkpoint(checkpoint_path(tmp_path, first["iters"])).progress.time_ran_out
 
-    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 5.0)  # a faster setup this time
+    faster_setup = TimeBudget(5.0, 0.0)  # a faster setup this time
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: faster_setup)
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         again = train(tiny_cfg(*run, "resume=auto"), tmp_path)
     assert again == first and f"the run finished at iteration {first['iters']}" in caplog.text
@@ -209,6 +211,29 @@ def test_a_run_whose_time_ran_out_stays_finished_when_a_shorter_setup_leaves_mor
         evaluated = train(tiny_cfg(*run, "resume=auto"), tmp_path)
     assert evaluated["iters"] == first["iters"] and "its evaluation there stands, with nothing to train" in caplog.text
     # A larger budget trains on, for the time the new one adds.
-    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: 1.0)
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: TimeBudget(1.0, 0.0))
     longer = train(tiny_cfg(*(s.replace("max_time=60", "max_time=61") for s in run), "resume=auto"), tmp_path)
     assert longer["iters"] > first["iters"]
+
+
+def test_an_evaluation_slower_than_planned_keeps_its_time_for_the_final_one(tiny_cfg, tmp_path, monkeypatch):
+    """Planned at setup with no time for the final evaluation, the loop gets 4 s; its first evaluation takes 2 s
+    (a machine busier than at setup), so the final one, of as many batches, is kept 2.2 s of them."""
+    budget = TimeBudget(4.0, 0.0)
+    assert budget.keep_for_final_eval(2.0) == pytest.approx(2.2) and budget.loop_time == pytest.approx(1.8)
+    assert budget.keep_for_final_eval(0.1) == 0.0 and budget.final_eval == pytest.approx(2.2)  # never less
+
+    real_estimate_loss, calls = train_module.estimate_loss, []
+
+    def estimate_loss(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(2.0)
+        return real_estimate_loss(*args)
+
+    monkeypatch.setattr(train_module, "estimate_loss", estimate_loss)
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: TimeBudget(4.0, 0.0))
+    run = ["train.max_time=60", "train.max_iters=1000000", "train.eval_interval=2", "train.eval_iters=1"]
+    result = train(tiny_cfg(*run), tmp_path)
+    trained = load_checkpoint(checkpoint_path(tmp_path, result["iters"])).progress.train_time
+    assert 1.8 <= trained < 3.0  # the loop's 4 s, less the 2.2 s now kept (a step and an evaluation may pass it)
