@@ -29,12 +29,23 @@ def table_peak(device_name: str) -> float | None:
     return None
 
 
-@functools.cache
-def probe_peak(
-    device_type: str, dtype: torch.dtype = torch.float32, size: int = 512, reps: int = 8, min_seconds: float = 0.2
+def probe_peak(device_type: str, dtype: torch.dtype = torch.float32, size: int = 512, threads: int = 0) -> float:
+    """`measure_peak`'s FLOP/s, measured once per process for each setting; on CPU with `threads` torch threads (0:
+    as many as torch uses now), so that a sweep's jobs on other thread counts each have their own."""
+    return _probed(device_type, dtype, size, (threads or torch.get_num_threads()) if device_type == "cpu" else 0)
+
+
+def measure_peak(
+    device_type: str,
+    dtype: torch.dtype = torch.float32,
+    size: int = 512,
+    threads: int = 0,
+    reps: int = 8,
+    min_seconds: float = 0.2,
 ) -> float:
-    """FLOP/s of a square matmul on this device, measured once per process: the best of at least `reps` timed runs
-    spread over at least `min_seconds`, so that a burst of other work on the machine does not set the figure.
+    """FLOP/s of a square matmul on this device (on `threads` torch threads on CPU; 0: as many as torch uses now): the
+    best of at least `reps` timed runs spread over at least `min_seconds`, so that a burst of other work on the
+    machine does not set the figure.
 
     The operands come from a generator of their own: drawing them from torch's global one would shift the dropout
     masks of the training run that asked, depending on whether this process had measured the peak before.
@@ -43,14 +54,23 @@ def probe_peak(
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
     best, runs = float("inf"), 0
-    start = now = time.perf_counter()
-    while runs <= reps or now - start < min_seconds:  # the first run warms up
-        _sync(device)
-        t0 = time.perf_counter()
-        (a @ b).sum().item()
-        now = time.perf_counter()
-        best, runs = min(best, now - t0), runs + 1
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        start = now = time.perf_counter()
+        while runs <= reps or now - start < min_seconds:  # the first run warms up
+            _sync(device)
+            t0 = time.perf_counter()
+            (a @ b).sum().item()
+            now = time.perf_counter()
+            best, runs = min(best, now - t0), runs + 1
+    finally:
+        torch.set_num_threads(threads_before)
     return 2 * size**3 / best
+
+
+_probed = functools.cache(measure_peak)
 
 
 def _sync(device: torch.device) -> None:
@@ -60,12 +80,13 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def peak_flops(device: torch.device, configured: float | None, precision: str) -> tuple[float, str]:
+def peak_flops(device: torch.device, configured: float | None, precision: str, threads: int = 0) -> tuple[float, str]:
     """Peak FLOP/s of one device and where the number comes from.
 
     `train.peak_flops` when given; for a known GPU training in bf16 or fp16, the table entry; otherwise a matmul
     probe on the device (in the training dtype on CUDA, and on CPU under bf16 autocast; fp32 elsewhere), so that fp32
-    training is not measured against tensor-core peaks it cannot use.
+    training is not measured against tensor-core peaks it cannot use. A CPU is probed on the `threads` that train
+    (0: as many as torch uses now).
     """
     if configured is not None:
         return float(configured), "train.peak_flops"
@@ -76,8 +97,8 @@ def peak_flops(device: torch.device, configured: float | None, precision: str) -
             return peak, f"{name} bf16 table"
         return probe_peak("cuda", PRECISIONS[precision], 4096), f"{name} matmul probe"
     if device.type == "cpu" and precision == "bf16":
-        return probe_peak("cpu", torch.bfloat16), "cpu bf16 matmul probe"
-    return probe_peak(device.type), f"{device.type} matmul probe"
+        return probe_peak("cpu", torch.bfloat16, threads=threads), "cpu bf16 matmul probe"
+    return probe_peak(device.type, threads=threads), f"{device.type} matmul probe"
 
 
 def slow_bf16_warning(device: torch.device, precision: str) -> str | None:

@@ -408,7 +408,9 @@ def run_training(
     scaler = grad_scaler(device, tcfg.precision)
 
     tokens_per_iter = tcfg.batch_size * tcfg.grad_accum * world.world_size * model_cfg.seq_len
-    peak, peak_source = throughput.peak_flops(device, tcfg.peak_flops, tcfg.precision)
+    # On CPU the peak of the cores training uses: batch threads run single-threaded kernels, one core each
+    cores = tcfg.batch_threads if threads else torch.get_num_threads()
+    peak, peak_source = throughput.peak_flops(device, tcfg.peak_flops, tcfg.precision, cores)
     if warning := throughput.slow_bf16_warning(device, tcfg.precision):
         log.warning(warning)
     model_flops = flops_per_token(model_cfg, n_params)

@@ -66,7 +66,7 @@ def test_bf16_on_cpu_trains_under_autocast(tiny_cfg, tmp_path, caplog, batch_thr
 def test_bf16_slower_than_fp32_on_this_cpu_gets_a_warning(monkeypatch):
     cpu = torch.device("cpu")
     rates = {torch.float32: 200e9, torch.bfloat16: 700e9}
-    monkeypatch.setattr(throughput, "probe_peak", lambda device_type, dtype=torch.float32: rates[dtype])
+    monkeypatch.setattr(throughput, "probe_peak", lambda device_type, dtype=torch.float32, **_: rates[dtype])
     assert throughput.slow_bf16_warning(cpu, "bf16") is None  # bf16 matrix instructions: faster
     rates[torch.bfloat16] = 40e9  # converted to fp32 operand by operand
     assert throughput.slow_bf16_warning(cpu, "bf16") == (
@@ -222,7 +222,7 @@ def test_peak_flops_sources():
 def test_a_known_gpu_uses_its_table_peak_only_for_half_precision(monkeypatch):
     """fp32 matmuls cannot use the tensor-core peak of the table: fp32 runs are measured against a probe."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(throughput, "probe_peak", lambda device_type, dtype=torch.float32, size=512: 5e13)
+    monkeypatch.setattr(throughput, "probe_peak", lambda device_type, dtype=torch.float32, size=512, **_: 5e13)
     cuda = torch.device("cuda")
     assert throughput.peak_flops(cuda, None, "bf16") == (989e12, "NVIDIA H100 80GB HBM3 bf16 table")
     assert throughput.peak_flops(cuda, None, "fp16") == (989e12, "NVIDIA H100 80GB HBM3 bf16 table")
@@ -244,14 +244,54 @@ def test_the_matmul_probe_outlasts_a_burst_of_other_work(monkeypatch):
 
     monkeypatch.setattr(throughput.time, "perf_counter", perf_counter)
     monkeypatch.setattr(torch.Tensor, "__matmul__", product)
-    peak = throughput.probe_peak.__wrapped__("cpu", size=8, reps=8, min_seconds=0.2)
+    peak = throughput.measure_peak("cpu", size=8, reps=8, min_seconds=0.2)
     assert peak == pytest.approx(2 * 8**3 / 0.002)
+
+
+def test_the_cpu_peak_is_probed_on_the_threads_that_train(tiny_cfg, tmp_path, monkeypatch):
+    """A sweep of train.threads=1,2 runs its jobs in one process: each job's MFU needs the peak of its own cores, not
+    the first job's. Batch threads train on one core each, whatever train.threads says."""
+    now, seen = [0.0], []
+
+    def perf_counter():
+        return now[0]
+
+    def product(a, b):
+        now[0] += 0.002
+        seen.append(torch.get_num_threads())
+        return a.new_zeros(())
+
+    monkeypatch.setattr(throughput.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", product)
+    throughput._probed.cache_clear()
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for threads, measured_on in ((2, {2}), (1, {1}), (2, set()), (0, set())):  # then each measured once
+            seen.clear()
+            throughput.peak_flops(torch.device("cpu"), None, "fp32", threads)
+            assert set(seen) == measured_on
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads_before)
+        throughput._probed.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("settings", "cores"), [(["train.threads=1"], 1), (["train.threads=1", "train.batch_threads=2"], 2)]
+)
+def test_a_run_asks_for_the_peak_of_the_cores_it_trains_on(tiny_cfg, tmp_path, monkeypatch, settings, cores):
+    asked = []
+    real_peak_flops = throughput.peak_flops
+    monkeypatch.setattr(throughput, "peak_flops", lambda *args: asked.append(args[3]) or real_peak_flops(*args))
+    train(tiny_cfg("train.max_iters=2", "train.batch_size=4", *settings), tmp_path)
+    assert asked == [cores]
 
 
 def test_measuring_the_peak_leaves_training_unchanged(tiny_cfg, tmp_path):
     # With dropout the global RNG shapes training; the matmul probe, which runs once per process, must not draw from it.
     run = [*SHORT, "model.dropout=0.1"]
-    throughput.probe_peak.cache_clear()
+    throughput._probed.cache_clear()
     probed = run_curve(tiny_cfg, tmp_path / "probed", *run)  # this run measures the peak
     assert run_curve(tiny_cfg, tmp_path / "cached", *run) == probed  # this one reuses the measurement
     assert run_curve(tiny_cfg, tmp_path / "given", *run, "train.peak_flops=1e9") == probed
