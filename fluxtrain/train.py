@@ -372,6 +372,13 @@ def run_training(
             f"optim.warmup_iters={cfg.optim.warmup_iters} >= train.max_iters={tcfg.max_iters}: "
             f"the learning rate stays below optim.lr={cfg.optim.lr} for the whole run"
         )
+    elif (
+        cfg.optim.warmup_iters == tcfg.max_iters - 1 > 0 and tcfg.max_time is None and cfg.optim.min_lr != cfg.optim.lr
+    ):
+        log.warning(
+            f"optim.warmup_iters={cfg.optim.warmup_iters} leaves one iteration of train.max_iters={tcfg.max_iters} "
+            f"after the warm-up: it runs at optim.lr={cfg.optim.lr}, and the schedule never decays to optim.min_lr"
+        )
     distributed.check_sharded_optimizer(world, tcfg.strategy, cfg.optim.name)  # before the data is read
     device = distributed.training_device(world, host.resolve_device(tcfg.device))
     batch_threads.check(tcfg.batch_threads, device, world.is_distributed, model_cfg.dropout)

@@ -127,6 +127,19 @@ def test_a_warmup_longer_than_the_run_is_warned_about(tiny_cfg, tmp_path, caplog
     assert "optim.warmup_iters=5 >= train.max_iters=4: the learning rate stays below optim.lr=0.003" in caplog.text
 
 
+def test_a_warmup_that_leaves_one_iteration_is_warned_about(tiny_cfg, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        train(tiny_cfg("train.max_iters=6", "train.eval_interval=6"), tmp_path / "run")
+    assert (
+        "optim.warmup_iters=5 leaves one iteration of train.max_iters=6 after the warm-up: it runs at optim.lr=0.003, "
+        "and the schedule never decays to optim.min_lr" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        train(tiny_cfg("train.max_iters=7", "train.eval_interval=7"), tmp_path / "decays")
+    assert "warm-up" not in caplog.text
+
+
 def test_a_single_iteration_after_the_warm_up_runs_at_the_peak():
     cfg = OptimConfig(lr=1e-3, warmup_iters=0, min_lr=0.0)
     assert schedule(0, cfg, 1) == pytest.approx(1e-3)  # a one-step run learns
