@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 # Characters that are whitespace to some Unicode version or regex engine but not to Python's `str.isspace`.
 _ODD_SPACE = "\u180e\u200b\u200c\u200d\u2060\ufeff"
-# The `Split` patterns recognised: GPT-2's (the one ByteLevel uses itself) and cl100k's (Llama 3's).
+# The `Split` patterns recognised: GPT-2's (the one ByteLevel uses itself), cl100k's (Llama 3's), and one piece per
+# character (a character tokenizer exported by fluxtrain.export).
+PER_CHARACTER_PATTERN = r"[\s\S]"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CL100K_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
@@ -157,6 +159,8 @@ def hf_cut_rule(data: dict) -> CutRule:
         rule = CutRule(before=" " if prefix else " \t\r\n", class_changes=not prefix and not norms)
     elif split_ok and pattern == CL100K_PATTERN:
         rule = CutRule(before=" ")
+    elif split_ok and pattern == PER_CHARACTER_PATTERN and len(stages) == 1 and not norms and not added:
+        return ANYWHERE  # a normalizer could join characters (NFC: e + U+0301), an added token span several
     elif kind == "Metaspace" and first.get("split", True):
         rule = CutRule(before=" ", after_visible=False)
     elif kind in ("Whitespace", "WhitespaceSplit", "BertPreTokenizer"):

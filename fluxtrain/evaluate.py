@@ -25,7 +25,7 @@ from fluxtrain.model import GPT, eval_mode
 from fluxtrain.model_file import load_model
 from fluxtrain.runs import model_file_label, resolve_model_path, saved_iteration
 from fluxtrain.sources import iter_text, resolve_sources
-from fluxtrain.tokenizer import CharTokenizer, Tokenizer, check_ids
+from fluxtrain.tokenizer import Tokenizer, check_ids
 
 
 @dataclass
@@ -152,15 +152,15 @@ def evaluate_text(model: GPT, tokenizer: Tokenizer, text: str, **kwargs) -> Eval
 
 
 class UnknownDropped:
-    """Leaves out of text pieces the characters a character tokenizer has no id for, counting them; learned
-    tokenizers read every character (as bytes, or as their unknown token)."""
+    """Leaves out of text pieces the characters the tokenizer has no id for (a character tokenizer's, or a learned one's
+    without byte fallback or an unknown token), counting them."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer, self.counts = tokenizer, Counter()
 
     def through(self, pieces: Iterable[str]) -> Iterator[str]:
         for piece in pieces:
-            if isinstance(self.tokenizer, CharTokenizer) and (unknown := set(self.tokenizer.unknown_chars(piece))):
+            if unknown := set(self.tokenizer.unknown_chars(piece)):
                 self.counts.update(c for c in piece if c in unknown)
                 piece = piece.translate(dict.fromkeys(map(ord, unknown)))
             yield piece
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     text = ByteCount()  # the bytes of the text as read, as evaluate_text counts them (not a normalizer's output)
     pieces = iter_text(sources, encoding_errors=args.encoding_errors)
     dropped = UnknownDropped(tokenizer)
-    hint = "" if args.drop_unknown or not isinstance(tokenizer, CharTokenizer) else "; --drop-unknown leaves them out"
+    hint = "; --drop-unknown leaves them out" if tokenizer.may_lack_chars and not args.drop_unknown else ""
     ids = encode_all(
         text.through(dropped.through(pieces) if args.drop_unknown else pieces),
         tokenizer,

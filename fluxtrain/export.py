@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from fluxtrain.cuts import PER_CHARACTER_PATTERN
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named
 from fluxtrain.files import check_writable, parse_json
 from fluxtrain.model import GPT, ModelConfig, eval_mode
@@ -140,7 +141,7 @@ def char_tokenizers_model(chars: list[str]):
     from tokenizers import Tokenizer as HFTokenizer
 
     tok = HFTokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(chars)}, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per character
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PER_CHARACTER_PATTERN), behavior="isolated")  # one per character
     tok.decoder = decoders.Fuse()  # join the characters back without separators
     return tok
 

@@ -90,7 +90,7 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[
             names = ", ".join(map(repr, unknown))
             note = f"{len(unknown)} prompt character(s) are not in the vocabulary and read as {token}: {names}"
             return text, ids, note + " (--drop-unknown leaves them out)"
-    kept = "".join(c for c in text if c not in set(unknown))
+    kept = text.translate(dict.fromkeys(map(ord, unknown)))
     return kept, tokenizer.encode(kept), f"left out of the prompt: {', '.join(map(repr, unknown))}"
 
 

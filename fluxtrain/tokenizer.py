@@ -50,6 +50,7 @@ class UnknownCharactersError(EncodeError):
 class Tokenizer(Protocol):
     kind: str  # char | bpe: which class reads the saved JSON
     unk_id: int | None  # the unknown token's id, where the tokenizer reads characters it lacks as one
+    may_lack_chars: bool  # whether some characters get no token (`unknown_chars`, an error naming them)
 
     @property
     def name(self) -> str: ...
@@ -58,6 +59,8 @@ class Tokenizer(Protocol):
     def vocab_size(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
+
+    def unknown_chars(self, text: str) -> list[str]: ...  # sorted; those an encoding refuses
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
 
@@ -138,6 +141,7 @@ class CharTokenizer:
     kind = "char"
     name = "char"  # what logs and messages call it
     unk_id = None
+    may_lack_chars = True
 
     def __init__(self, chars: list[str]):
         chars = list(chars)
@@ -221,13 +225,19 @@ class BPETokenizer:
         self.hf = hf
         self._cuts: CutRule | None = None
         # A model with no unknown token and no byte fallback leaves a character its vocabulary lacks out of the ids,
-        # without a word: such characters are refused as the char tokenizer refuses them (`_check_kept`).
-        # A byte-level pre-tokenizer over a vocabulary with all 256 byte symbols (fluxtrain's BPE) keeps every one.
+        # without a word; one split into single characters whose unknown token is not in its vocabulary (a char
+        # tokenizer exported by fluxtrain.export, WordLevel) fails on it. Such characters are refused as the char
+        # tokenizer refuses them (`unknown_chars`). A byte-level pre-tokenizer over a vocabulary with all 256 byte
+        # symbols (fluxtrain's BPE) keeps every one.
         byte_level = type(hf.pre_tokenizer).__name__ == "ByteLevel" and BYTE_SYMBOLS <= hf.get_vocab().keys()
-        model = json.loads(hf.to_str()).get("model", {}) if not byte_level else {}
-        unknown = model.get("unk_token") is not None or model.get("unk_id") is not None or model.get("byte_fallback")
-        self._may_drop = not (byte_level or unknown)
+        parsed = json.loads(hf.to_str()) if not byte_level else {}
+        model = parsed.get("model", {})
         self.unk_id = _unknown_id(hf, model)
+        self._per_character = not byte_level and hf_cut_rule(parsed).anywhere
+        unknown = model.get("unk_token") is not None or model.get("unk_id") is not None
+        if self._per_character:
+            unknown = self.unk_id is not None
+        self.may_lack_chars = not (byte_level or unknown or model.get("byte_fallback"))
         self._kept: dict[str, bool] = {}  # character -> whether it gets a token, for those seen so far
 
     @classmethod
@@ -285,22 +295,28 @@ class BPETokenizer:
             raise EncodeError(f"the tokenizer cannot encode the text: {first_line(e)}") from None
 
     def _check_kept(self, text: str) -> None:
-        """UnknownCharactersError for the characters of `text` that the tokenizer would leave out. A character is
-        kept when it gets a token of its own, or is whitespace or something the normalizer removes (a pre-tokenizer
-        or normalizer may drop those by design); each distinct character is tried once."""
-        if not self._may_drop:
-            return
+        if dropped := self.unknown_chars(text):
+            raise UnknownCharactersError(dropped)
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """The characters of `text` that the tokenizer would leave out or cannot encode, sorted. A character is kept
+        when it gets a token of its own, or is whitespace or something the normalizer removes (a pre-tokenizer or
+        normalizer may drop those by design); each distinct character is tried once."""
+        if not self.may_lack_chars:
+            return []
         chars = set(text)
         for c in chars.difference(self._kept):
+            if 0xD800 <= ord(c) <= 0xDFFF:  # no text holds one: the encoding names it
+                continue
             try:
                 normalized = self.hf.normalizer.normalize_str(c) if self.hf.normalizer is not None else c
                 ids = self.hf.encode(c, add_special_tokens=False).ids
-            except Exception:  # the Rust side's plain Exception: the encoding itself reports it
-                continue
+            except Exception:  # the Rust side's plain Exception: WordLevel without its unknown token
+                if not self._per_character:
+                    continue  # a word it lacks, not this character: the encoding reports it
+                ids, normalized = [], c
             self._kept[c] = bool(ids) or c.isspace() or not normalized.strip()
-        dropped = sorted(c for c in chars if not self._kept.get(c, True))
-        if dropped:
-            raise UnknownCharactersError(dropped)
+        return sorted(c for c in chars if not self._kept.get(c, True))
 
     def decode(self, ids: list[int]) -> str:
         ids = id_sequence(ids)

@@ -20,7 +20,7 @@ from fluxtrain.evaluate import evaluate_ids, evaluate_text, main, plan_windows
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.model_file import load_model, save_model_file
 from fluxtrain.runs import ITERATION_KEY
-from fluxtrain.tokenizer import CharTokenizer
+from fluxtrain.tokenizer import BPETokenizer, CharTokenizer
 from fluxtrain.train import estimate_loss, train
 
 from .conftest import REPO_ROOT, make_text
@@ -482,3 +482,25 @@ def test_bits_per_byte_count_the_bytes_of_the_text_read_not_of_what_a_normalizer
     assert figures["n_bytes"] == len(text.encode("utf-8")) == 840 and "(over 840 bytes of text as read)" in err
     in_python = evaluate_text(model.eval(), tokenizer, text)
     assert figures["bits_per_byte"] == pytest.approx(in_python.bits_per_byte, rel=1e-6)
+
+
+def test_an_exported_char_tokenizer_names_and_drops_unknown_characters_too(tiny_model, tmp_path, capsys):
+    """A model trained with the char tokenizer that fluxtrain.export writes (tokenizer.path=.../tokenizer.json): a
+    WordLevel vocabulary of single characters, without an unknown token."""
+    from fluxtrain.export import char_tokenizers_model
+
+    model, char_tokenizer = tiny_model
+    path = tmp_path / "exported.safetensors"
+    save_model_file(path, model, BPETokenizer(char_tokenizers_model(char_tokenizer.chars)))
+    text = make_text(400)
+    clean, marked = tmp_path / "clean.txt", tmp_path / "marked.txt"
+    clean.write_text(text, encoding="utf-8")
+    marked.write_text("~" + text[:200] + "Ω" + text[200:], encoding="utf-8")
+    err = one_line_error(capsys, path, marked)
+    assert "2 character(s) not in the tokenizer's vocabulary: '~', 'Ω'" in err
+    assert err.endswith("; --drop-unknown leaves them out)\n")
+    main([str(path), "--data", str(clean), "--device", "cpu", "--json", "-"])
+    expected = json.loads(capsys.readouterr().out)
+    main([str(path), "--data", str(marked), "--device", "cpu", "--json", "-", "--drop-unknown"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["loss"] == expected["loss"] and "'~' x1, 'Ω' x1" in err

@@ -466,6 +466,16 @@ def test_unknown_characters_are_named_or_dropped():
     assert encode_prompt(tokenizer, "ROMEO", drop_unknown=False) == ("ROMEO", tokenizer.encode("ROMEO"), "")
 
 
+def test_an_exported_char_tokenizer_names_or_drops_the_characters_it_lacks():
+    from fluxtrain.export import char_tokenizers_model
+
+    tokenizer = BPETokenizer(char_tokenizers_model(CharTokenizer.train(TEXT).chars))  # as tokenizer.path
+    with pytest.raises(FluxtrainError, match=r"'é', 'ü'.*--drop-unknown"):
+        encode_prompt(tokenizer, "ROMEO ü é", drop_unknown=False)
+    text, ids, note = encode_prompt(tokenizer, "ROMEO ü é", drop_unknown=True)
+    assert text == "ROMEO  " and tokenizer.decode(ids) == text and note == "left out of the prompt: 'é', 'ü'"
+
+
 def test_characters_read_as_the_unknown_token_are_named_or_dropped(capsys, tmp_path):
     """A tokenizer with an unknown token encodes any character: those it reads as that token are said, or dropped."""
     from tokenizers import Tokenizer, models

@@ -45,7 +45,7 @@ def test_bpe_round_trips_any_unicode(bpe, text):
 
 def test_bpe_learns_merges_within_the_vocab_size(bpe):
     assert 256 < bpe.vocab_size <= 300
-    assert not bpe._may_drop  # byte-level over all 256 byte symbols: no character to check for, chunk by chunk
+    assert not bpe.may_lack_chars  # byte-level over all 256 byte symbols: no character to check for, chunk by chunk
     text = make_text(2_000, seed=1)
     assert len(bpe.encode(text)) < len(text.encode("utf-8")) / 1.5  # 44 merges already compress this text
 
@@ -369,3 +369,26 @@ def test_a_tokenizer_file_that_would_leave_characters_out_is_refused(tmp_path):
     text.write_text("abc de\nfab " * 300)
     data, tokenizer, _ = load_corpus(cfg, TokenizerConfig(kind="bpe", path=str(with_unknown)), 16)
     assert tokenizer.vocab_size == 4 and len(data.train) + len(data.val) == len(text.read_text())  # one token each
+
+
+def test_an_exported_char_tokenizer_names_the_characters_it_lacks_and_cuts_anywhere(tmp_path, caplog):
+    """fluxtrain.export writes a char tokenizer as a WordLevel vocabulary of single characters with no unknown token:
+    read back as tokenizer.path, a character it lacks is named as the char tokenizer names it, not a library error."""
+    from fluxtrain.export import char_tokenizers_model
+
+    exported = BPETokenizer(char_tokenizers_model(["\n", " ", "a", "b"]))
+    assert exported.may_lack_chars and exported.unknown_chars("ab 日a本\n") == ["日", "本"]
+    with pytest.raises(UnknownCharactersError) as e:
+        exported.encode("ab 日")
+    assert e.value.chars == ["日"]
+    assert exported.encode("ab a\n") == [2, 3, 1, 2, 0]
+    with caplog.at_level(logging.WARNING, logger="fluxtrain"):
+        assert exported.cut_rule().anywhere  # one piece per character, as the char tokenizer's
+    assert caplog.text == ""
+    # A normalizer could join two characters into one (NFC: e + U+0301), so no cut is known then.
+    normalized = char_tokenizers_model(["e", "\u0301", "é"])
+    normalized.normalizer = normalizers.NFC()
+    assert not BPETokenizer(normalized).cut_rule().anywhere
+    # A word-level vocabulary without its unknown token lacks words, not characters: the encoding says so.
+    words = BPETokenizer(HFTokenizer.from_file(str(hf_file(tmp_path / "w.json", models.WordLevel({"hi": 0}, None)))))
+    assert not words.may_lack_chars and words.unknown_chars("hi ho") == []
