@@ -164,8 +164,11 @@ class Session:
             sys.stdout.flush()
 
     def _start_readline(self):
-        """Line editing and a history kept across sessions; None where readline is missing or there is no history
-        file (no home folder, or something else than a file in its place)."""
+        """Line editing and a history kept across sessions; None where readline is missing, the lines do not come
+        from a terminal (a pipe: nothing to edit or recall), or there is no history file (no home folder, or
+        something else than a file in its place)."""
+        if not sys.stdin.isatty():
+            return None
         try:
             import readline
         except ImportError:

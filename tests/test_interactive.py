@@ -15,7 +15,7 @@ import pexpect
 import pytest
 import torch
 
-from fluxtrain import GPT, ModelConfig, load_model, save_model_file
+from fluxtrain import GPT, ModelConfig, interactive, load_model, save_model_file
 from fluxtrain.generate import main
 from fluxtrain.interactive import SETTINGS, Session
 from fluxtrain.sampling import SamplingConfig, beam_search, generate
@@ -385,6 +385,13 @@ def test_without_a_home_folder_the_session_keeps_no_history(capsys, monkeypatch,
         capsys.readouterr().out
         == expected_text(model_file, "the", SamplingConfig(max_new_tokens=3, temperature=0.0)) + "\n"
     )
+
+
+def test_a_piped_session_leaves_the_history_alone(capsys, monkeypatch, model_file, tmp_path):
+    monkeypatch.setattr(interactive, "HISTORY_FILE", tmp_path / "history")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/len 3\nthe\n"))
+    assert main([str(model_file), "--interactive", "--temperature", "0"]) == 0
+    assert not (tmp_path / "history").exists()
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
