@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import numbers
@@ -41,6 +42,7 @@ from fluxtrain.tokenizer import (
     EncodeError,
     Tokenizer,
     TokenizerConfig,
+    UnknownCharactersError,
     build_tokenizer,
     load_configured,
     load_tokenizer,
@@ -230,20 +232,34 @@ def encode_stream(
     """Token ids of a stream of text, in arrays of a few hundred thousand, with bounded memory; text the tokenizer
     cannot encode is an error naming `setting` and where the tokenizer came from."""
     batch: list[str] = []
+    chunks = safe_chunks(pieces, cuts=tokenizer.cut_rule())
 
     def flush() -> list[np.ndarray]:
         try:
             return tokenizer.encode_batch(batch)
         except EncodeError as e:
+            if isinstance(e, UnknownCharactersError):  # named for the rest of the text too, in one error
+                e = every_unknown_char(tokenizer, e, itertools.chain(batch, chunks))
             raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from {tokenizer_source})") from None
 
-    for chunk in safe_chunks(pieces, cuts=tokenizer.cut_rule()):
+    for chunk in chunks:
         batch.append(chunk)
         if len(batch) == ENCODE_BATCH:
             yield from flush()
             batch = []
     if batch:
         yield from flush()
+
+
+def every_unknown_char(
+    tokenizer: Tokenizer, error: UnknownCharactersError, rest: Iterable[str]
+) -> UnknownCharactersError:
+    """`error`, naming also each character of the texts `rest` that the tokenizer lacks: a user fixing the text
+    learns of them all at once."""
+    unknown = set(error.chars)
+    for text in rest:
+        unknown.update(tokenizer.unknown_chars(text))
+    return UnknownCharactersError(sorted(unknown))
 
 
 def encode_all(pieces: Iterable[str], tokenizer: Tokenizer, setting: str, tokenizer_source: str) -> np.ndarray:
@@ -458,6 +474,8 @@ def check_round_trip(tokenizer: Tokenizer, train: Sources, cfg: DataConfig, sour
     try:
         exact = tokenizer.decode(tokenizer.encode(sample)) == sample
     except EncodeError as e:
+        if isinstance(e, UnknownCharactersError):  # named for the whole text, not its start
+            e = every_unknown_char(tokenizer, e, iter_text(train, cfg.separator, cfg.encoding_errors))
         setting = train.setting.split("=", 1)[0]  # as encoding names it
         raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from {source.split('=')[0]})") from None
     if not exact:

@@ -43,7 +43,7 @@ class UnknownCharactersError(EncodeError):
 
     def __init__(self, chars: list[str]):
         self.chars = chars
-        shown = ", ".join(repr(c) for c in chars[:20])
+        shown = ", ".join(repr(c) for c in chars[:20]) + (", ..." if len(chars) > 20 else "")
         super().__init__(f"{len(chars)} character(s) not in the tokenizer's vocabulary: {shown}")
 
 

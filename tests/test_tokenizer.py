@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
-from fluxtrain.data import DataConfig, load_corpus
+from fluxtrain import data as data_module
+from fluxtrain.data import DataConfig, encode_stream, load_corpus, safe_chunks
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.model_file import load_model
 from fluxtrain.tokenizer import (
@@ -392,3 +393,26 @@ def test_an_exported_char_tokenizer_names_the_characters_it_lacks_and_cuts_anywh
     # A word-level vocabulary without its unknown token lacks words, not characters: the encoding says so.
     words = BPETokenizer(HFTokenizer.from_file(str(hf_file(tmp_path / "w.json", models.WordLevel({"hi": 0}, None)))))
     assert not words.may_lack_chars and words.unknown_chars("hi ho") == []
+
+
+def test_an_unknown_character_error_names_those_of_the_whole_text(tmp_path, monkeypatch):
+    """The tokenizer file is tried on the start of the text, and the text is encoded in batches of chunks: the first
+    that fails must not hide the characters further on."""
+    tokenizer_file = tmp_path / "tok.json"
+    CharTokenizer.train("ab c\n").save(tokenizer_file)
+    text = tmp_path / "a.txt"
+    text.write_text("é" + "ab c\n" * 3_000 + "Z" + "ab c\n" * 100 + "Ω")  # 'Z' and 'Ω' past the 10,000 tried
+    cfg = DataConfig(path=str(text), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FluxtrainError) as e:
+        load_corpus(cfg, TokenizerConfig(path=str(tokenizer_file)), 16)
+    assert str(e.value).startswith("data.path: 3 character(s) not in the tokenizer's vocabulary: 'Z', 'é', 'Ω'")
+    # Chunks of about 1,000 characters, encoded 2 at a time: the first batch fails, with 2 more chunks to come.
+    monkeypatch.setattr(data_module, "safe_chunks", lambda pieces, cuts: safe_chunks(pieces, 1_000, cuts))
+    monkeypatch.setattr(data_module, "ENCODE_BATCH", 2)
+    pieces = ["ab é" + "ab c\n" * 1_000, "ab c\n" * 1_000 + "Z", "ab c\n" * 1_000 + "Ω"]
+    with pytest.raises(FluxtrainError, match=r"^data.path: 3 character\(s\) not .*: 'Z', 'é', 'Ω' \(the tokenizer"):
+        list(encode_stream(pieces, CharTokenizer.train("ab c\n")))
+    many = UnknownCharactersError([chr(0x4E00 + i) for i in range(25)])
+    assert str(many).startswith("25 character(s) not in the tokenizer's vocabulary: '一', ") and str(many).endswith(
+        f"{chr(0x4E00 + 19)!r}, ..."
+    )
