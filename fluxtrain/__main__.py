@@ -24,6 +24,7 @@ from fluxtrain.errors import (
     quiet_when_stdout_closes,
 )
 from fluxtrain.interrupt import StoppedInSetup
+from fluxtrain.logs import report_error
 from fluxtrain.overrides import check_commands, is_shell_completion, options_first, runs_nothing
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home_in_run_dirs
 from fluxtrain.sweep import run_sweep_job
@@ -51,7 +52,7 @@ def run(cfg: DictConfig) -> float:
             return run_task(cfg, run_dir)
     except FluxtrainError as e:
         if not e.reported:
-            logging.getLogger("fluxtrain").error(f"error: {e}")
+            report_error(f"error: {e}")
         if single_run:
             discard_refused(run_dir)
         sys.exit(getattr(e, "exit_code", 1))  # 130/143 after a stop on SIGINT/SIGTERM
@@ -71,7 +72,7 @@ def run(cfg: DictConfig) -> float:
             sys.exit(1)
         if not is_out_of_memory(e):
             raise
-        logging.getLogger("fluxtrain").error(f"error: {out_of_memory_message(e)}")
+        report_error(f"error: {out_of_memory_message(e)}")
         sys.exit(1)
 
 

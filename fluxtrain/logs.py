@@ -17,6 +17,17 @@ from fluxtrain.files import WriteError
 if TYPE_CHECKING:  # imported by the logging config, and by fluxtrain.generate: no TensorBoard import there
     from torch.utils.tensorboard import SummaryWriter
 
+
+def report_error(message: str) -> None:
+    """Log the error that ends a run; printed on stderr instead where the logging config silenced fluxtrain's log
+    (hydra/job_logging=disabled), so that a run that fails still says why."""
+    log = logging.getLogger("fluxtrain")
+    if log.disabled:
+        print(message, file=sys.stderr)
+    else:
+        log.error(message)
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Control characters but newline and tab, as `\\x1b`: text from a model or a file name cannot change the state of
 # the terminal that shows it (clear the screen, retitle the window, ring the bell).

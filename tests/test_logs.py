@@ -186,3 +186,17 @@ def test_hydra_s_own_job_logging_options_replace_fluxtrain_s(tiny_text_file, tmp
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (run / "metrics.json").is_file() and not (run / "train.log").exists()
     assert ("done: 30 iterations" in proc.stdout) == (option == "stdout")
+
+
+def test_a_run_with_its_logging_disabled_still_says_why_it_failed(tiny_text_file, tmp_path):
+    """A value the schema's types allow but the run refuses is checked once the job starts, under its logging."""
+    run = tmp_path / "run"
+    proc = run_fluxtrain(
+        *TINY_OVERRIDES,
+        f"data.path={tiny_text_file}",
+        f"hydra.run.dir={run}",
+        "hydra/job_logging=disabled",
+        "optim.name=sgd",
+    )
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == "error: optim.name='sgd' is not one of adam, adamw, muon\n"
