@@ -65,6 +65,9 @@ def test_notebook_explores_a_tiny_sweep(tiny_text_file, tmp_path, monkeypatch):
     assert "2 runs under" in table
     rows = {line.split()[0]: line for line in table.splitlines() if line.startswith("sweep/")}
     assert set(rows) == {"sweep/0", "sweep/1"}
+    best_loss = {job: json.loads((sweep / job / "metrics.json").read_text())["best_val_loss"] for job in ("0", "1")}
+    assert list(rows) == [f"sweep/{job}" for job in sorted(best_loss, key=best_loss.get)]  # ranked, best first
+    assert table.splitlines()[2].split()[:3] == ["run", "optim.lr", "best_val_loss"]  # the setting that differs
     for job, lr in (("0", "0.001"), ("1", "0.003")):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert f" {lr} " in rows[f"sweep/{job}"]
