@@ -130,7 +130,9 @@ class Session:
     def set(self, name: str, value: str) -> None:
         field, kind, shown, allowed = SETTINGS[name]
         try:
-            parsed = kind(value)
+            if not value.isascii():  # int() and float() read other scripts' digits too: "５"
+                raise ValueError(value)
+            parsed = kind(value) + kind(0)  # -0 reads as 0
             cfg = replace(self.cfg, **{field: parsed})
             cfg.validate(self.model.cfg.seq_len)
         except ValueError:  # not a number, or one `field` does not allow (FluxtrainError from validate)

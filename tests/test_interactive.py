@@ -136,6 +136,7 @@ def test_commands_change_settings_and_prompts_follow_them(model_file, tmp_path):
         ("/temp inf", "/temp needs a temperature from 0 to 2 (0 = greedy): got 'inf'"),
         ("/topk -1", "/topk needs an integer top-k >= 0 (0 = off): got '-1'"),
         ("/topk 1.5", "/topk needs an integer top-k >= 0 (0 = off): got '1.5'"),
+        ("/topk ５", "/topk needs an integer top-k >= 0 (0 = off): got '５'"),  # a full-width digit
         ("/topp 0", "/topp needs a top-p in (0, 1] (1 = off): got '0'"),
         ("/topp nan", "/topp needs a top-p in (0, 1] (1 = off): got 'nan'"),
         ("/topp inf", "/topp needs a top-p in (0, 1] (1 = off): got 'inf'"),
@@ -177,6 +178,8 @@ def test_a_tab_parts_a_command_from_its_value(capsys, model_file):
     session = Session(model, tokenizer, SamplingConfig(), seed=1, drop_unknown=False, stream=True)
     assert session.command("/len\t7") and session.cfg.max_new_tokens == 7
     assert capsys.readouterr().err == "length 7\n"
+    assert session.command("/temp -0") and str(session.cfg.temperature) == "0.0"
+    assert capsys.readouterr().err == "temperature 0.0\n"
 
 
 def test_ctrl_c_as_the_prompt_is_echoed_stops_only_that_prompt(capsys, monkeypatch, model_file):
