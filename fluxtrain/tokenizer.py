@@ -312,9 +312,9 @@ class BPETokenizer:
                 normalized = self.hf.normalizer.normalize_str(c) if self.hf.normalizer is not None else c
                 ids = self.hf.encode(c, add_special_tokens=False).ids
             except Exception:  # the Rust side's plain Exception: WordLevel without its unknown token
-                if not self._per_character:
-                    continue  # a word it lacks, not this character: the encoding reports it
-                ids, normalized = [], c
+                if self._per_character:  # this character, whitespace too, has no id
+                    self._kept[c] = False
+                continue  # else a word it lacks, not this character: the encoding reports it
             self._kept[c] = bool(ids) or c.isspace() or not normalized.strip()
         return sorted(c for c in chars if not self._kept.get(c, True))
 

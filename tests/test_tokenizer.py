@@ -379,6 +379,7 @@ def test_an_exported_char_tokenizer_names_the_characters_it_lacks_and_cuts_anywh
 
     exported = BPETokenizer(char_tokenizers_model(["\n", " ", "a", "b"]))
     assert exported.may_lack_chars and exported.unknown_chars("ab 日a本\n") == ["日", "本"]
+    assert exported.unknown_chars("a\r\nb\tb\xa0") == ["\t", "\r", "\xa0"]  # whitespace it lacks too: Windows lines
     with pytest.raises(UnknownCharactersError) as e:
         exported.encode("ab 日")
     assert e.value.chars == ["日"]
