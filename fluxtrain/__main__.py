@@ -23,8 +23,8 @@ from fluxtrain.errors import (
     paths_named,
     quiet_when_stdout_closes,
 )
-from fluxtrain.interrupt import StoppedInSetup
-from fluxtrain.logs import report_error
+from fluxtrain.interrupt import StoppedInSetup, TrainingInterrupted
+from fluxtrain.logs import report_error, silenced
 from fluxtrain.overrides import check_commands, is_shell_completion, options_first, runs_nothing
 from fluxtrain.run_folder import check_output_dir, discard_refused, expand_home_in_run_dirs
 from fluxtrain.sweep import run_sweep_job
@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> float:
                 return run_sweep_job(lambda: run_task(cfg, run_dir), run_dir, overrides, hydra_cfg.job.num)
             return run_task(cfg, run_dir)
     except FluxtrainError as e:
-        if not e.reported:
+        if not e.reported or (isinstance(e, TrainingInterrupted) and silenced()):  # a stop's log lines went unseen
             report_error(f"error: {e}")
         if single_run:
             discard_refused(run_dir)

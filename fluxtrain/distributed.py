@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fluxtrain.errors import FluxtrainError, describe_failure, is_out_of_memory, paths_named
+from fluxtrain.logs import report_error
 from fluxtrain.overrides import hydra_override, is_multirun, runs_nothing
 
 log = logging.getLogger("fluxtrain")
@@ -175,7 +176,7 @@ def main_first(world: World, device: torch.device) -> Iterator[None]:
                 with paths_named():  # a path that no check named (a name too long) is such an error too
                     yield
             except FluxtrainError as e:
-                log.error(f"error: {e}")  # now: torchrun may end this process once the others have stopped
+                report_error(f"error: {e}")  # now: torchrun may end this process once the others have stopped
                 e.reported, error = True, e
         if any_rank(error is not None, torch.device("cpu"), waiting):
             if error is not None:

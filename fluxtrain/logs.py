@@ -18,14 +18,18 @@ if TYPE_CHECKING:  # imported by the logging config, and by fluxtrain.generate: 
     from torch.utils.tensorboard import SummaryWriter
 
 
+def silenced() -> bool:
+    """Whether the logging config silenced fluxtrain's log (hydra/job_logging=disabled)."""
+    return logging.getLogger("fluxtrain").disabled
+
+
 def report_error(message: str) -> None:
-    """Log the error that ends a run; printed on stderr instead where the logging config silenced fluxtrain's log
-    (hydra/job_logging=disabled), so that a run that fails still says why."""
-    log = logging.getLogger("fluxtrain")
-    if log.disabled:
+    """Log the error that ends a run; printed on stderr instead where the log is `silenced()`, so that a run that
+    fails still says why."""
+    if silenced():
         print(message, file=sys.stderr)
     else:
-        log.error(message)
+        logging.getLogger("fluxtrain").error(message)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -284,9 +284,10 @@ def test_an_option_that_runs_nothing_ends_every_rank_in_either_form(tmp_path, op
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_missing_data_file_under_torchrun_is_one_error_and_no_rank_is_left_waiting(tmp_path):
+@pytest.mark.parametrize("logging_option", [[], ["hydra/job_logging=disabled"]])  # the error is printed still
+def test_a_missing_data_file_under_torchrun_is_one_error_and_no_rank_is_left_waiting(tmp_path, logging_option):
     missing = tmp_path / "missing.txt"
-    result = torchrun(tmp_path, [*TINY_OVERRIDES, f"data.path={missing}"], timeout=240)
+    result = torchrun(tmp_path, [*TINY_OVERRIDES, f"data.path={missing}", *logging_option], timeout=240)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count(f"error: data.path: file {missing} does not exist") == 1

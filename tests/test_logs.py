@@ -4,9 +4,12 @@ import io
 import logging
 import logging.config
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -186,6 +189,25 @@ def test_hydra_s_own_job_logging_options_replace_fluxtrain_s(tiny_text_file, tmp
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (run / "metrics.json").is_file() and not (run / "train.log").exists()
     assert ("done: 30 iterations" in proc.stdout) == (option == "stdout")
+
+
+def test_a_run_with_its_logging_disabled_still_says_where_it_stopped(tiny_text_file, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("train.max_iters")]
+    overrides += [f"data.path={tiny_text_file}", "train.max_iters=100000", "train.ckpt_interval=5"]
+    cmd = [sys.executable, "-m", "fluxtrain", *overrides, f"hydra.run.dir={run_dir}", "hydra/job_logging=disabled"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(run_dir.glob("checkpoints/*.ckpt")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        stderr = proc.communicate(timeout=120)[1].decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert re.fullmatch(r"error: stopped by SIGTERM; checkpoint \S+/checkpoints/iter_\d+\.ckpt\n", stderr), stderr
 
 
 def test_a_run_with_its_logging_disabled_still_says_why_it_failed(tiny_text_file, tmp_path):
