@@ -130,7 +130,7 @@ def check_overrides(args: list[str]) -> None:
     primary = [] if _option_values(args, ("--config-path", "-cp")) else _option_values(args, ("--config-name", "-cn"))
     files = [("", name.removesuffix(".yaml")) for name in primary]
     files += [(group, f"{group}/{option}") for group, chosen_options in chosen.items() for option in chosen_options]
-    _check_defaults_tree(files, folders, extra, options, schema, complete=not elsewhere)
+    checked = _check_defaults_tree(files, folders, extra, options, schema, complete=not elsewhere)
     for name in [] if elsewhere else [name for group, name in files if not group]:
         path = _config_file(folders, name)
         if path is not None and _in_config_dir(path, extra) and not _starts_from_fluxtrains(name, folders, extra):
@@ -138,6 +138,14 @@ def check_overrides(args: list[str]) -> None:
                 f"--config-dir: {path}: a primary config that does not start from fluxtrain's config; begin it "
                 "with defaults: [config, _self_]"
             )
+    config_groups = {group for group, _ in _group_entries("", _defaults_list(config_dir() / "config.yaml"))}
+    for folder, path in checked:  # each builds on fluxtrain's config, whose choices it must override
+        for group, entry in _group_entries(folder, _defaults_list(path)):
+            if group in config_groups and not entry.startswith(("override ", "optional ")):
+                raise FluxtrainError(
+                    f"--config-dir: {path}: its defaults list chooses {entry}, which fluxtrain's config chooses "
+                    f"already; write override {entry}"
+                )
 
 
 def group_options(folders: tuple[Path, ...]) -> dict[str, list[str]]:
@@ -259,11 +267,6 @@ def _check_option_file(
         if name in options and str(value) not in options[name]:
             listed = ", ".join(options[name])
             raise FluxtrainError(f"--config-dir: {path} chooses {name}={value}, not an option of {name}: {listed}")
-    if again := _chosen_again(group or subfolder, body.get("defaults")):
-        raise FluxtrainError(
-            f"--config-dir: {path}: its defaults list chooses {again}, which fluxtrain's config chooses already; "
-            f"write override {again}"
-        )
     global_package = not group or "@package _global_" in text
     if not global_package and group not in Config.__dataclass_fields__:
         return  # a group of the user's own, which Hydra merges where its package says
@@ -283,21 +286,22 @@ def _check_defaults_tree(
     options: dict[str, list[str]],
     schema: DictConfig,
     complete: bool = True,
-) -> None:
+) -> list[tuple[str, Path]]:
     """Check each file of a `--config-dir` that `files` name ((group, name) pairs: `("model", "model/tiny")`, or
     `("", "myexp")` for a primary config) and each one their defaults lists build on, however deep, as
     `_check_option_file` does (conf/'s are tested with it). A defaults list that comes back to a file it builds on is
     one line, where Hydra's report is a RecursionError; so is one naming a config that none of `folders` holds, when
     they are `complete` (no other search path), where Hydra's report lists its search path. A primary config in a
-    subfolder (`sub/myexp`) reads its defaults list from there, as Hydra does."""
-    checked: set[str] = set()
+    subfolder (`sub/myexp`) reads its defaults list from there, as Hydra does. Returns the files checked, each with
+    the folder its defaults list is read from (`model`, or "" for a primary config at the top)."""
+    checked: dict[str, tuple[str, Path]] = {}
 
     def check(group: str, name: str, chain: list[str]) -> None:
         path = _config_file(folders, name)
         if path is None or not _in_config_dir(path, extra) or name in checked:
             return
-        checked.add(name)
         subfolder = "" if group else name.rpartition("/")[0]  # a primary config's, which its defaults start from
+        checked[name] = (group or subfolder, path)
         _check_option_file(path, group, options, schema, subfolder)
         chain = [*chain, name]
         for choice_group, option in _defaults_choices(group or subfolder, _defaults_list(path)):
@@ -315,6 +319,7 @@ def _check_defaults_tree(
 
     for group, name in files:
         check(group, name, [])
+    return list(checked.values())
 
 
 # The primary configs a user's own builds on: conf/'s
@@ -382,19 +387,17 @@ def _from_top(group: str, path: str) -> str:
     return (path if path.startswith("/") else f"{group}/{path}").lstrip("/")
 
 
-def _chosen_again(group: str, defaults: Any) -> str | None:
-    """The first `group: option` entry of the defaults list of a file in `group/` (`""` for a primary config) that
-    chooses an option of a group fluxtrain's config chooses (`model: tiny`, `/model: tiny`) without `override`,
-    as `model: tiny`; Hydra's report of it takes several lines."""
-    config_groups = {name for name, _ in _defaults_choices("", _defaults_list(config_dir() / "config.yaml")) if name}
+def _group_entries(group: str, defaults: Any) -> list[tuple[str, str]]:
+    """The `group: option` entries of the defaults list of a file in `group/` ("" for a primary config), each with the
+    group it chooses from the top of the config folders and as written (`override /model: tiny` -> model), `null`
+    options included; another package's (`model@extra: tiny`) are left out, a second choice of a group there."""
+    entries = []
     for entry in defaults if isinstance(defaults, list) else []:
         for key, value in entry.items() if isinstance(entry, dict) else ():
-            words = str(key).split()
-            if words[0] in ("override", "optional") or "@" in words[-1]:  # another package: a second choice
-                continue
-            if _from_top(group, words[-1]) in config_groups:
-                return f"{key}: {'null' if value is None else value}"
-    return None
+            name = str(key).split()[-1]
+            if "@" not in name:
+                entries.append((_from_top(group, name), f"{key}: {'null' if value is None else value}"))
+    return entries
 
 
 def _option_config(folders: tuple[Path, ...], group: str, option: str) -> dict[str, Any]:

@@ -234,6 +234,13 @@ def test_a_mistake_in_a_file_reached_through_a_defaults_list_is_one_line_naming_
          "override model: tiny"),
         ({"experiment/e.yaml": "# @package _global_\ndefaults:\n  - /tokenizer: null\n"}, ["experiment=e"],
          "experiment/e.yaml: its defaults list chooses /tokenizer: null, which fluxtrain's config chooses already"),
+        # A group fluxtrain's config chooses as null is chosen all the same.
+        ({"mine.yaml": "defaults:\n  - config\n  - experiment: shakespeare_cpu\n"}, ["--config-name", "mine"],
+         "mine.yaml: its defaults list chooses experiment: shakespeare_cpu, which fluxtrain's config chooses already; "
+         "write override experiment: shakespeare_cpu"),
+        # Without fluxtrain's config to override, that comes first.
+        ({"mine.yaml": "defaults:\n  - model: tiny\n  - _self_\n"}, ["--config-name", "mine"],
+         "mine.yaml: a primary config that does not start from fluxtrain's config"),
         ({"mine.yaml": "defaults:\n  - config\n  - bogus\n"}, ["--config-name", "mine"],
          "mine.yaml: its defaults list names bogus, which is no config in "),
         ({"model/ext.yaml": "defaults:\n  - /optim/fast\n"}, ["model=ext"],
