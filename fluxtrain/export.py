@@ -304,7 +304,11 @@ def export(model_path: str | Path, out_dir: str | Path, overwrite: bool = False)
     a run folder's best model, ...); returns the folder."""
     require_transformers()
     out_dir = check_out_dir(out_dir, overwrite)
-    model_path = resolve_model_path(model_path)
+    return write_export(resolve_model_path(model_path), out_dir)
+
+
+def write_export(model_path: Path, out_dir: Path) -> Path:
+    """`export`'s work, once its checks have passed: `model_path` a model file or checkpoint, `out_dir` checked."""
     model, tokenizer = load_model(model_path)
     hf_model, hf_tok = to_transformers(model, tokenizer, str(model_path))
     check_same_logits(model, hf_model, str(model_path))
@@ -349,11 +353,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         with paths_named():
-            require_transformers()  # the checks come in export()'s order
-            check_out_dir(args.out_dir, args.overwrite)
+            require_transformers()  # export()'s checks, in its order
+            out_dir = check_out_dir(args.out_dir, args.overwrite)
             model_path = resolve_model_path(args.model)  # a run folder's best model, ...: the file it reads
             source = model_file_label(model_path, saved_iteration(model_path))
-            out = export(model_path, args.out_dir, args.overwrite)
+            out = write_export(model_path, out_dir)
     except FluxtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -30,19 +30,18 @@ WARMUP_CHECK_STEPS = 10  # steps timed under train.max_time before judging wheth
 
 @dataclass
 class TimeBudget:
-    """train.max_time, planned at setup: the seconds the training loop may take and those kept for the final
-    evaluation."""
+    """train.max_time, planned at setup: the seconds the training loop may take, and those kept for the final
+    evaluation (which the loop's evaluations may grow, at the loop's expense: `keep_for_final_eval`)."""
 
     loop_time: float
     final_eval: float
 
     def keep_for_final_eval(self, eval_time: float) -> float:
         """An evaluation in the loop took `eval_time` seconds: the final one, of as many batches, is kept as long
-        (10% to spare) where that is more than planned (a machine busier than at setup). Returns the seconds this
-        takes from the loop, 0 when none."""
+        (10% to spare) where that is more than kept so far (a machine busier than at setup). Returns the seconds
+        this takes from the loop, 0 when none."""
         more = max(0.0, 1.1 * eval_time - self.final_eval)
         self.final_eval += more
-        self.loop_time -= more
         return more
 
 

@@ -416,7 +416,7 @@ def run_training(
 
     tokens_per_iter = tcfg.batch_size * tcfg.grad_accum * world.world_size * model_cfg.seq_len
     # On CPU the peak of the cores training uses: batch threads run single-threaded kernels, one core each
-    cores = tcfg.batch_threads if threads else torch.get_num_threads()
+    cores = tcfg.batch_threads if tcfg.batch_threads > 1 else torch.get_num_threads()
     peak, peak_source = throughput.peak_flops(device, tcfg.peak_flops, tcfg.precision, cores)
     if warning := throughput.slow_bf16_warning(device, tcfg.precision):
         log.warning(warning)

@@ -248,7 +248,7 @@ def test_the_matmul_probe_outlasts_a_burst_of_other_work(monkeypatch):
     assert peak == pytest.approx(2 * 8**3 / 0.002)
 
 
-def test_the_cpu_peak_is_probed_on_the_threads_that_train(tiny_cfg, tmp_path, monkeypatch):
+def test_the_cpu_peak_is_probed_on_the_threads_that_train(monkeypatch):
     """A sweep of train.threads=1,2 runs its jobs in one process: each job's MFU needs the peak of its own cores, not
     the first job's. Batch threads train on one core each, whatever train.threads says."""
     now, seen = [0.0], []

@@ -193,7 +193,7 @@ def test_a_run_whose_time_ran_out_stays_finished_when_a_shorter_setup_leaves_mor
     shortens: a finished run requeued with the same train.max_time must not find time to train on. Raised, it
     trains on."""
     run = ["train.max_time=60", "train.max_iters=1000000", "train.eval_interval=1000000", "train.ckpt_interval=5"]
-    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: TimeBudget(0.5, 0.0))
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: TimeBudget(2.0, 0.0))
     first = train(tiny_cfg(*run), tmp_path)
     assert 1 < first["iters"] < 1_000_000
     assert load_checkpoint(checkpoint_path(tmp_path, first["iters"])).progress.time_ran_out
@@ -210,8 +210,9 @@ def test_a_run_whose_time_ran_out_stays_finished_when_a_shorter_setup_leaves_mor
     with caplog.at_level(logging.WARNING, logger="fluxtrain"):
         evaluated = train(tiny_cfg(*run, "resume=auto"), tmp_path)
     assert evaluated["iters"] == first["iters"] and "its evaluation there stands, with nothing to train" in caplog.text
-    # A larger budget trains on, for the time the new one adds.
-    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: TimeBudget(1.0, 0.0))
+    # A larger budget trains on, for the time the new one adds (however long the first session's steps took).
+    trained = load_checkpoint(checkpoint_path(tmp_path, first["iters"])).progress.train_time
+    monkeypatch.setattr(train_module, "plan_time_budget", lambda *args: TimeBudget(trained + 0.5, 0.0))
     longer = train(tiny_cfg(*(s.replace("max_time=60", "max_time=61") for s in run), "resume=auto"), tmp_path)
     assert longer["iters"] > first["iters"]
 
@@ -220,7 +221,7 @@ def test_an_evaluation_slower_than_planned_keeps_its_time_for_the_final_one(tiny
     """Planned at setup with no time for the final evaluation, the loop gets 4 s; its first evaluation takes 2 s
     (a machine busier than at setup), so the final one, of as many batches, is kept 2.2 s of them."""
     budget = TimeBudget(4.0, 0.0)
-    assert budget.keep_for_final_eval(2.0) == pytest.approx(2.2) and budget.loop_time == pytest.approx(1.8)
+    assert budget.keep_for_final_eval(2.0) == pytest.approx(2.2) and budget.final_eval == pytest.approx(2.2)
     assert budget.keep_for_final_eval(0.1) == 0.0 and budget.final_eval == pytest.approx(2.2)  # never less
 
     real_estimate_loss, calls = train_module.estimate_loss, []
