@@ -67,6 +67,10 @@ CACHE_FOLDERS = ("tokens", "tokenizers")  # in data.cache_dir: encoded ids, trai
 BUILT_FROM_TEXT = "the files as first read; did one change since?"  # where a tokenizer built from the text came from
 VERIFY_BLOCK = 1 << 24  # bytes of cached ids hashed at a time
 TRAIN_PIECE = 1 << 16  # characters per piece of text handed to the BPE trainer
+# A longer piece has no place to cut it exactly (a line of DNA, of digits, or CJK without spaces): the trainer gets
+# it in pieces of this many characters, since its time grows with the square of a word's length; a cut word there
+# changes the pair counts by one pair in thousands.
+TRAIN_WORD = 1 << 12
 
 
 @dataclass
@@ -249,6 +253,16 @@ def encode_stream(
             batch = []
     if batch:
         yield from flush()
+
+
+def trainer_pieces(text: Iterable[str]) -> Iterator[str]:
+    """`text` in pieces for the BPE trainer: `safe_chunks` of TRAIN_PIECE characters, one that has no place to cut
+    it (and so is longer) cut every TRAIN_WORD characters."""
+    for chunk in safe_chunks(text, TRAIN_PIECE):
+        if len(chunk) <= TRAIN_PIECE:
+            yield chunk
+        else:
+            yield from (chunk[i : i + TRAIN_WORD] for i in range(0, len(chunk), TRAIN_WORD))
 
 
 def every_unknown_char(
@@ -529,7 +543,7 @@ def corpus_tokenizer(
         corpus = stream(train)
         train_text = head_text(stream(train), val_start)
     # Small pieces: the trainer buffers a few hundred pieces ahead, so memory follows the piece size.
-    tokenizer = build_tokenizer(tok_cfg, corpus, safe_chunks(train_text, TRAIN_PIECE))
+    tokenizer = build_tokenizer(tok_cfg, corpus, trainer_pieces(train_text))
     if cached is not None:
         for sources, name in ((train, "train"), (val, "val")):  # as for the token ids: no entry for other content
             if sources is not None:

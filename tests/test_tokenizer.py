@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -417,3 +418,16 @@ def test_an_unknown_character_error_names_those_of_the_whole_text(tmp_path, monk
     assert str(many).startswith("25 character(s) not in the tokenizer's vocabulary: '一', ") and str(many).endswith(
         f"{chr(0x4E00 + 19)!r}, ..."
     )
+
+
+def test_the_bpe_trainer_gets_a_long_stretch_with_no_cut_in_bounded_pieces():
+    """A line of DNA is one word to byte-level BPE, and the trainer's time grows with the square of a word's
+    length (a 200,000-letter line: 7.5 s, against 0.2 s in pieces)."""
+    rng = random.Random(0)
+    dna = "".join(rng.choices("ACGT", k=3 * data_module.TRAIN_PIECE)) + "\n"
+    text = make_text(50_000) + dna + make_text(50_000)
+    pieces = list(data_module.trainer_pieces([text]))
+    assert "".join(pieces) == text
+    assert max(map(len, pieces)) <= data_module.TRAIN_PIECE
+    # Text that offers places to cut goes as it did: whole words only.
+    assert list(data_module.trainer_pieces([make_text(300_000)])) == list(safe_chunks([make_text(300_000)], 1 << 16))
