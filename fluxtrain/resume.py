@@ -85,14 +85,15 @@ def stale_temporary_files(run_dir: str | Path, outputs: tuple[str, ...] = ()) ->
     return found
 
 
-def prune(run_dir: str | Path, keep_last: int, outputs: tuple[str, ...] = ()) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints (0 keeps all) and the temporary files of dead writes of
-    checkpoints, tokenizer and `outputs` (file name patterns); returns what went.
+def prune(run_dir: str | Path, keep_last: int, outputs: tuple[str, ...] = (), dead_writes: bool = True) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all) and, with `dead_writes`, the temporary files
+    of dead writes of checkpoints, tokenizer and `outputs` (file name patterns); returns what went.
 
     Only the process that writes the run's files may call this, between writes: any temporary file present then is
-    a dead write's.
+    a dead write's. Those come from an earlier process, killed while it wrote: once a session has removed them, its
+    later calls need not look again (a look lists the whole folder, model files included).
     """
-    removed = stale_temporary_files(run_dir, outputs)
+    removed = stale_temporary_files(run_dir, outputs) if dead_writes else []
     if keep_last > 0:
         removed += [p for _, p in list_checkpoints(run_dir)[:-keep_last]]
     for p in removed:

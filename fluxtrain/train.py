@@ -532,8 +532,10 @@ def run_training(
             best_val = last_losses["val"]
             save_model_file(run_dir / BEST_MODEL_FILE, model, tokenizer, {ITERATION_KEY: str(step)})
 
+    dead_writes_left = True  # an earlier session's, until this one's first checkpoint removes them
+
     def write_checkpoint() -> None:
-        nonlocal last_ckpt
+        nonlocal last_ckpt, dead_writes_left
         collect_losses()
         writer.flush()  # the events up to `it` reach the disk before the checkpoint that resumes after them
         # The window's losses averaged over the ranks, as the log line counts them, so that a resume on any number
@@ -562,7 +564,8 @@ def run_training(
             raise divergence_error("the weights became NaN or infinite", it, last_ckpt, cfg.optim.lr) from None
         last_ckpt = path
         if world.is_main:
-            prune(run_dir, tcfg.keep_last, RUN_OUTPUTS)
+            prune(run_dir, tcfg.keep_last, RUN_OUTPUTS, dead_writes=dead_writes_left)
+        dead_writes_left = False
 
     def log_window() -> None:
         """Log the training steps since the last log line: their mean loss, the learning rate and the throughput."""

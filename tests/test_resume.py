@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.summary.writer import event_file_writer
 from torch.utils.tensorboard import SummaryWriter
 
+import fluxtrain.resume as resume_module
 import fluxtrain.train as train_module
 from fluxtrain.checkpoint import load_checkpoint
 from fluxtrain.errors import FluxtrainError
@@ -336,6 +337,22 @@ def test_keep_last_prunes_old_checkpoints_during_a_run(tiny_cfg, tmp_path):
     train(tiny_cfg("train.max_iters=12", "train.ckpt_interval=2", "train.keep_last=2"), tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000010.ckpt", "iter_000012.ckpt"]
     assert (tmp_path / "best.safetensors").is_file()
+
+
+def test_a_session_looks_for_dead_writes_at_its_first_checkpoint_and_its_end_only(tiny_cfg, tmp_path, monkeypatch):
+    """Looking lists the whole run folder, whose model files grow with every checkpoint (train.ckpt_interval=1 over
+    thousands of iterations): only an earlier, killed process can have left a dead write."""
+    (tmp_path / "checkpoints").mkdir()
+    dead = tmp_path / "checkpoints" / ".iter_000001.ckpt.0a1b2c.tmp"
+    dead.write_bytes(b"half a checkpoint")
+    looks = []
+    real_stale_temporary_files = resume_module.stale_temporary_files
+    monkeypatch.setattr(
+        resume_module, "stale_temporary_files", lambda *args: looks.append(1) or real_stale_temporary_files(*args)
+    )
+    train(tiny_cfg("train.max_iters=6", "train.ckpt_interval=1", "train.keep_last=0"), tmp_path)
+    assert not dead.exists() and len(looks) == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"iter_00000{i}.ckpt" for i in range(1, 7)]
 
 
 def test_resume_refuses_a_different_model_shape_or_tokenizer_naming_the_keys(tiny_cfg, tmp_path):
