@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import numbers
@@ -59,6 +60,17 @@ def check_stride(stride: int | None, seq_len: int) -> int:
 
 
 def plan_windows(n_ids: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int]]:
+    """`iter_windows` as a list."""
+    return list(iter_windows(n_ids, seq_len, stride))
+
+
+def count_windows(n_ids: int, seq_len: int, stride: int | None = None) -> int:
+    """How many windows `iter_windows` gives (n_ids >= 2): the first, then one per `stride` tokens after it."""
+    stride = check_stride(stride, seq_len)
+    return 1 + max(0, -(-(n_ids - 1 - seq_len) // stride))
+
+
+def iter_windows(n_ids: int, seq_len: int, stride: int | None = None) -> Iterator[tuple[int, int]]:
     """Windows over `n_ids` tokens as (start, n_scored): inputs ids[start : start + seq_len] predict the next ids.
 
     Only the last `n_scored` predictions of a window count, so every token after the first is scored exactly once.
@@ -70,39 +82,45 @@ def plan_windows(n_ids: int, seq_len: int, stride: int | None = None) -> list[tu
     stride = check_stride(stride, seq_len)
     if n_ids < 2:
         raise FluxtrainError(f"the text has {n_ids} token(s); evaluation needs at least 2")
-    n_targets = n_ids - 1
+    return _windows(n_ids - 1, seq_len, stride)
+
+
+def _windows(n_targets: int, seq_len: int, stride: int) -> Iterator[tuple[int, int]]:
     if n_targets <= seq_len:
-        return [(0, n_targets)]
-    windows = [(0, seq_len)]
-    scored_end = seq_len  # targets 1..scored_end are scored
+        yield 0, n_targets
+        return
+    start, scored_end = 0, seq_len  # targets 1..scored_end are scored
+    yield start, seq_len
     while scored_end < n_targets:
-        start = min(windows[-1][0] + stride, n_targets - seq_len)
-        windows.append((start, start + seq_len - scored_end))
+        start = min(start + stride, n_targets - seq_len)
+        yield start, start + seq_len - scored_end
         scored_end = start + seq_len
-    return windows
 
 
 @torch.no_grad()
 def window_losses(
     model: GPT,
     ids: torch.Tensor,
-    windows: list[tuple[int, int]],
+    windows: Iterable[tuple[int, int]],
     batch_size: int,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    n_windows: int | None = None,
 ) -> tuple[float, int]:
-    """Summed cross-entropy (nats) of the scored tokens of `windows` over `ids` (1-D), and how many were scored."""
+    """Summed cross-entropy (nats) of the scored tokens of `windows` (`n_windows` of them, for the progress bar)
+    over `ids` (1-D), and how many were scored."""
     if batch_size <= 0:
         raise FluxtrainError(f"--batch-size={batch_size} must be a positive integer")
     length = min(model.cfg.seq_len, len(ids) - 1)
     offsets = torch.arange(length + 1)
     total, n_scored = 0.0, 0
-    batches = range(0, len(windows), batch_size)
+    windows = iter(windows)  # read as they go: at stride 1 there is one per token
+    batches = iter(lambda: list(itertools.islice(windows, batch_size)), [])
+    n_batches = None if n_windows is None else -(-n_windows // batch_size)
     with eval_mode(model):
-        for i in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
-            chunk = windows[i : i + batch_size]
+        for chunk in tqdm(batches, total=n_batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
             starts = torch.tensor([start for start, _ in chunk])
-            window = ids[starts[:, None] + offsets]  # (B, T + 1)
+            window = ids[starts[:, None] + offsets].long()  # (B, T + 1)
             x, y = window[:, :-1].to(device), window[:, 1:].to(device)
             logits, _ = model(x)  # (B, T, vocab)
             losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape)
@@ -128,11 +146,12 @@ def evaluate_ids(
     check_ids(ids, model.vocab_size)
     if not (isinstance(n_bytes, numbers.Integral) and n_bytes > 0):
         raise FluxtrainError(f"n_bytes={n_bytes!r} must be the positive number of bytes of text the ids stand for")
-    ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+    ids = torch.from_numpy(np.asarray(ids, dtype=np.int32))  # ids of up to 2**31 tokens: half of int64's memory
     device = model.tok_emb.weight.device if device is None else device
     seq_len = model.cfg.seq_len
-    windows = plan_windows(len(ids), seq_len, stride)
-    total, n_scored = window_losses(model, ids, windows, batch_size, device, progress)
+    windows = iter_windows(len(ids), seq_len, stride)
+    n_windows = count_windows(len(ids), seq_len, stride)
+    total, n_scored = window_losses(model, ids, windows, batch_size, device, progress, n_windows)
     loss = total / n_scored
     return EvalResult(
         loss=loss,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fluxtrain.data import load_corpus
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.evaluate import evaluate_ids, evaluate_text, main, plan_windows
+from fluxtrain.evaluate import count_windows, evaluate_ids, evaluate_text, main, plan_windows
 from fluxtrain.model import GPT, ModelConfig
 from fluxtrain.model_file import load_model, save_model_file
 from fluxtrain.runs import ITERATION_KEY
@@ -56,6 +56,7 @@ def test_windows_score_every_token_once_with_context_from_the_stride(n_ids, stri
         if start > 0:  # every window after the first gives each scored token at least seq_len - stride context
             assert targets[0] - start >= SEQ_LEN - stride
     assert scored == list(range(1, n_ids))
+    assert count_windows(n_ids, SEQ_LEN, stride) == len(windows)  # the progress bar's total, without the list
 
 
 def test_default_windows_do_not_overlap():
