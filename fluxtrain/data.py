@@ -265,6 +265,19 @@ def trainer_pieces(text: Iterable[str]) -> Iterator[str]:
             yield from (chunk[i : i + TRAIN_WORD] for i in range(0, len(chunk), TRAIN_WORD))
 
 
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`tokenizer.encode(text)`; a long text in pieces that encode apart to the same ids, a batch of them at a time,
+    so that memory follows a batch rather than the text (a whole book piped in as a prompt)."""
+    if len(text) <= ENCODE_CHUNK:
+        return tokenizer.encode(text)
+    chunks = safe_chunks([text], ENCODE_CHUNK, tokenizer.cut_rule())
+    ids: list[int] = []
+    while batch := list(itertools.islice(chunks, ENCODE_BATCH)):
+        for array in tokenizer.encode_batch(batch):
+            ids += array.tolist()
+    return ids
+
+
 def every_unknown_char(
     tokenizer: Tokenizer, error: UnknownCharactersError, rest: Iterable[str]
 ) -> UnknownCharactersError:

@@ -15,6 +15,7 @@ from typing import TextIO
 
 import torch
 
+from fluxtrain.data import encode_text
 from fluxtrain.errors import (
     FluxtrainError,
     OneLineErrorParser,
@@ -76,13 +77,11 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # undecodable bytes from the command line or stdin arrive as lone surrogates
         raise FluxtrainError(f"the prompt is not valid UTF-8 (character {e.start + 1} is a bad byte)") from None
-    try:
-        ids = tokenizer.encode(text)
-    except UnknownCharactersError as e:
+    if unknown := tokenizer.unknown_chars(text):
         if not drop_unknown:
-            raise FluxtrainError(f"the prompt has {e} (--drop-unknown leaves them out)") from None
-        unknown = e.chars
+            raise FluxtrainError(f"the prompt has {UnknownCharactersError(unknown)} (--drop-unknown leaves them out)")
     else:
+        ids = encode_text(tokenizer, text)
         token, unknown = read_as_unknown(tokenizer, text, ids)
         if not unknown:
             return text, ids, ""
@@ -91,7 +90,7 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> tuple[
             note = f"{len(unknown)} prompt character(s) are not in the vocabulary and read as {token}: {names}"
             return text, ids, note + " (--drop-unknown leaves them out)"
     kept = text.translate(dict.fromkeys(map(ord, unknown)))
-    return kept, tokenizer.encode(kept), f"left out of the prompt: {', '.join(map(repr, unknown))}"
+    return kept, encode_text(tokenizer, kept), f"left out of the prompt: {', '.join(map(repr, unknown))}"
 
 
 def read_as_unknown(tokenizer: Tokenizer, text: str, ids: list[int]) -> tuple[str, list[str]]:

@@ -234,10 +234,11 @@ class BPETokenizer:
         model = parsed.get("model", {})
         self.unk_id = _unknown_id(hf, model)
         self._per_character = not byte_level and hf_cut_rule(parsed).anywhere
-        unknown = model.get("unk_token") is not None or model.get("unk_id") is not None
-        if self._per_character:
-            unknown = self.unk_id is not None
-        self.may_lack_chars = not (byte_level or unknown or model.get("byte_fallback"))
+        if self._per_character:  # a character it lacks needs an unknown token its vocabulary holds
+            reads_unknown = self.unk_id is not None
+        else:
+            reads_unknown = model.get("unk_token") is not None or model.get("unk_id") is not None
+        self.may_lack_chars = not (byte_level or reads_unknown or model.get("byte_fallback"))
         self._kept: dict[str, bool] = {}  # character -> whether it gets a token, for those seen so far
 
     @classmethod

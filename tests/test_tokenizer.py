@@ -431,3 +431,17 @@ def test_the_bpe_trainer_gets_a_long_stretch_with_no_cut_in_bounded_pieces():
     assert max(map(len, pieces)) <= data_module.TRAIN_PIECE
     # Text that offers places to cut goes as it did: whole words only.
     assert list(data_module.trainer_pieces([make_text(300_000)])) == list(safe_chunks([make_text(300_000)], 1 << 16))
+
+
+def test_a_long_text_encodes_in_batches_to_the_ids_of_the_whole(monkeypatch):
+    """`encode_text` (a prompt piped on stdin) keeps memory to a batch of pieces, not a whole book."""
+    text = make_text(20_000)
+    tokenizers = [CharTokenizer.train(text), BPETokenizer.train(text, 300)]
+    whole = [t.encode(text) for t in tokenizers]
+    monkeypatch.setattr(data_module, "ENCODE_CHUNK", 1_000)
+    monkeypatch.setattr(data_module, "ENCODE_BATCH", 3)
+    encode_batch = BPETokenizer.encode_batch
+    batches = []
+    monkeypatch.setattr(BPETokenizer, "encode_batch", lambda self, b: batches.append(len(b)) or encode_batch(self, b))
+    assert [data_module.encode_text(t, text) for t in tokenizers] == whole
+    assert len(batches) > 5 and max(batches) == 3
