@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numbers
 import operator
-from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -326,16 +325,26 @@ def sample_stream(
 
 @dataclass
 class BeamState:
-    """The beams after a step of beam search, best first."""
+    """The beams after a step of beam search, best first. Each beam's new tokens are all the `settled` ones so far
+    followed by its row of `pending`."""
 
-    tokens: torch.Tensor  # (beams, steps so far)
-    scores: torch.Tensor  # (beams,)
+    settled: list[int]  # the tokens every beam came to hold at this step, after those settled before: every later
+    # beam grows from these beams, so the final best beam holds them too
+    pending: torch.Tensor  # (beams, tokens not settled yet)
+    scores: torch.Tensor  # (beams,) total log-probabilities
+
+
+def _settle(pending: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """The leading tokens that every beam of `pending` (beams, n) holds, and the rest of `pending`."""
+    differs = (pending != pending[:1]).any(dim=0)
+    agreed = int(differs.int().argmax()) if bool(differs.any()) else differs.numel()
+    return pending[0, :agreed].tolist(), pending[:, agreed:]
 
 
 @torch.inference_mode()
 def _beam_steps(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool) -> Iterator[BeamState]:
-    """The beams after each of `cfg.max_new_tokens` steps: their new tokens (beams, step + 1) and total
-    log-probabilities (beams,), best first."""
+    """The beams after each of `cfg.max_new_tokens` steps. A step copies only the tokens not settled yet, so the
+    time a step takes does not grow with the length of the output."""
     cfg.validate(model.cfg.seq_len)
     prompt = _check_prompt(model, prompt)
     with eval_mode(model):
@@ -348,18 +357,18 @@ def _beam_steps(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: b
         logits = window.prefill(torch.tensor([prompt] * n_beams, dtype=torch.long, device=device))
         scores = torch.full((n_beams,), float("-inf"), device=device)
         scores[0] = 0.0  # all beams start as the same prompt: expand only the first
-        new_tokens = torch.zeros(n_beams, 0, dtype=torch.long, device=device)
+        pending = torch.zeros(n_beams, 0, dtype=torch.long, device=device)
         for i in range(cfg.max_new_tokens):
             if penalize:
                 logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
             candidates = scores[:, None] + F.log_softmax(logits, dim=-1)  # (beams, vocab)
             scores, flat = torch.topk(candidates.view(-1), n_beams)  # sorted: the best beam first
             rows, next_ids = flat // vocab, flat % vocab
-            new_tokens = torch.cat([new_tokens[rows], next_ids[:, None]], dim=1)
+            settled, pending = _settle(torch.cat([pending[rows], next_ids[:, None]], dim=1))
             if penalize:
                 seen = seen[rows]
                 seen[torch.arange(n_beams, device=device), next_ids] = True
-            yield BeamState(new_tokens, scores)
+            yield BeamState(settled, pending, scores)
             if i + 1 < cfg.max_new_tokens:
                 window.reorder(rows)
                 logits = window.append(next_ids)
@@ -372,13 +381,16 @@ def beam_search(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: b
     so all finished beams have the same length and need no length normalisation. The repetition penalty applies to
     each beam's own text; temperature, top-k and top-p do not apply.
     """
-    (state,) = deque(_beam_steps(model, prompt, cfg, use_cache), maxlen=1)  # the last step's beams
-    return state.tokens[0].tolist(), float(state.scores[0])
+    stream = BeamStream(model, prompt, cfg, use_cache)
+    for _ in stream:
+        pass
+    return stream.best, stream.score
 
 
 class BeamStream:
     """`beam_search`'s continuation, iterated: the ids of the best beam, each as soon as every beam holds it.
-    `best` is the best beam so far (the whole continuation once the iteration has ended).
+    `best` is the best beam so far (the whole continuation once the iteration has ended) and `score` its total
+    log-probability.
 
     Each step's beams grow from the beams before it, so a token that all beams share at a position is in the final
     best beam too: it can be shown while the search goes on. The rest comes when the search ends.
@@ -386,21 +398,24 @@ class BeamStream:
 
     def __init__(self, model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True):
         self._steps = _beam_steps(model, prompt, cfg, use_cache)
-        self._best = torch.zeros(0, dtype=torch.long)
+        self._settled: list[int] = []
+        self._last: BeamState | None = None  # the beams after the last step so far
 
     @property
     def best(self) -> list[int]:
-        return self._best.tolist()
+        return self._settled + (self._last.pending[0].tolist() if self._last is not None else [])
+
+    @property
+    def score(self) -> float:
+        return float(self._last.scores[0]) if self._last is not None else 0.0
 
     def __iter__(self) -> Iterator[int]:
-        shown = 0
         for state in self._steps:
-            self._best = state.tokens[0]
-            differs = (state.tokens[:, shown:] != state.tokens[:1, shown:]).any(dim=0)
-            agreed = int(differs.int().argmax()) if bool(differs.any()) else differs.numel()
-            yield from self._best[shown : shown + agreed].tolist()
-            shown += agreed
-        yield from self._best[shown:].tolist()
+            self._settled += state.settled
+            self._last = state
+            yield from state.settled
+        if self._last is not None:
+            yield from self._last.pending[0].tolist()
 
 
 def generate(

@@ -307,8 +307,12 @@ def test_beam_stream_gives_each_token_of_the_best_beam_once_every_beam_holds_it(
     beam_steps = sampling._beam_steps
 
     def recorded(*args, **kwargs):
+        settled = []
         for state in beam_steps(*args, **kwargs):
-            steps.append(state.tokens.clone())
+            settled += state.settled
+            steps.append(
+                torch.cat([torch.tensor(settled, dtype=torch.long).expand(len(state.pending), -1), state.pending], 1)
+            )
             yield state
 
     monkeypatch.setattr(sampling, "_beam_steps", recorded)
@@ -326,6 +330,50 @@ def test_beam_stream_gives_each_token_of_the_best_beam_once_every_beam_holds_it(
                 if n < cfg.max_new_tokens:  # during the search: every beam held it when it came
                     assert (steps[n - 1][:, i] == token).all(), (prompt, beams, i)
             assert shown_at.count(cfg.max_new_tokens) < cfg.max_new_tokens, (prompt, beams)  # not all at the end
+
+
+def naive_beam_search(model: GPT, prompt: list[int], n: int, beams: int, shift: int) -> tuple[list[int], float]:
+    """Beam search the plain way: every beam keeps its whole text, and each step runs each beam's whole window
+    (the rule of `naive_greedy`) through the model."""
+    found = [([], 0.0)]  # (new tokens, total log-probability), best first
+    for _ in range(n):
+        candidates = []
+        for new, score in found:
+            ids = prompt + new
+            start = max(0, len(prompt) - SEQ_LEN)
+            for length in range(len(prompt) + 1, len(ids) + 1):  # the window's start, slid as decoding slides it
+                if length - start > SEQ_LEN:
+                    start = length - (SEQ_LEN + 1 - shift)
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([ids[start:]]))
+            logprobs = torch.log_softmax(logits[0, -1].double(), dim=-1)
+            candidates += [(new + [token], score + float(logprobs[token])) for token in range(model.vocab_size)]
+        found = sorted(candidates, key=lambda c: -c[1])[:beams]
+    return found[0]
+
+
+@pytest.mark.parametrize("beams", [2, 4])
+def test_beam_search_equals_the_plain_search_and_copies_only_unsettled_tokens(model, monkeypatch, beams):
+    """Past the context window too. Each step's beams keep only the tokens after those every beam holds."""
+    widths = []  # how many tokens each step's beams held that were not settled
+    beam_steps = sampling._beam_steps
+
+    def recorded(*args, **kwargs):
+        for state in beam_steps(*args, **kwargs):
+            pending = state.pending
+            widths.append(pending.size(1))
+            assert pending.size(1) == 0 or (pending[:, 0] != pending[0, 0]).any()  # not one shared first token
+            yield state
+
+    monkeypatch.setattr(sampling, "_beam_steps", recorded)
+    n = 3 * SEQ_LEN
+    for prompt in ([1], [2, 9, 11, 3]):
+        cfg = SamplingConfig(max_new_tokens=n, beams=beams)
+        ids, score = beam_search(model, prompt, cfg)
+        plain_ids, plain_score = naive_beam_search(model, prompt, n, beams, cfg.shift_for(SEQ_LEN))
+        assert ids == plain_ids, (prompt, beams)
+        assert score == pytest.approx(plain_score, abs=1e-3)
+    assert max(widths) < n  # settled tokens were dropped from the beams' copies
 
 
 # KV cache and the sliding window
