@@ -235,24 +235,15 @@ def encode_stream(
 ) -> Iterator[np.ndarray]:
     """Token ids of a stream of text, in arrays of a few hundred thousand, with bounded memory; text the tokenizer
     cannot encode is an error naming `setting` and where the tokenizer came from."""
-    batch: list[str] = []
     chunks = safe_chunks(pieces, cuts=tokenizer.cut_rule())
-
-    def flush() -> list[np.ndarray]:
+    while batch := list(itertools.islice(chunks, ENCODE_BATCH)):
         try:
-            return tokenizer.encode_batch(batch)
+            arrays = tokenizer.encode_batch(batch)
         except EncodeError as e:
             if isinstance(e, UnknownCharactersError):  # named for the rest of the text too, in one error
                 e = every_unknown_char(tokenizer, e, itertools.chain(batch, chunks))
             raise FluxtrainError(f"{setting}: {e} (the tokenizer comes from {tokenizer_source})") from None
-
-    for chunk in chunks:
-        batch.append(chunk)
-        if len(batch) == ENCODE_BATCH:
-            yield from flush()
-            batch = []
-    if batch:
-        yield from flush()
+        yield from arrays
 
 
 def trainer_pieces(text: Iterable[str]) -> Iterator[str]:
