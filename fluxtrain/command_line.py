@@ -4,7 +4,6 @@ reports take several lines or a traceback."""
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fluxtrain.config import Config, config_dir, nested, unknown_keys
-from fluxtrain.errors import FluxtrainError, describe_failure, first_line
+from fluxtrain.errors import FluxtrainError, describe_failure, did_you_mean, first_line
 from fluxtrain.hydra_settings import (
     check_hydra_option,
     check_hydra_setting,
@@ -213,8 +212,7 @@ def _check_group_choice(arg: str, override, values: list[Any], options: list[str
                     f"out with ~{key}"
                 )
             if str(option) not in options:
-                close = difflib.get_close_matches(str(option), options, n=1)
-                hint = f" (did you mean {key}={close[0]}?)" if close else ""
+                hint = did_you_mean(option, options, f"{key}={{}}")
                 listed = ", ".join(options)
                 raise FluxtrainError(f"{key}={option} is not an option of {key}{hint}; its options: {listed}")
             chosen.append(str(option))

@@ -3,10 +3,11 @@ traceback), the wording of OS errors, paths and running out of memory, commands 
 and an argument parser whose errors are one line."""
 
 import argparse
+import difflib
 import io
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
@@ -26,6 +27,12 @@ class OutputError(Exception):
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name when the message is empty."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def did_you_mean(value: object, choices: Iterable[str], form: str = "{}") -> str:
+    """` (did you mean X?)`, X the choice closest to `value` written as `form` formats it, or "" when none is close."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f" (did you mean {form.format(close[0])}?)" if close else ""
 
 
 def describe_failure(e: BaseException, limit: int = 160) -> str:

@@ -3,7 +3,6 @@ the Optuna sweeper or a launcher would take with a traceback, several lines, or 
 
 from __future__ import annotations
 
-import difflib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from fluxtrain.errors import FluxtrainError, first_line
+from fluxtrain.errors import FluxtrainError, did_you_mean, first_line
 
 
 def check_hydra_setting(arg: str, key: str, values: list[Any]) -> None:
@@ -93,8 +92,7 @@ def _check_search_direction(arg: str, values: list[Any]) -> None:
             )
         direction = value[0] if isinstance(value, list) and value else value
         if direction not in ("minimize", "maximize"):
-            close = difflib.get_close_matches(str(direction), ["minimize", "maximize"], n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = did_you_mean(direction, ["minimize", "maximize"])
             raise FluxtrainError(f"{arg}: a search's direction is minimize or maximize{hint}")
 
 

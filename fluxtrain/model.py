@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from collections.abc import Iterator, Mapping
@@ -14,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, did_you_mean
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -81,11 +80,7 @@ def as_model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
     if not isinstance(cfg, Mapping):
         raise FluxtrainError(f"cfg must be a ModelConfig or a dict of its fields, not {type(cfg).__name__}")
     known = [f.name for f in fields(ModelConfig)]
-    unknown = []
-    for key in cfg:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            unknown.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    unknown = [repr(key) + did_you_mean(key, known, form="'{}'") for key in cfg if key not in known]
     if unknown:
         raise FluxtrainError(f"cfg has unknown field(s) {', '.join(unknown)}; ModelConfig has {', '.join(known)}")
     return ModelConfig(**cfg)

@@ -6,7 +6,6 @@ python -m fluxtrain.runs outputs/multirun/2026-11-27/10-00-00     # one row per 
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from fluxtrain.checkpoint import checked_progress
 from fluxtrain.errors import (
     FluxtrainError,
     OneLineErrorParser,
+    did_you_mean,
     expand_home,
     first_line,
     paths_named,
@@ -551,9 +551,7 @@ def compare(folder: str, keys_text: str | None = None) -> str:
         known = {key for run in runs for key in (*flat_settings(run.config), *override_keys(run.overrides))}
         unknown = [key for key in keys if key not in known]
         if unknown:
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise FluxtrainError(f"--keys: no run has the setting {unknown[0]}{hint}")
+            raise FluxtrainError(f"--keys: no run has the setting {unknown[0]}{did_you_mean(unknown[0], known)}")
     return ranked_table(runs, keys)
 
 
