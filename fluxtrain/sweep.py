@@ -17,11 +17,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fluxtrain.errors import FluxtrainError, is_out_of_memory, out_of_memory_message
-from fluxtrain.files import atomic_write_text, parse_json
+from fluxtrain.errors import FluxtrainError, first_line, is_out_of_memory, out_of_memory_message
+from fluxtrain.files import atomic_write_text
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.run_folder import FolderInUse, hydra_files, put_back_hydra_files
-from fluxtrain.runs import FAILED_FILE, ranked_table, read_run, run_folders, written_since
+from fluxtrain.runs import FAILED_FILE, load_failure, ranked_table, read_run, run_folders, written_since
 
 log = logging.getLogger("fluxtrain")
 
@@ -102,9 +102,16 @@ def run_sweep_job(task: Callable[[], float], run_dir: Path, overrides: list[str]
         return FAILED_VALUE
 
 
-def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, dict]]:
-    """(job folder, failed.json contents) of every job under `sweep_dir` that failed at or after time `since`."""
-    return [(path.parent, parse_json(path.read_text())) for path in written_since(sweep_dir, FAILED_FILE, since)]
+def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, str, list[str]]]:
+    """(job folder, error message, overrides) of every job under `sweep_dir` that failed at or after time `since`."""
+    failed = []
+    for path in written_since(sweep_dir, FAILED_FILE, since):
+        try:
+            error, overrides = load_failure(path)
+        except (OSError, ValueError) as e:  # another process's file, half-written or edited
+            error, overrides = f"{FAILED_FILE} unreadable: {first_line(e)}", None
+        failed.append((path.parent, error, overrides or []))
+    return failed
 
 
 def failure_summary(n_failed: int, sweep_dir: Path, since: float, output_subdir: str | None) -> str:
@@ -176,9 +183,9 @@ class SweepReport(Callback):
         parser = OverridesParser.create()
         outcome = failure_summary(len(failed), sweep_dir, self.started, config.hydra.output_subdir)
         lines = [f"{outcome} (see {FAILED_FILE} in the job folders):"]
-        for job_dir, report in failed:
-            values = [o.input_line for o in parser.parse_overrides(report["overrides"]) if o.key_or_group in swept]
-            lines.append(f"  {job_dir}: {' '.join(values or report['overrides'])}: {report['error']}")
+        for job_dir, error, overrides in failed:
+            values = [o.input_line for o in parser.parse_overrides(overrides) if o.key_or_group in swept]
+            lines.append(f"  {job_dir}: {' '.join(values or overrides)}: {error}")
         if drop_search_results_without_a_best(sweep_dir, self.started):
             lines.append(f"no trial finished, so there is no best: {SEARCH_RESULTS_FILE} was removed")
         print("\n".join(lines), file=sys.stderr)

@@ -358,11 +358,14 @@ def test_failed_jobs_are_listed_by_job_number_and_only_from_this_sweep(tmp_path)
         (tmp_path / job).mkdir()
         (tmp_path / job / FAILED_FILE).write_text(json.dumps({"error": f"job {job}", "overrides": []}))
     os.utime(tmp_path / "3" / FAILED_FILE, (1_000_000, 1_000_000))  # left by an earlier sweep into this folder
+    (tmp_path / "4").mkdir()
+    (tmp_path / "4" / FAILED_FILE).write_text('{"error": "job 4", "over')  # half-written by another process
     found = failed_jobs(tmp_path, since=2_000_000)
-    assert [(path.name, report["error"]) for path, report in found] == [
+    assert [(path.name, error) for path, error, _ in found] == [
         ("0", "job 0"),
         ("1", "job 1"),
         ("2", "job 2"),
+        ("4", "failed.json unreadable: Unterminated string starting at: line 1 column 20 (char 19)"),
         ("10", "job 10"),
     ]
 
