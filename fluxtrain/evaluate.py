@@ -144,7 +144,7 @@ def evaluate_ids(
     """Loss, perplexity and bits per byte of `model` on token ids that stand for `n_bytes` bytes of text, computed on
     `device` (by default the model's)."""
     check_ids(ids, model.vocab_size)
-    if not (isinstance(n_bytes, numbers.Integral) and n_bytes > 0):
+    if not (isinstance(n_bytes, numbers.Integral) and not isinstance(n_bytes, (bool, np.bool_)) and n_bytes > 0):
         raise FluxtrainError(f"n_bytes={n_bytes!r} must be the positive number of bytes of text the ids stand for")
     ids = torch.from_numpy(np.asarray(ids, dtype=np.int32))  # ids of up to 2**31 tokens: half of int64's memory
     device = model.tok_emb.weight.device if device is None else device

@@ -451,7 +451,7 @@ def test_the_python_api_names_ids_outside_the_vocabulary_and_a_byte_count_that_i
         evaluate_ids(model, [*ids, model.vocab_size], 200)
     with pytest.raises(FluxtrainError, match=rf"^token id {model.vocab_size} is not in the vocabulary"):
         evaluate_ids(model, np.array([*ids, model.vocab_size], dtype=np.uint32), 200)  # an encoded corpus, vectorised
-    for n_bytes in (0, -1, "200", 2.5):
+    for n_bytes in (0, -1, "200", 2.5, True, np.True_):
         with pytest.raises(FluxtrainError, match=r"^n_bytes=.* must be the positive number of bytes"):
             evaluate_ids(model, ids, n_bytes)
     assert evaluate_ids(model, ids, np.int64(200)).n_bytes == 200  # the model's device by default, here the CPU
