@@ -32,7 +32,8 @@ RULES = {
     "steepest": "steepest descent of the smoothed loss",
     "min_div_10": "a tenth of the LR at the smoothed loss's minimum",
 }
-OUTPUTS = ("lr_find.json", "lr_find.png", "events.out.tfevents.*")  # what a test writes into its folder
+JSON_FILE, PNG_FILE = "lr_find.json", "lr_find.png"
+OUTPUTS = (JSON_FILE, PNG_FILE, "events.out.tfevents.*")  # what a test writes into its folder
 MIN_DROP = 0.05  # the smoothed loss must fall by this fraction of its start before a minimum counts as a descent
 
 
@@ -82,14 +83,23 @@ def lr_schedule(cfg: LRFindConfig) -> np.ndarray:
     return np.geomspace(cfg.start_lr, cfg.end_lr, cfg.num_steps)
 
 
-def ema(values: np.ndarray, beta: float) -> np.ndarray:
+class MovingAverage:
     """Exponential moving average with bias correction, so the first values are not pulled towards zero."""
-    out = np.empty(len(values))
-    avg = 0.0
-    for i, v in enumerate(values):
-        avg = beta * avg + (1 - beta) * v
-        out[i] = avg / (1 - beta ** (i + 1))
-    return out
+
+    def __init__(self, beta: float):
+        self.beta, self.average, self.count = beta, 0.0, 0
+
+    def add(self, value: float) -> float:
+        """The average after `value`."""
+        self.average = self.beta * self.average + (1 - self.beta) * value
+        self.count += 1
+        return self.average / (1 - self.beta**self.count)
+
+
+def ema(values: np.ndarray, beta: float) -> np.ndarray:
+    """`MovingAverage` after each of `values`."""
+    average = MovingAverage(beta)
+    return np.array([average.add(v) for v in values], dtype=float)
 
 
 def zero_lag_smooth(values: np.ndarray, beta: float) -> np.ndarray:
@@ -189,7 +199,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
 
     with event_writer(run_dir) as writer:  # a full disk under it: one line naming the event file
         lrs, losses, best = [], [], math.inf
-        avg, stopped_early = 0.0, False
+        average, stopped_early = MovingAverage(fcfg.smoothing), False
         for step, lr in enumerate(lr_schedule(fcfg)):
             set_lr(optimizer, float(lr))
             world, clip = World(), cfg.optim.grad_clip
@@ -201,8 +211,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
                 break
             lrs.append(float(lr))
             losses.append(loss_value)
-            avg = fcfg.smoothing * avg + (1 - fcfg.smoothing) * loss_value
-            smoothed = avg / (1 - fcfg.smoothing ** (step + 1))
+            smoothed = average.add(loss_value)
             best = min(best, smoothed)
             writer.add_scalar("lr_find/lr", lr, step)
             writer.add_scalar("lr_find/loss", loss_value, step)
@@ -231,13 +240,13 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
         for step, value in enumerate(result.smoothed):
             writer.add_scalar("lr_find/smoothed_loss", value, step)
         fig = plot(result)
-        atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, format="png"))
-        atomic_write_text(run_dir / "lr_find.json", json.dumps(asdict(result), indent=1) + "\n")
+        atomic_write(run_dir / PNG_FILE, lambda tmp: fig.savefig(tmp, format="png"))
+        atomic_write_text(run_dir / JSON_FILE, json.dumps(asdict(result), indent=1) + "\n")
         writer.add_figure("lr_find/curve", fig, close=False)
         writer.add_text("lr_find/suggestion", result.summary())
         writer.close()
     if result.suggested_lr is None:
-        i_min, png = int(np.argmin(smoothed_arr)), run_dir / "lr_find.png"
+        i_min, png = int(np.argmin(smoothed_arr)), run_dir / PNG_FILE
         raise FluxtrainError(
             f"lr_find: no suggestion, the smoothed loss fell by only {relative_drop(smoothed_arr):.1%} (needs "
             f"{MIN_DROP:.0%}) to its minimum at step {i_min + 1}/{len(lrs)}, lr {lrs[i_min]:.2e} (curve in {png}); "
@@ -246,5 +255,5 @@ def lr_find(cfg: DictConfig, run_dir: str | Path) -> LRFindResult:
             f"lr_find.end_lr={fcfg.end_lr:g} so more steps fall where the loss moves; if the raw loss rose from the "
             f"start, lower lr_find.start_lr"
         )
-    log.info(f"lr_find: {result.summary()} | curve in {run_dir / 'lr_find.png'}")
+    log.info(f"lr_find: {result.summary()} | curve in {run_dir / PNG_FILE}")
     return result

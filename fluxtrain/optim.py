@@ -75,21 +75,25 @@ def validate(cfg: OptimConfig) -> None:
         raise FluxtrainError(f"optim.decay_frac={cfg.decay_frac} must be in (0, 1]")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
     """Weight decay on the 2-D parameters (the linear layers' weights and the embeddings); biases and norm weights
     are not decayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def adam(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(trainable(model), cfg.weight_decay)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=_betas(cfg), fused=_fused(model))
 
 
 def adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(trainable(model), cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=_betas(cfg), fused=_fused(model))
 
 
@@ -107,11 +111,7 @@ def muon(model: nn.Module, cfg: OptimConfig) -> MultiOptimizer:
     """torch.optim.Muon for the hidden matrices, AdamW for embeddings, head, norms and biases."""
     matrices = hidden_matrices(model)
     chosen = {id(p) for p in matrices}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    adamw_groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    adamw_groups = param_groups([p for p in trainable(model) if id(p) not in chosen], cfg.weight_decay)
     # lr_scale: set_lr multiplies the scheduled optim.lr by it, so both optimizers follow one schedule.
     muon_opt = torch.optim.Muon(
         [{"params": matrices, "lr_scale": cfg.muon_lr / cfg.lr}],
