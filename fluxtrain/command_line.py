@@ -24,7 +24,7 @@ from fluxtrain.hydra_settings import (
     hydra_settings_schema,
     hydra_type_problem,
 )
-from fluxtrain.overrides import VALUE_OPTIONS, is_multirun, runs_nothing
+from fluxtrain.overrides import VALUE_OPTIONS, is_multirun, override_key, runs_nothing
 from fluxtrain.runs import flat_settings
 
 
@@ -55,7 +55,7 @@ def check_overrides(args: list[str]) -> None:
     groups = {p.name for folder in folders for p in folder.iterdir() if p.is_dir()}
     # Options found elsewhere too (another primary config folder, a search path) are left to Hydra.
     elsewhere = _option_values(args, ("--config-path", "-cp")) or any(
-        arg.lstrip("+~").startswith("hydra.searchpath") for arg in args
+        override_key(arg).startswith("hydra.searchpath") for arg in args
     )
     options = {} if elsewhere else group_options(folders)
     own_primary = bool(_option_values(args, ("--config-name", "-cn")))  # whose defaults may lack a group

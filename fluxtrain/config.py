@@ -18,6 +18,7 @@ from fluxtrain.errors import FluxtrainError, first_line
 from fluxtrain.lr_find import LRFindConfig
 from fluxtrain.model import ModelConfig
 from fluxtrain.optim import OptimConfig
+from fluxtrain.overrides import override_key
 from fluxtrain.runs import flat_settings
 from fluxtrain.tokenizer import TokenizerConfig
 from fluxtrain.train import TrainConfig
@@ -68,7 +69,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     for override in overrides:
         if _is_sweep(override):
             raise FluxtrainError(f"{override}: compose makes one config; compose one per value, or sweep with -m")
-        if override.lstrip("+~").split("=")[0].split(".")[0].split("/")[0] == "hydra":
+        if override_key(override.partition("=")[0]).split(".")[0].split("/")[0] == "hydra":
             raise FluxtrainError(
                 f"{override}: Hydra's settings are the command line's; train(cfg, run_dir) takes the folder"
             )

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from fluxtrain.errors import FluxtrainError, did_you_mean, first_line
+from fluxtrain.overrides import override_key
 
 
 def check_hydra_setting(arg: str, key: str, values: list[Any]) -> None:
@@ -53,7 +54,7 @@ def hydra_settings_schema(args: list[str]) -> DictConfig:
     from hydra.conf import HydraConf
 
     schema = OmegaConf.structured(HydraConf)
-    groups = {arg.partition("=")[0].lstrip("+"): arg.partition("=")[2] for arg in args}
+    groups = {override_key(arg.partition("=")[0]): arg.partition("=")[2] for arg in args}
     if "hparams_search" not in groups and groups.get("hydra/sweeper") != "optuna":
         return schema
     try:

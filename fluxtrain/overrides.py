@@ -112,6 +112,11 @@ def parse_hydra_args(args: list[str]) -> argparse.Namespace:
     return parser.parse_args(args)
 
 
+def override_key(name: str) -> str:
+    """The setting or group an override's left side names: `++optim.lr` -> optim.lr, `model@pkg` -> model."""
+    return name.lstrip("+~").partition("@")[0]
+
+
 def hydra_value(override: str) -> Any:
     """The value Hydra reads from the override `key=value`, or None where it cannot parse it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -33,6 +33,7 @@ from fluxtrain.errors import (
     quiet_when_stdout_closes,
 )
 from fluxtrain.files import parse_json, user_path
+from fluxtrain.overrides import override_key
 from fluxtrain.resume import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILES,
@@ -370,11 +371,6 @@ def varying_keys(runs: list[Run]) -> list[str]:
 def override_keys(overrides: list[str]) -> set[str]:
     """The settings and groups that `overrides` name (`model=small` -> model, `++optim.lr=1e-3` -> optim.lr)."""
     return {override_key(o.partition("=")[0]) for o in overrides if "=" in o}
-
-
-def override_key(name: str) -> str:
-    """The setting or group an override's left side names: `++optim.lr` -> optim.lr, `model@pkg` -> model."""
-    return name.lstrip("+~").partition("@")[0]
 
 
 def runs_table(
