@@ -25,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fluxtrain import batch_threads, distributed, host, throughput
 from fluxtrain.batch_threads import BatchThreads, single_threaded
 from fluxtrain.checkpoint import Checkpoint, NonFiniteWeightsError, Progress, restore, rng_state, save_checkpoint
+from fluxtrain.compile import compile_model
 from fluxtrain.data import TokenData, load_corpus
 from fluxtrain.data import validate as validate_data
 from fluxtrain.distributed import World
@@ -290,7 +291,7 @@ def wrap_for_training(model: GPT, data: TokenData, world: World, device: torch.d
     x, y = distributed.rank_batch(data, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed), world)
     part = tcfg.batch_size // tcfg.batch_threads  # with batch threads: compiled for a part, single-threaded
     with single_threaded() if tcfg.batch_threads > 1 else contextlib.nullcontext():
-        return distributed.compile_model(
+        return compile_model(
             train_model,
             model.blocks,
             x[:part].to(device),

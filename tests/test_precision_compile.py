@@ -311,7 +311,7 @@ def test_mps_where_unavailable_is_a_clear_error(tiny_cfg, tmp_path):
 def test_a_failed_whole_model_compile_with_activation_checkpointing_points_to_compiling_blocks(monkeypatch, caplog):
     from contextlib import nullcontext
 
-    from fluxtrain import distributed
+    from fluxtrain.compile import compile_model
 
     def failing_compile(*args, **kwargs):
         raise RuntimeError("inductor cannot do this")
@@ -323,9 +323,7 @@ def test_a_failed_whole_model_compile_with_activation_checkpointing_points_to_co
     for checkpointing, end in ((False, "training eagerly"), (True, "training eagerly" + hint)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="fluxtrain"):
-            compiled = distributed.compile_model(
-                model, model.blocks, x, x, nullcontext, activation_checkpointing=checkpointing
-            )
+            compiled = compile_model(model, model.blocks, x, x, nullcontext, activation_checkpointing=checkpointing)
         assert compiled is model
         (message,) = [r.getMessage() for r in caplog.records]
         assert message.startswith("train.compile=true: torch.compile failed (RuntimeError: inductor cannot do this)")
