@@ -314,18 +314,13 @@ class GPT(nn.Module):
         """Number of parameters; the tied head is counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(
-        self,
-        batch: int,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        max_len: int | None = None,
-    ) -> KVCache:
-        """A KV cache for `batch` sequences of up to `max_len` positions (default and at most: the context)."""
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """A KV cache for `batch` sequences of up to `max_len` positions (default and at most: the context), on the
+        model's device and in its dtype."""
         p = self.tok_emb.weight
         hd = self.cfg.d_model // self.cfg.n_heads
         length = self.cfg.seq_len if max_len is None else max(1, min(max_len, self.cfg.seq_len))
-        return KVCache(self.cfg.n_layers, batch, self.cfg.n_heads, length, hd, device or p.device, dtype or p.dtype)
+        return KVCache(self.cfg.n_layers, batch, self.cfg.n_heads, length, hd, p.device, p.dtype)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None

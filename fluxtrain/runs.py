@@ -329,11 +329,12 @@ def run_folders(root: Path, since: float = 0.0) -> list[Path]:
     found = {p.parent for name in (METRICS_FILE, FAILED_FILE) for p in written_since(root, name, since)}
     checkpoints = written_since(root, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILES}", since)
     found |= {p.parent.parent for p in checkpoints if CHECKPOINT_NAME.fullmatch(p.name)}
-    return in_job_order((p for p in found if not set_aside(p)), root)
+    return in_job_order((p for p in found if not is_set_aside(p)), root)
 
 
-def set_aside(folder: Path) -> bool:
-    """checkpoints/superseded/NNN/, or checkpoints/superseded/ itself as earlier versions laid it out."""
+def is_set_aside(folder: Path) -> bool:
+    """Whether `folder` is checkpoints/superseded/NNN/ (or checkpoints/superseded/ itself, as earlier versions laid
+    it out): runs set aside, not runs to list."""
     return any(f.name == SUPERSEDED_DIR and f.parent.name == CHECKPOINT_DIR for f in (folder, folder.parent))
 
 

@@ -224,7 +224,7 @@ def sample_text(model: GPT, tokenizer: Tokenizer, length: int, seed: int) -> str
     # Eager, past blocks compiled in place (train.compile_scope=blocks): each cache length and layer index would
     # otherwise be a recompilation of the training graph's function.
     with torch.compiler.set_stance("force_eager"):
-        ids = generate_ids(model, prompt, length, 1.0, 40, generator, use_cache)
+        ids = generate_ids(model, prompt, length, temperature=1.0, top_k=40, generator=generator, use_cache=use_cache)
     return tokenizer.decode(ids)
 
 
