@@ -477,6 +477,8 @@ def run_training(
         purge_step = resume.progress.iteration + 1 if resume else None
         writer = resources.enter_context(event_writer(run_dir, purge_step=purge_step))
     t_window, steps_window, losses_window = time.perf_counter(), 0, list(progress.window_losses)
+    lr = cfg.optim.lr  # the last step's learning rate, as the loop sets it
+    time_ran_out = False  # the loop ended on train.max_time before train.max_iters
     tokens_per_sec: float | None = None  # of the last logged window; None when this session logged none
     mfu_warned = False  # an MFU above 100% says the peak is wrong: told once
     last_ckpt = resume.path if resume else None
@@ -593,7 +595,6 @@ def run_training(
 
     stop.install()
     warmup_check, first_it = WarmupCheck(cfg.optim, tcfg, it), it
-    time_ran_out = False
     while True:
         elapsed = time.perf_counter() - t_loop
         if loop_time is not None and world.is_distributed:  # all ranks stop at one step, with one lr schedule
