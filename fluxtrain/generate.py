@@ -34,6 +34,7 @@ from fluxtrain.quantize import QUANTIZE_CHOICES, apply_quantization
 from fluxtrain.runs import resolve_model_path
 from fluxtrain.sampling import (
     MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
     BeamStream,
     SamplingConfig,
     check_seed,
@@ -255,7 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="text to continue; without it: interactive on a terminal, else stdin")
     p.add_argument("--interactive", action="store_true", help="an interactive session (the default on a terminal)")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, metavar="N", help="default: 500")
-    p.add_argument("--temperature", type=float, default=defaults.temperature, metavar="T", help="0-2, 0 = greedy")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=defaults.temperature,
+        metavar="T",
+        help=f"0-{MAX_TEMPERATURE:g}, 0 = greedy",
+    )
     p.add_argument("--top-k", type=int, default=defaults.top_k, metavar="K", help="0 = off (default: 40)")
     p.add_argument("--top-p", type=float, default=defaults.top_p, metavar="P", help="nucleus mass, 1 = off")
     p.add_argument(

@@ -15,7 +15,7 @@ import torch
 from fluxtrain.errors import FluxtrainError, generation_out_of_memory_message, is_out_of_memory
 from fluxtrain.generate import encode_prompt, for_display, write_continuation, writing_text
 from fluxtrain.model import GPT
-from fluxtrain.sampling import MAX_BEAMS, MAX_REPETITION_PENALTY, MAX_SEED, SamplingConfig
+from fluxtrain.sampling import MAX_BEAMS, MAX_REPETITION_PENALTY, MAX_SEED, MAX_TEMPERATURE, SamplingConfig
 from fluxtrain.tokenizer import Tokenizer
 
 HISTORY_FILE = Path("~/.fluxtrain_generate_history")
@@ -23,7 +23,7 @@ HISTORY_LENGTH = 1000
 
 # command: (SamplingConfig field, value type, name shown, what is allowed)
 SETTINGS = {
-    "/temp": ("temperature", float, "temperature", "a temperature from 0 to 2 (0 = greedy)"),
+    "/temp": ("temperature", float, "temperature", f"a temperature from 0 to {MAX_TEMPERATURE:g} (0 = greedy)"),
     "/topk": ("top_k", int, "top-k", "an integer top-k >= 0 (0 = off)"),
     "/topp": ("top_p", float, "top-p", "a top-p in (0, 1] (1 = off)"),
     "/rep": (
@@ -36,7 +36,7 @@ SETTINGS = {
     "/beams": ("beams", int, "beams", f"a number of beams from 1 to {MAX_BEAMS} (1 = sampling, no beam search)"),
 }
 HELP = f"""commands:
-  /temp V    temperature, 0-2 (0 = greedy)
+  /temp V    temperature, 0-{MAX_TEMPERATURE:g} (0 = greedy)
   /topk K    keep the K most likely tokens (0 = off)
   /topp P    keep the most likely tokens up to probability mass P (1 = off)
   /rep R     repetition penalty, 1 to {MAX_REPETITION_PENALTY:g} (1 = off)

@@ -78,7 +78,7 @@ class SamplingConfig:
         if not integer("max_new_tokens") or self.max_new_tokens < 1:
             fail("max_new_tokens", "must be a positive integer")
         if not number("temperature") or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
-            fail("temperature", "must be between 0 and 2 (0 = greedy)")
+            fail("temperature", f"must be between 0 and {MAX_TEMPERATURE:g} (0 = greedy)")
         if not integer("top_k") or self.top_k < 0:
             fail("top_k", "must be an integer >= 0 (0 = off)")
         if not number("top_p") or not 0.0 < self.top_p <= 1.0:
