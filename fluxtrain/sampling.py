@@ -271,7 +271,7 @@ def pick_next(
 
 def _seen_mask(prompt: list[int], batch: int, vocab_size: int, device: torch.device) -> torch.Tensor:
     seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
-    seen[:, torch.tensor(prompt, dtype=torch.long, device=device)] = True
+    seen[:, torch.tensor(sorted(set(prompt)), dtype=torch.long, device=device)] = True
     return seen
 
 
@@ -292,6 +292,8 @@ def _check_prompt(model: GPT, prompt: list[int] | torch.Tensor) -> list[int]:
         vocab = f"the model's vocabulary of {model.vocab_size}"
         problem = f"is not an integer ({vocab})" if not is_integer(prompt[bad]) else f"is outside {vocab}"
         raise FluxtrainError(f"prompt token id {shown(prompt[bad])!r} {problem}")
+    if isinstance(prompt, list) and all(type(i) is int for i in prompt):
+        return prompt  # as it is: a long prompt is not copied
     return [operator.index(i) for i in prompt]
 
 
@@ -312,7 +314,8 @@ def sample_stream(
     penalize = cfg.repetition_penalty != 1.0
     seen = _seen_mask(prompt, 1, model.vocab_size, device) if penalize else None
     with eval_mode(model):
-        logits = window.prefill(torch.tensor([prompt], dtype=torch.long, device=device))
+        kept = prompt[-model.cfg.seq_len :]  # what the window reads
+        logits = window.prefill(torch.tensor([kept], dtype=torch.long, device=device))
     for i in range(cfg.max_new_tokens):
         next_id = pick_next(logits, cfg, generator, seen)  # (1,)
         yield int(next_id)
@@ -323,28 +326,91 @@ def sample_stream(
                 logits = window.append(next_id)
 
 
+class BeamTree:
+    """Every step's beams as back-pointers: the beam of the step before that each grew from, and the token it added,
+    so a step costs O(beams) however long the output.
+
+    It also finds the tokens that every current beam holds: those up to the beams' last common ancestor, which only
+    moves on as the search goes. For each current beam it follows the ancestor among the beams of one past step (the
+    probe); once all have the same one, a walk back from the current beams finds the common ancestor, and the probe
+    moves to the current step. The walks cover each step at most once between two settlings: O(beams) a step
+    overall. Beams that never share an ancestor again (they may differ only in tokens that have left the context)
+    then cost nothing more, and their tokens come at the end.
+    """
+
+    def __init__(self, n_beams: int):
+        self.n_beams = n_beams
+        self.parents = np.zeros((64, n_beams), dtype=np.int64)  # row s - base: step s's beams' rows in step s - 1
+        self.tokens = np.zeros((64, n_beams), dtype=np.int64)  # row s - base: the token step s's beams added
+        self.base = 0  # the step of row 0: the steps before it are settled and forgotten
+        self.steps = 0
+        self.settled = 0  # the steps whose tokens every beam holds
+        self.settled_tokens: list[int] = []  # those tokens
+        self.probe_step = 0
+        self.probe = np.arange(n_beams)  # each current beam's ancestor among the beams of step probe_step
+
+    def add(self, rows: np.ndarray, ids: np.ndarray) -> list[int]:
+        """Record a step: beam j grew from beam `rows[j]` of the step before and added `ids[j]`. Returns the tokens
+        that every beam holds from this step on (after those returned before)."""
+        if self.steps - self.base == len(self.parents):
+            self._make_room()
+        self.parents[self.steps - self.base], self.tokens[self.steps - self.base] = rows, ids
+        self.steps += 1
+        if self.steps == 1:  # every beam grew from the prompt: the probe starts at the first step's beams
+            return []
+        self.probe = self.probe[rows]
+        if (self.probe != self.probe[0]).any():
+            return []
+        step, beams = self.steps - 1, np.arange(self.n_beams)
+        while (beams != beams[0]).any():  # back to the last common ancestor, at step probe_step at the latest
+            beams = self.parents[step - self.base, beams]
+            step -= 1
+        new = self.path(int(beams[0]), step)
+        self.settled_tokens += new
+        self.settled = step + 1
+        self.probe_step, self.probe = self.steps - 1, np.arange(self.n_beams)
+        return new
+
+    def best(self) -> list[int]:
+        """The new tokens of the best beam of the last step."""
+        return self.settled_tokens + self.path(0)
+
+    def path(self, beam: int, step: int | None = None) -> list[int]:
+        """The tokens not settled yet of beam `beam` of step `step` (by default the last)."""
+        step = self.steps - 1 if step is None else step
+        out = []
+        while step >= self.settled:
+            out.append(int(self.tokens[step - self.base, beam]))
+            beam = int(self.parents[step - self.base, beam])
+            step -= 1
+        return out[::-1]
+
+    def _make_room(self) -> None:
+        """Drop the settled steps' rows where they are half the buffer or more, else double it."""
+        if self.settled - self.base >= len(self.parents) // 2:
+            kept = slice(self.settled - self.base, self.steps - self.base)
+            n = kept.stop - kept.start
+            self.parents[:n], self.tokens[:n] = self.parents[kept].copy(), self.tokens[kept].copy()
+            self.base = self.settled
+        else:
+            self.parents = np.concatenate([self.parents, np.zeros_like(self.parents)])
+            self.tokens = np.concatenate([self.tokens, np.zeros_like(self.tokens)])
+
+
 @dataclass
 class BeamState:
-    """The beams after a step of beam search, best first. Each beam's new tokens are all the `settled` ones so far
-    followed by its row of `pending`."""
+    """The beams after a step of beam search, best first: each one's new tokens are `tree.settled_tokens` followed by
+    `tree.path(beam)`."""
 
     settled: list[int]  # the tokens every beam came to hold at this step, after those settled before: every later
     # beam grows from these beams, so the final best beam holds them too
-    pending: torch.Tensor  # (beams, tokens not settled yet)
     scores: torch.Tensor  # (beams,) total log-probabilities
-
-
-def _settle(pending: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    """The leading tokens that every beam of `pending` (beams, n) holds, and the rest of `pending`."""
-    differs = (pending != pending[:1]).any(dim=0)
-    agreed = int(differs.int().argmax()) if bool(differs.any()) else differs.numel()
-    return pending[0, :agreed].tolist(), pending[:, agreed:]
+    tree: BeamTree
 
 
 @torch.inference_mode()
 def _beam_steps(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool) -> Iterator[BeamState]:
-    """The beams after each of `cfg.max_new_tokens` steps. A step copies only the tokens not settled yet, so the
-    time a step takes does not grow with the length of the output."""
+    """The beams after each of `cfg.max_new_tokens` steps."""
     cfg.validate(model.cfg.seq_len)
     prompt = _check_prompt(model, prompt)
     with eval_mode(model):
@@ -354,21 +420,22 @@ def _beam_steps(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: b
         window = ContextWindow(model, n_beams, shift, use_cache, len(prompt) + cfg.max_new_tokens)
         penalize = cfg.repetition_penalty != 1.0
         seen = _seen_mask(prompt, n_beams, vocab, device) if penalize else None
-        logits = window.prefill(torch.tensor([prompt] * n_beams, dtype=torch.long, device=device))
+        kept = torch.tensor(prompt[-model.cfg.seq_len :], dtype=torch.long, device=device)  # what the window reads
+        logits = window.prefill(kept.expand(n_beams, -1))
         scores = torch.full((n_beams,), float("-inf"), device=device)
         scores[0] = 0.0  # all beams start as the same prompt: expand only the first
-        pending = torch.zeros(n_beams, 0, dtype=torch.long, device=device)
+        tree = BeamTree(n_beams)
         for i in range(cfg.max_new_tokens):
             if penalize:
                 logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
             candidates = scores[:, None] + F.log_softmax(logits, dim=-1)  # (beams, vocab)
             scores, flat = torch.topk(candidates.view(-1), n_beams)  # sorted: the best beam first
             rows, next_ids = flat // vocab, flat % vocab
-            settled, pending = _settle(torch.cat([pending[rows], next_ids[:, None]], dim=1))
+            settled = tree.add(rows.cpu().numpy(), next_ids.cpu().numpy())
             if penalize:
                 seen = seen[rows]
                 seen[torch.arange(n_beams, device=device), next_ids] = True
-            yield BeamState(settled, pending, scores)
+            yield BeamState(settled, scores, tree)
             if i + 1 < cfg.max_new_tokens:
                 window.reorder(rows)
                 logits = window.append(next_ids)
@@ -388,22 +455,21 @@ def beam_search(model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: b
 
 
 class BeamStream:
-    """`beam_search`'s continuation, iterated: the ids of the best beam, each as soon as every beam holds it.
+    """`beam_search`'s continuation, iterated: the ids of the best beam, each as soon as every beam grows from it.
     `best` is the best beam so far (the whole continuation once the iteration has ended) and `score` its total
     log-probability.
 
-    Each step's beams grow from the beams before it, so a token that all beams share at a position is in the final
-    best beam too: it can be shown while the search goes on. The rest comes when the search ends.
+    Each step's beams grow from the beams before it, so the tokens of the beams' last common ancestor are in the final
+    best beam too: they can be shown while the search goes on. The rest comes when the search ends.
     """
 
     def __init__(self, model: GPT, prompt: list[int], cfg: SamplingConfig, use_cache: bool = True):
         self._steps = _beam_steps(model, prompt, cfg, use_cache)
-        self._settled: list[int] = []
         self._last: BeamState | None = None  # the beams after the last step so far
 
     @property
     def best(self) -> list[int]:
-        return self._settled + (self._last.pending[0].tolist() if self._last is not None else [])
+        return self._last.tree.best() if self._last is not None else []
 
     @property
     def score(self) -> float:
@@ -411,11 +477,10 @@ class BeamStream:
 
     def __iter__(self) -> Iterator[int]:
         for state in self._steps:
-            self._settled += state.settled
             self._last = state
             yield from state.settled
         if self._last is not None:
-            yield from self._last.pending[0].tolist()
+            yield from self._last.tree.path(0)
 
 
 def generate(

@@ -310,9 +310,7 @@ def test_beam_stream_gives_each_token_of_the_best_beam_once_every_beam_holds_it(
         settled = []
         for state in beam_steps(*args, **kwargs):
             settled += state.settled
-            steps.append(
-                torch.cat([torch.tensor(settled, dtype=torch.long).expand(len(state.pending), -1), state.pending], 1)
-            )
+            steps.append(torch.tensor([settled + state.tree.path(beam) for beam in range(len(state.scores))]))
             yield state
 
     monkeypatch.setattr(sampling, "_beam_steps", recorded)
@@ -353,19 +351,8 @@ def naive_beam_search(model: GPT, prompt: list[int], n: int, beams: int, shift: 
 
 
 @pytest.mark.parametrize("beams", [2, 4])
-def test_beam_search_equals_the_plain_search_and_copies_only_unsettled_tokens(model, monkeypatch, beams):
-    """Past the context window too. Each step's beams keep only the tokens after those every beam holds."""
-    widths = []  # how many tokens each step's beams held that were not settled
-    beam_steps = sampling._beam_steps
-
-    def recorded(*args, **kwargs):
-        for state in beam_steps(*args, **kwargs):
-            pending = state.pending
-            widths.append(pending.size(1))
-            assert pending.size(1) == 0 or (pending[:, 0] != pending[0, 0]).any()  # not one shared first token
-            yield state
-
-    monkeypatch.setattr(sampling, "_beam_steps", recorded)
+def test_beam_search_equals_the_plain_search(model, beams):
+    """Past the context window too."""
     n = 3 * SEQ_LEN
     for prompt in ([1], [2, 9, 11, 3]):
         cfg = SamplingConfig(max_new_tokens=n, beams=beams)
@@ -373,7 +360,27 @@ def test_beam_search_equals_the_plain_search_and_copies_only_unsettled_tokens(mo
         plain_ids, plain_score = naive_beam_search(model, prompt, n, beams, cfg.shift_for(SEQ_LEN))
         assert ids == plain_ids, (prompt, beams)
         assert score == pytest.approx(plain_score, abs=1e-3)
-    assert max(widths) < n  # settled tokens were dropped from the beams' copies
+
+
+@pytest.mark.parametrize("merge", [0.0, 0.3, 0.9])
+def test_the_beam_tree_keeps_every_beam_and_settles_what_all_of_them_hold(merge):
+    """Random searches, whose beams share an ancestor often or never (merge 0: each beam grows from itself)."""
+    rng = np.random.default_rng(int(merge * 10))
+    n_beams, n_steps = 4, 1000
+    tree, beams = sampling.BeamTree(n_beams), [[] for _ in range(n_beams)]
+    for _ in range(n_steps):
+        rows = np.where(rng.random(n_beams) < merge, rng.integers(n_beams, size=n_beams), np.arange(n_beams))
+        ids = rng.integers(50, size=n_beams)
+        tree.add(rows, ids)
+        beams = [beams[r] + [int(t)] for r, t in zip(rows, ids, strict=True)]
+        assert [tree.settled_tokens + tree.path(b) for b in range(n_beams)] == beams
+    settled = len(tree.settled_tokens)
+    if merge == 0.0:  # the beams grew apart at the first step and never met again
+        assert settled == 0
+    else:  # settled up to the last common ancestor of the beams, found by comparing the beams from the start
+        first_differing = next(i for i in range(n_steps) if len({beam[i] for beam in beams}) > 1)
+        assert settled <= first_differing and settled > n_steps - 50
+        assert len(tree.parents) <= 256  # the settled steps' back-pointers are let go
 
 
 # KV cache and the sliding window
@@ -976,9 +983,16 @@ def test_ctrl_c_prints_the_text_so_far_and_exits_130(capsys, monkeypatch, model,
     """Stopped after 7 steps, the text is that of 7 new tokens: sampled ones, or with beams the best beam so far."""
     import fluxtrain.generate as generate_module
 
-    if beams > 1:
-        beam_steps = sampling._beam_steps
-        monkeypatch.setattr(sampling, "_beam_steps", lambda *args: interrupt_after(beam_steps(*args), 7))
+    if beams > 1:  # Ctrl-C while the model reads the 7th step's tokens
+        append, calls = sampling.ContextWindow.append, []
+
+        def interrupted_append(self, next_ids):
+            calls.append(1)
+            if len(calls) == 7:
+                raise KeyboardInterrupt
+            return append(self, next_ids)
+
+        monkeypatch.setattr(sampling.ContextWindow, "append", interrupted_append)
     else:
         real_stream = generate_module.sample_stream
         monkeypatch.setattr(generate_module, "sample_stream", lambda *args: interrupt_after(real_stream(*args), 7))
