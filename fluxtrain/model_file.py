@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
+from torch.overrides import TorchFunctionMode
 
 from fluxtrain.errors import FluxtrainError, describe_failure, first_line, is_out_of_memory, out_of_memory_as
 from fluxtrain.files import atomic_write, parse_json, user_path
@@ -313,10 +314,20 @@ def checked_metadata(
     return cfg, tokenizer
 
 
+class _NoInit(TorchFunctionMode):
+    """Leave new weights as they are made: `torch.nn.init`'s functions do nothing (on the meta device they would
+    load torch's compiler, a second of a command's start, to draw no values)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def shapes_only(cfg: ModelConfig, vocab_size: int, source: str) -> GPT:
     """The model `cfg` describes, on the meta device: its weights' shapes, with no memory allocated."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _NoInit():
             return GPT(cfg, vocab_size)
     except (RuntimeError, TypeError, OverflowError) as e:  # sizes past what torch can hold
         raise FluxtrainError(f"{source}: its model config describes no buildable model ({first_line(e)})") from None

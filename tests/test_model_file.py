@@ -4,6 +4,8 @@ import copy
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -134,6 +136,19 @@ def rewritten(path, tmp_path, name: str, meta_changes: dict | None = None, tenso
     out = tmp_path / name
     save_file({**tensors, **(tensor_changes or {})}, str(out), metadata=meta)
     return out
+
+
+def test_loading_a_model_file_leaves_torch_s_compiler_unloaded(saved):
+    """The shape check builds the model on the meta device without drawing weights: drawing them there imports
+    torch._dynamo, a second of every command that loads a model."""
+    code = (
+        "import sys\n"
+        "from fluxtrain import load_model\n"
+        f"model, _ = load_model({str(saved[2])!r})\n"
+        "print(sum(p.numel() for p in model.parameters()), 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(sum(p.numel() for p in saved[0].parameters())), "False"]
 
 
 def test_newer_format_wrong_shapes_and_unknown_config_keys_are_named(saved, tmp_path):
