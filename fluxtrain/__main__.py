@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fluxtrain import distributed
+from fluxtrain import distributed, host
 from fluxtrain.command_line import check_overrides
 from fluxtrain.config import config_dir, register_configs
 from fluxtrain.errors import (
@@ -87,6 +87,7 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
     takes a composed config and a folder."""
     if cfg is not None:
         return hydra_main(cfg)
+    host.no_collection_at_exit()
     try:
         with paths_named():
             sys.argv[1:] = options_first(sys.argv[1:])

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fluxtrain import host
 from fluxtrain.data import ENCODING_ERRORS, ByteCount, encode_all
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, paths_named, quiet_when_stdout_closes
 from fluxtrain.files import atomic_write_text, check_writable, parse_json
@@ -300,6 +301,7 @@ def run(args: argparse.Namespace) -> EvalResult:
 
 
 def main(argv: list[str] | None = None) -> None:
+    host.no_collection_at_exit()
     try:
         with paths_named(), quiet_when_stdout_closes():
             run(parse_args(argv))

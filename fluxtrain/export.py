@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from fluxtrain import host
 from fluxtrain.cuts import PER_CHARACTER_PATTERN
 from fluxtrain.errors import FluxtrainError, OneLineErrorParser, first_line, paths_named
 from fluxtrain.files import check_writable, parse_json
@@ -343,6 +344,7 @@ def write_export(model_path: Path, out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    host.no_collection_at_exit()
     p = OneLineErrorParser(
         prog="python -m fluxtrain.export",
         description="Write a Hugging Face transformers folder (GPT2LMHeadModel + fast tokenizer) from a model file.",

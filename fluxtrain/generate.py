@@ -15,6 +15,7 @@ from typing import TextIO
 
 import torch
 
+from fluxtrain import host
 from fluxtrain.data import encode_text
 from fluxtrain.errors import (
     FluxtrainError,
@@ -416,6 +417,7 @@ def keep_messages_off_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host.no_collection_at_exit()
     keep_messages_off_stdout()
     args = build_parser().parse_args(argv)
     show_unencodable_characters()

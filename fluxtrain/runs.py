@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fluxtrain import host
 from fluxtrain.checkpoint import checked_progress
 from fluxtrain.errors import (
     FluxtrainError,
@@ -553,6 +554,7 @@ def compare(folder: str, keys_text: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    host.no_collection_at_exit()
     p = OneLineErrorParser(
         prog="python -m fluxtrain.runs",
         description=(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,3 +77,15 @@ def test_configure_says_when_malloc_is_not_glibc(monkeypatch, caplog):
     with caplog.at_level("INFO", logger="fluxtrain.host"):
         host.configure(0, keep_cpu_memory=True)
     assert "not a glibc system" in caplog.text
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_importing_fluxtrain_leaves_the_garbage_collector_as_it_found_it(enabled):
+    """The import pauses collections and sets its objects aside (gc.freeze); a process that had turned collections
+    off keeps them off, and one that had them on gets them back."""
+    code = (
+        f"import gc\nif not {enabled}:\n    gc.disable()\n"
+        "import fluxtrain\nprint(gc.isenabled(), gc.get_freeze_count() > 10_000)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(enabled), "True"]
