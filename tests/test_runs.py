@@ -16,6 +16,7 @@ from fluxtrain.runs import (
     best_runs,
     find_runs,
     format_table,
+    load_saved_yaml,
     main,
     ranked_table,
     read_scalars,
@@ -199,6 +200,21 @@ def test_saved_hydra_files_of_the_wrong_shape_are_named_in_the_runs_row(tmp_path
     code, out, err = compare(capsys, str(tmp_path))
     assert (code, err) == (0, "")
     assert out.splitlines()[2].endswith(f"unreadable .hydra/{name}: {reason}")
+
+
+def test_saved_settings_read_as_omegaconf_reads_them(tmp_path):
+    """Floats without a dot (1e-3), dates (left as text), infinities, underscores, hex, sexagesimal, YAML 1.1 booleans,
+    interpolations and quoted numbers: the fast reader of run folders gives what OmegaConf.load gives."""
+    text = (
+        "a: 1e-3\nb: 1.5E+4\nc: 2026-11-28\nd: .inf\ne: 1_000\nf: 0x1f\ng: yes\nh: 1e3\ni: -2e-5\nj: '1e-3'\n"
+        "k: ${x.y}\nl: [1e-3, 3]\nm: null\nn: 12:30:00\no: 1.e5\np: +1e2\nq: {r: 2.5e-4, s: off}\n"
+    )
+    file = tmp_path / "config.yaml"
+    file.write_text(text)
+    expected = OmegaConf.to_container(OmegaConf.load(file))
+    assert load_saved_yaml(file) == expected
+    assert repr(load_saved_yaml(file)) == repr(expected)  # 1e3 a float there too, not an int equal to it
+    assert expected["a"] == 0.001 and expected["c"] == "2026-11-28"
 
 
 def test_a_damaged_config_is_named_and_the_runs_results_still_shown(tmp_path, capsys):
