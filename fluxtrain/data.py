@@ -1,6 +1,7 @@
 """Text to token batches: the data config, encoding the corpus once into a memmap cache, the splits and batches.
 
-Finding and reading the files is `fluxtrain.sources`; `load_corpus` is what training calls.
+Finding and reading the files is `fluxtrain.sources`, fetching `data.url` `fluxtrain.download`; `load_corpus` is what
+training calls.
 """
 
 from __future__ import annotations
@@ -24,17 +25,15 @@ import torch
 from omegaconf import OmegaConf
 
 from fluxtrain.cuts import BYTE_LEVEL_CUTS, CutRule
+from fluxtrain.download import check_sha256, download, sha256_file
 from fluxtrain.errors import FluxtrainError, describe_failure
 from fluxtrain.files import TEMP_FILE, WriteError, atomic_write, atomic_write_text, check_writable, parse_json
 from fluxtrain.sources import (
     Sources,
-    check_sha256,
-    download,
     head_text,
     iter_text,
     read_corpus,
     resolve_sources,
-    sha256_file,
     tail_text,
     text_bytes,
 )
