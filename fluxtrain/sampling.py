@@ -331,11 +331,11 @@ class BeamTree:
     so a step costs O(beams) however long the output.
 
     It also finds the tokens that every current beam holds: those up to the beams' last common ancestor, which only
-    moves on as the search goes. For each current beam it follows the ancestor among the beams of one past step (the
-    probe); once all have the same one, a walk back from the current beams finds the common ancestor, and the probe
-    moves to the current step. The walks cover each step at most once between two settlings: O(beams) a step
-    overall. Beams that never share an ancestor again (they may differ only in tokens that have left the context)
-    then cost nothing more, and their tokens come at the end.
+    moves on as the search goes. For each current beam it follows its ancestor among the beams of the first step not
+    settled (the probe), at O(beams) a step. Once all have the same one, a walk back from the current beams finds
+    their last common ancestor, and the probe moves to the step after it. Beams that never share an ancestor again
+    (they may differ only in tokens that have left the context) then cost nothing more, and their tokens come at the
+    end.
     """
 
     def __init__(self, n_beams: int):
@@ -346,8 +346,7 @@ class BeamTree:
         self.steps = 0
         self.settled = 0  # the steps whose tokens every beam holds
         self.settled_tokens: list[int] = []  # those tokens
-        self.probe_step = 0
-        self.probe = np.arange(n_beams)  # each current beam's ancestor among the beams of step probe_step
+        self.probe: np.ndarray | None = None  # each current beam's ancestor among the beams of step `settled`
 
     def add(self, rows: np.ndarray, ids: np.ndarray) -> list[int]:
         """Record a step: beam j grew from beam `rows[j]` of the step before and added `ids[j]`. Returns the tokens
@@ -356,19 +355,19 @@ class BeamTree:
             self._make_room()
         self.parents[self.steps - self.base], self.tokens[self.steps - self.base] = rows, ids
         self.steps += 1
-        if self.steps == 1:  # every beam grew from the prompt: the probe starts at the first step's beams
-            return []
-        self.probe = self.probe[rows]
+        # The first step not settled is this one (its beams are their own ancestors there), or an earlier one.
+        self.probe = np.arange(self.n_beams) if self.probe is None else self.probe[rows]
         if (self.probe != self.probe[0]).any():
             return []
         step, beams = self.steps - 1, np.arange(self.n_beams)
-        while (beams != beams[0]).any():  # back to the last common ancestor, at step probe_step at the latest
-            beams = self.parents[step - self.base, beams]
+        after = beams  # the current beams' ancestors at step + 1
+        while (beams != beams[0]).any():  # back to the last common ancestor, at step `settled` at the earliest
+            after, beams = beams, self.parents[step - self.base, beams]
             step -= 1
         new = self.path(int(beams[0]), step)
         self.settled_tokens += new
         self.settled = step + 1
-        self.probe_step, self.probe = self.steps - 1, np.arange(self.n_beams)
+        self.probe = after if self.settled < self.steps else None
         return new
 
     def best(self) -> list[int]:

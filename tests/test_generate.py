@@ -363,24 +363,38 @@ def test_beam_search_equals_the_plain_search(model, beams):
 
 
 @pytest.mark.parametrize("merge", [0.0, 0.3, 0.9])
-def test_the_beam_tree_keeps_every_beam_and_settles_what_all_of_them_hold(merge):
-    """Random searches, whose beams share an ancestor often or never (merge 0: each beam grows from itself)."""
+def test_the_beam_tree_keeps_every_beam_and_settles_up_to_their_last_common_ancestor(merge):
+    """Random searches, whose beams share an ancestor often or never (merge 0: each beam grows from itself). After
+    every step the settled tokens are exactly those up to the beams' last common ancestor."""
     rng = np.random.default_rng(int(merge * 10))
-    n_beams, n_steps = 4, 1000
-    tree, beams = sampling.BeamTree(n_beams), [[] for _ in range(n_beams)]
-    for _ in range(n_steps):
+    n_beams, n_steps = 4, 600
+    tree = sampling.BeamTree(n_beams)
+    beams = [[] for _ in range(n_beams)]  # each beam's tokens
+    lineages = [[] for _ in range(n_beams)]  # each beam's ancestors, as (step, row) from the first step on
+    for step in range(n_steps):
         rows = np.where(rng.random(n_beams) < merge, rng.integers(n_beams, size=n_beams), np.arange(n_beams))
         ids = rng.integers(50, size=n_beams)
         tree.add(rows, ids)
         beams = [beams[r] + [int(t)] for r, t in zip(rows, ids, strict=True)]
+        lineages = [lineages[r] + [(step, j)] for j, r in enumerate(rows)]
         assert [tree.settled_tokens + tree.path(b) for b in range(n_beams)] == beams
-    settled = len(tree.settled_tokens)
-    if merge == 0.0:  # the beams grew apart at the first step and never met again
-        assert settled == 0
-    else:  # settled up to the last common ancestor of the beams, found by comparing the beams from the start
-        first_differing = next(i for i in range(n_steps) if len({beam[i] for beam in beams}) > 1)
-        assert settled <= first_differing and settled > n_steps - 50
+        shared = next((i for i in range(step + 1) if len({lineage[i] for lineage in lineages}) > 1), step + 1)
+        assert len(tree.settled_tokens) == shared, step
+    assert (len(tree.settled_tokens) == 0) == (merge == 0.0)  # merge 0: the beams grew apart at the first step
+    if merge:
         assert len(tree.parents) <= 256  # the settled steps' back-pointers are let go
+
+
+def test_the_beam_tree_settles_an_ancestor_shared_by_beams_that_split_after_it():
+    """All beams come to descend from two beams that grew from one beam after the last settling: that beam's token is
+    settled then."""
+    tree, out = sampling.BeamTree(3), []
+    out += tree.add(np.array([0, 0, 0]), np.array([10, 11, 12]))
+    out += tree.add(np.array([0, 0, 1]), np.array([20, 21, 22]))
+    out += tree.add(np.array([0, 0, 1]), np.array([30, 31, 32]))  # all grow from 10; 30 and 31 from 20
+    for _ in range(50):  # from now on, every beam descends from 30 or 31
+        out += tree.add(np.array([0, 1, 0]), np.array([40, 41, 42]))
+    assert out == [10, 20]
 
 
 # KV cache and the sliding window
