@@ -208,6 +208,7 @@ def test_saved_settings_read_as_omegaconf_reads_them(tmp_path):
     text = (
         "a: 1e-3\nb: 1.5E+4\nc: 2026-11-28\nd: .inf\ne: 1_000\nf: 0x1f\ng: yes\nh: 1e3\ni: -2e-5\nj: '1e-3'\n"
         "k: ${x.y}\nl: [1e-3, 3]\nm: null\nn: 12:30:00\no: 1.e5\np: +1e2\nq: {r: 2.5e-4, s: off}\n"
+        "t: 1_e3\nu: 1__0e3\nv: ._e5\nw: [1_e3, .5e-3, 1_000.5]\n"
     )
     file = tmp_path / "config.yaml"
     file.write_text(text)
