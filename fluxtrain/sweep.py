@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -114,6 +115,16 @@ def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, str, li
     return failed
 
 
+def swept_values(overrides: list[str], swept: set[str]) -> str:
+    """The swept settings among a job's overrides (`optim.lr=0.1`), or all of them as written where there are none
+    or one does not parse (a failed.json edited by hand)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return " ".join(overrides)
+    return " ".join([o.input_line for o in parsed if o.key_or_group in swept] or overrides)
+
+
 def failure_summary(n_failed: int, sweep_dir: Path, since: float, output_subdir: str | None) -> str:
     """The line "N of M sweep job(s) failed": M counts the job folders where Hydra saved a config since `since`, so
     every task's jobs count; without a Hydra output subfolder, M is unknown and left out."""
@@ -180,12 +191,10 @@ class SweepReport(Callback):
         failed = failed_jobs(sweep_dir, self.started)
         if not failed:
             return
-        parser = OverridesParser.create()
         outcome = failure_summary(len(failed), sweep_dir, self.started, config.hydra.output_subdir)
         lines = [f"{outcome} (see {FAILED_FILE} in the job folders):"]
         for job_dir, error, overrides in failed:
-            values = [o.input_line for o in parser.parse_overrides(overrides) if o.key_or_group in swept]
-            lines.append(f"  {job_dir}: {' '.join(values or overrides)}: {error}")
+            lines.append(f"  {job_dir}: {swept_values(overrides, swept)}: {error}")
         if drop_search_results_without_a_best(sweep_dir, self.started):
             lines.append(f"no trial finished, so there is no best: {SEARCH_RESULTS_FILE} was removed")
         print("\n".join(lines), file=sys.stderr)

@@ -28,7 +28,15 @@ from fluxtrain.hparams import METRIC_PREFIX
 from fluxtrain.interrupt import TrainingInterrupted
 from fluxtrain.resume import resume_command
 from fluxtrain.runs import Run, ranked_table
-from fluxtrain.sweep import FAILED_FILE, FAILED_VALUE, failed_jobs, failure_summary, sweep_jobs, swept_keys
+from fluxtrain.sweep import (
+    FAILED_FILE,
+    FAILED_VALUE,
+    failed_jobs,
+    failure_summary,
+    sweep_jobs,
+    swept_keys,
+    swept_values,
+)
 from fluxtrain.tasks import TASKS
 
 from .conftest import REPO_ROOT, TINY_OVERRIDES, compose_config, run_fluxtrain, tiny_except
@@ -368,6 +376,12 @@ def test_failed_jobs_are_listed_by_job_number_and_only_from_this_sweep(tmp_path)
         ("4", "failed.json unreadable: Unterminated string starting at: line 1 column 20 (char 19)"),
         ("10", "job 10"),
     ]
+
+
+def test_a_failed_job_shows_its_swept_settings_or_every_override_as_written():
+    assert swept_values(["model=small", "optim.lr=0.1", "+x=1"], {"optim.lr"}) == "optim.lr=0.1"
+    assert swept_values(["model=small"], {"optim.lr"}) == "model=small"  # none swept: all of them
+    assert swept_values(["model.n_heads=(3", "optim.lr=0.1"], {"optim.lr"}) == "model.n_heads=(3 optim.lr=0.1"
 
 
 def test_the_failure_summary_counts_every_task_s_jobs_from_this_sweep(tmp_path):
