@@ -87,7 +87,7 @@ def main(cfg: DictConfig | None = None, entry: Callable[[], object] = hydra_main
     takes a composed config and a folder."""
     if cfg is not None:
         return hydra_main(cfg)
-    host.no_collection_at_exit()
+    host.collect_less()
     try:
         with paths_named():
             sys.argv[1:] = options_first(sys.argv[1:])

@@ -301,7 +301,8 @@ def run(args: argparse.Namespace) -> EvalResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    host.no_collection_at_exit()
+    if argv is None:  # the command, not a call from Python
+        host.collect_less()
     try:
         with paths_named(), quiet_when_stdout_closes():
             run(parse_args(argv))

@@ -344,7 +344,8 @@ def write_export(model_path: Path, out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    host.no_collection_at_exit()
+    if argv is None:  # the command, not a call from Python
+        host.collect_less()
     p = OneLineErrorParser(
         prog="python -m fluxtrain.export",
         description="Write a Hugging Face transformers folder (GPT2LMHeadModel + fast tokenizer) from a model file.",

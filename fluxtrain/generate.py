@@ -417,7 +417,8 @@ def keep_messages_off_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    host.no_collection_at_exit()
+    if argv is None:  # the command, not a call from Python
+        host.collect_less()
     keep_messages_off_stdout()
     args = build_parser().parse_args(argv)
     show_unencodable_characters()

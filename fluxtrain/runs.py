@@ -584,7 +584,8 @@ def compare(folder: str, keys_text: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    host.no_collection_at_exit()
+    if argv is None:  # the command, not a call from Python
+        host.collect_less()
     p = OneLineErrorParser(
         prog="python -m fluxtrain.runs",
         description=(
