@@ -187,7 +187,7 @@ def with_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, An
         try:
             (override,) = parser.parse_overrides([line])
             value = override.value()
-        except (HydraException, ValueError):
+        except (HydraException, ValueError, RecursionError):  # RecursionError: brackets nested past Python's limit
             continue
         *parents, leaf = override.key_or_group.split(".")
         node: Any = config

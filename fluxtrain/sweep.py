@@ -120,7 +120,7 @@ def swept_values(overrides: list[str], swept: set[str]) -> str:
     or one does not parse (a failed.json edited by hand)."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException:
+    except (HydraException, RecursionError):  # RecursionError: brackets nested past Python's limit
         return " ".join(overrides)
     return " ".join([o.input_line for o in parsed if o.key_or_group in swept] or overrides)
 

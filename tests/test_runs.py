@@ -22,6 +22,7 @@ from fluxtrain.runs import (
     read_scalars,
     runs_table,
     varying_keys,
+    with_overrides,
 )
 
 
@@ -200,6 +201,13 @@ def test_saved_hydra_files_of_the_wrong_shape_are_named_in_the_runs_row(tmp_path
     code, out, err = compare(capsys, str(tmp_path))
     assert (code, err) == (0, "")
     assert out.splitlines()[2].endswith(f"unreadable .hydra/{name}: {reason}")
+
+
+def test_a_failed_job_s_overrides_apply_those_that_parse():
+    nested = "model.n_heads=" + "[" * 500 + "]" * 500  # a failed.json edited by hand: past the parser's recursion limit
+    config = {"model": {"n_heads": 2, "d_model": 32}}
+    applied = with_overrides(config, [nested, "model.d_model=64", "model.d_modl=8"])
+    assert applied == {"model": {"n_heads": 2, "d_model": 64}}
 
 
 def test_saved_settings_read_as_omegaconf_reads_them(tmp_path):

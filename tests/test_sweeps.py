@@ -382,6 +382,8 @@ def test_a_failed_job_shows_its_swept_settings_or_every_override_as_written():
     assert swept_values(["model=small", "optim.lr=0.1", "+x=1"], {"optim.lr"}) == "optim.lr=0.1"
     assert swept_values(["model=small"], {"optim.lr"}) == "model=small"  # none swept: all of them
     assert swept_values(["model.n_heads=(3", "optim.lr=0.1"], {"optim.lr"}) == "model.n_heads=(3 optim.lr=0.1"
+    nested = "model.n_heads=" + "[" * 500 + "]" * 500  # past the parser's recursion limit
+    assert swept_values([nested], {"model.n_heads"}) == nested
 
 
 def test_the_failure_summary_counts_every_task_s_jobs_from_this_sweep(tmp_path):
