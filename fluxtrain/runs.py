@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 
 from fluxtrain import host
@@ -311,7 +310,7 @@ def read_run(path: Path, root: Path) -> Run:
             return None
         try:
             return load(file)
-        except (OSError, ValueError, KeyError, TypeError, RecursionError, yaml.YAMLError, OmegaConfBaseException) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, yaml.YAMLError) as e:
             unreadable.append(f"{name}: {first_line(e)}")  # damaged or edited by hand
             return None
 
